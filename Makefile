@@ -1,0 +1,34 @@
+# The two commands a new user needs:
+#   make demo   runs the main job on embedded defaults
+#   make test   installs everything (Python packages, Mosquitto, Kafka's jars) and runs all tests
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+ARGS   ?=
+
+.PHONY: demo test install services lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# Mosquitto from Debian's packages, Kafka's jars from Maven Central (cached in ~/.cache/cloudlet)
+services: install
+	$(VENV)/bin/cloudlet rig install
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: services lint
+	$(PY) -m pytest $(ARGS)
+
+demo: services
+	$(VENV)/bin/cloudlet demo $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info test-logs .pytest_cache .hypothesis

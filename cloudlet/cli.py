@@ -1,0 +1,200 @@
+"""The `cloudlet` command line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated
+
+import orjson
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cloudlet.rig import Kafka, Mosquitto, RigError, ensure_kafka, ensure_mosquitto
+from streams import Problem, Registry, ServiceObject
+
+app = typer.Typer(
+    help="cloudlet: IoT edge data streams, from devices through the cloudlet to the cloud.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+so_app = typer.Typer(
+    help="Service objects: validate and inspect descriptors.", no_args_is_help=True
+)
+rig_app = typer.Typer(
+    help="Real Mosquitto and Kafka on loopback ports, for development and tests.",
+    no_args_is_help=True,
+)
+app.add_typer(so_app, name="so")
+app.add_typer(rig_app, name="rig")
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+OBJECTS_ENV = "CLOUDLET_OBJECTS"
+
+
+def _fail(message: str) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    return typer.Exit(1)
+
+
+def _default_objects() -> list[Path]:
+    configured = os.environ.get(OBJECTS_ENV)
+    return [Path(configured)] if configured else [Path("objects")]
+
+
+# so ------------------------------------------------------------------------------------------
+
+
+@so_app.command("validate")
+def so_validate(
+    paths: Annotated[
+        list[Path], typer.Argument(help="Descriptor files or directories (searched recursively).")
+    ],
+) -> None:
+    """Check descriptors and their cross-references; every problem is listed, one per line."""
+    registry, problems = Registry.check(paths)
+    for problem in problems:
+        err.print(f"[bold red]error:[/] {problem}", soft_wrap=True)
+    if problems:
+        bad = len({(p.source, p.object_id) for p in problems})
+        err.print(f"{len(problems)} problem(s) in {bad} descriptor(s)", soft_wrap=True)
+        raise typer.Exit(1)
+    streams = [s for so in registry.objects.values() for s in so.streams.values()]
+    derived = sum(s.derived for s in streams)
+    groups = sum(len(so.groups) for so in registry.objects.values())
+    out.print(
+        f"ok: {len(registry)} service object(s), {len(streams)} stream(s)"
+        f" ({derived} derived), {groups} group(s)"
+    )
+
+
+@so_app.command("show")
+def so_show(
+    so_id: Annotated[str, typer.Argument(metavar="ID", help="Service object id.")],
+    objects: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--objects",
+            "-o",
+            help=f"Descriptor files or directories (default: ${OBJECTS_ENV} or ./objects).",
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print ServIoTicy JSON.")] = False,
+) -> None:
+    """Show one service object: streams, channels, derivations, groups and actions."""
+    paths = objects or _default_objects()
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        raise _fail(f"{missing[0]} does not exist (pass --objects DIR or set ${OBJECTS_ENV})")
+    registry, problems = Registry.check(paths)
+    if so_id not in registry:
+        own: list[Problem] = [p for p in problems if p.object_id == so_id]
+        if own:
+            raise _fail(f"{so_id!r} has problems; first: {own[0]}")
+        known = ", ".join(sorted(registry.objects)[:10]) or "none"
+        raise _fail(f"no service object {so_id!r} in {', '.join(map(str, paths))} (known: {known})")
+    so = registry.get(so_id)
+    if as_json:
+        sys.stdout.write(orjson.dumps(so.to_servioticy(), option=orjson.OPT_INDENT_2).decode())
+        sys.stdout.write("\n")
+        return
+    _print_object(so, registry.sources[so_id])
+
+
+def _print_object(so: ServiceObject, source: str) -> None:
+    out.print(f"[bold]{so.id}[/]  {so.name or ''}")
+    if so.description:
+        out.print(f"  {so.description}")
+    out.print(f"  source: {source}   version: {so.version}   public: {str(so.public).lower()}")
+    table = Table(box=None, pad_edge=False)
+    for column in ("stream", "channel", "type", "unit"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("derived as", overflow="fold")
+    for stream_id, stream in so.streams.items():
+        for i, (name, channel) in enumerate(stream.channels.items()):
+            table.add_row(
+                stream_id if i == 0 else "",
+                name,
+                channel.type.value,
+                channel.unit or "",
+                channel.current_value or "",
+            )
+        for label, text in (("pre-filter", stream.pre_filter), ("post-filter", stream.post_filter)):
+            if text:
+                table.add_row("", f"({label})", "", "", text)
+    out.print(table)
+    for group_id, group in so.groups.items():
+        out.print(
+            f"  group {group_id}: stream {group.stream!r} of {', '.join(group.so_ids)}",
+            soft_wrap=True,
+        )
+    for action in so.actions:
+        out.print(f"  action {action.name}: {action.description or ''}")
+
+
+# rig -----------------------------------------------------------------------------------------
+
+
+@rig_app.command("install")
+def rig_install() -> None:
+    """Install Mosquitto (Debian package) and resolve Kafka's jars (Maven Central)."""
+    try:
+        out.print(f"mosquitto: {ensure_mosquitto()}")
+        out.print(f"kafka jars: {ensure_kafka()}")
+    except RigError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _serve(service: Mosquitto | Kafka, address: str) -> None:
+    out.print(f"{service.name} on {address} (work directory {service.workdir}); Ctrl-C stops it")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        while service.running:
+            time.sleep(0.5)
+        raise _fail(f"{service.name} exited; see {service.log_path}")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        service.stop()
+
+
+@rig_app.command("mosquitto")
+def rig_mosquitto(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0 picks a free one).")] = 1883,
+) -> None:
+    """Run a real Mosquitto in the foreground."""
+    try:
+        broker = Mosquitto(Path(tempfile.mkdtemp(prefix="cloudlet-mosquitto-")), port or None)
+        broker.start()
+    except RigError as exc:
+        raise _fail(str(exc)) from None
+    _serve(broker, broker.url)
+
+
+@rig_app.command("kafka")
+def rig_kafka(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0 picks a free one).")] = 9092,
+) -> None:
+    """Run a real single-node Kafka (KRaft) in the foreground."""
+    try:
+        broker = Kafka(Path(tempfile.mkdtemp(prefix="cloudlet-kafka-")), port or None)
+        broker.start()
+    except RigError as exc:
+        raise _fail(str(exc)) from None
+    _serve(broker, broker.bootstrap_servers)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

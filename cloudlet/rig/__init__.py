@@ -1,0 +1,13 @@
+"""Real services for tests, benchmarks and local development, on free loopback ports.
+
+`Mosquitto` (the Debian package, installed when missing) and `Kafka` (Apache Kafka in KRaft
+mode, its jars resolved from Maven Central with `mvn` into a cache reused across runs) are
+started in a work directory of their own and stopped cleanly; their logs stay in that
+directory.
+"""
+
+from cloudlet.rig.kafka import Kafka, ensure_kafka
+from cloudlet.rig.mosquitto import Mosquitto, ensure_mosquitto
+from cloudlet.rig.process import RigError
+
+__all__ = ["Kafka", "Mosquitto", "RigError", "ensure_kafka", "ensure_mosquitto"]

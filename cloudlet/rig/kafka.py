@@ -1,0 +1,224 @@
+"""A real single-node Apache Kafka in KRaft mode on loopback ports, run on the local JVM.
+
+The broker's jars are resolved from Maven Central with `mvn` into a cache directory
+(`$CLOUDLET_CACHE`, default `~/.cache/cloudlet`) and reused across runs; the storage is
+formatted afresh for each start in the service's own work directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+from cloudlet.rig.process import RigError, Service, free_port, port_open
+
+KAFKA_VERSION = "4.1.1"
+LOG4J_VERSION = "2.24.3"
+
+_POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>cloudlet.rig</groupId>
+  <artifactId>kafka-broker</artifactId>
+  <version>{kafka}</version>
+  <packaging>pom</packaging>
+  <dependencies>
+    <dependency>
+      <groupId>org.apache.kafka</groupId><artifactId>kafka_2.13</artifactId>
+      <version>{kafka}</version>
+    </dependency>
+    <dependency>
+      <groupId>org.apache.kafka</groupId><artifactId>kafka-tools</artifactId>
+      <version>{kafka}</version>
+    </dependency>
+    <dependency>
+      <groupId>org.apache.logging.log4j</groupId><artifactId>log4j-slf4j-impl</artifactId>
+      <version>{log4j}</version>
+    </dependency>
+  </dependencies>
+</project>
+"""
+
+_LOG4J2 = """status = warn
+appender.file.type = File
+appender.file.name = file
+appender.file.fileName = {logfile}
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = INFO
+rootLogger.appenderRef.file.ref = file
+logger.kafka.name = kafka
+logger.kafka.level = INFO
+logger.apache.name = org.apache
+logger.apache.level = WARN
+"""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CLOUDLET_CACHE", Path.home() / ".cache" / "cloudlet"))
+
+
+def ensure_kafka(version: str = KAFKA_VERSION) -> Path:
+    """The directory of Kafka's jars, resolving them with `mvn` on first use."""
+    home = cache_dir() / f"kafka-{version}"
+    libs = home / "libs"
+    marker = home / ".complete"
+    if marker.exists():
+        return libs
+    for tool in ("mvn", "java"):
+        if shutil.which(tool) is None:
+            raise RigError(f"{tool} is not installed; the Kafka rig needs Maven and a JDK (17+)")
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "pom.xml").write_text(_POM.format(kafka=version, log4j=LOG4J_VERSION))
+    if libs.exists():
+        shutil.rmtree(libs)  # an earlier resolution was interrupted
+    argv = [
+        "mvn",
+        "-q",
+        "-B",
+        "-f",
+        str(home / "pom.xml"),
+        "dependency:copy-dependencies",
+        f"-DoutputDirectory={libs}",
+        "-DincludeScope=runtime",
+    ]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if done.returncode != 0 or not any(libs.glob("kafka_2.13-*.jar")):
+        raise RigError(
+            f"resolving Kafka {version} from Maven Central failed ({' '.join(argv)}):\n"
+            f"{(done.stdout + done.stderr)[-3000:]}"
+        )
+    marker.write_text(version + "\n")
+    return libs
+
+
+def _cluster_id() -> str:
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode("ascii").rstrip("=")
+
+
+async def _produce_once(bootstrap: str) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+    await producer.start()
+    try:
+        await asyncio.wait_for(producer.send_and_wait("_rig_ready", b"ready"), timeout=10)
+    finally:
+        await producer.stop()
+
+
+class Kafka(Service):
+    """Kafka (broker + controller in one JVM) on 127.0.0.1:`port`."""
+
+    name = "kafka"
+
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        *,
+        version: str = KAFKA_VERSION,
+        heap: str = "512m",
+    ) -> None:
+        super().__init__(workdir)
+        self.host = "127.0.0.1"
+        self.port = port or free_port()
+        self.controller_port = free_port()
+        self.version = version
+        self.heap = heap
+        self.libs: Path | None = None
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def java(self, main_class: str, *args: str) -> list[str]:
+        """A command line running `main_class` from the broker's jars (e.g. Kafka's own tools)."""
+        if self.libs is None:
+            self.libs = ensure_kafka(self.version)
+        return ["java", "-cp", f"{self.libs}/*", main_class, *args]
+
+    def _configure(self) -> Path:
+        data = self.workdir / "data"
+        if data.exists():
+            shutil.rmtree(data)
+        config = self.workdir / "server.properties"
+        settings = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.voters": f"1@{self.host}:{self.controller_port}",
+            "listeners": f"PLAINTEXT://{self.host}:{self.port},"
+            f"CONTROLLER://{self.host}:{self.controller_port}",
+            "advertised.listeners": f"PLAINTEXT://{self.host}:{self.port}",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "log.dirs": str(data),
+            "num.partitions": "1",
+            "auto.create.topics.enable": "true",
+            "offsets.topic.replication.factor": "1",
+            "offsets.topic.num.partitions": "4",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            "group.initial.rebalance.delay.ms": "0",
+        }
+        config.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
+        (self.workdir / "log4j2.properties").write_text(
+            _LOG4J2.format(logfile=self.workdir / "server.log")
+        )
+        return config
+
+    def start(self, timeout: float = 120.0) -> Kafka:
+        self.libs = ensure_kafka(self.version)
+        config = self._configure()
+        log4j = f"-Dlog4j2.configurationFile={self.workdir / 'log4j2.properties'}"
+        fmt = subprocess.run(
+            [
+                "java",
+                log4j,
+                "-cp",
+                f"{self.libs}/*",
+                "kafka.tools.StorageTool",
+                "format",
+                "-t",
+                _cluster_id(),
+                "-c",
+                str(config),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if fmt.returncode != 0:
+            raise RigError(f"formatting Kafka storage failed:\n{(fmt.stdout + fmt.stderr)[-3000:]}")
+        self._spawn(
+            [
+                "java",
+                f"-Xmx{self.heap}",
+                f"-Xms{self.heap}",
+                "-XX:+UseG1GC",
+                "-XX:TieredStopAtLevel=1",
+                "-Djava.awt.headless=true",
+                log4j,
+                "-cp",
+                f"{self.libs}/*",
+                "kafka.Kafka",
+                str(config),
+            ]
+        )
+        self._wait(lambda: port_open(self.host, self.port), timeout, "listening")
+        self._wait(self._accepts_produce, timeout, "accepting a produce")
+        return self
+
+    def _accepts_produce(self) -> bool:
+        try:
+            asyncio.run(_produce_once(self.bootstrap_servers))
+        except Exception:
+            return False
+        return True

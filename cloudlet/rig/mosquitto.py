@@ -1,0 +1,90 @@
+"""A real Mosquitto broker on a loopback port, installed from Debian's packages when missing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from cloudlet.rig.process import RigError, Service, free_port, port_open
+
+_SEARCH = ("/usr/sbin", "/usr/bin", "/usr/local/sbin")
+
+
+def find_mosquitto() -> str | None:
+    path = os.pathsep.join([os.environ.get("PATH", ""), *_SEARCH])
+    return shutil.which("mosquitto", path=path)
+
+
+def ensure_mosquitto() -> str:
+    """The mosquitto binary, installing Debian's mosquitto and mosquitto-clients if needed."""
+    found = find_mosquitto()
+    if found:
+        return found
+    if shutil.which("apt-get") is None or os.geteuid() != 0:
+        raise RigError(
+            "mosquitto is not installed and cannot be installed here (needs root and apt-get);"
+            " install the Debian packages mosquitto and mosquitto-clients"
+        )
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for argv in (
+        ["apt-get", "update", "-qq"],
+        [
+            "apt-get",
+            "install",
+            "-y",
+            "-qq",
+            "--no-install-recommends",
+            "mosquitto",
+            "mosquitto-clients",
+        ],
+    ):
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RigError(f"{' '.join(argv)} failed:\n{done.stderr[-2000:]}")
+    found = find_mosquitto()
+    if not found:
+        raise RigError("apt-get installed mosquitto but its binary is not on PATH or in /usr/sbin")
+    return found
+
+
+class Mosquitto(Service):
+    """Mosquitto listening on 127.0.0.1:`port`, with persistence (QoS 1 sessions survive)."""
+
+    name = "mosquitto"
+
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
+        super().__init__(workdir)
+        self.host = "127.0.0.1"
+        self.port = port or free_port()
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> Mosquitto:
+        binary = ensure_mosquitto()
+        config = self.workdir / "mosquitto.conf"
+        config.write_text(
+            "\n".join(
+                [
+                    f"listener {self.port} {self.host}",
+                    "allow_anonymous true",
+                    "persistence true",
+                    f"persistence_location {self.workdir}/",
+                    "autosave_interval 1",
+                    "max_queued_messages 100000",
+                    "max_inflight_messages 100",
+                    f"log_dest file {self.workdir / 'mosquitto.log'}",
+                    "log_type error",
+                    "log_type warning",
+                    "log_type notice",
+                    "log_type information",
+                    "",
+                ]
+            )
+        )
+        self._spawn([binary, "-c", str(config)])
+        self._wait(lambda: port_open(self.host, self.port), timeout, "listening")
+        return self

@@ -1,0 +1,369 @@
+"""The registry: every service object a cloudlet knows, loaded and cross-checked at once.
+
+`Registry.load` reads descriptor files (JSON or YAML; one object, a list of objects, or several
+YAML documents per file) from files and directories, and reports every problem it finds, each
+naming the file, the object, the field and the reason, instead of stopping at the first.
+
+Files named `*.flow.yaml`, `*.flows.yaml` (and `.yml`) hold flow definitions, not service
+objects; the registry skips them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+from pydantic import ValidationError
+
+from streams.objects import ServiceObject, Stream
+from streams.references import expand_aliases, find_references
+from streams.rejections import InvalidUpdate, Rejection, RejectReason
+from streams.updates import StreamValidator
+
+DESCRIPTOR_SUFFIXES = (".json", ".yaml", ".yml")
+FLOW_SUFFIXES = (".flow.yaml", ".flow.yml", ".flows.yaml", ".flows.yml")
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with the descriptors, located as precisely as we can."""
+
+    source: str
+    message: str
+    object_id: str | None = None
+    field: str | None = None
+
+    def __str__(self) -> str:
+        parts = [self.source]
+        if self.object_id is not None:
+            parts.append(f"so {self.object_id!r}")
+        if self.field:
+            parts.append(self.field)
+        return ": ".join([*parts, self.message])
+
+
+class RegistryError(Exception):
+    """The descriptors have problems; `problems` lists every one of them."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        lines = "\n".join(f"  {p}" for p in problems)
+        super().__init__(f"{len(problems)} problem(s) in the service object descriptors:\n{lines}")
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in loc:
+        if part == "[key]":  # pydantic's marker for an invalid mapping key: the key is named
+            continue
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path
+
+
+def descriptor_files(paths: Iterable[Path | str]) -> Iterator[Path]:
+    """The descriptor files named by `paths`: files as given, directories searched recursively."""
+    for entry in map(Path, paths):
+        if entry.is_dir():
+            for path in sorted(entry.rglob("*")):
+                name = path.name
+                if (
+                    path.is_file()
+                    and name.endswith(DESCRIPTOR_SUFFIXES)
+                    and not name.endswith(FLOW_SUFFIXES)
+                    and not name.startswith(".")
+                ):
+                    yield path
+        else:
+            yield entry
+
+
+def _documents(path: Path) -> list[Any]:
+    data = path.read_bytes()
+    if path.suffix == ".json":
+        doc = orjson.loads(data)
+        return doc if isinstance(doc, list) else [doc]
+    docs = [d for d in yaml.safe_load_all(data) if d is not None]
+    if len(docs) == 1 and isinstance(docs[0], list):
+        return list(docs[0])
+    return docs
+
+
+class Registry:
+    """Validated service objects by id, with one compiled validator per raw stream."""
+
+    def __init__(self, objects: Mapping[str, ServiceObject], sources: Mapping[str, str]) -> None:
+        self.objects = dict(objects)
+        self.sources = dict(sources)
+        self._validators = {
+            (so_id, stream_id): StreamValidator(so_id, stream_id, stream)
+            for so_id, so in self.objects.items()
+            for stream_id, stream in so.streams.items()
+            if not stream.derived
+        }
+
+    def __len__(self) -> int:
+        return len(self.objects)
+
+    def __contains__(self, so_id: object) -> bool:
+        return so_id in self.objects
+
+    def get(self, so_id: str) -> ServiceObject:
+        return self.objects[so_id]
+
+    # Loading ------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, paths: Iterable[Path | str]) -> Registry:
+        """Load and cross-check descriptors; RegistryError listing every problem otherwise."""
+        registry, problems = cls.check(paths)
+        if problems:
+            raise RegistryError(problems)
+        return registry
+
+    @classmethod
+    def check(cls, paths: Iterable[Path | str]) -> tuple[Registry, list[Problem]]:
+        """Load what is valid and list every problem; the registry holds the valid objects."""
+        objects: dict[str, ServiceObject] = {}
+        sources: dict[str, str] = {}
+        problems: list[Problem] = []
+        for path in descriptor_files(paths):
+            source = str(path)
+            try:
+                docs = _documents(path)
+            except FileNotFoundError:
+                problems.append(Problem(source, "no such file or directory"))
+                continue
+            except (OSError, ValueError, yaml.YAMLError) as exc:
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                problems.append(Problem(source, f"cannot be read as {path.suffix[1:]}: {reason}"))
+                continue
+            if not docs:
+                problems.append(Problem(source, "holds no service object"))
+            for i, doc in enumerate(docs):
+                where = source if len(docs) == 1 else f"{source}[{i}]"
+                so = _parse(doc, where, path.stem if len(docs) == 1 else None, problems)
+                if so is None or so.id is None:
+                    continue
+                if so.id in objects:
+                    problems.append(
+                        Problem(
+                            where,
+                            f"is already defined in {sources[so.id]}",
+                            so.id,
+                            "id",
+                        )
+                    )
+                    continue
+                objects[so.id] = so
+                sources[so.id] = where
+        problems.extend(_cross_check(objects, sources))
+        bad = {p.object_id for p in problems}
+        valid = {k: v for k, v in objects.items() if k not in bad}
+        return cls(valid, {k: sources[k] for k in valid}), problems
+
+    @classmethod
+    def from_objects(cls, objects: Iterable[ServiceObject]) -> Registry:
+        """A registry from descriptors built in code (each must have an id)."""
+        by_id: dict[str, ServiceObject] = {}
+        for so in objects:
+            if so.id is None:
+                raise ValueError("a service object built in code needs an id")
+            by_id[so.id] = so
+        problems = list(_cross_check(by_id, dict.fromkeys(by_id, "<memory>")))
+        if problems:
+            raise RegistryError(problems)
+        return cls(by_id, dict.fromkeys(by_id, "<memory>"))
+
+    # Ingest --------------------------------------------------------------------------------
+
+    def validator(self, so_id: str, stream_id: str) -> StreamValidator:
+        """The validator for a device stream; InvalidUpdate if devices cannot post there."""
+        found = self._validators.get((so_id, stream_id))
+        if found is not None:
+            return found
+        so = self.objects.get(so_id)
+        if so is None:
+            raise InvalidUpdate(
+                Rejection(
+                    RejectReason.UNKNOWN_OBJECT,
+                    f"{so_id}/{stream_id}: unknown service object {so_id!r}",
+                    so_id,
+                    stream_id,
+                )
+            )
+        if stream_id in so.streams:
+            raise InvalidUpdate(
+                Rejection(
+                    RejectReason.DERIVED_STREAM,
+                    f"{so_id}/{stream_id}: stream {stream_id!r} is derived by the cloudlet;"
+                    " devices cannot post to it",
+                    so_id,
+                    stream_id,
+                )
+            )
+        raise InvalidUpdate(
+            Rejection(
+                RejectReason.UNKNOWN_STREAM,
+                f"{so_id}/{stream_id}: service object {so_id!r} has no stream {stream_id!r}"
+                f" (it has: {', '.join(so.streams)})",
+                so_id,
+                stream_id,
+            )
+        )
+
+
+def _parse(
+    doc: Any, where: str, default_id: str | None, problems: list[Problem]
+) -> ServiceObject | None:
+    if not isinstance(doc, dict):
+        problems.append(
+            Problem(where, f"a service object must be a mapping, got {type(doc).__name__}")
+        )
+        return None
+    if "id" not in doc and default_id is not None:
+        doc = {**doc, "id": default_id}  # ServIoTicy exports may lack ids: use the file name
+    object_id = doc.get("id") if isinstance(doc.get("id"), str) else None
+    try:
+        so = ServiceObject.model_validate(doc)
+    except ValidationError as exc:
+        for error in exc.errors():
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(Problem(where, message, object_id, _field_path(error["loc"])))
+        return None
+    if so.id is None:
+        problems.append(Problem(where, "has no id (required when a file holds several objects)"))
+        return None
+    return so
+
+
+def _cross_check(
+    objects: Mapping[str, ServiceObject], sources: Mapping[str, str]
+) -> Iterator[Problem]:
+    for so_id, so in objects.items():
+        source = sources[so_id]
+        for group_id, group in so.groups.items():
+            yield from _check_group(objects, source, so_id, group_id, group.so_ids, group.stream)
+        for stream_id, stream in so.streams.items():
+            yield from _check_expressions(objects, source, so, stream_id, stream)
+
+
+def _check_group(
+    objects: Mapping[str, ServiceObject],
+    source: str,
+    so_id: str,
+    group_id: str,
+    members: list[str],
+    stream_id: str,
+) -> Iterator[Problem]:
+    seen_types: dict[str, tuple[str, str]] = {}
+    for i, member in enumerate(members):
+        field = f"groups.{group_id}.soIds[{i}]"
+        target = objects.get(member)
+        if target is None:
+            yield Problem(source, f"unknown service object {member!r}", so_id, field)
+            continue
+        stream = target.streams.get(stream_id)
+        if stream is None:
+            yield Problem(
+                source,
+                f"member {member!r} has no stream {stream_id!r}"
+                f" (it has: {', '.join(target.streams)})",
+                so_id,
+                f"groups.{group_id}.stream",
+            )
+            continue
+        for name, channel in stream.channels.items():
+            first = seen_types.setdefault(name, (member, channel.type.value))
+            if first[1] != channel.type.value:
+                yield Problem(
+                    source,
+                    f"channel {name!r} is a {first[1]} on {first[0]!r} but a"
+                    f" {channel.type.value} on {member!r}; group members must agree",
+                    so_id,
+                    f"groups.{group_id}",
+                )
+
+
+_UNRESOLVED: frozenset[str] = frozenset()
+"""A group none of whose members resolve: its own problem is reported, its channels unknown."""
+
+
+def _input_channels(
+    objects: Mapping[str, ServiceObject], so: ServiceObject, name: str
+) -> frozenset[str] | None:
+    """The channels an expression input offers, or None if the name is not an input."""
+    if name in so.streams:
+        return frozenset(so.streams[name].channels)
+    group = so.groups.get(name)
+    if group is None:
+        return None
+    channels: set[str] = set()
+    resolved = False
+    for member in group.so_ids:
+        target = objects.get(member)
+        if target is not None and group.stream in target.streams:
+            channels |= set(target.streams[group.stream].channels)
+            resolved = True
+    return frozenset(channels) if resolved else _UNRESOLVED
+
+
+def _check_expressions(
+    objects: Mapping[str, ServiceObject],
+    source: str,
+    so: ServiceObject,
+    stream_id: str,
+    stream: Stream,
+) -> Iterator[Problem]:
+    expressions: list[tuple[str, str, bool]] = [
+        (f"streams.{stream_id}.channels.{name}.current-value", ch.current_value, False)
+        for name, ch in stream.channels.items()
+        if ch.current_value is not None
+    ]
+    if stream.pre_filter is not None:
+        expressions.append((f"streams.{stream_id}.pre-filter", stream.pre_filter, False))
+    if stream.post_filter is not None:
+        expressions.append((f"streams.{stream_id}.post-filter", stream.post_filter, True))
+    for field, text, result_allowed in expressions:
+        try:
+            references = find_references(expand_aliases(text, so.aliases))
+        except ValueError as exc:
+            yield Problem(source, str(exc), so.id, field)
+            continue
+        for ref in references:
+            if ref.input == "result":
+                if not result_allowed:
+                    yield Problem(
+                        source,
+                        "{$result...} is only available in a post-filter",
+                        so.id,
+                        field,
+                    )
+                    continue
+                offered: frozenset[str] | None = frozenset(stream.channels)
+            else:
+                offered = _input_channels(objects, so, ref.input)
+            if offered is _UNRESOLVED:
+                continue
+            if offered is None:
+                inputs = ", ".join([*so.streams, *so.groups])
+                yield Problem(
+                    source,
+                    f"unknown input {ref.input!r} (streams and groups here: {inputs})",
+                    so.id,
+                    field,
+                )
+            elif ref.channel is not None and ref.channel not in offered:
+                yield Problem(
+                    source,
+                    f"input {ref.input!r} has no channel {ref.channel!r}"
+                    f" (it has: {', '.join(sorted(offered)) or 'none'})",
+                    so.id,
+                    field,
+                )
