@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Annotated
@@ -138,6 +139,67 @@ def _print_object(so: ServiceObject, source: str) -> None:
         )
     for action in so.actions:
         out.print(f"  action {action.name}: {action.description or ''}")
+
+
+# demo ----------------------------------------------------------------------------------------
+
+
+@app.command("demo")
+def demo(
+    scenario: Annotated[str, typer.Argument(help="Scenario to run: irrigation.")] = "irrigation",
+    mqtt_url: Annotated[
+        str | None,
+        typer.Option("--mqtt", help="Use this broker (mqtt://host:port) instead of starting one."),
+    ] = None,
+    duration: Annotated[
+        float | None, typer.Option(help="Stop after this many seconds (default: Ctrl-C).")
+    ] = None,
+    rate: Annotated[float, typer.Option(help="Simulation steps per second.")] = 2.0,
+    speed: Annotated[float, typer.Option(help="Simulated seconds per real second.")] = 600.0,
+    faults: Annotated[float, typer.Option(help="Faulty messages injected per step.")] = 0.2,
+    seed: Annotated[int, typer.Option(help="Random seed of the simulation.")] = 1,
+    steps: Annotated[
+        int | None, typer.Option(help="Stop after this many simulation steps.")
+    ] = None,
+    summary_path: Annotated[
+        Path | None, typer.Option("--summary", help="Also write the summary as JSON here.")
+    ] = None,
+) -> None:
+    """Run simulated devices through a real broker into the cloudlet, and watch it live."""
+    from rich.live import Live
+
+    from cloudlet.demo import Demo, DemoSettings
+    from cloudlet.demo_view import live_view, summary_view
+
+    settings = DemoSettings(scenario, mqtt_url, duration, rate, speed, faults, seed, steps)
+    try:
+        with err.status("starting") as status:
+            runner = Demo(settings, progress=lambda text: status.update(text))
+            runner.start()
+    except (ValueError, RuntimeError, RigError) as exc:
+        raise _fail(str(exc)) from None
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        if out.is_terminal:
+            out.print("Ctrl-C stops the demo and prints a summary")
+            with Live(live_view(runner), console=out, refresh_per_second=4) as live:
+                runner.run(stop.is_set, lambda: live.update(live_view(runner)))
+        else:
+            runner.run(stop.is_set, lambda: None)
+    except KeyboardInterrupt:
+        pass
+    try:
+        with err.status("draining: waiting for the last updates to come through"):
+            runner.drain()
+        summary = runner.summary()
+    finally:
+        runner.stop()
+    out.print(summary_view(summary))
+    if summary_path is not None:
+        summary_path.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+    if not summary["lossless"]:
+        raise typer.Exit(1)
 
 
 # rig -----------------------------------------------------------------------------------------

@@ -1,0 +1,132 @@
+"""Ingest: raw device messages in, validated updates and dead letters out, a batch at a time.
+
+This is the first stage of every processing unit and knows nothing of MQTT: the runtime hands
+it batches of `RawMessage`s and publishes what comes back. Every message ends up either as
+accepted updates or as dead letters carrying the original payload and the reason; nothing is
+dropped, and every outcome is counted.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from streams import (
+    InvalidUpdate,
+    Registry,
+    Rejection,
+    RejectReason,
+    SensorUpdate,
+    StreamKey,
+    TopicScheme,
+    dead_letter_record,
+    decode,
+)
+from streams.codec import DEFAULT_MAX_PAYLOAD
+
+
+@dataclass(frozen=True, slots=True)
+class RawMessage:
+    """A message as it came off the broker (or the HTTP gateway)."""
+
+    topic: str
+    payload: bytes
+    content_type: str | None = None
+    received_at: int = 0  # ms since the epoch, from the runtime's clock
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    topic: str
+    body: bytes
+    rejection: Rejection
+
+
+@dataclass(slots=True)
+class IngestBatch:
+    accepted: list[tuple[StreamKey, SensorUpdate]] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class IngestCounts:
+    """Running totals: messages received, updates accepted, rejections by reason."""
+
+    messages: int = 0
+    accepted: int = 0
+    rejected: Counter[RejectReason] = field(default_factory=Counter)
+
+    def snapshot(self) -> IngestCounts:
+        return IngestCounts(self.messages, self.accepted, Counter(self.rejected))
+
+
+class Ingest:
+    """Decodes and validates device messages against the registry."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        topics: TopicScheme | None = None,
+        *,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+    ) -> None:
+        self.registry = registry
+        self.topics = topics or TopicScheme()
+        self.max_payload = max_payload
+        self.counts = IngestCounts()
+
+    def batch(self, messages: Sequence[RawMessage]) -> IngestBatch:
+        out = IngestBatch()
+        for message in messages:
+            self._one(message, out)
+        self.counts.messages += len(messages)
+        return out
+
+    def _one(self, message: RawMessage, out: IngestBatch) -> None:
+        key = self.topics.parse_device_update(message.topic)
+        if key is None:
+            self._reject(
+                message,
+                Rejection(
+                    RejectReason.MALFORMED,
+                    f"topic {message.topic!r} is not a device topic"
+                    f" ({self.topics.device_update('<so>', '<stream>')})",
+                ),
+                out,
+            )
+            return
+        try:
+            validator = self.registry.validator(key.so, key.stream)
+            doc = decode(message.payload, message.content_type, max_bytes=self.max_payload)
+        except InvalidUpdate as exc:
+            rejection = exc.rejection
+            if rejection.so_id is None:  # codec errors do not know where the message went
+                rejection = Rejection(
+                    rejection.reason,
+                    f"{key.so}/{key.stream}: {rejection.message}",
+                    key.so,
+                    key.stream,
+                )
+            self._reject(message, rejection, out)
+            return
+        accepted, rejections = validator.document(doc)
+        out.accepted.extend((key, update) for update in accepted)
+        self.counts.accepted += len(accepted)
+        for rejection in rejections:
+            self._reject(message, rejection, out)
+
+    def _reject(self, message: RawMessage, rejection: Rejection, out: IngestBatch) -> None:
+        self.counts.rejected[rejection.reason] += 1
+        out.dead_letters.append(
+            DeadLetter(
+                self.topics.dead_letter(rejection.so_id, rejection.stream_id),
+                dead_letter_record(
+                    rejection,
+                    topic=message.topic,
+                    payload=message.payload,
+                    received_at=message.received_at,
+                ),
+                rejection,
+            )
+        )
