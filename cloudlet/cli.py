@@ -18,6 +18,7 @@ from rich.table import Table
 
 from cloudlet.rig import Kafka, Mosquitto, RigError, ensure_kafka, ensure_mosquitto
 from streams import Problem, Registry, ServiceObject
+from streams.catalog import Catalog
 
 app = typer.Typer(
     help="cloudlet: IoT edge data streams, from devices through the cloudlet to the cloud.",
@@ -60,8 +61,9 @@ def so_validate(
         list[Path], typer.Argument(help="Descriptor files or directories (searched recursively).")
     ],
 ) -> None:
-    """Check descriptors and their cross-references; every problem is listed, one per line."""
-    registry, problems = Registry.check(paths)
+    """Check descriptors, their cross-references and expressions; every problem is listed."""
+    catalog, problems = Catalog.check(paths)
+    registry = catalog.registry
     for problem in problems:
         err.print(f"[bold red]error:[/] {problem}", soft_wrap=True)
     if problems:

@@ -24,7 +24,7 @@ from pydantic import (
 # Ids become MQTT topic levels and Kafka keys: no separators, wildcards or whitespace.
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 # Channel names appear inside expressions (`{$data.channels.<name>.current-value}`).
-_CHANNEL_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
+_CHANNEL_PATTERN = re.compile(r"^[A-Za-z_$][A-Za-z0-9_$-]{0,63}$")
 
 RESERVED_INPUT_NAMES = frozenset({"result"})
 """Names an expression reserves for itself; no stream or group may use them."""
@@ -106,8 +106,8 @@ class Stream(_Descriptor):
         for name in channels:
             if not _CHANNEL_PATTERN.match(name):
                 raise ValueError(
-                    f"channel name {name!r} is not valid: use letters, digits, '_' or '-',"
-                    " starting with a letter or '_' (at most 64)"
+                    f"channel name {name!r} is not valid: use letters, digits, '_', '$' or '-',"
+                    " starting with a letter, '_' or '$' (at most 64)"
                 )
         return channels
 

@@ -14,9 +14,8 @@ previous output), or `result`.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
-_REFERENCE = re.compile(
+REFERENCE_PATTERN = re.compile(
     r"""\{\$(?P<input>[^.{}\s]+)\.(?:
         channels\.(?P<channel>[^.{}\[\]\s'"]+)
             (?:\.current-value|\[\s*(?P<q>['"])current-value(?P=q)\s*\])
@@ -24,33 +23,7 @@ _REFERENCE = re.compile(
     )\}""",
     re.VERBOSE,
 )
-_OPENING = re.compile(r"\{\$")
 MAX_ALIAS_DEPTH = 16
-
-
-@dataclass(frozen=True, slots=True)
-class Reference:
-    input: str
-    channel: str | None  # None for {$input.lastUpdate}
-    start: int
-    end: int
-
-
-def find_references(text: str) -> list[Reference]:
-    """Every ServIoTicy reference in `text`; ValueError naming the first malformed `{$...`."""
-    found = [
-        Reference(m["input"], m["channel"], m.start(), m.end()) for m in _REFERENCE.finditer(text)
-    ]
-    covered = {r.start for r in found}
-    for opening in _OPENING.finditer(text):
-        if opening.start() not in covered:
-            end = text.find("}", opening.start())
-            fragment = text[opening.start() : end + 1 if end >= 0 else len(text)]
-            raise ValueError(
-                f"{fragment!r} is not a ServIoTicy reference; expected"
-                " {$<input>.channels.<channel>.current-value} or {$<input>.lastUpdate}"
-            )
-    return found
 
 
 def expand_aliases(text: str, aliases: dict[str, str]) -> str:

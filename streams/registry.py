@@ -19,8 +19,7 @@ import orjson
 import yaml
 from pydantic import ValidationError
 
-from streams.objects import ServiceObject, Stream
-from streams.references import expand_aliases, find_references
+from streams.objects import ServiceObject
 from streams.rejections import InvalidUpdate, Rejection, RejectReason
 from streams.updates import StreamValidator
 
@@ -130,6 +129,18 @@ class Registry:
     @classmethod
     def check(cls, paths: Iterable[Path | str]) -> tuple[Registry, list[Problem]]:
         """Load what is valid and list every problem; the registry holds the valid objects."""
+        parsed, problems = cls.parse(paths)
+        return parsed.without({p.object_id for p in problems}), problems
+
+    def without(self, object_ids: set[str | None]) -> Registry:
+        """This registry less the given objects (those with problems, say)."""
+        keep = {k: v for k, v in self.objects.items() if k not in object_ids}
+        return Registry(keep, {k: self.sources[k] for k in keep})
+
+    @classmethod
+    def parse(cls, paths: Iterable[Path | str]) -> tuple[Registry, list[Problem]]:
+        """Every object whose descriptor parses, even if its cross-references are wrong, and
+        every problem found: lets later checks report on all of them."""
         objects: dict[str, ServiceObject] = {}
         sources: dict[str, str] = {}
         problems: list[Problem] = []
@@ -164,9 +175,7 @@ class Registry:
                 objects[so.id] = so
                 sources[so.id] = where
         problems.extend(_cross_check(objects, sources))
-        bad = {p.object_id for p in problems}
-        valid = {k: v for k, v in objects.items() if k not in bad}
-        return cls(valid, {k: sources[k] for k in valid}), problems
+        return cls(objects, sources), problems
 
     @classmethod
     def from_objects(cls, objects: Iterable[ServiceObject]) -> Registry:
@@ -250,8 +259,6 @@ def _cross_check(
         source = sources[so_id]
         for group_id, group in so.groups.items():
             yield from _check_group(objects, source, so_id, group_id, group.so_ids, group.stream)
-        for stream_id, stream in so.streams.items():
-            yield from _check_expressions(objects, source, so, stream_id, stream)
 
 
 def _check_group(
@@ -288,82 +295,4 @@ def _check_group(
                     f" {channel.type.value} on {member!r}; group members must agree",
                     so_id,
                     f"groups.{group_id}",
-                )
-
-
-_UNRESOLVED: frozenset[str] = frozenset()
-"""A group none of whose members resolve: its own problem is reported, its channels unknown."""
-
-
-def _input_channels(
-    objects: Mapping[str, ServiceObject], so: ServiceObject, name: str
-) -> frozenset[str] | None:
-    """The channels an expression input offers, or None if the name is not an input."""
-    if name in so.streams:
-        return frozenset(so.streams[name].channels)
-    group = so.groups.get(name)
-    if group is None:
-        return None
-    channels: set[str] = set()
-    resolved = False
-    for member in group.so_ids:
-        target = objects.get(member)
-        if target is not None and group.stream in target.streams:
-            channels |= set(target.streams[group.stream].channels)
-            resolved = True
-    return frozenset(channels) if resolved else _UNRESOLVED
-
-
-def _check_expressions(
-    objects: Mapping[str, ServiceObject],
-    source: str,
-    so: ServiceObject,
-    stream_id: str,
-    stream: Stream,
-) -> Iterator[Problem]:
-    expressions: list[tuple[str, str, bool]] = [
-        (f"streams.{stream_id}.channels.{name}.current-value", ch.current_value, False)
-        for name, ch in stream.channels.items()
-        if ch.current_value is not None
-    ]
-    if stream.pre_filter is not None:
-        expressions.append((f"streams.{stream_id}.pre-filter", stream.pre_filter, False))
-    if stream.post_filter is not None:
-        expressions.append((f"streams.{stream_id}.post-filter", stream.post_filter, True))
-    for field, text, result_allowed in expressions:
-        try:
-            references = find_references(expand_aliases(text, so.aliases))
-        except ValueError as exc:
-            yield Problem(source, str(exc), so.id, field)
-            continue
-        for ref in references:
-            if ref.input == "result":
-                if not result_allowed:
-                    yield Problem(
-                        source,
-                        "{$result...} is only available in a post-filter",
-                        so.id,
-                        field,
-                    )
-                    continue
-                offered: frozenset[str] | None = frozenset(stream.channels)
-            else:
-                offered = _input_channels(objects, so, ref.input)
-            if offered is _UNRESOLVED:
-                continue
-            if offered is None:
-                inputs = ", ".join([*so.streams, *so.groups])
-                yield Problem(
-                    source,
-                    f"unknown input {ref.input!r} (streams and groups here: {inputs})",
-                    so.id,
-                    field,
-                )
-            elif ref.channel is not None and ref.channel not in offered:
-                yield Problem(
-                    source,
-                    f"input {ref.input!r} has no channel {ref.channel!r}"
-                    f" (it has: {', '.join(sorted(offered)) or 'none'})",
-                    so.id,
-                    field,
                 )

@@ -30,6 +30,8 @@ class RejectReason(StrEnum):
     BAD_GEO_POINT = "bad_geo_point"
     MISSING_LAST_UPDATE = "missing_last_update"
     BAD_LAST_UPDATE = "bad_last_update"
+    EXPRESSION_FAILED = "expression_failed"
+    LATE = "late"
 
 
 @dataclass(frozen=True, slots=True)

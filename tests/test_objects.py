@@ -112,8 +112,8 @@ def test_aliases_accept_servioticy_list_form_and_a_map() -> None:
         (
             _so(streams={"data": {"channels": {"a.b": {"type": "number"}}}}),
             "streams.data.channels",
-            "channel name 'a.b' is not valid: use letters, digits, '_' or '-', starting with a"
-            " letter or '_' (at most 64)",
+            "channel name 'a.b' is not valid: use letters, digits, '_', '$' or '-', starting"
+            " with a letter, '_' or '$' (at most 64)",
         ),
         (
             _so(

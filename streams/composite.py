@@ -1,0 +1,463 @@
+"""Composite (derived) streams: ServIoTicy 0.1.0 semantics, compiled once, evaluated in batches.
+
+Semantics, for a derived stream D of service object O:
+
+- D's inputs are the streams of O its expressions name, O's groups (the latest update of the
+  group's stream on any member), and D itself (its previous output: the only state).
+- An update of any input triggers D, evaluated with the latest value of every other input.
+  A trigger whose lastUpdate is not newer than D's last output is discarded, and counted and
+  reported as `stale`, never silently.
+- pre-filter gates the inputs; then every channel is computed; post-filter gates the result
+  (it may read `result`); a missing filter is true. An input never seen makes the result "not
+  yet available": no output, counted, not an error.
+- The output's lastUpdate is the newest of its inputs'. Outputs feed the derived streams that
+  read them in the same pass, in dependency order, each evaluated at most once per pass.
+- Cycles (other than a stream reading itself) are rejected when the plan is built.
+- A failed evaluation (division by zero, a value of the wrong type) rejects that one update
+  with reason `expression_failed`; processing goes on.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from streams.expressions import (
+    CHANNEL_TYPES,
+    NOT_AVAILABLE,
+    CompiledExpression,
+    EvaluationError,
+    ExpressionError,
+    InputsScope,
+    Type,
+    channel_value_type,
+    compile_expression,
+)
+from streams.expressions.functions import describe
+from streams.expressions.servioticy import is_javascript_function, native_equivalent
+from streams.objects import ChannelType, ServiceObject
+from streams.references import expand_aliases
+from streams.registry import Problem, Registry
+from streams.rejections import Rejection, RejectReason
+from streams.updates import GeoPoint, SensorUpdate, StreamKey
+
+GroupKey = tuple[str, str]  # (service object id, group id)
+
+
+class _AnyChannel(dict[str, Type]):
+    """The channels of an input we cannot see: any name, any type."""
+
+    def get(self, key: str, default: Any = None) -> Type:  # type: ignore[override]
+        return Type.ANY
+
+
+@dataclass(frozen=True)
+class DerivedStream:
+    key: StreamKey
+    channels: tuple[tuple[str, CompiledExpression, ChannelType], ...]
+    pre_filter: CompiledExpression | None
+    post_filter: CompiledExpression | None
+    streams: Mapping[str, StreamKey]  # input name -> stream read (same object, or itself)
+    groups: Mapping[str, GroupKey]  # input name -> group read
+
+
+@dataclass(frozen=True)
+class CompositePlan:
+    """Every derived stream of a registry, compiled, with who triggers whom."""
+
+    derived: Mapping[StreamKey, DerivedStream]
+    rank: Mapping[StreamKey, int]  # dependency order
+    readers: Mapping[StreamKey, tuple[StreamKey, ...]]  # stream -> derived streams reading it
+    group_readers: Mapping[GroupKey, tuple[StreamKey, ...]]
+    groups_of: Mapping[StreamKey, tuple[GroupKey, ...]]  # member stream -> groups it is in
+
+    @classmethod
+    def build(cls, registry: Registry) -> tuple[CompositePlan, list[Problem]]:
+        problems: list[Problem] = []
+        derived: dict[StreamKey, DerivedStream] = {}
+        for so_id, so in registry.objects.items():
+            source = registry.sources.get(so_id, "<memory>")
+            for stream_id, stream in so.streams.items():
+                if stream.derived:
+                    compiled = _compile_stream(registry, so, stream_id, source, problems)
+                    if compiled is not None:
+                        derived[compiled.key] = compiled
+        groups_of: dict[StreamKey, list[GroupKey]] = {}
+        for so_id, so in registry.objects.items():
+            for group_id, group in so.groups.items():
+                for member in group.so_ids:
+                    groups_of.setdefault(StreamKey(member, group.stream), []).append(
+                        (so_id, group_id)
+                    )
+        readers: dict[StreamKey, list[StreamKey]] = {}
+        group_readers: dict[GroupKey, list[StreamKey]] = {}
+        for d in derived.values():
+            for stream_key in d.streams.values():
+                readers.setdefault(stream_key, []).append(d.key)
+            for group_key in d.groups.values():
+                group_readers.setdefault(group_key, []).append(d.key)
+        rank = _rank(derived, groups_of, registry, problems)
+        plan = cls(
+            derived,
+            rank,
+            {k: tuple(v) for k, v in readers.items()},
+            {k: tuple(v) for k, v in group_readers.items()},
+            {k: tuple(v) for k, v in groups_of.items()},
+        )
+        return plan, problems
+
+
+def _compile_stream(
+    registry: Registry, so: ServiceObject, stream_id: str, source: str, problems: list[Problem]
+) -> DerivedStream | None:
+    assert so.id is not None
+    stream = so.streams[stream_id]
+    inputs: dict[str, dict[str, Type]] = {
+        name: {c: CHANNEL_TYPES[ch.type] for c, ch in s.channels.items()}
+        for name, s in so.streams.items()
+    }
+    for group_id, group in so.groups.items():
+        channels: dict[str, Type] = {}
+        resolved = False
+        for member in group.so_ids:
+            member_so = registry.objects.get(member)
+            if member_so is not None and group.stream in member_so.streams:
+                resolved = True
+                for c, ch in member_so.streams[group.stream].channels.items():
+                    channels[c] = CHANNEL_TYPES[ch.type]
+        # A group with no resolvable member has its own problem reported; do not add one per
+        # reference to it.
+        inputs[group_id] = channels if resolved else _AnyChannel()
+    own = inputs[stream_id]
+    scope = InputsScope(inputs)
+    post_scope = InputsScope({**inputs, "result": own})
+    ok = True
+
+    def build(text: str, field: str, expect: Type, scope: InputsScope) -> CompiledExpression | None:
+        nonlocal ok
+        if so.version == "0.2.0" or is_javascript_function(text):
+            native = native_equivalent(text)
+            hint = f"; the equivalent native expression is: {native}" if native else ""
+            problems.append(
+                Problem(
+                    source,
+                    "ServIoTicy 0.2.0 JavaScript functions are not executed (cloudlet runs no"
+                    f" user JavaScript){hint}",
+                    so.id,
+                    field,
+                )
+            )
+            ok = False
+            return None
+        try:
+            return compile_expression(
+                expand_aliases(text, so.aliases),
+                scope,
+                expect=expect,
+                what=field.rsplit(".", 1)[-1],
+            )
+        except (ExpressionError, ValueError) as exc:
+            problems.append(Problem(source, str(exc), so.id, field))
+            ok = False
+            return None
+
+    prefix = f"streams.{stream_id}"
+    channel_exprs: list[tuple[str, CompiledExpression, ChannelType]] = []
+    for name, channel in stream.channels.items():
+        assert channel.current_value is not None
+        compiled = build(
+            channel.current_value,
+            f"{prefix}.channels.{name}.current-value",
+            CHANNEL_TYPES[channel.type],
+            scope,
+        )
+        if compiled is not None:
+            channel_exprs.append((name, compiled, channel.type))
+    pre = (
+        build(stream.pre_filter, f"{prefix}.pre-filter", Type.BOOLEAN, scope)
+        if stream.pre_filter is not None
+        else None
+    )
+    post = (
+        build(stream.post_filter, f"{prefix}.post-filter", Type.BOOLEAN, post_scope)
+        if stream.post_filter is not None
+        else None
+    )
+    if not ok:
+        return None
+    used = set().union(*(e.inputs for _, e, _ in channel_exprs))
+    for f in (pre, post):
+        if f is not None:
+            used |= f.inputs
+    used.discard("result")
+    return DerivedStream(
+        key=StreamKey(so.id, stream_id),
+        channels=tuple(channel_exprs),
+        pre_filter=pre,
+        post_filter=post,
+        streams={n: StreamKey(so.id, n) for n in used if n in so.streams},
+        groups={n: (so.id, n) for n in used if n in so.groups},
+    )
+
+
+def _rank(
+    derived: Mapping[StreamKey, DerivedStream],
+    groups_of: Mapping[StreamKey, list[GroupKey]],
+    registry: Registry,
+    problems: list[Problem],
+) -> dict[StreamKey, int]:
+    """Topological rank of every derived stream; cycles become problems."""
+    group_members: dict[GroupKey, list[StreamKey]] = {}
+    for member, groups in groups_of.items():
+        for g in groups:
+            group_members.setdefault(g, []).append(member)
+    upstream: dict[StreamKey, set[StreamKey]] = {}
+    for d in derived.values():
+        ups = {k for k in d.streams.values() if k != d.key and k in derived}
+        for g in d.groups.values():
+            ups |= {m for m in group_members.get(g, []) if m in derived and m != d.key}
+        upstream[d.key] = ups
+    rank: dict[StreamKey, int] = {}
+    visiting: list[StreamKey] = []
+
+    def visit(key: StreamKey) -> int:
+        if key in rank:
+            return rank[key]
+        if key in visiting:
+            cycle = [*visiting[visiting.index(key) :], key]
+            raise _Cycle(cycle)
+        visiting.append(key)
+        r = 1 + max((visit(u) for u in upstream[key]), default=0)
+        visiting.pop()
+        rank[key] = r
+        return r
+
+    reported: set[StreamKey] = set()
+    for key in sorted(derived):
+        try:
+            visit(key)
+        except _Cycle as cycle:
+            visiting.clear()
+            if not reported & set(cycle.path):
+                path = " -> ".join(f"{k.so}/{k.stream}" for k in cycle.path)
+                problems.append(
+                    Problem(
+                        registry.sources.get(key.so, "<memory>"),
+                        f"derived streams form a cycle: {path}",
+                        key.so,
+                        f"streams.{key.stream}",
+                    )
+                )
+            reported |= set(cycle.path)
+            for k in cycle.path:
+                rank.setdefault(k, 0)
+    return rank
+
+
+class _Cycle(Exception):
+    def __init__(self, path: list[StreamKey]) -> None:
+        self.path = path
+
+
+# Engine -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Discarded:
+    """A trigger a derived stream did not act on, because it was not newer than its output."""
+
+    key: StreamKey
+    trigger: StreamKey
+    last_update: int
+    previous_output: int
+
+    @property
+    def message(self) -> str:
+        return (
+            f"{self.key.so}/{self.key.stream}: trigger from {self.trigger.so}/{self.trigger.stream}"
+            f" at {self.last_update} is not newer than the last output at {self.previous_output};"
+            " discarded"
+        )
+
+
+@dataclass(slots=True)
+class CompositeResult:
+    derived: list[tuple[StreamKey, SensorUpdate]] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+    discarded: list[Discarded] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class CompositeCounts:
+    derived: int = 0
+    stale: int = 0
+    filtered: int = 0
+    not_available: int = 0
+    failed: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "derived": self.derived,
+            "stale": self.stale,
+            "filtered": self.filtered,
+            "not_available": self.not_available,
+            "failed": self.failed,
+        }
+
+
+def merge(previous: SensorUpdate | None, update: SensorUpdate) -> SensorUpdate:
+    """The latest value of a stream after `update`: newer channel values win, channels an
+    update leaves out keep their last value, and an old update never hides a newer one."""
+    if previous is None:
+        return update
+    if update.last_update >= previous.last_update:
+        return SensorUpdate({**previous.channels, **update.channels}, update.last_update)
+    return SensorUpdate({**update.channels, **previous.channels}, previous.last_update)
+
+
+class CompositeEngine:
+    """Runs a plan over a sequence of stream updates; state is explicit (snapshot/restore)."""
+
+    def __init__(self, plan: CompositePlan) -> None:
+        self.plan = plan
+        self.latest: dict[StreamKey, SensorUpdate] = {}
+        self.group_latest: dict[GroupKey, SensorUpdate] = {}
+        self.counts = CompositeCounts()
+
+    def process(self, updates: Iterable[tuple[StreamKey, SensorUpdate]]) -> CompositeResult:
+        result = CompositeResult()
+        for key, update in updates:
+            self._pass(key, update, result)
+        return result
+
+    def _observe(self, key: StreamKey, update: SensorUpdate) -> None:
+        self.latest[key] = merged = merge(self.latest.get(key), update)
+        for group in self.plan.groups_of.get(key, ()):
+            current = self.group_latest.get(group)
+            if current is None or merged.last_update >= current.last_update:
+                self.group_latest[group] = merged
+
+    def _pass(self, key: StreamKey, update: SensorUpdate, result: CompositeResult) -> None:
+        plan = self.plan
+        self._observe(key, update)
+        pending: list[tuple[int, StreamKey]] = []
+        triggers: dict[StreamKey, tuple[StreamKey, int]] = {}
+
+        def trigger(source: StreamKey, last_update: int) -> None:
+            readers = list(plan.readers.get(source, ()))
+            for group in plan.groups_of.get(source, ()):
+                readers.extend(plan.group_readers.get(group, ()))
+            for reader in readers:
+                if reader == source:
+                    continue  # reading itself is state, not a trigger
+                best = triggers.get(reader)
+                if best is None:
+                    heapq.heappush(pending, (plan.rank.get(reader, 0), reader))
+                if best is None or last_update > best[1]:
+                    triggers[reader] = (source, last_update)
+
+        trigger(key, update.last_update)
+        while pending:
+            _, target = heapq.heappop(pending)
+            source, at = triggers.pop(target)
+            output = self._evaluate(plan.derived[target], source, at, result)
+            if output is not None:
+                result.derived.append((target, output))
+                self._observe(target, output)
+                trigger(target, output.last_update)
+
+    def _evaluate(
+        self, d: DerivedStream, source: StreamKey, at: int, result: CompositeResult
+    ) -> SensorUpdate | None:
+        previous = self.latest.get(d.key)
+        if previous is not None and at <= previous.last_update:
+            self.counts.stale += 1
+            result.discarded.append(Discarded(d.key, source, at, previous.last_update))
+            return None
+        env: dict[str, SensorUpdate] = {}
+        for name, stream_key in d.streams.items():
+            value = self.latest.get(stream_key)
+            if value is not None:
+                env[name] = value
+        for name, group_key in d.groups.items():
+            value = self.group_latest.get(group_key)
+            if value is not None:
+                env[name] = value
+        try:
+            if d.pre_filter is not None and not self._passes(d.pre_filter, env):
+                return None
+            channels: dict[str, Any] = {}
+            for name, expression, declared in d.channels:
+                value = expression.evaluate(env)
+                if value is NOT_AVAILABLE or value is None:
+                    self.counts.not_available += 1
+                    return None
+                if not channel_value_type(value, declared):
+                    raise EvaluationError(
+                        f"channel {name!r} is a {declared.value}, but {expression.source!r}"
+                        f" gave {describe(value)}"
+                    )
+                channels[name] = value
+            newest = max((u.last_update for u in env.values()), default=at)
+            output = SensorUpdate(channels, max(newest, at))
+            if d.post_filter is not None and not self._passes(
+                d.post_filter, {**env, "result": output}
+            ):
+                return None
+        except EvaluationError as exc:
+            self.counts.failed += 1
+            result.rejected.append(
+                Rejection(
+                    RejectReason.EXPRESSION_FAILED,
+                    f"{d.key.so}/{d.key.stream}: {exc}",
+                    d.key.so,
+                    d.key.stream,
+                )
+            )
+            return None
+        self.counts.derived += 1
+        return output
+
+    def _passes(self, condition: CompiledExpression, env: Mapping[str, SensorUpdate]) -> bool:
+        verdict = condition.evaluate(env)
+        if verdict is NOT_AVAILABLE:
+            self.counts.not_available += 1
+            return False
+        if verdict is not True:
+            self.counts.filtered += 1
+            return False
+        return True
+
+    # State -----------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """Plain data (msgpack/JSON-ready) from which `restore` resumes exactly here."""
+        return {
+            "latest": [[k.so, k.stream, dump_update(u)] for k, u in self.latest.items()],
+            "groups": [[g[0], g[1], dump_update(u)] for g, u in self.group_latest.items()],
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        self.latest = {StreamKey(so, s): load_update(u) for so, s, u in state["latest"]}
+        self.group_latest = {(so, g): load_update(u) for so, g, u in state["groups"]}
+
+
+def dump_update(update: SensorUpdate) -> list[Any]:
+    """An update as plain data for snapshots; geo points are tagged so they restore as such."""
+    return [
+        {
+            k: ({"geo": [v.lat, v.lon]} if type(v) is GeoPoint else v)
+            for k, v in update.channels.items()
+        },
+        update.last_update,
+    ]
+
+
+def load_update(data: Sequence[Any]) -> SensorUpdate:
+    channels, last_update = data
+    return SensorUpdate(
+        {k: (GeoPoint(*v["geo"]) if type(v) is dict else v) for k, v in channels.items()},
+        last_update,
+    )
