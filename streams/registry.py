@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from streams.objects import ServiceObject
 from streams.rejections import InvalidUpdate, Rejection, RejectReason
-from streams.updates import StreamValidator
+from streams.updates import StreamKey, StreamValidator
 
 DESCRIPTOR_SUFFIXES = (".json", ".yaml", ".yml")
 FLOW_SUFFIXES = (".flow.yaml", ".flow.yml", ".flows.yaml", ".flows.yml")
@@ -54,7 +54,7 @@ class RegistryError(Exception):
         super().__init__(f"{len(problems)} problem(s) in the service object descriptors:\n{lines}")
 
 
-def _field_path(loc: tuple[int | str, ...]) -> str:
+def field_path(loc: tuple[int | str, ...]) -> str:
     path = ""
     for part in loc:
         if part == "[key]":  # pydantic's marker for an invalid mapping key: the key is named
@@ -97,14 +97,21 @@ def _documents(path: Path) -> list[Any]:
 class Registry:
     """Validated service objects by id, with one compiled validator per raw stream."""
 
-    def __init__(self, objects: Mapping[str, ServiceObject], sources: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        objects: Mapping[str, ServiceObject],
+        sources: Mapping[str, str],
+        *,
+        produced: frozenset[StreamKey] = frozenset(),
+    ) -> None:
         self.objects = dict(objects)
         self.sources = dict(sources)
+        self.produced = produced  # streams the cloudlet writes (flow outputs), not devices
         self._validators = {
             (so_id, stream_id): StreamValidator(so_id, stream_id, stream)
             for so_id, so in self.objects.items()
             for stream_id, stream in so.streams.items()
-            if not stream.derived
+            if not stream.derived and StreamKey(so_id, stream_id) not in produced
         }
 
     def __len__(self) -> int:
@@ -130,17 +137,23 @@ class Registry:
     def check(cls, paths: Iterable[Path | str]) -> tuple[Registry, list[Problem]]:
         """Load what is valid and list every problem; the registry holds the valid objects."""
         parsed, problems = cls.parse(paths)
+        problems += parsed.cross_check()
         return parsed.without({p.object_id for p in problems}), problems
+
+    def cross_check(self) -> list[Problem]:
+        """Problems between objects: groups naming unknown objects or streams, and so on."""
+        return list(_cross_check(self.objects, self.sources))
 
     def without(self, object_ids: set[str | None]) -> Registry:
         """This registry less the given objects (those with problems, say)."""
         keep = {k: v for k, v in self.objects.items() if k not in object_ids}
-        return Registry(keep, {k: self.sources[k] for k in keep})
+        produced = frozenset(k for k in self.produced if k.so in keep)
+        return Registry(keep, {k: self.sources[k] for k in keep}, produced=produced)
 
     @classmethod
     def parse(cls, paths: Iterable[Path | str]) -> tuple[Registry, list[Problem]]:
-        """Every object whose descriptor parses, even if its cross-references are wrong, and
-        every problem found: lets later checks report on all of them."""
+        """Every object whose descriptor parses, and the problems of those that do not.
+        Cross-references are not checked yet (`cross_check`): flows may add streams first."""
         objects: dict[str, ServiceObject] = {}
         sources: dict[str, str] = {}
         problems: list[Problem] = []
@@ -174,7 +187,6 @@ class Registry:
                     continue
                 objects[so.id] = so
                 sources[so.id] = where
-        problems.extend(_cross_check(objects, sources))
         return cls(objects, sources), problems
 
     @classmethod
@@ -244,7 +256,7 @@ def _parse(
     except ValidationError as exc:
         for error in exc.errors():
             message = error["msg"].removeprefix("Value error, ")
-            problems.append(Problem(where, message, object_id, _field_path(error["loc"])))
+            problems.append(Problem(where, message, object_id, field_path(error["loc"])))
         return None
     if so.id is None:
         problems.append(Problem(where, "has no id (required when a file holds several objects)"))

@@ -214,6 +214,8 @@ def test_the_result_type_is_checked_against_what_is_expected() -> None:
         ("exp(data.t * 1000)", "exp(21500.0) is too large (in 'exp(data.t * 1000)')"),
         ("num(data.name)", "num() cannot read a number from 'Field One' (in 'num(data.name)')"),
         ("(-8) ** 0.5", "-8 ** 0.5 is not a real number (in '(-8) ** 0.5')"),
+        ("2 ** (2 ** (2 ** 10))", "2 ** 1024 is too large (in '2 ** (2 ** (2 ** 10))')"),
+        ("0 ** -1", "0 ** -1: zero has no negative powers (in '0 ** -1')"),
         ("coalesce(data.name, 1) + 1", "'+' needs two numbers or two strings, got string"
          " 'Field One' and number 1 (in 'coalesce(data.name, 1) + 1')"),
     ],

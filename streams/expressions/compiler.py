@@ -20,6 +20,7 @@ from streams.expressions.functions import (
     Function,
     Type,
     describe,
+    power,
     type_of,
     zone,
 )
@@ -125,11 +126,20 @@ class CompiledExpression:
 
 
 def compile_expression(
-    source: str, scope: Scope, *, expect: Type | None = None, what: str = "the expression"
+    source: str,
+    scope: Scope,
+    *,
+    expect: Type | None = None,
+    what: str = "the expression",
+    node: Node | None = None,
 ) -> CompiledExpression:
-    """Parse and compile `source` once; ExpressionError if it is invalid in `scope`."""
+    """Parse and compile `source` once; ExpressionError if it is invalid in `scope`.
+
+    `node`, when given, is a part of `source` already parsed (an aggregate's argument, say):
+    it is compiled instead, and `source` serves the error messages.
+    """
     compiler = _Compiler(source, scope)
-    fn, kind = compiler.node(parse(source))
+    fn, kind = compiler.node(parse(source) if node is None else node)
     if expect is not None and kind not in (expect, Type.ANY):
         if not (expect is Type.BOOLEAN and kind is Type.NULL):
             raise ExpressionError(
@@ -188,16 +198,6 @@ def _divide(a: Any, b: Any) -> Any:
     return a / b
 
 
-def _power(a: Any, b: Any) -> Any:
-    try:
-        result = a**b
-    except (OverflowError, ZeroDivisionError) as exc:
-        raise EvaluationError(f"{a!r} ** {b!r}: {exc}") from None
-    if isinstance(result, complex):
-        raise EvaluationError(f"{a!r} ** {b!r} is not a real number")
-    return result
-
-
 def _add(a: Any, b: Any) -> Any:
     ta, tb = type_of(a), type_of(b)
     if ta is tb and ta in (Type.NUMBER, Type.STRING):
@@ -212,7 +212,7 @@ _ARITHMETIC: dict[str, Callable[[Any, Any], Any]] = {
     "*": operator.mul,
     "/": _divide,
     "%": _js_mod,
-    "**": _power,
+    "**": power,
 }
 _ORDER: dict[str, Callable[[Any, Any], bool]] = {
     "<": operator.lt,

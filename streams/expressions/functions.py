@@ -112,13 +112,22 @@ def _exp(x: float) -> float:
         raise EvaluationError(f"exp({x!r}) is too large") from None
 
 
-def _pow(x: float, y: float) -> float:
+MAX_EXACT_POWER_BITS = 1024
+
+
+def power(x: float, y: float) -> float:
+    """x ** y. Exact for small whole numbers; otherwise in floating point, so that a user's
+    expression cannot make an integer of millions of digits (it would stall the unit)."""
+    if type(x) is int and type(y) is int and 0 <= y and x.bit_length() * y <= MAX_EXACT_POWER_BITS:
+        return x**y
     try:
-        result = x**y
-    except (OverflowError, ZeroDivisionError) as exc:
-        raise EvaluationError(f"pow({x!r}, {y!r}): {exc}") from None
+        result = float(x) ** y
+    except OverflowError:
+        raise EvaluationError(f"{x!r} ** {y!r} is too large") from None
+    except ZeroDivisionError:
+        raise EvaluationError(f"{x!r} ** {y!r}: zero has no negative powers") from None
     if isinstance(result, complex):
-        raise EvaluationError(f"pow({x!r}, {y!r}) is not a real number")
+        raise EvaluationError(f"{x!r} ** {y!r} is not a real number")
     return result
 
 
@@ -251,7 +260,7 @@ FUNCTIONS: dict[str, Function] = {
         Function("floor", (N,), N, _floor),
         Function("ceil", (N,), N, _ceil),
         Function("sqrt", (N,), N, _sqrt),
-        Function("pow", (N, N), N, _pow),
+        Function("pow", (N, N), N, power),
         Function("log", (N, N), N, _log, optional=1),
         Function("exp", (N,), N, _exp),
         Function("clamp", (N, N, N), N, _clamp),

@@ -1,0 +1,327 @@
+"""A keyed window operator: assigns updates to windows, aggregates them, fires on the watermark.
+
+Time and firing:
+- Event time (default): an update's time is its lastUpdate. The watermark is the newest event
+  time seen by this operator minus `delay`. A window [start, end) fires once the watermark
+  reaches `end`.
+- `allowed_lateness`: a window is kept that long after it fired; an update that still falls
+  into it updates it and the window fires again (`updated=True`). An update whose windows are
+  all past end + allowed_lateness goes to the late side output: counted and returned, never
+  dropped silently.
+- Processing time: an update's time is the injected clock's; `advance(now)` fires windows.
+
+Window kinds: tumbling(size), hopping(size, hop), sliding(size) (fires on every update over
+(t - size, t]), session(gap), count(size, step). Count windows follow arrival order.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from streams.windows.aggregates import Aggregate
+
+WindowKind = Literal["tumbling", "hopping", "sliding", "session", "count"]
+MAX_EMPTY_WINDOWS = 10_000
+"""Most empty windows emitted for one key at once (a long silence); the rest are skipped."""
+
+
+@dataclass(frozen=True)
+class Windowing:
+    kind: WindowKind
+    size: int  # ms (count windows: updates)
+    hop: int = 0  # hopping: ms between window starts; count: updates between firings
+    gap: int = 0  # session: ms of silence that ends a session
+    delay: int = 0  # ms the watermark trails the newest event time
+    allowed_lateness: int = 0
+    processing_time: bool = False
+    emit_empty: bool = False
+
+    def windows(self, t: int) -> list[tuple[int, int]]:
+        """The [start, end) time windows that contain `t` (tumbling and hopping)."""
+        if self.kind == "tumbling":
+            start = t - t % self.size
+            return [(start, start + self.size)]
+        start = t - t % self.hop
+        out = []
+        while start + self.size > t:
+            out.append((start, start + self.size))
+            start -= self.hop
+        out.reverse()
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class WindowResult:
+    key: str
+    start: int
+    end: int
+    values: dict[str, Any]
+    updated: bool = False  # a re-firing after a late update within allowed lateness
+
+
+@dataclass(frozen=True, slots=True)
+class LateUpdate:
+    key: str
+    time: int
+    watermark: int
+
+
+Args = Sequence[Any]  # one argument value per aggregate (None: skip that aggregate)
+
+
+@dataclass
+class _KeyState:
+    # time windows: (start, end) -> accumulators; fired windows kept until they expire
+    windows: dict[tuple[int, int], list[Any]] = field(default_factory=dict)
+    fired: set[tuple[int, int]] = field(default_factory=set)
+    next_empty: int | None = None  # first window start not yet emitted (emit_empty)
+    # sliding, count: buffered (time, args)
+    buffer: list[tuple[int, list[Any]]] = field(default_factory=list)
+    arrivals: int = 0
+    # sessions: [start, last event, accumulators]
+    sessions: list[list[Any]] = field(default_factory=list)
+
+
+class WindowOperator:
+    def __init__(self, windowing: Windowing, aggregates: Sequence[tuple[str, Aggregate]]) -> None:
+        self.spec = windowing
+        self.aggregates = list(aggregates)
+        self.keys: dict[str, _KeyState] = {}
+        self.max_time: int | None = None
+        self.late_count = 0
+
+    @property
+    def watermark(self) -> int | None:
+        return None if self.max_time is None else self.max_time - self.spec.delay
+
+    # Accumulators ----------------------------------------------------------------------------
+
+    def _fresh(self) -> list[Any]:
+        return [agg.initial() for _, agg in self.aggregates]
+
+    def _add(self, accs: list[Any], args: Args, t: int) -> None:
+        for i, (_, agg) in enumerate(self.aggregates):
+            value = args[i]
+            if agg.needs_argument and value is None:
+                continue
+            accs[i] = agg.add(accs[i], value, t)
+
+    def _values(self, accs: list[Any], start: int, end: int) -> dict[str, Any]:
+        out = {}
+        for (name, agg), acc in zip(self.aggregates, accs, strict=True):
+            value = agg.result(acc, start, end)
+            if value is not None:
+                out[name] = value
+        return out
+
+    # Input -----------------------------------------------------------------------------------
+
+    def process(self, key: str, t: int, args: Args) -> tuple[list[WindowResult], list[LateUpdate]]:
+        """Add one update (time `t`, one argument per aggregate); what fired and what was late."""
+        state = self.keys.setdefault(key, _KeyState())
+        kind = self.spec.kind
+        if kind == "count":
+            return self._count(key, state, t, list(args)), []
+        watermark = self.watermark
+        fired: list[WindowResult] = []
+        late: list[LateUpdate] = []
+        if kind == "sliding":
+            if (
+                watermark is not None
+                and t <= watermark - self.spec.size - self.spec.allowed_lateness
+            ):
+                late.append(LateUpdate(key, t, watermark))
+            else:
+                state.buffer.append((t, list(args)))
+                fired.append(self._slide(key, state, t))
+        elif kind == "session":
+            if not self._session_add(state, t, list(args), watermark):
+                late.append(LateUpdate(key, t, watermark if watermark is not None else t))
+        else:
+            accepted = False
+            for window in self.spec.windows(t):
+                if watermark is not None and window[1] + self.spec.allowed_lateness <= watermark:
+                    continue
+                accs = state.windows.get(window)
+                if accs is None:
+                    accs = state.windows[window] = self._fresh()
+                self._add(accs, args, t)
+                accepted = True
+                if window in state.fired:  # a late update within allowed lateness
+                    fired.append(
+                        WindowResult(key, *window, self._values(accs, *window), updated=True)
+                    )
+            if not accepted:
+                late.append(LateUpdate(key, t, watermark if watermark is not None else t))
+            if state.next_empty is None:
+                state.next_empty = self.spec.windows(t)[0][0]
+        self.late_count += len(late)
+        if not self.spec.processing_time and (self.max_time is None or t > self.max_time):
+            self.max_time = t
+            fired.extend(self._fire())
+        return fired, late
+
+    def advance(self, now: int) -> list[WindowResult]:
+        """Processing time: move the clock to `now` and fire what is due."""
+        if self.max_time is None or now > self.max_time:
+            self.max_time = now
+        return self._fire()
+
+    # Firing ----------------------------------------------------------------------------------
+
+    def _fire(self) -> list[WindowResult]:
+        watermark = self.watermark
+        if watermark is None or self.spec.kind in ("count", "sliding"):
+            if self.spec.kind == "sliding" and watermark is not None:
+                self._expire_buffers(watermark)
+            return []
+        out: list[WindowResult] = []
+        for key in sorted(self.keys):
+            state = self.keys[key]
+            if self.spec.kind == "session":
+                out.extend(self._fire_sessions(key, state, watermark))
+                continue
+            due = sorted(w for w in state.windows if w[1] <= watermark and w not in state.fired)
+            if self.spec.emit_empty:
+                out.extend(self._empty(key, state, watermark))
+            for window in due:
+                out.append(WindowResult(key, *window, self._values(state.windows[window], *window)))
+                state.fired.add(window)
+            for window in [
+                w for w in state.fired if w[1] + self.spec.allowed_lateness <= watermark
+            ]:
+                state.fired.discard(window)
+                del state.windows[window]
+        out.sort(key=lambda r: (r.end, r.key, r.start))
+        return out
+
+    def _empty(self, key: str, state: _KeyState, watermark: int) -> list[WindowResult]:
+        """Windows of this key that saw no update, up to the watermark."""
+        if state.next_empty is None:
+            return []
+        step = self.spec.size if self.spec.kind == "tumbling" else self.spec.hop
+        have = set(state.windows)
+        out: list[WindowResult] = []
+        start = state.next_empty
+        while start + self.spec.size <= watermark and len(out) < MAX_EMPTY_WINDOWS:
+            window = (start, start + self.spec.size)
+            if window not in have:
+                out.append(WindowResult(key, *window, self._values(self._fresh(), *window)))
+            start += step
+        state.next_empty = start
+        return out
+
+    # Sliding ---------------------------------------------------------------------------------
+
+    def _slide(self, key: str, state: _KeyState, t: int) -> WindowResult:
+        accs = self._fresh()
+        low = t - self.spec.size
+        for when, args in state.buffer:
+            if low < when <= t:
+                self._add(accs, args, when)
+        return WindowResult(key, low, t, self._values(accs, low, t))
+
+    def _expire_buffers(self, watermark: int) -> None:
+        horizon = watermark - self.spec.size - self.spec.allowed_lateness
+        for state in self.keys.values():
+            state.buffer = [(t, a) for t, a in state.buffer if t > horizon]
+
+    # Sessions --------------------------------------------------------------------------------
+
+    def _session_add(
+        self, state: _KeyState, t: int, args: list[Any], watermark: int | None
+    ) -> bool:
+        gap = self.spec.gap
+        if watermark is not None and t + gap + self.spec.allowed_lateness <= watermark:
+            touching = [s for s in state.sessions if s[0] - gap <= t <= s[1] + gap]
+            if not touching:
+                return False
+        accs = self._fresh()
+        self._add(accs, args, t)
+        start, last = t, t
+        keep = []
+        # Sessions are always more than a gap apart, so those within a gap of t are exactly
+        # the ones t joins (two of them when t bridges them).
+        for session in state.sessions:
+            if session[0] - gap <= t <= session[1] + gap:
+                start, last = min(start, session[0]), max(last, session[1])
+                accs = [
+                    agg.merge(a, b)
+                    for (_, agg), a, b in zip(self.aggregates, accs, session[2], strict=True)
+                ]
+            else:
+                keep.append(session)
+        keep.append([start, last, accs])
+        state.sessions = sorted(keep, key=lambda s: s[0])
+        return True
+
+    def _fire_sessions(self, key: str, state: _KeyState, watermark: int) -> list[WindowResult]:
+        out = []
+        keep = []
+        for start, last, accs in state.sessions:
+            end = last + self.spec.gap
+            if end <= watermark:
+                out.append(WindowResult(key, start, end, self._values(accs, start, end)))
+            else:
+                keep.append([start, last, accs])
+        state.sessions = keep
+        return out
+
+    # Count -----------------------------------------------------------------------------------
+
+    def _count(self, key: str, state: _KeyState, t: int, args: list[Any]) -> list[WindowResult]:
+        size, step = self.spec.size, self.spec.hop or self.spec.size
+        state.buffer.append((t, args))
+        if len(state.buffer) > size:
+            del state.buffer[: len(state.buffer) - size]
+        state.arrivals += 1
+        if state.arrivals < size or (state.arrivals - size) % step:
+            return []
+        accs = self._fresh()
+        for when, a in state.buffer:
+            self._add(accs, a, when)
+        start = min(w for w, _ in state.buffer)
+        end = max(w for w, _ in state.buffer)
+        return [WindowResult(key, start, end, self._values(accs, start, end))]
+
+    # State -----------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """Plain data (copied: accumulators change in place) from which `restore` resumes."""
+        return copy.deepcopy(self._state())
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "max_time": self.max_time,
+            "late": self.late_count,
+            "keys": {
+                key: {
+                    "windows": [[s, e, accs] for (s, e), accs in state.windows.items()],
+                    "fired": [[s, e] for s, e in state.fired],
+                    "next_empty": state.next_empty,
+                    "buffer": [[t, a] for t, a in state.buffer],
+                    "arrivals": state.arrivals,
+                    "sessions": state.sessions,
+                }
+                for key, state in self.keys.items()
+            },
+        }
+
+    def restore(self, data: dict[str, Any]) -> None:
+        data = copy.deepcopy(data)
+        self.max_time = data["max_time"]
+        self.late_count = data["late"]
+        self.keys = {
+            key: _KeyState(
+                windows={(s, e): accs for s, e, accs in k["windows"]},
+                fired={(s, e) for s, e in k["fired"]},
+                next_empty=k["next_empty"],
+                buffer=[(t, a) for t, a in k["buffer"]],
+                arrivals=k["arrivals"],
+                sessions=[list(s) for s in k["sessions"]],
+            )
+            for key, k in data["keys"].items()
+        }
