@@ -33,8 +33,12 @@ rig_app = typer.Typer(
     help="Real Mosquitto and Kafka on loopback ports, for development and tests.",
     no_args_is_help=True,
 )
+flow_app = typer.Typer(
+    help="Flows: try composite streams and windows offline.", no_args_is_help=True
+)
 app.add_typer(so_app, name="so")
 app.add_typer(rig_app, name="rig")
+app.add_typer(flow_app, name="flow")
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -73,9 +77,10 @@ def so_validate(
     streams = [s for so in registry.objects.values() for s in so.streams.values()]
     derived = sum(s.derived for s in streams)
     groups = sum(len(so.groups) for so in registry.objects.values())
+    flows = f", {len(catalog.flows)} flow(s)" if catalog.flows else ""
     out.print(
         f"ok: {len(registry)} service object(s), {len(streams)} stream(s)"
-        f" ({derived} derived), {groups} group(s)"
+        f" ({derived} derived, {len(registry.produced)} by flows), {groups} group(s){flows}"
     )
 
 
@@ -141,6 +146,43 @@ def _print_object(so: ServiceObject, source: str) -> None:
         )
     for action in so.actions:
         out.print(f"  action {action.name}: {action.description or ''}")
+
+
+# flow ----------------------------------------------------------------------------------------
+
+
+@flow_app.command("test")
+def flow_test(
+    objects: Annotated[
+        list[Path], typer.Argument(help="Descriptor and flow files or directories.")
+    ],
+    input_path: Annotated[
+        Path,
+        typer.Option(
+            "--input",
+            "-i",
+            help='JSON lines: {"so": ..., "stream": ..., "update": ...}; - for stdin',
+        ),
+    ],
+    flush: Annotated[
+        bool, typer.Option(help="Close the windows still open at the end of the input.")
+    ] = True,
+) -> None:
+    """Run composite streams and flows offline; print what they produce, one JSON per line."""
+    from streams.flows.offline import run_offline
+
+    catalog, problems = Catalog.check(objects)
+    for problem in problems:
+        err.print(f"[bold red]error:[/] {problem}", soft_wrap=True)
+    if problems:
+        raise typer.Exit(1)
+    try:
+        source = sys.stdin.buffer if str(input_path) == "-" else input_path.open("rb")
+    except OSError as exc:
+        raise _fail(f"cannot read {input_path}: {exc.strerror}") from None
+    with source:
+        for record in run_offline(catalog, source, flush=flush):
+            sys.stdout.buffer.write(orjson.dumps(record) + b"\n")
 
 
 # demo ----------------------------------------------------------------------------------------

@@ -75,12 +75,23 @@ class FlowEngine:
         self._advance(int(self.clock() * 1000), result)
         return result
 
+    def flush(self) -> FlowResult:
+        """Close every open window (the end of an offline run), cascading as usual."""
+        result = FlowResult()
+        for flow in self.flows:
+            for key, update in self._emit(flow, self.operators[flow.name].flush(), result):
+                self._pass(key, update, int(self.clock() * 1000), result)
+        return result
+
     def _advance(self, now: int, result: FlowResult) -> None:
         for flow in self._processing:
             fired = self.operators[flow.name].advance(now)
-            self._emit(flow, fired, now, result)
+            for key, update in self._emit(flow, fired, result):
+                self._pass(key, update, now, result)
 
     def _pass(self, key: StreamKey, update: SensorUpdate, now: int, result: FlowResult) -> None:
+        """Run one update (an input, or a window result already in `result`) through the
+        composite streams and flows that read it, and on through what they produce."""
         # The input first, then every window result it causes: each may trigger composite
         # streams and other flows.
         queue: deque[tuple[StreamKey, SensorUpdate]] = deque([(key, update)])
@@ -133,7 +144,7 @@ class FlowEngine:
         fired, late = self.operators[flow.name].process(group, at, args)
         for item in late:
             result.late.append(Late(key, update, self._late(flow, key, item)))
-        return self._emit(flow, fired, now, result)
+        return self._emit(flow, fired, result)
 
     def _late(self, flow: CompiledFlow, key: StreamKey, late: LateUpdate) -> Rejection:
         lateness = flow.windowing.allowed_lateness
@@ -146,7 +157,7 @@ class FlowEngine:
         )
 
     def _emit(
-        self, flow: CompiledFlow, fired: list[WindowResult], now: int, result: FlowResult
+        self, flow: CompiledFlow, fired: list[WindowResult], result: FlowResult
     ) -> list[tuple[StreamKey, SensorUpdate]]:
         out = []
         for window in fired:

@@ -19,12 +19,14 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from dataclasses import replace as _replace
 from typing import Any, Literal
 
 from streams.windows.aggregates import Aggregate
 
 WindowKind = Literal["tumbling", "hopping", "sliding", "session", "count"]
 MAX_EMPTY_WINDOWS = 10_000
+_END_OF_TIME = 2**62
 """Most empty windows emitted for one key at once (a long silence); the rest are skipped."""
 
 
@@ -169,6 +171,20 @@ class WindowOperator:
         if self.max_time is None or now > self.max_time:
             self.max_time = now
         return self._fire()
+
+    def flush(self) -> list[WindowResult]:
+        """Fire every window still open, as if time had run to the end (offline runs)."""
+        if self.max_time is None:
+            return []
+        if self.spec.kind in ("count", "sliding"):
+            return []
+        saved = self.max_time, self.spec
+        self.max_time = _END_OF_TIME
+        self.spec = _replace(self.spec, emit_empty=False)  # no endless empty windows
+        try:
+            return self._fire()
+        finally:
+            self.max_time, self.spec = saved
 
     # Firing ----------------------------------------------------------------------------------
 
