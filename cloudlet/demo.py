@@ -1,8 +1,9 @@
 """`cloudlet demo`: the whole chain that exists today, on one machine.
 
 Simulated irrigation devices -> MQTT (a real Mosquitto the rig starts, or `--mqtt URL`) ->
-the ingest stage of a processing unit (validation against the scenario's service objects) ->
-accepted updates on `.../updates`, rejected input on the dead-letter topic with its reason.
+a processing unit (validation against the scenario's service objects, then its composite
+streams and windowed flows) -> accepted and derived updates on `.../updates`, rejected input
+on the dead-letter topic with its reason.
 An observer subscribed like any MQTT client counts what comes out, so the summary proves
 that every update sent arrived, and that every injected fault was rejected for the right
 reason.
@@ -31,6 +32,7 @@ from edge_objects.irrigation import IrrigationModel, IrrigationSite
 from processors.ingest import Ingest
 from processors.runtime import IngestRuntime
 from streams import Registry, TopicScheme
+from streams.catalog import Catalog
 from streams.mqtt import MqttSettings, connect, make_client
 
 SCENARIOS = ("irrigation",)
@@ -57,24 +59,28 @@ class Observed:
     """What an ordinary MQTT subscriber sees come out of the cloudlet."""
 
     updates: int = 0
+    derived: Counter[str] = field(default_factory=Counter)  # by stream id
     dead_letters: Counter[str] = field(default_factory=Counter)
     latest: dict[str, dict[str, Any]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def on_message(self, topics: TopicScheme, msg: mqtt.MQTTMessage) -> None:
+    def on_message(self, topics: TopicScheme, registry: Registry, msg: mqtt.MQTTMessage) -> None:
         body = orjson.loads(msg.payload)
         with self.lock:
             if msg.topic.startswith(topics.dead_letter_filter[:-1]):
                 self.dead_letters[body["reason"]] += 1
+                return
+            so, _, stream = msg.topic.removeprefix(topics.root).split("/")[:3]
+            if (so, stream) in registry.produced or registry.get(so).streams[stream].derived:
+                self.derived[stream] += 1
             else:
                 self.updates += 1
-                so, _, stream = msg.topic.removeprefix(topics.root).split("/")[:3]
-                self.latest[f"{so} / {stream}"] = body
+            self.latest[f"{so} / {stream}"] = body
 
     @property
     def total(self) -> int:
         with self.lock:
-            return self.updates + sum(self.dead_letters.values())
+            return self.updates + sum(self.derived.values()) + sum(self.dead_letters.values())
 
 
 class Demo:
@@ -92,7 +98,8 @@ class Demo:
         self.started = time.monotonic()
         self.broker: Mosquitto | None = None
         home = scenario_dir(settings.scenario)
-        self.registry = Registry.load([home / "objects"])
+        self.catalog = Catalog.load([home / "objects"])
+        self.registry = self.catalog.registry
         self.site = IrrigationSite.load(home / "site.yaml")
         self.model = IrrigationModel(
             self.site,
@@ -122,11 +129,16 @@ class Demo:
 
         self._observer.on_connect = on_connect
         self._observer.on_subscribe = lambda *_: subscribed.set()
-        self._observer.on_message = lambda _c, _u, m: self.observed.on_message(self.topics, m)
+        self._observer.on_message = lambda _c, _u, m: self.observed.on_message(
+            self.topics, self.registry, m
+        )
         connect(self._observer, mqtt_settings, persistent=False)
         self._observer.loop_start()
         self.runtime = IngestRuntime(
-            self.ingest, mqtt_settings, client_id=f"cloudlet-demo-unit-{id(self)}"
+            self.ingest,
+            mqtt_settings,
+            engine=self.catalog.engine(),
+            client_id=f"cloudlet-demo-unit-{id(self)}",
         ).start()
         self.fleet = DeviceFleet(mqtt_settings, client_id=f"cloudlet-demo-devices-{id(self)}")
         self.fleet.start()
@@ -165,19 +177,19 @@ class Demo:
             time.sleep(max(0.0, next_at - time.monotonic()))
 
     def drain(self, timeout: float = 15.0) -> bool:
-        """Wait until everything sent has come out the other side; False on timeout."""
-        assert self.fleet is not None
+        """Wait until every message sent was processed and everything the unit published has
+        come out the other side; False on timeout."""
+        assert self.fleet is not None and self.runtime is not None
         deadline = time.monotonic() + timeout
         self.fleet.flush(timeout)
-        expected = self.expected_outputs()
-        while self.observed.total < expected and time.monotonic() < deadline:
+        sent = sum(self.fleet.sent.values())
+        while time.monotonic() < deadline:
+            published = self.runtime.published
+            total = published.updates + published.derived + published.dead_letters
+            if published.messages >= sent and self.observed.total >= total:
+                return True
             time.sleep(0.05)
-        return self.observed.total >= expected
-
-    def expected_outputs(self) -> int:
-        assert self.fleet is not None
-        # one output per message: an accepted update or a dead letter
-        return sum(self.fleet.sent.values())
+        return False
 
     def stop(self) -> None:
         for closer in (
@@ -190,12 +202,14 @@ class Demo:
                 closer()
 
     def summary(self) -> dict[str, Any]:
-        assert self.fleet is not None
+        assert self.fleet is not None and self.runtime is not None
         counts = self.ingest.counts.snapshot()
-        expected = Counter({f.expected_reason.value: n for f, n in self.faults_sent.items()})
+        published = self.runtime.published
+        faults = Counter({f.expected_reason.value: n for f, n in self.faults_sent.items()})
         with self.observed.lock:
             seen_letters = Counter(self.observed.dead_letters)
             seen_updates = self.observed.updates
+            seen_derived = dict(self.observed.derived)
         return {
             "scenario": self.settings.scenario,
             "seconds": round(time.monotonic() - self.started, 1),
@@ -208,7 +222,16 @@ class Demo:
                 "messages": counts.messages,
                 "accepted": counts.accepted,
                 "rejected": {r.value: n for r, n in counts.rejected.items()},
+                "derived": published.derived,
+                "dead_letters": published.dead_letters,
             },
-            "observed": {"updates": seen_updates, "dead_letters": dict(seen_letters)},
-            "lossless": seen_updates == self.fleet.sent["update"] and seen_letters == expected,
+            "observed": {
+                "updates": seen_updates,
+                "derived": seen_derived,
+                "dead_letters": dict(seen_letters),
+            },
+            "lossless": seen_updates == self.fleet.sent["update"]
+            and sum(seen_derived.values()) == published.derived
+            and sum(seen_letters.values()) == published.dead_letters
+            and all(seen_letters[reason] >= n for reason, n in faults.items()),
         }

@@ -25,7 +25,8 @@ def live_view(demo: Demo) -> Group:
         latest = dict(demo.observed.latest)
         letters = dict(demo.observed.dead_letters)
         updates = demo.observed.updates
-    table = Table(title="latest accepted updates (as published on .../updates)", expand=True)
+        derived = sum(demo.observed.derived.values())
+    table = Table(title="latest accepted and derived updates (on .../updates)", expand=True)
     table.add_column("service object / stream", no_wrap=True)
     table.add_column("values")
     table.add_column("simulated time", no_wrap=True)
@@ -44,6 +45,7 @@ def live_view(demo: Demo) -> Group:
     stats.add_row("devices sent", f"{sum(sent.values())} messages ({sent.get('update', 0)} good)")
     stats.add_row("unit received", f"{counts.messages} messages, {counts.accepted} accepted")
     stats.add_row("unit rejected", rejected)
+    stats.add_row("flows derived", f"{derived} updates (windows and composite streams)")
     stats.add_row("subscribers saw", f"{updates} updates; dead letters: {seen_letters}")
     return Group(table, Panel(stats, title="cloudlet", expand=True))
 
@@ -63,9 +65,12 @@ def summary_view(summary: dict[str, Any]) -> Table:
     seen = summary["observed"]
     letters = ", ".join(f"{k}={v}" for k, v in sorted(seen["dead_letters"].items()))
     table.add_row("seen on .../updates", str(seen["updates"]))
+    derived = ", ".join(f"{k}={v}" for k, v in sorted(seen["derived"].items()))
+    table.add_row("derived (flows) seen", derived or "none yet")
     table.add_row("seen on the dead-letter topic", letters or "none")
     verdict = (
-        "[green]every update arrived; every fault was rejected for the right reason[/]"
+        "[green]every update arrived, derived ones too; every fault was rejected for the right"
+        " reason[/]"
         if summary["lossless"]
         else "[red]some updates or dead letters are missing[/]"
     )

@@ -46,6 +46,7 @@ class DeadLetter:
 @dataclass(slots=True)
 class IngestBatch:
     accepted: list[tuple[StreamKey, SensorUpdate]] = field(default_factory=list)
+    origins: list[RawMessage] = field(default_factory=list)  # the message of each accepted
     dead_letters: list[DeadLetter] = field(default_factory=list)
 
 
@@ -112,21 +113,24 @@ class Ingest:
             return
         accepted, rejections = validator.document(doc)
         out.accepted.extend((key, update) for update in accepted)
+        out.origins.extend([message] * len(accepted))
         self.counts.accepted += len(accepted)
         for rejection in rejections:
             self._reject(message, rejection, out)
 
     def _reject(self, message: RawMessage, rejection: Rejection, out: IngestBatch) -> None:
         self.counts.rejected[rejection.reason] += 1
-        out.dead_letters.append(
-            DeadLetter(
-                self.topics.dead_letter(rejection.so_id, rejection.stream_id),
-                dead_letter_record(
-                    rejection,
-                    topic=message.topic,
-                    payload=message.payload,
-                    received_at=message.received_at,
-                ),
+        out.dead_letters.append(self.dead_letter(message, rejection))
+
+    def dead_letter(self, message: RawMessage, rejection: Rejection) -> DeadLetter:
+        """The dead letter for `rejection`, carrying `message` as it arrived."""
+        return DeadLetter(
+            self.topics.dead_letter(rejection.so_id, rejection.stream_id),
+            dead_letter_record(
                 rejection,
-            )
+                topic=message.topic,
+                payload=message.payload,
+                received_at=message.received_at,
+            ),
+            rejection,
         )

@@ -14,12 +14,13 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import paho.mqtt.client as mqtt
 
-from processors.ingest import Ingest, IngestBatch, RawMessage
-from streams import Codec, encode_update
+from processors.ingest import DeadLetter, Ingest, IngestBatch, RawMessage
+from streams import Codec, SensorUpdate, StreamKey, encode_update
+from streams.flows.engine import FlowEngine, FlowResult
 from streams.mqtt import MqttSettings, connect, content_type_properties, make_client
 
 Clock = Callable[[], float]
@@ -27,23 +28,37 @@ Clock = Callable[[], float]
 
 @dataclass(slots=True)
 class PublishCounts:
-    updates: int = 0
+    messages: int = 0  # device messages fully handled: outputs published, input acknowledged
+    updates: int = 0  # accepted device updates
+    derived: int = 0  # from composite streams and windows
     dead_letters: int = 0
 
 
+@dataclass(slots=True)
+class Outputs:
+    """What one batch produced, ready to publish."""
+
+    updates: list[tuple[StreamKey, SensorUpdate]] = field(default_factory=list)
+    derived: list[tuple[StreamKey, SensorUpdate]] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+
+
 class IngestRuntime:
-    """Subscribes to device topics, runs `Ingest` in batches, publishes its results."""
+    """Subscribes to device topics, runs `Ingest` and the flow engine in batches, publishes
+    accepted and derived updates, and dead letters for everything refused."""
 
     def __init__(
         self,
         ingest: Ingest,
         mqtt_settings: MqttSettings,
         *,
+        engine: FlowEngine | None = None,
         client_id: str = "cloudlet-ingest",
         batch_size: int = 500,
         clock: Clock = time.time,
     ) -> None:
         self.ingest = ingest
+        self.engine = engine
         self.settings = mqtt_settings
         self.batch_size = batch_size
         self.clock = clock
@@ -122,11 +137,15 @@ class IngestRuntime:
         return batch
 
     def _run(self) -> None:
+        last_tick = 0.0
         while True:
             batch = self._take_batch()
             if not batch:
                 if self._stopping.is_set():
                     return
+                if self.engine is not None and self.clock() - last_tick >= 1.0:
+                    last_tick = self.clock()  # processing-time windows fire without input
+                    self._publish(self._outputs(IngestBatch(), self.engine.tick()))
                 continue
             received_at = int(self.clock() * 1000)
             result = self.ingest.batch(
@@ -140,17 +159,37 @@ class IngestRuntime:
                     for m in batch
                 ]
             )
-            self._publish(result)
+            self._publish(self._run_flows(result))
             for m in batch:
                 if m.qos > 0:
                     self._client.ack(m.mid, m.qos)
+            self.published.messages += len(batch)
 
-    def _publish(self, result: IngestBatch) -> None:
+    def _run_flows(self, result: IngestBatch) -> Outputs:
+        if self.engine is None:
+            return self._outputs(result, FlowResult())
+        combined = FlowResult()
+        # One update at a time, so that a late update or a failed expression is traced back
+        # to the message that caused it, whose payload its dead letter carries.
+        for update, origin in zip(result.accepted, result.origins, strict=True):
+            flows = self.engine.process([update])
+            combined.derived.extend(flows.derived)
+            for late in flows.late:
+                result.dead_letters.append(self.ingest.dead_letter(origin, late.rejection))
+            for rejection in flows.rejected:
+                result.dead_letters.append(self.ingest.dead_letter(origin, rejection))
+        return self._outputs(result, combined)
+
+    @staticmethod
+    def _outputs(result: IngestBatch, flows: FlowResult) -> Outputs:
+        return Outputs(result.accepted, flows.derived, result.dead_letters)
+
+    def _publish(self, result: Outputs) -> None:
         json = content_type_properties(Codec.JSON.content_type)
         mids: set[int] = set()
         topics = self.ingest.topics
         # A publish made while disconnected is queued by paho and sent after reconnecting.
-        for key, update in result.accepted:
+        for key, update in [*result.updates, *result.derived]:
             mids.add(
                 self._client.publish(
                     topics.updates(key.so, key.stream),
@@ -165,5 +204,6 @@ class IngestRuntime:
         with self._acked_changed:
             self._acked_changed.wait_for(lambda: mids <= self._acked)
             self._acked -= mids
-        self.published.updates += len(result.accepted)
+        self.published.updates += len(result.updates)
+        self.published.derived += len(result.derived)
         self.published.dead_letters += len(result.dead_letters)
