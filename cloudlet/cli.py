@@ -78,9 +78,10 @@ def so_validate(
     derived = sum(s.derived for s in streams)
     groups = sum(len(so.groups) for so in registry.objects.values())
     flows = f", {len(catalog.flows)} flow(s)" if catalog.flows else ""
+    by_flows = f", {len(registry.produced)} by flows" if registry.produced else ""
     out.print(
         f"ok: {len(registry)} service object(s), {len(streams)} stream(s)"
-        f" ({derived} derived, {len(registry.produced)} by flows), {groups} group(s){flows}"
+        f" ({derived} derived{by_flows}), {groups} group(s){flows}"
     )
 
 

@@ -8,7 +8,8 @@ from cloudlet.demo import scenario_dir
 from edge_objects.faults import Fault, corrupt
 from edge_objects.irrigation import HOUR_MS, IrrigationModel, IrrigationSite
 from processors.ingest import Ingest, RawMessage
-from streams import Registry, TopicScheme, encode_update
+from streams import TopicScheme, encode_update
+from streams.catalog import Catalog
 
 HOME = scenario_dir("irrigation")
 SITE = IrrigationSite.load(HOME / "site.yaml")
@@ -26,7 +27,7 @@ def test_runs_are_reproducible() -> None:
 
 
 def test_every_reading_is_valid_for_the_scenario_objects() -> None:
-    registry = Registry.load([HOME / "objects"])
+    registry = Catalog.load([HOME / "objects"]).registry
     assert sorted(registry.objects) == sorted(SITE.device_ids)
     ingest = Ingest(registry)
     model = IrrigationModel(SITE, seed=1, start_ms=START)
@@ -58,7 +59,7 @@ def test_soil_dries_by_day_and_recovers_under_the_open_valve() -> None:
 
 
 def test_faults_produce_the_rejection_they_name() -> None:
-    registry = Registry.load([HOME / "objects"])
+    registry = Catalog.load([HOME / "objects"]).registry
     ingest = Ingest(registry)
     topics = TopicScheme()
     key, update = IrrigationModel(SITE, seed=1, start_ms=START).step(300)[0]
