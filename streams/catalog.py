@@ -13,6 +13,7 @@ from streams.composite import CompositeEngine, CompositePlan
 from streams.flows.compile import CompiledFlow, compile_flows, load_flow_files
 from streams.flows.engine import Clock, FlowEngine
 from streams.registry import Problem, Registry, RegistryError
+from streams.updates import StreamKey
 
 
 @dataclass(frozen=True)
@@ -28,9 +29,10 @@ class Catalog:
         definitions = load_flow_files(paths, problems)
         # Expressions are checked on every object that parsed, so that all problems show;
         # only objects (and flows) without any problem are run.
-        extended, _ = compile_flows(parsed, definitions, problems)
+        extended, checked = compile_flows(parsed, definitions, problems)
         problems += extended.cross_check()
-        problems += CompositePlan.build(extended)[1]
+        plan_all, plan_problems = CompositePlan.build(extended)
+        problems += plan_problems + _cycles_through_flows(plan_all, checked)
         bad = {p.object_id for p in problems}
         registry, flows = compile_flows(parsed.without(bad), definitions, [])
         plan, _ = CompositePlan.build(registry)
@@ -46,3 +48,44 @@ class Catalog:
     def engine(self, clock: Clock = time.time) -> FlowEngine:
         """A fresh engine running this catalog's composite streams and flows."""
         return FlowEngine(CompositeEngine(self.plan), self.flows, clock=clock)
+
+
+def _cycles_through_flows(plan: CompositePlan, flows: list[CompiledFlow]) -> list[Problem]:
+    """A flow reading, through composite streams, its own results would feed itself forever."""
+    edges: dict[StreamKey, set[StreamKey]] = {}
+    for d in plan.derived.values():
+        for source in d.streams.values():
+            if source != d.key:
+                edges.setdefault(source, set()).add(d.key)
+        for group in d.groups.values():
+            for member, groups in plan.groups_of.items():
+                if group in groups:
+                    edges.setdefault(member, set()).add(d.key)
+    outputs: dict[str, set[StreamKey]] = {}
+    for flow in flows:
+        outputs[flow.name] = {
+            StreamKey(flow.into_so or k.so, flow.into_stream) for k in flow.inputs
+        }
+        for source in flow.inputs:
+            edges.setdefault(source, set()).update(outputs[flow.name])
+    problems = []
+    for flow in flows:
+        seen: set[StreamKey] = set()
+        frontier = list(outputs[flow.name])
+        while frontier:
+            key = frontier.pop()
+            if key in seen:
+                continue
+            seen.add(key)
+            frontier.extend(edges.get(key, ()))
+        if seen & set(flow.inputs):
+            loop = sorted(f"{k.so}/{k.stream}" for k in seen & set(flow.inputs))
+            problems.append(
+                Problem(
+                    flow.source,
+                    f"the flow reads its own results again through {', '.join(loop)}",
+                    None,
+                    f"flows.{flow.name}",
+                )
+            )
+    return problems

@@ -66,6 +66,16 @@ def field_path(loc: tuple[int | str, ...]) -> str:
     return path
 
 
+def validation_problems(
+    error: ValidationError, source: str, object_id: str | None = None
+) -> list[Problem]:
+    """A pydantic validation error as problems, one per field, in our words."""
+    return [
+        Problem(source, e["msg"].removeprefix("Value error, "), object_id, field_path(e["loc"]))
+        for e in error.errors()
+    ]
+
+
 def descriptor_files(paths: Iterable[Path | str]) -> Iterator[Path]:
     """The descriptor files named by `paths`: files as given, directories searched recursively."""
     for entry in map(Path, paths):
@@ -254,9 +264,7 @@ def _parse(
     try:
         so = ServiceObject.model_validate(doc)
     except ValidationError as exc:
-        for error in exc.errors():
-            message = error["msg"].removeprefix("Value error, ")
-            problems.append(Problem(where, message, object_id, field_path(error["loc"])))
+        problems.extend(validation_problems(exc, where, object_id))
         return None
     if so.id is None:
         problems.append(Problem(where, "has no id (required when a file holds several objects)"))

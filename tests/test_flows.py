@@ -160,9 +160,9 @@ def test_irrigation_moisture_averages_match_a_naive_computation() -> None:
     for key, update in readings:
         if key.stream == "soil":
             end = update.last_update - update.last_update % 600_000 + 600_000
-            buckets[(key.so, end)].append(update.channels["moisture"])
+            buckets[(key.so, end - 1)].append(update.channels["moisture"])
     newest = max(u.last_update for _, u in readings)
-    expected = {k: sum(v) / len(v) for k, v in buckets.items() if k[1] <= newest}
+    expected = {k: sum(v) / len(v) for k, v in buckets.items() if k[1] < newest}
     assert got.keys() == expected.keys()
     for key, avg in expected.items():
         assert got[key] == pytest.approx(avg)
@@ -229,7 +229,7 @@ def test_late_updates_come_out_of_the_flow_engine_with_a_reason(tmp_path: Path) 
     engine = catalog.engine(clock=lambda: 0.0)
     s1 = StreamKey("s1", "data")
     result = engine.process([(s1, su(1_000, t=1)), (s1, su(12_000, t=2)), (s1, su(3_000, t=3))])
-    assert result.derived == [(StreamKey("s1", "n"), su(10_000, n=1))]
+    assert result.derived == [(StreamKey("s1", "n"), su(9_999, n=1))]
     assert [(x.key, x.update, x.rejection.reason, x.rejection.message) for x in result.late] == [
         (
             s1,
@@ -288,12 +288,12 @@ def test_offline_run_prints_derived_late_and_rejected(tmp_path: Path) -> None:
     ]
     assert records[0] == {
         "kind": "derived", "so": "s1", "stream": "m",
-        "update": {"channels": {"m": {"current-value": 5}}, "lastUpdate": T0 + 10_000},
+        "update": {"channels": {"m": {"current-value": 5}}, "lastUpdate": T0 + 9_999},
     }  # fmt: skip
     assert records[4]["line"] == 6
     assert records[5]["update"] == {
         "channels": {"m": {"current-value": 7}},
-        "lastUpdate": T0 + 20_000,
+        "lastUpdate": T0 + 19_999,
     }
 
 
@@ -315,5 +315,50 @@ def test_flow_test_command(tmp_path: Path) -> None:
     ]
     assert records[0]["update"] == {
         "channels": {"moisture": {"current-value": 19.0}, "samples": {"current-value": 2}},
-        "lastUpdate": T0 + 600_000,
+        "lastUpdate": T0 + 599_999,
     }
+
+
+def test_a_flow_reads_the_results_of_an_earlier_flow(tmp_path: Path) -> None:
+    catalog, problems = _catalog(
+        tmp_path,
+        """\
+        flows:
+          ten:
+            from: s1/data
+            window: {tumbling: 10s}
+            aggregates: {m: max(t)}
+            into: "{so}/max_10s"
+          thirty:
+            from: s1/max_10s
+            window: {tumbling: 30s}
+            aggregates: {m: avg(m)}
+            into: "{so}/avg_30s"
+        """,
+    )
+    assert problems == []
+    engine = catalog.engine(clock=lambda: 0.0)
+    s1 = StreamKey("s1", "data")
+    events = [(s1, su(T0 + t * 1000, t=t)) for t in (1, 12, 25, 31, 45)]
+    result = engine.process(events)
+    assert [(k.stream, u.last_update - T0, u.channels["m"]) for k, u in result.derived] == [
+        ("max_10s", 9_999, 1),
+        ("max_10s", 19_999, 12),
+        ("max_10s", 29_999, 25),
+        ("max_10s", 39_999, 31),  # its time, 39999, closes the 30-second window [0, 30s):
+        ("avg_30s", 29_999, 38 / 3),  # (1 + 12 + 25) / 3
+    ]
+
+
+def test_a_flow_reading_its_own_results_through_a_composite_stream_is_rejected(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "loop.yaml").write_text(
+        "id: loop\nstreams:\n  back: {channels: {t: {type: number, current-value: 'n_1s.n'}}}\n"
+    )
+    _, problems = _catalog(
+        tmp_path,
+        "flows: {f: {from: loop/back, window: {count: 1}, aggregates: {n: count()},"
+        " into: '{so}/n_1s'}}",
+    )
+    assert problems == ["flows.f: the flow reads its own results again through loop/back"]

@@ -28,7 +28,7 @@ from streams.expressions import (
 from streams.expressions.syntax import Call, Literal
 from streams.flows.model import FlowDefinition, FlowFile
 from streams.objects import Channel, ChannelType, Stream
-from streams.registry import FLOW_SUFFIXES, Problem, Registry, field_path
+from streams.registry import FLOW_SUFFIXES, Problem, Registry, validation_problems
 from streams.updates import StreamKey
 from streams.windows.aggregates import AGGREGATES, Aggregate, percentile_aggregate
 from streams.windows.operator import Windowing
@@ -86,9 +86,7 @@ def load_flow_files(
         try:
             parsed = FlowFile.model_validate(doc)
         except ValidationError as exc:
-            for error in exc.errors():
-                message = error["msg"].removeprefix("Value error, ")
-                problems.append(Problem(source, message, None, field_path(error["loc"])))
+            problems.extend(validation_problems(exc, source))
             continue
         for name, definition in parsed.flows.items():
             if name in names:
@@ -143,13 +141,16 @@ def compile_flows(
     definitions: list[tuple[str, str, FlowDefinition]],
     problems: list[Problem],
 ) -> tuple[Registry, list[CompiledFlow]]:
-    """The registry extended by every flow's output stream, and the compiled flows."""
+    """The registry extended by every flow's output stream, and the compiled flows. A flow
+    may read the outputs of the flows defined before it (an hourly average of 10-minute
+    averages, say)."""
     objects = dict(registry.objects)
     produced: set[StreamKey] = set(registry.produced)
     compiled: list[CompiledFlow] = []
     for source, name, flow in definitions:
         field = f"flows.{name}"
-        result = _compile(registry, source, name, flow, problems)
+        so_far = Registry(objects, registry.sources, produced=frozenset(produced))
+        result = _compile(so_far, source, name, flow, problems)
         if result is None:
             continue
         outputs = (

@@ -160,6 +160,10 @@ class FlowEngine:
         self, flow: CompiledFlow, fired: list[WindowResult], result: FlowResult
     ) -> list[tuple[StreamKey, SensorUpdate]]:
         out = []
+        # A result's time is the window's last instant, so that flows reading it place it in
+        # the same window: [start, end) ends at end - 1; sliding and count windows end on an
+        # update's own time.
+        inclusive = flow.windowing.kind in ("sliding", "count")
         for window in fired:
             values: dict[str, Any] = dict(window.values)
             if not values:
@@ -167,7 +171,7 @@ class FlowEngine:
             if flow.key_mode == "expression":
                 values["key"] = window.key
             key = flow.output_key(window.key)
-            update = SensorUpdate(values, window.end)
+            update = SensorUpdate(values, window.end if inclusive else window.end - 1)
             result.derived.append((key, update))
             out.append((key, update))
         return out
