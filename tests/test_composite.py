@@ -7,10 +7,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from streams import GeoPoint, RegistryError, RejectReason, SensorUpdate, StreamKey
+from streams import (
+    GeoPoint,
+    Registry,
+    RegistryError,
+    RejectReason,
+    SensorUpdate,
+    ServiceObject,
+    StreamKey,
+)
 from streams.catalog import Catalog
-from streams.composite import CompositeEngine, Discarded, merge
+from streams.composite import CompositeEngine, CompositePlan, Discarded, merge
 from tests.conftest import SERVIOTICY
 
 D1 = "1396461657731411aa73c28444ecf9a8c803e62312fd1"
@@ -299,3 +309,80 @@ def test_bad_plans_are_rejected_when_loading(
     assert _problems(tmp_path, text) == problems
     with pytest.raises(RegistryError):
         Catalog.load([tmp_path])
+
+
+_numeric_atoms = st.sampled_from(
+    ["data.t", "other.t", "group1.t", "d.x", "0", "1", "-2.5", "data.lastUpdate", "len(data.name)"]
+)
+
+
+@st.composite
+def _numeric(draw: st.DrawFn, depth: int = 0) -> str:
+    """Well-typed numeric expressions, with the operations that can fail at run time."""
+    if depth > 3 or draw(st.booleans()):
+        return draw(_numeric_atoms)
+    a, b = draw(_numeric(depth + 1)), draw(_numeric(depth + 1))
+    form = draw(st.sampled_from(
+        ["({a} + {b})", "({a} - {b})", "({a} * {b})", "({a} / {b})", "({a} % {b})", "({a} ** {b})",
+         "sqrt({a})", "log({a})", "round({a}, 2)", "coalesce({a}, {b})", "max({a}, {b})",
+         "({c} ? {a} : {b})", "exp({a})", "clamp({a}, {b}, 10)"]
+    ))  # fmt: skip
+    c = draw(_boolean(depth + 1)) if "{c}" in form else ""
+    return form.format(a=a, b=b, c=c)
+
+
+@st.composite
+def _boolean(draw: st.DrawFn, depth: int = 0) -> str:
+    if depth > 3 or draw(st.booleans()):
+        return draw(st.sampled_from(["data.on", "true", "is_null(other.t)", "available(d.x)"]))
+    a, b = draw(_numeric(depth + 1)), draw(_numeric(depth + 1))
+    form = draw(
+        st.sampled_from(
+            ["{a} < {b}", "{a} == {b}", "not ({a} >= {b})", "({a} > {b} and {a} != 0)",
+             "({a} > {b} or data.on)"]
+        )
+    )  # fmt: skip
+    return form.format(a=a, b=b)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    value=_numeric(),
+    condition=_boolean(),
+    updates=st.lists(
+        st.tuples(
+            st.sampled_from(["data", "other"]),
+            st.integers(1_000, 50_000),
+            st.one_of(st.integers(-3, 3), st.floats(-1e3, 1e3), st.text(max_size=3)),
+        ),
+        max_size=12,
+    ),
+)
+def test_fuzz_the_engine_never_crashes(
+    value: str, condition: str, updates: list[tuple[str, int, Any]]
+) -> None:
+    """Whatever expressions a descriptor holds, loading either rejects them with problems or
+    the engine runs: outputs, rejections with a reason, nothing else escapes."""
+    so = ServiceObject.model_validate(
+        {
+            "id": "fz",
+            "groups": {"group1": {"soIds": ["fz"], "stream": "data"}},
+            "streams": {
+                "data": {"channels": {"t": {"type": "number"}, "name": {"type": "string"},
+                                      "on": {"type": "boolean"}, "where": {"type": "geo_point"}}},
+                "other": {"channels": {"t": {"type": "number"}}},
+                "d": {"channels": {"x": {"type": "number", "current-value": value}},
+                      "pre-filter": condition},
+            },
+        }
+    )  # fmt: skip
+    plan, problems = CompositePlan.build(Registry({"fz": so}, {"fz": "<memory>"}))
+    assert problems == []  # well-typed by construction
+    engine = CompositeEngine(plan)
+    for stream, at, v in updates:
+        channel: dict[str, Any] = {"t": v} if type(v) is not str else {"name": v, "on": True}
+        if stream == "other":
+            channel = {"t": v if type(v) is not str else 0}
+        out = engine.process([(StreamKey("fz", stream), SensorUpdate(channel, at))])
+        assert all(type(u.channels["x"]) in (int, float) for _, u in out.derived)
+        assert all(r.reason is RejectReason.EXPRESSION_FAILED for r in out.rejected)
