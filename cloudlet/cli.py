@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cloudlet.rig import Kafka, Mosquitto, RigError, ensure_kafka, ensure_mosquitto
-from streams import Problem, Registry, ServiceObject
+from streams import Problem, ServiceObject
 from streams.catalog import Catalog
 
 app = typer.Typer(
@@ -103,7 +103,8 @@ def so_show(
     missing = [p for p in paths if not p.exists()]
     if missing:
         raise _fail(f"{missing[0]} does not exist (pass --objects DIR or set ${OBJECTS_ENV})")
-    registry, problems = Registry.check(paths)
+    catalog, problems = Catalog.check(paths)
+    registry = catalog.registry  # with the streams flows add
     if so_id not in registry:
         own: list[Problem] = [p for p in problems if p.object_id == so_id]
         if own:
@@ -115,10 +116,15 @@ def so_show(
         sys.stdout.write(orjson.dumps(so.to_servioticy(), option=orjson.OPT_INDENT_2).decode())
         sys.stdout.write("\n")
         return
-    _print_object(so, registry.sources[so_id])
+    produced_by = {
+        flow.into_stream: flow.name
+        for flow in catalog.flows
+        if (so_id, flow.into_stream) in registry.produced
+    }
+    _print_object(so, registry.sources[so_id], produced_by)
 
 
-def _print_object(so: ServiceObject, source: str) -> None:
+def _print_object(so: ServiceObject, source: str, produced_by: dict[str, str]) -> None:
     out.print(f"[bold]{so.id}[/]  {so.name or ''}")
     if so.description:
         out.print(f"  {so.description}")
@@ -128,13 +134,14 @@ def _print_object(so: ServiceObject, source: str) -> None:
         table.add_column(column, no_wrap=True)
     table.add_column("derived as", overflow="fold")
     for stream_id, stream in so.streams.items():
+        flow = produced_by.get(stream_id)
         for i, (name, channel) in enumerate(stream.channels.items()):
             table.add_row(
                 stream_id if i == 0 else "",
                 name,
                 channel.type.value,
                 channel.unit or "",
-                channel.current_value or "",
+                channel.current_value or (f"by flow {flow}" if flow else ""),
             )
         for label, text in (("pre-filter", stream.pre_filter), ("post-filter", stream.post_filter)):
             if text:

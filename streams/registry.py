@@ -77,16 +77,25 @@ def validation_problems(
 
 
 def descriptor_files(paths: Iterable[Path | str]) -> Iterator[Path]:
-    """The descriptor files named by `paths`: files as given, directories searched recursively."""
+    """The descriptor files named by `paths`: files as given, directories searched recursively,
+    each file once however often it is named."""
+    seen: set[Path] = set()
+    for path in _expand(paths):
+        name = path.name
+        if name.endswith(FLOW_SUFFIXES) or path.resolve() in seen:
+            continue  # flow files are the catalog's to read
+        seen.add(path.resolve())
+        yield path
+
+
+def _expand(paths: Iterable[Path | str]) -> Iterator[Path]:
     for entry in map(Path, paths):
         if entry.is_dir():
             for path in sorted(entry.rglob("*")):
-                name = path.name
                 if (
                     path.is_file()
-                    and name.endswith(DESCRIPTOR_SUFFIXES)
-                    and not name.endswith(FLOW_SUFFIXES)
-                    and not name.startswith(".")
+                    and path.name.endswith(DESCRIPTOR_SUFFIXES)
+                    and not path.name.startswith(".")
                 ):
                     yield path
         else:

@@ -104,3 +104,15 @@ def test_show_an_unknown_object() -> None:
         f" {COMPOSITE},"
         " 139879170177572ad72be6e67450c9d4d85176e02aeb1)\n"
     )
+
+
+def test_show_an_object_fed_by_flows_and_validate_paths_named_twice() -> None:
+    scenario = Path(__file__).resolve().parent.parent / "cloudlet/scenarios/irrigation/objects"
+    done = run("so", "show", "field-1-soil", "--objects", str(scenario))
+    assert done.returncode == 0, done.stderr
+    assert "by flow soil-moisture-10min" in done.stdout
+    done = run("so", "validate", str(scenario), str(scenario / "irrigation.flows.yaml"))
+    assert (done.returncode, done.stdout) == (
+        0,
+        "ok: 10 service object(s), 19 stream(s) (4 derived, 5 by flows), 8 group(s), 2 flow(s)\n",
+    )

@@ -62,11 +62,14 @@ class CompiledFlow:
 
 
 def flow_files(paths: Iterable[Path | str]) -> Iterator[Path]:
+    """The flow files named by `paths` (directories searched recursively), each once."""
+    seen: set[Path] = set()
     for entry in map(Path, paths):
-        if entry.is_dir():
-            yield from (p for p in sorted(entry.rglob("*")) if p.name.endswith(FLOW_SUFFIXES))
-        elif entry.name.endswith(FLOW_SUFFIXES):
-            yield entry
+        found = sorted(entry.rglob("*")) if entry.is_dir() else [entry]
+        for path in found:
+            if path.name.endswith(FLOW_SUFFIXES) and path.resolve() not in seen:
+                seen.add(path.resolve())
+                yield path
 
 
 def load_flow_files(
