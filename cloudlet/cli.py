@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -33,12 +34,14 @@ rig_app = typer.Typer(
     help="Real Mosquitto and Kafka on loopback ports, for development and tests.",
     no_args_is_help=True,
 )
+unit_app = typer.Typer(help="Processing units: run one from its config.", no_args_is_help=True)
 flow_app = typer.Typer(
     help="Flows: try composite streams and windows offline.", no_args_is_help=True
 )
 app.add_typer(so_app, name="so")
 app.add_typer(rig_app, name="rig")
 app.add_typer(flow_app, name="flow")
+app.add_typer(unit_app, name="unit")
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -191,6 +194,68 @@ def flow_test(
     with source:
         for record in run_offline(catalog, source, flush=flush):
             sys.stdout.buffer.write(orjson.dumps(record) + b"\n")
+
+
+# unit ----------------------------------------------------------------------------------------
+
+
+class _JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: what log collectors (Loki, Elastic, journald) ingest."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry).decode()
+
+
+def _configure_logging(log_format: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(_JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+
+
+@unit_app.command("run")
+def unit_run(
+    config_path: Annotated[Path, typer.Argument(metavar="CONFIG", help="The unit's YAML config.")],
+    replica: Annotated[
+        str | None,
+        typer.Option(help="Replica id: its own MQTT session and state (with share_group)."),
+    ] = None,
+    log_format: Annotated[str, typer.Option(help="text or json")] = "text",
+) -> None:
+    """Run a processing unit until SIGTERM or Ctrl-C, then drain, checkpoint and stop."""
+    from processors.config import ConfigError, UnitConfig
+    from processors.unit import Unit
+    from streams.registry import RegistryError
+
+    _configure_logging(log_format)
+    try:
+        config = UnitConfig.load(config_path)
+        unit = Unit(config, replica=replica)
+    except (ConfigError, RegistryError) as exc:
+        for problem in exc.problems:
+            err.print(f"[bold red]error:[/] {problem}", soft_wrap=True)
+        raise typer.Exit(1) from None
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    unit.start()
+    if unit.status is not None:
+        out.print(f"metrics on http://{config.http.host}:{unit.status.port}/metrics")  # type: ignore[union-attr]
+    while not stop.wait(0.5):
+        if not unit.runtime.alive:
+            unit.stop()
+            raise _fail(f"unit {unit.instance}: its worker stopped; see the log above")
+    unit.stop()
 
 
 # demo ----------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from edge_objects.faults import Fault, corrupt, pick
 from edge_objects.fleet import DeviceFleet
 from edge_objects.irrigation import IrrigationModel, IrrigationSite
 from processors.ingest import Ingest
-from processors.runtime import IngestRuntime
+from processors.runtime import UnitRuntime
 from streams import Registry, TopicScheme
 from streams.catalog import Catalog
 from streams.mqtt import MqttSettings, connect, make_client
@@ -109,7 +109,7 @@ class Demo:
         self.rng = random.Random(settings.seed + 1)
         self.faults_sent: Counter[Fault] = Counter()
         self.ingest = Ingest(self.registry, self.topics)
-        self.runtime: IngestRuntime | None = None
+        self.runtime: UnitRuntime | None = None
         self.fleet: DeviceFleet | None = None
         self._observer: mqtt.Client | None = None
 
@@ -134,7 +134,7 @@ class Demo:
         )
         connect(self._observer, mqtt_settings, persistent=False)
         self._observer.loop_start()
-        self.runtime = IngestRuntime(
+        self.runtime = UnitRuntime(
             self.ingest,
             mqtt_settings,
             engine=self.catalog.engine(),

@@ -1,15 +1,18 @@
-"""The ingest stage of a processing unit, run over MQTT.
+"""A processing unit's data plane over MQTT: ingest, flows, outputs, checkpoints.
 
-Device messages arrive with QoS 1 on a persistent session. Each is acknowledged to the broker
-only after what it produced (accepted updates on `.../updates`, dead letters) has itself been
-acknowledged by the broker, so a unit that dies loses nothing: the broker redelivers. Flow
-control is MQTT v5's receive maximum: the broker never has more than that many unacknowledged
-messages in flight to us, so memory stays bounded without blocking the network thread and
-without dropping anything.
+Device messages arrive with QoS 1 on a persistent session (optionally an MQTT v5 shared
+subscription, so replicas split the load). For each batch the unit validates, runs the flow
+engine, publishes accepted and derived updates and dead letters, and hands results to its sink.
+A message is acknowledged to the broker only when all of that is done and, with a state store,
+when a snapshot covering it is on disk ("checkpoint, then acknowledge"). A unit killed at any
+point therefore loses nothing: the broker redelivers what was not acknowledged, and the state
+restored from the snapshot has not seen it yet. Flow control is MQTT v5's receive maximum, so
+memory stays bounded without blocking the network thread and without dropping anything.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -19,16 +22,20 @@ from dataclasses import dataclass, field
 import paho.mqtt.client as mqtt
 
 from processors.ingest import DeadLetter, Ingest, IngestBatch, RawMessage
+from processors.metrics import UnitMetrics
+from processors.sink import ResultSink
+from processors.state import StateStore
 from streams import Codec, SensorUpdate, StreamKey, encode_update
 from streams.flows.engine import FlowEngine, FlowResult
 from streams.mqtt import MqttSettings, connect, content_type_properties, make_client
 
 Clock = Callable[[], float]
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
 class PublishCounts:
-    messages: int = 0  # device messages fully handled: outputs published, input acknowledged
+    messages: int = 0  # device messages fully handled: outputs out, input acknowledged
     updates: int = 0  # accepted device updates
     derived: int = 0  # from composite streams and windows
     dead_letters: int = 0
@@ -43,9 +50,14 @@ class Outputs:
     dead_letters: list[DeadLetter] = field(default_factory=list)
 
 
-class IngestRuntime:
-    """Subscribes to device topics, runs `Ingest` and the flow engine in batches, publishes
-    accepted and derived updates, and dead letters for everything refused."""
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    every_ms: int = 5_000
+    messages: int = 500
+
+
+class UnitRuntime:
+    """Subscribes to device topics and runs `Ingest` and the flow engine in batches."""
 
     def __init__(
         self,
@@ -53,51 +65,70 @@ class IngestRuntime:
         mqtt_settings: MqttSettings,
         *,
         engine: FlowEngine | None = None,
-        client_id: str = "cloudlet-ingest",
+        client_id: str = "cloudlet-unit",
+        subscription: str | None = None,
         batch_size: int = 500,
+        state: StateStore | None = None,
+        checkpoint: CheckpointPolicy = CheckpointPolicy(),
+        sink: ResultSink | None = None,
+        metrics: UnitMetrics | None = None,
         clock: Clock = time.time,
     ) -> None:
         self.ingest = ingest
         self.engine = engine
         self.settings = mqtt_settings
+        self.subscription = subscription or ingest.topics.device_updates_filter
         self.batch_size = batch_size
+        self.state = state
+        self.checkpoint = checkpoint
+        self.sink = sink
+        self.metrics = metrics or UnitMetrics(client_id)
         self.clock = clock
         self.published = PublishCounts()
-        self.connected = threading.Event()
+        self.connected = threading.Event()  # connected and subscribed
         self._inbox: queue.SimpleQueue[mqtt.MQTTMessage] = queue.SimpleQueue()
         self._stopping = threading.Event()
+        self._unacked: list[mqtt.MQTTMessage] = []  # processed, waiting for a checkpoint
+        self._last_checkpoint = clock()
         # mids the broker has acknowledged (PUBACK), consumed by the worker that published them
         self._acked: set[int] = set()
         self._acked_changed = threading.Condition()
         self._client = make_client(mqtt_settings, client_id)
         self._client.manual_ack_set(True)
         self._client.on_connect = self._on_connect
+        self._client.on_subscribe = self._on_subscribe
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.on_publish = self._on_publish
-        self._worker = threading.Thread(target=self._run, name="cloudlet-ingest", daemon=True)
+        self._worker = threading.Thread(target=self._run, name="cloudlet-unit", daemon=True)
+        if self.state is not None and self.engine is not None:
+            saved = self.state.load()
+            if saved is not None:
+                self.engine.restore(saved)
+                log.info("restored state from %s", self.state.path)
 
     # paho callbacks (network thread): never block here -------------------------------------
 
     def _on_connect(
-        self,
-        client: mqtt.Client,
-        _userdata: object,
-        _flags: object,
-        reason: object,
-        _properties: object,
+        self, client: mqtt.Client, _u: object, _f: object, reason: object, _p: object
     ) -> None:
         if getattr(reason, "is_failure", False):
+            log.warning("broker refused the connection: %s", reason)
             return
         # Subscribing on every connect keeps the subscription across reconnects.
-        client.subscribe(self.ingest.topics.device_updates_filter, qos=1)
+        client.subscribe(self.subscription, qos=1)
+
+    def _on_subscribe(self, *_args: object) -> None:
         self.connected.set()
+        self.metrics.connected.set(1)
 
     def _on_disconnect(self, *_args: object) -> None:
         self.connected.clear()
+        self.metrics.connected.set(0)
 
     def _on_message(self, _client: mqtt.Client, _userdata: object, msg: mqtt.MQTTMessage) -> None:
         self._inbox.put(msg)
+        self.metrics.inbox.inc()
 
     def _on_publish(
         self, _client: mqtt.Client, _userdata: object, mid: int, *_rest: object
@@ -108,18 +139,24 @@ class IngestRuntime:
 
     # lifecycle -------------------------------------------------------------------------------
 
-    def start(self) -> IngestRuntime:
+    def start(self) -> UnitRuntime:
         connect(self._client, self.settings, persistent=True)
         self._client.loop_start()
         self._worker.start()
         return self
 
+    @property
+    def alive(self) -> bool:
+        return self._worker.is_alive()
+
     def stop(self, timeout: float = 10.0) -> None:
-        """Finish the messages already received, then disconnect."""
+        """Finish the messages already received, checkpoint, acknowledge, disconnect."""
         self._stopping.set()
         self._worker.join(timeout)
         self._client.disconnect()
         self._client.loop_stop()
+        if self.sink is not None:
+            self.sink.close()
 
     # worker ----------------------------------------------------------------------------------
 
@@ -134,6 +171,7 @@ class IngestRuntime:
                 batch.append(self._inbox.get_nowait())
             except queue.Empty:
                 break
+        self.metrics.inbox.dec(len(batch))
         return batch
 
     def _run(self) -> None:
@@ -142,28 +180,58 @@ class IngestRuntime:
             batch = self._take_batch()
             if not batch:
                 if self._stopping.is_set():
+                    self._commit()
                     return
                 if self.engine is not None and self.clock() - last_tick >= 1.0:
                     last_tick = self.clock()  # processing-time windows fire without input
                     self._publish(self._outputs(IngestBatch(), self.engine.tick()))
+                if self._unacked and self._checkpoint_due():
+                    self._commit()
                 continue
+            started = time.perf_counter()
             received_at = int(self.clock() * 1000)
-            result = self.ingest.batch(
-                [
-                    RawMessage(
-                        m.topic,
-                        m.payload,
-                        getattr(m.properties, "ContentType", None),
-                        received_at,
-                    )
-                    for m in batch
-                ]
-            )
-            self._publish(self._run_flows(result))
-            for m in batch:
-                if m.qos > 0:
-                    self._client.ack(m.mid, m.qos)
-            self.published.messages += len(batch)
+            raw = [RawMessage(m.topic, m.payload, _content_type(m), received_at) for m in batch]
+            result = self.ingest.batch(raw)
+            outputs = self._run_flows(result)
+            self._publish(outputs)
+            if self.sink is not None:
+                self.sink.write([*outputs.updates, *outputs.derived])  # waits: backpressure
+            self._unacked.extend(batch)
+            self._count(batch, result, outputs)
+            if self.state is None or self._checkpoint_due():
+                self._commit()
+            self.metrics.batch_seconds.observe(time.perf_counter() - started)
+
+    def _checkpoint_due(self) -> bool:
+        return (
+            len(self._unacked) >= self.checkpoint.messages
+            or (self.clock() - self._last_checkpoint) * 1000 >= self.checkpoint.every_ms
+        )
+
+    def _commit(self) -> None:
+        """Snapshot the state (when there is a store), then acknowledge what it covers."""
+        if self.state is not None and self.engine is not None:
+            self.state.save(self.engine.snapshot())
+            self.metrics.checkpoints.inc()
+        self._last_checkpoint = self.clock()
+        for m in self._unacked:
+            if m.qos > 0:
+                self._client.ack(m.mid, m.qos)
+        self.published.messages += len(self._unacked)
+        self._unacked.clear()
+        self.metrics.unacknowledged.set(0)
+
+    def _count(self, batch: list[mqtt.MQTTMessage], result: IngestBatch, out: Outputs) -> None:
+        m = self.metrics
+        m.received.inc(len(batch))
+        m.accepted.inc(len(result.accepted))
+        m.derived.inc(len(out.derived))
+        m.dead_letters.inc(len(out.dead_letters))
+        for letter in out.dead_letters:
+            m.reject(letter.rejection.reason.value)
+            if letter.rejection.reason.value == "late":
+                m.late.inc()
+        m.unacknowledged.set(len(self._unacked))
 
     def _run_flows(self, result: IngestBatch) -> Outputs:
         if self.engine is None:
@@ -207,3 +275,7 @@ class IngestRuntime:
         self.published.updates += len(result.updates)
         self.published.derived += len(result.derived)
         self.published.dead_letters += len(result.dead_letters)
+
+
+def _content_type(message: mqtt.MQTTMessage) -> str | None:
+    return getattr(message.properties, "ContentType", None)

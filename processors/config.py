@@ -1,0 +1,126 @@
+"""A processing unit's configuration: one validated YAML file per unit.
+
+```yaml
+name: irrigation-unit            # also the MQTT client id and the state file's name
+objects: [objects/]              # descriptors and flow files, relative to this file
+mqtt: {url: mqtt://127.0.0.1:1883, username: unit, password: secret}
+share_group: irrigation          # replicas with the same group split the device traffic
+state_dir: state/                # snapshots of windows and latest values (msgpack)
+checkpoint: {every: 5s, messages: 500}
+sink: {sqlite: results.db}       # accepted and derived updates for the cloud side
+http: {host: 127.0.0.1, port: 9400}   # /metrics, /healthz, /readyz
+```
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from streams.codec import DEFAULT_MAX_PAYLOAD
+from streams.flows.model import duration_ms
+from streams.mqtt import MqttSettings
+from streams.registry import Problem, validation_problems
+from streams.topics import TopicScheme
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Checkpoint(_Strict):
+    """How often state is snapshotted; device messages are acknowledged only after the
+    snapshot that covers them is on disk, so a killed unit loses nothing."""
+
+    every: int = 5_000  # ms
+    messages: int = Field(default=500, ge=1)
+
+    @field_validator("every", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> int:
+        return duration_ms(value)
+
+
+class SinkSettings(_Strict):
+    sqlite: Path
+
+
+class HttpSettings(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=9400, ge=0, le=65535)  # 0 picks a free port
+
+
+class UnitConfig(_Strict):
+    name: str
+    objects: list[Path] = Field(min_length=1)
+    mqtt: MqttSettings = MqttSettings()
+    topics: TopicScheme = TopicScheme()
+    share_group: str | None = None
+    batch_size: int = Field(default=500, ge=1, le=10_000)
+    max_payload: int = Field(default=DEFAULT_MAX_PAYLOAD, ge=64)
+    state_dir: Path | None = None
+    checkpoint: Checkpoint = Checkpoint()
+    sink: SinkSettings | None = None
+    http: HttpSettings | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name_shape(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(
+                f"unit name {value!r} must be 1-64 letters, digits, '_', '.' or '-'"
+                " (it is the MQTT client id and the state file's name)"
+            )
+        return value
+
+    @field_validator("share_group")
+    @classmethod
+    def _group_shape(cls, value: str | None) -> str | None:
+        if value is not None and not _NAME.match(value):
+            raise ValueError(f"share_group {value!r} must be 1-64 letters, digits, '_', '.' or '-'")
+        return value
+
+    @classmethod
+    def load(cls, path: Path) -> UnitConfig:
+        """The config in `path`; paths in it are taken relative to its folder.
+        ConfigError lists every problem, each naming the file and the field."""
+        source = str(path)
+        try:
+            doc = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise ConfigError([Problem(source, f"cannot be read: {exc.strerror}")]) from None
+        except yaml.YAMLError as exc:
+            reason = str(exc).splitlines()[0]
+            raise ConfigError([Problem(source, f"cannot be read as yaml: {reason}")]) from None
+        if not isinstance(doc, dict):
+            raise ConfigError([Problem(source, "a unit config must be a mapping")])
+        try:
+            config = cls.model_validate(doc)
+        except ValidationError as exc:
+            raise ConfigError(validation_problems(exc, source)) from None
+        base = path.parent
+        return config.model_copy(
+            update={
+                "objects": [base / p for p in config.objects],
+                "state_dir": base / config.state_dir if config.state_dir else None,
+                "sink": SinkSettings(sqlite=base / config.sink.sqlite) if config.sink else None,
+            }
+        )
+
+    @property
+    def subscription(self) -> str:
+        """The device-topic filter, shared between replicas when a group is set."""
+        device = self.topics.device_updates_filter
+        return f"$share/{self.share_group}/{device}" if self.share_group else device
+
+
+class ConfigError(Exception):
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))

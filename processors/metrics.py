@@ -1,0 +1,120 @@
+"""A unit's metrics (Prometheus) and its /metrics, /healthz and /readyz endpoints.
+
+The endpoints are served by the standard library's threading HTTP server: three fixed paths
+do not need a web framework, and the unit stays small.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+
+class UnitMetrics:
+    """One registry per unit, so that several units can live in one process (tests)."""
+
+    def __init__(self, unit: str) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+
+        def counter(name: str, doc: str) -> Any:
+            return Counter(name, doc, ["unit"], registry=r).labels(unit)
+
+        def gauge(name: str, doc: str) -> Any:
+            return Gauge(name, doc, ["unit"], registry=r).labels(unit)
+
+        self.unit = unit
+        self.received = counter("cloudlet_messages_received", "Device messages received")
+        self.accepted = counter("cloudlet_updates_accepted", "Sensor updates accepted")
+        self.rejected = Counter(
+            "cloudlet_updates_rejected", "Input rejected, by reason", ["unit", "reason"],
+            registry=r,
+        )  # fmt: skip
+        self.derived = counter("cloudlet_updates_derived", "Updates derived by flows")
+        self.late = counter("cloudlet_updates_late", "Updates too late for their window")
+        self.dead_letters = counter("cloudlet_dead_letters", "Dead letters published")
+        self.checkpoints = counter("cloudlet_checkpoints", "State snapshots written")
+        self.batch_seconds = Histogram(
+            "cloudlet_batch_seconds",
+            "Time to process a batch, from decoding to outputs acknowledged by the broker",
+            ["unit"],
+            registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+        ).labels(unit)
+        self.inbox = gauge("cloudlet_inbox_depth", "Messages received, not yet processed")
+        self.unacknowledged = gauge(
+            "cloudlet_unacknowledged", "Messages processed, waiting for a checkpoint"
+        )
+        self.connected = gauge("cloudlet_mqtt_connected", "1 while connected to the broker")
+
+    def reject(self, reason: str) -> None:
+        self.rejected.labels(self.unit, reason).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class StatusServer:
+    """GET /metrics (Prometheus text), /healthz (the unit's worker is alive) and /readyz
+    (connected and subscribed: ready for traffic)."""
+
+    def __init__(
+        self,
+        metrics: UnitMetrics,
+        host: str,
+        port: int,
+        *,
+        healthy: Callable[[], bool],
+        ready: Callable[[], bool],
+    ) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path == "/metrics":
+                    self._reply(200, metrics.render(), CONTENT_TYPE_LATEST)
+                elif self.path == "/healthz":
+                    ok = healthy()
+                    self._reply(200 if ok else 503, b"ok\n" if ok else b"worker stopped\n")
+                elif self.path == "/readyz":
+                    ok = ready()
+                    self._reply(200 if ok else 503, b"ready\n" if ok else b"not connected\n")
+                else:
+                    self._reply(404, b"not found: try /metrics, /healthz or /readyz\n")
+
+            def _reply(self, code: int, body: bytes, kind: str = "text/plain") -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_args: object) -> None:
+                pass  # scrapes every few seconds would flood the log
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="cloudlet-status", daemon=True
+        )
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> StatusServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
