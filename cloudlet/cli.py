@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cloudlet.rig import Kafka, Mosquitto, RigError, ensure_kafka, ensure_mosquitto
-from streams import Problem, ServiceObject
+from streams import Problem, ServiceObject, TopicScheme
 from streams.catalog import Catalog
 
 app = typer.Typer(
@@ -194,6 +194,83 @@ def flow_test(
     with source:
         for record in run_offline(catalog, source, flush=flush):
             sys.stdout.buffer.write(orjson.dumps(record) + b"\n")
+
+
+# act -----------------------------------------------------------------------------------------
+
+
+def _parameter(text: str) -> tuple[str, object]:
+    name, sep, raw = text.partition("=")
+    if not sep or not name:
+        raise _fail(f"--param {text!r} must look like name=value")
+    try:
+        return name, orjson.loads(raw)  # numbers, booleans, JSON strings and objects
+    except orjson.JSONDecodeError:
+        return name, raw  # a bare word is a string
+
+
+@app.command("act")
+def act(
+    so_id: Annotated[str, typer.Argument(metavar="SO", help="Service object to command.")],
+    action: Annotated[str, typer.Argument(help="One of its declared actions.")],
+    param: Annotated[
+        list[str] | None, typer.Option("--param", "-p", help="name=value (repeatable).")
+    ] = None,
+    objects: Annotated[
+        list[Path] | None,
+        typer.Option("--objects", "-o", help="Descriptors (to check the action)."),
+    ] = None,
+    mqtt_url: Annotated[str, typer.Option("--mqtt", help="Broker URL.")] = "mqtt://127.0.0.1:1883",
+    wait: Annotated[float, typer.Option(help="Seconds to wait for the device's report.")] = 30.0,
+) -> None:
+    """Send a command to a device and follow its status: submitted, accepted, done or failed."""
+    import queue as queue_module
+
+    from streams.actuation import ActuationError, ActuationStatus, StatusReport, checked
+    from streams.mqtt import MqttSettings, connect, make_client
+
+    paths = objects or _default_objects()
+    catalog, _ = Catalog.check(paths)  # problems elsewhere need not stop a command
+    if so_id not in catalog.registry:
+        raise _fail(f"no service object {so_id!r} in {', '.join(map(str, paths))}")
+    parameters = dict(_parameter(p) for p in param or [])
+    try:
+        command = checked(
+            catalog.registry.get(so_id), action, parameters, at=int(time.time() * 1000)
+        )
+    except ActuationError as exc:
+        raise _fail(str(exc)) from None
+    settings = MqttSettings(url=mqtt_url)
+    topics = TopicScheme()
+    reports: queue_module.SimpleQueue[StatusReport] = queue_module.SimpleQueue()
+    subscribed = threading.Event()
+    client = make_client(settings, f"cloudlet-act-{command.id[:8]}")
+    client.on_connect = lambda c, *_: c.subscribe(topics.action_status(so_id, command.id), qos=1)
+    client.on_subscribe = lambda *_: subscribed.set()
+    client.on_message = lambda _c, _u, m: reports.put(StatusReport.from_json(m.payload))
+    connect(client, settings, persistent=False)
+    client.loop_start()
+    try:
+        if not subscribed.wait(10):
+            raise _fail(f"cannot reach the broker at {mqtt_url}")
+        client.publish(topics.actions(so_id), command.to_json(), qos=1).wait_for_publish(10)
+        out.print(f"{command.id} {so_id} {action} {parameters}: submitted")
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                report = reports.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue_module.Empty:
+                break
+            note = f" ({report.message})" if report.message else ""
+            out.print(f"{command.id} {report.status.value}{note}")
+            if report.status.final:
+                if report.status is ActuationStatus.FAILED:
+                    raise typer.Exit(1)
+                return
+        raise _fail(f"no final status from {so_id} within {wait:g} s")
+    finally:
+        client.loop_stop()
+        client.disconnect()
 
 
 # unit ----------------------------------------------------------------------------------------

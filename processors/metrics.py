@@ -11,6 +11,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import orjson
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -19,6 +20,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+
+from processors.actuation import ActuationLog
 
 
 class UnitMetrics:
@@ -57,6 +60,11 @@ class UnitMetrics:
             "cloudlet_unacknowledged", "Messages processed, waiting for a checkpoint"
         )
         self.connected = gauge("cloudlet_mqtt_connected", "1 while connected to the broker")
+        self.actuations = counter("cloudlet_actuations_sent", "Commands sent to devices")
+        self.actuation_reports = Counter(
+            "cloudlet_actuation_reports", "Status reports from devices, by status",
+            ["unit", "status"], registry=r,
+        )  # fmt: skip
 
     def reject(self, reason: str) -> None:
         self.rejected.labels(self.unit, reason).inc()
@@ -77,6 +85,7 @@ class StatusServer:
         *,
         healthy: Callable[[], bool],
         ready: Callable[[], bool],
+        actuations: ActuationLog | None = None,
     ) -> None:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
@@ -88,8 +97,16 @@ class StatusServer:
                 elif self.path == "/readyz":
                     ok = ready()
                     self._reply(200 if ok else 503, b"ready\n" if ok else b"not connected\n")
+                elif self.path == "/actuations" and actuations is not None:
+                    self._reply(200, orjson.dumps(actuations.recent()), "application/json")
+                elif self.path.startswith("/actuations/") and actuations is not None:
+                    entry = actuations.get(self.path.removeprefix("/actuations/"))
+                    if entry is None:
+                        self._reply(404, b'{"error": "no such actuation"}', "application/json")
+                    else:
+                        self._reply(200, orjson.dumps(entry), "application/json")
                 else:
-                    self._reply(404, b"not found: try /metrics, /healthz or /readyz\n")
+                    self._reply(404, b"not found: try /metrics, /healthz, /readyz or /actuations\n")
 
             def _reply(self, code: int, body: bytes, kind: str = "text/plain") -> None:
                 self.send_response(code)

@@ -21,11 +21,13 @@ from dataclasses import dataclass, field
 
 import paho.mqtt.client as mqtt
 
+from processors.actuation import ActuationLog
 from processors.ingest import DeadLetter, Ingest, IngestBatch, RawMessage
 from processors.metrics import UnitMetrics
 from processors.sink import ResultSink
 from processors.state import StateStore
 from streams import Codec, SensorUpdate, StreamKey, encode_update
+from streams.actuation import Actuation, ActuationError, StatusReport
 from streams.flows.engine import FlowEngine, FlowResult
 from streams.mqtt import MqttSettings, connect, content_type_properties, make_client
 
@@ -48,6 +50,7 @@ class Outputs:
     updates: list[tuple[StreamKey, SensorUpdate]] = field(default_factory=list)
     derived: list[tuple[StreamKey, SensorUpdate]] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
+    actuations: list[Actuation] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,7 @@ class UnitRuntime:
         self.metrics = metrics or UnitMetrics(client_id)
         self.clock = clock
         self.published = PublishCounts()
+        self.actuations = ActuationLog()
         self.connected = threading.Event()  # connected and subscribed
         self._inbox: queue.SimpleQueue[mqtt.MQTTMessage] = queue.SimpleQueue()
         self._stopping = threading.Event()
@@ -115,8 +119,9 @@ class UnitRuntime:
         if getattr(reason, "is_failure", False):
             log.warning("broker refused the connection: %s", reason)
             return
-        # Subscribing on every connect keeps the subscription across reconnects.
-        client.subscribe(self.subscription, qos=1)
+        # Subscribing on every connect keeps the subscriptions across reconnects. Status
+        # reports are not shared between replicas: each keeps its own log of them.
+        client.subscribe([(self.subscription, 1), (self.ingest.topics.action_status_filter, 1)])
 
     def _on_subscribe(self, *_args: object) -> None:
         self.connected.set()
@@ -189,6 +194,7 @@ class UnitRuntime:
                     self._commit()
                 continue
             started = time.perf_counter()
+            batch = self._take_status_reports(batch)
             received_at = int(self.clock() * 1000)
             raw = [RawMessage(m.topic, m.payload, _content_type(m), received_at) for m in batch]
             result = self.ingest.batch(raw)
@@ -201,6 +207,25 @@ class UnitRuntime:
             if self.state is None or self._checkpoint_due():
                 self._commit()
             self.metrics.batch_seconds.observe(time.perf_counter() - started)
+
+    def _take_status_reports(self, batch: list[mqtt.MQTTMessage]) -> list[mqtt.MQTTMessage]:
+        """Record the devices' status reports; the rest of the batch is device data."""
+        status_suffix = "/status"
+        data = []
+        for m in batch:
+            if m.topic.endswith(status_suffix) and "/actions/" in m.topic:
+                try:
+                    report = StatusReport.from_json(m.payload)
+                except ActuationError as exc:
+                    log.warning("status report on %s cannot be read: %s", m.topic, exc)
+                else:
+                    so = m.topic.removeprefix(self.ingest.topics.root).split("/")[0]
+                    self.actuations.reported(so, report)
+                    self.metrics.actuation_reports.labels(self.metrics.unit, report.status).inc()
+                self._unacked.append(m)
+            else:
+                data.append(m)
+        return data
 
     def _checkpoint_due(self) -> bool:
         return (
@@ -242,6 +267,7 @@ class UnitRuntime:
         for update, origin in zip(result.accepted, result.origins, strict=True):
             flows = self.engine.process([update])
             combined.derived.extend(flows.derived)
+            combined.actuations.extend(flows.actuations)
             for late in flows.late:
                 result.dead_letters.append(self.ingest.dead_letter(origin, late.rejection))
             for rejection in flows.rejected:
@@ -250,7 +276,7 @@ class UnitRuntime:
 
     @staticmethod
     def _outputs(result: IngestBatch, flows: FlowResult) -> Outputs:
-        return Outputs(result.accepted, flows.derived, result.dead_letters)
+        return Outputs(result.accepted, flows.derived, result.dead_letters, flows.actuations)
 
     def _publish(self, result: Outputs) -> None:
         json = content_type_properties(Codec.JSON.content_type)
@@ -268,6 +294,16 @@ class UnitRuntime:
             )
         for letter in result.dead_letters:
             mids.add(self._client.publish(letter.topic, letter.body, qos=1, properties=json).mid)
+        for command in result.actuations:
+            self.actuations.sent(command)
+            mids.add(
+                self._client.publish(
+                    topics.actions(command.so), command.to_json(), qos=1, properties=json
+                ).mid
+            )
+            self.metrics.actuations.inc()
+            log.info("actuation %s: %s %s %s", command.id, command.so, command.action,
+                     command.parameters)  # fmt: skip
         # Inputs are acknowledged only once the broker has everything they produced.
         with self._acked_changed:
             self._acked_changed.wait_for(lambda: mids <= self._acked)

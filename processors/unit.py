@@ -51,6 +51,7 @@ class Unit:
                 config.http.port,
                 healthy=lambda: self.runtime.alive,
                 ready=self.runtime.connected.is_set,
+                actuations=self.runtime.actuations,
             )
             if config.http
             else None

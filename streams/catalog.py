@@ -10,7 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from streams.composite import CompositeEngine, CompositePlan
-from streams.flows.compile import CompiledFlow, compile_flows, load_flow_files
+from streams.flows.compile import (
+    CompiledFlow,
+    CompiledRule,
+    compile_flows,
+    compile_rules,
+    load_flow_files,
+)
 from streams.flows.engine import Clock, FlowEngine
 from streams.registry import Problem, Registry, RegistryError
 from streams.updates import StreamKey
@@ -21,22 +27,25 @@ class Catalog:
     registry: Registry  # includes the streams flows add
     plan: CompositePlan
     flows: tuple[CompiledFlow, ...]
+    rules: tuple[CompiledRule, ...] = ()
 
     @classmethod
     def check(cls, paths: Iterable[Path | str]) -> tuple[Catalog, list[Problem]]:
         paths = list(paths)
         parsed, problems = Registry.parse(paths)
-        definitions = load_flow_files(paths, problems)
+        files = load_flow_files(paths, problems)
         # Expressions are checked on every object that parsed, so that all problems show;
         # only objects (and flows) without any problem are run.
-        extended, checked = compile_flows(parsed, definitions, problems)
+        extended, checked = compile_flows(parsed, files.flows, problems)
         problems += extended.cross_check()
         plan_all, plan_problems = CompositePlan.build(extended)
         problems += plan_problems + _cycles_through_flows(plan_all, checked)
+        compile_rules(extended, files.rules, problems)
         bad = {p.object_id for p in problems}
-        registry, flows = compile_flows(parsed.without(bad), definitions, [])
+        registry, flows = compile_flows(parsed.without(bad), files.flows, [])
         plan, _ = CompositePlan.build(registry)
-        return cls(registry, plan, tuple(flows)), problems
+        rules = compile_rules(registry, files.rules, [])
+        return cls(registry, plan, tuple(flows), tuple(rules)), problems
 
     @classmethod
     def load(cls, paths: Iterable[Path | str]) -> Catalog:
@@ -47,7 +56,7 @@ class Catalog:
 
     def engine(self, clock: Clock = time.time) -> FlowEngine:
         """A fresh engine running this catalog's composite streams and flows."""
-        return FlowEngine(CompositeEngine(self.plan), self.flows, clock=clock)
+        return FlowEngine(CompositeEngine(self.plan), self.flows, self.rules, clock=clock)
 
 
 def _cycles_through_flows(plan: CompositePlan, flows: list[CompiledFlow]) -> list[Problem]:

@@ -3,6 +3,7 @@ they describe (paho-mqtt v2 callbacks, MQTT v5, reconnect with backoff)."""
 
 from __future__ import annotations
 
+import random
 import ssl
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -72,8 +73,11 @@ def make_client(settings: MqttSettings, client_id: str) -> mqtt.Client:
             cert_reqs=ssl.CERT_NONE if settings.tls_insecure else ssl.CERT_REQUIRED,
         )
         client.tls_insecure_set(settings.tls_insecure)
+    # Jitter: each client starts its exponential backoff from a random delay in [min, 2 min],
+    # so a fleet does not reconnect in lockstep after a broker restart.
+    first = settings.reconnect_min_delay * random.uniform(1.0, 2.0)
     client.reconnect_delay_set(
-        min_delay=max(1, int(settings.reconnect_min_delay)),
+        min_delay=max(1, round(first)),
         max_delay=max(1, int(settings.reconnect_max_delay)),
     )
     client.max_inflight_messages_set(settings.receive_maximum)

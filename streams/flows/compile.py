@@ -26,7 +26,7 @@ from streams.expressions import (
     parse,
 )
 from streams.expressions.syntax import Call, Literal
-from streams.flows.model import FlowDefinition, FlowFile
+from streams.flows.model import FlowDefinition, FlowFile, RuleDefinition
 from streams.objects import Channel, ChannelType, Stream
 from streams.registry import FLOW_SUFFIXES, Problem, Registry, validation_problems
 from streams.updates import StreamKey
@@ -72,11 +72,25 @@ def flow_files(paths: Iterable[Path | str]) -> Iterator[Path]:
                 yield path
 
 
-def load_flow_files(
-    paths: Iterable[Path | str], problems: list[Problem]
-) -> list[tuple[str, str, FlowDefinition]]:
-    """(file, name, definition) for every valid flow; problems for the others."""
-    found: list[tuple[str, str, FlowDefinition]] = []
+@dataclass(frozen=True)
+class CompiledRule:
+    name: str
+    source: str
+    triggers: dict[StreamKey, tuple[CompiledExpression, str]]  # stream -> (condition, target)
+    action: str
+    parameters: dict[str, Any]
+    min_interval: int
+
+
+@dataclass
+class FlowFiles:
+    flows: list[tuple[str, str, FlowDefinition]]
+    rules: list[tuple[str, str, RuleDefinition]]
+
+
+def load_flow_files(paths: Iterable[Path | str], problems: list[Problem]) -> FlowFiles:
+    """Every valid flow and rule, as (file, name, definition); problems for the others."""
+    found = FlowFiles([], [])
     names: dict[str, str] = {}
     for path in flow_files(paths):
         source = str(path)
@@ -91,16 +105,80 @@ def load_flow_files(
         except ValidationError as exc:
             problems.extend(validation_problems(exc, source))
             continue
-        for name, definition in parsed.flows.items():
+        entries: list[tuple[str, str, Any]] = [
+            *(("flows", n, d) for n, d in parsed.flows.items()),
+            *(("rules", n, d) for n, d in parsed.rules.items()),
+        ]
+        for section, name, definition in entries:
             if name in names:
                 problems.append(
-                    Problem(source, f"flow {name!r} is already defined in {names[name]}", None,
-                            f"flows.{name}")
+                    Problem(source, f"{name!r} is already defined in {names[name]}", None,
+                            f"{section}.{name}")
                 )  # fmt: skip
                 continue
             names[name] = source
-            found.append((source, name, definition))
+            getattr(found, section).append((source, name, definition))
     return found
+
+
+def compile_rules(
+    registry: Registry, definitions: list[tuple[str, str, RuleDefinition]], problems: list[Problem]
+) -> list[CompiledRule]:
+    """Rules resolved against the registry: each trigger's condition and target object."""
+    compiled = []
+    for source, name, rule in definitions:
+        field = f"rules.{name}"
+        before = len(problems)
+        inputs = _matches(registry, rule.when)
+        if not inputs:
+            problems.append(Problem(source, f"when {', '.join(rule.when)} matches no stream", None,
+                                    f"{field}.when"))  # fmt: skip
+            continue
+        triggers: dict[StreamKey, tuple[CompiledExpression, str]] = {}
+        for key in inputs:
+            channels = registry.objects[key.so].streams[key.stream].channels
+            scope = StreamScope({c: CHANNEL_TYPES[ch.type] for c, ch in channels.items()})
+            try:
+                condition = compile_expression(
+                    rule.condition, scope, expect=Type.BOOLEAN, what="if"
+                )
+            except ExpressionError as exc:
+                problems.append(
+                    Problem(source, f"on {key.so}/{key.stream}: {exc}", None, f"{field}.if")
+                )
+                continue
+            target = _target(registry, rule.act.so, key.so)
+            if target is None:
+                problems.append(Problem(source, f"on {key.so}/{key.stream}: {rule.act.so} names"
+                                        " nothing (a customField that is not a string?)", None,
+                                        f"{field}.act.so"))  # fmt: skip
+                continue
+            so = registry.objects.get(target)
+            if so is None or so.action(rule.act.action) is None:
+                what = (
+                    f"unknown service object {target!r}" if so is None
+                    else f"{target!r} has no action {rule.act.action!r} (its actions:"
+                    f" {', '.join(a.name for a in so.actions) or 'none'})"
+                )  # fmt: skip
+                problems.append(Problem(source, f"on {key.so}/{key.stream}: {what}", None,
+                                        f"{field}.act"))  # fmt: skip
+                continue
+            triggers[key] = (condition, target)
+        if len(problems) == before:
+            compiled.append(
+                CompiledRule(name, source, triggers, rule.act.action, dict(rule.act.parameters),
+                             rule.min_interval)
+            )  # fmt: skip
+    return compiled
+
+
+def _target(registry: Registry, template: str, trigger_so: str) -> str | None:
+    if template == "{so}":
+        return trigger_so
+    if template.startswith("{customFields.") and template.endswith("}"):
+        value = registry.objects[trigger_so].custom_fields.get(template[14:-1])
+        return value if isinstance(value, str) else None
+    return template
 
 
 def _matches(registry: Registry, patterns: list[str]) -> list[StreamKey]:

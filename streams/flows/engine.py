@@ -15,10 +15,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from streams.actuation import Actuation
 from streams.composite import CompositeEngine, Discarded
 from streams.expressions import NOT_AVAILABLE, EvaluationError
 from streams.expressions.functions import to_text
-from streams.flows.compile import CompiledFlow
+from streams.flows.compile import CompiledFlow, CompiledRule
 from streams.rejections import Rejection, RejectReason
 from streams.updates import SensorUpdate, StreamKey
 from streams.windows.operator import LateUpdate, WindowOperator, WindowResult
@@ -41,6 +42,7 @@ class FlowResult:
     late: list[Late] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
     discarded: list[Discarded] = field(default_factory=list)
+    actuations: list[Actuation] = field(default_factory=list)
 
 
 class FlowEngine:
@@ -48,11 +50,18 @@ class FlowEngine:
         self,
         composite: CompositeEngine,
         flows: Iterable[CompiledFlow],
+        rules: Iterable[CompiledRule] = (),
         *,
         clock: Clock = time.time,
     ) -> None:
         self.composite = composite
         self.flows = list(flows)
+        self.rules = list(rules)
+        self.last_command: dict[tuple[str, str], int] = {}  # (rule, target) -> event time
+        self._rule_readers: dict[StreamKey, list[CompiledRule]] = {}
+        for rule in self.rules:
+            for key in rule.triggers:
+                self._rule_readers.setdefault(key, []).append(rule)
         self.clock = clock
         self.operators = {f.name: WindowOperator(f.windowing, f.aggregates) for f in self.flows}
         self._readers: dict[StreamKey, list[CompiledFlow]] = {}
@@ -102,8 +111,36 @@ class FlowEngine:
             result.discarded.extend(composite.discarded)
             result.derived.extend(composite.derived)
             for source, produced in [(k, u), *composite.derived]:
+                for rule in self._rule_readers.get(source, ()):
+                    self._act(rule, source, produced, result)
                 for flow in self._readers.get(source, ()):
                     queue.extend(self._feed(flow, source, produced, now, result))
+
+    def _act(
+        self, rule: CompiledRule, key: StreamKey, update: SensorUpdate, result: FlowResult
+    ) -> None:
+        condition, target = rule.triggers[key]
+        try:
+            verdict = condition.evaluate({"": update})
+        except EvaluationError as exc:
+            result.rejected.append(
+                Rejection(
+                    RejectReason.EXPRESSION_FAILED,
+                    f"{key.so}/{key.stream}: rule {rule.name!r}: {exc}",
+                    key.so,
+                    key.stream,
+                )
+            )
+            return
+        if verdict is not True:
+            return
+        last = self.last_command.get((rule.name, target))
+        if last is not None and update.last_update - last < rule.min_interval:
+            return
+        self.last_command[(rule.name, target)] = update.last_update
+        result.actuations.append(
+            Actuation(target, rule.action, dict(rule.parameters), issued_at=update.last_update)
+        )
 
     def _feed(
         self, flow: CompiledFlow, key: StreamKey, update: SensorUpdate, now: int, result: FlowResult
@@ -182,10 +219,12 @@ class FlowEngine:
         return {
             "composite": self.composite.snapshot(),
             "windows": {name: op.snapshot() for name, op in self.operators.items()},
+            "rules": [[rule, target, t] for (rule, target), t in self.last_command.items()],
         }
 
     def restore(self, state: Mapping[str, Any]) -> None:
         self.composite.restore(state["composite"])
+        self.last_command = {(r, target): t for r, target, t in state.get("rules", [])}
         for name, data in state["windows"].items():
             if name in self.operators:
                 self.operators[name].restore(data)

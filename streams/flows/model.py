@@ -16,6 +16,13 @@ flows:
       moisture: avg(moisture)         # count() sum avg min max first last stddev
       samples: count()                # stddevp percentile(x, 90) rate(x) rate()
     into: "{so}/moisture_10min"       # {so} is the key's object when key is so
+
+rules:
+  water-dry-fields:
+    when: "field-*-soil/irrigate"     # so/stream patterns
+    if: "now"                         # over the stream's channels
+    act: {so: "{customFields.valve}", action: open, parameters: {minutes: 20}}
+    min_interval: 1h                  # per target, in event time
 ```
 """
 
@@ -161,5 +168,33 @@ class FlowDefinition(_Strict):
         return value
 
 
+class ActDefinition(_Strict):
+    so: str  # an id, "{so}" (the object whose stream triggered), or "{customFields.<name>}"
+    action: str
+    parameters: dict[str, Any] = {}
+
+
+class RuleDefinition(_Strict):
+    """Act locally: when an update on `when` satisfies `if`, send a command (at most once per
+    `min_interval` of event time per target)."""
+
+    when: list[str]
+    condition: str = Field(alias="if")
+    act: ActDefinition
+    min_interval: int = 0
+    description: str | None = None
+
+    @field_validator("when", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("min_interval", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> int:
+        return duration_ms(value)
+
+
 class FlowFile(_Strict):
-    flows: dict[str, FlowDefinition]
+    flows: dict[str, FlowDefinition] = {}
+    rules: dict[str, RuleDefinition] = {}

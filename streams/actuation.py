@@ -1,0 +1,103 @@
+"""Actuations: commands to devices and their status reports (ServIoTicy actions, fixed).
+
+A command goes to `{so}/actions` carrying a unique id; the device reports on
+`{so}/actions/{id}/status` as it goes: submitted -> accepted -> done | failed. (ServIoTicy
+never sent the id to the device, so its status reports could not say which command they
+were about.)
+
+    command: {"id": "a1b2...", "action": "open", "parameters": {"minutes": 30}, "issuedAt": ms}
+    status:  {"id": "a1b2...", "status": "done", "at": ms, "message": "opened for 30 minutes"}
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import orjson
+
+from streams.objects import ServiceObject
+
+
+class ActuationStatus(StrEnum):
+    SUBMITTED = "submitted"
+    ACCEPTED = "accepted"
+    DONE = "done"
+    FAILED = "failed"
+
+    @property
+    def final(self) -> bool:
+        return self in (ActuationStatus.DONE, ActuationStatus.FAILED)
+
+
+class ActuationError(ValueError):
+    """A command or status report that cannot be sent or understood; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Actuation:
+    so: str
+    action: str
+    parameters: dict[str, Any] = field(default_factory=dict)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    issued_at: int = 0
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(
+            {"id": self.id, "action": self.action, "parameters": self.parameters,
+             "issuedAt": self.issued_at}
+        )  # fmt: skip
+
+    @classmethod
+    def from_json(cls, so: str, payload: bytes) -> Actuation:
+        try:
+            doc = orjson.loads(payload)
+        except orjson.JSONDecodeError as exc:
+            raise ActuationError(f"{so}: the command is not JSON ({exc})") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("id"), str):
+            raise ActuationError(f"{so}: a command needs a string id")
+        if not isinstance(doc.get("action"), str):
+            raise ActuationError(f"{so}: command {doc['id']} names no action")
+        parameters = doc.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise ActuationError(f"{so}: the parameters of command {doc['id']} must be an object")
+        return cls(so, doc["action"], parameters, doc["id"], int(doc.get("issuedAt") or 0))
+
+
+def checked(so: ServiceObject, action: str, parameters: dict[str, Any], *, at: int) -> Actuation:
+    """A command for `so`, after checking that it declares `action`."""
+    if so.action(action) is None:
+        declared = ", ".join(a.name for a in so.actions) or "none"
+        raise ActuationError(
+            f"service object {so.id!r} has no action {action!r} (its actions: {declared})"
+        )
+    assert so.id is not None
+    return Actuation(so.id, action, dict(parameters), issued_at=at)
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReport:
+    id: str
+    status: ActuationStatus
+    at: int
+    message: str | None = None
+
+    def to_json(self) -> bytes:
+        doc: dict[str, Any] = {"id": self.id, "status": self.status.value, "at": self.at}
+        if self.message is not None:
+            doc["message"] = self.message
+        return orjson.dumps(doc)
+
+    @classmethod
+    def from_json(cls, payload: bytes) -> StatusReport:
+        try:
+            doc = orjson.loads(payload)
+            return cls(
+                doc["id"], ActuationStatus(doc["status"]), int(doc["at"]), doc.get("message")
+            )
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise ActuationError(
+                f"a status report needs id, status ({', '.join(ActuationStatus)}) and at: {exc}"
+            ) from None
