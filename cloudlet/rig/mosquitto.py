@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import subprocess
@@ -69,6 +70,9 @@ class Mosquitto(Service):
         config.write_text(
             "\n".join(
                 [
+                    # Started as root, Mosquitto drops to the 'mosquitto' user, which cannot
+                    # write its log or its persistence into our private work directory.
+                    f"user {getpass.getuser()}",
                     f"listener {self.port} {self.host}",
                     "allow_anonymous true",
                     "persistence true",
