@@ -11,6 +11,7 @@ reason.
 
 from __future__ import annotations
 
+import queue
 import random
 import tempfile
 import threading
@@ -29,6 +30,7 @@ from cloudlet.rig import Mosquitto
 from edge_objects.faults import Fault, corrupt, pick
 from edge_objects.fleet import DeviceFleet
 from edge_objects.irrigation import IrrigationModel, IrrigationSite
+from edge_objects.sdk import EdgeObject
 from processors.ingest import Ingest
 from processors.runtime import UnitRuntime
 from streams import Registry, TopicScheme
@@ -111,6 +113,9 @@ class Demo:
         self.ingest = Ingest(self.registry, self.topics)
         self.runtime: UnitRuntime | None = None
         self.fleet: DeviceFleet | None = None
+        self.valves: list[EdgeObject] = []
+        self.commands: queue.SimpleQueue[tuple[str, float]] = queue.SimpleQueue()
+        self.valve_openings: Counter[str] = Counter()
         self._observer: mqtt.Client | None = None
 
     def start(self) -> None:
@@ -142,17 +147,42 @@ class Demo:
         ).start()
         self.fleet = DeviceFleet(mqtt_settings, client_id=f"cloudlet-demo-devices-{id(self)}")
         self.fleet.start()
+        for field_devices in self.site.fields:
+            self.valves.append(self._valve(field_devices.valve, mqtt_settings).start())
         for what, ready in (
             ("observer", subscribed),
             ("processing unit", self.runtime.connected),
             ("devices", self.fleet.connected),
+            *((v.so_id, v.connected) for v in self.valves),
         ):
             if not ready.wait(15):
                 raise RuntimeError(f"the {what} could not connect to {url} within 15 s")
         self.progress(f"{len(self.site.device_ids)} simulated devices online")
 
+    def _valve(self, valve_id: str, settings: MqttSettings) -> EdgeObject:
+        """A simulated valve: commands reach the model at its next step."""
+        valve = EdgeObject(valve_id, settings, client_id=f"{valve_id}-demo-{id(self)}")
+
+        @valve.action("open")
+        def open_(parameters: dict[str, Any]) -> str:
+            minutes = float(parameters.get("minutes", 10))
+            self.commands.put((valve_id, minutes))
+            return f"opening for {minutes:g} minutes"
+
+        @valve.action("close")
+        def close(parameters: dict[str, Any]) -> str:
+            self.commands.put((valve_id, 0.0))
+            return "closing"
+
+        return valve
+
     def step(self) -> None:
         assert self.fleet is not None
+        while not self.commands.empty():
+            valve_id, minutes = self.commands.get()
+            self.model.set_valve(valve_id, minutes > 0, minutes=minutes or None)
+            if minutes > 0:
+                self.valve_openings[valve_id] += 1
         dt = self.settings.speed / self.settings.rate
         for key, update in self.model.step(dt):
             self.fleet.publish(key, update)
@@ -192,6 +222,8 @@ class Demo:
         return False
 
     def stop(self) -> None:
+        for valve in self.valves:
+            valve.stop()
         for closer in (
             self.fleet.stop if self.fleet else None,
             self.runtime.stop if self.runtime else None,
@@ -224,7 +256,9 @@ class Demo:
                 "rejected": {r.value: n for r, n in counts.rejected.items()},
                 "derived": published.derived,
                 "dead_letters": published.dead_letters,
+                "actuations": len(self.runtime.actuations.recent(10_000)),
             },
+            "valve_openings": dict(self.valve_openings),
             "observed": {
                 "updates": seen_updates,
                 "derived": seen_derived,

@@ -46,6 +46,8 @@ def live_view(demo: Demo) -> Group:
     stats.add_row("unit received", f"{counts.messages} messages, {counts.accepted} accepted")
     stats.add_row("unit rejected", rejected)
     stats.add_row("flows derived", f"{derived} updates (windows and composite streams)")
+    openings = ", ".join(f"{v}={n}" for v, n in sorted(demo.valve_openings.items())) or "none yet"
+    stats.add_row("valves opened", openings)
     stats.add_row("subscribers saw", f"{updates} updates; dead letters: {seen_letters}")
     return Group(table, Panel(stats, title="cloudlet", expand=True))
 
@@ -67,6 +69,8 @@ def summary_view(summary: dict[str, Any]) -> Table:
     table.add_row("seen on .../updates", str(seen["updates"]))
     derived = ", ".join(f"{k}={v}" for k, v in sorted(seen["derived"].items()))
     table.add_row("derived (flows) seen", derived or "none yet")
+    openings = ", ".join(f"{k}={v}" for k, v in sorted(summary["valve_openings"].items()))
+    table.add_row("valves opened by rules", openings or "none")
     table.add_row("seen on the dead-letter topic", letters or "none")
     verdict = (
         "[green]every update arrived, derived ones too; every fault was rejected for the right"

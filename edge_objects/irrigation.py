@@ -53,6 +53,7 @@ class _Field:
     soil_temperature: float
     drying: float  # this field's soil: how fast it dries relative to the average
     valve_open: bool = False
+    valve_until: int | None = None  # simulated ms at which an opened valve closes itself
 
 
 class IrrigationModel:
@@ -65,7 +66,7 @@ class IrrigationModel:
         self.fields = [
             _Field(
                 f,
-                moisture=self.rng.uniform(22.0, 34.0),
+                moisture=self.rng.uniform(17.0, 30.0),  # some fields need water early
                 soil_temperature=16.0,
                 drying=self.rng.uniform(0.8, 1.25),
             )
@@ -74,11 +75,15 @@ class IrrigationModel:
         self._rain_until = 0
         self._rain_intensity = 0.0  # mm/h
 
-    def set_valve(self, valve_id: str, open_: bool) -> None:
-        """What an actuation does to the field behind `valve_id`."""
+    def set_valve(self, valve_id: str, open_: bool, *, minutes: float | None = None) -> None:
+        """What an actuation does to the field behind `valve_id`; an opened valve with
+        `minutes` closes itself after that much simulated time."""
         for f in self.fields:
             if f.devices.valve == valve_id:
                 f.valve_open = open_
+                f.valve_until = (
+                    self.now_ms + int(minutes * 60_000) if open_ and minutes is not None else None
+                )
                 return
         raise KeyError(f"no field has valve {valve_id!r}")
 
@@ -112,6 +117,8 @@ class IrrigationModel:
         noise = self.rng.gauss
         out: list[tuple[StreamKey, SensorUpdate]] = []
         for f in self.fields:
+            if f.valve_until is not None and self.now_ms >= f.valve_until:
+                f.valve_open, f.valve_until = False, None
             drying = (0.15 + sun / 1500.0 + max(0.0, air - 15.0) * 0.03) * f.drying
             gain = rain_mm * 1.2 + (6.0 * dt_h if f.valve_open else 0.0)
             f.moisture = min(55.0, max(8.0, f.moisture - drying * dt_h + gain))
