@@ -26,7 +26,7 @@ from processors.ingest import DeadLetter, Ingest, IngestBatch, RawMessage
 from processors.metrics import UnitMetrics
 from processors.sink import ResultSink
 from processors.state import StateStore
-from streams import Codec, SensorUpdate, StreamKey, encode_update
+from streams import Codec, RejectReason, SensorUpdate, StreamKey, encode_update
 from streams.actuation import Actuation, ActuationError, StatusReport
 from streams.flows.engine import FlowEngine, FlowResult
 from streams.mqtt import MqttSettings, connect, content_type_properties, make_client
@@ -210,17 +210,16 @@ class UnitRuntime:
 
     def _take_status_reports(self, batch: list[mqtt.MQTTMessage]) -> list[mqtt.MQTTMessage]:
         """Record the devices' status reports; the rest of the batch is device data."""
-        status_suffix = "/status"
         data = []
         for m in batch:
-            if m.topic.endswith(status_suffix) and "/actions/" in m.topic:
+            about = self.ingest.topics.parse_action_status(m.topic)
+            if about is not None:
                 try:
                     report = StatusReport.from_json(m.payload)
                 except ActuationError as exc:
                     log.warning("status report on %s cannot be read: %s", m.topic, exc)
                 else:
-                    so = m.topic.removeprefix(self.ingest.topics.root).split("/")[0]
-                    self.actuations.reported(so, report)
+                    self.actuations.reported(about[0], report)
                     self.metrics.actuation_reports.labels(self.metrics.unit, report.status).inc()
                 self._unacked.append(m)
             else:
@@ -254,7 +253,7 @@ class UnitRuntime:
         m.dead_letters.inc(len(out.dead_letters))
         for letter in out.dead_letters:
             m.reject(letter.rejection.reason.value)
-            if letter.rejection.reason.value == "late":
+            if letter.rejection.reason is RejectReason.LATE:
                 m.late.inc()
         m.unacknowledged.set(len(self._unacked))
 

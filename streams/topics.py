@@ -83,6 +83,17 @@ class TopicScheme(BaseModel):
     def action_status_filter(self) -> str:
         return f"{self.root}+/actions/+/status"
 
+    def parse_action_status(self, topic: str) -> tuple[str, str] | None:
+        """The (so, actuation id) a status-report topic is about, or None if it is not one."""
+        if not topic.startswith(self.root):
+            return None
+        levels = topic[len(self.root) :].split("/")
+        if len(levels) != 4 or levels[1] != "actions" or levels[3] != "status":
+            return None
+        if not levels[0] or not levels[2]:
+            return None
+        return levels[0], levels[2]
+
     # Rejected input
     def dead_letter(self, so: str | None, stream: str | None) -> str:
         return f"{self.root}cloudlet/dead-letter/{_level(so or '')}/{_level(stream or '')}"

@@ -18,7 +18,7 @@ A `StreamValidator` is built once per stream and reused for every update on it.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -286,9 +286,7 @@ class StreamValidator:
         except InvalidUpdate as exc:
             return [], [exc.rejection]
 
-    def _each(
-        self, docs: Iterator[tuple[int, Any]] | enumerate[Any]
-    ) -> tuple[list[SensorUpdate], list[Rejection]]:
+    def _each(self, docs: Iterable[tuple[int, Any]]) -> tuple[list[SensorUpdate], list[Rejection]]:
         accepted: list[SensorUpdate] = []
         rejected: list[Rejection] = []
         for i, doc in docs:

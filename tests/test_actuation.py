@@ -14,10 +14,11 @@ import pytest
 
 from cloudlet.demo import scenario_dir
 from cloudlet.rig import Mosquitto
+from edge_objects.fleet import DeviceFleet
 from edge_objects.sdk import EdgeObject, OfflineBufferFull
 from processors.config import UnitConfig
 from processors.unit import Unit
-from streams import SensorUpdate, StreamKey, encode_update
+from streams import SensorUpdate, StreamKey
 from streams.actuation import Actuation, ActuationError, ActuationStatus, StatusReport, checked
 from streams.catalog import Catalog
 from streams.mqtt import MqttSettings, connect, make_client
@@ -118,13 +119,11 @@ def test_the_irrigation_loop_over_the_broker(mosquitto: Mosquitto, tmp_path: Pat
         return f"open for {parameters['minutes']} minutes"
 
     valve.start()
-    sensors = EdgeObject("site-sensors", MqttSettings(url=mosquitto.url))
-    sensors.start()
+    sensors = DeviceFleet(MqttSettings(url=mosquitto.url), client_id="fleet-act").start()
     try:
         assert unit.runtime.connected.wait(10) and valve.connected.wait(10)
         for key, update in _dry_morning(11):
-            # one connection publishes for every device of the site
-            sensors._send(sensors.topics.device_update(*key), encode_update(update))
+            sensors.publish(key, update)
         assert opened.get(timeout=20) == {"minutes": 20}
         base = f"http://127.0.0.1:{unit.status.port}"  # type: ignore[union-attr]
         deadline = time.monotonic() + 10

@@ -19,6 +19,9 @@ def test_default_scheme_mirrors_servioticy_paths() -> None:
     assert t.actions("valve-1") == "valve-1/actions"
     assert t.action_status("valve-1", "a1b2") == "valve-1/actions/a1b2/status"
     assert t.action_status_filter == "+/actions/+/status"
+    assert t.parse_action_status("valve-1/actions/a1b2/status") == ("valve-1", "a1b2")
+    assert t.parse_action_status("valve-1/actions") is None
+    assert t.parse_action_status("valve-1/streams/a1b2/status") is None
     assert t.dead_letter("so1", "data") == "cloudlet/dead-letter/so1/data"
     assert t.dead_letter_filter == "cloudlet/dead-letter/#"
 
