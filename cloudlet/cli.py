@@ -165,8 +165,8 @@ def _print_object(so: ServiceObject, source: str, produced_by: dict[str, str]) -
 @flow_app.command("test")
 def flow_test(
     objects: Annotated[
-        list[Path], typer.Argument(help="Descriptor and flow files or directories.")
-    ],
+        list[Path] | None, typer.Argument(help="Descriptor and flow files or directories.")
+    ] = None,
     input_path: Annotated[
         Path,
         typer.Option(
@@ -174,17 +174,37 @@ def flow_test(
             "-i",
             help='JSON lines: {"so": ..., "stream": ..., "update": ...}; - for stdin',
         ),
-    ],
+    ] = Path("-"),
+    unit: Annotated[
+        Path | None,
+        typer.Option(help="A unit config: its objects, flows and processors (plug-ins)."),
+    ] = None,
     flush: Annotated[
         bool, typer.Option(help="Close the windows still open at the end of the input.")
     ] = True,
 ) -> None:
-    """Run composite streams and flows offline; print what they produce, one JSON per line."""
+    """Run composite streams, flows and processors offline; print what they produce, one JSON
+    object per line."""
     from streams.flows.offline import run_offline
 
+    if unit is not None:
+        from processors.chain import build_chain
+        from processors.config import ConfigError, UnitConfig
+
+        try:
+            config = UnitConfig.load(unit)
+        except ConfigError as exc:
+            _print_problems(exc.problems)
+            raise typer.Exit(1) from None
+        objects = [*config.objects, *(objects or [])]
+    if not objects:
+        raise _fail("name descriptor and flow files, or a unit config with --unit")
     catalog, problems = Catalog.check(objects)
-    for problem in problems:
-        err.print(f"[bold red]error:[/] {problem}", soft_wrap=True)
+    stage = registry = None
+    if unit is not None and not problems:
+        chain, registry, problems = build_chain(catalog.registry, config.processors, str(unit))
+        stage = chain.as_stage()
+    _print_problems(problems)
     if problems:
         raise typer.Exit(1)
     try:
@@ -192,8 +212,13 @@ def flow_test(
     except OSError as exc:
         raise _fail(f"cannot read {input_path}: {exc.strerror}") from None
     with source:
-        for record in run_offline(catalog, source, flush=flush):
+        for record in run_offline(catalog, source, flush=flush, stage=stage, registry=registry):
             sys.stdout.buffer.write(orjson.dumps(record) + b"\n")
+
+
+def _print_problems(problems: list[Problem]) -> None:
+    for problem in problems:
+        err.print(f"[bold red]error:[/] {problem}", soft_wrap=True)
 
 
 # act -----------------------------------------------------------------------------------------

@@ -9,6 +9,11 @@ state_dir: state/                # snapshots of windows and latest values (msgpa
 checkpoint: {every: 5s, messages: 500}
 sink: {sqlite: results.db}       # accepted and derived updates for the cloud side
 http: {host: 127.0.0.1, port: 9400}   # /metrics, /healthz, /readyz
+processors:                      # plug-ins, run in order after the flows
+  - use: threshold
+    from: "field-*-soil/soil"
+    into: dry
+    config: {value: moisture, high: 25, low: 20, direction: below}
 ```
 """
 
@@ -21,6 +26,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from processors.chain import ProcessorSpec
 from streams.codec import DEFAULT_MAX_PAYLOAD
 from streams.flows.model import duration_ms
 from streams.mqtt import MqttSettings
@@ -68,6 +74,8 @@ class UnitConfig(_Strict):
     checkpoint: Checkpoint = Checkpoint()
     sink: SinkSettings | None = None
     http: HttpSettings | None = None
+    processors: list[ProcessorSpec] = []
+    source: str = Field(default="<memory>", exclude=True)  # the file it was read from
 
     @field_validator("name")
     @classmethod
@@ -107,6 +115,7 @@ class UnitConfig(_Strict):
         base = path.parent
         return config.model_copy(
             update={
+                "source": source,
                 "objects": [base / p for p in config.objects],
                 "state_dir": base / config.state_dir if config.state_dir else None,
                 "sink": SinkSettings(sqlite=base / config.sink.sqlite) if config.sink else None,

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import paho.mqtt.client as mqtt
 
 from processors.actuation import ActuationLog
+from processors.chain import Chain, Item
 from processors.ingest import DeadLetter, Ingest, IngestBatch, RawMessage
 from processors.metrics import UnitMetrics
 from processors.sink import ResultSink
@@ -68,6 +69,7 @@ class UnitRuntime:
         mqtt_settings: MqttSettings,
         *,
         engine: FlowEngine | None = None,
+        chain: Chain | None = None,
         client_id: str = "cloudlet-unit",
         subscription: str | None = None,
         batch_size: int = 500,
@@ -79,6 +81,7 @@ class UnitRuntime:
     ) -> None:
         self.ingest = ingest
         self.engine = engine
+        self.chain = chain
         self.settings = mqtt_settings
         self.subscription = subscription or ingest.topics.device_updates_filter
         self.batch_size = batch_size
@@ -105,11 +108,24 @@ class UnitRuntime:
         self._client.on_message = self._on_message
         self._client.on_publish = self._on_publish
         self._worker = threading.Thread(target=self._run, name="cloudlet-unit", daemon=True)
-        if self.state is not None and self.engine is not None:
+        if self.state is not None:
             saved = self.state.load()
             if saved is not None:
-                self.engine.restore(saved)
+                self._restore(saved)
                 log.info("restored state from %s", self.state.path)
+
+    def _snapshot(self) -> dict[str, object]:
+        return {
+            "flows": self.engine.snapshot() if self.engine is not None else None,
+            "processors": self.chain.snapshot() if self.chain is not None else None,
+        }
+
+    def _restore(self, saved: dict[str, object]) -> None:
+        flows, processors = saved.get("flows"), saved.get("processors")
+        if self.engine is not None and isinstance(flows, dict):
+            self.engine.restore(flows)
+        if self.chain is not None and isinstance(processors, dict):
+            self.chain.restore(processors)
 
     # paho callbacks (network thread): never block here -------------------------------------
 
@@ -162,6 +178,8 @@ class UnitRuntime:
         self._client.loop_stop()
         if self.sink is not None:
             self.sink.close()
+        if self.chain is not None:
+            self.chain.teardown()
 
     # worker ----------------------------------------------------------------------------------
 
@@ -189,7 +207,9 @@ class UnitRuntime:
                     return
                 if self.engine is not None and self.clock() - last_tick >= 1.0:
                     last_tick = self.clock()  # processing-time windows fire without input
-                    self._publish(self._outputs(IngestBatch(), self.engine.tick()))
+                    ticked = self.engine.tick()
+                    items = [Item(k, u) for k, u in ticked.derived]
+                    self._publish(self._run_chain(IngestBatch(), items, ticked))
                 if self._unacked and self._checkpoint_due():
                     self._commit()
                 continue
@@ -234,8 +254,8 @@ class UnitRuntime:
 
     def _commit(self) -> None:
         """Snapshot the state (when there is a store), then acknowledge what it covers."""
-        if self.state is not None and self.engine is not None:
-            self.state.save(self.engine.snapshot())
+        if self.state is not None:
+            self.state.save(self._snapshot())
             self.metrics.checkpoints.inc()
         self._last_checkpoint = self.clock()
         for m in self._unacked:
@@ -258,24 +278,41 @@ class UnitRuntime:
         m.unacknowledged.set(len(self._unacked))
 
     def _run_flows(self, result: IngestBatch) -> Outputs:
-        if self.engine is None:
-            return self._outputs(result, FlowResult())
         combined = FlowResult()
-        # One update at a time, so that a late update or a failed expression is traced back
-        # to the message that caused it, whose payload its dead letter carries.
+        items: list[Item] = []  # for the processors: every update, with its message
         for update, origin in zip(result.accepted, result.origins, strict=True):
+            items.append(Item(*update, origin))
+            if self.engine is None:
+                continue
+            # One update at a time, so that a late update or a failed expression is traced
+            # back to the message that caused it, whose payload its dead letter carries.
             flows = self.engine.process([update])
             combined.derived.extend(flows.derived)
             combined.actuations.extend(flows.actuations)
+            items.extend(Item(k, u, origin) for k, u in flows.derived)
             for late in flows.late:
                 result.dead_letters.append(self.ingest.dead_letter(origin, late.rejection))
             for rejection in flows.rejected:
                 result.dead_letters.append(self.ingest.dead_letter(origin, rejection))
-        return self._outputs(result, combined)
+        return self._run_chain(result, items, combined)
 
-    @staticmethod
-    def _outputs(result: IngestBatch, flows: FlowResult) -> Outputs:
-        return Outputs(result.accepted, flows.derived, result.dead_letters, flows.actuations)
+    def _run_chain(self, result: IngestBatch, items: list[Item], flows: FlowResult) -> Outputs:
+        """The processors, over the batch's updates and what the flows derived from them."""
+        outputs = Outputs(result.accepted, flows.derived, result.dead_letters, flows.actuations)
+        if self.chain is None:
+            return outputs
+        chained = self.chain.process(items)
+        outputs.derived = [*flows.derived, *((it.key, it.update) for it in chained.derived)]
+        outputs.actuations = [*flows.actuations, *chained.actuations]
+        for failure in chained.failed:
+            origin = failure.item.origin
+            if not isinstance(origin, RawMessage):  # a derived update: it is what failed
+                key, update = failure.item.key, failure.item.update
+                origin = RawMessage(self.ingest.topics.updates(key.so, key.stream),
+                                    encode_update(update), Codec.JSON.content_type,
+                                    int(self.clock() * 1000))  # fmt: skip
+            outputs.dead_letters.append(self.ingest.dead_letter(origin, failure.rejection))
+        return outputs
 
     def _publish(self, result: Outputs) -> None:
         json = content_type_properties(Codec.JSON.content_type)

@@ -7,7 +7,8 @@ import logging
 import time
 from collections.abc import Callable
 
-from processors.config import UnitConfig
+from processors.chain import build_chain
+from processors.config import ConfigError, UnitConfig
 from processors.ingest import Ingest
 from processors.metrics import StatusServer, UnitMetrics
 from processors.runtime import CheckpointPolicy, UnitRuntime
@@ -30,11 +31,17 @@ class Unit:
         # Each replica has its own persistent session and its own state.
         self.instance = f"{config.name}-{replica}" if replica else config.name
         self.catalog = Catalog.load(config.objects)
+        self.chain, registry, problems = build_chain(
+            self.catalog.registry, config.processors, config.source
+        )
+        if problems:
+            raise ConfigError(problems)
         self.metrics = UnitMetrics(self.instance)
         self.runtime = UnitRuntime(
-            Ingest(self.catalog.registry, config.topics, max_payload=config.max_payload),
+            Ingest(registry, config.topics, max_payload=config.max_payload),
             config.mqtt,
             engine=self.catalog.engine(clock=clock),
+            chain=self.chain if len(self.chain) else None,
             client_id=self.instance,
             subscription=config.subscription,
             batch_size=config.batch_size,
@@ -62,9 +69,9 @@ class Unit:
             self.status.start()
         self.runtime.start()
         log.info(
-            "unit %s: broker %s, subscription %s, %d objects, %d flows",
+            "unit %s: broker %s, subscription %s, %d objects, %d flows, %d processors",
             self.instance, self.config.mqtt.url, self.config.subscription,
-            len(self.catalog.registry), len(self.catalog.flows),
+            len(self.catalog.registry), len(self.catalog.flows), len(self.chain),
         )  # fmt: skip
         return self
 

@@ -32,6 +32,7 @@ class RejectReason(StrEnum):
     BAD_LAST_UPDATE = "bad_last_update"
     EXPRESSION_FAILED = "expression_failed"
     LATE = "late"
+    PROCESSOR_FAILED = "processor_failed"
 
 
 @dataclass(frozen=True, slots=True)

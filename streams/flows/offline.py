@@ -9,18 +9,28 @@ a run is reproducible.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Protocol
 
 import orjson
 
 from streams.catalog import Catalog
 from streams.codec import update_document
 from streams.flows.engine import FlowResult
+from streams.registry import Registry
 from streams.rejections import InvalidUpdate, Rejection, RejectReason
-from streams.updates import StreamKey
+from streams.updates import SensorUpdate, StreamKey
 
 Record = dict[str, Any]
+
+
+class Stage(Protocol):
+    """Processing after the flows (a unit's processors): the updates of one input line and
+    what the flows derived from them in, what it produces out."""
+
+    def process(self, batch: Sequence[tuple[StreamKey, SensorUpdate]]) -> FlowResult: ...
+
+    def flush(self) -> FlowResult: ...
 
 
 class _EventClock:
@@ -58,6 +68,9 @@ def _records(result: FlowResult) -> Iterator[Record]:
     for rejection in result.rejected:
         yield {"kind": "rejected", "so": rejection.so_id, "stream": rejection.stream_id,
                "reason": rejection.reason.value, "message": rejection.message}  # fmt: skip
+    for command in result.actuations:
+        yield {"kind": "actuation", "so": command.so, "action": command.action,
+               "parameters": command.parameters, "issuedAt": command.issued_at}  # fmt: skip
     for d in result.discarded:
         yield {"kind": "discarded", "so": d.key.so, "stream": d.key.stream,
                "trigger": f"{d.trigger.so}/{d.trigger.stream}", "lastUpdate": d.last_update,
@@ -65,12 +78,26 @@ def _records(result: FlowResult) -> Iterator[Record]:
 
 
 def run_offline(
-    catalog: Catalog, lines: Iterable[str | bytes], *, flush: bool = True
+    catalog: Catalog,
+    lines: Iterable[str | bytes],
+    *,
+    flush: bool = True,
+    stage: Stage | None = None,
+    registry: Registry | None = None,
 ) -> Iterator[Record]:
-    """Feed each input line to the flows; yield what comes out. With `flush`, windows still
-    open at the end of the input are closed and their results emitted."""
+    """Feed each input line to the flows (and then to `stage`); yield what comes out. With
+    `flush`, windows still open at the end of the input are closed and their results
+    emitted. `registry` (default the catalog's) validates the input: a unit's processors add
+    streams to it."""
+    registry = registry or catalog.registry
     clock = _EventClock()
     engine = catalog.engine(clock=clock)
+
+    def run(inputs: list[tuple[StreamKey, SensorUpdate]], flows: FlowResult) -> Iterator[Record]:
+        yield from _records(flows)
+        if stage is not None:
+            yield from _records(stage.process([*inputs, *flows.derived]))
+
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -88,7 +115,7 @@ def run_offline(
             yield _rejected(number, Rejection(RejectReason.MALFORMED, f"line {number}: {exc}"))
             continue
         try:
-            validator = catalog.registry.validator(so, stream)
+            validator = registry.validator(so, stream)
         except InvalidUpdate as exc:
             yield _rejected(number, exc.rejection, item["update"])
             continue
@@ -97,6 +124,9 @@ def run_offline(
             yield _rejected(number, rejection, item["update"])
         for update in accepted:
             clock.now_ms = max(clock.now_ms, update.last_update)
-            yield from _records(engine.process([(StreamKey(so, stream), update)]))
+            key = StreamKey(so, stream)
+            yield from run([(key, update)], engine.process([(key, update)]))
     if flush:
-        yield from _records(engine.flush())
+        yield from run([], engine.flush())
+        if stage is not None:
+            yield from _records(stage.flush())
