@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cloudlet.processor_cli import processor_app
 from cloudlet.rig import Kafka, Mosquitto, RigError, ensure_kafka, ensure_mosquitto
 from streams import Problem, ServiceObject, TopicScheme
 from streams.catalog import Catalog
@@ -42,6 +43,7 @@ app.add_typer(so_app, name="so")
 app.add_typer(rig_app, name="rig")
 app.add_typer(flow_app, name="flow")
 app.add_typer(unit_app, name="unit")
+app.add_typer(processor_app, name="processor")
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)

@@ -7,7 +7,7 @@ do not need a web framework, and the unit stays small.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -20,8 +20,11 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from processors.actuation import ActuationLog
+from processors.chain import Chain
 
 
 class UnitMetrics:
@@ -66,11 +69,41 @@ class UnitMetrics:
             ["unit", "status"], registry=r,
         )  # fmt: skip
 
+    def watch(self, chain: Chain) -> None:
+        """Export each processor's counts (read when scraped, so nothing is counted twice)."""
+        self.registry.register(_ProcessorCollector(self.unit, chain))
+
     def reject(self, reason: str) -> None:
         self.rejected.labels(self.unit, reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _ProcessorCollector(Collector):
+    def __init__(self, unit: str, chain: Chain) -> None:
+        self.unit = unit
+        self.chain = chain
+
+    def collect(self) -> Iterator[Metric]:
+        updates = CounterMetricFamily(
+            "cloudlet_processor_updates",
+            "Updates through each processor: received, emitted, failed",
+            labels=["unit", "processor", "outcome"],
+        )
+        seconds = CounterMetricFamily(
+            "cloudlet_processor_seconds",
+            "Time spent in each processor",
+            labels=["unit", "processor"],
+        )
+        for stage in self.chain.stages:
+            c = stage.counts
+            for outcome, n in (("received", c.received), ("emitted", c.emitted),
+                               ("failed", c.failed)):  # fmt: skip
+                updates.add_metric([self.unit, stage.name, outcome], n)
+            seconds.add_metric([self.unit, stage.name], c.seconds)
+        yield updates
+        yield seconds
 
 
 class StatusServer:

@@ -37,6 +37,7 @@ class Unit:
         if problems:
             raise ConfigError(problems)
         self.metrics = UnitMetrics(self.instance)
+        self.metrics.watch(self.chain)
         self.runtime = UnitRuntime(
             Ingest(registry, config.topics, max_payload=config.max_payload),
             config.mqtt,

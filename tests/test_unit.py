@@ -28,6 +28,7 @@ from streams import SensorUpdate, StreamKey
 from streams.catalog import Catalog
 from streams.mqtt import MqttSettings, connect, make_client
 from tests.test_cli import CLOUDLET
+from tests.test_processors import OBJECTS
 
 IRRIGATION = scenario_dir("irrigation")
 T0 = 1_700_006_400_000
@@ -277,3 +278,63 @@ def test_replicas_share_a_subscription_without_loss_or_double_processing(
     assert sorted(raw) == sorted(sent)  # each once: none lost, none processed twice
     shares = [r.runtime.published.updates for r in replicas]
     assert sum(shares) == 2000 and min(shares) > 0, shares
+
+
+@pytest.mark.mqtt
+def test_processors_in_a_unit_publish_dead_letter_and_count(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    (tmp_path / "objects").mkdir()
+    (tmp_path / "objects" / "objects.yaml").write_text(OBJECTS)
+    path = _config(
+        tmp_path, mosquitto, name="u-plugins", objects=tmp_path / "objects", http={"port": 0},
+        processors=[
+            {"use": "threshold", "from": "s1/data", "into": "alert",
+             "config": {"value": "t", "high": 40, "low": 30}},
+            {"use": "tests.test_processors:Running", "name": "running", "from": "s1/data",
+             "into": "total"},
+        ],
+    )  # fmt: skip
+    unit = Unit(UnitConfig.load(path)).start()
+    collector = Collector(mosquitto, "collector-plugins")
+    fleet = DeviceFleet(MqttSettings(url=mosquitto.url), client_id="fleet-plugins").start()
+    values = [35, 45, -5, 20, 10]
+    try:
+        assert unit.runtime.connected.wait(10)
+        for i, v in enumerate(values):
+            fleet.publish(StreamKey("s1", "data"), SensorUpdate({"t": v}, T0 + i))
+        got = collector.take(lambda g: len(g) >= len(values) + 3 + 4 + 1)
+        got += collector.take(lambda g: False, timeout=0.5)
+        base = f"http://127.0.0.1:{unit.status.port}"  # type: ignore[union-attr]
+        metrics = urllib.request.urlopen(f"{base}/metrics").read().decode()
+    finally:
+        fleet.stop()
+        collector.close()
+        unit.stop()
+
+    def stream(name: str) -> list[tuple[int, Any]]:
+        return [
+            (body["lastUpdate"] - T0, {c: v["current-value"] for c, v in body["channels"].items()})
+            for topic, body in got
+            if topic == f"s1/streams/{name}/updates"
+        ]
+
+    assert stream("alert") == [(0, {"active": False, "value": 35.0}),
+                               (1, {"active": True, "value": 45.0}),
+                               (2, {"active": False, "value": -5.0})]  # fmt: skip
+    assert stream("total") == [(0, {"total": 35}), (1, {"total": 80}), (3, {"total": 100}),
+                               (4, {"total": 110})]  # fmt: skip
+    letters = [body for topic, body in got if topic.startswith("cloudlet/dead-letter/")]
+    assert [(d["reason"], orjson.loads(d["payload"])["lastUpdate"]) for d in letters] == [
+        ("processor_failed", T0 + 2)
+    ]
+    for line in (
+        'cloudlet_processor_updates_total{outcome="received",processor="running",unit="u-plugins"}'
+        " 5.0",
+        'cloudlet_processor_updates_total{outcome="failed",processor="running",unit="u-plugins"}'
+        " 1.0",
+        'cloudlet_processor_updates_total{outcome="emitted",processor="threshold",unit="u-plugins"}'
+        " 3.0",
+        'cloudlet_updates_rejected_total{reason="processor_failed",unit="u-plugins"} 1.0',
+    ):
+        assert line in metrics, [m for m in metrics.splitlines() if "processor" in m]
