@@ -362,6 +362,35 @@ def unit_run(
     unit.stop()
 
 
+@app.command("gateway")
+def gateway_run(
+    config_path: Annotated[
+        Path, typer.Argument(metavar="CONFIG", help="The gateway's YAML config.")
+    ],
+    log_format: Annotated[str, typer.Option(help="text or json")] = "text",
+) -> None:
+    """Run the HTTP ingest gateway: PUT /{soId}/streams/{streamId} onto the broker."""
+    from edge_objects.gateway import Gateway, GatewayConfigError, GatewaySettings
+    from streams.registry import RegistryError
+
+    _configure_logging(log_format)
+    try:
+        gateway = Gateway(GatewaySettings.load(config_path))
+    except (GatewayConfigError, RegistryError) as exc:
+        _print_problems(exc.problems)
+        raise typer.Exit(1) from None
+    except ValueError as exc:  # a token_env that is not set
+        raise _fail(f"{config_path}: {exc}") from None
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    gateway.start()
+    out.print(f"gateway on {gateway.url} (OpenAPI: {gateway.url}/docs)")
+    while not stop.wait(0.5):
+        pass
+    gateway.stop()
+
+
 # demo ----------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,319 @@
+"""The HTTP ingest gateway, for web objects that speak only HTTP.
+
+`PUT /{soId}/streams/{streamId}` with a ServIoTicy sensor update (one, a list, or the
+columnar form; JSON or msgpack) is checked against the service objects and published, as it
+came, on the object's device topic with QoS 1. The answer says what happened:
+
+- 202 accepted: the broker has the message (its PUBACK arrived); the units take it from there.
+- 400 malformed body, 413 too large, 415 unsupported content type, 404 unknown object or
+  stream, 409 a stream the cloudlet derives, 422 a value that does not fit its channel
+  (the whole request is refused, so a corrected retry does not double anything), each with
+  the reasons; 401 no token, 403 a token that does not grant that object;
+  503 broker unreachable (nothing was published: retry).
+
+Refused updates are also published on the dead-letter topic with their reason and counted, as
+the units do for MQTT input. Tokens are per service object (glob patterns), compared in
+constant time; the tokens themselves can come from environment variables.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hmac
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+import yaml
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from starlette.concurrency import run_in_threadpool
+
+from streams import InvalidUpdate, Registry, Rejection, RejectReason, TopicScheme
+from streams.catalog import Catalog
+from streams.codec import DEFAULT_MAX_PAYLOAD, decode
+from streams.mqtt import MqttSettings, connect, content_type_properties, make_client
+from streams.registry import Problem, validation_problems
+from streams.rejections import dead_letter_record
+
+log = logging.getLogger(__name__)
+
+STATUS = {
+    RejectReason.OVERSIZED: 413,
+    RejectReason.UNSUPPORTED_CONTENT_TYPE: 415,
+    RejectReason.MALFORMED: 400,
+    RejectReason.UNKNOWN_OBJECT: 404,
+    RejectReason.UNKNOWN_STREAM: 404,
+    RejectReason.DERIVED_STREAM: 409,
+}  # anything else (a value that does not fit its channel): 422
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TokenGrant(_Strict):
+    """A token and the service objects (glob patterns) it may post to."""
+
+    token: SecretStr | None = None
+    token_env: str | None = None  # read the token from this environment variable
+    objects: list[str] = Field(default=["*"], min_length=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TokenGrant:
+        if (self.token is None) == (self.token_env is None):
+            raise ValueError("a token grant needs exactly one of token or token_env")
+        return self
+
+    def secret(self) -> str:
+        if self.token is not None:
+            return self.token.get_secret_value()
+        value = os.environ.get(self.token_env or "")
+        if not value:
+            raise ValueError(f"environment variable {self.token_env} (token_env) is not set")
+        return value
+
+
+class GatewaySettings(_Strict):
+    """```yaml
+    objects: [objects/]
+    mqtt: {url: mqtt://127.0.0.1:1883}
+    http: {host: 0.0.0.0, port: 8080}
+    tokens:
+      - {token_env: FIELD_TOKEN, objects: ["field-*"]}
+      - {token: s3cret, objects: [weather-1]}
+    # allow_anonymous: true     # no tokens at all (a closed network only)
+    ```"""
+
+    objects: list[Path] = Field(min_length=1)
+    mqtt: MqttSettings = MqttSettings()
+    topics: TopicScheme = TopicScheme()
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    max_payload: int = Field(default=DEFAULT_MAX_PAYLOAD, ge=64)
+    tokens: list[TokenGrant] = []
+    allow_anonymous: bool = False
+    client_id: str = "cloudlet-gateway"
+    publish_timeout: float = Field(default=10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _some_access(self) -> GatewaySettings:
+        if not self.tokens and not self.allow_anonymous:
+            raise ValueError(
+                "no tokens: list tokens (each with the objects it may post to), or set"
+                " allow_anonymous: true for a closed network"
+            )
+        return self
+
+    @classmethod
+    def load(cls, path: Path) -> GatewaySettings:
+        source = str(path)
+        try:
+            doc = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise GatewayConfigError([Problem(source, f"cannot be read: {exc}")]) from None
+        if not isinstance(doc, dict):
+            raise GatewayConfigError([Problem(source, "a gateway config must be a mapping")])
+        http = doc.pop("http", None) or {}
+        try:
+            settings = cls.model_validate({**doc, **http})
+        except ValidationError as exc:
+            raise GatewayConfigError(validation_problems(exc, source)) from None
+        return settings.model_copy(update={"objects": [path.parent / p for p in settings.objects]})
+
+
+class GatewayConfigError(Exception):
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("cloudlet_gateway_requests", "Requests by status", ["status"],
+                                registry=self.registry)  # fmt: skip
+        self.accepted = Counter("cloudlet_gateway_updates_accepted", "Sensor updates published",
+                                registry=self.registry)  # fmt: skip
+        self.rejected = Counter("cloudlet_gateway_updates_rejected", "Input refused, by reason",
+                                ["reason"], registry=self.registry)  # fmt: skip
+
+
+class Gateway:
+    def __init__(self, settings: GatewaySettings, registry: Registry | None = None) -> None:
+        self.settings = settings
+        self.registry = registry or Catalog.load(settings.objects).registry
+        self.topics = settings.topics
+        self.grants = [(g.secret().encode(), g.objects) for g in settings.tokens]
+        self.metrics = _Metrics()
+        self.connected = threading.Event()
+        self.client = make_client(settings.mqtt, settings.client_id)
+        self.client.on_connect = lambda *_: self.connected.set()
+        self.client.on_disconnect = lambda *_: self.connected.clear()
+        self.app = self._app()
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self.port = settings.port
+
+    # HTTP --------------------------------------------------------------------------------
+
+    def _app(self) -> FastAPI:
+        app = FastAPI(
+            title="cloudlet ingest gateway",
+            description="Sensor updates from HTTP-only web objects, onto the cloudlet's broker.",
+        )
+
+        @app.put("/{so_id}/streams/{stream_id}", status_code=202)
+        async def put_update(so_id: str, stream_id: str, request: Request) -> Response:
+            """Post sensor updates (one, a list, or columnar) of a stream."""
+            denied = self._authorize(request, so_id)
+            if denied is not None:
+                return self._answer(*denied)
+            body = await self._body(request)
+            if body is None:
+                limit = self.settings.max_payload
+                return self._refuse(so_id, stream_id, b"", Rejection(
+                    RejectReason.OVERSIZED, f"{so_id}/{stream_id}: the body is more than the"
+                    f" limit of {limit} bytes", so_id, stream_id))  # fmt: skip
+            content_type = request.headers.get("content-type")
+            return await run_in_threadpool(self._post, so_id, stream_id, body, content_type)
+
+        @app.get("/healthz", include_in_schema=False)
+        def healthz() -> PlainTextResponse:
+            return PlainTextResponse("ok")
+
+        @app.get("/readyz", include_in_schema=False)
+        def readyz() -> PlainTextResponse:
+            ready = self.connected.is_set()
+            return PlainTextResponse("ready" if ready else "broker unreachable",
+                                     status_code=200 if ready else 503)  # fmt: skip
+
+        @app.get("/metrics", include_in_schema=False)
+        def metrics() -> Response:
+            return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+        return app
+
+    def _authorize(self, request: Request, so_id: str) -> tuple[int, dict[str, Any]] | None:
+        if self.settings.allow_anonymous:
+            return None
+        header = request.headers.get("authorization", "")
+        # "Bearer <token>", or ServIoTicy's bare "<token>"
+        token = header.removeprefix("Bearer ").strip().encode()
+        if not token:
+            return 401, {"error": "unauthorized", "message": "send Authorization: Bearer <token>"}
+        for secret, patterns in self.grants:
+            if hmac.compare_digest(token, secret):
+                if any(fnmatch.fnmatchcase(so_id, p) for p in patterns):
+                    return None
+                break
+        return 403, {"error": "forbidden",
+                     "message": f"this token may not post to service object {so_id!r}"}  # fmt: skip
+
+    async def _body(self, request: Request) -> bytes | None:
+        """The body, or None if it exceeds the limit (read no further than that)."""
+        limit = self.settings.max_payload
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return None
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _post(self, so_id: str, stream_id: str, body: bytes, content_type: str | None) -> Response:
+        try:
+            validator = self.registry.validator(so_id, stream_id)
+            doc = decode(body, content_type, max_bytes=self.settings.max_payload)
+        except InvalidUpdate as exc:
+            r = exc.rejection
+            if r.so_id is None:
+                r = Rejection(r.reason, f"{so_id}/{stream_id}: {r.message}", so_id, stream_id)
+            return self._refuse(so_id, stream_id, body, r)
+        accepted, rejections = validator.document(doc)
+        if rejections:
+            return self._refuse(so_id, stream_id, body, *rejections)
+        if not self.connected.is_set():
+            return self._answer(503, {"error": "unavailable",
+                                      "message": "the broker is unreachable; nothing was"
+                                      " published, retry later"})  # fmt: skip
+        info = self.client.publish(
+            self.topics.device_update(so_id, stream_id), body, qos=1,
+            properties=content_type_properties(content_type or "application/json"),
+        )  # fmt: skip
+        try:
+            info.wait_for_publish(self.settings.publish_timeout)
+        except (RuntimeError, ValueError):
+            pass
+        if not info.is_published():
+            return self._answer(503, {"error": "unavailable",
+                                      "message": "the broker did not confirm the message in"
+                                      f" {self.settings.publish_timeout} s; retry"})  # fmt: skip
+        self.metrics.accepted.inc(len(accepted))
+        topic = self.topics.device_update(so_id, stream_id)
+        return self._answer(202, {"accepted": len(accepted), "topic": topic})
+
+    def _refuse(self, so_id: str, stream_id: str, body: bytes, *rejections: Rejection) -> Response:
+        received = int(time.time() * 1000)
+        for r in rejections:
+            self.metrics.rejected.labels(r.reason.value).inc()
+            letter = dead_letter_record(r, topic=f"PUT /{so_id}/streams/{stream_id}",
+                                        payload=body, received_at=received)  # fmt: skip
+            self.client.publish(self.topics.dead_letter(r.so_id, r.stream_id), letter, qos=1,
+                                properties=content_type_properties("application/json"))  # fmt: skip
+        status = STATUS.get(rejections[0].reason, 422)
+        return self._answer(status, {
+            "error": rejections[0].reason.value,
+            "message": rejections[0].message,
+            "rejected": [{"reason": r.reason.value, "message": r.message, "index": r.index}
+                         for r in rejections],
+        })  # fmt: skip
+
+    def _answer(self, status: int, body: dict[str, Any]) -> Response:
+        self.metrics.requests.labels(str(status)).inc()
+        return JSONResponse(body, status_code=status)
+
+    # lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> Gateway:
+        connect(self.client, self.settings.mqtt, persistent=False)
+        self.client.loop_start()
+        sock = socket.socket(socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.settings.host, self.settings.port))
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [sock]}, name="cloudlet-gateway",
+            daemon=True,
+        )  # fmt: skip
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        log.info("gateway on http://%s:%d, broker %s", self.settings.host, self.port,
+                 self.settings.mqtt.url)  # fmt: skip
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(10)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.settings.host}:{self.port}"
