@@ -19,8 +19,10 @@ from rich.table import Table
 
 from cloudlet.processor_cli import processor_app
 from cloudlet.rig import Kafka, Mosquitto, RigError, ensure_kafka, ensure_mosquitto
+from edge_objects.faults import FAULT_KINDS
 from streams import Problem, ServiceObject, TopicScheme
 from streams.catalog import Catalog
+from streams.mqtt import MqttSettings
 
 app = typer.Typer(
     help="cloudlet: IoT edge data streams, from devices through the cloudlet to the cloud.",
@@ -360,6 +362,88 @@ def unit_run(
             unit.stop()
             raise _fail(f"unit {unit.instance}: its worker stopped; see the log above")
     unit.stop()
+
+
+@app.command("simulate")
+def simulate(
+    scenario: Annotated[str, typer.Argument(help="irrigation or smart-city")],
+    devices: Annotated[
+        int | None, typer.Option(help="Scale the scenario to about this many devices.")
+    ] = None,
+    objects_dir: Annotated[
+        Path | None,
+        typer.Option("--objects-dir", help="Where a scaled scenario's descriptors are written."),
+    ] = None,
+    mqtt_url: Annotated[str, typer.Option("--mqtt", help="Broker URL.")] = "mqtt://127.0.0.1:1883",
+    rate: Annotated[float, typer.Option(help="Steps per second (each device reports).")] = 1.0,
+    speed: Annotated[float, typer.Option(help="Simulated seconds per real second.")] = 60.0,
+    seed: Annotated[int, typer.Option(help="Random seed: the same seed, the same run.")] = 1,
+    faults: Annotated[float, typer.Option(help="Chance that a reading is faulty, 0..1.")] = 0.0,
+    fault_kind: Annotated[
+        list[str] | None,
+        typer.Option("--fault", help="Only these faults (repeatable): " + ", ".join(FAULT_KINDS)),
+    ] = None,
+    duration: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Stop after this many steps.")] = None,
+    start: Annotated[
+        str | None, typer.Option(help="Simulated start, ISO 8601 (default: today 06:00 UTC).")
+    ] = None,
+) -> None:
+    """Simulated devices of a scenario publishing over MQTT, with faults on demand."""
+    from datetime import UTC, datetime
+
+    from cloudlet.demo import scenario_dir
+    from edge_objects.simulator import SCENARIOS, Simulator, load, scale
+
+    if scenario not in SCENARIOS:
+        raise _fail(f"unknown scenario {scenario!r} (available: {', '.join(SCENARIOS)})")
+    if not 0.0 <= faults <= 1.0 or rate <= 0 or speed <= 0:
+        raise _fail("--faults must be within 0..1, --rate and --speed positive")
+    home = scenario_dir(scenario)
+    objects = home / "objects"
+    if devices is not None:
+        try:
+            objects = scale(
+                scenario, home, devices, objects_dir or Path(f"cloudlet-{scenario}-{devices}")
+            )
+        except (OSError, ValueError) as exc:
+            raise _fail(f"cannot write the scaled scenario: {exc}") from None
+        out.print(f"descriptors for {devices} devices in {objects} (give them to the unit)")
+    try:
+        begin = datetime.fromisoformat(start) if start else datetime.now(UTC).replace(
+            hour=6, minute=0, second=0, microsecond=0)  # fmt: skip
+    except ValueError:
+        raise _fail(f"--start {start!r} is not an ISO 8601 time") from None
+    if begin.tzinfo is None:
+        begin = begin.replace(tzinfo=UTC)
+    try:
+        simulation = load(scenario, objects, seed=seed, start_ms=int(begin.timestamp() * 1000))
+        simulator = Simulator(
+            simulation, MqttSettings(url=mqtt_url), faults=faults, fault_kinds=fault_kind,
+            seed=seed, client_id=f"cloudlet-simulate-{os.getpid()}",
+        )  # fmt: skip
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        simulator.start()
+    except RuntimeError as exc:
+        simulator.stop()
+        raise _fail(f"{exc} at {mqtt_url}") from None
+    out.print(f"{len(simulation.model.device_ids)} devices publishing to {mqtt_url}")
+    try:
+        simulator.run(rate=rate, speed=speed, duration=duration, steps=steps,
+                      should_stop=stop.is_set)  # fmt: skip
+        flushed = simulator.finish()
+    finally:
+        simulator.stop()
+    summary = simulator.summary()
+    summary["delivered"] = flushed
+    print(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
+    if not flushed:
+        raise _fail("the broker did not acknowledge everything sent")
 
 
 @app.command("gateway")

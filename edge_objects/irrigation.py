@@ -75,6 +75,10 @@ class IrrigationModel:
         self._rain_until = 0
         self._rain_intensity = 0.0  # mm/h
 
+    @property
+    def device_ids(self) -> list[str]:
+        return self.site.device_ids
+
     def set_valve(self, valve_id: str, open_: bool, *, minutes: float | None = None) -> None:
         """What an actuation does to the field behind `valve_id`; an opened valve with
         `minutes` closes itself after that much simulated time."""
