@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -565,13 +566,29 @@ def _serve(service: Mosquitto | Kafka, address: str) -> None:
 @rig_app.command("mosquitto")
 def rig_mosquitto(
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0 picks a free one).")] = 1883,
+    tls: Annotated[
+        bool, typer.Option(help="A TLS listener, with a private CA made for this run.")
+    ] = False,
+    user: Annotated[
+        list[str] | None,
+        typer.Option(help="NAME:PASSWORD (repeatable); then anonymous clients are refused."),
+    ] = None,
 ) -> None:
     """Run a real Mosquitto in the foreground."""
+    users = {}
+    for entry in user or []:
+        name, sep, password = entry.partition(":")
+        if not sep or not name or not password:
+            raise _fail(f"--user {entry!r} must look like NAME:PASSWORD")
+        users[name] = password
     try:
-        broker = Mosquitto(Path(tempfile.mkdtemp(prefix="cloudlet-mosquitto-")), port or None)
+        broker = Mosquitto(Path(tempfile.mkdtemp(prefix="cloudlet-mosquitto-")), port or None,
+                           tls=tls, users=users or None)  # fmt: skip
         broker.start()
-    except RigError as exc:
+    except (RigError, subprocess.CalledProcessError) as exc:
         raise _fail(str(exc)) from None
+    if broker.ca_file is not None:
+        out.print(f"clients verify the broker with tls_ca: {broker.ca_file}")
     _serve(broker, broker.url)
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import Counter
 
 from streams import Codec, SensorUpdate, StreamKey, TopicScheme, encode_update
-from streams.mqtt import MqttSettings, connect, content_type_properties, make_client
+from streams.mqtt import MqttSettings, connect, content_type_properties, make_client, refused
+
+log = logging.getLogger(__name__)
 
 
 class DeviceFleet:
@@ -23,13 +26,19 @@ class DeviceFleet:
         self.sent: Counter[str] = Counter()  # by kind: "update" or a fault's name
         self.connected = threading.Event()
         self._client = make_client(settings, client_id)
-        self._client.on_connect = lambda *_: self.connected.set()
+        self._client.on_connect = self._on_connect
         self._client.on_disconnect = lambda *_: self.connected.clear()
         self._settings = settings
         self._json = content_type_properties(Codec.JSON.content_type)
         self._unacked = 0
         self._acked = threading.Condition()
         self._client.on_publish = self._on_publish
+
+    def _on_connect(self, _c: object, _u: object, _f: object, reason: object, _p: object) -> None:
+        if refused(reason):
+            log.warning("broker refused the device fleet: %s", reason)
+        else:
+            self.connected.set()
 
     def _on_publish(self, *_args: object) -> None:
         with self._acked:

@@ -39,7 +39,7 @@ from starlette.concurrency import run_in_threadpool
 from streams import InvalidUpdate, Registry, Rejection, RejectReason, TopicScheme
 from streams.catalog import Catalog
 from streams.codec import DEFAULT_MAX_PAYLOAD, decode
-from streams.mqtt import MqttSettings, connect, content_type_properties, make_client
+from streams.mqtt import MqttSettings, connect, content_type_properties, make_client, refused
 from streams.registry import Problem, validation_problems
 from streams.rejections import dead_letter_record
 
@@ -155,7 +155,11 @@ class Gateway:
         self.metrics = _Metrics()
         self.connected = threading.Event()
         self.client = make_client(settings.mqtt, settings.client_id)
-        self.client.on_connect = lambda *_: self.connected.set()
+        self.client.on_connect = lambda _c, _u, _f, reason, _p: (
+            log.warning("broker refused the gateway: %s", reason)
+            if refused(reason)
+            else self.connected.set()
+        )
         self.client.on_disconnect = lambda *_: self.connected.clear()
         self.app = self._app()
         self._server: uvicorn.Server | None = None

@@ -111,3 +111,9 @@ def content_type_properties(content_type: str) -> Properties:
         cached.ContentType = content_type
         _PUBLISH_PROPERTIES[content_type] = cached
     return cached
+
+
+def refused(reason: object) -> bool:
+    """Whether a CONNACK reason (paho v2's on_connect argument) refuses the connection: bad
+    credentials, not authorised, and so on."""
+    return bool(getattr(reason, "is_failure", False))

@@ -19,9 +19,10 @@ def find_mosquitto() -> str | None:
 
 
 def ensure_mosquitto() -> str:
-    """The mosquitto binary, installing Debian's mosquitto and mosquitto-clients if needed."""
+    """The mosquitto binary, installing Debian's mosquitto and mosquitto-clients (and openssl,
+    which makes the TLS rig's certificates) if needed."""
     found = find_mosquitto()
-    if found:
+    if found and shutil.which("openssl"):
         return found
     if shutil.which("apt-get") is None or os.geteuid() != 0:
         raise RigError(
@@ -39,6 +40,7 @@ def ensure_mosquitto() -> str:
             "--no-install-recommends",
             "mosquitto",
             "mosquitto-clients",
+            "openssl",
         ],
     ):
         done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
@@ -55,14 +57,55 @@ class Mosquitto(Service):
 
     name = "mosquitto"
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        *,
+        tls: bool = False,
+        users: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(workdir)
         self.host = "127.0.0.1"
         self.port = port or free_port()
+        self.tls = tls
+        self.users = users  # username -> password; None: anonymous clients allowed
+        self.ca_file: Path | None = None  # the CA that signed the broker's certificate
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+    def _certificates(self) -> list[str]:
+        """A private CA and a certificate for 127.0.0.1 signed by it (openssl)."""
+        d = self.workdir / "tls"
+        d.mkdir(exist_ok=True)
+
+        def openssl(*args: str) -> None:
+            subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+                "/CN=cloudlet test CA", "-keyout", "ca.key", "-out", "ca.crt")  # fmt: skip
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={self.host}",
+                "-keyout", "server.key", "-out", "server.csr")  # fmt: skip
+        (d / "san.ext").write_text(f"subjectAltName=IP:{self.host},DNS:localhost\n")
+        openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                "-CAcreateserial", "-days", "2", "-extfile", "san.ext",
+                "-out", "server.crt")  # fmt: skip
+        self.ca_file = d / "ca.crt"
+        return [f"cafile {d / 'ca.crt'}", f"certfile {d / 'server.crt'}",
+                f"keyfile {d / 'server.key'}", "tls_version tlsv1.2"]  # fmt: skip
+
+    def _password_file(self, binary: str) -> list[str]:
+        assert self.users is not None
+        path = self.workdir / "passwords"
+        path.write_text("".join(f"{user}:{password}\n" for user, password in self.users.items()))
+        path.chmod(0o600)
+        tool = Path(binary).with_name("mosquitto_passwd")
+        if not tool.exists():
+            tool = Path(shutil.which("mosquitto_passwd") or "mosquitto_passwd")
+        subprocess.run([str(tool), "-U", str(path)], check=True, capture_output=True)  # hash
+        return ["allow_anonymous false", f"password_file {path}"]
 
     def start(self, timeout: float = 20.0) -> Mosquitto:
         binary = ensure_mosquitto()
@@ -74,7 +117,8 @@ class Mosquitto(Service):
                     # write its log or its persistence into our private work directory.
                     f"user {getpass.getuser()}",
                     f"listener {self.port} {self.host}",
-                    "allow_anonymous true",
+                    *(self._certificates() if self.tls else []),
+                    *(self._password_file(binary) if self.users else ["allow_anonymous true"]),
                     "persistence true",
                     f"persistence_location {self.workdir}/",
                     "autosave_interval 1",
