@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import subprocess
+import time
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
@@ -16,12 +17,13 @@ import pytest
 from cloudlet.demo import scenario_dir
 from cloudlet.rig import Mosquitto
 from edge_objects.faults import FaultInjector
-from edge_objects.simulator import load, scale
+from edge_objects.simulator import Simulator, load, scale
 from edge_objects.smart_city import SmartCityModel
 from processors.config import UnitConfig
 from processors.unit import Unit
 from streams import Registry, SensorUpdate, StreamKey, TopicScheme, decode
 from streams.catalog import Catalog
+from streams.mqtt import MqttSettings
 from tests.test_cli import CLOUDLET
 from tests.test_unit import Collector
 
@@ -177,3 +179,35 @@ def test_stream_faults_are_absorbed_or_dead_lettered_never_lost(
     assert all(b["reason"] == "late" for b in late)
     assert summary["faults"]["gap"] > 0 and summary["sent"].get("replayed", 0) > 0
     assert unit.metrics.late._value.get() == len(late)  # counted, as every late update is
+
+
+@pytest.mark.mqtt
+def test_simulated_valves_obey_the_irrigation_rule(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    irrigation = scenario_dir("irrigation")
+    path = tmp_path / "unit.yaml"
+    path.write_bytes(orjson.dumps({"name": "u-simulate-valves", "http": {"port": 0},
+                                   "objects": [str(irrigation / "objects")],
+                                   "mqtt": {"url": mosquitto.url}}))  # fmt: skip
+    unit = Unit(UnitConfig.load(path)).start()
+    simulation = load("irrigation", irrigation / "objects", seed=1, start_ms=START_MS)
+    simulator = Simulator(simulation, MqttSettings(url=mosquitto.url),
+                          client_id="simulate-valves").start()  # fmt: skip
+    try:
+        assert unit.runtime.connected.wait(10)
+        for _ in range(40):  # 10-minute steps; the windows close and the rule fires
+            simulator.step(600)
+            time.sleep(0.05)
+            if simulator.valve_openings:
+                break
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(
+            c["status"] == "done" for c in unit.runtime.actuations.recent(100)
+        ):
+            time.sleep(0.1)
+        assert simulator.finish()
+    finally:
+        simulator.stop()
+        unit.stop()
+    assert sum(simulator.valve_openings.values()) >= 1
+    commands = unit.runtime.actuations.recent(100)
+    assert any(c["status"] == "done" and c["so"].endswith("-valve") for c in commands)
