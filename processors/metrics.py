@@ -51,6 +51,11 @@ class UnitMetrics:
         self.late = counter("cloudlet_updates_late", "Updates too late for their window")
         self.dead_letters = counter("cloudlet_dead_letters", "Dead letters published")
         self.checkpoints = counter("cloudlet_checkpoints", "State snapshots written")
+        self.redelivered = counter(
+            "cloudlet_redeliveries_skipped",
+            "Redelivered messages the restored state already held (killed between a snapshot"
+            " and its acknowledgements)",
+        )
         self.batch_seconds = Histogram(
             "cloudlet_batch_seconds",
             "Time to process a batch, from decoding to outputs acknowledged by the broker",

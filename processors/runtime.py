@@ -16,6 +16,7 @@ import logging
 import queue
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -96,6 +97,8 @@ class UnitRuntime:
         self._inbox: queue.SimpleQueue[mqtt.MQTTMessage] = queue.SimpleQueue()
         self._stopping = threading.Event()
         self._unacked: list[mqtt.MQTTMessage] = []  # processed, waiting for a checkpoint
+        self._covered: set[tuple[object, ...]] = set()  # from the restored snapshot
+        self._commits = 0
         self._last_checkpoint = clock()
         # mids the broker has acknowledged (PUBACK), consumed by the worker that published them
         self._acked: set[int] = set()
@@ -118,6 +121,10 @@ class UnitRuntime:
         return {
             "flows": self.engine.snapshot() if self.engine is not None else None,
             "processors": self.chain.snapshot() if self.chain is not None else None,
+            # The messages this snapshot covers, acknowledged only after it is on disk: if
+            # the unit dies in between, the broker redelivers them, and they must not count
+            # twice (see _skip_covered).
+            "covered": [_identity(m) for m in self._unacked if m.qos > 0],
         }
 
     def _restore(self, saved: dict[str, object]) -> None:
@@ -126,6 +133,27 @@ class UnitRuntime:
             self.engine.restore(flows)
         if self.chain is not None and isinstance(processors, dict):
             self.chain.restore(processors)
+        covered = saved.get("covered")
+        if isinstance(covered, list):
+            self._covered = {tuple(c) for c in covered}
+
+    def _skip_covered(self, batch: list[mqtt.MQTTMessage]) -> list[mqtt.MQTTMessage]:
+        """Leave out redeliveries of messages the restored state already holds (killed after
+        the snapshot, before the acknowledgements); they are acknowledged with the rest.
+        A redelivery is flagged DUP and keeps its packet id; the payload's checksum guards
+        against a packet id reused since."""
+        if not self._covered:
+            return batch
+        fresh = []
+        for m in batch:
+            identity = _identity(m)
+            if m.dup and identity in self._covered:
+                self._covered.discard(identity)
+                self._unacked.append(m)
+                self.metrics.redelivered.inc()
+            else:
+                fresh.append(m)
+        return fresh
 
     # paho callbacks (network thread): never block here -------------------------------------
 
@@ -214,7 +242,7 @@ class UnitRuntime:
                     self._commit()
                 continue
             started = time.perf_counter()
-            batch = self._take_status_reports(batch)
+            batch = self._skip_covered(self._take_status_reports(batch))
             received_at = int(self.clock() * 1000)
             raw = [RawMessage(m.topic, m.payload, _content_type(m), received_at) for m in batch]
             result = self.ingest.batch(raw)
@@ -264,6 +292,10 @@ class UnitRuntime:
         self.published.messages += len(self._unacked)
         self._unacked.clear()
         self.metrics.unacknowledged.set(0)
+        self._commits += 1
+        if self._commits == 2:
+            # Redeliveries come first when the session resumes; by now they are all in.
+            self._covered.clear()
 
     def _count(self, batch: list[mqtt.MQTTMessage], result: IngestBatch, out: Outputs) -> None:
         m = self.metrics
@@ -347,6 +379,10 @@ class UnitRuntime:
         self.published.updates += len(result.updates)
         self.published.derived += len(result.derived)
         self.published.dead_letters += len(result.dead_letters)
+
+
+def _identity(message: mqtt.MQTTMessage) -> tuple[int, str, int]:
+    return (message.mid, message.topic, zlib.crc32(message.payload))
 
 
 def _content_type(message: mqtt.MQTTMessage) -> str | None:

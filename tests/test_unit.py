@@ -338,3 +338,52 @@ def test_processors_in_a_unit_publish_dead_letter_and_count(
         'cloudlet_updates_rejected_total{reason="processor_failed",unit="u-plugins"} 1.0',
     ):
         assert line in metrics, [m for m in metrics.splitlines() if "processor" in m]
+
+
+@pytest.mark.mqtt
+def test_killed_between_snapshot_and_acks_nothing_counts_twice(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """The narrowest window: the snapshot is on disk, the acknowledgements never left. The
+    broker redelivers those messages; the restored state already holds them."""
+    (tmp_path / "objects").mkdir()
+    (tmp_path / "objects" / "objects.yaml").write_text(OBJECTS)
+    path = _config(
+        tmp_path, mosquitto, name="u-covered", objects=tmp_path / "objects", state_dir="state",
+        checkpoint={"every": "1h", "messages": 10},
+        processors=[{"use": "tests.test_processors:Running", "from": "s1/data", "into": "total"}],
+    )  # fmt: skip
+    config = UnitConfig.load(path)
+    key = StreamKey("s1", "data")
+    first = Unit(config).start()
+    first.runtime._client.ack = lambda *_args, **_kw: None  # the acknowledgements never leave
+    fleet = DeviceFleet(MqttSettings(url=mosquitto.url), client_id="fleet-covered").start()
+    collector = Collector(mosquitto, "collector-covered")
+    try:
+        assert first.runtime.connected.wait(10)
+        for i in range(10):
+            fleet.publish(key, SensorUpdate({"t": i + 1}, T0 + i))
+        got = collector.take(lambda g: len([t for t, _ in g if "/total/" in t]) >= 10)
+        deadline = time.monotonic() + 10
+        while first.metrics.checkpoints._value.get() < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        first.runtime.state = None  # "die": no final checkpoint...
+        first.runtime._stopping.set()  # ... and no acknowledgement ever
+        first.runtime._worker.join(5)
+        first.runtime._client.disconnect()
+        first.runtime._client.loop_stop()
+        second = Unit(config).start()
+        try:
+            assert second.runtime.connected.wait(10)
+            fleet.publish(key, SensorUpdate({"t": 100}, T0 + 10))
+            got += collector.take(lambda g: any(b["lastUpdate"] == T0 + 10 for t, b in g
+                                                if "/total/" in t))  # fmt: skip
+            skipped = second.metrics.redelivered._value.get()
+        finally:
+            second.stop()
+    finally:
+        fleet.stop()
+        collector.close()
+    totals = [b["channels"]["total"]["current-value"] for t, b in got if "/total/" in t]
+    assert totals == [sum(range(1, n + 1)) for n in range(1, 11)] + [155]
+    assert skipped == 10
