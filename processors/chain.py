@@ -161,6 +161,7 @@ class Stage:
         self._output = output
         self.windows = windows
         self.counts = StageCounts()
+        self.last_saved: Any = None  # the last state that could be saved
 
     def output(self) -> Output:
         o = self._output
@@ -173,7 +174,12 @@ class Stage:
             return []
         started = time.perf_counter()
         self.counts.received += len(mine)
-        saved = self.save()
+        try:
+            saved = self.save()
+        except Exception as exc:  # state that cannot be saved: this batch cannot be undone
+            for item in mine:
+                self._failed(item, SnapshotError(f"its state cannot be saved: {exc}"), result)
+            return []
         try:
             emitted = self._call(mine, result, origin=mine[0].origin if len(mine) == 1 else None)
         except Exception:
@@ -251,13 +257,19 @@ class Stage:
             "state": self.processor.snapshot(),
             "windows": [w.operator.snapshot() for w in self.windows],
         }
-        return msgpack.unpackb(msgpack.packb(state, use_bin_type=True), raw=False,
-                               strict_map_key=False)  # fmt: skip
+        saved = msgpack.unpackb(msgpack.packb(state, use_bin_type=True), raw=False,
+                                strict_map_key=False)  # fmt: skip
+        self.last_saved = saved
+        return saved
 
     def load(self, saved: Any) -> None:
         for w, data in zip(self.windows, saved.get("windows", []), strict=False):
             w.operator.restore(data)
         self.processor.restore(saved.get("state"))
+
+
+class SnapshotError(Exception):
+    """A processor's snapshot() is not plain data."""
 
 
 class Chain:
@@ -291,7 +303,17 @@ class Chain:
         return result
 
     def snapshot(self) -> dict[str, Any]:
-        return {stage.name: stage.save() for stage in self.stages}
+        out = {}
+        for stage in self.stages:
+            try:
+                out[stage.name] = stage.save()
+            except Exception as exc:  # keep the checkpoint going with the last good state
+                log.error("processor %r: its state cannot be saved (%s: %s); the checkpoint"
+                          " keeps its last good state", stage.name, type(exc).__name__,
+                          exc)  # fmt: skip
+                if stage.last_saved is not None:
+                    out[stage.name] = stage.last_saved
+        return out
 
     def restore(self, data: dict[str, Any]) -> None:
         for stage in self.stages:
@@ -389,6 +411,11 @@ def build_chain(
             continue
         except Exception as exc:  # a plug-in's bug must not hide the other problems
             problem(f"setup failed: {type(exc).__name__}: {exc}")
+            continue
+        try:
+            Stage(spec, processor, set(), Output(None, None, {}, current), ctx.windows).save()
+        except Exception as exc:
+            problem(f"its snapshot() is not plain data (msgpack): {type(exc).__name__}: {exc}")
             continue
         channels = ctx.output_channels
         if channels is None:

@@ -418,3 +418,37 @@ def test_flow_test_runs_a_units_processors(tmp_path: Path) -> None:
         ("rejected", "alert", "derived_stream")]  # fmt: skip
     assert [r["update"]["channels"]["active"]["current-value"] for r in records[:3]] == [
         False, True, False]  # fmt: skip
+
+
+class Unsaveable(Processor[Any]):
+    """Keeps a set once it has seen a zone: not plain data."""
+
+    def setup(self, ctx: Setup) -> None:
+        self.zones: list[str] | set[str] = []
+
+    def process(self, batch: Batch, out: Output) -> None:
+        for key, update in batch:
+            if "zone" in update.channels:
+                self.zones = {*self.zones, update.channels["zone"]}  # type: ignore[misc]
+            out.emit(key, update.channels, update.last_update)
+
+    def snapshot(self) -> Any:
+        return self.zones
+
+
+def test_state_that_cannot_be_saved_fails_updates_not_the_unit(registry: Registry) -> None:
+    chain, _ = chain_of(
+        registry,
+        """
+        - {use: "tests.test_processors:Unsaveable", name: keeper, from: "s1/data", into: copy}
+    """,
+    )
+    first = chain.process([Item(S1, su(T0, t=1, zone="a"))])
+    assert len(first.derived) == 1  # its state went bad after this batch
+    good = chain.snapshot()  # the checkpoint keeps the last good state
+    second = chain.process([Item(S1, su(T0 + 1, t=2), origin="m2")])
+    assert [(f.item.origin, f.rejection.reason) for f in second.failed] == [
+        ("m2", RejectReason.PROCESSOR_FAILED)
+    ]
+    assert "its state cannot be saved" in second.failed[0].rejection.message
+    assert good == chain.snapshot() == {"keeper": {"state": [], "windows": []}}
