@@ -1,0 +1,474 @@
+"""The outbox: a durable, append-only, per-priority ordered log between processing and the WAN.
+
+Why our own log and not a database: appends and in-order reads of whole batches are all it
+does, and it must say exactly what a crash can cost, which a framed, checksummed log makes
+plain.
+
+Layout: `<path>/p<priority>/<first seq>.seg` segment files of framed records,
+`<path>/p<priority>/acked` (the last sequence number the cloud confirmed) and `<path>/id` (this
+outbox's identity, part of every message id). A record is `length, crc32, seq` (little-endian
+u32, u32, u64) and a msgpack body `[so, stream, enqueued ms, lastUpdate, update bytes]`; the
+checksum covers the sequence number and the body.
+
+Durability (`fsync`):
+- `batch` (default): `write` returns once its batch is fsynced. A crash or a power loss loses
+  nothing that `write` returned for; the unit acknowledges its MQTT input only after that, so
+  what was not yet written is redelivered by the broker.
+- `interval`: fsync at most every `fsync_interval`; a power loss can lose that much of the
+  newest records (a process crash loses nothing: the OS has them).
+- `never`: the OS decides; only for tests and benchmarks.
+A torn last record (power lost mid-write) fails its checksum on start-up, is truncated and
+logged; everything before it is intact.
+
+Full (`max_bytes` of segments) is a per-stream choice: `block` makes `write` wait for the
+forwarder to free space (the unit then stops acknowledging, and devices' updates wait on the
+broker instead of vanishing) and `reject` refuses new records, counted and logged. Records
+older than `ttl` are not sent; they are counted and logged as expired. Nothing is dropped
+silently.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import struct
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import msgpack
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from streams.codec import encode_update
+from streams.flows.model import duration_ms
+from streams.updates import SensorUpdate, StreamKey
+
+log = logging.getLogger(__name__)
+
+_HEADER = struct.Struct("<IIQ")
+_MAX_RECORD = 64 * 1024 * 1024
+Clock = Callable[[], float]
+
+
+class StreamPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    match: str  # so/stream pattern
+    priority: int = Field(default=5, ge=0, le=9)  # 0 goes first
+    when_full: Literal["block", "reject"] = "block"
+
+
+class OutboxSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: Path
+    max_bytes: int = Field(default=1 << 30, ge=1 << 16)
+    segment_bytes: int = Field(default=8 << 20, ge=1 << 12)
+    ttl: int | None = 7 * 86_400_000  # ms; None keeps records until sent
+    fsync: Literal["batch", "interval", "never"] = "batch"
+    fsync_interval: int = 1_000  # ms
+    streams: list[StreamPolicy] = []  # first match wins; otherwise priority 5, block
+
+    @field_validator("ttl", "fsync_interval", mode="before")
+    @classmethod
+    def _durations(cls, value: Any) -> Any:
+        return None if value is None else duration_ms(value)
+
+    def policy(self, key: StreamKey) -> StreamPolicy:
+        name = f"{key.so}/{key.stream}"
+        for p in self.streams:
+            if fnmatch.fnmatchcase(name, p.match):
+                return p
+        return _DEFAULT
+
+
+_DEFAULT = StreamPolicy(match="*")
+
+
+class OutboxFull(Exception):
+    """Raised by `write` for streams whose policy is reject, when the outbox is full."""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    priority: int
+    seq: int
+    key: StreamKey
+    enqueued: int  # ms
+    last_update: int
+    body: bytes  # the update, JSON
+
+    def message_id(self, outbox_id: str) -> str:
+        return f"{outbox_id}-{self.priority}-{self.seq}"
+
+
+@dataclass
+class OutboxCounts:
+    written: int = 0
+    rejected: int = 0  # reject-new when full
+    expired: int = 0  # older than ttl when their turn came
+    acked: int = 0
+    truncated: int = 0  # torn records cut at start-up
+
+
+@dataclass
+class _Segment:
+    first: int
+    path: Path
+    size: int
+    last: int  # last seq in it (first - 1 when empty)
+
+
+@dataclass
+class _Log:
+    """One priority's segments, acknowledged position and read cursor."""
+
+    directory: Path
+    segments: list[_Segment] = field(default_factory=list)
+    acked: int = 0
+    next_seq: int = 1
+    cursor: tuple[int, int] = (0, 0)  # (segment index, byte offset) of the next record to read
+    tail: Any = None  # the open file of the last segment
+
+    @property
+    def pending(self) -> int:
+        return self.next_seq - 1 - self.acked
+
+
+class Outbox:
+    """Thread-safe: the unit writes from its worker, the forwarder reads and acknowledges."""
+
+    def __init__(self, settings: OutboxSettings, *, clock: Clock = time.time) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.counts = OutboxCounts()
+        self._lock = threading.Condition()
+        self._closed = False
+        self._last_fsync = 0.0
+        settings.path.mkdir(parents=True, exist_ok=True)
+        id_file = settings.path / "id"
+        if not id_file.exists():
+            _atomic_write(id_file, uuid.uuid4().hex[:16].encode())
+        self.id = id_file.read_text().strip()
+        self._logs: dict[int, _Log] = {}
+        for directory in sorted(settings.path.glob("p[0-9]")):
+            self._logs[int(directory.name[1:])] = self._recover(directory)
+
+    # recovery ----------------------------------------------------------------------------
+
+    def _recover(self, directory: Path) -> _Log:
+        lg = _Log(directory)
+        acked_file = directory / "acked"
+        if acked_file.exists():
+            lg.acked = struct.unpack("<Q", acked_file.read_bytes()[:8])[0]
+        paths = sorted(directory.glob("*.seg"), key=lambda p: int(p.stem))
+        for i, path in enumerate(paths):
+            first = int(path.stem)
+            last, good_size = self._scan(path, first, final=i == len(paths) - 1)
+            lg.segments.append(_Segment(first, path, good_size, last))
+        if lg.segments:
+            lg.next_seq = lg.segments[-1].last + 1
+        lg.next_seq = max(lg.next_seq, lg.acked + 1)
+        self._seek(lg, lg.acked)
+        return lg
+
+    def _scan(self, path: Path, first: int, *, final: bool) -> tuple[int, int]:
+        """The last good seq and the good length of a segment; a torn tail is cut off."""
+        data = path.read_bytes()
+        offset, last = 0, first - 1
+        while offset < len(data):
+            record = _parse(data, offset)
+            if record is None or record[0] != last + 1:
+                what = "a torn record" if final else "a corrupt record"
+                log.error("outbox %s: %s at byte %d (after seq %d): cutting %d bytes off",
+                          path, what, offset, last, len(data) - offset)  # fmt: skip
+                self.counts.truncated += 1
+                with path.open("r+b") as f:
+                    f.truncate(offset)
+                    f.flush()
+                    os.fsync(f.fileno())
+                break
+            last, offset = record[0], record[2]
+        return last, offset
+
+    def _seek(self, lg: _Log, acked: int) -> None:
+        """Put the read cursor on the first record after `acked`."""
+        for i, seg in enumerate(lg.segments):
+            if seg.last <= acked:
+                continue
+            offset = 0
+            if seg.first <= acked:
+                data = seg.path.read_bytes()
+                while offset < len(data):
+                    parsed = _parse(data, offset)
+                    assert parsed is not None
+                    if parsed[0] > acked:
+                        break
+                    offset = parsed[2]
+            lg.cursor = (i, offset)
+            return
+        lg.cursor = (len(lg.segments), 0)
+
+    # writing -----------------------------------------------------------------------------
+
+    def write(self, results: Sequence[tuple[StreamKey, SensorUpdate]]) -> None:
+        """Append a batch (the unit's result sink). Returns once it is as durable as the
+        fsync policy says; waits while full for block streams; refuses (counts and logs)
+        the records of reject-new streams while full."""
+        self.append([(k, u, encode_update(u)) for k, u in results])
+
+    def append(self, items: Sequence[tuple[StreamKey, SensorUpdate, bytes]]) -> int:
+        """Append; the number refused (reject-new streams, outbox full)."""
+        now = int(self.clock() * 1000)
+        rejected = 0
+        with self._lock:
+            touched: set[int] = set()
+            for key, update, body in items:
+                policy = self.settings.policy(key)
+                frame_body = msgpack.packb([key.so, key.stream, now, update.last_update, body])
+                size = _HEADER.size + len(frame_body)
+                while self._bytes() + size > self.settings.max_bytes:
+                    if policy.when_full == "reject":
+                        break
+                    self._flush(touched)  # what is written so far is durable before we wait
+                    touched.clear()
+                    log.warning("outbox full (%d bytes): waiting for the forwarder",
+                                self.settings.max_bytes)  # fmt: skip
+                    self._lock.wait(1.0)
+                    if self._closed:
+                        raise OutboxFull("the outbox closed while waiting for space")
+                else:
+                    self._append(policy.priority, frame_body)
+                    touched.add(policy.priority)
+                    self.counts.written += 1
+                    continue
+                rejected += 1
+                self.counts.rejected += 1
+            self._flush(touched)
+            self._lock.notify_all()
+        if rejected:
+            log.warning("outbox full: refused %d records of reject-new streams", rejected)
+        return rejected
+
+    def _log(self, priority: int) -> _Log:
+        lg = self._logs.get(priority)
+        if lg is None:
+            directory = self.settings.path / f"p{priority}"
+            directory.mkdir(exist_ok=True)
+            _fsync_dir(self.settings.path)
+            lg = self._logs[priority] = _Log(directory)
+        return lg
+
+    def _append(self, priority: int, body: bytes) -> None:
+        lg = self._log(priority)
+        seq = lg.next_seq
+        if not lg.segments or lg.segments[-1].size >= self.settings.segment_bytes:
+            if lg.tail is not None:
+                lg.tail.close()
+                lg.tail = None
+            path = lg.directory / f"{seq:020d}.seg"
+            path.touch()
+            _fsync_dir(lg.directory)
+            lg.segments.append(_Segment(seq, path, 0, seq - 1))
+        seg = lg.segments[-1]
+        if lg.tail is None:
+            lg.tail = seg.path.open("ab")
+        frame = _HEADER.pack(len(body), zlib.crc32(struct.pack("<Q", seq) + body), seq) + body
+        lg.tail.write(frame)
+        seg.size += len(frame)
+        seg.last = seq
+        lg.next_seq = seq + 1
+
+    def _flush(self, priorities: set[int]) -> None:
+        policy = self.settings.fsync
+        due = policy == "batch" or (
+            policy == "interval"
+            and (self.clock() - self._last_fsync) * 1000 >= self.settings.fsync_interval
+        )
+        for p in priorities:
+            tail = self._logs[p].tail
+            if tail is not None:
+                tail.flush()
+                if due:
+                    os.fsync(tail.fileno())
+        if due:
+            self._last_fsync = self.clock()
+
+    def _bytes(self) -> int:
+        return sum(s.size for lg in self._logs.values() for s in lg.segments)
+
+    # reading -----------------------------------------------------------------------------
+
+    def read(self, limit: int = 500) -> list[Record]:
+        """The next records not yet read: all from the most urgent priority that has any,
+        in order. Expired records are skipped (and counted)."""
+        with self._lock:
+            for priority in sorted(self._logs):
+                lg = self._logs[priority]
+                if lg.tail is not None:
+                    lg.tail.flush()
+                records = self._read(priority, lg, limit)
+                if records:
+                    return records
+            return []
+
+    def _read(self, priority: int, lg: _Log, limit: int) -> list[Record]:
+        out: list[Record] = []
+        expired, last_expired = 0, 0
+        horizon = None if self.settings.ttl is None else self.clock() * 1000 - self.settings.ttl
+        index, offset = lg.cursor
+        while len(out) < limit and index < len(lg.segments):
+            seg = lg.segments[index]
+            if offset >= seg.size:
+                index, offset = index + 1, 0
+                continue
+            with seg.path.open("rb") as f:
+                f.seek(offset)
+                data = f.read(seg.size - offset)
+            pos = 0
+            while pos < len(data) and len(out) < limit:
+                parsed = _parse(data, pos)
+                if parsed is None:
+                    break  # the rest of a record beyond this read: read again from here
+                seq, body, end = parsed
+                so, stream, enqueued, last_update, update = msgpack.unpackb(body)
+                if horizon is not None and enqueued < horizon:
+                    expired, last_expired = expired + 1, seq
+                else:
+                    out.append(Record(priority, seq, StreamKey(so, stream), enqueued,
+                                      last_update, update))  # fmt: skip
+                pos = end
+            if pos == 0:
+                break
+            offset += pos
+        lg.cursor = (index, offset)
+        if expired:
+            self.counts.expired += expired
+            log.warning("outbox: %d records of priority %d expired (older than ttl %d ms)",
+                        expired, priority, self.settings.ttl)  # fmt: skip
+            if not out:  # nothing after them to acknowledge: free them now
+                self.counts.acked -= last_expired - lg.acked
+                self._acknowledge(lg, last_expired)
+        return out
+
+    def ack(self, records: Sequence[Record]) -> None:
+        """The cloud has these (in order per priority): free what is no longer needed."""
+        through: dict[int, int] = {}
+        for r in records:
+            through[r.priority] = max(through.get(r.priority, 0), r.seq)
+        with self._lock:
+            for priority, seq in through.items():
+                self._acknowledge(self._logs[priority], seq)
+            self._lock.notify_all()
+
+    def _acknowledge(self, lg: _Log, seq: int) -> None:
+        if seq <= lg.acked:
+            return
+        self.counts.acked += seq - lg.acked
+        lg.acked = seq
+        _atomic_write(lg.directory / "acked", struct.pack("<Q", seq))
+        self._release(lg)
+
+    def _release(self, lg: _Log) -> None:
+        """Delete fully acknowledged segments (never the one being written)."""
+        while len(lg.segments) > 1 and lg.segments[0].last <= lg.acked:
+            seg = lg.segments.pop(0)
+            seg.path.unlink()
+            index, offset = lg.cursor
+            lg.cursor = (max(0, index - 1), offset if index > 0 else 0)
+        _fsync_dir(lg.directory)
+
+    def rewind(self) -> None:
+        """Read again from the first unacknowledged record (after a failed send), so a
+        replay is in order."""
+        with self._lock:
+            for lg in self._logs.values():
+                self._seek(lg, lg.acked)
+
+    # status ------------------------------------------------------------------------------
+
+    def depth(self) -> int:
+        with self._lock:
+            return sum(lg.pending for lg in self._logs.values())
+
+    def depth_by_priority(self) -> dict[int, int]:
+        with self._lock:
+            return {p: lg.pending for p, lg in self._logs.items()}
+
+    def size(self) -> int:
+        with self._lock:
+            return self._bytes()
+
+    def oldest_age(self) -> float:
+        """Seconds since the oldest unacknowledged record was written (0 when empty)."""
+        with self._lock:
+            oldest = None
+            for lg in self._logs.values():
+                if lg.pending <= 0:
+                    continue
+                for seg in lg.segments:
+                    if seg.last <= lg.acked:
+                        continue
+                    with seg.path.open("rb") as f:
+                        data = f.read(min(seg.size, 1 << 20))
+                    pos = 0
+                    while pos < len(data):
+                        parsed = _parse(data, pos)
+                        if parsed is None:
+                            break
+                        if parsed[0] > lg.acked:
+                            enqueued = msgpack.unpackb(parsed[1])[2]
+                            oldest = enqueued if oldest is None else min(oldest, enqueued)
+                            break
+                        pos = parsed[2]
+                    break
+            return 0.0 if oldest is None else max(0.0, self.clock() - oldest / 1000)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            for lg in self._logs.values():
+                if lg.tail is not None:
+                    lg.tail.flush()
+                    os.fsync(lg.tail.fileno())
+                    lg.tail.close()
+                    lg.tail = None
+            self._lock.notify_all()
+
+
+def _parse(data: bytes, offset: int) -> tuple[int, bytes, int] | None:
+    """(seq, body, end offset) of the record at `offset`, or None if it is torn or corrupt."""
+    if offset + _HEADER.size > len(data):
+        return None
+    length, crc, seq = _HEADER.unpack_from(data, offset)
+    end = offset + _HEADER.size + length
+    if length > _MAX_RECORD or end > len(data):
+        return None
+    body = bytes(data[offset + _HEADER.size : end])
+    if zlib.crc32(struct.pack("<Q", seq) + body) != crc:
+        return None
+    return seq, body, end
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
