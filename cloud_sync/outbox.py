@@ -213,7 +213,8 @@ class Outbox:
                     offset = parsed[2]
             lg.cursor = (i, offset)
             return
-        lg.cursor = (len(lg.segments), 0)
+        # everything acknowledged: the next record will be appended to the last segment
+        lg.cursor = (len(lg.segments) - 1, lg.segments[-1].size) if lg.segments else (0, 0)
 
     # writing -----------------------------------------------------------------------------
 
@@ -326,6 +327,8 @@ class Outbox:
         while len(out) < limit and index < len(lg.segments):
             seg = lg.segments[index]
             if offset >= seg.size:
+                if index + 1 == len(lg.segments):
+                    break  # at the end of the segment being written: wait here for more
                 index, offset = index + 1, 0
                 continue
             with seg.path.open("rb") as f:

@@ -340,14 +340,15 @@ def unit_run(
     log_format: Annotated[str, typer.Option(help="text or json")] = "text",
 ) -> None:
     """Run a processing unit until SIGTERM or Ctrl-C, then drain, checkpoint and stop."""
-    from processors.config import ConfigError, UnitConfig
-    from processors.unit import Unit
+    from cloudlet.units import CloudletUnit, UnitFile
+    from processors.config import ConfigError
     from streams.registry import RegistryError
 
     _configure_logging(log_format)
     try:
-        config = UnitConfig.load(config_path)
-        unit = Unit(config, replica=replica)
+        config = UnitFile.load(config_path)
+        running = CloudletUnit(config, replica=replica)
+        unit = running.unit
     except (ConfigError, RegistryError) as exc:
         for problem in exc.problems:
             err.print(f"[bold red]error:[/] {problem}", soft_wrap=True)
@@ -355,14 +356,14 @@ def unit_run(
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    unit.start()
+    running.start()
     if unit.status is not None:
         out.print(f"metrics on http://{config.http.host}:{unit.status.port}/metrics")  # type: ignore[union-attr]
     while not stop.wait(0.5):
         if not unit.runtime.alive:
-            unit.stop()
+            running.stop()
             raise _fail(f"unit {unit.instance}: its worker stopped; see the log above")
-    unit.stop()
+    running.stop()
 
 
 @app.command("simulate")

@@ -12,7 +12,7 @@ from processors.config import ConfigError, UnitConfig
 from processors.ingest import Ingest
 from processors.metrics import StatusServer, UnitMetrics
 from processors.runtime import CheckpointPolicy, UnitRuntime
-from processors.sink import SQLiteSink
+from processors.sink import ResultSink, SQLiteSink
 from processors.state import StateStore
 from streams.catalog import Catalog
 
@@ -26,7 +26,9 @@ class Unit:
         *,
         replica: str | None = None,
         clock: Callable[[], float] = time.time,
+        sink: ResultSink | None = None,
     ) -> None:
+        """`sink` (the cloud-sync outbox, say) takes the place of the config's."""
         self.config = config
         # Each replica has its own persistent session and its own state.
         self.instance = f"{config.name}-{replica}" if replica else config.name
@@ -48,7 +50,7 @@ class Unit:
             batch_size=config.batch_size,
             state=StateStore(config.state_dir, self.instance) if config.state_dir else None,
             checkpoint=CheckpointPolicy(config.checkpoint.every, config.checkpoint.messages),
-            sink=SQLiteSink(config.sink.sqlite) if config.sink else None,
+            sink=sink or (SQLiteSink(config.sink.sqlite) if config.sink else None),
             metrics=self.metrics,
             clock=clock,
         )

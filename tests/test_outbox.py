@@ -67,6 +67,29 @@ def test_a_restart_resends_what_was_not_acknowledged(tmp_path: Path) -> None:
     assert [r.seq for r in drain(again)] == list(range(5, 12))
 
 
+def test_after_a_restart_with_everything_acknowledged_new_records_are_read(
+    tmp_path: Path,
+) -> None:
+    outbox = Outbox(settings(tmp_path))
+    outbox.write(updates(SOIL, 5))
+    drain(outbox)
+    outbox.close()
+    again = Outbox(settings(tmp_path))
+    again.write(updates(SOIL, 3, start=5))
+    assert [r.seq for r in drain(again)] == [6, 7, 8]
+
+
+def test_reading_keeps_up_with_appends_to_the_same_segment(tmp_path: Path) -> None:
+    outbox = Outbox(settings(tmp_path))
+    seen = []
+    for i in range(5):
+        outbox.write(updates(SOIL, 3, start=3 * i))
+        batch = outbox.read(100)
+        outbox.ack(batch)
+        seen += [r.seq for r in batch]
+    assert seen == list(range(1, 16))
+
+
 def test_rewind_replays_in_order(tmp_path: Path) -> None:
     outbox = Outbox(settings(tmp_path))
     outbox.write(updates(SOIL, 6))

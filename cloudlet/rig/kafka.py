@@ -131,6 +131,7 @@ class Kafka(Service):
         self.version = version
         self.heap = heap
         self.libs: Path | None = None
+        self._argv: list[str] = []
 
     @property
     def bootstrap_servers(self) -> str:
@@ -197,21 +198,24 @@ class Kafka(Service):
         )
         if fmt.returncode != 0:
             raise RigError(f"formatting Kafka storage failed:\n{(fmt.stdout + fmt.stderr)[-3000:]}")
-        self._spawn(
-            [
-                "java",
-                f"-Xmx{self.heap}",
-                f"-Xms{self.heap}",
-                "-XX:+UseG1GC",
-                "-XX:TieredStopAtLevel=1",
-                "-Djava.awt.headless=true",
-                log4j,
-                "-cp",
-                f"{self.libs}/*",
-                "kafka.Kafka",
-                str(config),
-            ]
-        )
+        self._argv = [
+            "java",
+            f"-Xmx{self.heap}",
+            f"-Xms{self.heap}",
+            "-XX:+UseG1GC",
+            "-XX:TieredStopAtLevel=1",
+            "-Djava.awt.headless=true",
+            log4j,
+            "-cp",
+            f"{self.libs}/*",
+            "kafka.Kafka",
+            str(config),
+        ]
+        return self.resume(timeout)
+
+    def resume(self, timeout: float = 120.0) -> Kafka:
+        """Start the broker again after `stop`, with its data (an outage, not a new cluster)."""
+        self._spawn(self._argv)
         self._wait(lambda: port_open(self.host, self.port), timeout, "listening")
         self._wait(self._accepts_produce, timeout, "accepting a produce")
         return self

@@ -1,0 +1,198 @@
+"""The forwarder: the outbox to Apache Kafka, in order, at least once, never losing a record.
+
+It reads the outbox (the most urgent priority first), produces each record with aiokafka
+(idempotent producer, acks=all, compression, batching and linger), waits for the whole batch
+to be acknowledged, and only then acknowledges it in the outbox. A failure rewinds the outbox
+to the first unacknowledged record and retries after a backoff with jitter, so a replay after
+an outage is in order. A resent record keeps its message id, which makes the cloud side's
+writes idempotent.
+
+Record format (topic `cloudlet.updates` by default; key: the service object id, so each
+object's updates stay in order on one partition):
+
+    {"messageId": "<outbox>-<priority>-<seq>", "site": "<cloudlet id>", "so": "...",
+     "stream": "...", "enqueued": ms, "update": {ServIoTicy sensor update}}
+
+JSON by default, so any Kafka consumer can read it; msgpack with `codec: msgpack`. Headers:
+`content-type`, `site`, `so`, `stream`, `message-id`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import msgpack
+import orjson
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from cloud_sync.outbox import Outbox, Record
+
+log = logging.getLogger(__name__)
+
+
+class KafkaSettings(BaseModel):
+    """Connection and producer settings, passed through to aiokafka."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bootstrap_servers: str
+    topic: str = "cloudlet.updates"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    compression: Literal["lz4", "zstd", "gzip", "none"] = "lz4"
+    linger_ms: int = Field(default=20, ge=0)
+    max_batch_size: int = Field(default=262_144, ge=1024)
+    request_timeout_ms: int = Field(default=30_000, ge=1000)
+
+    def producer_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers,
+            "security_protocol": self.security_protocol,
+            "acks": "all",
+            "enable_idempotence": True,
+            "compression_type": None if self.compression == "none" else self.compression,
+            "linger_ms": self.linger_ms,
+            "max_batch_size": self.max_batch_size,
+            "request_timeout_ms": self.request_timeout_ms,
+        }
+        if self.sasl_mechanism is not None:
+            options["sasl_mechanism"] = self.sasl_mechanism
+            options["sasl_plain_username"] = self.sasl_username
+            options["sasl_plain_password"] = (
+                self.sasl_password.get_secret_value() if self.sasl_password else None
+            )
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            from aiokafka.helpers import create_ssl_context
+
+            options["ssl_context"] = create_ssl_context(
+                cafile=str(self.ssl_cafile) if self.ssl_cafile else None
+            )
+        return options
+
+
+class ForwarderSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    site: str = "cloudlet"
+    kafka: KafkaSettings
+    codec: Literal["json", "msgpack"] = "json"
+    batch: int = Field(default=500, ge=1, le=100_000)
+    retry_min: float = Field(default=0.5, gt=0)
+    retry_max: float = Field(default=30.0, gt=0)
+
+
+class ForwarderCounts:
+    def __init__(self) -> None:
+        self.records = 0
+        self.bytes = 0
+        self.retries = 0
+        self.batches = 0
+
+
+def encode_record(record: Record, site: str, outbox_id: str, codec: str) -> bytes:
+    message_id = record.message_id(outbox_id)
+    if codec == "msgpack":
+        return msgpack.packb({
+            "messageId": message_id, "site": site, "so": record.key.so,
+            "stream": record.key.stream, "enqueued": record.enqueued,
+            "update": orjson.loads(record.body),
+        })  # fmt: skip
+    return orjson.dumps({
+        "messageId": message_id, "site": site, "so": record.key.so, "stream": record.key.stream,
+        "enqueued": record.enqueued, "update": orjson.Fragment(record.body),
+    })  # fmt: skip
+
+
+class Forwarder:
+    """Runs in a thread of its own with its own event loop (the unit is synchronous)."""
+
+    def __init__(self, outbox: Outbox, settings: ForwarderSettings) -> None:
+        self.outbox = outbox
+        self.settings = settings
+        self.counts = ForwarderCounts()
+        self.connected = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="cloudlet-forwarder", daemon=True)
+        self._content_type = (
+            b"application/msgpack" if settings.codec == "msgpack" else b"application/json"
+        )
+
+    def start(self) -> Forwarder:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 15.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _main(self) -> None:
+        asyncio.run(self._run())
+
+    async def _run(self) -> None:
+        delay = self.settings.retry_min
+        producer: AIOKafkaProducer | None = None
+        while not self._stop.is_set():
+            try:
+                if producer is None:
+                    producer = AIOKafkaProducer(**self.settings.kafka.producer_options())
+                    await producer.start()
+                    self.connected.set()
+                    log.info("forwarder connected to %s", self.settings.kafka.bootstrap_servers)
+                records = await asyncio.to_thread(self.outbox.read, self.settings.batch)
+                if not records:
+                    await asyncio.sleep(0.05)
+                    continue
+                await self._send(producer, records)
+                await asyncio.to_thread(self.outbox.ack, records)
+                delay = self.settings.retry_min
+            except (TimeoutError, KafkaError, OSError) as exc:
+                self.connected.clear()
+                self.counts.retries += 1
+                self.outbox.rewind()  # replay in order from the first unacknowledged record
+                wait = min(self.settings.retry_max, delay) * random.uniform(0.5, 1.5)
+                log.warning("forwarder: %s: %s; retrying in %.1f s (outbox depth %d)",
+                            type(exc).__name__, exc, wait, self.outbox.depth())  # fmt: skip
+                if producer is not None:
+                    await _close(producer)
+                    producer = None
+                await asyncio.sleep(wait)
+                delay = min(self.settings.retry_max, delay * 2)
+        if producer is not None:
+            await _close(producer)
+
+    async def _send(self, producer: AIOKafkaProducer, records: Sequence[Record]) -> None:
+        topic = self.settings.kafka.topic
+        site = self.settings.site
+        futures = []
+        size = 0
+        for r in records:
+            value = encode_record(r, site, self.outbox.id, self.settings.codec)
+            size += len(value)
+            headers = [("content-type", self._content_type), ("site", site.encode()),
+                       ("so", r.key.so.encode()), ("stream", r.key.stream.encode()),
+                       ("message-id", r.message_id(self.outbox.id).encode())]  # fmt: skip
+            futures.append(await producer.send(topic, value, key=r.key.so.encode(),
+                                               headers=headers))  # fmt: skip
+        await asyncio.gather(*futures)  # every record acknowledged by all in-sync replicas
+        self.counts.records += len(records)
+        self.counts.bytes += size
+        self.counts.batches += 1
+        self.connected.set()
+
+
+async def _close(producer: AIOKafkaProducer) -> None:
+    try:
+        await asyncio.wait_for(producer.stop(), 10)
+    except Exception as exc:  # closing a producer whose broker is gone may fail in many ways
+        log.debug("closing the producer: %s", exc)

@@ -1,0 +1,125 @@
+"""A unit as the control plane runs it: the processing unit (processors/) with the cloud-sync
+outbox as its sink and the forwarder draining it to Kafka (cloud_sync/). The two packages do
+not know each other; the unit file brings them together:
+
+```yaml
+name: irrigation-unit
+objects: [objects/]
+outbox: {path: outbox/, max_bytes: 1073741824, ttl: 7d, fsync: batch,
+         streams: [{match: "*/irrigate", priority: 0}]}
+forward: {site: farm-1, kafka: {bootstrap_servers: "kafka:9092", compression: zstd}}
+```
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from pydantic import model_validator
+
+from cloud_sync.forwarder import Forwarder, ForwarderSettings
+from cloud_sync.outbox import Outbox, OutboxSettings
+from processors.config import UnitConfig
+from processors.unit import Unit
+
+log = logging.getLogger(__name__)
+
+
+class UnitFile(UnitConfig):
+    outbox: OutboxSettings | None = None
+    forward: ForwarderSettings | None = None
+
+    @model_validator(mode="after")
+    def _forward_needs_outbox(self) -> UnitFile:
+        if self.forward is not None and self.outbox is None:
+            raise ValueError("forward needs an outbox: records go through it to Kafka")
+        return self
+
+    @classmethod
+    def load(cls, path: Path) -> UnitFile:
+        config = super().load(path)
+        assert isinstance(config, UnitFile)
+        if config.outbox is not None and not config.outbox.path.is_absolute():
+            outbox = config.outbox.model_copy(update={"path": path.parent / config.outbox.path})
+            config = config.model_copy(update={"outbox": outbox})
+        return config
+
+
+class CloudletUnit:
+    """Start: outbox, forwarder, unit. Stop: unit (drains into the outbox), forwarder,
+    outbox."""
+
+    def __init__(
+        self,
+        config: UnitFile,
+        *,
+        replica: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.outbox = None
+        if config.outbox is not None:
+            settings = config.outbox
+            if replica:  # each replica has an outbox of its own
+                settings = settings.model_copy(update={"path": settings.path / replica})
+            self.outbox = Outbox(settings, clock=clock)
+        self.forwarder = (
+            Forwarder(self.outbox, config.forward)
+            if self.outbox is not None and config.forward is not None
+            else None
+        )
+        self.unit = Unit(config, replica=replica, clock=clock, sink=self.outbox)
+        if self.outbox is not None:
+            self.unit.metrics.registry.register(
+                _CloudSyncCollector(self.unit.instance, self.outbox, self.forwarder)
+            )
+
+    def start(self) -> CloudletUnit:
+        if self.forwarder is not None:
+            self.forwarder.start()
+        self.unit.start()
+        return self
+
+    def stop(self) -> None:
+        self.unit.stop()  # closes the sink: the outbox
+        if self.forwarder is not None:
+            self.forwarder.stop()
+
+
+class _CloudSyncCollector(Collector):
+    def __init__(self, unit: str, outbox: Outbox, forwarder: Forwarder | None) -> None:
+        self.unit, self.outbox, self.forwarder = unit, outbox, forwarder
+
+    def collect(self) -> Iterator[Metric]:
+        depth = GaugeMetricFamily("cloudlet_outbox_depth", "Records waiting to be sent",
+                                  labels=["unit", "priority"])  # fmt: skip
+        for priority, n in sorted(self.outbox.depth_by_priority().items()):
+            depth.add_metric([self.unit, str(priority)], n)
+        yield depth
+        yield GaugeMetricFamily("cloudlet_outbox_bytes", "Bytes of outbox segments on disk",
+                                value=self.outbox.size(), labels=None)  # fmt: skip
+        yield GaugeMetricFamily(
+            "cloudlet_outbox_oldest_seconds", "Age of the oldest unsent record",
+            value=self.outbox.oldest_age(),
+        )  # fmt: skip
+        c = self.outbox.counts
+        for name, value, doc in (
+            ("cloudlet_outbox_written", c.written, "Records written to the outbox"),
+            ("cloudlet_outbox_rejected", c.rejected, "Records refused while full (reject-new)"),
+            ("cloudlet_outbox_expired", c.expired, "Records older than the ttl, not sent"),
+            ("cloudlet_outbox_truncated", c.truncated, "Torn records cut at start-up"),
+        ):
+            yield CounterMetricFamily(name, doc, value=value)
+        if self.forwarder is not None:
+            f = self.forwarder.counts
+            for name, value, doc in (
+                ("cloudlet_forwarded_records", f.records, "Records acknowledged by Kafka"),
+                ("cloudlet_forwarded_bytes", f.bytes, "Bytes of records acknowledged by Kafka"),
+                ("cloudlet_forward_retries", f.retries, "Failed sends, retried after a backoff"),
+            ):
+                yield CounterMetricFamily(name, doc, value=value)
