@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import sqlite3
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,11 +30,13 @@ from typing import Any, Literal
 
 import msgpack
 import orjson
+import psycopg
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from cloud_sync.outbox import Outbox, Record
+from cloud_sync.store import CloudMessage, CloudStore, open_store
 
 log = logging.getLogger(__name__)
 
@@ -82,14 +85,24 @@ class KafkaSettings(BaseModel):
 
 
 class ForwarderSettings(BaseModel):
+    """Where the outbox drains: Kafka, or (the embedded default, one machine running the whole
+    chain) straight into a cloud-object store (`store: sqlite:///cloud.db`)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     site: str = "cloudlet"
-    kafka: KafkaSettings
+    kafka: KafkaSettings | None = None
+    store: str | None = None
     codec: Literal["json", "msgpack"] = "json"
     batch: int = Field(default=500, ge=1, le=100_000)
     retry_min: float = Field(default=0.5, gt=0)
     retry_max: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _one_destination(self) -> ForwarderSettings:
+        if (self.kafka is None) == (self.store is None):
+            raise ValueError("forward needs exactly one of kafka or store")
+        return self
 
 
 class ForwarderCounts:
@@ -142,9 +155,22 @@ class Forwarder:
     async def _run(self) -> None:
         delay = self.settings.retry_min
         producer: AIOKafkaProducer | None = None
+        store: CloudStore | None = None
         while not self._stop.is_set():
             try:
+                if self.settings.store is not None:  # the embedded default: no Kafka
+                    if store is None:
+                        store = await asyncio.to_thread(open_store, self.settings.store)
+                        self.connected.set()
+                    records = await asyncio.to_thread(self.outbox.read, self.settings.batch)
+                    if not records:
+                        await asyncio.sleep(0.05)
+                        continue
+                    await asyncio.to_thread(self._store, store, records)
+                    await asyncio.to_thread(self.outbox.ack, records)
+                    continue
                 if producer is None:
+                    assert self.settings.kafka is not None
                     producer = AIOKafkaProducer(**self.settings.kafka.producer_options())
                     await producer.start()
                     self.connected.set()
@@ -156,7 +182,7 @@ class Forwarder:
                 await self._send(producer, records)
                 await asyncio.to_thread(self.outbox.ack, records)
                 delay = self.settings.retry_min
-            except (TimeoutError, KafkaError, OSError) as exc:
+            except (TimeoutError, KafkaError, OSError, sqlite3.Error, psycopg.Error) as exc:
                 self.connected.clear()
                 self.counts.retries += 1
                 self.outbox.rewind()  # replay in order from the first unacknowledged record
@@ -170,8 +196,22 @@ class Forwarder:
                 delay = min(self.settings.retry_max, delay * 2)
         if producer is not None:
             await _close(producer)
+        if store is not None:
+            store.close()
+
+    def _store(self, store: CloudStore, records: Sequence[Record]) -> None:
+        site, outbox_id = self.settings.site, self.outbox.id
+        store.write([
+            CloudMessage(r.message_id(outbox_id), site, r.key.so, r.key.stream, r.enqueued,
+                         orjson.loads(r.body))
+            for r in records
+        ])  # fmt: skip
+        self.counts.records += len(records)
+        self.counts.bytes += sum(len(r.body) for r in records)
+        self.counts.batches += 1
 
     async def _send(self, producer: AIOKafkaProducer, records: Sequence[Record]) -> None:
+        assert self.settings.kafka is not None
         topic = self.settings.kafka.topic
         site = self.settings.site
         futures = []

@@ -47,6 +47,9 @@ app.add_typer(rig_app, name="rig")
 app.add_typer(flow_app, name="flow")
 app.add_typer(unit_app, name="unit")
 app.add_typer(processor_app, name="processor")
+cloud_app = typer.Typer(help="Cloud objects: materialise them from Kafka, serve the API.",
+                        no_args_is_help=True)  # fmt: skip
+app.add_typer(cloud_app, name="cloud")
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -448,6 +451,41 @@ def simulate(
         raise _fail("the broker did not acknowledge everything sent")
 
 
+@cloud_app.command("serve")
+def cloud_serve(
+    config_path: Annotated[Path, typer.Argument(metavar="CONFIG", help="The cloud's YAML.")],
+    log_format: Annotated[str, typer.Option(help="text or json")] = "text",
+) -> None:
+    """Consume the cloudlets' records from Kafka into the store, and serve the REST API."""
+    import yaml
+    from pydantic import ValidationError
+
+    from cloud_sync.cloud import CloudService, CloudSettings
+    from streams.registry import validation_problems
+
+    _configure_logging(log_format)
+    try:
+        doc = yaml.safe_load(config_path.read_text()) or {}
+        http = doc.pop("http", None) or {}
+        settings = CloudSettings.model_validate({**doc, **http})
+        service = CloudService(settings)
+    except (OSError, yaml.YAMLError) as exc:
+        raise _fail(f"{config_path}: cannot be read: {exc}") from None
+    except ValidationError as exc:
+        _print_problems(validation_problems(exc, str(config_path)))
+        raise typer.Exit(1) from None
+    except ValueError as exc:
+        raise _fail(f"{config_path}: {exc}") from None
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    service.start()
+    out.print(f"cloud objects on {service.url} (OpenAPI: {service.url}/docs)")
+    while not stop.wait(0.5):
+        pass
+    service.stop()
+
+
 @app.command("gateway")
 def gateway_run(
     config_path: Annotated[
@@ -543,9 +581,13 @@ def demo(
 
 @rig_app.command("install")
 def rig_install() -> None:
-    """Install Mosquitto (Debian package) and resolve Kafka's jars (Maven Central)."""
+    """Install Mosquitto and PostgreSQL (Debian packages) and resolve Kafka's jars (Maven
+    Central)."""
+    from cloudlet.rig import ensure_postgres
+
     try:
         out.print(f"mosquitto: {ensure_mosquitto()}")
+        out.print(f"postgresql: {ensure_postgres()}")
         out.print(f"kafka jars: {ensure_kafka()}")
     except RigError as exc:
         raise _fail(str(exc)) from None

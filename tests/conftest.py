@@ -1,4 +1,5 @@
-"""Session fixtures: a real Mosquitto and a real Kafka, started once on free loopback ports.
+"""Session fixtures: a real Mosquitto, Kafka and PostgreSQL, started once on free loopback
+ports.
 
 When any test of the session failed, the services' work directories (configs and logs) are
 copied to `test-logs/<timestamp>/` in the checkout, and the path is printed.
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cloudlet.rig import Kafka, Mosquitto
+from cloudlet.rig import Kafka, Mosquitto, Postgres
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
@@ -49,3 +50,15 @@ def kafka(
     finally:
         broker.stop()
         _keep_logs_if_failed(request, broker.workdir)
+
+
+@pytest.fixture(scope="session")
+def postgres(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Postgres]:
+    server = Postgres(tmp_path_factory.mktemp("postgres")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        _keep_logs_if_failed(request, server.workdir)

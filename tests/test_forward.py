@@ -17,7 +17,9 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from cloudlet.rig import Kafka, Mosquitto
+from cloud_sync.cloud import CloudService, CloudSettings
+from cloud_sync.store import PostgresStore
+from cloudlet.rig import Kafka, Mosquitto, Postgres
 from cloudlet.units import CloudletUnit, UnitFile
 from edge_objects.fleet import DeviceFleet
 from streams import SensorUpdate, StreamKey
@@ -123,6 +125,9 @@ def test_every_update_reaches_kafka_across_a_sigkill(
     for so in ("s1", "s2"):  # in order per object, duplicates aside
         times = [t for s, t in _raw(messages) if s == so]
         assert times == sorted(times)
+    # and the cloud side stores each exactly once, with no gap
+    stored = _materialize(kafka, topic, f"sqlite:///{tmp_path / 'cloud.db'}", len(sent))
+    assert stored == {so: [t for s, t in sorted(sent) if s == so] for so in ("s1", "s2")}
     first = messages[0]
     assert first["site"] == "test-site" and first["key"] == first["so"].encode()
     assert first["headers"]["message-id"].decode() == first["messageId"]
@@ -140,8 +145,9 @@ def own_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kafka]:
 
 @pytest.mark.kafka
 @pytest.mark.mqtt
+@pytest.mark.postgres
 def test_the_outbox_holds_through_a_kafka_outage_and_drains_in_order(
-    mosquitto: Mosquitto, own_kafka: Kafka, tmp_path: Path
+    mosquitto: Mosquitto, own_kafka: Kafka, postgres: Postgres, tmp_path: Path
 ) -> None:
     topic = "cloudlet.outage"
     config = UnitFile.load(_unit_file(tmp_path, mosquitto, own_kafka, topic, name="u-outage",
@@ -172,3 +178,31 @@ def test_the_outbox_holds_through_a_kafka_outage_and_drains_in_order(
         running.stop()
     got = unique(consume(own_kafka.bootstrap_servers, topic, lambda g: len(unique(g)) >= 300))
     assert [m["update"]["lastUpdate"] - T0 for m in got] == list(range(300))
+    with PostgresStore(postgres.url)._transaction() as cur:
+        cur.execute("TRUNCATE updates, channel_values, latest")
+    stored = _materialize(own_kafka, topic, postgres.url, 300)
+    assert stored == {"s1": [T0 + i for i in range(300)]}
+
+
+def _materialize(kafka: Kafka, topic: str, store: str, expected: int) -> dict[str, list[int]]:
+    """Run the cloud service over the topic until the store holds `expected` updates; each
+    object's stored lastUpdates, in order."""
+    settings = CloudSettings.model_validate({
+        "store": store, "port": 0, "tokens": [{"token": "t", "objects": ["*"]}],
+        "kafka": {"bootstrap_servers": kafka.bootstrap_servers, "topic": topic,
+                  "group": f"cloud-{topic}"},
+    })  # fmt: skip
+    service = CloudService(settings).start()
+    try:
+        deadline = time.monotonic() + 60
+        while service.store.count() < expected and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)  # and nothing more arrives
+        assert service.store.count() == expected
+        out = {}
+        for o in service.store.objects():
+            page = service.store.history(o["id"], "data", limit=10_000)
+            out[o["id"]] = [u["lastUpdate"] for u in page.updates]
+        return out
+    finally:
+        service.stop()

@@ -1,0 +1,324 @@
+"""`cloudlet cloud serve`: cloud objects, materialised from Kafka, with a REST API.
+
+```yaml
+# cloud.yaml
+store: sqlite:///cloud.db            # or postgresql://user@host:5432/db
+kafka: {bootstrap_servers: "kafka:9092", topic: cloudlet.updates, group: cloudlet-cloud}
+http: {host: 0.0.0.0, port: 8000}
+public: ["air-*"]                     # objects anyone may read
+tokens:
+  - {token_env: FARM_TOKEN, objects: ["field-*", "rain-gauge-*", "weather-*"]}
+```
+
+The consumer group writes each batch to the store, then commits its offsets: a crash
+re-reads at most the last batch, and the store's idempotent writes (by message id) make that
+harmless. A record that is not a cloudlet record is logged and counted, never silently
+skipped. Without `kafka`, the service only answers queries (the embedded default: the unit's
+forwarder writes into the same store).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import hmac
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Annotated, Any
+
+import orjson
+import uvicorn
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+from cloud_sync.store import CloudMessage, CloudStore, open_store
+
+log = logging.getLogger(__name__)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ReadToken(_Strict):
+    token: SecretStr | None = None
+    token_env: str | None = None
+    objects: list[str] = Field(min_length=1)  # glob patterns of the objects it may read
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ReadToken:
+        if (self.token is None) == (self.token_env is None):
+            raise ValueError("a token needs exactly one of token or token_env")
+        return self
+
+    def secret(self) -> str:
+        if self.token is not None:
+            return self.token.get_secret_value()
+        value = os.environ.get(self.token_env or "")
+        if not value:
+            raise ValueError(f"environment variable {self.token_env} (token_env) is not set")
+        return value
+
+
+class ConsumerSettings(_Strict):
+    bootstrap_servers: str
+    topic: str = "cloudlet.updates"
+    group: str = "cloudlet-cloud"
+
+
+class CloudSettings(_Strict):
+    store: str = "sqlite:///cloud.db"
+    kafka: ConsumerSettings | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    public: list[str] = []
+    tokens: list[ReadToken] = []
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.consumed = Counter("cloudlet_cloud_records", "Kafka records consumed", registry=r)
+        self.stored = Counter("cloudlet_cloud_updates_stored", "New updates stored", registry=r)
+        self.duplicates = Counter("cloudlet_cloud_duplicates", "Records already stored (by"
+                                  " message id)", registry=r)  # fmt: skip
+        self.rejected = Counter("cloudlet_cloud_records_rejected", "Records that are not"
+                                " cloudlet records", registry=r)  # fmt: skip
+        self.requests = Counter("cloudlet_cloud_requests", "API requests by status", ["status"],
+                                registry=r)  # fmt: skip
+
+
+class Materializer:
+    """The consumer group: Kafka records into the store, exactly once by message id."""
+
+    def __init__(self, store: CloudStore, settings: ConsumerSettings, metrics: _Metrics) -> None:
+        self.store, self.settings, self.metrics = store, settings, metrics
+        self.ready = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()),
+                                        name="cloudlet-materializer", daemon=True)  # fmt: skip
+
+    def start(self) -> Materializer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(15)
+
+    async def _run(self) -> None:
+        from aiokafka import AIOKafkaConsumer
+        from aiokafka.errors import KafkaError
+
+        while not self._stop.is_set():
+            consumer = AIOKafkaConsumer(
+                self.settings.topic, bootstrap_servers=self.settings.bootstrap_servers,
+                group_id=self.settings.group, enable_auto_commit=False,
+                auto_offset_reset="earliest", metadata_max_age_ms=5_000,
+            )  # fmt: skip
+            try:
+                await consumer.start()
+                self.ready.set()
+                while not self._stop.is_set():
+                    batches = await consumer.getmany(timeout_ms=500, max_records=2000)
+                    messages = []
+                    for records in batches.values():
+                        for r in records:
+                            self.metrics.consumed.inc()
+                            try:
+                                messages.append(CloudMessage.from_record(orjson.loads(r.value)))
+                            except (ValueError, orjson.JSONDecodeError) as exc:
+                                self.metrics.rejected.inc()
+                                log.error("%s[%d]@%d: %s", r.topic, r.partition, r.offset, exc)
+                    if messages:
+                        new = await asyncio.to_thread(self.store.write, messages)
+                        self.metrics.stored.inc(new)
+                        self.metrics.duplicates.inc(len(messages) - new)
+                    if batches:
+                        await consumer.commit()  # after the store has them
+            except KafkaError as exc:
+                log.warning("cloud consumer: %s; reconnecting", exc)
+                await asyncio.sleep(1.0)
+            finally:
+                await consumer.stop()
+
+
+class CloudService:
+    def __init__(self, settings: CloudSettings, store: CloudStore | None = None) -> None:
+        self.settings = settings
+        self.store = store or open_store(settings.store)
+        self.metrics = _Metrics()
+        self.grants = [(t.secret().encode(), t.objects) for t in settings.tokens]
+        self.materializer = (
+            Materializer(self.store, settings.kafka, self.metrics) if settings.kafka else None
+        )
+        self.app = self._app()
+        self.port = settings.port
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    # access ----------------------------------------------------------------------------------
+
+    def _readable(self, request: Request) -> list[str]:
+        """The object patterns the caller may read: the public ones, and its token's."""
+        patterns = list(self.settings.public)
+        header = request.headers.get("authorization", "")
+        token = header.removeprefix("Bearer ").strip().encode()
+        if token:
+            for secret, allowed in self.grants:
+                if hmac.compare_digest(token, secret):
+                    return patterns + allowed
+            raise HTTPException(401, "unknown token")
+        return patterns
+
+    @staticmethod
+    def _may(patterns: list[str], so: str) -> bool:
+        return any(fnmatch.fnmatchcase(so, p) for p in patterns)
+
+    def _check(self, request: Request, so: str) -> None:
+        if not self._may(self._readable(request), so):
+            # the same answer as for an object that does not exist: private stays private
+            raise HTTPException(404, f"no service object {so!r} (or not yours to read)")
+
+    # API -------------------------------------------------------------------------------------
+
+    def _app(self) -> FastAPI:
+        app = FastAPI(
+            title="cloudlet cloud objects",
+            description="What the cloudlets forwarded, per service object and stream.",
+        )
+        store = self.store
+
+        @app.middleware("http")
+        async def count(request: Request, call_next: Any) -> Response:
+            response: Response = await call_next(request)
+            self.metrics.requests.labels(str(response.status_code)).inc()
+            return response
+
+        @app.get("/objects")
+        def objects(request: Request) -> list[dict[str, Any]]:
+            """The service objects you may read, with their streams."""
+            readable = self._readable(request)
+            return [o for o in store.objects() if self._may(readable, o["id"])]
+
+        @app.get("/objects/{so}/streams/{stream}/lastUpdate")
+        def last(so: str, stream: str, request: Request) -> dict[str, Any]:
+            """The newest update of a stream (by lastUpdate)."""
+            self._check(request, so)
+            found = store.last(so, stream)
+            if found is None:
+                raise HTTPException(404, f"{so}/{stream} has no update yet")
+            return found
+
+        @app.get("/objects/{so}/streams/{stream}")
+        def history(
+            so: str, stream: str, request: Request,
+            start: Annotated[int | None, Query(alias="from", description="ms, inclusive")] = None,
+            end: Annotated[int | None, Query(alias="to", description="ms, exclusive")] = None,
+            limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+            cursor: str | None = None,
+        ) -> dict[str, Any]:  # fmt: skip
+            """Updates in a time range, oldest first, a page at a time (follow `next`)."""
+            self._check(request, so)
+            try:
+                page = store.history(so, stream, start=start, end=end, limit=limit,
+                                     cursor=cursor)  # fmt: skip
+            except ValueError as exc:
+                raise HTTPException(400, str(exc)) from None
+            return {"updates": page.updates, "next": page.next}
+
+        @app.get("/search/{stream}")
+        def search(
+            stream: str, request: Request,
+            channel: str | None = None,
+            minimum: Annotated[float | None, Query(alias="min")] = None,
+            maximum: Annotated[float | None, Query(alias="max")] = None,
+            near: Annotated[str | None, Query(description="lat,lon,radius in metres")] = None,
+            bbox: Annotated[str | None, Query(description="minLat,minLon,maxLat,maxLon")] = None,
+            start: Annotated[int | None, Query(alias="from")] = None,
+            end: Annotated[int | None, Query(alias="to")] = None,
+            limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+        ) -> dict[str, Any]:  # fmt: skip
+            """Updates of a stream by a numeric range of a channel, or by distance from a point
+            or a bounding box on a geo_point channel, within a time range; newest first."""
+            readable = self._readable(request)
+            mine = [o["id"] for o in store.objects() if self._may(readable, o["id"])]
+            try:
+                circle = _floats(near, 3, "near") if near else None
+                box = _floats(bbox, 4, "bbox") if bbox else None
+            except ValueError as exc:
+                raise HTTPException(400, str(exc)) from None
+            found = store.search(
+                stream, channel=channel, minimum=minimum, maximum=maximum,
+                near=circle, bbox=box, start=start, end=end, objects=mine, limit=limit,
+            )  # fmt: skip
+            return {"updates": found}
+
+        @app.get("/healthz", include_in_schema=False)
+        def healthz() -> PlainTextResponse:
+            return PlainTextResponse("ok")
+
+        @app.get("/readyz", include_in_schema=False)
+        def readyz() -> PlainTextResponse:
+            ok = self.materializer is None or self.materializer.ready.is_set()
+            return PlainTextResponse("ready" if ok else "not consuming yet",
+                                     status_code=200 if ok else 503)  # fmt: skip
+
+        @app.get("/metrics", include_in_schema=False)
+        def metrics() -> Response:
+            return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+        @app.exception_handler(HTTPException)
+        async def error(_request: Request, exc: HTTPException) -> JSONResponse:
+            return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+
+        return app
+
+    # lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> CloudService:
+        if self.materializer is not None:
+            self.materializer.start()
+        sock = socket.socket(socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.settings.host, self.settings.port))
+        self.port = sock.getsockname()[1]
+        self._server = uvicorn.Server(
+            uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off")
+        )
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
+                                        name="cloudlet-cloud-api", daemon=True)  # fmt: skip
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.settings.host}:{self.port}"
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(10)
+        if self.materializer is not None:
+            self.materializer.stop()
+        self.store.close()
+
+
+def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != n:
+        raise ValueError(f"{what} must be {n} comma-separated numbers, got {text!r}")
+    return values

@@ -1,0 +1,332 @@
+"""Cloud objects: what the cloudlets forwarded, per service object and stream, queryable.
+
+One schema, two databases: SQLite (embedded, the default) and PostgreSQL (real deployments).
+Writes are idempotent on the message id, so the at-least-once transport (a record resent
+after a crash or an outage) becomes exactly-once here. Tables:
+
+- `updates`: every update (message id, site, object, stream, lastUpdate, document).
+- `channel_values`: each channel's value, numeric or geo, for range and geo searches.
+- `latest`: the newest update per object and stream (by lastUpdate: a late replay never
+  overwrites a newer value).
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS updates (
+        message_id TEXT PRIMARY KEY, site TEXT NOT NULL, so TEXT NOT NULL,
+        stream TEXT NOT NULL, last_update BIGINT NOT NULL, enqueued BIGINT NOT NULL,
+        body TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS updates_by_stream ON updates (so, stream, last_update)",
+    "CREATE INDEX IF NOT EXISTS updates_by_time ON updates (stream, last_update)",
+    """CREATE TABLE IF NOT EXISTS channel_values (
+        message_id TEXT NOT NULL, so TEXT NOT NULL, stream TEXT NOT NULL,
+        channel TEXT NOT NULL, last_update BIGINT NOT NULL,
+        num DOUBLE PRECISION, lat DOUBLE PRECISION, lon DOUBLE PRECISION,
+        PRIMARY KEY (message_id, channel))""",
+    "CREATE INDEX IF NOT EXISTS values_by_num ON channel_values (stream, channel, num)",
+    "CREATE INDEX IF NOT EXISTS values_by_geo ON channel_values (stream, channel, lat, lon)",
+    """CREATE TABLE IF NOT EXISTS latest (
+        so TEXT NOT NULL, stream TEXT NOT NULL, message_id TEXT NOT NULL,
+        last_update BIGINT NOT NULL, site TEXT NOT NULL, PRIMARY KEY (so, stream))""",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class CloudMessage:
+    """One forwarded update, as the forwarder writes it to Kafka."""
+
+    message_id: str
+    site: str
+    so: str
+    stream: str
+    enqueued: int
+    update: dict[str, Any]
+
+    @classmethod
+    def from_record(cls, doc: dict[str, Any]) -> CloudMessage:
+        try:
+            update = doc["update"]
+            return cls(str(doc["messageId"]), str(doc["site"]), str(doc["so"]),
+                       str(doc["stream"]), int(doc["enqueued"]), update)  # fmt: skip
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a cloudlet record: {exc!r} missing or wrong") from None
+
+    @property
+    def last_update(self) -> int:
+        return int(self.update["lastUpdate"])
+
+
+def _channel_rows(m: CloudMessage) -> list[tuple[Any, ...]]:
+    rows = []
+    for name, channel in (m.update.get("channels") or {}).items():
+        value = channel.get("current-value") if isinstance(channel, dict) else None
+        num = lat = lon = None
+        if isinstance(value, bool):
+            num = float(value)
+        elif isinstance(value, int | float):
+            num = float(value)
+        elif isinstance(value, str) and value.count(",") == 1:
+            try:  # a geo_point travels as "lat,lon"
+                lat, lon = (float(x) for x in value.split(","))
+            except ValueError:
+                pass
+        if num is not None or lat is not None:
+            rows.append((m.message_id, m.so, m.stream, name, m.last_update, num, lat, lon))
+    return rows
+
+
+@dataclass(frozen=True)
+class Page:
+    updates: list[dict[str, Any]]
+    next: str | None  # the cursor of the next page, None at the end
+
+
+def _cursor(last_update: int, message_id: str) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps([last_update, message_id])).decode()
+
+
+def _uncursor(cursor: str) -> tuple[int, str]:
+    try:
+        t, mid = orjson.loads(base64.urlsafe_b64decode(cursor.encode()))
+        return int(t), str(mid)
+    except (ValueError, TypeError, orjson.JSONDecodeError):
+        raise ValueError(f"cursor {cursor!r} is not one this API gave out") from None
+
+
+EARTH_RADIUS_M = 6_371_008.8
+
+
+def distance_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
+    """Great-circle distance (haversine), metres."""
+    p1, p2 = math.radians(lat1), math.radians(lat2)
+    dp, dl = p2 - p1, math.radians(lon2 - lon1)
+    h = math.sin(dp / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(dl / 2) ** 2
+    return 2 * EARTH_RADIUS_M * math.asin(min(1.0, math.sqrt(h)))
+
+
+class CloudStore:
+    """The SQL both databases share; subclasses give the connection and the placeholder."""
+
+    placeholder = "?"
+
+    def _q(self, sql: str) -> str:
+        return sql if self.placeholder == "?" else sql.replace("?", self.placeholder)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._transaction() as cur:
+            cur.execute(self._q(sql), args)
+            return list(cur.fetchall())
+
+    def create(self) -> None:
+        with self._transaction() as cur:
+            for statement in SCHEMA:
+                cur.execute(statement)
+
+    def write(self, messages: Sequence[CloudMessage]) -> int:
+        """Store what is new (by message id); how many were new."""
+        if not messages:
+            return 0
+        new = 0
+        with self._transaction() as cur:
+            for m in messages:
+                cur.execute(self._q(
+                    "INSERT INTO updates (message_id, site, so, stream, last_update, enqueued,"
+                    " body) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (message_id) DO NOTHING"),
+                    (m.message_id, m.site, m.so, m.stream, m.last_update, m.enqueued,
+                     orjson.dumps(m.update).decode()))  # fmt: skip
+                if cur.rowcount != 1:
+                    continue  # seen before: the transport's duplicate
+                new += 1
+                rows = _channel_rows(m)
+                if rows:
+                    cur.executemany(self._q(
+                        "INSERT INTO channel_values (message_id, so, stream, channel,"
+                        " last_update, num, lat, lon) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                        " ON CONFLICT DO NOTHING"), rows)  # fmt: skip
+                cur.execute(self._q(
+                    "INSERT INTO latest (so, stream, message_id, last_update, site)"
+                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (so, stream) DO UPDATE SET"
+                    " message_id = excluded.message_id, last_update = excluded.last_update,"
+                    " site = excluded.site WHERE excluded.last_update >= latest.last_update"),
+                    (m.so, m.stream, m.message_id, m.last_update, m.site))  # fmt: skip
+        return new
+
+    # queries ---------------------------------------------------------------------------------
+
+    def objects(self) -> list[dict[str, Any]]:
+        rows = self._query("SELECT so, stream, site, last_update FROM latest ORDER BY so, stream")
+        out: dict[str, dict[str, Any]] = {}
+        for so, stream, site, last in rows:
+            entry = out.setdefault(so, {"id": so, "site": site, "streams": [], "lastUpdate": 0})
+            entry["streams"].append(stream)
+            entry["lastUpdate"] = max(entry["lastUpdate"], last)
+        return list(out.values())
+
+    def count(self) -> int:
+        return int(self._query("SELECT count(*) FROM updates")[0][0])
+
+    def last(self, so: str, stream: str) -> dict[str, Any] | None:
+        rows = self._query(
+            "SELECT u.body FROM latest l JOIN updates u ON u.message_id = l.message_id"
+            " WHERE l.so = ? AND l.stream = ?",
+            (so, stream),
+        )
+        return orjson.loads(rows[0][0]) if rows else None
+
+    def history(
+        self, so: str, stream: str, *, start: int | None = None, end: int | None = None,
+        limit: int = 100, cursor: str | None = None,
+    ) -> Page:  # fmt: skip
+        """Updates in [start, end) by lastUpdate, oldest first, `limit` a page."""
+        where, args = ["so = ?", "stream = ?"], [so, stream]
+        if start is not None:
+            where.append("last_update >= ?")
+            args.append(start)
+        if end is not None:
+            where.append("last_update < ?")
+            args.append(end)
+        if cursor is not None:
+            t, mid = _uncursor(cursor)
+            where.append("(last_update > ? OR (last_update = ? AND message_id > ?))")
+            args += [t, t, mid]
+        rows = self._query(
+            f"SELECT last_update, message_id, body FROM updates WHERE {' AND '.join(where)}"
+            " ORDER BY last_update, message_id LIMIT ?",
+            [*args, limit + 1],
+        )
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return Page([orjson.loads(r[2]) for r in rows],
+                    _cursor(rows[-1][0], rows[-1][1]) if more else None)  # fmt: skip
+
+    def search(
+        self, stream: str, *, channel: str | None = None, minimum: float | None = None,
+        maximum: float | None = None, near: tuple[float, float, float] | None = None,
+        bbox: tuple[float, float, float, float] | None = None, start: int | None = None,
+        end: int | None = None, objects: Sequence[str] | None = None, limit: int = 1000,
+    ) -> list[dict[str, Any]]:  # fmt: skip
+        """Updates of `stream` whose `channel` is within [minimum, maximum], or whose geo
+        channel lies within `near` (lat, lon, metres) or `bbox` (min lat, min lon, max lat,
+        max lon); newest first."""
+        where, args = ["v.stream = ?"], [stream]
+        if channel is not None:
+            where.append("v.channel = ?")
+            args.append(channel)
+        if minimum is not None:
+            where.append("v.num >= ?")
+            args.append(minimum)
+        if maximum is not None:
+            where.append("v.num <= ?")
+            args.append(maximum)
+        box = bbox
+        if near is not None:  # a box around the circle first; the exact distance after
+            lat, lon, radius = near
+            dlat = math.degrees(radius / EARTH_RADIUS_M)
+            dlon = dlat / max(0.01, math.cos(math.radians(lat)))
+            box = (lat - dlat, lon - dlon, lat + dlat, lon + dlon)
+        if box is not None:
+            where.append("v.lat BETWEEN ? AND ? AND v.lon BETWEEN ? AND ?")
+            args += [box[0], box[2], box[1], box[3]]
+        if start is not None:
+            where.append("v.last_update >= ?")
+            args.append(start)
+        if end is not None:
+            where.append("v.last_update < ?")
+            args.append(end)
+        if objects is not None:
+            if not objects:
+                return []
+            where.append(f"v.so IN ({', '.join('?' for _ in objects)})")
+            args += list(objects)
+        rows = self._query(
+            "SELECT DISTINCT u.message_id, u.so, u.last_update, u.body, v.lat, v.lon"
+            " FROM channel_values v JOIN updates u ON u.message_id = v.message_id"
+            f" WHERE {' AND '.join(where)} ORDER BY u.last_update DESC, u.message_id LIMIT ?",
+            [*args, limit * 4 if near else limit],
+        )
+        out = []
+        seen = set()
+        for mid, so, _t, body, lat, lon in rows:
+            if near is not None and distance_m(near[0], near[1], lat, lon) > near[2]:
+                continue
+            if mid in seen:
+                continue
+            seen.add(mid)
+            out.append({"so": so, "stream": stream, "update": orjson.loads(body)})
+            if len(out) >= limit:
+                break
+        return out
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class SQLiteStore(CloudStore):
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._lock = threading.Lock()
+        self.create()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Any]:
+        with self._lock:
+            cur = self._db.cursor()
+            cur.execute("BEGIN")
+            try:
+                yield cur
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            cur.execute("COMMIT")
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class PostgresStore(CloudStore):
+    placeholder = "%s"
+
+    def __init__(self, dsn: str) -> None:
+        import psycopg
+        from psycopg_pool import ConnectionPool
+
+        self._psycopg = psycopg
+        self._pool = ConnectionPool(dsn, min_size=1, max_size=8, open=True)
+        self.create()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Any]:
+        with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            yield cur
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+def open_store(url: str) -> CloudStore:
+    """sqlite:///path/to.db or postgresql://user@host:port/db."""
+    if url.startswith("sqlite:///"):
+        return SQLiteStore(Path(url.removeprefix("sqlite:///")))
+    if url.startswith(("postgresql://", "postgres://")):
+        return PostgresStore(url)
+    raise ValueError(f"store {url!r}: use sqlite:///path/to.db or postgresql://user@host/db")

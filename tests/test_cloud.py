@@ -1,0 +1,233 @@
+"""Cloud objects: the store on SQLite and on the real PostgreSQL (idempotent writes, latest,
+history paging, range and geo search), the REST API with its tokens, the consumer group over
+the real Kafka, and the embedded default (outbox straight into the store)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from cloud_sync.cloud import CloudService, CloudSettings
+from cloud_sync.forwarder import Forwarder, ForwarderSettings
+from cloud_sync.outbox import Outbox, OutboxSettings
+from cloud_sync.store import CloudMessage, CloudStore, PostgresStore, SQLiteStore, distance_m
+from cloudlet.rig import Kafka, Postgres
+from streams import SensorUpdate, StreamKey
+
+T0 = 1_700_006_400_000
+# air stations around Barcelona's centre (41.3851, 2.1734)
+STATIONS = {"air-centre": (41.3851, 2.1734), "air-north": (41.4200, 2.1800),
+            "air-port": (41.3500, 2.1500), "air-far": (41.6000, 2.5000)}  # fmt: skip
+
+
+def message(so: str, stream: str, at: int, /, **channels: Any) -> CloudMessage:
+    update = {"channels": {c: {"current-value": v} for c, v in channels.items()}, "lastUpdate": at}
+    return CloudMessage(f"x-5-{so}-{at}", "site-1", so, stream, at + 5, update)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CloudStore]:
+    if request.param == "sqlite":
+        s: CloudStore = SQLiteStore(tmp_path / "cloud.db")
+    else:
+        server: Postgres = request.getfixturevalue("postgres")
+        s = PostgresStore(server.url)
+        with s._transaction() as cur:  # a clean slate per test
+            cur.execute("TRUNCATE updates, channel_values, latest")
+    yield s
+    s.close()
+
+
+def test_writes_are_idempotent_and_latest_is_by_event_time(store: CloudStore) -> None:
+    a = message("s1", "data", T0, t=1.0)
+    b = message("s1", "data", T0 + 10, t=2.0)
+    assert store.write([a, b, a]) == 2
+    assert store.write([b]) == 0  # a resend after a crash: stored once
+    late = message("s1", "data", T0 + 5, t=9.0)  # a replay of something older
+    assert store.write([late]) == 1
+    assert store.last("s1", "data") == b.update
+    assert store.count() == 3
+    assert store.objects() == [{"id": "s1", "site": "site-1", "streams": ["data"],
+                                "lastUpdate": T0 + 10}]  # fmt: skip
+
+
+def test_history_pages_through_a_time_range(store: CloudStore) -> None:
+    store.write([message("s1", "data", T0 + i, t=float(i)) for i in range(25)])
+    store.write([message("s2", "data", T0 + i, t=0.0) for i in range(5)])
+    got, cursor, pages = [], None, 0
+    while True:
+        page = store.history("s1", "data", start=T0 + 3, end=T0 + 20, limit=5, cursor=cursor)
+        got += [u["lastUpdate"] - T0 for u in page.updates]
+        pages += 1
+        if page.next is None:
+            break
+        cursor = page.next
+    assert got == list(range(3, 20)) and pages == 4
+    with pytest.raises(ValueError, match="not one this API gave out"):
+        store.history("s1", "data", cursor="garbage")
+
+
+def test_search_by_range_and_by_place(store: CloudStore) -> None:
+    for i, (so, (lat, lon)) in enumerate(STATIONS.items()):
+        store.write([message(so, "air", T0 + i, pm25=10.0 + 5 * i, location=f"{lat},{lon}")])
+    by_range = store.search("air", channel="pm25", minimum=14, maximum=21)
+    assert sorted(u["so"] for u in by_range) == ["air-north", "air-port"]
+    centre = STATIONS["air-centre"]
+    near = store.search("air", channel="location", near=(*centre, 5_000))
+    expected = [so for so, p in STATIONS.items() if distance_m(*centre, *p) <= 5_000]
+    assert sorted(u["so"] for u in near) == sorted(expected) == ["air-centre", "air-north",
+                                                                 "air-port"]  # fmt: skip
+    box = store.search("air", channel="location", bbox=(41.37, 2.16, 41.43, 2.19))
+    assert sorted(u["so"] for u in box) == ["air-centre", "air-north"]
+    assert store.search("air", channel="pm25", minimum=0, objects=["air-far"])[0]["so"] == "air-far"
+
+
+# the API ---------------------------------------------------------------------------------------
+
+
+def get(url: str, token: str | None = None) -> tuple[int, Any]:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"}
+                                     if token else {})  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, orjson.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, orjson.loads(exc.read())
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[CloudService]:
+    settings = CloudSettings.model_validate({
+        "store": f"sqlite:///{tmp_path / 'cloud.db'}", "port": 0, "public": ["air-*"],
+        "tokens": [{"token": "farm", "objects": ["field-*"]}],
+    })  # fmt: skip
+    service = CloudService(settings).start()
+    service.store.write([message("field-1-soil", "soil", T0 + i, moisture=20.0 + i)
+                         for i in range(3)])  # fmt: skip
+    service.store.write([message("air-centre", "air", T0, pm25=12.0, location="41.3851,2.1734")])
+    yield service
+    service.stop()
+
+
+def test_tokens_keep_private_objects_private(api: CloudService) -> None:
+    base = api.url
+    assert [o["id"] for o in get(f"{base}/objects")[1]] == ["air-centre"]
+    assert [o["id"] for o in get(f"{base}/objects", "farm")[1]] == ["air-centre", "field-1-soil"]
+    status, body = get(f"{base}/objects/field-1-soil/streams/soil/lastUpdate")
+    assert (status, body["error"]) == (404, "no service object 'field-1-soil' (or not yours to"
+                                            " read)")  # fmt: skip
+    status, body = get(f"{base}/objects/field-1-soil/streams/soil/lastUpdate", "farm")
+    assert (status, body["lastUpdate"]) == (200, T0 + 2)
+    assert get(f"{base}/objects", "stolen")[0] == 401
+    assert get(f"{base}/search/soil?channel=moisture&min=0")[1] == {"updates": []}
+    assert len(get(f"{base}/search/soil?channel=moisture&min=21", "farm")[1]["updates"]) == 2
+
+
+def test_the_api_pages_searches_and_explains(api: CloudService) -> None:
+    base = api.url
+    status, page = get(f"{base}/objects/field-1-soil/streams/soil?limit=2", "farm")
+    assert status == 200 and len(page["updates"]) == 2 and page["next"]
+    more = get(f"{base}/objects/field-1-soil/streams/soil?limit=2&cursor="
+               f"{urllib.parse.quote(page['next'])}", "farm")[1]  # fmt: skip
+    assert [u["lastUpdate"] for u in more["updates"]] == [T0 + 2] and more["next"] is None
+    near = get(f"{base}/search/air?channel=location&near=41.39,2.17,1000")[1]["updates"]
+    assert [u["so"] for u in near] == ["air-centre"]
+    status, body = get(f"{base}/search/air?near=41.39,2.17")
+    assert (status, body["error"]) == (400, "near must be 3 comma-separated numbers, got"
+                                            " '41.39,2.17'")  # fmt: skip
+    assert get(f"{base}/objects/field-1-soil/streams/soil?cursor=zz", "farm")[0] == 400
+    assert get(f"{base}/openapi.json")[1]["info"]["title"] == "cloudlet cloud objects"
+
+
+# the consumer group and the embedded default -----------------------------------------------------
+
+
+@pytest.mark.kafka
+def test_the_consumer_group_stores_each_record_once(kafka: Kafka, tmp_path: Path) -> None:
+    topic = "cloudlet.cloud-test"
+    records = [message("s1", "data", T0 + i, t=float(i)) for i in range(50)]
+
+    async def produce() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers)
+        await producer.start()
+        for m in [*records, *records[:10]]:  # the forwarder resent ten after a crash
+            await producer.send_and_wait(topic, orjson.dumps({
+                "messageId": m.message_id, "site": m.site, "so": m.so, "stream": m.stream,
+                "enqueued": m.enqueued, "update": m.update}), key=m.so.encode())  # fmt: skip
+        await producer.send_and_wait(topic, b'{"not": "a cloudlet record"}')
+        await producer.stop()
+
+    asyncio.run(produce())
+    settings = CloudSettings.model_validate({
+        "store": f"sqlite:///{tmp_path / 'cloud.db'}", "port": 0,
+        "kafka": {"bootstrap_servers": kafka.bootstrap_servers, "topic": topic},
+    })  # fmt: skip
+    service = CloudService(settings).start()
+    try:
+        end = time.monotonic() + 60
+        while service.metrics.consumed._value.get() < 61 and time.monotonic() < end:
+            time.sleep(0.1)
+        assert service.store.count() == 50
+        assert service.metrics.duplicates._value.get() == 10
+        assert service.metrics.rejected._value.get() == 1
+    finally:
+        service.stop()
+
+
+def test_the_embedded_default_drains_the_outbox_into_the_store(tmp_path: Path) -> None:
+    outbox = Outbox(OutboxSettings(path=tmp_path / "outbox"))
+    url = f"sqlite:///{tmp_path / 'cloud.db'}"
+    settings = ForwarderSettings.model_validate({"site": "farm", "store": url})
+    forwarder = Forwarder(outbox, settings).start()
+    outbox.write([(StreamKey("s1", "data"), SensorUpdate({"t": float(i)}, T0 + i))
+                  for i in range(100)])  # fmt: skip
+    deadline = time.monotonic() + 20
+    while outbox.depth() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    forwarder.stop()
+    store = SQLiteStore(tmp_path / "cloud.db")
+    assert store.count() == 100 and store.last("s1", "data")["lastUpdate"] == T0 + 99  # type: ignore[index]
+    store.close()
+
+
+def test_cloud_serve_from_the_command_line(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+
+    from cloudlet.rig.process import free_port
+    from tests.test_cli import CLOUDLET, run
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("store: sqlite:///x.db\ntokens: [{objects: []}]\n")
+    done = run("cloud", "serve", str(bad))
+    assert done.returncode == 1
+    assert f"{bad}: tokens[0].objects: List should have at least 1 item" in done.stderr
+    port = free_port()
+    good = tmp_path / "cloud.yaml"
+    good.write_text(f"store: sqlite:///{tmp_path / 'cloud.db'}\nhttp: {{port: {port}}}\n"
+                    "public: ['*']\n")  # fmt: skip
+    server = subprocess.Popen([CLOUDLET, "cloud", "serve", str(good)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        status = None
+        while time.monotonic() < deadline:
+            try:
+                status, body = get(f"http://127.0.0.1:{port}/objects")
+                break
+            except urllib.error.URLError:
+                time.sleep(0.2)
+        assert (status, body) == (200, [])
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(20) == 0
