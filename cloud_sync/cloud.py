@@ -36,7 +36,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from cloud_sync.commands import CommandTopics, command_record
 from cloud_sync.store import CloudMessage, CloudStore, open_store
+from streams.actuation import Actuation
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,7 @@ class ReadToken(_Strict):
     token: SecretStr | None = None
     token_env: str | None = None
     objects: list[str] = Field(min_length=1)  # glob patterns of the objects it may read
+    actuate: list[str] = []  # and of those it may send commands to
 
     @model_validator(mode="after")
     def _one_source(self) -> ReadToken:
@@ -69,6 +72,7 @@ class ConsumerSettings(_Strict):
     bootstrap_servers: str
     topic: str = "cloudlet.updates"
     group: str = "cloudlet-cloud"
+    commands: CommandTopics = CommandTopics()
 
 
 class CloudSettings(_Strict):
@@ -118,7 +122,8 @@ class Materializer:
 
         while not self._stop.is_set():
             consumer = AIOKafkaConsumer(
-                self.settings.topic, bootstrap_servers=self.settings.bootstrap_servers,
+                self.settings.topic, self.settings.commands.status,
+                bootstrap_servers=self.settings.bootstrap_servers,
                 group_id=self.settings.group, enable_auto_commit=False,
                 auto_offset_reset="earliest", metadata_max_age_ms=5_000,
             )  # fmt: skip
@@ -130,6 +135,9 @@ class Materializer:
                     messages = []
                     for records in batches.values():
                         for r in records:
+                            if r.topic == self.settings.commands.status:
+                                await asyncio.to_thread(self._status, r.value)
+                                continue
                             self.metrics.consumed.inc()
                             try:
                                 messages.append(CloudMessage.from_record(orjson.loads(r.value)))
@@ -148,13 +156,25 @@ class Materializer:
             finally:
                 await consumer.stop()
 
+    def _status(self, value: bytes) -> None:
+        try:
+            doc = orjson.loads(value)
+            known = self.store.command_status(str(doc["id"]), str(doc["status"]),
+                                              int(doc["at"]), doc.get("message"))  # fmt: skip
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            log.error("a command status that cannot be read: %s", exc)
+            return
+        if not known:
+            log.warning("status for a command this cloud did not send: %s", doc.get("id"))
+
 
 class CloudService:
     def __init__(self, settings: CloudSettings, store: CloudStore | None = None) -> None:
         self.settings = settings
         self.store = store or open_store(settings.store)
         self.metrics = _Metrics()
-        self.grants = [(t.secret().encode(), t.objects) for t in settings.tokens]
+        self.grants = [(t.secret().encode(), t.objects, t.actuate) for t in settings.tokens]
+        self._producer: Any = None
         self.materializer = (
             Materializer(self.store, settings.kafka, self.metrics) if settings.kafka else None
         )
@@ -171,7 +191,7 @@ class CloudService:
         header = request.headers.get("authorization", "")
         token = header.removeprefix("Bearer ").strip().encode()
         if token:
-            for secret, allowed in self.grants:
+            for secret, allowed, _actuate in self.grants:
                 if hmac.compare_digest(token, secret):
                     return patterns + allowed
             raise HTTPException(401, "unknown token")
@@ -180,6 +200,16 @@ class CloudService:
     @staticmethod
     def _may(patterns: list[str], so: str) -> bool:
         return any(fnmatch.fnmatchcase(so, p) for p in patterns)
+
+    def _actuator(self, request: Request, so: str) -> None:
+        header = request.headers.get("authorization", "")
+        token = header.removeprefix("Bearer ").strip().encode()
+        for secret, _objects, actuate in self.grants:
+            if token and hmac.compare_digest(token, secret):
+                if self._may(actuate, so):
+                    return
+                raise HTTPException(403, f"this token may not send commands to {so!r}")
+        raise HTTPException(401, "commands need a token that grants them")
 
     def _check(self, request: Request, so: str) -> None:
         if not self._may(self._readable(request), so):
@@ -260,6 +290,38 @@ class CloudService:
             )  # fmt: skip
             return {"updates": found}
 
+        @app.post("/objects/{so}/actions/{action}", status_code=202)
+        async def act(so: str, action: str, request: Request) -> dict[str, Any]:
+            """Send a command to a device through its cloudlet; follow it at /commands/{id}."""
+            self._check(request, so)
+            self._actuator(request, so)
+            if self.settings.kafka is None:
+                raise HTTPException(503, "no command path: this cloud has no kafka configured")
+            try:
+                body = orjson.loads(await request.body() or b"{}")
+                parameters = body.get("parameters", {}) if isinstance(body, dict) else None
+            except orjson.JSONDecodeError:
+                parameters = None
+            if not isinstance(parameters, dict):
+                raise HTTPException(400, 'the body must be {"parameters": {...}}')
+            site = await asyncio.to_thread(store.site_of, so)
+            if site is None:
+                raise HTTPException(404, f"no cloudlet has reported {so!r} yet")
+            command = Actuation(so, action, parameters, issued_at=int(time.time() * 1000))
+            await asyncio.to_thread(store.add_command, command.id, site, so, action,
+                                    parameters, command.issued_at)  # fmt: skip
+            await self._send_command(command, site)
+            return {"id": command.id, "site": site, "status": "submitted"}
+
+        @app.get("/commands/{command_id}")
+        def command(command_id: str, request: Request) -> dict[str, Any]:
+            """A command's status and the history of its reports."""
+            found = store.command(command_id)
+            if found is None:
+                raise HTTPException(404, f"no command {command_id!r}")
+            self._check(request, found["so"])
+            return found
+
         @app.get("/healthz", include_in_schema=False)
         def healthz() -> PlainTextResponse:
             return PlainTextResponse("ok")
@@ -279,6 +341,18 @@ class CloudService:
             return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
 
         return app
+
+    async def _send_command(self, command: Actuation, site: str) -> None:
+        from aiokafka import AIOKafkaProducer
+
+        assert self.settings.kafka is not None
+        if self._producer is None:  # made in the API's event loop, where it is used
+            self._producer = AIOKafkaProducer(
+                bootstrap_servers=self.settings.kafka.bootstrap_servers, acks="all"
+            )
+            await self._producer.start()
+        topic = self.settings.kafka.commands.commands
+        await self._producer.send_and_wait(topic, command_record(command, site), key=site.encode())
 
     # lifecycle -------------------------------------------------------------------------------
 

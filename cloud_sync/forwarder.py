@@ -33,10 +33,12 @@ import orjson
 import psycopg
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from cloud_sync.commands import CommandTopics
 from cloud_sync.outbox import Outbox, Record
 from cloud_sync.store import CloudMessage, CloudStore, open_store
+from streams.flows.model import duration_ms
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,15 @@ class ForwarderSettings(BaseModel):
     batch: int = Field(default=500, ge=1, le=100_000)
     retry_min: float = Field(default=0.5, gt=0)
     retry_max: float = Field(default=30.0, gt=0)
+    # with kafka: relay the cloud's commands to this site's devices (cloud_sync/commands.py)
+    commands: bool = True
+    command_topics: CommandTopics = CommandTopics()
+    command_max_age: int = 600_000  # ms: an older command is refused, not carried out
+
+    @field_validator("command_max_age", mode="before")
+    @classmethod
+    def _age(cls, value: Any) -> int:
+        return duration_ms(value)
 
     @model_validator(mode="after")
     def _one_destination(self) -> ForwarderSettings:

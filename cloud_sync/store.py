@@ -41,6 +41,10 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS latest (
         so TEXT NOT NULL, stream TEXT NOT NULL, message_id TEXT NOT NULL,
         last_update BIGINT NOT NULL, site TEXT NOT NULL, PRIMARY KEY (so, stream))""",
+    """CREATE TABLE IF NOT EXISTS commands (
+        id TEXT PRIMARY KEY, site TEXT NOT NULL, so TEXT NOT NULL, action TEXT NOT NULL,
+        parameters TEXT NOT NULL, issued_at BIGINT NOT NULL, status TEXT NOT NULL,
+        history TEXT NOT NULL)""",
 ]
 
 
@@ -178,6 +182,54 @@ class CloudStore:
             entry["streams"].append(stream)
             entry["lastUpdate"] = max(entry["lastUpdate"], last)
         return list(out.values())
+
+    def site_of(self, so: str) -> str | None:
+        """The cloudlet an object's updates came from most recently."""
+        rows = self._query(
+            "SELECT site FROM latest WHERE so = ? ORDER BY last_update DESC LIMIT 1", (so,)
+        )
+        return rows[0][0] if rows else None
+
+    def add_command(self, id: str, site: str, so: str, action: str, parameters: dict[str, Any],
+                    issued_at: int) -> None:  # fmt: skip
+        history = [{"status": "submitted", "at": issued_at}]
+        with self._transaction() as cur:
+            cur.execute(self._q(
+                "INSERT INTO commands (id, site, so, action, parameters, issued_at, status,"
+                " history) VALUES (?, ?, ?, ?, ?, ?, 'submitted', ?)"),
+                (id, site, so, action, orjson.dumps(parameters).decode(), issued_at,
+                 orjson.dumps(history).decode()))  # fmt: skip
+
+    def command_status(self, id: str, status: str, at: int, message: str | None) -> bool:
+        """Record a status report; False if the command is not known here. A final status
+        (done, failed) is not overwritten by a late report."""
+        with self._transaction() as cur:
+            cur.execute(self._q("SELECT status, history FROM commands WHERE id = ?"), (id,))
+            row = cur.fetchone()
+            if row is None:
+                return False
+            history = orjson.loads(row[1])
+            entry = {"status": status, "at": at, **({"message": message} if message else {})}
+            if entry in history:
+                return True  # the same report again
+            history.append(entry)
+            current = row[0] if row[0] in ("done", "failed") else status
+            cur.execute(self._q("UPDATE commands SET status = ?, history = ? WHERE id = ?"),
+                        (current, orjson.dumps(history).decode(), id))  # fmt: skip
+        return True
+
+    def command(self, id: str) -> dict[str, Any] | None:
+        rows = self._query(
+            "SELECT id, site, so, action, parameters, issued_at, status, history FROM commands"
+            " WHERE id = ?",
+            (id,),
+        )
+        if not rows:
+            return None
+        r = rows[0]
+        return {"id": r[0], "site": r[1], "so": r[2], "action": r[3],
+                "parameters": orjson.loads(r[4]), "issuedAt": r[5], "status": r[6],
+                "history": orjson.loads(r[7])}  # fmt: skip
 
     def count(self) -> int:
         return int(self._query("SELECT count(*) FROM updates")[0][0])

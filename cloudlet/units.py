@@ -22,6 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from pydantic import model_validator
 
+from cloud_sync.commands import CommandRelay, RelaySettings
 from cloud_sync.forwarder import Forwarder, ForwarderSettings
 from cloud_sync.outbox import Outbox, OutboxSettings
 from processors.config import UnitConfig
@@ -74,6 +75,17 @@ class CloudletUnit:
             else None
         )
         self.unit = Unit(config, replica=replica, clock=clock, sink=self.outbox)
+        forward = config.forward
+        self.relay = (
+            CommandRelay(
+                RelaySettings(site=forward.site, bootstrap_servers=forward.kafka.bootstrap_servers,
+                              topics=forward.command_topics, max_age=forward.command_max_age),
+                config.mqtt, self.unit.catalog.registry, config.topics,
+                client_id=f"{self.unit.instance}-relay",
+            )
+            if forward is not None and forward.kafka is not None and forward.commands
+            else None
+        )  # fmt: skip
         if self.outbox is not None:
             self.unit.metrics.registry.register(
                 _CloudSyncCollector(self.unit.instance, self.outbox, self.forwarder)
@@ -82,6 +94,8 @@ class CloudletUnit:
     def start(self) -> CloudletUnit:
         if self.forwarder is not None:
             self.forwarder.start()
+        if self.relay is not None:
+            self.relay.start()
         self.unit.start()
         return self
 
@@ -89,6 +103,8 @@ class CloudletUnit:
         self.unit.stop()  # closes the sink: the outbox
         if self.forwarder is not None:
             self.forwarder.stop()
+        if self.relay is not None:
+            self.relay.stop()
 
 
 class _CloudSyncCollector(Collector):

@@ -225,15 +225,16 @@ class Gateway:
         """The body, or None if it exceeds the limit (read no further than that)."""
         limit = self.settings.max_payload
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            return None
+        if declared is not None and declared.isdigit() and int(declared) > 16 * limit:
+            return None  # not worth reading: the client may see the connection close
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
-            if size > limit:
-                return None
-            chunks.append(chunk)
-        return b"".join(chunks)
+            if size <= limit:
+                chunks.append(chunk)
+            # beyond the limit, read on without keeping anything, so that the client gets
+            # its 413 instead of a reset connection
+        return b"".join(chunks) if size <= limit else None
 
     def _post(self, so_id: str, stream_id: str, body: bytes, content_type: str | None) -> Response:
         try:

@@ -1,0 +1,106 @@
+"""Actuation from the cloud, end to end over the real Kafka and Mosquitto: the API's command
+reaches the valve through its cloudlet, and the valve's reports come back to the API."""
+
+from __future__ import annotations
+
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from cloud_sync.cloud import CloudService, CloudSettings
+from cloudlet.demo import scenario_dir
+from cloudlet.rig import Kafka, Mosquitto
+from cloudlet.units import CloudletUnit, UnitFile
+from edge_objects.sdk import EdgeObject
+from streams.mqtt import MqttSettings
+
+IRRIGATION = scenario_dir("irrigation") / "objects"
+
+
+def call(method: str, url: str, token: str, body: Any = None) -> tuple[int, Any]:
+    data = orjson.dumps(body) if body is not None else None
+    request = urllib.request.Request(url, data, {"Authorization": f"Bearer {token}",
+                                                 "Content-Type": "application/json"},
+                                     method=method)  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, orjson.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, orjson.loads(exc.read())
+
+
+@pytest.mark.kafka
+@pytest.mark.mqtt
+def test_a_command_from_the_cloud_opens_the_valve_and_reports_back(
+    mosquitto: Mosquitto, kafka: Kafka, tmp_path: Path
+) -> None:
+    topics = {"commands": "test.commands", "status": "test.command-status"}
+    path = tmp_path / "unit.yaml"
+    path.write_bytes(orjson.dumps({
+        "name": "u-commands", "objects": [str(IRRIGATION)], "mqtt": {"url": mosquitto.url},
+        "outbox": {"path": "outbox"},
+        "forward": {"site": "farm-1", "command_topics": topics,
+                    "kafka": {"bootstrap_servers": kafka.bootstrap_servers,
+                              "topic": "test.updates", "linger_ms": 1}},
+    }))  # fmt: skip
+    cloud = CloudService(CloudSettings.model_validate({
+        "store": f"sqlite:///{tmp_path / 'cloud.db'}", "port": 0,
+        "kafka": {"bootstrap_servers": kafka.bootstrap_servers, "topic": "test.updates",
+                  "group": "cloud-commands", "commands": topics},
+        "tokens": [{"token": "farmer", "objects": ["field-*"], "actuate": ["field-*-valve"]},
+                   {"token": "viewer", "objects": ["field-*"]}],
+    })).start()  # fmt: skip
+    unit = CloudletUnit(UnitFile.load(path)).start()
+    opened: list[dict[str, Any]] = []
+    valve = EdgeObject("field-1-valve", MqttSettings(url=mosquitto.url), client_id="valve-cloud")
+
+    @valve.action("open")
+    def open_(parameters: dict[str, Any]) -> str:
+        opened.append(parameters)
+        return f"open for {parameters['minutes']} minutes"
+
+    valve.start()
+    try:
+        assert unit.relay is not None and unit.relay.ready.wait(30)
+        assert valve.connected.wait(10) and unit.unit.runtime.connected.wait(10)
+        valve.publish("state", {"open": False})  # the cloud learns which cloudlet has it
+        deadline = time.monotonic() + 30
+        while cloud.store.site_of("field-1-valve") is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        url = f"{cloud.url}/objects/field-1-valve/actions/open"
+        status, body = call("POST", url, "viewer", {"parameters": {"minutes": 5}})
+        assert (status, body["error"]) == (403, "this token may not send commands to"
+                                                " 'field-1-valve'")  # fmt: skip
+        status, body = call("POST", url, "farmer", {"parameters": {"minutes": 5}})
+        assert status == 202 and body["site"] == "farm-1", body
+        command_id = body["id"]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            state = call("GET", f"{cloud.url}/commands/{command_id}", "farmer")[1]
+            if state["status"] == "done":
+                break
+            time.sleep(0.2)
+        assert state["status"] == "done"
+        assert [h["status"] for h in state["history"]] == ["submitted", "accepted", "done"]
+        assert state["history"][-1]["message"] == "open for 5 minutes"
+        assert opened == [{"minutes": 5}]
+        bad = call("POST", f"{cloud.url}/objects/field-1-valve/actions/explode", "farmer", {})
+        assert bad[0] == 202
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            state = call("GET", f"{cloud.url}/commands/{bad[1]['id']}", "farmer")[1]
+            if state["status"] == "failed":
+                break
+            time.sleep(0.2)
+        assert state["history"][-1]["message"] == (
+            "'field-1-valve' has no action 'explode' (its actions: open, close)"
+        )
+    finally:
+        valve.stop()
+        unit.stop()
+        cloud.stop()
