@@ -106,12 +106,12 @@ def get(url: str, token: str | None = None) -> tuple[int, Any]:
 
 
 @pytest.fixture
-def api(tmp_path: Path) -> Iterator[CloudService]:
+def api(store: CloudStore) -> Iterator[CloudService]:
+    """The API over each store (SQLite, and the real PostgreSQL)."""
     settings = CloudSettings.model_validate({
-        "store": f"sqlite:///{tmp_path / 'cloud.db'}", "port": 0, "public": ["air-*"],
-        "tokens": [{"token": "farm", "objects": ["field-*"]}],
+        "port": 0, "public": ["air-*"], "tokens": [{"token": "farm", "objects": ["field-*"]}],
     })  # fmt: skip
-    service = CloudService(settings).start()
+    service = CloudService(settings, store=store).start()
     service.store.write([message("field-1-soil", "soil", T0 + i, moisture=20.0 + i)
                          for i in range(3)])  # fmt: skip
     service.store.write([message("air-centre", "air", T0, pm25=12.0, location="41.3851,2.1734")])
@@ -231,3 +231,36 @@ def test_cloud_serve_from_the_command_line(tmp_path: Path) -> None:
     finally:
         server.send_signal(signal.SIGTERM)
         assert server.wait(20) == 0
+
+
+@pytest.mark.mqtt
+def test_one_machine_runs_the_whole_chain_without_kafka(mosquitto: Any, tmp_path: Path) -> None:
+    from cloudlet.units import CloudletUnit, UnitFile
+    from edge_objects.fleet import DeviceFleet
+    from streams.mqtt import MqttSettings
+    from tests.test_processors import OBJECTS
+
+    (tmp_path / "objects").mkdir()
+    (tmp_path / "objects" / "objects.yaml").write_text(OBJECTS)
+    url = f"sqlite:///{tmp_path / 'cloud.db'}"
+    (tmp_path / "unit.yaml").write_bytes(orjson.dumps({
+        "name": "u-embedded", "objects": ["objects/"], "mqtt": {"url": mosquitto.url},
+        "outbox": {"path": "outbox"}, "forward": {"site": "laptop", "store": url},
+    }))  # fmt: skip
+    running = CloudletUnit(UnitFile.load(tmp_path / "unit.yaml")).start()
+    fleet = DeviceFleet(MqttSettings(url=mosquitto.url), client_id="fleet-embedded").start()
+    cloud = CloudService(CloudSettings.model_validate({"store": url, "port": 0,
+                                                       "public": ["*"]})).start()  # fmt: skip
+    try:
+        assert running.unit.runtime.connected.wait(10)
+        for i in range(20):
+            fleet.publish(StreamKey("s1", "data"), SensorUpdate({"t": float(i)}, T0 + i))
+        deadline = time.monotonic() + 20
+        while cloud.store.count() < 20 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        status, last = get(f"{cloud.url}/objects/s1/streams/data/lastUpdate")
+    finally:
+        fleet.stop()
+        running.stop()
+        cloud.stop()
+    assert (status, last["lastUpdate"]) == (200, T0 + 19)

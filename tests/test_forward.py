@@ -13,11 +13,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer
 
 from cloud_sync.cloud import CloudService, CloudSettings
+from cloud_sync.forwarder import Forwarder, ForwarderSettings, encode_record
+from cloud_sync.outbox import Outbox, OutboxSettings, Record
 from cloud_sync.store import PostgresStore
 from cloudlet.rig import Kafka, Mosquitto, Postgres
 from cloudlet.units import CloudletUnit, UnitFile
@@ -206,3 +209,54 @@ def _materialize(kafka: Kafka, topic: str, store: str, expected: int) -> dict[st
         return out
     finally:
         service.stop()
+
+
+@pytest.mark.kafka
+def test_records_are_readable_by_kafkas_own_console_consumer(kafka: Kafka, tmp_path: Path) -> None:
+    topic = "cloudlet.console"
+    outbox = Outbox(OutboxSettings(path=tmp_path / "outbox"))
+    settings = ForwarderSettings.model_validate(
+        {"site": "farm", "commands": False,
+         "kafka": {"bootstrap_servers": kafka.bootstrap_servers, "topic": topic}}
+    )  # fmt: skip
+    forwarder = Forwarder(outbox, settings).start()
+    outbox.write([(StreamKey("s1", "data"), SensorUpdate({"t": float(i)}, T0 + i))
+                  for i in range(5)])  # fmt: skip
+    deadline = time.monotonic() + 30
+    while outbox.depth() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    forwarder.stop()
+    done = subprocess.run(
+        kafka.java("org.apache.kafka.tools.consumer.ConsoleConsumer", "--bootstrap-server",
+                   kafka.bootstrap_servers, "--topic", topic, "--from-beginning",
+                   "--max-messages", "5", "--timeout-ms", "30000",
+                   "--property", "print.key=true", "--property", "key.separator=|"),
+        capture_output=True, text=True, timeout=90,
+    )  # fmt: skip
+    lines = [line for line in done.stdout.splitlines() if "|" in line]
+    assert len(lines) == 5, done.stdout + done.stderr
+    keys, values = zip(*(line.split("|", 1) for line in lines), strict=True)
+    assert set(keys) == {"s1"}
+    docs = [orjson.loads(v) for v in values]
+    assert [d["update"]["lastUpdate"] - T0 for d in docs] == list(range(5))
+    assert docs[0]["update"]["channels"] == {"t": {"current-value": 0.0}}
+    assert docs[0]["site"] == "farm" and docs[0]["messageId"].endswith("-5-1")
+
+
+def test_msgpack_records_carry_the_same_document() -> None:
+    body = b'{"channels":{"t":{"current-value":1.5}},"lastUpdate":1700006399999}'
+    record = Record(5, 7, StreamKey("s1", "data"), T0, T0 - 1, body)
+    as_json = orjson.loads(encode_record(record, "farm", "box", "json"))
+    as_msgpack = msgpack.unpackb(encode_record(record, "farm", "box", "msgpack"))
+    assert (
+        as_json
+        == as_msgpack
+        == {
+            "messageId": "box-5-7",
+            "site": "farm",
+            "so": "s1",
+            "stream": "data",
+            "enqueued": T0,
+            "update": {"channels": {"t": {"current-value": 1.5}}, "lastUpdate": T0 - 1},
+        }
+    )
