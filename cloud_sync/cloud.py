@@ -27,16 +27,18 @@ import os
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import orjson
 import uvicorn
 from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from cloud_sync.commands import CommandTopics, command_record
+from cloud_sync.dashboard import PAGE, Dashboard, chart_data, unit_health
 from cloud_sync.store import CloudMessage, CloudStore, open_store
 from streams.actuation import Actuation
 
@@ -82,6 +84,8 @@ class CloudSettings(_Strict):
     port: int = Field(default=8000, ge=0, le=65535)
     public: list[str] = []
     tokens: list[ReadToken] = []
+    dashboard: Path | None = None  # the charts (a scenario's dashboard.yaml)
+    units: list[str] = []  # the units' /metrics, for the dashboard's health table
 
 
 class _Metrics:
@@ -321,6 +325,23 @@ class CloudService:
                 raise HTTPException(404, f"no command {command_id!r}")
             self._check(request, found["so"])
             return found
+
+        dashboard = Dashboard.load(self.settings.dashboard)
+
+        @app.get("/", include_in_schema=False)
+        def page() -> HTMLResponse:
+            return HTMLResponse(PAGE)
+
+        @app.get("/api/dashboard")
+        def dashboard_data(request: Request) -> dict[str, Any]:
+            """The dashboard's charts: lines per object (or per a channel's value) and marks."""
+            readable = self._readable(request)
+            return chart_data(store, dashboard, lambda so: self._may(readable, so))
+
+        @app.get("/api/health")
+        def health() -> list[dict[str, Any]]:
+            """The cloudlet units' counters, from their /metrics."""
+            return unit_health(self.settings.units)
 
         @app.get("/healthz", include_in_schema=False)
         def healthz() -> PlainTextResponse:

@@ -268,6 +268,15 @@ class CloudStore:
         return Page([orjson.loads(r[2]) for r in rows],
                     _cursor(rows[-1][0], rows[-1][1]) if more else None)  # fmt: skip
 
+    def recent(self, so: str, stream: str, limit: int) -> list[dict[str, Any]]:
+        """The newest `limit` updates of a stream, oldest first."""
+        rows = self._query(
+            "SELECT body FROM updates WHERE so = ? AND stream = ?"
+            " ORDER BY last_update DESC, message_id DESC LIMIT ?",
+            (so, stream, limit),
+        )
+        return [orjson.loads(r[0]) for r in reversed(rows)]
+
     def search(
         self, stream: str, *, channel: str | None = None, minimum: float | None = None,
         maximum: float | None = None, near: tuple[float, float, float] | None = None,

@@ -520,38 +520,61 @@ def gateway_run(
 
 @app.command("demo")
 def demo(
-    scenario: Annotated[str, typer.Argument(help="Scenario to run: irrigation.")] = "irrigation",
+    scenario: Annotated[
+        str, typer.Argument(help="Scenario to run: irrigation or smart-city.")
+    ] = "irrigation",
     mqtt_url: Annotated[
         str | None,
         typer.Option("--mqtt", help="Use this broker (mqtt://host:port) instead of starting one."),
+    ] = None,
+    kafka: Annotated[
+        str | None,
+        typer.Option(help="Forward through this Kafka (host:port) instead of directly."),
     ] = None,
     duration: Annotated[
         float | None, typer.Option(help="Stop after this many seconds (default: Ctrl-C).")
     ] = None,
     rate: Annotated[float, typer.Option(help="Simulation steps per second.")] = 2.0,
-    speed: Annotated[float, typer.Option(help="Simulated seconds per real second.")] = 600.0,
-    faults: Annotated[float, typer.Option(help="Faulty messages injected per step.")] = 0.2,
+    speed: Annotated[
+        float | None,
+        typer.Option(help="Simulated seconds per real second (irrigation 600, smart city 120)."),
+    ] = None,
+    faults: Annotated[float, typer.Option(help="Chance that a reading is faulty.")] = 0.02,
+    fault_kind: Annotated[
+        list[str] | None,
+        typer.Option("--fault", help="Only these faults (repeatable): " + ", ".join(FAULT_KINDS)),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Random seed of the simulation.")] = 1,
     steps: Annotated[
         int | None, typer.Option(help="Stop after this many simulation steps.")
     ] = None,
+    port: Annotated[int, typer.Option(help="The dashboard's port (0: a free one).")] = 8000,
     summary_path: Annotated[
         Path | None, typer.Option("--summary", help="Also write the summary as JSON here.")
     ] = None,
 ) -> None:
-    """Run simulated devices through a real broker into the cloudlet, and watch it live."""
+    """Run simulated devices through a real broker, the cloudlet and the cloud; watch it live
+    in the terminal and on the dashboard."""
     from rich.live import Live
 
     from cloudlet.demo import Demo, DemoSettings
     from cloudlet.demo_view import live_view, summary_view
 
-    settings = DemoSettings(scenario, mqtt_url, duration, rate, speed, faults, seed, steps)
+    if speed is None:
+        speed = 120.0 if scenario == "smart-city" else 600.0
+    settings = DemoSettings(scenario, mqtt_url, duration, rate, speed, faults, seed, steps,
+                            kafka, port, fault_kinds=fault_kind)  # fmt: skip
+    runner: Demo | None = None
     try:
         with err.status("starting") as status:
             runner = Demo(settings, progress=lambda text: status.update(text))
             runner.start()
-    except (ValueError, RuntimeError, RigError) as exc:
+    except (ValueError, RuntimeError, RigError, OSError) as exc:
+        if runner is not None:
+            runner.stop()
         raise _fail(str(exc)) from None
+    assert runner.cloud is not None
+    out.print(f"dashboard: {runner.cloud.url}/   (work directory: {runner.workdir})")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
@@ -564,7 +587,7 @@ def demo(
     except KeyboardInterrupt:
         pass
     try:
-        with err.status("draining: waiting for the last updates to come through"):
+        with err.status("draining: waiting for the last updates to reach the cloud"):
             runner.drain()
         summary = runner.summary()
     finally:

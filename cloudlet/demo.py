@@ -1,43 +1,50 @@
-"""`cloudlet demo`: the whole chain that exists today, on one machine.
+"""`cloudlet demo irrigation|smart-city`: the whole chain on one machine.
 
-Simulated irrigation devices -> MQTT (a real Mosquitto the rig starts, or `--mqtt URL`) ->
-a processing unit (validation against the scenario's service objects, then its composite
-streams and windowed flows) -> accepted and derived updates on `.../updates`, rejected input
-on the dead-letter topic with its reason.
-An observer subscribed like any MQTT client counts what comes out, so the summary proves
-that every update sent arrived, and that every injected fault was rejected for the right
-reason.
+Simulated devices (with faults) -> MQTT (a real Mosquitto the rig starts, or `--mqtt URL`) ->
+a processing unit, run as a local process with `cloudlet unit run` and a generated unit file
+(the scenario's objects and flows, its outbox) -> the outbox -> cloud objects (SQLite in the
+demo's directory, or through a real Kafka with `--kafka`) -> the REST API and the dashboard.
+
+An observer subscribed like any MQTT client counts what the unit publishes, and the summary
+checks that every update sent arrived, that every malformed message was rejected for the
+right reason, and that the cloud store holds what the unit forwarded.
 """
 
 from __future__ import annotations
 
-import queue
-import random
+import os
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 import orjson
 import paho.mqtt.client as mqtt
+from prometheus_client.parser import text_string_to_metric_families
 
+from cloud_sync.cloud import CloudService, CloudSettings
 from cloudlet.rig import Mosquitto
-from edge_objects.faults import Fault, corrupt, pick
-from edge_objects.fleet import DeviceFleet
-from edge_objects.irrigation import IrrigationModel, IrrigationSite
-from edge_objects.sdk import EdgeObject
-from processors.ingest import Ingest
-from processors.runtime import UnitRuntime
+from cloudlet.rig.process import free_port
+from edge_objects.faults import Fault
+from edge_objects.simulator import SCENARIOS, Simulator, load
 from streams import Registry, TopicScheme
 from streams.catalog import Catalog
 from streams.mqtt import MqttSettings, connect, make_client
 
-SCENARIOS = ("irrigation",)
+# What each scenario must produce: derived streams (and, for irrigation, commands to valves).
+EXPECTED = {
+    "irrigation": ["moisture_10min", "rain_1h", "irrigate"],
+    "smart-city": ["vehicles_1m", "congestion", "free_1m", "pm25_1h"],
+}
 
 
 def scenario_dir(name: str) -> Path:
@@ -51,9 +58,13 @@ class DemoSettings:
     duration: float | None = None
     rate: float = 2.0  # simulation steps per real second
     speed: float = 600.0  # simulated seconds per real second
-    faults: float = 0.2  # probability of one faulty message per step
+    faults: float = 0.02  # chance that a reading is faulty
     seed: int = 1
     steps: int | None = None  # stop after this many simulation steps
+    kafka: str | None = None  # bootstrap servers: forward through Kafka instead of directly
+    port: int = 8000  # the dashboard's; 0 picks a free one
+    workdir: Path | None = None
+    fault_kinds: list[str] | None = None  # default: every kind
 
 
 @dataclass
@@ -73,7 +84,10 @@ class Observed:
                 self.dead_letters[body["reason"]] += 1
                 return
             so, _, stream = msg.topic.removeprefix(topics.root).split("/")[:3]
-            if (so, stream) in registry.produced or registry.get(so).streams[stream].derived:
+            known = registry.objects.get(so)
+            if (so, stream) in registry.produced or (
+                known is not None and stream in known.streams and known.streams[stream].derived
+            ):
                 self.derived[stream] += 1
             else:
                 self.updates += 1
@@ -83,6 +97,21 @@ class Observed:
     def total(self) -> int:
         with self.lock:
             return self.updates + sum(self.derived.values()) + sum(self.dead_letters.values())
+
+
+def unit_metrics(url: str) -> dict[str, float]:
+    """A unit's counters, summed over their labels (and by reason for rejections)."""
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            name = sample.name
+            if name.endswith("_created"):
+                continue
+            reason = sample.labels.get("reason")
+            key = f"{name}:{reason}" if reason else name
+            out[key] = out.get(key, 0.0) + sample.value
+    return out
 
 
 class Demo:
@@ -98,36 +127,90 @@ class Demo:
         self.topics = TopicScheme()
         self.observed = Observed()
         self.started = time.monotonic()
-        self.broker: Mosquitto | None = None
-        home = scenario_dir(settings.scenario)
-        self.catalog = Catalog.load([home / "objects"])
+        self.home = scenario_dir(settings.scenario)
+        self.workdir = settings.workdir or Path(tempfile.mkdtemp(prefix="cloudlet-demo-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.catalog = Catalog.load([self.home / "objects"])
         self.registry = self.catalog.registry
-        self.site = IrrigationSite.load(home / "site.yaml")
-        self.model = IrrigationModel(
-            self.site,
-            seed=settings.seed,
-            start_ms=int((time.time() // 86400 * 86400 + 6 * 3600) * 1000),
-        )
-        self.rng = random.Random(settings.seed + 1)
-        self.faults_sent: Counter[Fault] = Counter()
-        self.ingest = Ingest(self.registry, self.topics)
-        self.runtime: UnitRuntime | None = None
-        self.fleet: DeviceFleet | None = None
-        self.valves: list[EdgeObject] = []
-        self.commands: queue.SimpleQueue[tuple[str, float]] = queue.SimpleQueue()
-        self.valve_openings: Counter[str] = Counter()
+        self.broker: Mosquitto | None = None
+        self.unit: subprocess.Popen[bytes] | None = None
+        self.unit_port = free_port()
+        self.cloud: CloudService | None = None
+        self.simulator: Simulator | None = None
         self._observer: mqtt.Client | None = None
+        self.metrics: dict[str, float] = {}
+
+    # start -------------------------------------------------------------------------------
+
+    def _unit_file(self, url: str) -> Path:
+        store = f"sqlite:///{self.workdir / 'cloud.db'}"
+        forward: dict[str, Any] = {"site": f"demo-{self.settings.scenario}", "batch": 1000}
+        if self.settings.kafka:
+            forward["kafka"] = {"bootstrap_servers": self.settings.kafka,
+                                "topic": f"cloudlet.demo.{self.settings.scenario}",
+                                "linger_ms": 5}  # fmt: skip
+        else:
+            forward["store"] = store
+        doc = {
+            "name": f"{self.settings.scenario}-unit",
+            "objects": [str(self.home / "objects")],
+            "mqtt": {"url": url},
+            "state_dir": "state",
+            "checkpoint": {"every": "1s", "messages": 2000},
+            "http": {"host": "127.0.0.1", "port": self.unit_port},
+            "outbox": {"path": "outbox",
+                       "streams": [{"match": f"*/{s}", "priority": 0}
+                                   for s in ("irrigate", "congestion", "full", "pm25_alert")]},
+            "forward": forward,
+        }  # fmt: skip
+        path = self.workdir / "unit.yaml"
+        path.write_bytes(orjson.dumps(doc))  # JSON is YAML
+        return path
 
     def start(self) -> None:
         url = self.settings.mqtt_url
         if url is None:
             self.progress("starting Mosquitto on a free loopback port")
-            self.broker = Mosquitto(Path(tempfile.mkdtemp(prefix="cloudlet-demo-"))).start()
+            self.broker = Mosquitto(self.workdir / "mosquitto").start()
             url = self.broker.url
         mqtt_settings = MqttSettings(url=url)
         self.progress(f"broker {url}; {len(self.registry)} service objects loaded")
-        self._observer = make_client(mqtt_settings, f"cloudlet-demo-observer-{id(self)}")
+        self._observe(mqtt_settings)
+        self.progress("starting the processing unit (cloudlet unit run)")
+        log = (self.workdir / "unit.log").open("ab")
+        self.unit = subprocess.Popen(
+            [sys.executable, "-m", "cloudlet.cli", "unit", "run", str(self._unit_file(url)),
+             "--log-format", "json"],
+            stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+        self._wait(lambda: self._ready(f"http://127.0.0.1:{self.unit_port}/readyz"), 60,
+                   "the processing unit to be ready")  # fmt: skip
+        self.progress("starting cloud objects and the dashboard")
+        cloud = {
+            "store": f"sqlite:///{self.workdir / 'cloud.db'}",
+            "port": self.settings.port, "public": ["*"],
+            "dashboard": str(self.home / "dashboard.yaml"),
+            "units": [f"http://127.0.0.1:{self.unit_port}/metrics"],
+        }  # fmt: skip
+        if self.settings.kafka:
+            cloud["kafka"] = {"bootstrap_servers": self.settings.kafka,
+                              "topic": f"cloudlet.demo.{self.settings.scenario}",
+                              "group": f"cloudlet-demo-{os.getpid()}"}  # fmt: skip
+        self.cloud = CloudService(CloudSettings.model_validate(cloud)).start()
+        self.progress("starting the simulated devices")
+        start = datetime.now(UTC).replace(hour=6, minute=0, second=0, microsecond=0)
+        simulation = load(self.settings.scenario, self.home / "objects", seed=self.settings.seed,
+                          start_ms=int(start.timestamp() * 1000))  # fmt: skip
+        self.simulator = Simulator(
+            simulation, mqtt_settings, faults=self.settings.faults,
+            fault_kinds=self.settings.fault_kinds, seed=self.settings.seed,
+            client_id=f"cloudlet-demo-devices-{os.getpid()}",
+        ).start()  # fmt: skip
+        self.progress(f"{len(simulation.model.device_ids)} simulated devices online")
+
+    def _observe(self, settings: MqttSettings) -> None:
         subscribed = threading.Event()
+        self._observer = make_client(settings, f"cloudlet-demo-observer-{os.getpid()}")
 
         def on_connect(client: mqtt.Client, *_: object) -> None:
             client.subscribe([(self.topics.updates_filter, 1), (self.topics.dead_letter_filter, 1)])
@@ -137,135 +220,138 @@ class Demo:
         self._observer.on_message = lambda _c, _u, m: self.observed.on_message(
             self.topics, self.registry, m
         )
-        connect(self._observer, mqtt_settings, persistent=False)
+        connect(self._observer, settings, persistent=False)
         self._observer.loop_start()
-        self.runtime = UnitRuntime(
-            self.ingest,
-            mqtt_settings,
-            engine=self.catalog.engine(),
-            client_id=f"cloudlet-demo-unit-{id(self)}",
-        ).start()
-        self.fleet = DeviceFleet(mqtt_settings, client_id=f"cloudlet-demo-devices-{id(self)}")
-        self.fleet.start()
-        for field_devices in self.site.fields:
-            self.valves.append(self._valve(field_devices.valve, mqtt_settings).start())
-        for what, ready in (
-            ("observer", subscribed),
-            ("processing unit", self.runtime.connected),
-            ("devices", self.fleet.connected),
-            *((v.so_id, v.connected) for v in self.valves),
-        ):
-            if not ready.wait(15):
-                raise RuntimeError(f"the {what} could not connect to {url} within 15 s")
-        self.progress(f"{len(self.site.device_ids)} simulated devices online")
+        if not subscribed.wait(15):
+            raise RuntimeError(f"could not subscribe at {settings.url} within 15 s")
 
-    def _valve(self, valve_id: str, settings: MqttSettings) -> EdgeObject:
-        """A simulated valve: commands reach the model at its next step."""
-        valve = EdgeObject(valve_id, settings, client_id=f"{valve_id}-demo-{id(self)}")
+    @staticmethod
+    def _ready(url: str) -> bool:
+        try:
+            return urllib.request.urlopen(url, timeout=1).status == 200
+        except OSError:
+            return False
 
-        @valve.action("open")
-        def open_(parameters: dict[str, Any]) -> str:
-            minutes = float(parameters.get("minutes", 10))
-            self.commands.put((valve_id, minutes))
-            return f"opening for {minutes:g} minutes"
+    def _wait(self, ready: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if self.unit is not None and self.unit.poll() is not None:
+                raise RuntimeError(f"the unit exited ({self.unit.returncode}); see"
+                                   f" {self.workdir / 'unit.log'}")  # fmt: skip
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"timed out waiting for {what}")
+            time.sleep(0.1)
 
-        @valve.action("close")
-        def close(parameters: dict[str, Any]) -> str:
-            self.commands.put((valve_id, 0.0))
-            return "closing"
-
-        return valve
-
-    def step(self) -> None:
-        assert self.fleet is not None
-        while not self.commands.empty():
-            valve_id, minutes = self.commands.get()
-            self.model.set_valve(valve_id, minutes > 0, minutes=minutes or None)
-            if minutes > 0:
-                self.valve_openings[valve_id] += 1
-        dt = self.settings.speed / self.settings.rate
-        for key, update in self.model.step(dt):
-            self.fleet.publish(key, update)
-            if self.rng.random() < self.settings.faults / len(self.site.device_ids):
-                fault = pick(self.rng)
-                topic, payload = corrupt(fault, key, update, self.topics)
-                self.fleet.publish_raw(topic, payload, fault.value)
-                self.faults_sent[fault] += 1
+    # run ---------------------------------------------------------------------------------
 
     def run(self, should_stop: Callable[[], bool], on_tick: Callable[[], None]) -> None:
-        interval = 1.0 / self.settings.rate
-        next_at = time.monotonic()
-        deadline = None if self.settings.duration is None else next_at + self.settings.duration
-        steps = 0
-        while not should_stop() and (deadline is None or time.monotonic() < deadline):
-            if self.settings.steps is not None and steps >= self.settings.steps:
-                break
-            steps += 1
-            self.step()
-            on_tick()
-            next_at += interval
-            time.sleep(max(0.0, next_at - time.monotonic()))
+        assert self.simulator is not None
 
-    def drain(self, timeout: float = 15.0) -> bool:
-        """Wait until every message sent was processed and everything the unit published has
-        come out the other side; False on timeout."""
-        assert self.fleet is not None and self.runtime is not None
+        def tick() -> None:
+            self.refresh()
+            on_tick()
+
+        self.simulator.run(rate=self.settings.rate, speed=self.settings.speed,
+                           duration=self.settings.duration, steps=self.settings.steps,
+                           should_stop=should_stop, on_step=tick)  # fmt: skip
+
+    def refresh(self) -> None:
+        try:
+            self.metrics = unit_metrics(f"http://127.0.0.1:{self.unit_port}/metrics")
+        except OSError:
+            pass
+
+    def drain(self, timeout: float = 30.0) -> bool:
+        """Wait until everything sent was processed, published and stored; False on timeout."""
+        assert self.simulator is not None
+        self.simulator.finish(timeout)
+        sent = sum(self.simulator.fleet.sent.values())
         deadline = time.monotonic() + timeout
-        self.fleet.flush(timeout)
-        sent = sum(self.fleet.sent.values())
         while time.monotonic() < deadline:
-            published = self.runtime.published
-            total = published.updates + published.derived + published.dead_letters
-            if published.messages >= sent and self.observed.total >= total:
+            self.refresh()
+            m = self.metrics
+            published = (m.get("cloudlet_updates_accepted_total", 0)
+                         + m.get("cloudlet_updates_derived_total", 0)
+                         + m.get("cloudlet_dead_letters_total", 0))  # fmt: skip
+            if (m.get("cloudlet_messages_received_total", 0) >= sent
+                    and self.observed.total >= published
+                    and m.get("cloudlet_outbox_depth", 1) == 0
+                    and self._stored() >= m.get("cloudlet_outbox_written_total", 0)):  # fmt: skip
                 return True
-            time.sleep(0.05)
+            time.sleep(0.2)
         return False
 
+    def _stored(self) -> int:
+        return self.cloud.store.count() if self.cloud is not None else 0
+
     def stop(self) -> None:
-        for valve in self.valves:
-            valve.stop()
-        for closer in (
-            self.fleet.stop if self.fleet else None,
-            self.runtime.stop if self.runtime else None,
-            self._observer.loop_stop if self._observer else None,
-            self.broker.stop if self.broker else None,
-        ):
-            if closer is not None:
-                closer()
+        if self.simulator is not None:
+            self.simulator.stop()
+        if self.unit is not None and self.unit.poll() is None:
+            self.unit.terminate()
+            try:
+                self.unit.wait(30)
+            except subprocess.TimeoutExpired:
+                self.unit.kill()
+        if self.cloud is not None:
+            self.cloud.stop()
+        if self._observer is not None:
+            self._observer.loop_stop()
+            self._observer.disconnect()
+        if self.broker is not None:
+            self.broker.stop()
+
+    # results -----------------------------------------------------------------------------
 
     def summary(self) -> dict[str, Any]:
-        assert self.fleet is not None and self.runtime is not None
-        counts = self.ingest.counts.snapshot()
-        published = self.runtime.published
-        faults = Counter({f.expected_reason.value: n for f, n in self.faults_sent.items()})
+        assert self.simulator is not None and self.cloud is not None
+        self.refresh()
+        m = self.metrics
+        sent = dict(self.simulator.fleet.sent)
+        malformed = {f.value for f in Fault}
+        good = sum(n for kind, n in sent.items() if kind not in malformed)
+        expected_letters = Counter({Fault(k).expected_reason.value: n
+                                    for k, n in sent.items() if k in malformed})  # fmt: skip
         with self.observed.lock:
-            seen_letters = Counter(self.observed.dead_letters)
+            letters = Counter(self.observed.dead_letters)
             seen_updates = self.observed.updates
             seen_derived = dict(self.observed.derived)
+        stored = Counter(o_stream for o in self.cloud.store.objects() for o_stream in o["streams"])
+        expected = EXPECTED[self.settings.scenario]
+        rejected = {k.split(":", 1)[1]: int(v) for k, v in m.items()
+                    if k.startswith("cloudlet_updates_rejected_total:")}  # fmt: skip
         return {
             "scenario": self.settings.scenario,
             "seconds": round(time.monotonic() - self.started, 1),
-            "devices": len(self.site.device_ids),
+            "devices": len(self.simulator.simulation.model.device_ids),
             "sent": {
-                "updates": self.fleet.sent["update"],
-                "faults": {f.value: n for f, n in self.faults_sent.items()},
+                "updates": good,
+                "faults": dict(self.simulator.injector.injected),
+                "messages": sent,
             },
             "unit": {
-                "messages": counts.messages,
-                "accepted": counts.accepted,
-                "rejected": {r.value: n for r, n in counts.rejected.items()},
-                "derived": published.derived,
-                "dead_letters": published.dead_letters,
-                "actuations": len(self.runtime.actuations.recent(10_000)),
+                "messages": int(m.get("cloudlet_messages_received_total", 0)),
+                "accepted": int(m.get("cloudlet_updates_accepted_total", 0)),
+                "rejected": rejected,
+                "derived": int(m.get("cloudlet_updates_derived_total", 0)),
+                "dead_letters": int(m.get("cloudlet_dead_letters_total", 0)),
+                "actuations": int(m.get("cloudlet_actuations_sent_total", 0)),
+                "outbox_written": int(m.get("cloudlet_outbox_written_total", 0)),
             },
-            "valve_openings": dict(self.valve_openings),
+            "valve_openings": dict(self.simulator.valve_openings),
             "observed": {
                 "updates": seen_updates,
                 "derived": seen_derived,
-                "dead_letters": dict(seen_letters),
+                "dead_letters": dict(letters),
             },
-            "lossless": seen_updates == self.fleet.sent["update"]
-            and sum(seen_derived.values()) == published.derived
-            and sum(seen_letters.values()) == published.dead_letters
-            and all(seen_letters[reason] >= n for reason, n in faults.items()),
+            "cloud": {
+                "stored": self._stored(),
+                "streams": sorted(stored),
+                "missing": [s for s in expected if s not in stored],
+            },
+            "dashboard": f"{self.cloud.url}/",
+            "lossless": seen_updates == good
+            and sum(seen_derived.values()) == int(m.get("cloudlet_updates_derived_total", 0))
+            and all(letters[r] >= n for r, n in expected_letters.items())
+            and self._stored() == int(m.get("cloudlet_outbox_written_total", -1)),
         }

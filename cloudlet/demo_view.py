@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,25 +31,38 @@ def live_view(demo: Demo) -> Group:
     table.add_column("service object / stream", no_wrap=True)
     table.add_column("values")
     table.add_column("simulated time", no_wrap=True)
-    for where in sorted(latest):
+    for where in sorted(latest)[-18:]:
         body = latest[where]
         values = ", ".join(
             f"{name}={_value(ch['current-value'])}" for name, ch in body["channels"].items()
         )
         when = datetime.fromtimestamp(body["lastUpdate"] / 1000, UTC).strftime("%a %H:%M")
         table.add_row(where, values, when)
-    counts = demo.ingest.counts.snapshot()
-    sent = demo.fleet.sent if demo.fleet else {}
-    rejected = ", ".join(f"{r.value}={n}" for r, n in sorted(counts.rejected.items())) or "none"
-    seen_letters = ", ".join(f"{r}={n}" for r, n in sorted(letters.items())) or "none"
+    m = demo.metrics
+    sent = demo.simulator.fleet.sent if demo.simulator else {}
+    elapsed = max(0.1, time.monotonic() - demo.started)
+    rejected = ", ".join(
+        f"{k.split(':', 1)[1]}={int(v)}"
+        for k, v in sorted(m.items())
+        if k.startswith("cloudlet_updates_rejected_total:")
+    )
     stats = Table.grid(padding=(0, 2))
-    stats.add_row("devices sent", f"{sum(sent.values())} messages ({sent.get('update', 0)} good)")
-    stats.add_row("unit received", f"{counts.messages} messages, {counts.accepted} accepted")
-    stats.add_row("unit rejected", rejected)
-    stats.add_row("flows derived", f"{derived} updates (windows and composite streams)")
-    openings = ", ".join(f"{v}={n}" for v, n in sorted(demo.valve_openings.items())) or "none yet"
-    stats.add_row("valves opened", openings)
-    stats.add_row("subscribers saw", f"{updates} updates; dead letters: {seen_letters}")
+    devices = len(demo.simulator.simulation.model.device_ids) if demo.simulator else 0
+    stats.add_row("devices online", f"{devices} simulated ({demo.settings.scenario})")
+    total_sent = sum(sent.values())
+    stats.add_row("in", f"{total_sent} messages ({total_sent / elapsed:.0f}/s)")
+    received = int(m.get("cloudlet_messages_received_total", 0))
+    stats.add_row("unit", f"{received} received, "
+                  f"{int(m.get('cloudlet_updates_accepted_total', 0))} accepted")  # fmt: skip
+    stats.add_row("rejected", rejected or "none")
+    stats.add_row("derived", f"{derived} updates ({derived / elapsed:.0f}/s out of the flows)")
+    stats.add_row("actuations", f"{int(m.get('cloudlet_actuations_sent_total', 0))} commands")
+    stats.add_row("outbox", f"{int(m.get('cloudlet_outbox_depth', 0))} waiting, "
+                  f"{demo._stored()} in the cloud store")  # fmt: skip
+    seen = ", ".join(f"{r}={n}" for r, n in sorted(letters.items())) or "none"
+    stats.add_row("subscribers saw", f"{updates} updates; dead letters: {seen}")
+    if demo.cloud is not None:
+        stats.add_row("dashboard", f"{demo.cloud.url}/")
     return Group(table, Panel(stats, title="cloudlet", expand=True))
 
 
@@ -65,16 +79,23 @@ def summary_view(summary: dict[str, Any]) -> Table:
     rejected = ", ".join(f"{k}={v}" for k, v in sorted(unit["rejected"].items()))
     table.add_row("unit: rejected by reason", rejected or "none")
     seen = summary["observed"]
-    letters = ", ".join(f"{k}={v}" for k, v in sorted(seen["dead_letters"].items()))
     table.add_row("seen on .../updates", str(seen["updates"]))
     derived = ", ".join(f"{k}={v}" for k, v in sorted(seen["derived"].items()))
     table.add_row("derived (flows) seen", derived or "none yet")
+    table.add_row("commands sent by rules", str(unit["actuations"]))
     openings = ", ".join(f"{k}={v}" for k, v in sorted(summary["valve_openings"].items()))
-    table.add_row("valves opened by rules", openings or "none")
+    if openings:
+        table.add_row("valves opened", openings)
+    letters = ", ".join(f"{k}={v}" for k, v in sorted(seen["dead_letters"].items()))
     table.add_row("seen on the dead-letter topic", letters or "none")
+    cloud = summary["cloud"]
+    table.add_row("cloud objects stored", f"{cloud['stored']} updates, streams:"
+                  f" {', '.join(cloud['streams'])}")  # fmt: skip
+    if cloud["missing"]:
+        table.add_row("not in the cloud yet", ", ".join(cloud["missing"]))
     verdict = (
-        "[green]every update arrived, derived ones too; every fault was rejected for the right"
-        " reason[/]"
+        "[green]every update arrived, derived ones too, and reached the cloud; every fault was"
+        " rejected for the right reason[/]"
         if summary["lossless"]
         else "[red]some updates or dead letters are missing[/]"
     )

@@ -1,27 +1,36 @@
-"""`cloudlet demo` end to end over the real Mosquitto."""
+"""`cloudlet demo` end to end: both scenarios over the real Mosquitto (once through the real
+Kafka), the derived streams and commands reaching the cloud-object store."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 
-from cloudlet.rig import Mosquitto
+from cloudlet.rig import Kafka, Mosquitto
 from tests.test_cli import run
+
+MALFORMED = ["truncated", "unknown_object", "unknown_channel", "wrong_type",
+             "missing_last_update"]  # fmt: skip
+
+
+def _demo(tmp_path: Path, *args: str) -> tuple[dict[str, Any], str]:
+    summary_path = tmp_path / "summary.json"
+    done = run("demo", *args, "--port", "0", "--summary", str(summary_path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    return orjson.loads(summary_path.read_bytes()), done.stdout
 
 
 @pytest.mark.mqtt
-def test_demo_delivers_every_update_and_rejects_every_fault(
+def test_irrigation_demo_delivers_every_update_and_rejects_every_fault(
     mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
-    summary_path = tmp_path / "summary.json"
-    done = run(
-        "demo", "--mqtt", mosquitto.url, "--steps", "30", "--rate", "20",
-        "--faults", "3", "--seed", "7", "--summary", str(summary_path),
+    summary, stdout = _demo(
+        tmp_path, "irrigation", "--mqtt", mosquitto.url, "--steps", "30", "--rate", "20",
+        "--faults", "0.05", "--seed", "7", *(a for k in MALFORMED for a in ("--fault", k)),
     )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
-    summary = orjson.loads(summary_path.read_bytes())
     faults = summary["sent"]["faults"]
     good = summary["sent"]["updates"]
     assert good == 10 * 30  # 10 devices, 30 steps
@@ -36,10 +45,7 @@ def test_demo_delivers_every_update_and_rejects_every_fault(
     expected_reasons = {k: v for k, v in expected_reasons.items() if v}
     unit = summary["unit"]
     assert (unit["messages"], unit["accepted"], unit["rejected"]) == (
-        good + sum(faults.values()),
-        good,
-        expected_reasons,
-    )
+        good + sum(faults.values()), good, expected_reasons)  # fmt: skip
     assert unit["dead_letters"] == sum(faults.values())
     observed = summary["observed"]
     assert (observed["updates"], observed["dead_letters"]) == (good, expected_reasons)
@@ -49,5 +55,34 @@ def test_demo_delivers_every_update_and_rejects_every_fault(
     assert (derived["moisture_10min"], derived["rain_1h"]) == (4, 1)
     assert derived["irrigate"] > 0
     assert sum(derived.values()) == unit["derived"]
+    # and all of it reached the cloud objects
+    assert summary["cloud"]["stored"] == good + unit["derived"]
+    assert summary["cloud"]["missing"] == []
     assert summary["lossless"] is True
-    assert "every fault was rejected for the right" in done.stdout
+    assert "every fault was" in stdout and "dashboard: http://127.0.0.1:" in stdout
+
+
+@pytest.mark.mqtt
+def test_smart_city_demo_reaches_the_cloud(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    # 70 steps of a simulated minute from 06:00: the hourly PM2.5 window closes at 07:00
+    summary, _ = _demo(tmp_path, "smart-city", "--mqtt", mosquitto.url, "--steps", "70",
+                       "--rate", "25", "--speed", "1500", "--faults", "0.01")  # fmt: skip
+    assert summary["devices"] == 12
+    assert summary["cloud"]["missing"] == []
+    assert {"vehicles_1m", "congestion", "free_1m", "pm25_1h"} <= set(summary["cloud"]["streams"])
+    assert summary["lossless"] is True
+
+
+@pytest.mark.mqtt
+@pytest.mark.kafka
+def test_irrigation_demo_through_kafka_opens_valves(
+    mosquitto: Mosquitto, kafka: Kafka, tmp_path: Path
+) -> None:
+    # 40 steps of 10 simulated minutes: dry fields are watered by the rule
+    summary, _ = _demo(tmp_path, "irrigation", "--mqtt", mosquitto.url, "--kafka",
+                       kafka.bootstrap_servers, "--steps", "40", "--rate", "10",
+                       "--speed", "6000", "--faults", "0")  # fmt: skip
+    assert summary["unit"]["actuations"] > 0 and sum(summary["valve_openings"].values()) > 0
+    assert summary["cloud"]["missing"] == []
+    assert summary["cloud"]["stored"] == summary["unit"]["outbox_written"]
+    assert summary["lossless"] is True

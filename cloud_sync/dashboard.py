@@ -1,0 +1,194 @@
+"""The dashboard: live charts of cloud objects and the cloudlets' health, on one page.
+
+Charts are declared per scenario (`dashboard.yaml`), and the page asks the service for their
+data every two seconds; it needs nothing from the internet (the machines running a cloudlet
+often cannot reach it), so the charts are drawn with the browser's canvas, by a few dozen lines
+of our own script.
+
+```yaml
+title: Irrigation
+charts:
+  - title: Soil moisture, 10-minute average (%)
+    stream: moisture_10min          # one line per object with this stream
+    channel: moisture
+    marks:                           # times when a channel was true (or > 0), as ticks
+      - {stream: state, channel: open, label: valve open}
+  - {title: Free bays per zone, stream: free_1m, channel: free, series: key}  # lines by a channel
+```
+"""
+
+from __future__ import annotations
+
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import BaseModel, ConfigDict, Field
+
+from cloud_sync.store import CloudStore
+
+
+class Mark(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    stream: str
+    channel: str
+    label: str
+
+
+class Chart(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    title: str
+    stream: str
+    channel: str
+    series: str | None = None  # a channel whose value names the line (default: the object)
+    points: int = Field(default=240, ge=2, le=5000)
+    marks: list[Mark] = []
+
+
+class Dashboard(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    title: str = "cloudlet"
+    charts: list[Chart] = []
+
+    @classmethod
+    def load(cls, path: Path | None) -> Dashboard:
+        if path is None:
+            return cls()
+        return cls.model_validate(yaml.safe_load(path.read_text()) or {})
+
+
+def _value(update: dict[str, Any], channel: str) -> Any:
+    found = (update.get("channels") or {}).get(channel)
+    return found.get("current-value") if isinstance(found, dict) else None
+
+
+def chart_data(store: CloudStore, dashboard: Dashboard, readable: Any) -> dict[str, Any]:
+    """Every chart's lines and marks, from the objects the caller may read."""
+    objects = [o for o in store.objects() if readable(o["id"])]
+    charts = []
+    for chart in dashboard.charts:
+        lines: dict[str, list[list[float]]] = {}
+        for o in objects:
+            if chart.stream not in o["streams"]:
+                continue
+            for u in store.recent(o["id"], chart.stream, chart.points):
+                v = _value(u, chart.channel)
+                if isinstance(v, bool) or not isinstance(v, int | float):
+                    continue
+                name = str(_value(u, chart.series)) if chart.series else o["id"]
+                lines.setdefault(name, []).append([u["lastUpdate"], v])
+        marks = []
+        for mark in chart.marks:
+            for o in objects:
+                if mark.stream not in o["streams"]:
+                    continue
+                for u in store.recent(o["id"], mark.stream, chart.points):
+                    v = _value(u, mark.channel)
+                    if v is True or (not isinstance(v, bool) and isinstance(v, int | float)
+                                     and v > 0):  # fmt: skip
+                        marks.append({"t": u["lastUpdate"], "label": f"{mark.label}: {o['id']}"})
+        charts.append({"title": chart.title, "lines": [{"name": n, "points": sorted(p)}
+                                                       for n, p in sorted(lines.items())],
+                       "marks": marks})  # fmt: skip
+    return {"title": dashboard.title, "charts": charts}
+
+
+_HEALTH = {
+    "cloudlet_messages_received_total": "received",
+    "cloudlet_updates_accepted_total": "accepted",
+    "cloudlet_updates_derived_total": "derived",
+    "cloudlet_dead_letters_total": "dead_letters",
+    "cloudlet_actuations_sent_total": "actuations",
+    "cloudlet_outbox_depth": "outbox_depth",
+    "cloudlet_forwarded_records_total": "forwarded",
+}
+
+
+def unit_health(urls: list[str]) -> list[dict[str, Any]]:
+    """Each unit's counters from its /metrics (up: false when it does not answer)."""
+    out = []
+    for url in urls:
+        entry: dict[str, Any] = {"url": url, "up": False, "rejected": {}}
+        try:
+            text = urllib.request.urlopen(url, timeout=2).read().decode()
+        except OSError:
+            out.append(entry)
+            continue
+        entry["up"] = True
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == "cloudlet_updates_rejected_total":
+                    entry["rejected"][s.labels["reason"]] = s.value
+                elif s.name in _HEALTH:
+                    key = _HEALTH[s.name]
+                    entry[key] = entry.get(key, 0) + s.value
+                    if "unit" in s.labels:
+                        entry["unit"] = s.labels["unit"]
+        out.append(entry)
+    return out
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>cloudlet</title>
+<style>
+ body{font:14px system-ui,sans-serif;margin:16px;background:#fafafa;color:#222}
+ h1{font-size:20px;margin:0 0 12px} .grid{display:grid;grid-template-columns:1fr 1fr;gap:12px}
+ .card{background:#fff;border:1px solid #ddd;border-radius:6px;padding:8px}
+ .card h2{font-size:14px;margin:0 0 6px} canvas{width:100%;height:220px}
+ .legend span{margin-right:10px;font-size:12px} table{border-collapse:collapse;width:100%}
+ td,th{padding:2px 6px;border-bottom:1px solid #eee;text-align:left;font-size:12px}
+</style></head><body>
+<h1 id="title">cloudlet</h1>
+<div class="card" id="health"><h2>cloudlet health</h2><table id="units"></table></div>
+<div class="grid" id="charts"></div>
+<script>
+const COLORS=["#1f77b4","#ff7f0e","#2ca02c","#d62728","#9467bd","#8c564b","#e377c2","#17becf"];
+function draw(card, chart){
+  const canvas=card.querySelector("canvas"), ctx=canvas.getContext("2d");
+  const w=canvas.width=canvas.clientWidth*2, h=canvas.height=canvas.clientHeight*2;
+  ctx.clearRect(0,0,w,h);
+  const pts=chart.lines.flatMap(l=>l.points);
+  card.dataset.points=pts.length; card.dataset.marks=chart.marks.length;
+  if(!pts.length){ctx.fillText("no data yet",20,30);return;}
+  let t0=Math.min(...pts.map(p=>p[0])), t1=Math.max(...pts.map(p=>p[0]));
+  let v0=Math.min(...pts.map(p=>p[1])), v1=Math.max(...pts.map(p=>p[1]));
+  if(t1===t0)t1=t0+1; if(v1===v0){v1+=1;v0-=1;}
+  const L=70,B=40,x=t=>L+(t-t0)/(t1-t0)*(w-L-10), y=v=>h-B-(v-v0)/(v1-v0)*(h-B-10);
+  ctx.strokeStyle="#999";ctx.fillStyle="#444";ctx.font="20px sans-serif";
+  ctx.beginPath();ctx.moveTo(L,5);ctx.lineTo(L,h-B);ctx.lineTo(w,h-B);ctx.stroke();
+  for(const v of [v0,(v0+v1)/2,v1])ctx.fillText(v.toFixed(1),4,y(v)+6);
+  for(const t of [t0,t1])ctx.fillText(new Date(t).toISOString().slice(11,16),x(t)-25,h-12);
+  ctx.fillStyle="rgba(31,119,180,0.25)";
+  for(const m of chart.marks){if(m.t>=t0&&m.t<=t1)ctx.fillRect(x(m.t)-2,5,4,h-B-5);}
+  chart.lines.forEach((l,i)=>{ctx.strokeStyle=COLORS[i%COLORS.length];ctx.lineWidth=3;
+    ctx.beginPath();l.points.forEach((p,j)=>j?ctx.lineTo(x(p[0]),y(p[1])):ctx.moveTo(x(p[0]),y(p[1])));
+    ctx.stroke();});
+  card.querySelector(".legend").innerHTML=chart.lines.map((l,i)=>
+    `<span style="color:${COLORS[i%COLORS.length]}">&#9632; ${l.name}</span>`).join("")+
+    (chart.marks.length?`<span>&#9646; ${chart.marks.length} marks</span>`:"");
+}
+async function refresh(){
+  try{
+    const d=await (await fetch("api/dashboard")).json();
+    document.getElementById("title").textContent=d.title;
+    const box=document.getElementById("charts");
+    d.charts.forEach((c,i)=>{let card=box.children[i];
+      if(!card){card=document.createElement("div");card.className="card chart";
+        card.innerHTML=`<h2></h2><canvas></canvas><div class="legend"></div>`;
+        box.appendChild(card);}
+      card.querySelector("h2").textContent=c.title;draw(card,c);});
+    const units=await (await fetch("api/health")).json();
+    document.getElementById("units").innerHTML="<tr><th>unit</th><th>up</th><th>received</th>"+
+      "<th>accepted</th><th>derived</th><th>rejected</th><th>commands</th><th>outbox</th></tr>"+
+      units.map(u=>`<tr><td>${u.unit||u.url}</td><td>${u.up?"yes":"no"}</td><td>${u.received||0}</td>`+
+      `<td>${u.accepted||0}</td><td>${u.derived||0}</td><td>${Object.entries(u.rejected).map(
+      ([k,v])=>k+"="+v).join(", ")||"none"}</td><td>${u.actuations||0}</td>`+
+      `<td>${u.outbox_depth||0}</td></tr>`).join("");
+    document.body.dataset.refreshed=Date.now();
+  }catch(e){document.body.dataset.error=String(e);}
+}
+refresh();setInterval(refresh,2000);
+</script></body></html>
+"""
