@@ -151,7 +151,8 @@ function draw(card, chart){
   ctx.clearRect(0,0,w,h);
   const pts=chart.lines.flatMap(l=>l.points);
   card.dataset.points=pts.length; card.dataset.marks=chart.marks.length;
-  if(!pts.length){ctx.fillText("no data yet",20,30);return;}
+  ctx.font="22px sans-serif";ctx.fillStyle="#888";
+  if(!pts.length){ctx.fillText("no data yet",20,40);return;}
   let t0=Math.min(...pts.map(p=>p[0])), t1=Math.max(...pts.map(p=>p[0]));
   let v0=Math.min(...pts.map(p=>p[1])), v1=Math.max(...pts.map(p=>p[1]));
   if(t1===t0)t1=t0+1; if(v1===v0){v1+=1;v0-=1;}
@@ -159,7 +160,8 @@ function draw(card, chart){
   ctx.strokeStyle="#999";ctx.fillStyle="#444";ctx.font="20px sans-serif";
   ctx.beginPath();ctx.moveTo(L,5);ctx.lineTo(L,h-B);ctx.lineTo(w,h-B);ctx.stroke();
   for(const v of [v0,(v0+v1)/2,v1])ctx.fillText(v.toFixed(1),4,y(v)+6);
-  for(const t of [t0,t1])ctx.fillText(new Date(t).toISOString().slice(11,16),x(t)-25,h-12);
+  [t0,t1].forEach((t,i)=>{ctx.textAlign=i?"right":"left";
+    ctx.fillText(new Date(t).toISOString().slice(11,16),x(t),h-12);});ctx.textAlign="left";
   ctx.fillStyle="rgba(31,119,180,0.25)";
   for(const m of chart.marks){if(m.t>=t0&&m.t<=t1)ctx.fillRect(x(m.t)-2,5,4,h-B-5);}
   chart.lines.forEach((l,i)=>{ctx.strokeStyle=COLORS[i%COLORS.length];ctx.lineWidth=3;

@@ -604,13 +604,15 @@ def demo(
 
 @rig_app.command("install")
 def rig_install() -> None:
-    """Install Mosquitto and PostgreSQL (Debian packages) and resolve Kafka's jars (Maven
-    Central)."""
+    """Install Mosquitto, PostgreSQL and Chromium (Debian packages) and resolve Kafka's jars
+    (Maven Central)."""
     from cloudlet.rig import ensure_postgres
+    from cloudlet.rig.browser import ensure_chromium
 
     try:
         out.print(f"mosquitto: {ensure_mosquitto()}")
         out.print(f"postgresql: {ensure_postgres()}")
+        out.print(f"chromium (the dashboard's tests): {ensure_chromium()}")
         out.print(f"kafka jars: {ensure_kafka()}")
     except RigError as exc:
         raise _fail(str(exc)) from None

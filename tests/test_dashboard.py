@@ -1,0 +1,46 @@
+"""The dashboard in headless Chromium during a demo run: the charts show data, the health
+table shows the unit, and a screenshot is saved (test-logs/screenshots/)."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from cloudlet.demo import Demo, DemoSettings
+from cloudlet.rig import Mosquitto
+from cloudlet.rig.browser import rendered_dom, screenshot
+from tests.conftest import ROOT
+
+
+@pytest.mark.mqtt
+@pytest.mark.parametrize(("scenario", "speed"), [("irrigation", 3000.0), ("smart-city", 600.0)])
+def test_the_dashboard_draws_live_charts(
+    mosquitto: Mosquitto, tmp_path: Path, scenario: str, speed: float
+) -> None:
+    demo = Demo(DemoSettings(scenario, mosquitto.url, rate=10, speed=speed, faults=0.0,
+                             steps=80, port=0, workdir=tmp_path / "demo"),
+                progress=lambda _text: None)  # fmt: skip
+    demo.start()
+    assert demo.cloud is not None
+    runner = threading.Thread(target=demo.run, args=(lambda: False, lambda: None))
+    try:
+        runner.start()
+        deadline = time.monotonic() + 30
+        while demo._stored() < 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        dom = rendered_dom(f"{demo.cloud.url}/")  # while devices keep reporting
+        saved = ROOT / "test-logs" / "screenshots" / f"dashboard-{scenario}.png"
+        shot = screenshot(f"{demo.cloud.url}/", saved)
+    finally:
+        runner.join(60)
+        demo.stop()
+    charts = re.findall(r'<div class="card chart" data-points="(\d+)" data-marks="(\d+)">', dom)
+    assert len(charts) == 4, dom[:2000]
+    assert int(charts[0][0]) > 0 and int(charts[1][0]) > 0  # the first charts have lines
+    assert "data-refreshed" in dom and "data-error" not in dom
+    assert re.search(rf"<td>{scenario}-unit</td><td>yes</td>", dom)
+    assert shot.stat().st_size > 20_000  # a picture with something drawn, not a blank page
