@@ -604,15 +604,17 @@ def demo(
 
 @rig_app.command("install")
 def rig_install() -> None:
-    """Install Mosquitto, PostgreSQL and Chromium (Debian packages) and resolve Kafka's jars
-    (Maven Central)."""
+    """Install Mosquitto, PostgreSQL, Chromium and docker-compose (Debian packages) and resolve
+    Kafka's jars (Maven Central)."""
     from cloudlet.rig import ensure_postgres
+    from cloudlet.rig.apt import compose_command
     from cloudlet.rig.browser import ensure_chromium
 
     try:
         out.print(f"mosquitto: {ensure_mosquitto()}")
         out.print(f"postgresql: {ensure_postgres()}")
         out.print(f"chromium (the dashboard's tests): {ensure_chromium()}")
+        out.print(f"compose (validates compose/): {' '.join(compose_command())}")
         out.print(f"kafka jars: {ensure_kafka()}")
     except RigError as exc:
         raise _fail(str(exc)) from None

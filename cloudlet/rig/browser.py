@@ -3,12 +3,12 @@ the page as the browser rendered it, and a screenshot."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
+from cloudlet.rig.apt import apt_install
 from cloudlet.rig.process import RigError
 
 # No background traffic: the machines a cloudlet runs on often have no way out.
@@ -21,15 +21,7 @@ def ensure_chromium() -> str:
     found = shutil.which("chromium")
     if found:
         return found
-    if shutil.which("apt-get") is None or os.geteuid() != 0:
-        raise RigError("chromium is not installed and cannot be installed here (needs root and"
-                       " apt-get); install the Debian package chromium")  # fmt: skip
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"]
-    for argv in (["apt-get", "update", "-qq"], install):
-        done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise RigError(f"{' '.join(argv)} failed:\n{done.stderr[-2000:]}")
+    apt_install("chromium")
     found = shutil.which("chromium")
     if not found:
         raise RigError("apt-get installed chromium but it is not on PATH")

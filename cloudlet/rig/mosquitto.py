@@ -8,6 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from cloudlet.rig.apt import apt_install
 from cloudlet.rig.process import RigError, Service, free_port, port_open
 
 _SEARCH = ("/usr/sbin", "/usr/bin", "/usr/local/sbin")
@@ -24,28 +25,7 @@ def ensure_mosquitto() -> str:
     found = find_mosquitto()
     if found and shutil.which("openssl"):
         return found
-    if shutil.which("apt-get") is None or os.geteuid() != 0:
-        raise RigError(
-            "mosquitto is not installed and cannot be installed here (needs root and apt-get);"
-            " install the Debian packages mosquitto and mosquitto-clients"
-        )
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for argv in (
-        ["apt-get", "update", "-qq"],
-        [
-            "apt-get",
-            "install",
-            "-y",
-            "-qq",
-            "--no-install-recommends",
-            "mosquitto",
-            "mosquitto-clients",
-            "openssl",
-        ],
-    ):
-        done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise RigError(f"{' '.join(argv)} failed:\n{done.stderr[-2000:]}")
+    apt_install("mosquitto", "mosquitto-clients", "openssl")
     found = find_mosquitto()
     if not found:
         raise RigError("apt-get installed mosquitto but its binary is not on PATH or in /usr/sbin")

@@ -10,6 +10,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from cloudlet.rig.apt import apt_install
 from cloudlet.rig.process import RigError, Service, free_port, port_open
 
 
@@ -28,15 +29,7 @@ def ensure_postgres() -> Path:
     found = find_postgres()
     if found:
         return found
-    if shutil.which("apt-get") is None or os.geteuid() != 0:
-        raise RigError("PostgreSQL is not installed and cannot be installed here (needs root"
-                       " and apt-get); install the Debian package postgresql")  # fmt: skip
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "postgresql"]
-    for argv in (["apt-get", "update", "-qq"], install):
-        done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise RigError(f"{' '.join(argv)} failed:\n{done.stderr[-2000:]}")
+    apt_install("postgresql")
     found = find_postgres()
     if not found:
         raise RigError("apt-get installed postgresql but no server binary was found")
