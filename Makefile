@@ -1,6 +1,6 @@
 # The two commands a new user needs:
 #   make demo   runs the main job on embedded defaults
-#   make test   installs everything (Python packages, Mosquitto, Kafka's jars) and runs all tests
+#   make test   installs everything (Python packages, Debian packages, Kafka's jars), runs all tests
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
