@@ -152,7 +152,9 @@ class Demo:
         else:
             forward["store"] = store
         doc = {
-            "name": f"{self.settings.scenario}-unit",
+            # a name (so an MQTT session) of its own: a broker shared with earlier runs may
+            # still hold their sessions' queued messages
+            "name": f"{self.settings.scenario}-unit-{os.getpid()}-{int(time.time()) % 100000}",
             "objects": [str(self.home / "objects")],
             "mqtt": {"url": url},
             "state_dir": "state",
