@@ -350,6 +350,10 @@ class Demo:
                 "stored": self._stored(),
                 "streams": sorted(stored),
                 "missing": [s for s in expected if s not in stored],
+                # what the rules' commands did, as the devices reported it
+                "valve_open_updates": len(
+                    self.cloud.store.search("state", channel="open", minimum=1, limit=100_000)
+                ),
             },
             "dashboard": f"{self.cloud.url}/",
             "lossless": seen_updates == good

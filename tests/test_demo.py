@@ -83,6 +83,7 @@ def test_irrigation_demo_through_kafka_opens_valves(
                        kafka.bootstrap_servers, "--steps", "40", "--rate", "10",
                        "--speed", "6000", "--faults", "0")  # fmt: skip
     assert summary["unit"]["actuations"] > 0 and sum(summary["valve_openings"].values()) > 0
+    assert summary["cloud"]["valve_open_updates"] > 0  # the open valves, in the cloud store
     assert summary["cloud"]["missing"] == []
     assert summary["cloud"]["stored"] == summary["unit"]["outbox_written"]
     assert summary["lossless"] is True
