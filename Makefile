@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 ARGS   ?=
 
-.PHONY: demo test install services lint clean
+.PHONY: demo test install services lint clean bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ test: services lint
 
 demo: services
 	$(VENV)/bin/cloudlet demo $(ARGS)
+
+bench: services
+	$(PY) bench/suite.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info test-logs .pytest_cache .hypothesis

@@ -35,6 +35,7 @@ from streams.mqtt import MqttSettings, connect, content_type_properties, make_cl
 
 Clock = Callable[[], float]
 log = logging.getLogger(__name__)
+PUBLISH_WINDOW = 2000  # unacknowledged publishes before the worker waits for the broker
 
 
 @dataclass(slots=True)
@@ -346,6 +347,13 @@ class UnitRuntime:
             outputs.dead_letters.append(self.ingest.dead_letter(origin, failure.rejection))
         return outputs
 
+    def _wait_acked(self, mids: set[int]) -> None:
+        """Wait until the broker has acknowledged `mids`; empties it."""
+        with self._acked_changed:
+            self._acked_changed.wait_for(lambda: mids <= self._acked)
+            self._acked -= mids
+        mids.clear()
+
     def _publish(self, result: Outputs) -> None:
         json = content_type_properties(Codec.JSON.content_type)
         mids: set[int] = set()
@@ -360,6 +368,10 @@ class UnitRuntime:
                     properties=json,
                 ).mid
             )
+            if len(mids) >= PUBLISH_WINDOW:
+                # A message may carry thousands of readings: bound what waits in paho's
+                # queue (memory) by waiting for the broker every so often.
+                self._wait_acked(mids)
         for letter in result.dead_letters:
             mids.add(self._client.publish(letter.topic, letter.body, qos=1, properties=json).mid)
         for command in result.actuations:
@@ -373,9 +385,7 @@ class UnitRuntime:
             log.info("actuation %s: %s %s %s", command.id, command.so, command.action,
                      command.parameters)  # fmt: skip
         # Inputs are acknowledged only once the broker has everything they produced.
-        with self._acked_changed:
-            self._acked_changed.wait_for(lambda: mids <= self._acked)
-            self._acked -= mids
+        self._wait_acked(mids)
         self.published.updates += len(result.updates)
         self.published.derived += len(result.derived)
         self.published.dead_letters += len(result.dead_letters)

@@ -1,0 +1,508 @@
+"""The benchmark suite: each scenario beside its reference, in one run; ratios, not absolutes.
+
+    make bench                      (= .venv/bin/python bench/suite.py)
+    .venv/bin/python bench/suite.py --only kernel,ingest --quick
+
+Writes bench/results/<time>.json and .md (with the machine described) and prints the table.
+Scenarios:
+1. kernel: readings/s per core of decode + validate + filter + 1-minute tumbling average keyed by
+   service object (the unit's own Ingest and FlowEngine), beside a bare `orjson.loads` of the
+   same messages (the floor any Python path pays);
+2. ingest: updates/s from a real Mosquitto into a unit running that flow, beside the C client
+   `mosquitto_sub` draining the same backlog; one reading per message, and 100;
+3. forwarder: records/s from the outbox to Kafka, beside Kafka's ProducerPerformance;
+4. latency: device publish to a Kafka consumer on the cloud side, p50 and p99, at a fixed rate;
+5. memory: peak RSS of the unit process during the ingest scenario.
+Every run is bounded in count and time, and talks to loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cloud_sync.forwarder import Forwarder, ForwarderSettings  # noqa: E402
+from cloud_sync.outbox import Outbox, OutboxSettings  # noqa: E402
+from cloudlet.demo import unit_metrics  # noqa: E402
+from cloudlet.rig import Kafka, Mosquitto  # noqa: E402
+from cloudlet.rig.process import free_port  # noqa: E402
+from processors.ingest import Ingest, RawMessage  # noqa: E402
+from streams import SensorUpdate, StreamKey, encode_update  # noqa: E402
+from streams.catalog import Catalog  # noqa: E402
+from streams.codec import encode_batch  # noqa: E402
+from streams.mqtt import MqttSettings, connect, make_client  # noqa: E402
+
+T0 = 1_700_006_400_000
+SENSORS = 100
+FLOW = """\
+flows:
+  minute-average:
+    from: "sensor-*/data"
+    where: "t > -50"
+    window: {tumbling: 1m}
+    aggregates: {t: avg(t), n: count()}
+    into: "{so}/t_1m"
+"""
+
+
+def objects(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    docs = [
+        f"id: sensor-{i}\nstreams: {{data: {{channels: {{t: {{type: number}}}}}}}}\n"
+        for i in range(SENSORS)
+    ]
+    (directory / "sensors.yaml").write_text("---\n".join(docs))
+    (directory / "bench.flows.yaml").write_text(FLOW)
+    return directory
+
+
+def readings(n: int) -> list[tuple[StreamKey, SensorUpdate]]:
+    return [
+        (
+            StreamKey(f"sensor-{i % SENSORS}", "data"),
+            SensorUpdate({"t": 20.0 + (i % 17) * 0.5}, T0 + (i // SENSORS) * 1000),
+        )
+        for i in range(n)
+    ]
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    try:
+        found = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
+        model = found.group(1) if found else model
+    except OSError:
+        pass
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "system": platform.platform(),
+        "at": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+# 1. kernel -------------------------------------------------------------------------------------
+
+
+def kernel(work: Path, n: int) -> dict[str, Any]:
+    catalog = Catalog.load([objects(work / "objects")])
+    messages = [RawMessage(f"{k.so}/streams/{k.stream}", encode_update(u)) for k, u in readings(n)]
+    started = time.perf_counter()
+    for m in messages:
+        orjson.loads(m.payload)
+    floor = n / (time.perf_counter() - started)
+    ingest = Ingest(catalog.registry)
+    engine = catalog.engine(clock=lambda: 0.0)
+    started = time.perf_counter()
+    derived = 0
+    for i in range(0, n, 1000):
+        batch = ingest.batch(messages[i : i + 1000])
+        derived += len(engine.process(batch.accepted).derived)
+    ours = n / (time.perf_counter() - started)
+    return {
+        "scenario": "kernel",
+        "what": "decode+validate+filter+1m avg by object",
+        "ours": ours,
+        "reference": floor,
+        "reference_is": "orjson.loads alone",
+        "unit": "readings/s",
+        "ratio": ours / floor,
+        "derived": derived,
+    }
+
+
+# 2. ingest and 5. memory -----------------------------------------------------------------------
+
+
+def _queue(broker: Mosquitto, client_id: str, payloads: list[tuple[str, bytes]]) -> None:
+    """Make `client_id` a persistent subscriber, then queue `payloads` on the broker for it."""
+    settings = MqttSettings(url=broker.url)
+    sub = make_client(settings, client_id)
+    ready = threading.Event()
+    sub.on_connect = lambda c, *_: c.subscribe("+/streams/+", 1)
+    sub.on_subscribe = lambda *_: ready.set()
+    connect(sub, settings, persistent=True)
+    sub.loop_start()
+    assert ready.wait(10)
+    sub.disconnect()
+    sub.loop_stop()
+    pub = make_client(settings, f"{client_id}-publisher")
+    done = threading.Event()
+    count = [0]
+
+    def published(*_: object) -> None:
+        count[0] += 1
+        if count[0] == len(payloads):
+            done.set()
+
+    pub.on_publish = published
+    connect(pub, settings, persistent=False)
+    pub.loop_start()
+    for topic, payload in payloads:
+        pub.publish(topic, payload, qos=1)
+    assert done.wait(120), "the broker did not take the backlog"
+    pub.disconnect()
+    pub.loop_stop()
+
+
+def _peak_rss_kb(pid: int) -> int:
+    try:
+        found = re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+        return int(found.group(1)) if found else 0
+    except OSError:
+        return 0
+
+
+def ingest(work: Path, n: int, per_message: int) -> dict[str, Any]:
+    broker = Mosquitto(work / f"mosquitto-{per_message}").start()
+    try:
+        data = readings(n)
+        if per_message == 1:
+            payloads = [(f"{k.so}/streams/{k.stream}", encode_update(u)) for k, u in data]
+        else:
+            payloads = []
+            for i in range(0, n, per_message):
+                chunk = data[i : i + per_message]
+                key = chunk[0][0]
+                payloads.append(
+                    (
+                        f"{key.so}/streams/{key.stream}",
+                        encode_batch([u for _, u in chunk], columnar=True),
+                    )
+                )
+        # the C client, draining its backlog
+        _queue(broker, "bench-c", payloads)
+        started = time.perf_counter()
+        subprocess.run(
+            [
+                "mosquitto_sub",
+                "-h",
+                broker.host,
+                "-p",
+                str(broker.port),
+                "-i",
+                "bench-c",
+                "-c",
+                "-q",
+                "1",
+                "-t",
+                "+/streams/+",
+                "-C",
+                str(len(payloads)),
+            ],
+            stdout=subprocess.DEVNULL,
+            check=True,
+            timeout=300,
+        )
+        c_rate = n / (time.perf_counter() - started)
+        # our unit, draining the same backlog (a process of its own, as deployed)
+        unit_dir = work / f"unit-{per_message}"
+        unit_dir.mkdir()
+        config = unit_dir / "unit.yaml"
+        config.write_bytes(
+            orjson.dumps(
+                {
+                    "name": "bench-unit",
+                    "objects": [str(objects(work / "objects"))],
+                    "mqtt": {"url": broker.url, "receive_maximum": 1000},
+                    "batch_size": 1000,
+                    "http": {"port": (port := free_port())},
+                }
+            )
+        )
+        _queue(broker, "bench-unit", payloads)
+        log = (unit_dir / "unit.log").open("wb")
+        started = time.perf_counter()
+        unit = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cloudlet.cli",
+                "unit",
+                "run",
+                str(config),
+                "--log-format",
+                "json",
+            ],
+            stderr=log,
+            stdout=subprocess.DEVNULL,
+        )
+        expected = len(payloads)
+        processed = 0
+        peak = 0
+        deadline = time.monotonic() + 300
+        while processed < expected and time.monotonic() < deadline:
+            time.sleep(0.05)
+            peak = max(peak, _peak_rss_kb(unit.pid))
+            try:
+                metrics = unit_metrics(f"http://127.0.0.1:{port}/metrics")
+            except OSError:
+                continue  # still starting
+            processed = int(metrics.get("cloudlet_messages_received_total", 0))
+        ours = n / (time.perf_counter() - started)
+        unit.terminate()
+        unit.wait(30)
+        return {
+            "scenario": f"ingest ({per_message} per message)",
+            "ours": ours,
+            "reference": c_rate,
+            "reference_is": "mosquitto_sub (C)",
+            "unit": "readings/s",
+            "ratio": ours / c_rate,
+            "peak_rss_mb": peak / 1024,
+            "note": "includes the unit's start-up",
+        }
+    finally:
+        broker.stop()
+
+
+# 3. forwarder ----------------------------------------------------------------------------------
+
+
+def forwarder(kafka: Kafka, work: Path, n: int) -> dict[str, Any]:
+    outbox = Outbox(OutboxSettings(path=work / "outbox", fsync="never"))
+    data = readings(n)
+    for i in range(0, n, 1000):
+        outbox.write(data[i : i + 1000])
+    settings = ForwarderSettings.model_validate(
+        {
+            "site": "bench",
+            "batch": 5000,
+            "commands": False,
+            "kafka": {"bootstrap_servers": kafka.bootstrap_servers, "topic": "bench.forwarder"},
+        }
+    )
+    fwd = Forwarder(outbox, settings).start()
+    started = time.perf_counter()
+    while outbox.depth() > 0:
+        time.sleep(0.01)
+    ours = n / (time.perf_counter() - started)
+    fwd.stop()
+    size = len(encode_update(data[0][1])) + 120
+    done = subprocess.run(
+        kafka.java(
+            "org.apache.kafka.tools.ProducerPerformance",
+            "--topic",
+            "bench.java",
+            "--num-records",
+            str(n),
+            "--record-size",
+            str(size),
+            "--throughput",
+            "-1",
+            "--producer-props",
+            f"bootstrap.servers={kafka.bootstrap_servers}",
+            "acks=all",
+            "enable.idempotence=true",
+            "compression.type=lz4",
+            "linger.ms=20",
+            "batch.size=262144",
+        ),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    found = re.search(r"([\d.]+) records/sec", done.stdout.strip().splitlines()[-1])
+    theirs = float(found.group(1)) if found else float("nan")
+    return {
+        "scenario": "forwarder",
+        "ours": ours,
+        "reference": theirs,
+        "reference_is": "Kafka ProducerPerformance (Java)",
+        "unit": "records/s",
+        "ratio": ours / theirs,
+    }
+
+
+# 4. latency ------------------------------------------------------------------------------------
+
+
+def latency(kafka: Kafka, work: Path, rate: int, seconds: float) -> dict[str, Any]:
+    from aiokafka import AIOKafkaConsumer
+
+    from cloudlet.units import CloudletUnit, UnitFile
+
+    broker = Mosquitto(work / "mosquitto-latency").start()
+    topic = "bench.latency"
+    config = work / "latency.yaml"
+    config.write_bytes(
+        orjson.dumps(
+            {
+                "name": "bench-latency",
+                "objects": [str(objects(work / "objects"))],
+                "mqtt": {"url": broker.url},
+                "outbox": {"path": str(work / "latency-outbox")},
+                "forward": {
+                    "site": "bench",
+                    "commands": False,
+                    "batch": 2000,
+                    "kafka": {
+                        "bootstrap_servers": kafka.bootstrap_servers,
+                        "topic": topic,
+                        "linger_ms": 1,
+                    },
+                },
+            }
+        )
+    )
+    unit = CloudletUnit(UnitFile.load(config)).start()
+    arrivals: list[float] = []
+
+    async def consume(stop: threading.Event) -> None:
+        consumer = AIOKafkaConsumer(
+            topic,
+            bootstrap_servers=kafka.bootstrap_servers,
+            auto_offset_reset="earliest",
+            metadata_max_age_ms=1000,
+        )
+        await consumer.start()
+        try:
+            while not stop.is_set():
+                for records in (await consumer.getmany(timeout_ms=100)).values():
+                    now = time.time() * 1000
+                    for r in records:
+                        doc = orjson.loads(r.value)
+                        if doc["stream"] == "data":
+                            arrivals.append(now - doc["update"]["lastUpdate"])
+        finally:
+            await consumer.stop()
+
+    stop = threading.Event()
+    consumer = threading.Thread(target=lambda: asyncio.run(consume(stop)))
+    consumer.start()
+    settings = MqttSettings(url=broker.url)
+    pub = make_client(settings, "bench-latency-devices")
+    connect(pub, settings, persistent=False)
+    pub.loop_start()
+    try:
+        assert unit.unit.runtime.connected.wait(10)
+        time.sleep(2)  # the consumer and the forwarder find the topic
+        sent = 0
+        started = time.monotonic()
+        while time.monotonic() - started < seconds:
+            due = int((time.monotonic() - started) * rate)
+            while sent < due:
+                now = int(time.time() * 1000)
+                u = SensorUpdate({"t": 20.0}, now)
+                pub.publish(f"sensor-{sent % SENSORS}/streams/data", encode_update(u), qos=1)
+                sent += 1
+            time.sleep(0.001)
+        deadline = time.monotonic() + 30
+        while len(arrivals) < sent and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        consumer.join(10)
+        pub.loop_stop()
+        unit.stop()
+        broker.stop()
+    ordered = sorted(arrivals)
+    return {
+        "scenario": f"latency at {rate}/s",
+        "p50_ms": statistics.median(ordered),
+        "p99_ms": ordered[int(len(ordered) * 0.99) - 1],
+        "sent": sent,
+        "arrived": len(arrivals),
+        "unit": "ms, device publish to Kafka consumer",
+        "note": "ms clock resolution; no window waits (raw updates)",
+    }
+
+
+# -----------------------------------------------------------------------------------------------
+
+
+def table(results: list[dict[str, Any]], about: dict[str, Any]) -> str:
+    lines = [
+        f"Machine: {about['cpu']}, {about['cores']} cores, Python {about['python']}, {about['at']}",
+        "",
+        "| scenario | ours | reference | ratio | notes |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results:
+        if "ours" in r:
+            notes = ", ".join(
+                f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in r.items()
+                if k in ("peak_rss_mb", "derived", "note")
+            )
+            lines.append(
+                f"| {r['scenario']} | {r['ours']:,.0f} {r['unit']} | {r['reference']:,.0f}"
+                f" ({r['reference_is']}) | {r['ratio']:.2f} | {notes} |"
+            )
+        else:
+            lines.append(
+                f"| {r['scenario']} | p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms"
+                f" | - | - | {r['arrived']}/{r['sent']} arrived; {r['note']} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="kernel,ingest,forwarder,latency")
+    parser.add_argument("--quick", action="store_true", help="smaller counts (a smoke run)")
+    args = parser.parse_args()
+    only = set(args.only.split(","))
+    scale = 0.1 if args.quick else 1.0
+    about = machine()
+    results: list[dict[str, Any]] = []
+    work = Path(tempfile.mkdtemp(prefix="cloudlet-bench-"))
+    steps: list[tuple[str, Callable[[], None]]] = []
+    kafka: Kafka | None = None
+    try:
+        if "kernel" in only:
+            steps.append(("kernel", lambda: results.append(kernel(work, int(200_000 * scale)))))
+        if "ingest" in only:
+            steps.append(("ingest 1", lambda: results.append(ingest(work, int(50_000 * scale), 1))))
+            steps.append(
+                ("ingest 100", lambda: results.append(ingest(work, int(500_000 * scale), 100)))
+            )
+        if only & {"forwarder", "latency"}:
+            kafka = Kafka(work / "kafka", heap="1g").start()
+        if "forwarder" in only:
+            steps.append(
+                ("forwarder", lambda: results.append(forwarder(kafka, work, int(100_000 * scale))))
+            )  # type: ignore[arg-type]
+        if "latency" in only:
+            steps.append(
+                ("latency", lambda: results.append(latency(kafka, work, 1000, 10 * scale + 2)))
+            )  # type: ignore[arg-type]
+        for name, step in steps:
+            print(f"running {name} ...", flush=True)
+            step()
+    finally:
+        if kafka is not None:
+            kafka.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (out / f"{stamp}.json").write_bytes(
+        orjson.dumps({"machine": about, "results": results}, option=orjson.OPT_INDENT_2)
+    )
+    text = table(results, about)
+    (out / f"{stamp}.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
