@@ -130,6 +130,49 @@ def kernel(work: Path, n: int) -> dict[str, Any]:
     }
 
 
+def columnar(n: int) -> dict[str, Any]:
+    """The columnar kernel: validating 100-reading batches, compiled vs its pure twin."""
+    from streams import kernels
+    from streams.kernels import _columnar_py
+    from streams.objects import Stream
+    from streams.updates import StreamValidator
+
+    stream = Stream.model_validate(
+        {"channels": {"t": {"type": "number"}, "ok": {"type": "boolean"}}}
+    )
+    validator = StreamValidator("s1", "data", stream)
+    docs = [
+        {
+            "lastUpdate": [T0 + b * 100 + i for i in range(100)],
+            "channels": {
+                "t": [20.0 + i * 0.1 for i in range(100)],
+                "ok": [i % 2 == 0 for i in range(100)],
+            },
+        }
+        for b in range(n // 100)
+    ]
+    rates = {}
+    compiled = kernels.columnar_updates
+    for name, kernel in (("compiled", compiled), ("twin", _columnar_py.columnar_updates)):
+        kernels.columnar_updates = kernel
+        try:
+            started = time.perf_counter()
+            for doc in docs:
+                validator.document(doc)
+            rates[name] = n / (time.perf_counter() - started)
+        finally:
+            kernels.columnar_updates = compiled
+    return {
+        "scenario": "columnar kernel (validate 100-reading batches)",
+        "ours": rates["compiled"],
+        "reference": rates["twin"],
+        "reference_is": "its pure-Python twin",
+        "unit": "readings/s",
+        "ratio": rates["compiled"] / rates["twin"],
+        "note": f"compiled={kernels.COMPILED}",
+    }
+
+
 # 2. ingest and 5. memory -----------------------------------------------------------------------
 
 
@@ -458,7 +501,7 @@ def table(results: list[dict[str, Any]], about: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="kernel,ingest,forwarder,latency")
+    parser.add_argument("--only", default="kernel,columnar,ingest,forwarder,latency")
     parser.add_argument("--quick", action="store_true", help="smaller counts (a smoke run)")
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -471,6 +514,8 @@ def main() -> None:
     try:
         if "kernel" in only:
             steps.append(("kernel", lambda: results.append(kernel(work, int(200_000 * scale)))))
+        if "columnar" in only:
+            steps.append(("columnar", lambda: results.append(columnar(int(500_000 * scale)))))
         if "ingest" in only:
             steps.append(("ingest 1", lambda: results.append(ingest(work, int(50_000 * scale), 1))))
             steps.append(

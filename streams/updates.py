@@ -18,10 +18,11 @@ A `StreamValidator` is built once per stream and reused for every update on it.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from streams import kernels
 from streams.objects import ChannelType, Stream
 from streams.rejections import InvalidUpdate, Rejection, RejectReason, show_value
 
@@ -158,6 +159,9 @@ _CHECKS: dict[ChannelType, Callable[[Any], Value]] = {
     ChannelType.GEO_POINT: _geo_point,
 }
 
+# the columnar kernel's codes; geo_point readings take the row path
+_KIND_CODES = {ChannelType.NUMBER: 0, ChannelType.STRING: 1, ChannelType.BOOLEAN: 2,
+               ChannelType.GEO_POINT: 3}  # fmt: skip
 _UPDATE_KEYS = frozenset({"channels", "lastUpdate"})
 _CHANNEL_KEYS = frozenset({"current-value", "unit"})
 
@@ -187,12 +191,13 @@ def normalize_last_update(value: Any) -> int:
 class StreamValidator:
     """Checks updates posted to one raw stream; built once, called per update or batch."""
 
-    __slots__ = ("_checks", "_declared", "_prefix", "so_id", "stream_id")
+    __slots__ = ("_checks", "_declared", "_kinds", "_prefix", "so_id", "stream_id")
 
     def __init__(self, so_id: str, stream_id: str, stream: Stream) -> None:
         self.so_id = so_id
         self.stream_id = stream_id
         self._checks = {name: _CHECKS[ch.type] for name, ch in stream.channels.items()}
+        self._kinds = {name: _KIND_CODES[ch.type] for name, ch in stream.channels.items()}
         self._declared = ", ".join(stream.channels)
         self._prefix = f"{so_id}/{stream_id}"
 
@@ -277,10 +282,17 @@ class StreamValidator:
             return self._each(enumerate(doc))
         if type(doc) is dict and type(doc.get("lastUpdate")) is list:
             try:
-                rows = list(self._rows(doc))
+                times, names, columns = self._columns(doc)
             except InvalidUpdate as exc:
                 return [], [exc.rejection]
-            return self._each(enumerate(rows))
+            unknown = [n for n in names if n not in self._kinds]
+            if unknown:  # every reading has it: the row path words the rejections
+                rows = (self._row(times, names, columns, i) for i in range(len(times)))
+                return self._each(enumerate(rows))
+            return kernels.columnar_updates(
+                times, names, columns, [self._kinds[n] for n in names], SensorUpdate,
+                lambda i: self.update(self._row(times, names, columns, i), i), InvalidUpdate,
+            )  # fmt: skip
         try:
             return [self.update(doc)], []
         except InvalidUpdate as exc:
@@ -296,8 +308,13 @@ class StreamValidator:
                 rejected.append(exc.rejection)
         return accepted, rejected
 
-    def _rows(self, doc: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        """The columnar form as row dicts, after checking its shape."""
+    @staticmethod
+    def _row(times: list[Any], names: list[str], columns: list[list[Any]], i: int) -> Any:
+        channels = {n: {"current-value": c[i]} for n, c in zip(names, columns, strict=True)}
+        return {"lastUpdate": times[i], "channels": channels}
+
+    def _columns(self, doc: dict[str, Any]) -> tuple[list[Any], list[str], list[list[Any]]]:
+        """The columnar form's times, channel names and columns, after checking its shape."""
         times: list[Any] = doc["lastUpdate"]
         columns = doc.get("channels")
         extra = doc.keys() - _UPDATE_KEYS
@@ -323,8 +340,4 @@ class StreamValidator:
                     f" (one per lastUpdate), got {got}",
                     None,
                 )
-        for i, t in enumerate(times):
-            yield {
-                "lastUpdate": t,
-                "channels": {name: {"current-value": col[i]} for name, col in columns.items()},
-            }
+        return times, list(columns), list(columns.values())

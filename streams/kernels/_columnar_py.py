@@ -1,0 +1,61 @@
+"""The columnar kernel, pure Python: the specification of `_columnar.pyx`.
+
+A columnar batch `{"lastUpdate": [t0, ...], "channels": {"c": [v0, ...]}}` becomes sensor
+updates, checked column by column without building a dict per reading first. A reading with
+anything unusual (a missing or mistyped value, a lastUpdate to scale or refuse, a geo_point)
+goes to `fallback(i)`, which validates that row the slow way and returns its SensorUpdate, or
+raises InvalidUpdate: messages and reasons stay exactly those of the row path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+NUMBER, STRING, BOOLEAN, OTHER = 0, 1, 2, 3
+SECONDS_BELOW = 100_000_000_000  # below: seconds, as old devices send
+MAX_LAST_UPDATE = 253_402_300_799_999
+
+
+def columnar_updates(
+    times: list[Any],
+    names: list[str],
+    columns: list[list[Any]],
+    kinds: list[int],
+    make: Callable[[dict[str, Any], int], Any],
+    fallback: Callable[[int], Any],
+    invalid: type[Exception],
+) -> tuple[list[Any], list[Any]]:
+    """(accepted updates, rejections); `invalid` is the exception `fallback` raises, whose
+    `.rejection` is collected."""
+    accepted: list[Any] = []
+    rejected: list[Any] = []
+    m = len(names)
+    for i in range(len(times)):
+        t = times[i]
+        ok = type(t) is int and SECONDS_BELOW <= t <= MAX_LAST_UPDATE
+        values: dict[str, Any] = {}
+        j = 0
+        while ok and j < m:
+            v = columns[j][i]
+            k = kinds[j]
+            tv = type(v)
+            if k == NUMBER:
+                ok = tv is int or (tv is float and math.isfinite(v))
+            elif k == STRING:
+                ok = tv is str
+            elif k == BOOLEAN:
+                ok = tv is bool
+            else:
+                ok = False
+            values[names[j]] = v
+            j += 1
+        if ok:
+            accepted.append(make(values, t))
+            continue
+        try:
+            accepted.append(fallback(i))
+        except invalid as exc:
+            rejected.append(exc.rejection)  # type: ignore[attr-defined]
+    return accepted, rejected
