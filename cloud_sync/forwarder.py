@@ -124,8 +124,8 @@ class ForwarderCounts:
         self.batches = 0
 
 
-def encode_record(record: Record, site: str, outbox_id: str, codec: str) -> bytes:
-    message_id = record.message_id(outbox_id)
+def encode_record(record: Record, site: str, codec: str) -> bytes:
+    message_id = record.message_id(site)
     if codec == "msgpack":
         return msgpack.packb({
             "messageId": message_id, "site": site, "so": record.key.so,
@@ -211,9 +211,9 @@ class Forwarder:
             store.close()
 
     def _store(self, store: CloudStore, records: Sequence[Record]) -> None:
-        site, outbox_id = self.settings.site, self.outbox.id
+        site = self.settings.site
         store.write([
-            CloudMessage(r.message_id(outbox_id), site, r.key.so, r.key.stream, r.enqueued,
+            CloudMessage(r.message_id(site), site, r.key.so, r.key.stream, r.enqueued,
                          orjson.loads(r.body))
             for r in records
         ])  # fmt: skip
@@ -228,11 +228,11 @@ class Forwarder:
         futures = []
         size = 0
         for r in records:
-            value = encode_record(r, site, self.outbox.id, self.settings.codec)
+            value = encode_record(r, site, self.settings.codec)
             size += len(value)
             headers = [("content-type", self._content_type), ("site", site.encode()),
                        ("so", r.key.so.encode()), ("stream", r.key.stream.encode()),
-                       ("message-id", r.message_id(self.outbox.id).encode())]  # fmt: skip
+                       ("message-id", r.message_id(site).encode())]  # fmt: skip
             futures.append(await producer.send(topic, value, key=r.key.so.encode(),
                                                headers=headers))  # fmt: skip
         await asyncio.gather(*futures)  # every record acknowledged by all in-sync replicas

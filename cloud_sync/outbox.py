@@ -30,6 +30,7 @@ silently.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import logging
 import os
 import struct
@@ -104,8 +105,13 @@ class Record:
     last_update: int
     body: bytes  # the update, JSON
 
-    def message_id(self, outbox_id: str) -> str:
-        return f"{outbox_id}-{self.priority}-{self.seq}"
+    def message_id(self, site: str) -> str:
+        """The update's identity: the same whenever it is produced again. A unit killed
+        between processing and acknowledging reprocesses its input and writes the same
+        updates to the outbox again (new positions, same content); this id lets the cloud
+        store each once. Two readings alike in object, stream, time and values are one."""
+        digest = hashlib.blake2b(self.body, digest_size=8).hexdigest()
+        return f"{site}/{self.key.so}/{self.key.stream}/{self.last_update}/{digest}"
 
 
 @dataclass
