@@ -97,7 +97,10 @@ def ensure_kafka(version: str = KAFKA_VERSION) -> Path:
 
 
 def _cluster_id() -> str:
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode("ascii").rstrip("=")
+    while True:  # one in 64 starts with "-", which Kafka's StorageTool reads as an option
+        found = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode("ascii").rstrip("=")
+        if not found.startswith("-"):
+            return found
 
 
 async def _produce_once(bootstrap: str) -> None:
