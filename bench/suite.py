@@ -215,8 +215,8 @@ def _peak_rss_kb(pid: int) -> int:
         return 0
 
 
-def ingest(work: Path, n: int, per_message: int) -> dict[str, Any]:
-    broker = Mosquitto(work / f"mosquitto-{per_message}").start()
+def ingest(work: Path, n: int, per_message: int, echo: bool = True) -> dict[str, Any]:
+    broker = Mosquitto(work / f"mosquitto-{per_message}-{echo}").start()
     try:
         data = readings(n)
         if per_message == 1:
@@ -258,7 +258,7 @@ def ingest(work: Path, n: int, per_message: int) -> dict[str, Any]:
         )
         c_rate = n / (time.perf_counter() - started)
         # our unit, draining the same backlog (a process of its own, as deployed)
-        unit_dir = work / f"unit-{per_message}"
+        unit_dir = work / f"unit-{per_message}-{echo}"
         unit_dir.mkdir()
         config = unit_dir / "unit.yaml"
         config.write_bytes(
@@ -269,6 +269,7 @@ def ingest(work: Path, n: int, per_message: int) -> dict[str, Any]:
                     "mqtt": {"url": broker.url, "receive_maximum": 1000},
                     "batch_size": 1000,
                     "http": {"port": (port := free_port())},
+                    "republish": {"updates": echo},
                 }
             )
         )
@@ -305,7 +306,7 @@ def ingest(work: Path, n: int, per_message: int) -> dict[str, Any]:
         unit.terminate()
         unit.wait(30)
         return {
-            "scenario": f"ingest ({per_message} per message)",
+            "scenario": f"ingest ({per_message} per message{'' if echo else ', no echo'})",
             "ours": ours,
             "reference": c_rate,
             "reference_is": "mosquitto_sub (C)",
@@ -520,6 +521,12 @@ def main() -> None:
             steps.append(("ingest 1", lambda: results.append(ingest(work, int(50_000 * scale), 1))))
             steps.append(
                 ("ingest 100", lambda: results.append(ingest(work, int(500_000 * scale), 100)))
+            )
+            steps.append(
+                (
+                    "ingest 1, no echo",
+                    lambda: results.append(ingest(work, int(50_000 * scale), 1, echo=False)),
+                )
             )
         if only & {"forwarder", "latency"}:
             kafka = Kafka(work / "kafka", heap="1g").start()

@@ -57,6 +57,16 @@ class SinkSettings(_Strict):
     sqlite: Path
 
 
+class RepublishSettings(_Strict):
+    """What the unit publishes back on MQTT (`<so>/streams/<stream>/updates`). Accepted device
+    updates are echoed for local subscribers; a site whose consumers are the cloud (through
+    the outbox) can turn that off and spare the broker and the unit most of their work.
+    Derived updates, dead letters and commands are always published."""
+
+    updates: bool = True
+    qos: int = Field(default=1, ge=0, le=1)  # of the echoed device updates
+
+
 class HttpSettings(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=9400, ge=0, le=65535)  # 0 picks a free port
@@ -75,6 +85,7 @@ class UnitConfig(_Strict):
     sink: SinkSettings | None = None
     http: HttpSettings | None = None
     processors: list[ProcessorSpec] = []
+    republish: RepublishSettings = RepublishSettings()
     source: str = Field(default="<memory>", exclude=True)  # the file it was read from
 
     @field_validator("name")

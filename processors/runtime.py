@@ -24,6 +24,7 @@ import paho.mqtt.client as mqtt
 
 from processors.actuation import ActuationLog
 from processors.chain import Chain, Item
+from processors.config import RepublishSettings
 from processors.ingest import DeadLetter, Ingest, IngestBatch, RawMessage
 from processors.metrics import UnitMetrics
 from processors.sink import ResultSink
@@ -80,8 +81,10 @@ class UnitRuntime:
         sink: ResultSink | None = None,
         metrics: UnitMetrics | None = None,
         clock: Clock = time.time,
+        republish: RepublishSettings | None = None,
     ) -> None:
         self.ingest = ingest
+        self.republish = republish or RepublishSettings()
         self.engine = engine
         self.chain = chain
         self.settings = mqtt_settings
@@ -359,7 +362,16 @@ class UnitRuntime:
         mids: set[int] = set()
         topics = self.ingest.topics
         # A publish made while disconnected is queued by paho and sent after reconnecting.
-        for key, update in [*result.updates, *result.derived]:
+        echo = result.updates if self.republish.updates else []
+        echo_qos = self.republish.qos
+        for key, update in echo:
+            topic = topics.updates(key.so, key.stream)
+            info = self._client.publish(topic, encode_update(update), qos=echo_qos, properties=json)
+            if echo_qos:
+                mids.add(info.mid)
+            if len(mids) >= PUBLISH_WINDOW:
+                self._wait_acked(mids)
+        for key, update in result.derived:
             mids.add(
                 self._client.publish(
                     topics.updates(key.so, key.stream),

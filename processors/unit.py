@@ -53,6 +53,7 @@ class Unit:
             sink=sink or (SQLiteSink(config.sink.sqlite) if config.sink else None),
             metrics=self.metrics,
             clock=clock,
+            republish=config.republish,
         )
         self.status = (
             StatusServer(

@@ -387,3 +387,26 @@ def test_killed_between_snapshot_and_acks_nothing_counts_twice(
     totals = [b["channels"]["total"]["current-value"] for t, b in got if "/total/" in t]
     assert totals == [sum(range(1, n + 1)) for n in range(1, 11)] + [155]
     assert skipped == 10
+
+
+@pytest.mark.mqtt
+def test_a_unit_can_leave_the_echo_of_device_updates_out(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    path = _config(tmp_path, mosquitto, name="u-no-echo", republish={"updates": False})
+    unit = Unit(UnitConfig.load(path)).start()
+    collector = Collector(mosquitto, "collector-no-echo")
+    fleet = DeviceFleet(MqttSettings(url=mosquitto.url), client_id="fleet-no-echo").start()
+    try:
+        assert unit.runtime.connected.wait(10)
+        for key, update in _readings(15):  # one 10-minute window of four fields fires
+            fleet.publish(key, update)
+        got = collector.take(lambda g: len([t for t, _ in g if "moisture_10min" in t]) >= 4)
+        got += collector.take(lambda g: False, timeout=0.5)
+    finally:
+        fleet.stop()
+        collector.close()
+        unit.stop()
+    streams = {t.split("/")[2] for t, _ in got}
+    assert "moisture_10min" in streams and "irrigate" in streams  # derived: published
+    assert not streams & {"soil", "state", "rain", "weather"}  # device updates: not echoed
