@@ -23,24 +23,22 @@ import asyncio
 import fnmatch
 import hmac
 import logging
-import os
-import socket
 import threading
 import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import orjson
-import uvicorn
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from cloud_sync.commands import CommandTopics, command_record
 from cloud_sync.dashboard import PAGE, Dashboard, chart_data, unit_health
 from cloud_sync.store import CloudMessage, CloudStore, open_store
 from streams.actuation import Actuation
+from streams.web import BackgroundServer, Token, bearer
 
 log = logging.getLogger(__name__)
 
@@ -49,25 +47,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ReadToken(_Strict):
-    token: SecretStr | None = None
-    token_env: str | None = None
+class ReadToken(Token):
     objects: list[str] = Field(min_length=1)  # glob patterns of the objects it may read
-    actuate: list[str] = []  # and of those it may send commands to
-
-    @model_validator(mode="after")
-    def _one_source(self) -> ReadToken:
-        if (self.token is None) == (self.token_env is None):
-            raise ValueError("a token needs exactly one of token or token_env")
-        return self
-
-    def secret(self) -> str:
-        if self.token is not None:
-            return self.token.get_secret_value()
-        value = os.environ.get(self.token_env or "")
-        if not value:
-            raise ValueError(f"environment variable {self.token_env} (token_env) is not set")
-        return value
+    actuate: list[str] = Field(default_factory=list)  # and those it may send commands to
 
 
 class ConsumerSettings(_Strict):
@@ -184,16 +166,14 @@ class CloudService:
         )
         self.app = self._app()
         self.port = settings.port
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
+        self._server: BackgroundServer | None = None
 
     # access ----------------------------------------------------------------------------------
 
     def _readable(self, request: Request) -> list[str]:
         """The object patterns the caller may read: the public ones, and its token's."""
         patterns = list(self.settings.public)
-        header = request.headers.get("authorization", "")
-        token = header.removeprefix("Bearer ").strip().encode()
+        token = bearer(request.headers.get("authorization", ""))
         if token:
             for secret, allowed, _actuate in self.grants:
                 if hmac.compare_digest(token, secret):
@@ -206,8 +186,7 @@ class CloudService:
         return any(fnmatch.fnmatchcase(so, p) for p in patterns)
 
     def _actuator(self, request: Request, so: str) -> None:
-        header = request.headers.get("authorization", "")
-        token = header.removeprefix("Bearer ").strip().encode()
+        token = bearer(request.headers.get("authorization", ""))
         for secret, _objects, actuate in self.grants:
             if token and hmac.compare_digest(token, secret):
                 if self._may(actuate, so):
@@ -380,19 +359,10 @@ class CloudService:
     def start(self) -> CloudService:
         if self.materializer is not None:
             self.materializer.start()
-        sock = socket.socket(socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.settings.host, self.settings.port))
-        self.port = sock.getsockname()[1]
-        self._server = uvicorn.Server(
-            uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off")
-        )
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
-                                        name="cloudlet-cloud-api", daemon=True)  # fmt: skip
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started and time.monotonic() < deadline:
-            time.sleep(0.02)
+        self._server = BackgroundServer(
+            self.app, self.settings.host, self.settings.port, "cloudlet-cloud-api"
+        ).start()
+        self.port = self._server.port
         return self
 
     @property
@@ -401,9 +371,7 @@ class CloudService:
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(10)
+            self._server.stop()
         if self.materializer is not None:
             self.materializer.stop()
         self.store.close()

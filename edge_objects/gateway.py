@@ -21,19 +21,16 @@ from __future__ import annotations
 import fnmatch
 import hmac
 import logging
-import os
-import socket
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import uvicorn
 import yaml
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from streams import InvalidUpdate, Registry, Rejection, RejectReason, TopicScheme
@@ -42,6 +39,7 @@ from streams.codec import DEFAULT_MAX_PAYLOAD, decode
 from streams.mqtt import MqttSettings, connect, content_type_properties, make_client, refused
 from streams.registry import Problem, validation_problems
 from streams.rejections import dead_letter_record
+from streams.web import BackgroundServer, Token, bearer
 
 log = logging.getLogger(__name__)
 
@@ -59,26 +57,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class TokenGrant(_Strict):
+class TokenGrant(Token):
     """A token and the service objects (glob patterns) it may post to."""
 
-    token: SecretStr | None = None
-    token_env: str | None = None  # read the token from this environment variable
     objects: list[str] = Field(default=["*"], min_length=1)
-
-    @model_validator(mode="after")
-    def _one_source(self) -> TokenGrant:
-        if (self.token is None) == (self.token_env is None):
-            raise ValueError("a token grant needs exactly one of token or token_env")
-        return self
-
-    def secret(self) -> str:
-        if self.token is not None:
-            return self.token.get_secret_value()
-        value = os.environ.get(self.token_env or "")
-        if not value:
-            raise ValueError(f"environment variable {self.token_env} (token_env) is not set")
-        return value
 
 
 class GatewaySettings(_Strict):
@@ -162,8 +144,7 @@ class Gateway:
         )
         self.client.on_disconnect = lambda *_: self.connected.clear()
         self.app = self._app()
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
+        self._server: BackgroundServer | None = None
         self.port = settings.port
 
     # HTTP --------------------------------------------------------------------------------
@@ -208,9 +189,7 @@ class Gateway:
     def _authorize(self, request: Request, so_id: str) -> tuple[int, dict[str, Any]] | None:
         if self.settings.allow_anonymous:
             return None
-        header = request.headers.get("authorization", "")
-        # "Bearer <token>", or ServIoTicy's bare "<token>"
-        token = header.removeprefix("Bearer ").strip().encode()
+        token = bearer(request.headers.get("authorization", ""))
         if not token:
             return 401, {"error": "unauthorized", "message": "send Authorization: Bearer <token>"}
         for secret, patterns in self.grants:
@@ -293,29 +272,17 @@ class Gateway:
     def start(self) -> Gateway:
         connect(self.client, self.settings.mqtt, persistent=False)
         self.client.loop_start()
-        sock = socket.socket(socket.AF_INET6 if ":" in self.settings.host else socket.AF_INET)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.settings.host, self.settings.port))
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off")
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [sock]}, name="cloudlet-gateway",
-            daemon=True,
-        )  # fmt: skip
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started and time.monotonic() < deadline:
-            time.sleep(0.02)
+        self._server = BackgroundServer(
+            self.app, self.settings.host, self.settings.port, "cloudlet-gateway"
+        ).start()
+        self.port = self._server.port
         log.info("gateway on http://%s:%d, broker %s", self.settings.host, self.port,
                  self.settings.mqtt.url)  # fmt: skip
         return self
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(10)
+            self._server.stop()
         self.client.disconnect()
         self.client.loop_stop()
 
