@@ -5,7 +5,7 @@ unit's process (no IPC, no serialisation per update):
 
 ```python
 from pydantic import BaseModel
-from cloudlet_plugin import Processor, Setup, Output   # = processors.plugin
+from processors.plugin import Output, Processor, Setup
 
 class Smooth(Processor["Smooth.Config"]):
     class Config(BaseModel):
