@@ -46,9 +46,13 @@ class GeoPoint(NamedTuple):
 Value = bool | int | float | str | GeoPoint
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SensorUpdate:
-    """Validated values of some or all of a stream's channels at one instant (ms)."""
+    """Validated values of some or all of a stream's channels at one instant (ms).
+
+    Shared by every stage that reads it (flows, processors, sinks): treat it as immutable.
+    It is not a frozen dataclass because one is made per reading, and a frozen one costs
+    three times as much to create."""
 
     channels: dict[str, Value]
     last_update: int
