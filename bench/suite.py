@@ -215,8 +215,10 @@ def _peak_rss_kb(pid: int) -> int:
         return 0
 
 
-def ingest(work: Path, n: int, per_message: int, echo: bool = True) -> dict[str, Any]:
-    broker = Mosquitto(work / f"mosquitto-{per_message}-{echo}").start()
+def ingest(
+    work: Path, n: int, per_message: int, echo: bool = True, batch: bool = False
+) -> dict[str, Any]:
+    broker = Mosquitto(work / f"mosquitto-{per_message}-{echo}-{batch}").start()
     try:
         data = readings(n)
         if per_message == 1:
@@ -258,7 +260,7 @@ def ingest(work: Path, n: int, per_message: int, echo: bool = True) -> dict[str,
         )
         c_rate = n / (time.perf_counter() - started)
         # our unit, draining the same backlog (a process of its own, as deployed)
-        unit_dir = work / f"unit-{per_message}-{echo}"
+        unit_dir = work / f"unit-{per_message}-{echo}-{batch}"
         unit_dir.mkdir()
         config = unit_dir / "unit.yaml"
         config.write_bytes(
@@ -269,7 +271,7 @@ def ingest(work: Path, n: int, per_message: int, echo: bool = True) -> dict[str,
                     "mqtt": {"url": broker.url, "receive_maximum": 1000},
                     "batch_size": 1000,
                     "http": {"port": (port := free_port())},
-                    "republish": {"updates": echo},
+                    "republish": {"updates": echo, "batch": batch},
                 }
             )
         )
@@ -306,7 +308,8 @@ def ingest(work: Path, n: int, per_message: int, echo: bool = True) -> dict[str,
         unit.terminate()
         unit.wait(30)
         return {
-            "scenario": f"ingest ({per_message} per message{'' if echo else ', no echo'})",
+            "scenario": f"ingest ({per_message} per message"
+            f"{'' if echo else ', no echo'}{', batched echo' if batch else ''})",
             "ours": ours,
             "reference": c_rate,
             "reference_is": "mosquitto_sub (C)",
@@ -526,6 +529,12 @@ def main() -> None:
                 (
                     "ingest 1, no echo",
                     lambda: results.append(ingest(work, int(50_000 * scale), 1, echo=False)),
+                )
+            )
+            steps.append(
+                (
+                    "ingest 100, batched echo",
+                    lambda: results.append(ingest(work, int(500_000 * scale), 100, batch=True)),
                 )
             )
         if only & {"forwarder", "latency"}:

@@ -65,6 +65,7 @@ class RepublishSettings(_Strict):
 
     updates: bool = True
     qos: int = Field(default=1, ge=0, le=1)  # of the echoed device updates
+    batch: bool = False  # one message per stream and batch (a list of updates), not per update
 
 
 class HttpSettings(_Strict):

@@ -31,6 +31,7 @@ from processors.sink import ResultSink
 from processors.state import StateStore
 from streams import Codec, RejectReason, SensorUpdate, StreamKey, encode_update
 from streams.actuation import Actuation, ActuationError, StatusReport
+from streams.codec import encode_batch
 from streams.flows.engine import FlowEngine, FlowResult
 from streams.mqtt import MqttSettings, connect, content_type_properties, make_client
 
@@ -350,6 +351,19 @@ class UnitRuntime:
             outputs.dead_letters.append(self.ingest.dead_letter(origin, failure.rejection))
         return outputs
 
+    def _echoes(self, updates: list[tuple[StreamKey, SensorUpdate]]) -> list[tuple[str, bytes]]:
+        """The (topic, body) messages echoing a batch's accepted device updates: one per
+        update, or with `republish.batch` one per stream (a list, ServIoTicy's batch form)."""
+        if not self.republish.updates:
+            return []
+        topics = self.ingest.topics
+        if not self.republish.batch:
+            return [(topics.updates(k.so, k.stream), encode_update(u)) for k, u in updates]
+        by_stream: dict[StreamKey, list[SensorUpdate]] = {}
+        for key, update in updates:
+            by_stream.setdefault(key, []).append(update)
+        return [(topics.updates(k.so, k.stream), encode_batch(us)) for k, us in by_stream.items()]
+
     def _wait_acked(self, mids: set[int]) -> None:
         """Wait until the broker has acknowledged `mids`; empties it."""
         with self._acked_changed:
@@ -362,11 +376,9 @@ class UnitRuntime:
         mids: set[int] = set()
         topics = self.ingest.topics
         # A publish made while disconnected is queued by paho and sent after reconnecting.
-        echo = result.updates if self.republish.updates else []
         echo_qos = self.republish.qos
-        for key, update in echo:
-            topic = topics.updates(key.so, key.stream)
-            info = self._client.publish(topic, encode_update(update), qos=echo_qos, properties=json)
+        for topic, body in self._echoes(result.updates):
+            info = self._client.publish(topic, body, qos=echo_qos, properties=json)
             if echo_qos:
                 mids.add(info.mid)
             if len(mids) >= PUBLISH_WINDOW:

@@ -410,3 +410,37 @@ def test_a_unit_can_leave_the_echo_of_device_updates_out(
     streams = {t.split("/")[2] for t, _ in got}
     assert "moisture_10min" in streams and "irrigate" in streams  # derived: published
     assert not streams & {"soil", "state", "rain", "weather"}  # device updates: not echoed
+
+
+@pytest.mark.mqtt
+def test_a_unit_can_echo_a_batch_per_stream(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    path = _config(tmp_path, mosquitto, name="u-batch-echo", republish={"batch": True},
+                   batch_size=1000)  # fmt: skip
+    config = UnitConfig.load(path)
+    first = Unit(config).start()  # its session exists from now on, and keeps what arrives
+    assert first.runtime.connected.wait(10)
+    first.stop()
+    collector = Collector(mosquitto, "collector-batch-echo")
+    fleet = DeviceFleet(MqttSettings(url=mosquitto.url), client_id="fleet-batch-echo").start()
+    readings = _readings(15)
+    raw = ("soil", "state", "rain", "weather")
+
+    def echoed_count(g: list[tuple[str, Any]]) -> int:
+        return sum(len(b) if isinstance(b, list) else 1 for t, b in g if t.split("/")[2] in raw)
+
+    unit = Unit(config)
+    try:
+        for key, update in readings:  # queued on the broker while the unit is away
+            fleet.publish(key, update)
+        assert fleet.flush(10)
+        unit.start()
+        got = collector.take(lambda g: echoed_count(g) >= 150)
+    finally:
+        fleet.stop()
+        collector.close()
+        unit.stop()
+    echoed = [(t, b) for t, b in got if t.split("/")[2] in raw]
+    times = sorted((t.split("/")[0], u["lastUpdate"]) for t, b in echoed
+                   for u in (b if isinstance(b, list) else [b]))  # fmt: skip
+    assert times == sorted((k.so, u.last_update) for k, u in readings)
+    assert any(isinstance(b, list) and len(b) > 1 for _, b in echoed)  # batched per stream
