@@ -107,6 +107,7 @@ class UnitRuntime:
         self._last_checkpoint = clock()
         # mids the broker has acknowledged (PUBACK), consumed by the worker that published them
         self._acked: set[int] = set()
+        self._untracked: set[int] = set()  # QoS 0 mids whose on_publish is still to come
         self._acked_changed = threading.Condition()
         self._client = make_client(mqtt_settings, client_id)
         self._client.manual_ack_set(True)
@@ -188,6 +189,9 @@ class UnitRuntime:
         self, _client: mqtt.Client, _userdata: object, mid: int, *_rest: object
     ) -> None:
         with self._acked_changed:
+            if mid in self._untracked:  # a QoS 0 echo: nobody waits for it
+                self._untracked.discard(mid)
+                return
             self._acked.add(mid)
             self._acked_changed.notify_all()
 
@@ -364,6 +368,15 @@ class UnitRuntime:
             by_stream.setdefault(key, []).append(update)
         return [(topics.updates(k.so, k.stream), encode_batch(us)) for k, us in by_stream.items()]
 
+    def _forget(self, mid: int) -> None:
+        """A QoS 0 publish: keep its mid out of the acknowledged set, where a later QoS 1
+        publish reusing the number would find it and count as acknowledged too early."""
+        with self._acked_changed:
+            if mid in self._acked:  # its on_publish came first
+                self._acked.discard(mid)
+            else:
+                self._untracked.add(mid)
+
     def _wait_acked(self, mids: set[int]) -> None:
         """Wait until the broker has acknowledged `mids`; empties it."""
         with self._acked_changed:
@@ -381,6 +394,8 @@ class UnitRuntime:
             info = self._client.publish(topic, body, qos=echo_qos, properties=json)
             if echo_qos:
                 mids.add(info.mid)
+            else:
+                self._forget(info.mid)
             if len(mids) >= PUBLISH_WINDOW:
                 self._wait_acked(mids)
         for key, update in result.derived:

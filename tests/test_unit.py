@@ -444,3 +444,27 @@ def test_a_unit_can_echo_a_batch_per_stream(mosquitto: Mosquitto, tmp_path: Path
                    for u in (b if isinstance(b, list) else [b]))  # fmt: skip
     assert times == sorted((k.so, u.last_update) for k, u in readings)
     assert any(isinstance(b, list) and len(b) > 1 for _, b in echoed)  # batched per stream
+
+
+@pytest.mark.mqtt
+def test_a_qos_0_echo_leaves_no_stale_acknowledgement(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    path = _config(tmp_path, mosquitto, name="u-qos0", republish={"qos": 0})
+    unit = Unit(UnitConfig.load(path)).start()
+    collector = Collector(mosquitto, "collector-qos0")
+    fleet = DeviceFleet(MqttSettings(url=mosquitto.url), client_id="fleet-qos0").start()
+    try:
+        assert unit.runtime.connected.wait(10)
+        for key, update in _readings(15):
+            fleet.publish(key, update)
+        got = collector.take(lambda g: len(_raw_updates(g, {"soil", "state", "rain",
+                                                            "weather"})) >= 150)  # fmt: skip
+        deadline = time.monotonic() + 10
+        while unit.runtime.published.messages < 150 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stale = set(unit.runtime._acked) | set(unit.runtime._untracked)
+    finally:
+        fleet.stop()
+        collector.close()
+        unit.stop()
+    assert len(_raw_updates(got, {"soil", "state", "rain", "weather"})) == 150
+    assert stale == set()  # no mid left over for a later QoS 1 publish to be mistaken by
