@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import orjson
+import yaml
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
@@ -68,6 +69,14 @@ class CloudSettings(_Strict):
     tokens: list[ReadToken] = []
     dashboard: Path | None = None  # the charts (a scenario's dashboard.yaml)
     units: list[str] = []  # the units' /metrics, for the dashboard's health table
+
+    @classmethod
+    def load(cls, path: Path) -> CloudSettings:
+        """The settings in a YAML file (`http: {host, port}` may group the server's);
+        ValidationError or OSError / YAMLError as they come."""
+        doc = yaml.safe_load(path.read_text()) or {}
+        http = doc.pop("http", None) or {}
+        return cls.model_validate({**doc, **http})
 
 
 class _Metrics:

@@ -224,6 +224,20 @@ def flow_test(
             sys.stdout.buffer.write(orjson.dumps(record) + b"\n")
 
 
+def _stop_on_signals(interrupt: bool = True) -> threading.Event:
+    """An event set by SIGTERM (and SIGINT, Ctrl-C): a service's cue to stop cleanly."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    if interrupt:
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+    return stop
+
+
+def _wait(stop: threading.Event) -> None:
+    while not stop.wait(0.5):  # a timed wait lets the signal handlers run
+        pass
+
+
 def _print_problems(problems: list[Problem]) -> None:
     for problem in problems:
         err.print(f"[bold red]error:[/] {problem}", soft_wrap=True)
@@ -353,12 +367,9 @@ def unit_run(
         running = CloudletUnit(config, replica=replica)
         unit = running.unit
     except (ConfigError, RegistryError) as exc:
-        for problem in exc.problems:
-            err.print(f"[bold red]error:[/] {problem}", soft_wrap=True)
+        _print_problems(exc.problems)
         raise typer.Exit(1) from None
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop = _stop_on_signals()
     running.start()
     if unit.status is not None:
         out.print(f"metrics on http://{config.http.host}:{unit.status.port}/metrics")  # type: ignore[union-attr]
@@ -429,9 +440,7 @@ def simulate(
         )  # fmt: skip
     except ValueError as exc:
         raise _fail(str(exc)) from None
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop = _stop_on_signals()
     try:
         simulator.start()
     except RuntimeError as exc:
@@ -465,10 +474,7 @@ def cloud_serve(
 
     _configure_logging(log_format)
     try:
-        doc = yaml.safe_load(config_path.read_text()) or {}
-        http = doc.pop("http", None) or {}
-        settings = CloudSettings.model_validate({**doc, **http})
-        service = CloudService(settings)
+        service = CloudService(CloudSettings.load(config_path))
     except (OSError, yaml.YAMLError) as exc:
         raise _fail(f"{config_path}: cannot be read: {exc}") from None
     except ValidationError as exc:
@@ -476,13 +482,10 @@ def cloud_serve(
         raise typer.Exit(1) from None
     except ValueError as exc:
         raise _fail(f"{config_path}: {exc}") from None
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop = _stop_on_signals()
     service.start()
     out.print(f"cloud objects on {service.url} (OpenAPI: {service.url}/docs)")
-    while not stop.wait(0.5):
-        pass
+    _wait(stop)
     service.stop()
 
 
@@ -505,13 +508,10 @@ def gateway_run(
         raise typer.Exit(1) from None
     except ValueError as exc:  # a token_env that is not set
         raise _fail(f"{config_path}: {exc}") from None
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop = _stop_on_signals()
     gateway.start()
     out.print(f"gateway on {gateway.url} (OpenAPI: {gateway.url}/docs)")
-    while not stop.wait(0.5):
-        pass
+    _wait(stop)
     gateway.stop()
 
 
@@ -575,8 +575,7 @@ def demo(
         raise _fail(str(exc)) from None
     assert runner.cloud is not None
     out.print(f"dashboard: {runner.cloud.url}/   (work directory: {runner.workdir})")
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop = _stop_on_signals(interrupt=False)  # Ctrl-C interrupts the live view instead
     try:
         if out.is_terminal:
             out.print("Ctrl-C stops the demo and prints a summary")

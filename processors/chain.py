@@ -39,6 +39,7 @@ from processors.plugin import (
 from streams.actuation import Actuation
 from streams.expressions import EvaluationError
 from streams.flows.engine import FlowResult, Late
+from streams.flows.model import StreamPatterns
 from streams.objects import Channel, ChannelType, Stream
 from streams.registry import Problem, Registry, validation_problems
 from streams.rejections import Rejection, RejectReason
@@ -53,24 +54,9 @@ class ProcessorSpec(BaseModel):
 
     use: str
     name: str | None = None
-    inputs: list[str] = Field(alias="from")
+    inputs: StreamPatterns = Field(alias="from")
     into: str | None = None
     config: dict[str, Any] = {}
-
-    @field_validator("inputs", mode="before")
-    @classmethod
-    def _one_or_many(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
-
-    @field_validator("inputs")
-    @classmethod
-    def _patterns(cls, value: list[str]) -> list[str]:
-        if not value:
-            raise ValueError("from needs at least one so/stream pattern")
-        for pattern in value:
-            if pattern.count("/") != 1 or not all(pattern.split("/")):
-                raise ValueError(f"{pattern!r} is not a so/stream pattern (e.g. junction-*/count)")
-        return value
 
     @field_validator("into")
     @classmethod

@@ -48,9 +48,7 @@ def test_the_mounted_configs_are_valid_and_shared_with_the_native_demo(scenario:
     assert objects == [ROOT / "cloudlet" / "scenarios" / scenario / "objects"]
     assert Catalog.check(objects)[1] == []
     assert unit.forward is not None and unit.forward.kafka is not None
-    doc = yaml.safe_load((COMPOSE / scenario / "cloud.yaml").read_text())
-    http = doc.pop("http")
-    cloud = CloudSettings.model_validate({**doc, **http})
+    cloud = CloudSettings.load(COMPOSE / scenario / "cloud.yaml")
     assert cloud.dashboard is not None and _in_repo(cloud.dashboard).exists()
     assert cloud.kafka is not None and cloud.kafka.topic == unit.forward.kafka.topic
 

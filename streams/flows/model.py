@@ -29,9 +29,17 @@ rules:
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNITS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
@@ -126,8 +134,27 @@ class Watermark(_Strict):
         return duration_ms(value)
 
 
+def _one_or_many(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+def _stream_patterns(value: list[str]) -> list[str]:
+    if not value:
+        raise ValueError("from needs at least one so/stream pattern")
+    for pattern in value:
+        if pattern.count("/") != 1 or not all(pattern.split("/")):
+            raise ValueError(f"{pattern!r} is not a so/stream pattern (e.g. field-*-soil/soil)")
+    return value
+
+
+StreamPatterns = Annotated[
+    list[str], BeforeValidator(_one_or_many), AfterValidator(_stream_patterns)
+]
+"""`from:` of flows and processors: one so/stream pattern or a list ('*' and '?' match)."""
+
+
 class FlowDefinition(_Strict):
-    inputs: list[str] = Field(alias="from")
+    inputs: StreamPatterns = Field(alias="from")
     where: str | None = None
     key: str = "so"
     window: WindowDefinition
@@ -137,21 +164,6 @@ class FlowDefinition(_Strict):
     aggregates: dict[str, str]
     into: str
     description: str | None = None
-
-    @field_validator("inputs", mode="before")
-    @classmethod
-    def _one_or_many(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
-
-    @field_validator("inputs")
-    @classmethod
-    def _stream_patterns(cls, value: list[str]) -> list[str]:
-        if not value:
-            raise ValueError("from needs at least one so/stream pattern")
-        for pattern in value:
-            if pattern.count("/") != 1 or not all(pattern.split("/")):
-                raise ValueError(f"{pattern!r} is not a so/stream pattern (e.g. field-*-soil/soil)")
-        return value
 
     @field_validator("aggregates")
     @classmethod
@@ -178,16 +190,11 @@ class RuleDefinition(_Strict):
     """Act locally: when an update on `when` satisfies `if`, send a command (at most once per
     `min_interval` of event time per target)."""
 
-    when: list[str]
+    when: Annotated[list[str], BeforeValidator(_one_or_many)]
     condition: str = Field(alias="if")
     act: ActDefinition
     min_interval: int = 0
     description: str | None = None
-
-    @field_validator("when", mode="before")
-    @classmethod
-    def _one_or_many(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
 
     @field_validator("min_interval", mode="before")
     @classmethod
