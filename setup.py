@@ -6,7 +6,10 @@ from setuptools import Extension, setup
 
 setup(
     ext_modules=cythonize(
-        [Extension("streams.kernels._columnar", ["streams/kernels/_columnar.pyx"])],
+        [
+            Extension(f"streams.kernels.{name}", [f"streams/kernels/{name}.pyx"])
+            for name in ("_columnar", "_frames")
+        ],
         compiler_directives={"language_level": "3"},
     )
 )

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from streams import (
     InvalidUpdate,
@@ -36,6 +37,19 @@ class RawMessage:
     received_at: int = 0  # ms since the epoch, from the runtime's clock
 
 
+class Incoming(Protocol):
+    """What ingest reads of a message: a `RawMessage`, or the MQTT client's `Publish`."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def payload(self) -> bytes: ...
+    @property
+    def content_type(self) -> str | None: ...
+    @property
+    def received_at(self) -> int: ...
+
+
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
     topic: str
@@ -46,7 +60,7 @@ class DeadLetter:
 @dataclass(slots=True)
 class IngestBatch:
     accepted: list[tuple[StreamKey, SensorUpdate]] = field(default_factory=list)
-    origins: list[RawMessage] = field(default_factory=list)  # the message of each accepted
+    origins: list[Incoming] = field(default_factory=list)  # the message of each accepted
     dead_letters: list[DeadLetter] = field(default_factory=list)
 
 
@@ -77,14 +91,14 @@ class Ingest:
         self.max_payload = max_payload
         self.counts = IngestCounts()
 
-    def batch(self, messages: Sequence[RawMessage]) -> IngestBatch:
+    def batch(self, messages: Sequence[Incoming]) -> IngestBatch:
         out = IngestBatch()
         for message in messages:
             self._one(message, out)
         self.counts.messages += len(messages)
         return out
 
-    def _one(self, message: RawMessage, out: IngestBatch) -> None:
+    def _one(self, message: Incoming, out: IngestBatch) -> None:
         key = self.topics.parse_device_update(message.topic)
         if key is None:
             self._reject(
@@ -118,11 +132,11 @@ class Ingest:
         for rejection in rejections:
             self._reject(message, rejection, out)
 
-    def _reject(self, message: RawMessage, rejection: Rejection, out: IngestBatch) -> None:
+    def _reject(self, message: Incoming, rejection: Rejection, out: IngestBatch) -> None:
         self.counts.rejected[rejection.reason] += 1
         out.dead_letters.append(self.dead_letter(message, rejection))
 
-    def dead_letter(self, message: RawMessage, rejection: Rejection) -> DeadLetter:
+    def dead_letter(self, message: Incoming, rejection: Rejection) -> DeadLetter:
         """The dead letter for `rejection`, carrying `message` as it arrived."""
         return DeadLetter(
             self.topics.dead_letter(rejection.so_id, rejection.stream_id),

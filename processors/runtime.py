@@ -8,6 +8,9 @@ when a snapshot covering it is on disk ("checkpoint, then acknowledge"). A unit 
 point therefore loses nothing: the broker redelivers what was not acknowledged, and the state
 restored from the snapshot has not seen it yet. Flow control is MQTT v5's receive maximum, so
 memory stays bounded without blocking the network thread and without dropping anything.
+
+The MQTT side is `streams.wire.WireClient`: packets are cut from the socket's bytes by the
+compiled frame kernel and reach the worker as lists, not one callback per message.
 """
 
 from __future__ import annotations
@@ -19,8 +22,7 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import paho.mqtt.client as mqtt
+from typing import Any
 
 from processors.actuation import ActuationLog
 from processors.chain import Chain, Item
@@ -33,11 +35,13 @@ from streams import Codec, RejectReason, SensorUpdate, StreamKey, encode_update
 from streams.actuation import Actuation, ActuationError, StatusReport
 from streams.codec import encode_batch
 from streams.flows.engine import FlowEngine, FlowResult
-from streams.mqtt import MqttSettings, connect, content_type_properties, make_client
+from streams.mqtt import MqttSettings
+from streams.wire import WireClient
 
 Clock = Callable[[], float]
 log = logging.getLogger(__name__)
 PUBLISH_WINDOW = 2000  # unacknowledged publishes before the worker waits for the broker
+Message = Any  # a `streams.kernels.Publish`: compiled or its twin, the same attributes
 
 
 @dataclass(slots=True)
@@ -98,24 +102,23 @@ class UnitRuntime:
         self.clock = clock
         self.published = PublishCounts()
         self.actuations = ActuationLog()
-        self.connected = threading.Event()  # connected and subscribed
-        self._inbox: queue.SimpleQueue[mqtt.MQTTMessage] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[list[Message]] = queue.SimpleQueue()
+        self._carry: list[Message] = []  # the rest of a list larger than a batch
         self._stopping = threading.Event()
-        self._unacked: list[mqtt.MQTTMessage] = []  # processed, waiting for a checkpoint
+        self._unacked: list[Message] = []  # processed, waiting for a checkpoint
         self._covered: set[tuple[object, ...]] = set()  # from the restored snapshot
         self._commits = 0
         self._last_checkpoint = clock()
-        # mids the broker has acknowledged (PUBACK), consumed by the worker that published them
-        self._acked: set[int] = set()
-        self._untracked: set[int] = set()  # QoS 0 mids whose on_publish is still to come
-        self._acked_changed = threading.Condition()
-        self._client = make_client(mqtt_settings, client_id)
-        self._client.manual_ack_set(True)
-        self._client.on_connect = self._on_connect
-        self._client.on_subscribe = self._on_subscribe
-        self._client.on_disconnect = self._on_disconnect
-        self._client.on_message = self._on_message
-        self._client.on_publish = self._on_publish
+        # Status reports are not shared between replicas: each keeps its own log of them.
+        self._client = WireClient(
+            mqtt_settings,
+            client_id,
+            subscriptions=[(self.subscription, 1), (ingest.topics.action_status_filter, 1)],
+            on_messages=self._on_messages,
+            on_connection=self._on_connection,
+            clock=clock,
+        )
+        self.connected = self._client.connected
         self._worker = threading.Thread(target=self._run, name="cloudlet-unit", daemon=True)
         if self.state is not None:
             saved = self.state.load()
@@ -143,7 +146,7 @@ class UnitRuntime:
         if isinstance(covered, list):
             self._covered = {tuple(c) for c in covered}
 
-    def _skip_covered(self, batch: list[mqtt.MQTTMessage]) -> list[mqtt.MQTTMessage]:
+    def _skip_covered(self, batch: list[Message]) -> list[Message]:
         """Leave out redeliveries of messages the restored state already holds (killed after
         the snapshot, before the acknowledgements); they are acknowledged with the rest.
         A redelivery is flagged DUP and keeps its packet id; the payload's checksum guards
@@ -161,45 +164,19 @@ class UnitRuntime:
                 fresh.append(m)
         return fresh
 
-    # paho callbacks (network thread): never block here -------------------------------------
+    # network thread: never block here -----------------------------------------------------
 
-    def _on_connect(
-        self, client: mqtt.Client, _u: object, _f: object, reason: object, _p: object
-    ) -> None:
-        if getattr(reason, "is_failure", False):
-            log.warning("broker refused the connection: %s", reason)
-            return
-        # Subscribing on every connect keeps the subscriptions across reconnects. Status
-        # reports are not shared between replicas: each keeps its own log of them.
-        client.subscribe([(self.subscription, 1), (self.ingest.topics.action_status_filter, 1)])
+    def _on_messages(self, messages: list[Message]) -> None:
+        self._inbox.put(messages)
+        self.metrics.inbox.inc(len(messages))
 
-    def _on_subscribe(self, *_args: object) -> None:
-        self.connected.set()
-        self.metrics.connected.set(1)
-
-    def _on_disconnect(self, *_args: object) -> None:
-        self.connected.clear()
-        self.metrics.connected.set(0)
-
-    def _on_message(self, _client: mqtt.Client, _userdata: object, msg: mqtt.MQTTMessage) -> None:
-        self._inbox.put(msg)
-        self.metrics.inbox.inc()
-
-    def _on_publish(
-        self, _client: mqtt.Client, _userdata: object, mid: int, *_rest: object
-    ) -> None:
-        with self._acked_changed:
-            if mid in self._untracked:  # a QoS 0 echo: nobody waits for it
-                self._untracked.discard(mid)
-                return
-            self._acked.add(mid)
-            self._acked_changed.notify_all()
+    def _on_connection(self, up: bool) -> None:
+        self.metrics.connected.set(1 if up else 0)
 
     # lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> UnitRuntime:
-        connect(self._client, self.settings, persistent=True)
-        self._client.loop_start()
+        self._client.start()
         self._worker.start()
         return self
 
@@ -211,8 +188,7 @@ class UnitRuntime:
         """Finish the messages already received, checkpoint, acknowledge, disconnect."""
         self._stopping.set()
         self._worker.join(timeout)
-        self._client.disconnect()
-        self._client.loop_stop()
+        self._client.stop()
         if self.sink is not None:
             self.sink.close()
         if self.chain is not None:
@@ -220,17 +196,20 @@ class UnitRuntime:
 
     # worker ----------------------------------------------------------------------------------
 
-    def _take_batch(self) -> list[mqtt.MQTTMessage]:
-        try:
-            first = self._inbox.get(timeout=0.05)
-        except queue.Empty:
-            return []
-        batch = [first]
+    def _take_batch(self) -> list[Message]:
+        batch, self._carry = self._carry, []
+        if not batch:
+            try:
+                batch = self._inbox.get(timeout=0.05)
+            except queue.Empty:
+                return []
         while len(batch) < self.batch_size:
             try:
-                batch.append(self._inbox.get_nowait())
+                batch = batch + self._inbox.get_nowait()
             except queue.Empty:
                 break
+        if len(batch) > self.batch_size:
+            batch, self._carry = batch[: self.batch_size], batch[self.batch_size :]
         self.metrics.inbox.dec(len(batch))
         return batch
 
@@ -252,9 +231,7 @@ class UnitRuntime:
                 continue
             started = time.perf_counter()
             batch = self._skip_covered(self._take_status_reports(batch))
-            received_at = int(self.clock() * 1000)
-            raw = [RawMessage(m.topic, m.payload, _content_type(m), received_at) for m in batch]
-            result = self.ingest.batch(raw)
+            result = self.ingest.batch(batch)  # a Publish is shaped like a RawMessage
             outputs = self._run_flows(result)
             self._publish(outputs)
             if self.sink is not None:
@@ -265,7 +242,7 @@ class UnitRuntime:
                 self._commit()
             self.metrics.batch_seconds.observe(time.perf_counter() - started)
 
-    def _take_status_reports(self, batch: list[mqtt.MQTTMessage]) -> list[mqtt.MQTTMessage]:
+    def _take_status_reports(self, batch: list[Message]) -> list[Message]:
         """Record the devices' status reports; the rest of the batch is device data."""
         data = []
         for m in batch:
@@ -295,9 +272,7 @@ class UnitRuntime:
             self.state.save(self._snapshot())
             self.metrics.checkpoints.inc()
         self._last_checkpoint = self.clock()
-        for m in self._unacked:
-            if m.qos > 0:
-                self._client.ack(m.mid, m.qos)
+        self._client.ack([m.packet_id for m in self._unacked if m.qos > 0])
         self.published.messages += len(self._unacked)
         self._unacked.clear()
         self.metrics.unacknowledged.set(0)
@@ -306,7 +281,7 @@ class UnitRuntime:
             # Redeliveries come first when the session resumes; by now they are all in.
             self._covered.clear()
 
-    def _count(self, batch: list[mqtt.MQTTMessage], result: IngestBatch, out: Outputs) -> None:
+    def _count(self, batch: list[Message], result: IngestBatch, out: Outputs) -> None:
         m = self.metrics
         m.received.inc(len(batch))
         m.accepted.inc(len(result.accepted))
@@ -347,7 +322,7 @@ class UnitRuntime:
         outputs.actuations = [*flows.actuations, *chained.actuations]
         for failure in chained.failed:
             origin = failure.item.origin
-            if not isinstance(origin, RawMessage):  # a derived update: it is what failed
+            if origin is None:  # a derived update: it is what failed
                 key, update = failure.item.key, failure.item.update
                 origin = RawMessage(self.ingest.topics.updates(key.so, key.stream),
                                     encode_update(update), Codec.JSON.content_type,
@@ -368,71 +343,32 @@ class UnitRuntime:
             by_stream.setdefault(key, []).append(update)
         return [(topics.updates(k.so, k.stream), encode_batch(us)) for k, us in by_stream.items()]
 
-    def _forget(self, mid: int) -> None:
-        """A QoS 0 publish: keep its mid out of the acknowledged set, where a later QoS 1
-        publish reusing the number would find it and count as acknowledged too early."""
-        with self._acked_changed:
-            if mid in self._acked:  # its on_publish came first
-                self._acked.discard(mid)
-            else:
-                self._untracked.add(mid)
-
-    def _wait_acked(self, mids: set[int]) -> None:
-        """Wait until the broker has acknowledged `mids`; empties it."""
-        with self._acked_changed:
-            self._acked_changed.wait_for(lambda: mids <= self._acked)
-            self._acked -= mids
-        mids.clear()
+    def _send(self, messages: list[tuple[str, bytes]], qos: int = 1) -> None:
+        """Publish in slices of PUBLISH_WINDOW, waiting for the broker between them: a message
+        may carry thousands of readings, and what waits for the broker is held in memory."""
+        for i in range(0, len(messages), PUBLISH_WINDOW):
+            if self._client.outstanding >= PUBLISH_WINDOW:
+                self._client.flush()
+            self._client.publish(messages[i : i + PUBLISH_WINDOW], qos, Codec.JSON.content_type)
 
     def _publish(self, result: Outputs) -> None:
-        json = content_type_properties(Codec.JSON.content_type)
-        mids: set[int] = set()
         topics = self.ingest.topics
-        # A publish made while disconnected is queued by paho and sent after reconnecting.
-        echo_qos = self.republish.qos
-        for topic, body in self._echoes(result.updates):
-            info = self._client.publish(topic, body, qos=echo_qos, properties=json)
-            if echo_qos:
-                mids.add(info.mid)
-            else:
-                self._forget(info.mid)
-            if len(mids) >= PUBLISH_WINDOW:
-                self._wait_acked(mids)
-        for key, update in result.derived:
-            mids.add(
-                self._client.publish(
-                    topics.updates(key.so, key.stream),
-                    encode_update(update),
-                    qos=1,
-                    properties=json,
-                ).mid
-            )
-            if len(mids) >= PUBLISH_WINDOW:
-                # A message may carry thousands of readings: bound what waits in paho's
-                # queue (memory) by waiting for the broker every so often.
-                self._wait_acked(mids)
-        for letter in result.dead_letters:
-            mids.add(self._client.publish(letter.topic, letter.body, qos=1, properties=json).mid)
+        # A publish made while disconnected is queued and sent after reconnecting.
+        self._send(self._echoes(result.updates), self.republish.qos)
+        self._send([(topics.updates(k.so, k.stream), encode_update(u)) for k, u in result.derived])
+        self._send([(letter.topic, letter.body) for letter in result.dead_letters])
         for command in result.actuations:
             self.actuations.sent(command)
-            mids.add(
-                self._client.publish(
-                    topics.actions(command.so), command.to_json(), qos=1, properties=json
-                ).mid
-            )
             self.metrics.actuations.inc()
             log.info("actuation %s: %s %s %s", command.id, command.so, command.action,
                      command.parameters)  # fmt: skip
+        self._send([(topics.actions(c.so), c.to_json()) for c in result.actuations])
         # Inputs are acknowledged only once the broker has everything they produced.
-        self._wait_acked(mids)
+        self._client.flush()
         self.published.updates += len(result.updates)
         self.published.derived += len(result.derived)
         self.published.dead_letters += len(result.dead_letters)
 
 
-def _identity(message: mqtt.MQTTMessage) -> tuple[int, str, int]:
-    return (message.mid, message.topic, zlib.crc32(message.payload))
-
-
-def _content_type(message: mqtt.MQTTMessage) -> str | None:
-    return getattr(message.properties, "ContentType", None)
+def _identity(message: Message) -> tuple[int, str, int]:
+    return (message.packet_id, message.topic, zlib.crc32(message.payload))

@@ -2,25 +2,31 @@
 
 Each kernel has one signature and two implementations: `_<name>.pyx` (Cython, built by
 `pip install`) and `_<name>_py.py`, which is the specification and the fallback.
-`CLOUDLET_NO_EXTENSIONS=1` forces pure Python; if the compiled module is missing otherwise, the
+`CLOUDLET_NO_EXTENSIONS=1` forces pure Python; if a compiled module is missing otherwise, the
 import says so loudly (a warning on every start, and `COMPILED` is False), and
 `CLOUDLET_REQUIRE_EXTENSIONS=1` turns that into an error (the test command sets it).
+
+- columnar: columnar batches of readings into sensor updates, validated column by column;
+- frames: MQTT v5 packets cut from the broker's bytes, and PUBLISH/PUBACK packets built in bulk.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
+from types import ModuleType
 
-from streams.kernels import _columnar_py
+from streams.kernels import _columnar_py, _frames_py
 
 NO_EXTENSIONS = os.environ.get("CLOUDLET_NO_EXTENSIONS") == "1"
-COMPILED = False
-columnar_updates = _columnar_py.columnar_updates
+FrameError = _frames_py.FrameError  # both implementations raise this one
 
-if not NO_EXTENSIONS:
+
+def _compiled() -> tuple[ModuleType, ModuleType] | None:
+    if NO_EXTENSIONS:
+        return None
     try:
-        from streams.kernels import _columnar  # type: ignore[attr-defined]
+        from streams.kernels import _columnar, _frames  # type: ignore[attr-defined]
     except ImportError as exc:
         if os.environ.get("CLOUDLET_REQUIRE_EXTENSIONS") == "1":
             raise ImportError(
@@ -31,10 +37,28 @@ if not NO_EXTENSIONS:
             f"cloudlet's compiled kernels are missing ({exc}): running pure Python, several"
             " times slower; reinstall with a C compiler (pip install -e .)",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    else:
-        columnar_updates = _columnar.columnar_updates
-        COMPILED = True
+        return None
+    return _columnar, _frames
 
-__all__ = ["COMPILED", "NO_EXTENSIONS", "columnar_updates"]
+
+_modules = _compiled()
+COMPILED = _modules is not None
+columnar, frames = _modules or (_columnar_py, _frames_py)
+columnar_updates = columnar.columnar_updates
+split_frames = frames.split_frames
+publish_frames = frames.publish_frames
+puback_frames = frames.puback_frames
+Publish = frames.Publish
+
+__all__ = [
+    "COMPILED",
+    "NO_EXTENSIONS",
+    "FrameError",
+    "Publish",
+    "columnar_updates",
+    "puback_frames",
+    "publish_frames",
+    "split_frames",
+]
