@@ -31,7 +31,7 @@ from processors.ingest import DeadLetter, Ingest, IngestBatch, RawMessage
 from processors.metrics import UnitMetrics
 from processors.sink import ResultSink
 from processors.state import StateStore
-from streams import Codec, RejectReason, SensorUpdate, StreamKey, encode_update
+from streams import Codec, Rejection, RejectReason, SensorUpdate, StreamKey, encode_update
 from streams.actuation import Actuation, ActuationError, StatusReport
 from streams.codec import encode_batch
 from streams.flows.engine import FlowEngine, FlowResult
@@ -294,23 +294,39 @@ class UnitRuntime:
         m.unacknowledged.set(len(self._unacked))
 
     def _run_flows(self, result: IngestBatch) -> Outputs:
-        combined = FlowResult()
-        items: list[Item] = []  # for the processors: every update, with its message
-        for update, origin in zip(result.accepted, result.origins, strict=True):
+        """The flows over the batch's accepted updates, in one call; what they derive,
+        reject or find late is traced back to the message that caused it (a dead letter
+        carries that message's payload)."""
+        origins = result.origins
+        if self.engine is None:
+            items = [Item(*u, o) for u, o in zip(result.accepted, origins, strict=True)]
+            return self._run_chain(result, items, FlowResult())
+        flows = self.engine.process(result.accepted)
+        for late, at in zip(flows.late, flows.late_at, strict=True):
+            result.dead_letters.append(self.ingest.dead_letter(origins[at], late.rejection))
+        for rejection, at in zip(flows.rejected, flows.rejected_at, strict=True):
+            origin = origins[at] if at >= 0 else self._no_message(rejection)
+            result.dead_letters.append(self.ingest.dead_letter(origin, rejection))
+        # for the processors: each update, then what the flows derived from it
+        items: list[Item] = []
+        derived = iter(zip(flows.derived, flows.derived_at, strict=True))
+        pending = next(derived, None)
+        for i, (update, origin) in enumerate(zip(result.accepted, origins, strict=True)):
             items.append(Item(*update, origin))
-            if self.engine is None:
-                continue
-            # One update at a time, so that a late update or a failed expression is traced
-            # back to the message that caused it, whose payload its dead letter carries.
-            flows = self.engine.process([update])
-            combined.derived.extend(flows.derived)
-            combined.actuations.extend(flows.actuations)
-            items.extend(Item(k, u, origin) for k, u in flows.derived)
-            for late in flows.late:
-                result.dead_letters.append(self.ingest.dead_letter(origin, late.rejection))
-            for rejection in flows.rejected:
-                result.dead_letters.append(self.ingest.dead_letter(origin, rejection))
-        return self._run_chain(result, items, combined)
+            while pending is not None and pending[1] == i:
+                items.append(Item(*pending[0], origin))
+                pending = next(derived, None)
+        while pending is not None:  # processing-time windows: from no message in particular
+            items.append(Item(*pending[0], None))
+            pending = next(derived, None)
+        return self._run_chain(result, items, flows)
+
+    def _no_message(self, rejection: Rejection) -> RawMessage:
+        """The origin of a rejection no device message caused (a processing-time window
+        firing): its stream's topic, no payload."""
+        so, stream = rejection.so_id or "<unknown>", rejection.stream_id or "<unknown>"
+        topic = self.ingest.topics.updates(so, stream)
+        return RawMessage(topic, b"", None, int(self.clock() * 1000))
 
     def _run_chain(self, result: IngestBatch, items: list[Item], flows: FlowResult) -> Outputs:
         """The processors, over the batch's updates and what the flows derived from them."""
@@ -354,8 +370,12 @@ class UnitRuntime:
     def _publish(self, result: Outputs) -> None:
         topics = self.ingest.topics
         # A publish made while disconnected is queued and sent after reconnecting.
-        self._send(self._echoes(result.updates), self.republish.qos)
-        self._send([(topics.updates(k.so, k.stream), encode_update(u)) for k, u in result.derived])
+        # Encoded a window at a time: a batch of 100-reading messages echoes 100,000 updates.
+        for i in range(0, len(result.updates), PUBLISH_WINDOW):
+            self._send(self._echoes(result.updates[i : i + PUBLISH_WINDOW]), self.republish.qos)
+        for i in range(0, len(result.derived), PUBLISH_WINDOW):
+            derived = result.derived[i : i + PUBLISH_WINDOW]
+            self._send([(topics.updates(k.so, k.stream), encode_update(u)) for k, u in derived])
         self._send([(letter.topic, letter.body) for letter in result.dead_letters])
         for command in result.actuations:
             self.actuations.sent(command)

@@ -325,6 +325,12 @@ class CompositeEngine:
         self.latest: dict[StreamKey, SensorUpdate] = {}
         self.group_latest: dict[GroupKey, SensorUpdate] = {}
         self.counts = CompositeCounts()
+        # The streams whose latest value matters: read by a derived stream, in a group, or
+        # derived. An update of any other stream passes through at the cost of a set lookup.
+        self._watched = {
+            *plan.readers, *plan.groups_of, *plan.derived,
+            *(k for d in plan.derived.values() for k in d.streams.values()),
+        }  # fmt: skip
 
     def process(self, updates: Iterable[tuple[StreamKey, SensorUpdate]]) -> CompositeResult:
         result = CompositeResult()
@@ -340,6 +346,8 @@ class CompositeEngine:
                 self.group_latest[group] = merged
 
     def _pass(self, key: StreamKey, update: SensorUpdate, result: CompositeResult) -> None:
+        if key not in self._watched:
+            return
         plan = self.plan
         self._observe(key, update)
         pending: list[tuple[int, StreamKey]] = []

@@ -197,6 +197,11 @@ class StreamValidator:
 
     __slots__ = ("_checks", "_declared", "_kinds", "_prefix", "so_id", "stream_id")
 
+    @property
+    def kinds(self) -> dict[str, int]:
+        """Channel name -> kind code, for the kernels (`streams.kernels`)."""
+        return self._kinds
+
     def __init__(self, so_id: str, stream_id: str, stream: Stream) -> None:
         self.so_id = so_id
         self.stream_id = stream_id

@@ -9,6 +9,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cloudlet.demo import scenario_dir
 from edge_objects.irrigation import IrrigationModel, IrrigationSite
@@ -362,3 +364,84 @@ def test_a_flow_reading_its_own_results_through_a_composite_stream_is_rejected(
         " into: '{so}/n_1s'}}",
     )
     assert problems == ["flows.f: the flow reads its own results again through loop/back"]
+
+
+FOLDED = """\
+flows:
+  avg-by-so:
+    from: "s*/data"
+    where: "t > -50"
+    window: {tumbling: 10s}
+    watermark: {delay: %(delay)s, lateness: %(lateness)s}
+    aggregates: {avg: avg(t), sum: sum(t), lo: min(t), hi: max(t), n: count()}
+    into: "{so}/stats"
+  by-zone:
+    from: "s*/data"
+    key: zone
+    window: {hopping: 20s, every: 5s}
+    watermark: {delay: %(delay)s, lateness: %(lateness)s}
+    aggregates: {n: count(), first: first(t), sd: stddev(t)}
+    into: "hub/zones"
+"""
+numbers = st.one_of(st.integers(-100, 100), st.floats(-1e6, 1e6), st.integers(2**53, 2**60),
+                    st.sampled_from([0.1, -0.0, 1e300, -1e300]))  # fmt: skip
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    events=st.lists(
+        st.tuples(
+            st.sampled_from(["s1", "s2"]),
+            st.integers(0, 120_000),
+            st.one_of(numbers, st.none()),
+            st.sampled_from(["a", "b"]),
+        ),
+        max_size=60,
+    ),
+    delay=st.sampled_from(["0s", "3s"]),
+    lateness=st.sampled_from(["0s", "15s"]),
+    cut=st.integers(1, 20),
+)
+def test_folding_a_batch_equals_passing_updates_one_by_one(
+    tmp_path_factory: pytest.TempPathFactory,
+    events: list[tuple[str, int, Any, str]], delay: str, lateness: str, cut: int,
+) -> None:  # fmt: skip
+    """The batch path (kernels.fold_windows, compiled or twin) gives exactly what the update
+    by update path gives: the same results, late updates and rejections, from the same inputs."""
+    from streams import kernels
+    from streams.kernels import _windows_py
+
+    catalog, problems = _catalog(tmp_path_factory.mktemp("fold"),
+                                 FOLDED % {"delay": delay, "lateness": lateness})  # fmt: skip
+    assert problems == []
+    batch = [(StreamKey(so, "data"), su(T0 + t, **({"t": v} if v is not None else {}), zone=z))
+             for so, t, v, z in events]  # fmt: skip
+    runs = []
+    for mode in ("one by one", "folded", "folded by the twin"):
+        engine = catalog.engine(clock=lambda: 0.0)
+        if mode == "one by one":
+            engine._folding = set()
+        else:
+            assert engine._folding == {"avg-by-so", "by-zone"}
+        compiled = kernels.fold_windows
+        if mode == "folded by the twin":
+            kernels.fold_windows = _windows_py.fold_windows
+        try:
+            results = [engine.process(batch[i : i + cut]) for i in range(0, len(batch), cut)]
+        finally:
+            kernels.fold_windows = compiled
+        runs.append(
+            [
+                (
+                    r.derived,
+                    r.derived_at,
+                    [(x.key, x.update, x.rejection) for x in r.late],
+                    r.late_at,
+                    r.rejected,
+                    r.rejected_at,
+                )
+                for r in results
+            ]
+            + [engine.snapshot()]
+        )
+    assert runs[0] == runs[1] == runs[2]

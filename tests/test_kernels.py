@@ -24,9 +24,14 @@ def test_the_compiled_kernels_are_in_use_unless_turned_off() -> None:
     if os.environ.get("CLOUDLET_NO_EXTENSIONS") == "1":
         assert not kernels.COMPILED
         assert kernels.columnar_updates is _columnar_py.columnar_updates
+        assert kernels.row_updates is _columnar_py.row_updates
+        assert kernels.fold_windows.__module__ == "streams.kernels._windows_py"
     else:
         assert kernels.COMPILED, "the compiled kernels did not load: pip install -e . failed?"
         assert kernels.columnar_updates.__module__ == "streams.kernels._columnar"
+        assert kernels.row_updates.__module__ == "streams.kernels._columnar"
+        assert kernels.split_frames.__module__ == "streams.kernels._frames"
+        assert kernels.fold_windows.__module__ == "streams.kernels._windows"
 
 
 values = st.one_of(
@@ -75,3 +80,34 @@ def test_compiled_twin_and_row_path_agree(doc: dict[str, Any]) -> None:
         )  # fmt: skip
         assert compiled == twin
     assert compiled == _row_path(validator, doc)
+
+
+channel_entries = st.one_of(
+    st.builds(lambda v: {"current-value": v}, st.one_of(values, st.floats(-1e6, 1e6))),
+    st.builds(lambda v: {"current-value": v, "unit": "C"}, st.integers(-5, 5)),
+    st.just({}), st.none(), st.integers(),
+)  # fmt: skip
+row_docs = st.one_of(
+    st.fixed_dictionaries({
+        "lastUpdate": st.one_of(st.integers(T0, T0 + 10**6), times),
+        "channels": st.dictionaries(st.sampled_from(["t", "label", "on", "x"]), channel_entries,
+                                    max_size=3),
+    }),
+    st.fixed_dictionaries({"lastUpdate": st.integers(T0, T0 + 10), "channels": st.just({}),
+                           "extra": st.just(1)}),
+    values, st.lists(st.integers(), max_size=2),
+)  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(row_docs, max_size=8))
+def test_row_kernel_compiled_twin_and_validator_agree(docs: list[Any]) -> None:
+    """A document the row kernel takes gives the validator's SensorUpdate; the others are left
+    to the validator (None), the same in both implementations."""
+    validator = StreamValidator("s1", "data", STREAM)
+    kinds = [validator.kinds] * len(docs)
+    twin = _columnar_py.row_updates(docs, kinds, SensorUpdate)
+    assert kernels.row_updates(docs, kinds, SensorUpdate) == twin
+    for doc, fast in zip(docs, twin, strict=True):
+        if fast is not None:
+            assert validator.document(doc) == ([fast], [])

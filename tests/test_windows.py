@@ -294,3 +294,22 @@ def test_snapshot_and_restore_mid_window_equal_an_uninterrupted_run(
     second.restore(first.snapshot())
     run(first, [("a", 999_999, 1)])  # the snapshot must not share state with the original
     assert head + run(second, events[cut:]) + second.flush() == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    events=_events,
+    kind=st.sampled_from(["tumbling", "hopping"]),
+    delay=st.sampled_from([0, 2_000, 50_000]),
+    lateness=st.sampled_from([0, 5_000, 30_000]),
+)
+def test_firing_from_the_due_index_equals_scanning_every_key(
+    events: list[tuple[str, int, int]], kind: str, delay: int, lateness: int
+) -> None:
+    """Tumbling and hopping windows fire from a heap of due windows; the full scan of every
+    key (kept for sessions and empty windows) is the reference: same results, same order."""
+    spec = Windowing(kind, 10_000, hop=5_000 if kind == "hopping" else 0,  # type: ignore[arg-type]
+                     delay=delay, allowed_lateness=lateness)  # fmt: skip
+    indexed, scanning = WindowOperator(spec, COUNT_AVG), WindowOperator(spec, COUNT_AVG)
+    scanning._indexed = False
+    assert run(indexed, events) + indexed.flush() == run(scanning, events) + scanning.flush()

@@ -6,8 +6,10 @@ Each kernel has one signature and two implementations: `_<name>.pyx` (Cython, bu
 import says so loudly (a warning on every start, and `COMPILED` is False), and
 `CLOUDLET_REQUIRE_EXTENSIONS=1` turns that into an error (the test command sets it).
 
-- columnar: columnar batches of readings into sensor updates, validated column by column;
-- frames: MQTT v5 packets cut from the broker's bytes, and PUBLISH/PUBACK packets built in bulk.
+- columnar: readings into sensor updates: columnar batches column by column, and
+  single-update documents a batch of messages at a time;
+- frames: MQTT v5 packets cut from the broker's bytes, and PUBLISH/PUBACK packets built in bulk;
+- windows: a batch of updates folded into a tumbling or hopping window operator.
 """
 
 from __future__ import annotations
@@ -16,17 +18,17 @@ import os
 import warnings
 from types import ModuleType
 
-from streams.kernels import _columnar_py, _frames_py
+from streams.kernels import _columnar_py, _frames_py, _windows_py
 
 NO_EXTENSIONS = os.environ.get("CLOUDLET_NO_EXTENSIONS") == "1"
 FrameError = _frames_py.FrameError  # both implementations raise this one
 
 
-def _compiled() -> tuple[ModuleType, ModuleType] | None:
+def _compiled() -> tuple[ModuleType, ModuleType, ModuleType] | None:
     if NO_EXTENSIONS:
         return None
     try:
-        from streams.kernels import _columnar, _frames  # type: ignore[attr-defined]
+        from streams.kernels import _columnar, _frames, _windows  # type: ignore[attr-defined]
     except ImportError as exc:
         if os.environ.get("CLOUDLET_REQUIRE_EXTENSIONS") == "1":
             raise ImportError(
@@ -40,17 +42,19 @@ def _compiled() -> tuple[ModuleType, ModuleType] | None:
             stacklevel=3,
         )
         return None
-    return _columnar, _frames
+    return _columnar, _frames, _windows
 
 
 _modules = _compiled()
 COMPILED = _modules is not None
-columnar, frames = _modules or (_columnar_py, _frames_py)
+columnar, frames, windows = _modules or (_columnar_py, _frames_py, _windows_py)
 columnar_updates = columnar.columnar_updates
+row_updates = columnar.row_updates
 split_frames = frames.split_frames
 publish_frames = frames.publish_frames
 puback_frames = frames.puback_frames
 Publish = frames.Publish
+fold_windows = windows.fold_windows
 
 __all__ = [
     "COMPILED",
@@ -58,7 +62,9 @@ __all__ = [
     "FrameError",
     "Publish",
     "columnar_updates",
+    "fold_windows",
     "puback_frames",
     "publish_frames",
+    "row_updates",
     "split_frames",
 ]

@@ -52,3 +52,47 @@ def columnar_updates(list times, list names, list columns, list kinds, object ma
         except invalid as exc:
             rejected.append(exc.rejection)
     return accepted, rejected
+
+
+def row_updates(list docs, list kinds, object make):
+    cdef list out = []
+    cdef Py_ssize_t i, n = len(docs)
+    if len(kinds) != n:
+        raise ValueError("row_updates: one kinds mapping per document")
+    for i in range(n):
+        out.append(_row(docs[i], <dict>kinds[i], make))
+    return out
+
+
+cdef object _row(object doc, dict kind_of, object make):
+    cdef object t, raw, name, entry, v, k_obj
+    cdef dict values
+    cdef int k
+    cdef bint ok
+    if type(doc) is not dict or len(<dict>doc) != 2:
+        return None
+    t = (<dict>doc).get("lastUpdate")
+    raw = (<dict>doc).get("channels")
+    if type(t) is not int or not SECONDS_BELOW <= t <= MAX_LAST_UPDATE:
+        return None
+    if type(raw) is not dict or not raw:
+        return None
+    values = {}
+    for name, entry in (<dict>raw).items():
+        k_obj = kind_of.get(name)
+        if k_obj is None or type(entry) is not dict or len(<dict>entry) != 1:
+            return None
+        v = (<dict>entry).get("current-value")
+        k = k_obj
+        if k == NUMBER:
+            ok = type(v) is int or (type(v) is float and isfinite(<double>v))
+        elif k == STRING:
+            ok = type(v) is str
+        elif k == BOOLEAN:
+            ok = type(v) is bool
+        else:
+            ok = False
+        if not ok:
+            return None
+        values[name] = v
+    return make(values, t)

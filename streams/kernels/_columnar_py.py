@@ -59,3 +59,46 @@ def columnar_updates(
         except invalid as exc:
             rejected.append(exc.rejection)  # type: ignore[attr-defined]
     return accepted, rejected
+
+
+def row_updates(
+    docs: list[Any], kinds: list[dict[str, int]], make: Callable[[dict[str, Any], int], Any]
+) -> list[Any]:
+    """One decoded single-update document per message, `kinds[i]` the channel kinds of its
+    stream: the SensorUpdate of each document in the plain shape
+    `{"lastUpdate": ms, "channels": {"c": {"current-value": v}}}` with good values, else None,
+    and the caller validates that one the slow way (which words any rejection)."""
+    out: list[Any] = []
+    for doc, kind_of in zip(docs, kinds, strict=True):
+        out.append(_row(doc, kind_of, make))
+    return out
+
+
+def _row(doc: Any, kind_of: dict[str, int], make: Callable[[dict[str, Any], int], Any]) -> Any:
+    if type(doc) is not dict or len(doc) != 2:
+        return None
+    t = doc.get("lastUpdate")
+    raw = doc.get("channels")
+    if type(t) is not int or not SECONDS_BELOW <= t <= MAX_LAST_UPDATE:
+        return None
+    if type(raw) is not dict or not raw:
+        return None
+    values: dict[str, Any] = {}
+    for name, entry in raw.items():
+        k = kind_of.get(name)
+        if k is None or type(entry) is not dict or len(entry) != 1:
+            return None
+        v = entry.get("current-value")
+        tv = type(v)
+        if k == NUMBER:
+            ok = tv is int or (tv is float and math.isfinite(v))
+        elif k == STRING:
+            ok = tv is str
+        elif k == BOOLEAN:
+            ok = tv is bool
+        else:
+            ok = False
+        if not ok:
+            return None
+        values[name] = v
+    return make(values, t)

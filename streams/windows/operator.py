@@ -17,6 +17,7 @@ Window kinds: tumbling(size), hopping(size, hop), sliding(size) (fires on every 
 from __future__ import annotations
 
 import copy
+import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from dataclasses import replace as _replace
@@ -94,6 +95,13 @@ class WindowOperator:
         self.keys: dict[str, _KeyState] = {}
         self.max_time: int | None = None
         self.late_count = 0
+        # Time windows by when they are due, so that firing costs what fires, not the number
+        # of keys (thousands of devices, and the watermark moves on almost every update):
+        # (end, key, start) of windows not yet fired; (end + lateness, key, start, end) of
+        # fired ones, dropped once no late update can reach them.
+        self._indexed = windowing.kind in ("tumbling", "hopping") and not windowing.emit_empty
+        self._due: list[tuple[int, str, int]] = []
+        self._expiry: list[tuple[int, str, int, int]] = []
 
     @property
     def watermark(self) -> int | None:
@@ -150,6 +158,8 @@ class WindowOperator:
                 accs = state.windows.get(window)
                 if accs is None:
                     accs = state.windows[window] = self._fresh()
+                    if self._indexed:
+                        heapq.heappush(self._due, (window[1], key, window[0]))
                 self._add(accs, args, t)
                 accepted = True
                 if window in state.fired:  # a late update within allowed lateness
@@ -190,6 +200,8 @@ class WindowOperator:
 
     def _fire(self) -> list[WindowResult]:
         watermark = self.watermark
+        if self._indexed and watermark is not None:
+            return self._fire_indexed(watermark)
         if watermark is None or self.spec.kind in ("count", "sliding"):
             if self.spec.kind == "sliding" and watermark is not None:
                 self._expire_buffers(watermark)
@@ -213,6 +225,39 @@ class WindowOperator:
                 del state.windows[window]
         out.sort(key=lambda r: (r.end, r.key, r.start))
         return out
+
+    def _fire_indexed(self, watermark: int) -> list[WindowResult]:
+        """`_fire` for tumbling and hopping windows: the same results, in the same order
+        (end, key, start), from the windows that are due."""
+        out: list[WindowResult] = []
+        due, expiry, lateness = self._due, self._expiry, self.spec.allowed_lateness
+        while due and due[0][0] <= watermark:
+            end, key, start = heapq.heappop(due)
+            state = self.keys[key]
+            window = (start, end)
+            out.append(WindowResult(key, start, end, self._values(state.windows[window], *window)))
+            state.fired.add(window)
+            heapq.heappush(expiry, (end + lateness, key, start, end))
+        while expiry and expiry[0][0] <= watermark:
+            _, key, start, end = heapq.heappop(expiry)
+            state = self.keys[key]
+            state.fired.discard((start, end))
+            del state.windows[(start, end)]
+        return out
+
+    def _reindex(self) -> None:
+        self._due, self._expiry = [], []
+        if not self._indexed:
+            return
+        lateness = self.spec.allowed_lateness
+        for key, state in self.keys.items():
+            for start, end in state.windows:
+                if (start, end) in state.fired:
+                    self._expiry.append((end + lateness, key, start, end))
+                else:
+                    self._due.append((end, key, start))
+        heapq.heapify(self._due)
+        heapq.heapify(self._expiry)
 
     def _empty(self, key: str, state: _KeyState, watermark: int) -> list[WindowResult]:
         """Windows of this key that saw no update, up to the watermark."""
@@ -341,3 +386,4 @@ class WindowOperator:
             )
             for key, k in data["keys"].items()
         }
+        self._reindex()

@@ -1,0 +1,162 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""The window kernel, compiled: the same as `_windows_py.py` (its specification, which calls
+`WindowOperator.process` per update), with that method's tumbling/hopping path in C."""
+
+from cpython.float cimport PyFloat_AS_DOUBLE
+from cpython.list cimport PyList_GET_ITEM
+from libc.math cimport fabs
+
+from streams.kernels._windows_py import fold_windows as _twin
+
+cdef object _KeyState = None, _WindowResult = None, _LateUpdate = None, _heappush = None
+cdef dict _CODES = {}
+cdef double EXACT = 9007199254740992.0  # 2**53: ints below convert to float exactly
+cdef int COUNT = 0, SUM = 1, AVG = 2, MIN = 3, MAX = 4, GENERIC = -1
+
+
+cdef void _load():
+    global _KeyState, _WindowResult, _LateUpdate, _heappush
+    import heapq
+    from streams.windows import aggregates, operator
+    _KeyState, _WindowResult = operator._KeyState, operator.WindowResult
+    _LateUpdate = operator.LateUpdate
+    _heappush = heapq.heappush
+    for name, code in (("count", COUNT), ("sum", SUM), ("avg", AVG), ("min", MIN), ("max", MAX)):
+        _CODES[id(aggregates.AGGREGATES[name])] = code
+
+
+cdef inline bint _as_double(object v, double* out):
+    """v as a double when that is exactly what Python's float arithmetic would use."""
+    if type(v) is float:
+        out[0] = PyFloat_AS_DOUBLE(v)
+        return True
+    if type(v) is int and -EXACT < v < EXACT:
+        out[0] = <double>(<long long>v)
+        return True
+    return False
+
+
+cdef inline bint _neumaier(list s, double v, Py_ssize_t at):
+    """s[at], s[at+1] += v, Neumaier-compensated, as `_sum_add`; False if s is not floats."""
+    cdef object a = <object>PyList_GET_ITEM(s, at), b = <object>PyList_GET_ITEM(s, at + 1)
+    cdef double total, c, t
+    if type(a) is not float or type(b) is not float:
+        return False
+    total = PyFloat_AS_DOUBLE(a)
+    c = PyFloat_AS_DOUBLE(b)
+    t = total + v
+    if fabs(total) >= fabs(v):
+        c += (total - t) + v
+    else:
+        c += (v - t) + total
+    s[at] = t
+    s[at + 1] = c
+    return True
+
+
+cdef void _add(list accs, list aggs, int* codes, object args, object t) except *:
+    cdef Py_ssize_t i, n = len(aggs)
+    cdef object value, acc
+    cdef double v
+    cdef int code
+    for i in range(n):
+        value = args[i]
+        agg = aggs[i]
+        code = codes[i]
+        if value is None and agg.needs_argument:
+            continue
+        acc = accs[i]
+        if code == COUNT and type(acc) is int:
+            accs[i] = acc + 1
+            continue
+        if code == SUM and type(acc) is list and len(<list>acc) == 2 and _as_double(value, &v):
+            if _neumaier(<list>acc, v, 0):
+                continue
+        elif (code == AVG and type(acc) is list and len(<list>acc) == 3
+              and type((<list>acc)[2]) is int and _as_double(value, &v)):
+            if _neumaier(<list>acc, v, 0):
+                (<list>acc)[2] = (<list>acc)[2] + 1
+                continue
+        elif code == MAX:
+            accs[i] = value if acc is None else (value if value > acc else acc)
+            continue
+        elif code == MIN:
+            accs[i] = value if acc is None else (value if value < acc else acc)
+            continue
+        accs[i] = agg.add(acc, value, t)
+
+
+def fold_windows(object operator, list groups, list times, list args):
+    cdef object spec = operator.spec
+    if not operator._indexed or spec.processing_time:
+        return _twin(operator, groups, times, args)
+    if _KeyState is None:
+        _load()
+    cdef list fired = [], late = []
+    cdef Py_ssize_t i, n = len(groups), j, m = len(operator.aggregates)
+    cdef long long step, t, size = spec.size, hop = spec.hop, delay = spec.delay
+    cdef long long lateness = spec.allowed_lateness, watermark = 0, max_time = 0, start, r
+    cdef bint tumbling = spec.kind == "tumbling", has_max, accepted
+    cdef dict keys = operator.keys, windows
+    cdef list aggs = [agg for _, agg in operator.aggregates], accs, due = operator._due
+    cdef list expiry = operator._expiry, starts
+    cdef int[32] codes
+    cdef object key, state, window, accs_obj, py_t
+    cdef Py_ssize_t late_here
+    if m > 32:
+        return _twin(operator, groups, times, args)
+    for j in range(m):
+        codes[j] = _CODES.get(id(aggs[j]), GENERIC)
+    for i in range(n):
+        key = groups[i]
+        py_t = times[i]
+        t = py_t
+        state = keys.get(key)
+        if state is None:
+            state = keys[key] = _KeyState()
+        windows = state.windows
+        has_max = operator.max_time is not None
+        if has_max:
+            max_time = operator.max_time
+            watermark = max_time - delay
+        # the [start, end) windows holding t, oldest first (Python's floor modulo)
+        step = size if tumbling else hop
+        r = t % step
+        if r < 0:
+            r += step
+        start = t - r
+        starts = []
+        while start + size > t:
+            starts.append(start)
+            if tumbling:
+                break
+            start -= hop
+        accepted = False
+        for j in range(len(starts) - 1, -1, -1):
+            start = starts[j]
+            if has_max and start + size + lateness <= watermark:
+                continue
+            window = (start, start + size)
+            accs_obj = windows.get(window)
+            if accs_obj is None:
+                accs_obj = windows[window] = [agg.initial() for agg in aggs]
+                _heappush(due, (start + size, key, start))
+            _add(<list>accs_obj, aggs, codes, args[i], py_t)
+            accepted = True
+            if window in state.fired:  # a late update within allowed lateness
+                fired.append((i, _WindowResult(key, start, start + size,
+                                               operator._values(accs_obj, start, start + size),
+                                               updated=True)))
+        if not accepted:
+            late.append((i, _LateUpdate(key, py_t, watermark if has_max else py_t)))
+            operator.late_count += 1
+        if state.next_empty is None:
+            state.next_empty = starts[len(starts) - 1]
+        if not has_max or t > max_time:
+            operator.max_time = py_t
+            watermark = t - delay
+            if (due and (<tuple>due[0])[0] <= watermark) or (
+                    expiry and (<tuple>expiry[0])[0] <= watermark):
+                for result in operator._fire():
+                    fired.append((i, result))
+    return fired, late
