@@ -6,8 +6,8 @@
 Writes bench/results/<time>.json and .md (with the machine described) and prints the table.
 Scenarios:
 1. kernel: readings/s per core of decode + validate + filter + 1-minute tumbling average keyed by
-   service object (the unit's own Ingest and FlowEngine), beside a bare `orjson.loads` of the
-   same messages (the floor any Python path pays);
+   service object (the unit's own Ingest and FlowEngine), compiled kernels beside their
+   pure-Python twins, one reading per message and 100 (columnar);
 2. ingest: updates/s from a real Mosquitto into a unit running that flow, beside the C client
    `mosquitto_sub` draining the same backlog; one reading per message, and 100;
 3. forwarder: records/s from the outbox to Kafka, beside Kafka's ProducerPerformance;
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import platform
 import re
@@ -30,7 +31,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,21 @@ def readings(n: int) -> list[tuple[StreamKey, SensorUpdate]]:
     ]
 
 
+def _payloads(
+    data: list[tuple[StreamKey, SensorUpdate]], per_message: int
+) -> list[tuple[str, bytes]]:
+    """Device messages of `per_message` readings (columnar form when more than one)."""
+    if per_message == 1:
+        return [(f"{k.so}/streams/{k.stream}", encode_update(u)) for k, u in data]
+    payloads = []
+    for i in range(0, len(data), per_message):
+        chunk = data[i : i + per_message]
+        key = chunk[0][0]
+        body = encode_batch([u for _, u in chunk], columnar=True)
+        payloads.append((f"{key.so}/streams/{key.stream}", body))
+    return payloads
+
+
 def machine() -> dict[str, Any]:
     model = "unknown"
     try:
@@ -103,30 +119,60 @@ def machine() -> dict[str, Any]:
 # 1. kernel -------------------------------------------------------------------------------------
 
 
-def kernel(work: Path, n: int) -> dict[str, Any]:
+@contextlib.contextmanager
+def twins() -> Iterator[None]:
+    """Every kernel swapped for its pure-Python twin (what CLOUDLET_NO_EXTENSIONS=1 runs)."""
+    from streams import kernels
+    from streams.kernels import _columnar_py, _windows_py
+
+    names = {
+        "row_updates": _columnar_py.row_updates,
+        "columnar_updates": _columnar_py.columnar_updates,
+        "fold_windows": _windows_py.fold_windows,
+    }
+    saved = {name: getattr(kernels, name) for name in names}
+    for name, twin in names.items():
+        setattr(kernels, name, twin)
+    try:
+        yield
+    finally:
+        for name, compiled in saved.items():
+            setattr(kernels, name, compiled)
+
+
+def kernel(work: Path, n: int, per_message: int) -> dict[str, Any]:
+    """The unit's Ingest and FlowEngine over batches of 1000 messages, compiled and twins."""
+    from streams import kernels
+
     catalog = Catalog.load([objects(work / "objects")])
-    messages = [RawMessage(f"{k.so}/streams/{k.stream}", encode_update(u)) for k, u in readings(n)]
+    messages = [RawMessage(t, p) for t, p in _payloads(readings(n), per_message)]
     started = time.perf_counter()
     for m in messages:
         orjson.loads(m.payload)
     floor = n / (time.perf_counter() - started)
-    ingest = Ingest(catalog.registry)
-    engine = catalog.engine(clock=lambda: 0.0)
-    started = time.perf_counter()
-    derived = 0
-    for i in range(0, n, 1000):
-        batch = ingest.batch(messages[i : i + 1000])
-        derived += len(engine.process(batch.accepted).derived)
-    ours = n / (time.perf_counter() - started)
+    rates: dict[str, float] = {}
+    derived: dict[str, int] = {}
+    for name in ("compiled", "twin"):
+        with twins() if name == "twin" else contextlib.nullcontext():
+            ingest = Ingest(catalog.registry)
+            engine = catalog.engine(clock=lambda: 0.0)
+            started = time.perf_counter()
+            out = 0
+            for i in range(0, len(messages), 1000):
+                out += len(engine.process(ingest.batch(messages[i : i + 1000]).accepted).derived)
+            rates[name] = n / (time.perf_counter() - started)
+            derived[name] = out
+    assert derived["compiled"] == derived["twin"], derived
     return {
-        "scenario": "kernel",
+        "scenario": f"kernel ({per_message} per message)",
         "what": "decode+validate+filter+1m avg by object",
-        "ours": ours,
-        "reference": floor,
-        "reference_is": "orjson.loads alone",
+        "ours": rates["compiled"],
+        "reference": rates["twin"],
+        "reference_is": "the pure-Python twins",
         "unit": "readings/s",
-        "ratio": ours / floor,
-        "derived": derived,
+        "ratio": rates["compiled"] / rates["twin"],
+        "note": f"compiled={kernels.COMPILED}; orjson.loads alone {floor:,.0f}/s;"
+        f" {derived['compiled']} window results",
     }
 
 
@@ -220,20 +266,7 @@ def ingest(
 ) -> dict[str, Any]:
     broker = Mosquitto(work / f"mosquitto-{per_message}-{echo}-{batch}").start()
     try:
-        data = readings(n)
-        if per_message == 1:
-            payloads = [(f"{k.so}/streams/{k.stream}", encode_update(u)) for k, u in data]
-        else:
-            payloads = []
-            for i in range(0, n, per_message):
-                chunk = data[i : i + per_message]
-                key = chunk[0][0]
-                payloads.append(
-                    (
-                        f"{key.so}/streams/{key.stream}",
-                        encode_batch([u for _, u in chunk], columnar=True),
-                    )
-                )
+        payloads = _payloads(readings(n), per_message)
         # the C client, draining its backlog
         _queue(broker, "bench-c", payloads)
         started = time.perf_counter()
@@ -522,7 +555,12 @@ def main() -> None:
     kafka: Kafka | None = None
     try:
         if "kernel" in only:
-            steps.append(("kernel", lambda: results.append(kernel(work, int(200_000 * scale)))))
+            steps.append(
+                ("kernel 1", lambda: results.append(kernel(work, int(200_000 * scale), 1)))
+            )
+            steps.append(
+                ("kernel 100", lambda: results.append(kernel(work, int(1_000_000 * scale), 100)))
+            )
         if "columnar" in only:
             steps.append(("columnar", lambda: results.append(columnar(int(500_000 * scale)))))
         if "ingest" in only:
