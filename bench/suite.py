@@ -332,6 +332,9 @@ def ingest(
         deadline = time.monotonic() + 300
         while processed < expected and time.monotonic() < deadline:
             time.sleep(0.02)
+            if unit.poll() is not None:
+                tail = (unit_dir / "unit.log").read_text()[-2000:]
+                raise RuntimeError(f"the unit exited ({unit.returncode}):\n{tail}")
             peak = max(peak, _peak_rss_kb(unit.pid))
             try:
                 metrics = unit_metrics(f"http://127.0.0.1:{port}/metrics")

@@ -29,6 +29,9 @@ from streams.codec import DEFAULT_MAX_PAYLOAD
 from streams.updates import StreamValidator
 
 
+TOPIC_CACHE = 100_000  # device topics whose parse is kept
+
+
 @dataclass(frozen=True, slots=True)
 class RawMessage:
     """A message as it came off the broker (or the HTTP gateway)."""
@@ -92,6 +95,7 @@ class Ingest:
         self.topics = topics or TopicScheme()
         self.max_payload = max_payload
         self.counts = IngestCounts()
+        self._keys: dict[str, StreamKey] = {}  # device topic -> (so, stream), parsed once
 
     def batch(self, messages: Sequence[Incoming]) -> IngestBatch:
         """Decode and validate a batch: documents in the plain single-update shape go through
@@ -125,7 +129,13 @@ class Ingest:
     def _decode(
         self, message: Incoming
     ) -> tuple[Incoming, StreamKey, StreamValidator, Any] | Rejection:
-        key = self.topics.parse_device_update(message.topic)
+        key = self._keys.get(message.topic)
+        if key is None:
+            key = self.topics.parse_device_update(message.topic)
+            if key is not None:
+                if len(self._keys) >= TOPIC_CACHE:
+                    self._keys.clear()  # a fleet larger than the cache: start over, stay bounded
+                self._keys[message.topic] = key
         if key is None:
             return Rejection(
                 RejectReason.MALFORMED,

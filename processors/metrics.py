@@ -56,6 +56,16 @@ class UnitMetrics:
             "Redelivered messages the restored state already held (killed between a snapshot"
             " and its acknowledgements)",
         )
+        self.malformed_packets = counter(
+            "cloudlet_mqtt_malformed_packets",
+            "Malformed MQTT packets from the broker (each drops the connection; the broker"
+            " redelivers)",
+        )
+        self.publishes_refused = counter(
+            "cloudlet_mqtt_publishes_refused",
+            "Publishes the broker refused (a PUBACK with a failure reason) or that exceed its"
+            " maximum packet size",
+        )
         self.batch_seconds = Histogram(
             "cloudlet_batch_seconds",
             "Time to process a batch, from decoding to outputs acknowledged by the broker",

@@ -119,6 +119,7 @@ class UnitRuntime:
             clock=clock,
         )
         self.connected = self._client.connected
+        self._seen = (0, 0)  # the client's malformed and refused counts, as last exported
         self._worker = threading.Thread(target=self._run, name="cloudlet-unit", daemon=True)
         if self.state is not None:
             saved = self.state.load()
@@ -292,6 +293,10 @@ class UnitRuntime:
             if letter.rejection.reason is RejectReason.LATE:
                 m.late.inc()
         m.unacknowledged.set(len(self._unacked))
+        client = self._client
+        m.malformed_packets.inc(client.metrics_malformed - self._seen[0])
+        m.publishes_refused.inc(client.refused_publishes - self._seen[1])
+        self._seen = (client.metrics_malformed, client.refused_publishes)
 
     def _run_flows(self, result: IngestBatch) -> Outputs:
         """The flows over the batch's accepted updates, in one call; what they derive,

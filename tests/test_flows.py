@@ -382,6 +382,14 @@ flows:
     watermark: {delay: %(delay)s, lateness: %(lateness)s}
     aggregates: {n: count(), first: first(t), sd: stddev(t)}
     into: "hub/zones"
+  all:
+    from: "s*/data"
+    key: none
+    where: "10 >= t"
+    window: {tumbling: 5s}
+    watermark: {delay: %(delay)s, lateness: %(lateness)s}
+    aggregates: {n: count(), hi: max(t), last: last(zone)}
+    into: "hub/all"
 """
 numbers = st.one_of(st.integers(-100, 100), st.floats(-1e6, 1e6), st.integers(2**53, 2**60),
                     st.sampled_from([0.1, -0.0, 1e300, -1e300]))  # fmt: skip
@@ -422,14 +430,18 @@ def test_folding_a_batch_equals_passing_updates_one_by_one(
         if mode == "one by one":
             engine._folding = set()
         else:
-            assert engine._folding == {"avg-by-so", "by-zone"}
+            assert engine._folding == {"avg-by-so", "by-zone", "all"}
         compiled = kernels.fold_windows
+        reader = kernels.column_inputs
         if mode == "folded by the twin":
             kernels.fold_windows = _windows_py.fold_windows
+            kernels.column_inputs = _windows_py.column_inputs
         try:
             results = [engine.process(batch[i : i + cut]) for i in range(0, len(batch), cut)]
         finally:
-            kernels.fold_windows = compiled
+            kernels.fold_windows, kernels.column_inputs = compiled, reader
+        if mode != "one by one" and events:  # "avg-by-so" and "all" read columns, "by-zone" not
+            assert {p.where[1] for p in engine._plans.values() if p is not None} == {1, 2}
         runs.append(
             [
                 (

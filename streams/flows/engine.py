@@ -20,7 +20,8 @@ from streams.actuation import Actuation
 from streams.composite import CompositeEngine, Discarded
 from streams.expressions import NOT_AVAILABLE, EvaluationError
 from streams.expressions.functions import to_text
-from streams.flows.compile import CompiledFlow, CompiledRule
+from streams.flows.columns import ColumnPlan, column_plan
+from streams.flows.compile import CompiledFlow, CompiledRule, InputProgram
 from streams.rejections import Rejection, RejectReason
 from streams.updates import SensorUpdate, StreamKey
 from streams.windows.operator import LateUpdate, WindowOperator, WindowResult
@@ -83,6 +84,7 @@ class FlowEngine:
         self._processing = [f for f in self.flows if f.windowing.processing_time]
         self._folding = self._foldable_flows()
         self._foldable_keys: dict[StreamKey, bool] = {}
+        self._plans: dict[int, ColumnPlan | None] = {}  # by id(InputProgram)
 
     def _foldable_flows(self) -> set[str]:
         """Flows a batch can go through in one kernel call (`kernels.fold_windows`): event-time
@@ -132,22 +134,37 @@ class FlowEngine:
         for position, flow in enumerate(self.flows):
             if flow.name not in self._folding:
                 continue
-            index, groups, times, args = [], [], [], []
+            # (index, group, time, args) of each update the flow takes: simple programs read
+            # their channels in one kernel call per batch, the others evaluate expressions
+            fed: list[tuple[int, str, int, list[Any]]] = []
+            by_plan: dict[int, tuple[ColumnPlan, list[int]]] = {}
             for i, (key, update) in enumerate(batch):
-                if key not in flow.inputs:
+                program = flow.inputs.get(key)
+                if program is None:
                     continue
-                try:
-                    fed = self._prepare(flow, key, update)
-                except EvaluationError as exc:
-                    events.append((i, position, 0, len(events), self._failed(flow, key, exc)))
+                plan = self._plan(flow, program)
+                if plan is not None:
+                    by_plan.setdefault(id(program), (plan, []))[1].append(i)
                     continue
-                if fed is not None:
-                    index.append(i)
-                    groups.append(fed[0])
-                    times.append(update.last_update)
-                    args.append(fed[1])
-            if not index:
+                self._feed_one(flow, i, key, update, fed, events, position)
+            for plan, positions in by_plan.values():
+                updates = [batch[i][1] for i in positions]
+                kept, rows, slow = kernels.column_inputs(updates, plan.where, plan.channels)
+                for k, row in zip(kept, rows, strict=True):
+                    key, update = batch[positions[k]]
+                    group = key.so if flow.key_mode == "so" else ""
+                    fed.append((positions[k], group, update.last_update, row))
+                for k in slow:
+                    key, update = batch[positions[k]]
+                    self._feed_one(flow, positions[k], key, update, fed, events, position)
+            if not fed:
                 continue
+            if by_plan:
+                fed.sort(key=lambda f: f[0])
+            index = [f[0] for f in fed]
+            groups = [f[1] for f in fed]
+            times = [f[2] for f in fed]
+            args = [f[3] for f in fed]
             fired, late = kernels.fold_windows(self.operators[flow.name], groups, times, args)
             for j, item in late:
                 key, update = batch[index[j]]
@@ -245,6 +262,30 @@ class FlowEngine:
         for item in late:
             result.late.append(Late(key, update, self._late(flow, key, item)))
         return self._emit(flow, fired, result)
+
+    def _feed_one(
+        self,
+        flow: CompiledFlow,
+        i: int,
+        key: StreamKey,
+        update: SensorUpdate,
+        fed: list[tuple[int, str, int, list[Any]]],
+        events: list[tuple[int, int, int, int, Any]],
+        position: int,
+    ) -> None:
+        try:
+            prepared = self._prepare(flow, key, update)
+        except EvaluationError as exc:
+            events.append((i, position, 0, len(events), self._failed(flow, key, exc)))
+            return
+        if prepared is not None:
+            fed.append((i, prepared[0], update.last_update, prepared[1]))
+
+    def _plan(self, flow: CompiledFlow, program: InputProgram) -> ColumnPlan | None:
+        known = self._plans.get(id(program), False)
+        if known is False:
+            known = self._plans[id(program)] = column_plan(flow, program)
+        return known  # type: ignore[return-value]
 
     @staticmethod
     def _prepare(

@@ -9,7 +9,8 @@ import says so loudly (a warning on every start, and `COMPILED` is False), and
 - columnar: readings into sensor updates: columnar batches column by column, and
   single-update documents a batch of messages at a time;
 - frames: MQTT v5 packets cut from the broker's bytes, and PUBLISH/PUBACK packets built in bulk;
-- windows: a batch of updates folded into a tumbling or hopping window operator.
+- windows: a batch of updates folded into a tumbling or hopping window operator, and the
+  inputs of simple flows (`where: t > 5`, `avg(t)`) read from a batch without expressions.
 """
 
 from __future__ import annotations
@@ -55,12 +56,14 @@ publish_frames = frames.publish_frames
 puback_frames = frames.puback_frames
 Publish = frames.Publish
 fold_windows = windows.fold_windows
+column_inputs = windows.column_inputs
 
 __all__ = [
     "COMPILED",
     "NO_EXTENSIONS",
     "FrameError",
     "Publish",
+    "column_inputs",
     "columnar_updates",
     "fold_windows",
     "puback_frames",

@@ -4,6 +4,7 @@
 
 from cpython.float cimport PyFloat_AS_DOUBLE
 from cpython.list cimport PyList_GET_ITEM
+from cpython.object cimport Py_GE, Py_GT, Py_LE, Py_LT, PyObject_RichCompareBool
 from libc.math cimport fabs
 
 from streams.kernels._windows_py import fold_windows as _twin
@@ -160,3 +161,33 @@ def fold_windows(object operator, list groups, list times, list args):
                 for result in operator._fire():
                     fired.append((i, result))
     return fired, late
+
+
+def column_inputs(list updates, object where, object channel_names):
+    cdef list kept = [], rows = [], slow = [], row
+    cdef tuple channels = tuple(channel_names)
+    cdef Py_ssize_t i, j, n = len(updates), m = len(channels)
+    cdef dict values
+    cdef object v, c = None, ch, wch = None
+    cdef int op = 0, cmp_op = 0
+    if where is not None:
+        wch, op, c = where
+        cmp_op = (Py_LT, Py_LE, Py_GT, Py_GE)[op]
+    for i in range(n):
+        values = updates[i].channels
+        if wch is not None:
+            v = values.get(wch)
+            if v is None:
+                continue
+            if type(v) is not int and type(v) is not float:
+                slow.append(i)
+                continue
+            if not PyObject_RichCompareBool(v, c, cmp_op):
+                continue
+        kept.append(i)
+        row = []
+        for j in range(m):
+            ch = channels[j]
+            row.append(True if ch is None else values.get(ch))
+        rows.append(row)
+    return kept, rows, slow

@@ -24,3 +24,37 @@ def fold_windows(
         fired.extend((i, r) for r in results)
         late.extend((i, x) for x in lates)
     return fired, late
+
+
+LT, LE, GT, GE = 0, 1, 2, 3
+
+
+def column_inputs(
+    updates: Sequence[Any],
+    where: tuple[str, int, Any] | None,
+    channels: Sequence[str | None],
+) -> tuple[list[int], list[list[Any]], list[int]]:
+    """A flow's inputs read straight from the updates' channels, for flows whose `where` is
+    `channel <op> number` (or absent) and whose aggregates read plain channels (None: count,
+    which takes True). Returns (positions kept, their argument rows, positions whose `where`
+    channel is not a number: the caller evaluates those the slow way). A missing channel
+    leaves the update out (`where`) or gives None (an argument), as the expressions do."""
+    kept: list[int] = []
+    rows: list[list[Any]] = []
+    slow: list[int] = []
+    for i, update in enumerate(updates):
+        values = update.channels
+        if where is not None:
+            v = values.get(where[0])
+            if v is None:
+                continue
+            tv = type(v)
+            if tv is not int and tv is not float:
+                slow.append(i)
+                continue
+            op, c = where[1], where[2]
+            if not (v < c if op == LT else v <= c if op == LE else v > c if op == GT else v >= c):
+                continue
+        kept.append(i)
+        rows.append([True if ch is None else values.get(ch) for ch in channels])
+    return kept, rows, slow
