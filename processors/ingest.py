@@ -28,7 +28,6 @@ from streams import (
 from streams.codec import DEFAULT_MAX_PAYLOAD
 from streams.updates import StreamValidator
 
-
 TOPIC_CACHE = 100_000  # device topics whose parse is kept
 
 
