@@ -126,6 +126,7 @@ def twins() -> Iterator[None]:
     from streams.kernels import _columnar_py, _windows_py
 
     names = {
+        "column_inputs": _windows_py.column_inputs,
         "row_updates": _columnar_py.row_updates,
         "columnar_updates": _columnar_py.columnar_updates,
         "fold_windows": _windows_py.fold_windows,

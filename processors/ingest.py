@@ -117,7 +117,7 @@ class Ingest:
                 out.origins.append(message)
                 continue
             accepted, rejections = validator.document(doc)
-            out.accepted.extend((key, u) for u in accepted)
+            out.accepted.extend([(key, u) for u in accepted])
             out.origins.extend([message] * len(accepted))
             for rejection in rejections:
                 self._reject(message, rejection, out)

@@ -17,6 +17,7 @@ from edge_objects.irrigation import IrrigationModel, IrrigationSite
 from streams import InvalidUpdate, RejectReason, SensorUpdate, StreamKey
 from streams.catalog import Catalog
 from streams.codec import update_document
+from streams.flows.columns import ColumnPlan
 from streams.flows.model import duration_ms
 from streams.flows.offline import run_offline
 from tests.test_cli import run
@@ -441,7 +442,8 @@ def test_folding_a_batch_equals_passing_updates_one_by_one(
         finally:
             kernels.fold_windows, kernels.column_inputs = compiled, reader
         if mode != "one by one" and events:  # "avg-by-so" and "all" read columns, "by-zone" not
-            assert {p.where[1] for p in engine._plans.values() if p is not None} == {1, 2}
+            plans = [p for ps in engine._key_plans.values() for p in ps.values()]
+            assert {p.where[1] for p in plans if isinstance(p, ColumnPlan)} == {1, 2}
         runs.append(
             [
                 (

@@ -21,12 +21,13 @@ from streams.composite import CompositeEngine, Discarded
 from streams.expressions import NOT_AVAILABLE, EvaluationError
 from streams.expressions.functions import to_text
 from streams.flows.columns import ColumnPlan, column_plan
-from streams.flows.compile import CompiledFlow, CompiledRule, InputProgram
+from streams.flows.compile import CompiledFlow, CompiledRule
 from streams.rejections import Rejection, RejectReason
 from streams.updates import SensorUpdate, StreamKey
 from streams.windows.operator import LateUpdate, WindowOperator, WindowResult
 
 Clock = Callable[[], float]
+_UNKNOWN, _SLOW = object(), object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +85,9 @@ class FlowEngine:
         self._processing = [f for f in self.flows if f.windowing.processing_time]
         self._folding = self._foldable_flows()
         self._foldable_keys: dict[StreamKey, bool] = {}
-        self._plans: dict[int, ColumnPlan | None] = {}  # by id(InputProgram)
+        # per flow: input stream -> its column plan, _SLOW (expressions), or None (not read)
+        self._key_plans: dict[str, dict[StreamKey, ColumnPlan | object | None]] = {}
+        self._interned: dict[object, object] = {}
 
     def _foldable_flows(self) -> set[str]:
         """Flows a batch can go through in one kernel call (`kernels.fold_windows`): event-time
@@ -116,7 +119,8 @@ class FlowEngine:
         result = FlowResult()
         now = int(self.clock() * 1000)
         batch = list(batch)
-        if all(self._foldable(key) for key, _ in batch):
+        known = self._foldable_keys
+        if all(known.get(key) or self._foldable(key) for key, _ in batch):
             self._fold(batch, result)
         else:
             for i, (key, update) in enumerate(batch):
@@ -134,37 +138,10 @@ class FlowEngine:
         for position, flow in enumerate(self.flows):
             if flow.name not in self._folding:
                 continue
-            # (index, group, time, args) of each update the flow takes: simple programs read
-            # their channels in one kernel call per batch, the others evaluate expressions
-            fed: list[tuple[int, str, int, list[Any]]] = []
-            by_plan: dict[int, tuple[ColumnPlan, list[int]]] = {}
-            for i, (key, update) in enumerate(batch):
-                program = flow.inputs.get(key)
-                if program is None:
-                    continue
-                plan = self._plan(flow, program)
-                if plan is not None:
-                    by_plan.setdefault(id(program), (plan, []))[1].append(i)
-                    continue
-                self._feed_one(flow, i, key, update, fed, events, position)
-            for plan, positions in by_plan.values():
-                updates = [batch[i][1] for i in positions]
-                kept, rows, slow = kernels.column_inputs(updates, plan.where, plan.channels)
-                for k, row in zip(kept, rows, strict=True):
-                    key, update = batch[positions[k]]
-                    group = key.so if flow.key_mode == "so" else ""
-                    fed.append((positions[k], group, update.last_update, row))
-                for k in slow:
-                    key, update = batch[positions[k]]
-                    self._feed_one(flow, positions[k], key, update, fed, events, position)
-            if not fed:
+            taken = self._take(flow, batch, events, position)
+            if taken is None:
                 continue
-            if by_plan:
-                fed.sort(key=lambda f: f[0])
-            index = [f[0] for f in fed]
-            groups = [f[1] for f in fed]
-            times = [f[2] for f in fed]
-            args = [f[3] for f in fed]
+            index, groups, times, args = taken
             fired, late = kernels.fold_windows(self.operators[flow.name], groups, times, args)
             for j, item in late:
                 key, update = batch[index[j]]
@@ -263,6 +240,50 @@ class FlowEngine:
             result.late.append(Late(key, update, self._late(flow, key, item)))
         return self._emit(flow, fired, result)
 
+    def _take(
+        self,
+        flow: CompiledFlow,
+        batch: list[tuple[StreamKey, SensorUpdate]],
+        events: list[tuple[int, int, int, int, Any]],
+        position: int,
+    ) -> tuple[list[int], list[str], list[int], list[list[Any]]] | None:
+        """(indexes, window keys, times, argument rows) of the updates `flow` takes from the
+        batch, in batch order. Inputs with a column plan (usually all of them, and all with the
+        same plan) are read by one kernel call per plan; the rest evaluate expressions."""
+        plans = self._key_plans.setdefault(flow.name, {})
+        by_plan: dict[int, tuple[ColumnPlan, list[int]]] = {}
+        fed: list[tuple[int, str, int, list[Any]]] = []
+        for i, (key, update) in enumerate(batch):
+            plan = plans.get(key, _UNKNOWN)
+            if plan is _UNKNOWN:
+                program = flow.inputs.get(key)
+                plan = None if program is None else column_plan(flow, program) or _SLOW
+                plan = plans[key] = self._interned.setdefault(plan, plan)  # one per shape
+            if plan is None:
+                continue
+            if plan is _SLOW:
+                self._feed_one(flow, i, key, update, fed, events, position)
+            else:
+                by_plan.setdefault(id(plan), (plan, []))[1].append(i)  # type: ignore[arg-type]
+        by_so = flow.key_mode == "so"
+        for plan, positions in by_plan.values():
+            updates = [batch[i][1] for i in positions]
+            kept, rows, slow = kernels.column_inputs(updates, plan.where, plan.channels)
+            if not fed and not slow and len(by_plan) == 1:  # the common case: no merging
+                index = [positions[k] for k in kept]
+                groups = [batch[i][0].so for i in index] if by_so else [""] * len(index)
+                return index, groups, [batch[i][1].last_update for i in index], rows
+            for k, row in zip(kept, rows, strict=True):
+                key, update = batch[positions[k]]
+                fed.append((positions[k], key.so if by_so else "", update.last_update, row))
+            for k in slow:
+                key, update = batch[positions[k]]
+                self._feed_one(flow, positions[k], key, update, fed, events, position)
+        if not fed:
+            return None
+        fed.sort(key=lambda f: f[0])
+        return [f[0] for f in fed], [f[1] for f in fed], [f[2] for f in fed], [f[3] for f in fed]
+
     def _feed_one(
         self,
         flow: CompiledFlow,
@@ -280,12 +301,6 @@ class FlowEngine:
             return
         if prepared is not None:
             fed.append((i, prepared[0], update.last_update, prepared[1]))
-
-    def _plan(self, flow: CompiledFlow, program: InputProgram) -> ColumnPlan | None:
-        known = self._plans.get(id(program), False)
-        if known is False:
-            known = self._plans[id(program)] = column_plan(flow, program)
-        return known  # type: ignore[return-value]
 
     @staticmethod
     def _prepare(
