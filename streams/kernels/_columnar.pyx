@@ -9,12 +9,21 @@ cdef long long SECONDS_BELOW = 100_000_000_000
 cdef long long MAX_LAST_UPDATE = 253_402_300_799_999
 
 
+cdef inline bint _fits(object v, int kind):
+    if kind == NUMBER:
+        return type(v) is int or (type(v) is float and isfinite(<double>v))
+    if kind == STRING:
+        return type(v) is str
+    if kind == BOOLEAN:
+        return type(v) is bool
+    return False
+
+
 def columnar_updates(list times, list names, list columns, list kinds, object make,
                      object fallback, object invalid):
     cdef list accepted = []
     cdef list rejected = []
     cdef Py_ssize_t n = len(times), m = len(names), i, j
-    cdef int k
     cdef bint ok
     cdef object t, v
     cdef dict values
@@ -33,15 +42,7 @@ def columnar_updates(list times, list names, list columns, list kinds, object ma
         while ok and j < m:
             column = <list>columns[j]
             v = column[i]
-            k = kind_codes[j]
-            if k == NUMBER:
-                ok = type(v) is int or (type(v) is float and isfinite(<double>v))
-            elif k == STRING:
-                ok = type(v) is str
-            elif k == BOOLEAN:
-                ok = type(v) is bool
-            else:
-                ok = False
+            ok = _fits(v, kind_codes[j])
             values[names[j]] = v
             j += 1
         if ok:
@@ -67,7 +68,6 @@ def row_updates(list docs, list kinds, object make):
 cdef object _row(object doc, dict kind_of, object make):
     cdef object t, raw, name, entry, v, k_obj
     cdef dict values
-    cdef int k
     cdef bint ok
     if type(doc) is not dict or len(<dict>doc) != 2:
         return None
@@ -83,16 +83,7 @@ cdef object _row(object doc, dict kind_of, object make):
         if k_obj is None or type(entry) is not dict or len(<dict>entry) != 1:
             return None
         v = (<dict>entry).get("current-value")
-        k = k_obj
-        if k == NUMBER:
-            ok = type(v) is int or (type(v) is float and isfinite(<double>v))
-        elif k == STRING:
-            ok = type(v) is str
-        elif k == BOOLEAN:
-            ok = type(v) is bool
-        else:
-            ok = False
-        if not ok:
+        if not _fits(v, k_obj):
             return None
         values[name] = v
     return make(values, t)

@@ -18,6 +18,18 @@ SECONDS_BELOW = 100_000_000_000  # below: seconds, as old devices send
 MAX_LAST_UPDATE = 253_402_300_799_999
 
 
+def _fits(v: Any, kind: int) -> bool:
+    """Whether `v` is a good value of a channel of `kind` as it is (anything else: slow path)."""
+    tv = type(v)
+    if kind == NUMBER:
+        return tv is int or (tv is float and math.isfinite(v))
+    if kind == STRING:
+        return tv is str
+    if kind == BOOLEAN:
+        return tv is bool
+    return False
+
+
 def columnar_updates(
     times: list[Any],
     names: list[str],
@@ -39,16 +51,7 @@ def columnar_updates(
         j = 0
         while ok and j < m:
             v = columns[j][i]
-            k = kinds[j]
-            tv = type(v)
-            if k == NUMBER:
-                ok = tv is int or (tv is float and math.isfinite(v))
-            elif k == STRING:
-                ok = tv is str
-            elif k == BOOLEAN:
-                ok = tv is bool
-            else:
-                ok = False
+            ok = _fits(v, kinds[j])
             values[names[j]] = v
             j += 1
         if ok:
@@ -89,16 +92,7 @@ def _row(doc: Any, kind_of: dict[str, int], make: Callable[[dict[str, Any], int]
         if k is None or type(entry) is not dict or len(entry) != 1:
             return None
         v = entry.get("current-value")
-        tv = type(v)
-        if k == NUMBER:
-            ok = tv is int or (tv is float and math.isfinite(v))
-        elif k == STRING:
-            ok = tv is str
-        elif k == BOOLEAN:
-            ok = tv is bool
-        else:
-            ok = False
-        if not ok:
+        if not _fits(v, k):
             return None
         values[name] = v
     return make(values, t)
