@@ -31,10 +31,9 @@ from streams.mqtt import MqttSettings
 
 log = logging.getLogger(__name__)
 
-CONNACK, PUBACK, SUBACK, PINGRESP, DISCONNECT, AUTH = 2, 4, 9, 13, 14, 15
+CONNACK, PUBACK, SUBACK, PINGRESP, DISCONNECT = 2, 4, 9, 13, 14
 PINGREQ = b"\xc0\x00"
 CONNECT_TIMEOUT = 10.0
-READ_SIZE = 1 << 18
 
 
 class WireError(Exception):
