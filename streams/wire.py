@@ -27,6 +27,7 @@ from typing import Any
 
 from streams import kernels
 from streams.kernels import FrameError
+from streams.kernels._frames_py import encode_varint
 from streams.mqtt import MqttSettings
 
 log = logging.getLogger(__name__)
@@ -45,21 +46,12 @@ def _string(value: str | bytes) -> bytes:
     return len(data).to_bytes(2, "big") + data
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | 0x80 if n else b)
-        if not n:
-            return bytes(out)
-
-
 def _packet(first: int, body: bytes) -> bytes:
-    return bytes([first]) + _varint(len(body)) + body
+    return bytes([first]) + encode_varint(len(body)) + body
 
 
 def _properties(props: bytes) -> bytes:
-    return _varint(len(props)) + props
+    return encode_varint(len(props)) + props
 
 
 def content_type_property(content_type: str | None) -> bytes:

@@ -47,11 +47,34 @@ cdef inline str _text(const unsigned char* p, Py_ssize_t start, Py_ssize_t stop,
     return text
 
 
+cdef enum:
+    TRUNCATED = -1  # _varint: the bytes end before the number does
+    TOO_LONG = -2  # _varint: more than 4 bytes
+
+
+cdef inline Py_ssize_t _varint(const unsigned char* p, Py_ssize_t i, Py_ssize_t end,
+                               Py_ssize_t* value):
+    """MQTT's variable byte integer at p[i:end] into value; the index after it, or an error."""
+    cdef int b, shift = 0
+    value[0] = 0
+    while True:
+        if i >= end:
+            return TRUNCATED
+        b = p[i]
+        i += 1
+        value[0] |= (<Py_ssize_t>(b & 0x7F)) << shift
+        if not b & 0x80:
+            return i
+        shift += 7
+        if shift > 21:
+            return TOO_LONG
+
+
 cdef Publish _publish(bytes buf, const unsigned char* p, int flags, Py_ssize_t i,
                       Py_ssize_t end, long long received_at):
     cdef int qos = (flags >> 1) & 3
     cdef Py_ssize_t size, length, stop
-    cdef int shift, b, prop, packet_id = 0
+    cdef int prop, packet_id = 0
     cdef object content_type = None
     cdef Publish out
     if qos == 3:
@@ -73,19 +96,11 @@ cdef Publish _publish(bytes buf, const unsigned char* p, int flags, Py_ssize_t i
         i += 2
         if packet_id == 0:
             raise FrameError("PUBLISH with QoS > 0 and packet id 0")
-    length = 0
-    shift = 0
-    while True:
-        if i >= end:
-            raise FrameError("PUBLISH truncated in its properties length")
-        b = p[i]
-        i += 1
-        length |= (<Py_ssize_t>(b & 0x7F)) << shift
-        if not b & 0x80:
-            break
-        shift += 7
-        if shift > 21:
-            raise FrameError("PUBLISH properties length longer than 4 bytes")
+    i = _varint(p, i, end, &length)
+    if i == TRUNCATED:
+        raise FrameError("PUBLISH truncated in its properties length")
+    if i == TOO_LONG:
+        raise FrameError("PUBLISH properties length longer than 4 bytes")
     stop = i + length
     if stop > end:
         raise FrameError("PUBLISH properties longer than the packet")
@@ -97,17 +112,11 @@ cdef Publish _publish(bytes buf, const unsigned char* p, int flags, Py_ssize_t i
         elif prop == 0x02:
             i += 4
         elif prop == 0x0B:
-            shift = 0
-            while True:
-                if i >= stop:
-                    raise FrameError("PUBLISH truncated in its subscription identifier")
-                b = p[i]
-                i += 1
-                if not b & 0x80:
-                    break
-                shift += 7
-                if shift > 21:
-                    raise FrameError("PUBLISH subscription identifier longer than 4 bytes")
+            i = _varint(p, i, stop, &size)
+            if i == TRUNCATED:
+                raise FrameError("PUBLISH truncated in its subscription identifier")
+            if i == TOO_LONG:
+                raise FrameError("PUBLISH subscription identifier longer than 4 bytes")
         elif prop == 0x23:
             raise FrameError("PUBLISH with a topic alias (this client allows none)")
         elif prop == 0x03 or prop == 0x08 or prop == 0x09 or prop == 0x26:
@@ -142,23 +151,14 @@ def split_frames(bytes buf, long long received_at):
     cdef list others = []
     cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(buf)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(buf), pos = 0, i, length, end
-    cdef int first, b, shift, kind
+    cdef int first, kind
     while pos < n:
         first = p[pos]
-        length = 0
-        shift = 0
-        i = pos + 1
-        while True:
-            if i >= n:
-                return publishes, others, pos, 0
-            b = p[i]
-            i += 1
-            length |= (<Py_ssize_t>(b & 0x7F)) << shift
-            if not b & 0x80:
-                break
-            shift += 7
-            if shift > 21:
-                raise FrameError("remaining length longer than 4 bytes")
+        i = _varint(p, pos + 1, n, &length)
+        if i == TRUNCATED:
+            return publishes, others, pos, 0
+        if i == TOO_LONG:
+            raise FrameError("remaining length longer than 4 bytes")
         end = i + length
         if end > n:
             return publishes, others, pos, end - pos

@@ -184,7 +184,8 @@ def _publish(buf: bytes, flags: int, i: int, end: int, received_at: int) -> Publ
                    received_at)  # fmt: skip
 
 
-def _remaining(length: int) -> bytes:
+def encode_varint(length: int) -> bytes:
+    """MQTT's variable byte integer (remaining and property lengths)."""
     out = bytearray()
     while True:
         b = length & 0x7F
@@ -200,7 +201,7 @@ def publish_frames(
     """One PUBLISH packet per (topic, payload); `packet_ids` has one id per message when
     `qos` > 0; `properties` is the encoded property block (without its length)."""
     frames = []
-    props = _remaining(len(properties)) + properties
+    props = encode_varint(len(properties)) + properties
     for k, (topic, payload) in enumerate(messages):
         name = topic.encode()
         head = len(name).to_bytes(2, "big") + name
@@ -209,7 +210,7 @@ def publish_frames(
         size = len(head) + len(props) + len(payload)
         if size > MAX_REMAINING:
             raise FrameError(f"message for {topic} is {size} bytes, over MQTT's limit")
-        frames.append(bytes([0x30 | qos << 1]) + _remaining(size) + head + props + payload)
+        frames.append(bytes([0x30 | qos << 1]) + encode_varint(size) + head + props + payload)
     return frames
 
 
