@@ -66,6 +66,11 @@ class DeviceFleet:
         with self._acked:
             return self._acked.wait_for(lambda: self._unacked <= 0, timeout)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
+        """Disconnect once the broker has acknowledged what was published (waiting at most
+        `timeout` s while connected): a publish still in paho's queue would otherwise reach
+        the broker only after we are gone, or not at all."""
+        if self.connected.is_set():
+            self.flush(timeout)
         self._client.disconnect()
         self._client.loop_stop()
