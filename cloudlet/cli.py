@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cloudlet.control_cli import register as register_control
 from cloudlet.processor_cli import processor_app
 from cloudlet.rig import Kafka, Mosquitto, RigError, ensure_kafka, ensure_mosquitto
 from edge_objects.faults import FAULT_KINDS
@@ -50,6 +51,7 @@ app.add_typer(processor_app, name="processor")
 cloud_app = typer.Typer(help="Cloud objects: materialise them from Kafka, serve the API.",
                         no_args_is_help=True)  # fmt: skip
 app.add_typer(cloud_app, name="cloud")
+register_control(app)
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -603,17 +605,19 @@ def demo(
 
 @rig_app.command("install")
 def rig_install() -> None:
-    """Install Mosquitto, PostgreSQL, Chromium and docker-compose (Debian packages) and resolve
-    Kafka's jars (Maven Central)."""
+    """Install Mosquitto, PostgreSQL, Chromium, docker-compose, dockerd and debootstrap (Debian
+    packages) and resolve Kafka's jars (Maven Central)."""
     from cloudlet.rig import ensure_postgres
     from cloudlet.rig.apt import compose_command
     from cloudlet.rig.browser import ensure_chromium
+    from cloudlet.rig.docker import ensure_docker
 
     try:
         out.print(f"mosquitto: {ensure_mosquitto()}")
         out.print(f"postgresql: {ensure_postgres()}")
         out.print(f"chromium (the dashboard's tests): {ensure_chromium()}")
         out.print(f"compose (validates compose/): {' '.join(compose_command())}")
+        out.print(f"dockerd (the control plane's docker backend): {ensure_docker()}")
         out.print(f"kafka jars: {ensure_kafka()}")
     except RigError as exc:
         raise _fail(str(exc)) from None

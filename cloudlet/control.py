@@ -1,0 +1,545 @@
+"""The control plane: desired state (a topology and its placement) against actual state (what
+the sites' backends run), and the plans that bring one to the other.
+
+Everything it knows is in a state folder (`.cloudlet/` by default): `control.json` (the
+topology file, the placement, evacuated sites, patches), one folder per replica (its rendered
+unit file, its state snapshots and outbox) and the local backend's process records and logs.
+Every command reads it, so `deploy`, `status`, `patch`, `evacuate` and the reconcile loop
+can be run one after another from any shell.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+
+from cloudlet.backends import Backend, DockerBackend, LocalBackend, Replica, Running, healthy
+from cloudlet.placement import Plan, place
+from cloudlet.topology import DockerEngine, Topology, UnitSpec
+
+Say = Callable[[str], None]
+STARTING = 15.0  # seconds a replica may take to answer /healthz before it counts as unhealthy
+
+
+class ControlError(Exception):
+    pass
+
+
+@dataclass
+class Control:
+    """control.json"""
+
+    topology: str | None = None
+    plan: list[dict[str, str]] = field(default_factory=list)
+    evacuated: list[str] = field(default_factory=list)
+    patched: dict[str, dict[str, str]] = field(default_factory=dict)  # unit -> image/config
+    ports: dict[str, int] = field(default_factory=dict)  # replica -> its HTTP port
+    releases: dict[str, dict[str, Any]] = field(default_factory=dict)  # replica -> last ready
+    restarts: dict[str, int] = field(default_factory=dict)  # replica -> heals by reconcile
+    stopped: bool = False
+
+
+@dataclass
+class Step:
+    """One thing a plan does, printed before it is done."""
+
+    action: str  # start, stop, move, update
+    replica: str
+    site: str
+    detail: str = ""
+    source: str | None = None  # the site it leaves (move)
+
+    def __str__(self) -> str:
+        where = f"{self.source} -> {self.site}" if self.source else self.site
+        return f"{self.action:<7} {self.replica:<24} {where:<20} {self.detail}".rstrip()
+
+
+@dataclass
+class ReplicaStatus:
+    unit: str
+    replica: str
+    site: str
+    desired_version: str | None
+    running: Running | None
+    healthy: bool
+    ready: bool
+    rates: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def state(self) -> str:
+        if self.desired_version is None:
+            return "stray"
+        if self.running is None:
+            return "missing"
+        if self.running.state != "running":
+            return "exited"
+        if self.running.version != self.desired_version:
+            return "outdated"
+        if not self.healthy:
+            return "starting" if time.time() - self.running.started < STARTING else "unhealthy"
+        return "ready" if self.ready else "starting"
+
+
+class Controller:
+    def __init__(
+        self,
+        state: Path,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        say: Say = print,
+    ) -> None:
+        self.state = state.absolute()
+        self.clock, self.sleep, self.say = clock, sleep, say
+        self.control = self._read()
+        self._backends: dict[str, Backend] = {}
+        self._failures: dict[str, tuple[int, float]] = {}  # replica -> (restarts, next allowed)
+        self._since_healthy: dict[str, float] = {}
+
+    # state -------------------------------------------------------------------------------
+
+    def _read(self) -> Control:
+        path = self.state / "control.json"
+        if not path.exists():
+            return Control()
+        return Control(**orjson.loads(path.read_bytes()))
+
+    def _save(self) -> None:
+        self.state.mkdir(parents=True, exist_ok=True)
+        tmp = self.state / "control.json.tmp"
+        tmp.write_bytes(orjson.dumps(self.control.__dict__, option=orjson.OPT_INDENT_2))
+        tmp.replace(self.state / "control.json")
+
+    def topology(self, path: Path | None = None) -> Topology:
+        if path is None:
+            if self.control.topology is None:
+                raise ControlError(
+                    f"nothing deployed from {self.state}: run `cloudlet deploy TOPOLOGY` first"
+                    " (or point --state at the folder deploy used)"
+                )
+            path = Path(self.control.topology)
+        return Topology.load(path)
+
+    def spec(self, topology: Topology, unit: str) -> UnitSpec:
+        """The unit as the topology says, with the patches applied since."""
+        spec = topology.units[unit]
+        patch = self.control.patched.get(unit, {})
+        update: dict[str, Any] = {}
+        if "image" in patch:
+            update["image"] = patch["image"]
+        if "config" in patch:
+            update["config"] = Path(patch["config"])
+        return spec.model_copy(update=update) if update else spec
+
+    def backend(self, topology: Topology, site: str) -> Backend:
+        if site not in self._backends:
+            engine = topology.sites[site].engine
+            if isinstance(engine, DockerEngine):
+                self._backends[site] = DockerBackend(engine.docker, topology.name, site)
+            else:
+                self._backends[site] = LocalBackend(self.state / "local", site)
+        return self._backends[site]
+
+    def actual(self, topology: Topology) -> dict[str, Running]:
+        """replica -> what runs, over every site (a site whose engine cannot be reached is
+        reported and left out)."""
+        out: dict[str, Running] = {}
+        for site in topology.sites:
+            try:
+                running = self.backend(topology, site).list()
+            except Exception as exc:
+                self.say(f"site {site}: its engine cannot be reached: {exc}")
+                continue
+            for r in running:
+                out[r.replica] = r
+        return out
+
+    # desired -----------------------------------------------------------------------------
+
+    def desired(self, topology: Topology, plan: Plan) -> dict[str, Replica]:
+        return {
+            a.replica: self._replica(
+                topology, a.unit, a.replica, a.site, self.spec(topology, a.unit)
+            )
+            for a in plan.assignments
+        }
+
+    def _port(self, replica: str) -> int:
+        port = self.control.ports.get(replica)
+        if port is None:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            self.control.ports[replica] = port
+        return port
+
+    def _replica(
+        self, topology: Topology, unit: str, replica: str, site: str, spec: UnitSpec
+    ) -> Replica:
+        folder = self.state / "replicas" / replica
+        config, mounts = self._render(spec, unit, folder, self._port(replica))
+        return Replica(
+            topology=topology.name, unit=unit, replica=replica,
+            index=int(replica.rsplit("-", 1)[1]), site=site, version=spec.version(),
+            image=spec.image, config=config, port=self._port(replica),
+            cpu=spec.resources.cpu, memory=spec.resources.memory, mounts=mounts,
+        )  # fmt: skip
+
+    def _render(self, spec: UnitSpec, unit: str, folder: Path, port: int) -> tuple[Path, tuple]:
+        """The unit file as this replica runs it: paths made absolute, its own HTTP port,
+        state folder, outbox and sink, and a share group when there are several replicas."""
+        doc = yaml.safe_load(spec.config.read_text())
+        if not isinstance(doc, dict):
+            raise ControlError(f"{spec.config}: a unit config must be a mapping")
+        base = spec.config.parent.absolute()
+        doc["objects"] = [str((base / p).absolute()) for p in doc.get("objects", [])]
+        doc["state_dir"] = str(folder / "state")
+        http = dict(doc.get("http") or {})
+        http["port"] = port
+        doc["http"] = http
+        if isinstance(doc.get("sink"), dict) and "sqlite" in doc["sink"]:
+            doc["sink"] = {"sqlite": str(folder / Path(doc["sink"]["sqlite"]).name)}
+        if isinstance(doc.get("outbox"), dict):
+            doc["outbox"] = {**doc["outbox"], "path": str(folder / "outbox")}
+        mqtt = doc.get("mqtt")
+        if isinstance(mqtt, dict) and mqtt.get("tls_ca"):
+            mqtt["tls_ca"] = str((base / mqtt["tls_ca"]).absolute())
+        if spec.replicas > 1 and not doc.get("share_group"):
+            doc["share_group"] = unit  # replicas split the device traffic
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"unit-{spec.version()}.yaml"
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        mounts = {str(folder), *doc["objects"]}
+        if isinstance(mqtt, dict) and mqtt.get("tls_ca"):
+            mounts.add(str(Path(mqtt["tls_ca"]).parent))
+        return path, tuple(sorted(mounts))
+
+    # plans -------------------------------------------------------------------------------
+
+    def plan(
+        self, topology: Topology, *, fresh: bool = False, excluded: set[str] | None = None
+    ) -> Plan:
+        same = self.control.topology == str(Path(topology.source).absolute())
+        current = {} if fresh or not same else Plan.from_json(self.control.plan).where()
+        evacuated = set(self.control.evacuated) if excluded is None else excluded
+        return place(topology, current, excluded=evacuated)
+
+    def steps(self, topology: Topology, plan: Plan) -> list[Step]:
+        """What applying `plan` does to what runs now."""
+        desired = self.desired(topology, plan)
+        actual = self.actual(topology)
+        out = []
+        for name, r in actual.items():
+            if name not in desired:
+                out.append(Step("stop", name, r.site, "no longer in the topology"))
+        for name, want in desired.items():
+            have = actual.get(name)
+            if have is None:
+                out.append(Step("start", name, want.site, f"version {want.version}"))
+            elif have.site != want.site:
+                out.append(Step("move", name, want.site, f"version {want.version}", have.site))
+            elif have.version != want.version:
+                out.append(Step("update", name, want.site, f"{have.version} -> {want.version}"))
+            elif have.state != "running":
+                out.append(Step("start", name, want.site, f"it has {have.state}"))
+        return out
+
+    def apply(self, topology: Topology, plan: Plan, *, timeout: float = 60.0) -> bool:
+        """Bring what runs to `plan`: strays stopped, replicas started and moved (stopped
+        where they were first: one MQTT session each), new versions rolled one replica at a
+        time. True when every replica ends up ready."""
+        steps = self.steps(topology, plan)
+        desired = self.desired(topology, plan)
+        self.control.topology = str(Path(topology.source).absolute())
+        self.control.plan = plan.to_json()
+        self.control.stopped = False
+        self._save()
+        ok = True
+        started: list[str] = []
+        for step in steps:
+            self.say(f"  {step}")
+            if step.action == "stop":
+                self.backend(topology, step.site).stop(step.replica)
+            elif step.action == "move":
+                assert step.source is not None
+                self.backend(topology, step.source).stop(step.replica)
+                self.backend(topology, step.site).start(desired[step.replica])
+                started.append(step.replica)
+            elif step.action == "start":
+                self.backend(topology, step.site).start(desired[step.replica])
+                started.append(step.replica)
+        for unit in topology.order():
+            replicas = [s.replica for s in steps if s.action == "update" and s.replica in
+                        {a.replica for a in plan.of(unit)}]  # fmt: skip
+            if replicas:
+                ok = self._roll(topology, plan, unit, replicas, None, timeout) and ok
+        for name in started:
+            if self.wait_ready(desired[name], timeout):
+                self._released(desired[name])
+            else:
+                self.say(f"  {name} is not ready after {timeout:g} s: see `cloudlet logs`")
+                ok = False
+        self._save()
+        return ok
+
+    def wait_ready(self, replica: Replica, timeout: float, settle: float = 1.0) -> bool:
+        """Ready (/readyz: connected and subscribed), then still running and healthy after
+        `settle` seconds."""
+        backend = self._backends[replica.site]
+        deadline = self.clock() + timeout
+        while self.clock() < deadline:
+            running = {r.replica: r for r in backend.list()}.get(replica.replica)
+            if running is None or running.state != "running":
+                return False
+            if healthy(replica.port, "/readyz"):
+                self.sleep(settle)
+                running = {r.replica: r for r in backend.list()}.get(replica.replica)
+                return running is not None and running.state == "running" and healthy(replica.port)
+            self.sleep(0.2)
+        return False
+
+    # patch -------------------------------------------------------------------------------
+
+    def patch(
+        self, unit: str, *, image: str | None = None, config: Path | None = None,
+        timeout: float = 60.0,
+    ) -> bool:  # fmt: skip
+        """Roll a new image or config through the unit's replicas one at a time, each gated
+        on readiness; the first that fails brings every replica back to the old version."""
+        topology = self.topology()
+        if unit not in topology.units:
+            raise ControlError(
+                f"no unit {unit!r} in {topology.source} ({', '.join(topology.units)})"
+            )
+        if config is not None and not config.is_file():
+            raise ControlError(f"no such config file: {config}")
+        plan = Plan.from_json(self.control.plan)
+        before = dict(self.control.patched.get(unit, {}))
+        after = dict(before)
+        if image is not None:
+            after["image"] = image
+        if config is not None:
+            after["config"] = str(config.absolute())
+        old = self.spec(topology, unit)
+        self.control.patched[unit] = after
+        new = self.spec(topology, unit)
+        if new.version() == old.version():
+            self.control.patched[unit] = before
+            self.say(f"{unit}: already at version {old.version()}; nothing to do")
+            return True
+        self.say(f"{unit}: {old.version()} -> {new.version()}, one replica at a time")
+        self.control.patched[unit] = before
+        replicas = [a.replica for a in plan.of(unit)]
+        ok = self._roll(topology, plan, unit, replicas, after, timeout)
+        self._save()
+        return ok
+
+    def _roll(
+        self, topology: Topology, plan: Plan, unit: str, replicas: list[str],
+        patch: dict[str, str] | None, timeout: float,
+    ) -> bool:  # fmt: skip
+        where = plan.where()
+        before = self.control.patched.get(unit)
+        done: list[tuple[str, Replica | None]] = []  # updated so far, with their last release
+        for name in replicas:
+            if patch is not None:
+                self.control.patched[unit] = patch
+            new = self._replica(topology, unit, name, where[name], self.spec(topology, unit))
+            backend = self.backend(topology, where[name])
+            self.say(f"  update  {name:<24} {where[name]:<20} -> {new.version}")
+            done.append((name, self.release(name)))
+            backend.stop(name)
+            backend.start(new)
+            if self.wait_ready(new, timeout):
+                self._released(new)
+                continue
+            self.say(f"  {name}: version {new.version} is not healthy; rolling back")
+            for line in backend.logs(name, 5).splitlines():
+                self.say(f"    | {line}")
+            if patch is not None:
+                if before is None:
+                    self.control.patched.pop(unit, None)
+                else:
+                    self.control.patched[unit] = before
+            for back, release in reversed(done):
+                b = self.backend(topology, where[back])
+                b.stop(back)
+                if release is None:
+                    self.say(f"  rollback {back}: no earlier release to go back to; left stopped")
+                    continue
+                self.say(f"  rollback {back:<23} {where[back]:<20} -> {release.version}")
+                b.start(release)
+                if self.wait_ready(release, timeout):
+                    self._released(release)
+            return False
+        return True
+
+    def release(self, replica: str) -> Replica | None:
+        """The last version of `replica` that became ready (what a rollback returns to)."""
+        row = self.control.releases.get(replica)
+        if row is None:
+            return None
+        return Replica(**{**row, "config": Path(row["config"]), "mounts": tuple(row["mounts"])})
+
+    def _released(self, replica: Replica) -> None:
+        self.control.releases[replica.replica] = {
+            **replica.__dict__,
+            "config": str(replica.config),
+            "mounts": list(replica.mounts),
+        }
+        self._save()
+
+    # reconcile ---------------------------------------------------------------------------
+
+    def reconcile(self) -> list[Step]:
+        """One pass: restart what exited or stopped answering, start what is missing, stop
+        strays; restarts of one replica back off (1 s doubling to 60 s) until it stays
+        healthy for 30 s."""
+        if self.control.stopped or self.control.topology is None:
+            return []
+        topology = self.topology()
+        plan = Plan.from_json(self.control.plan)
+        desired = self.desired(topology, plan)
+        actual = self.actual(topology)
+        now = self.clock()
+        done = []
+        for name, have in actual.items():
+            if name not in desired or have.site != desired[name].site:
+                self.backend(topology, have.site).stop(name)
+                done.append(Step("stop", name, have.site, "not in the placement"))
+        for name, want in desired.items():
+            have = actual.get(name)
+            if have is not None and have.site == want.site and have.state == "running":
+                if healthy(want.port):
+                    since = self._since_healthy.setdefault(name, now)
+                    if now - since >= 30:
+                        self._failures.pop(name, None)
+                    continue
+                if time.time() - have.started < STARTING:
+                    continue
+                reason = "does not answer /healthz"
+            else:
+                reason = "is missing" if have is None or have.site != want.site else "has exited"
+            self._since_healthy.pop(name, None)
+            restarts, allowed = self._failures.get(name, (0, 0.0))
+            if now < allowed:
+                continue
+            self.backend(topology, want.site).stop(name, timeout=10)
+            self.backend(topology, want.site).start(want)
+            self._failures[name] = (restarts + 1, now + min(60.0, 2.0**restarts))
+            self.control.restarts[name] = self.control.restarts.get(name, 0) + 1
+            done.append(Step("restart", name, want.site, f"it {reason} (restart {restarts + 1})"))
+        self._save()
+        return done
+
+    def watch(self, interval: float, stop: Callable[[], bool]) -> None:
+        while not stop():
+            for step in self.reconcile():
+                self.say(f"  {step}")
+            self.sleep(interval)
+
+    # status, shutdown, evacuate, rebalance -----------------------------------------------
+
+    def status(self, sample: float = 0.0) -> tuple[Topology, list[ReplicaStatus]]:
+        from cloudlet.demo import unit_metrics
+
+        topology = self.topology()
+        plan = Plan.from_json(self.control.plan)
+        desired = self.desired(topology, plan) if not self.control.stopped else {}
+        actual = self.actual(topology)
+        rows = []
+        for name in sorted(set(desired) | set(actual)):
+            want, have = desired.get(name), actual.get(name)
+            port = want.port if want else have.port  # type: ignore[union-attr]
+            running = have is not None and have.state == "running"
+            rows.append(ReplicaStatus(
+                unit=(want or have).unit, replica=name, site=(want or have).site,  # type: ignore[union-attr]
+                desired_version=want.version if want else None, running=have,
+                healthy=running and healthy(port), ready=running and healthy(port, "/readyz"),
+            ))  # fmt: skip
+        if sample > 0:
+            first = {r.replica: _counters(unit_metrics, r) for r in rows}
+            self.sleep(sample)
+            for r in rows:
+                now, before = _counters(unit_metrics, r), first[r.replica]
+                r.rates = {k: (now[k] - before.get(k, 0.0)) / sample for k in now}
+        return topology, rows
+
+    def shutdown(self, timeout: float = 30.0) -> list[str]:
+        """Stop every replica (each drains, checkpoints and acknowledges); the reconcile loop
+        leaves them stopped until the next deploy."""
+        topology = self.topology()
+        stopped = []
+        self.control.stopped = True
+        self._save()
+        for name, have in self.actual(topology).items():
+            self.say(f"  stop    {name:<24} {have.site}")
+            self.backend(topology, have.site).stop(name, timeout)
+            stopped.append(name)
+        return stopped
+
+    def evacuate(self, site: str, *, dry_run: bool = False, timeout: float = 60.0) -> bool:
+        topology = self.topology()
+        if site not in topology.sites:
+            raise ControlError(
+                f"no site {site!r} in {topology.source} ({', '.join(topology.sites)})"
+            )
+        excluded = set(self.control.evacuated) | {site}
+        plan = self.plan(topology, excluded=excluded)
+        self.say(f"evacuating {site}:")
+        for step in self.steps(topology, plan):
+            self.say(f"  {step}")
+        if dry_run:
+            return True
+        self.control.evacuated = sorted(excluded)
+        self.say("applying:")
+        return self.apply(topology, plan, timeout=timeout)
+
+    def rebalance(self, *, keep_evacuated: bool = False, dry_run: bool = False,
+                  timeout: float = 60.0) -> bool:  # fmt: skip
+        """Place every replica afresh (evacuated sites welcome again unless kept out)."""
+        topology = self.topology()
+        excluded = set(self.control.evacuated) if keep_evacuated else set()
+        plan = self.plan(topology, fresh=True, excluded=excluded)
+        steps = self.steps(topology, plan)
+        self.say("rebalancing:" if steps else "rebalancing: every replica is where it should be")
+        for step in steps:
+            self.say(f"  {step}")
+        if dry_run:
+            return True
+        self.control.evacuated = sorted(excluded)
+        self.say("applying:")
+        return self.apply(topology, plan, timeout=timeout)
+
+    def logs(self, unit: str, tail: int = 100) -> dict[str, str]:
+        topology = self.topology()
+        if unit not in topology.units:
+            raise ControlError(
+                f"no unit {unit!r} in {topology.source} ({', '.join(topology.units)})"
+            )
+        return {
+            name: self.backend(topology, r.site).logs(name, tail)
+            for name, r in sorted(self.actual(topology).items())
+            if r.unit == unit
+        }
+
+
+def _counters(read: Callable[[str], dict[str, float]], row: ReplicaStatus) -> dict[str, float]:
+    if row.running is None or row.running.state != "running":
+        return {}
+    try:
+        m = read(f"http://127.0.0.1:{row.running.port}/metrics")
+    except OSError:
+        return {}
+    return {
+        "messages": m.get("cloudlet_messages_received_total", 0.0),
+        "updates": m.get("cloudlet_updates_accepted_total", 0.0),
+        "derived": m.get("cloudlet_updates_derived_total", 0.0),
+    }

@@ -1,0 +1,179 @@
+"""Topologies, placement and export, without running anything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cloudlet.export import compose, kubernetes
+from cloudlet.placement import PlacementError, place
+from cloudlet.topology import Location, Topology, TopologyError, memory_bytes
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "cloudlet" / "scenarios" / "irrigation" / "topology.yaml"
+FIELDS = Location(lat=41.6168, lon=0.6226)
+
+
+def _write(tmp_path: Path, doc: dict) -> Path:
+    (tmp_path / "unit.yaml").write_text("name: u\nobjects: [objects]\n")
+    path = tmp_path / "topology.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def _site(lat: float, lon: float, **extra: object) -> dict:
+    return {"location": {"lat": lat, "lon": lon}, **extra}
+
+
+def test_the_example_topology_loads_and_places_near_the_fields() -> None:
+    topology = Topology.load(EXAMPLE)
+    assert list(topology.sites) == ["field", "town"]
+    assert topology.order() == ["irrigation", "archive"]  # irrigation feeds archive
+    plan = place(topology)
+    assert plan.where() == {"irrigation-0": "field", "irrigation-1": "town", "archive-0": "town"}
+    first = plan.of("irrigation")[0].why
+    assert "0.2 km from its 10 sources" in first and "arm64" in first
+    assert "spread: the unit is on field already" in plan.of("irrigation")[1].why
+    assert "not field: label zone='farm' (needs 'town')" in plan.of("archive")[0].why
+
+
+def test_errors_name_the_file_the_object_and_the_field(tmp_path: Path) -> None:
+    path = _write(tmp_path, {
+        "sites": {"a": {"arch": "sparc", "capacity": {"memory": "lots"}}},
+        "units": {"u": {"config": "unit.yaml", "replicas": -1,
+                        "placement": {"sites": ["nowhere"]}}},
+    })  # fmt: skip
+    with pytest.raises(TopologyError) as caught:
+        Topology.load(path)
+    text = str(caught.value)
+    assert f"{path}: sites.a.arch: Input should be 'amd64', 'arm64' or 'armv7'" in text
+    assert f"{path}: sites.a.capacity.memory: memory 'lots' must be a size such as 256Mi" in text
+    assert f"{path}: units.u.replicas: Input should be greater than or equal to 0" in text
+
+
+def test_references_cycles_and_missing_files_are_reported(tmp_path: Path) -> None:
+    path = _write(tmp_path, {
+        "sites": {"a": {}},
+        "units": {"u": {"config": "unit.yaml", "placement": {"sites": ["nowhere"]}}},
+    })  # fmt: skip
+    with pytest.raises(TopologyError, match=r"units.u.placement.sites: no site 'nowhere'"):
+        Topology.load(path)
+    path = _write(tmp_path, {
+        "sites": {"a": {}},
+        "units": {"u": {"config": "unit.yaml", "feeds": ["v"]},
+                  "v": {"config": "unit.yaml", "feeds": ["u"]}},
+    })  # fmt: skip
+    with pytest.raises(TopologyError, match=r"units\.feeds: a cycle between u, v"):
+        Topology.load(path)
+    path = _write(tmp_path, {"sites": {"a": {}}, "units": {"u": {"config": "missing.yaml"}}})
+    with pytest.raises(TopologyError, match=r"units.u.config: no such file: .*missing.yaml"):
+        Topology.load(path)
+
+
+def test_memory_sizes() -> None:
+    assert memory_bytes("256Mi") == 256 * 2**20
+    assert memory_bytes("2Gi") == 2 * 2**30
+    assert memory_bytes("1G") == 10**9
+    assert memory_bytes(1000) == 1000
+
+
+def _topology(tmp_path: Path, sites: dict, units: dict) -> Topology:
+    return Topology.load(_write(tmp_path, {"sites": sites, "units": units}))
+
+
+def test_architecture_labels_and_capacity_constrain_placement(tmp_path: Path) -> None:
+    topology = _topology(
+        tmp_path,
+        {"pi": _site(41.6, 0.62, arch="arm64", capacity={"cpu": 1, "memory": "1Gi"}),
+         "dc": _site(41.7, 0.70, arch="amd64", zone="town")},
+        {"edge": {"config": "unit.yaml", "replicas": 3, "resources": {"cpu": 0.5},
+                  "placement": {"arch": ["arm64"], "near": "pi", "spread": False}}},
+    )  # fmt: skip
+    with pytest.raises(PlacementError) as caught:
+        place(topology, locations={"edge": []})
+    message = str(caught.value)
+    assert message.startswith("unit 'edge': no site can take replica edge-2:")
+    assert "pi: CPU full (1 of 1 used)" in message and "dc: amd64 (needs arm64)" in message
+
+
+def test_spread_prefers_other_sites_then_distance(tmp_path: Path) -> None:
+    topology = _topology(
+        tmp_path,
+        {"near": _site(41.6168, 0.6226), "far": _site(42.0, 1.0), "mid": _site(41.65, 0.65)},
+        {"u": {"config": "unit.yaml", "replicas": 4}},
+    )
+    plan = place(topology, locations={"u": [FIELDS]})
+    assert [a.site for a in plan.of("u")] == ["near", "mid", "far", "near"]
+    assert "shares the site with another replica" in plan.of("u")[3].why
+
+
+def test_a_fed_unit_goes_near_what_feeds_it(tmp_path: Path) -> None:
+    topology = _topology(
+        tmp_path,
+        {"a": _site(41.0, 0.0), "b": _site(45.0, 5.0)},
+        {"source": {"config": "unit.yaml", "feeds": ["sink"], "placement": {"near": "b"}},
+         "sink": {"config": "unit.yaml"}},
+    )  # fmt: skip
+    plan = place(topology, locations={"source": [], "sink": []})
+    assert plan.where() == {"source-0": "b", "sink-0": "b"}
+
+
+def test_placed_replicas_stay_and_evacuated_sites_get_nothing(tmp_path: Path) -> None:
+    topology = _topology(
+        tmp_path,
+        {"near": _site(41.6168, 0.6226), "far": _site(42.0, 1.0)},
+        {"u": {"config": "unit.yaml", "replicas": 2}},
+    )
+    locations = {"u": [FIELDS]}
+    kept = place(topology, {"u-0": "far", "u-1": "near"}, locations=locations)
+    assert kept.where() == {"u-0": "far", "u-1": "near"}
+    assert kept.of("u")[0].why.startswith("stays")
+    moved = place(topology, kept.where(), excluded={"near"}, locations=locations)
+    assert moved.where() == {"u-0": "far", "u-1": "far"}
+    assert "near: evacuated" in moved.of("u")[1].why
+    fresh = place(topology, locations=locations)
+    assert fresh.where() == {"u-0": "near", "u-1": "far"}
+
+
+def test_kubernetes_manifests_follow_the_placement() -> None:
+    topology = Topology.load(EXAMPLE)
+    docs = kubernetes(topology, place(topology))
+    kinds = [(d["kind"], d["metadata"]["name"]) for d in docs]
+    assert kinds == [
+        ("ConfigMap", "irrigation-config"), ("Deployment", "irrigation-field"),
+        ("Deployment", "irrigation-town"), ("ConfigMap", "archive-config"),
+        ("Deployment", "archive-town"),
+    ]  # fmt: skip
+    field = docs[1]["spec"]
+    assert field["replicas"] == 1
+    pod = field["template"]["spec"]
+    assert pod["nodeSelector"] == {"cloudlet.io/site": "field", "kubernetes.io/arch": "arm64"}
+    container = pod["containers"][0]
+    assert container["resources"]["limits"] == {"cpu": "500m", "memory": str(256 * 2**20)}
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    unit = yaml.safe_load(docs[0]["data"]["unit.yaml"])
+    assert unit["objects"] == ["/etc/cloudlet/objects"] and unit["share_group"] == "irrigation"
+    assert "objects__field-1.yaml" in docs[0]["data"]
+    items = pod["volumes"][1]["configMap"]["items"]
+    assert {"key": "objects__field-1.yaml", "path": "field-1.yaml"} in items
+
+
+def test_compose_files_per_site(tmp_path: Path) -> None:
+    topology = Topology.load(EXAMPLE)
+    plan = place(topology)
+    path = compose(topology, plan, "town", tmp_path / "town")
+    doc = yaml.safe_load(path.read_text())
+    assert sorted(doc["services"]) == ["archive-0", "irrigation-1"]
+    service = doc["services"]["irrigation-1"]
+    assert service["command"][:5] == ["unit", "run", "/etc/cloudlet/unit.yaml", "--replica", "1"]
+    assert service["network_mode"] == "host" and service["cpus"] == 0.5
+    assert (tmp_path / "town" / "irrigation" / "objects" / "field-1.yaml").exists()
+    config = yaml.safe_load((tmp_path / "town" / "irrigation" / "irrigation-1.yaml").read_text())
+    assert (
+        config["http"]["port"]
+        != yaml.safe_load((tmp_path / "town" / "archive" / "archive-0.yaml").read_text())["http"][
+            "port"
+        ]
+    )
