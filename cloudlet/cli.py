@@ -678,6 +678,44 @@ def rig_kafka(
     _serve(broker, broker.bootstrap_servers)
 
 
+@rig_app.command("docker")
+def rig_docker() -> None:
+    """A Docker Engine for the control plane's docker sites: the one at DOCKER_HOST or
+    /var/run/docker.sock, or Debian's dockerd started here (vfs, no bridge: containers use
+    host networking) until Ctrl-C."""
+    from cloudlet.rig.docker import DockerEngine
+
+    try:
+        engine = DockerEngine(Path(tempfile.mkdtemp(prefix="cloudlet-docker-"))).start()
+    except RigError as exc:
+        raise _fail(str(exc)) from None
+    out.print(f"docker engine: export DOCKER_HOST={engine.url}")
+    out.print(f"in a topology's site: engine: {{docker: {engine.url}}}")
+    if engine.process is None:
+        return  # someone else's engine: nothing to keep running
+    stop = _stop_on_signals()
+    _wait(stop)
+    engine.stop()
+
+
+@rig_app.command("image")
+def rig_image(
+    tag: Annotated[str | None, typer.Option(help="Tag (default: cloudlet:<content hash>).")] = None,
+) -> None:
+    """Build the project image (compose/Dockerfile) on a local Debian base made with
+    debootstrap, on the engine at DOCKER_HOST; no registry is needed."""
+    from cloudlet.rig.docker import DockerEngine, project_image
+
+    try:
+        engine = DockerEngine(Path(tempfile.mkdtemp(prefix="cloudlet-docker-")))
+        if not os.environ.get("DOCKER_HOST"):
+            raise RigError("set DOCKER_HOST to an engine (`cloudlet rig docker` starts one)")
+        engine.start()
+        out.print(project_image(engine.client(), tag, say=out.print))
+    except RigError as exc:
+        raise _fail(str(exc)) from None
+
+
 def main() -> None:
     app()
 

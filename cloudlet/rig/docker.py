@@ -173,6 +173,10 @@ def project_image(client: Any, tag: str | None = None, *, say: Any = print) -> s
     except BuildError as exc:
         lines = "".join(str(chunk.get("stream", chunk.get("error", ""))) for chunk in exc.build_log)
         raise RigError(f"docker build failed: {exc.msg}\n{lines[-3000:]}") from None
+    for image in client.images.list(name="cloudlet"):  # earlier trees' images: vfs is not small
+        if tag not in image.tags and all(t.startswith("cloudlet:") for t in image.tags):
+            with contextlib.suppress(Exception):
+                client.images.remove(image.id, force=True)
     return tag
 
 
