@@ -292,7 +292,7 @@ class Controller:
     def wait_ready(self, replica: Replica, timeout: float, settle: float = 1.0) -> bool:
         """Ready (/readyz: connected and subscribed), then still running and healthy after
         `settle` seconds."""
-        backend = self._backends[replica.site]
+        backend = self._backends.get(replica.site) or self.backend(self.topology(), replica.site)
         deadline = self.clock() + timeout
         while self.clock() < deadline:
             running = {r.replica: r for r in backend.list()}.get(replica.replica)
@@ -493,14 +493,7 @@ class Controller:
             )
         excluded = set(self.control.evacuated) | {site}
         plan = self.plan(topology, excluded=excluded)
-        self.say(f"evacuating {site}:")
-        for step in self.steps(topology, plan):
-            self.say(f"  {step}")
-        if dry_run:
-            return True
-        self.control.evacuated = sorted(excluded)
-        self.say("applying:")
-        return self.apply(topology, plan, timeout=timeout)
+        return self._rearrange(f"evacuating {site}", topology, plan, excluded, dry_run, timeout)
 
     def rebalance(self, *, keep_evacuated: bool = False, dry_run: bool = False,
                   timeout: float = 60.0) -> bool:  # fmt: skip
@@ -508,8 +501,15 @@ class Controller:
         topology = self.topology()
         excluded = set(self.control.evacuated) if keep_evacuated else set()
         plan = self.plan(topology, fresh=True, excluded=excluded)
+        return self._rearrange("rebalancing", topology, plan, excluded, dry_run, timeout)
+
+    def _rearrange(
+        self, what: str, topology: Topology, plan: Plan, excluded: set[str], dry_run: bool,
+        timeout: float,
+    ) -> bool:  # fmt: skip
+        """Print the moves, then (unless a dry run) make them."""
         steps = self.steps(topology, plan)
-        self.say("rebalancing:" if steps else "rebalancing: every replica is where it should be")
+        self.say(f"{what}:" if steps else f"{what}: every replica is where it should be")
         for step in steps:
             self.say(f"  {step}")
         if dry_run:

@@ -59,18 +59,24 @@ def _print_plan(topology: Any, plan: Any) -> None:
     out.print(table)
 
 
+def _planned(state: Path, topology_path: Path) -> tuple[Any, Any, Any]:
+    from cloudlet.topology import Topology
+
+    control = _controller(state)
+    topology = Topology.load(topology_path)
+    placed = control.plan(topology)
+    _print_plan(topology, placed)
+    return control, topology, placed
+
+
 def plan(
     topology_path: Annotated[Path, typer.Argument(metavar="TOPOLOGY")],
     state: StateOption = Path(".cloudlet"),
 ) -> None:
     """Compute and print a placement (replica -> site, and why), touching nothing."""
-    from cloudlet.topology import Topology
 
     with _errors():
-        control = _controller(state)
-        topology = Topology.load(topology_path)
-        placed = control.plan(topology)
-        _print_plan(topology, placed)
+        control, topology, placed = _planned(state, topology_path)
         if control.control.topology is not None:
             steps = control.steps(topology, placed)
             out.print("to get there:" if steps else "nothing to change")
@@ -85,13 +91,9 @@ def deploy(
     watch: Annotated[bool, typer.Option(help="Then keep reconciling until Ctrl-C.")] = False,
 ) -> None:
     """Place and start every replica; replicas of a changed unit are replaced one at a time."""
-    from cloudlet.topology import Topology
 
     with _errors():
-        control = _controller(state)
-        topology = Topology.load(topology_path)
-        placed = control.plan(topology)
-        _print_plan(topology, placed)
+        control, topology, placed = _planned(state, topology_path)
         ok = control.apply(topology, placed, timeout=timeout)
         out.print("deployed: every replica is ready" if ok else "[red]deployed with failures[/]")
         if watch:

@@ -42,10 +42,9 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from streams.registry import Problem, validation_problems
+from streams.registry import Problem, validation_problems, yaml_mapping
 
 NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")  # DNS-label-like: container names
 ARCHES = ("amd64", "arm64", "armv7")
@@ -236,15 +235,9 @@ class Topology(_Strict):
     def load(cls, path: Path) -> Topology:
         """The topology in `path`; TopologyError lists every problem with file and field."""
         source = str(path)
-        try:
-            doc = yaml.safe_load(path.read_text())
-        except OSError as exc:
-            raise TopologyError([Problem(source, f"cannot be read: {exc.strerror}")]) from None
-        except yaml.YAMLError as exc:
-            reason = str(exc).splitlines()[0]
-            raise TopologyError([Problem(source, f"cannot be read as yaml: {reason}")]) from None
-        if not isinstance(doc, dict):
-            raise TopologyError([Problem(source, "a topology must be a mapping")])
+        doc, problem = yaml_mapping(path, "a topology")
+        if problem is not None:
+            raise TopologyError([problem])
         try:
             topology = cls.model_validate(doc)
         except ValidationError as exc:
@@ -278,7 +271,3 @@ class TopologyError(Exception):
     def __init__(self, problems: list[Problem]) -> None:
         self.problems = problems
         super().__init__("\n".join(str(p) for p in problems))
-
-
-def dump(doc: Any) -> str:
-    return yaml.safe_dump(doc, sort_keys=False)

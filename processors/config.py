@@ -23,14 +23,13 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from processors.chain import ProcessorSpec
 from streams.codec import DEFAULT_MAX_PAYLOAD
 from streams.flows.model import duration_ms
 from streams.mqtt import MqttSettings
-from streams.registry import Problem, validation_problems
+from streams.registry import Problem, validation_problems, yaml_mapping
 from streams.topics import TopicScheme
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -111,15 +110,9 @@ class UnitConfig(_Strict):
         """The config in `path`; paths in it are taken relative to its folder.
         ConfigError lists every problem, each naming the file and the field."""
         source = str(path)
-        try:
-            doc = yaml.safe_load(path.read_text())
-        except OSError as exc:
-            raise ConfigError([Problem(source, f"cannot be read: {exc.strerror}")]) from None
-        except yaml.YAMLError as exc:
-            reason = str(exc).splitlines()[0]
-            raise ConfigError([Problem(source, f"cannot be read as yaml: {reason}")]) from None
-        if not isinstance(doc, dict):
-            raise ConfigError([Problem(source, "a unit config must be a mapping")])
+        doc, problem = yaml_mapping(path, "a unit config")
+        if problem is not None:
+            raise ConfigError([problem])
         try:
             config = cls.model_validate(doc)
         except ValidationError as exc:

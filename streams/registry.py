@@ -76,6 +76,21 @@ def validation_problems(
     ]
 
 
+def yaml_mapping(path: Path, what: str) -> tuple[dict[str, Any] | None, Problem | None]:
+    """A config file's YAML mapping, or the problem that stops it being read (what: "a unit
+    config", "a topology")."""
+    source = str(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        return None, Problem(source, f"cannot be read: {exc.strerror}")
+    except yaml.YAMLError as exc:
+        return None, Problem(source, f"cannot be read as yaml: {str(exc).splitlines()[0]}")
+    if not isinstance(doc, dict):
+        return None, Problem(source, f"{what} must be a mapping")
+    return doc, None
+
+
 def descriptor_files(paths: Iterable[Path | str]) -> Iterator[Path]:
     """The descriptor files named by `paths`: files as given, directories searched recursively,
     each file once however often it is named."""

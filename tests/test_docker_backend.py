@@ -8,6 +8,7 @@ reuse the engine's images. Containers use host networking: everything stays on l
 
 from __future__ import annotations
 
+import contextlib
 import io
 import time
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from cloudlet.control import Controller
+from cloudlet.control import ControlError, Controller
 from cloudlet.placement import Plan
 from cloudlet.rig import Mosquitto, RigError
 from cloudlet.rig.docker import DockerEngine, project_image
@@ -72,7 +73,8 @@ def site(
     }  # fmt: skip
     (work / "topology.yaml").write_text(yaml.safe_dump(topology))
     yield work
-    Controller(work / "state", say=lambda _: None).shutdown(timeout=10)
+    with contextlib.suppress(ControlError):  # a test that failed before deploying
+        Controller(work / "state", say=lambda _: None).shutdown(timeout=10)
 
 
 def _containers(engine: DockerEngine) -> dict[str, Any]:
@@ -98,7 +100,7 @@ def test_deploy_runs_one_container_per_replica_with_limits_and_labels(
     assert sorted(containers) == ["irrigation-0", "irrigation-1"]
     c = containers["irrigation-0"]
     assert c.name == "cloudlet-farm-docker-irrigation-0" and c.status == "running"
-    assert c.labels["io.cloudlet.site"] == "field" and c.image.tags[0] == images[0]
+    assert c.labels["io.cloudlet.site"] == "field" and images[0] in c.image.tags
     host = c.attrs["HostConfig"]
     assert host["NanoCpus"] == 500_000_000 and host["Memory"] == 256 * 2**20
     assert host["NetworkMode"] == "host" and host["RestartPolicy"]["Name"] == "on-failure"
@@ -134,7 +136,7 @@ def test_patches_roll_and_an_unhealthy_image_is_rolled_back(
     assert control.patch("irrigation", image=images[1], timeout=90)
     after = _versions(control)
     assert len(set(after.values())) == 1 and after != before
-    assert {c.image.tags[0] for c in _containers(engine).values()} >= {images[1]}
+    assert all(images[1] in c.image.tags for c in _containers(engine).values())
     lines.clear()
     assert not control.patch("irrigation", image=images[2], timeout=30)
     assert any("rolling back" in line for line in lines)
