@@ -181,8 +181,7 @@ def compose(topology: Topology, plan: Plan, site: str, folder: Path) -> Path:
                                 "timeout": "3s", "retries": 3},
             }  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
-    out = {
-        "name": f"{topology.name}-{site}",
+    out = {  # the project is named after the folder: the site
         "services": services,
         "volumes": {f"{r}-state": {} for r in services},
     }

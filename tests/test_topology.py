@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import yaml
 
 from cloudlet.export import compose, kubernetes
 from cloudlet.placement import PlacementError, place
+from cloudlet.rig.apt import compose_command
 from cloudlet.topology import Location, Topology, TopologyError, memory_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,6 +166,9 @@ def test_compose_files_per_site(tmp_path: Path) -> None:
     topology = Topology.load(EXAMPLE)
     plan = place(topology)
     path = compose(topology, plan, "town", tmp_path / "town")
+    done = subprocess.run([*compose_command(), "-f", str(path), "config"],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr  # docker-compose itself accepts it
     doc = yaml.safe_load(path.read_text())
     assert sorted(doc["services"]) == ["archive-0", "irrigation-1"]
     service = doc["services"]["irrigation-1"]
