@@ -56,7 +56,8 @@ class Running:
     state: str  # running, exited, gone
     ref: str  # pid or container id
     started: float
-    restarts: int = 0
+    restarts: int = 0  # by the engine itself (docker's restart policy); the control plane
+    # counts its own in control.json
 
 
 class Backend(Protocol):
@@ -122,7 +123,6 @@ class LocalBackend:
                 "running" if self._alive(r["pid"]) else "exited",
                 str(r["pid"]),
                 r["started"],
-                r.get("restarts", 0),
             )
             for r in self._records()
         ]
@@ -130,11 +130,6 @@ class LocalBackend:
     def start(self, replica: Replica) -> Running:
         folder = self._folder(replica.replica)
         folder.mkdir(parents=True, exist_ok=True)
-        previous = folder / "process.json"
-        restarts = 0
-        if previous.exists():
-            with contextlib.suppress(orjson.JSONDecodeError):
-                restarts = orjson.loads(previous.read_bytes()).get("restarts", -1) + 1
         log = (folder / "unit.log").open("ab")
         child = subprocess.Popen(
             [sys.executable, "-m", "cloudlet.cli", *unit_command(replica)],
@@ -145,10 +140,10 @@ class LocalBackend:
         log.close()
         self._children[child.pid] = child
         record = {**asdict(replica), "config": str(replica.config), "pid": child.pid,
-                  "started": time.time(), "restarts": restarts}  # fmt: skip
+                  "started": time.time()}  # fmt: skip
         tmp = folder / "process.json.tmp"
         tmp.write_bytes(orjson.dumps(record))
-        tmp.replace(previous)
+        tmp.replace(folder / "process.json")
         return Running(
             replica.unit,
             replica.replica,
@@ -158,7 +153,6 @@ class LocalBackend:
             "running",
             str(child.pid),
             record["started"],
-            restarts,
         )
 
     def stop(self, replica: str, timeout: float = 30.0) -> None:
