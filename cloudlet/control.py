@@ -127,16 +127,26 @@ class Controller:
             path = Path(self.control.topology)
         return Topology.load(path)
 
-    def spec(self, topology: Topology, unit: str) -> UnitSpec:
-        """The unit as the topology says, with the patches applied since."""
+    def spec(self, topology: Topology, unit: str, patch: dict[str, str] | None = None) -> UnitSpec:
+        """The unit as the topology says, with `patch` (by default, the patches applied
+        since) on top."""
         spec = topology.units[unit]
-        patch = self.control.patched.get(unit, {})
+        patch = self.control.patched.get(unit, {}) if patch is None else patch
         update: dict[str, Any] = {}
         if "image" in patch:
             update["image"] = patch["image"]
         if "config" in patch:
             update["config"] = Path(patch["config"])
         return spec.model_copy(update=update) if update else spec
+
+    def _with_unit(self, unit: str) -> Topology:
+        """The deployed topology, which must have `unit`."""
+        topology = self.topology()
+        if unit not in topology.units:
+            raise ControlError(
+                f"no unit {unit!r} in {topology.source} ({', '.join(topology.units)})"
+            )
+        return topology
 
     def backend(self, topology: Topology, site: str) -> Backend:
         if site not in self._backends:
@@ -279,7 +289,8 @@ class Controller:
             replicas = [s.replica for s in steps if s.action == "update" and s.replica in
                         {a.replica for a in plan.of(unit)}]  # fmt: skip
             if replicas:
-                ok = self._roll(topology, plan, unit, replicas, None, timeout) and ok
+                spec = self.spec(topology, unit)
+                ok = self._roll(topology, plan, unit, replicas, spec, timeout) and ok
         for name in started:
             if self.wait_ready(desired[name], timeout):
                 self._released(desired[name])
@@ -313,11 +324,7 @@ class Controller:
     ) -> bool:  # fmt: skip
         """Roll a new image or config through the unit's replicas one at a time, each gated
         on readiness; the first that fails brings every replica back to the old version."""
-        topology = self.topology()
-        if unit not in topology.units:
-            raise ControlError(
-                f"no unit {unit!r} in {topology.source} ({', '.join(topology.units)})"
-            )
+        topology = self._with_unit(unit)
         if config is not None and not config.is_file():
             raise ControlError(f"no such config file: {config}")
         plan = Plan.from_json(self.control.plan)
@@ -327,31 +334,27 @@ class Controller:
             after["image"] = image
         if config is not None:
             after["config"] = str(config.absolute())
-        old = self.spec(topology, unit)
-        self.control.patched[unit] = after
-        new = self.spec(topology, unit)
+        old, new = self.spec(topology, unit), self.spec(topology, unit, after)
         if new.version() == old.version():
-            self.control.patched[unit] = before
             self.say(f"{unit}: already at version {old.version()}; nothing to do")
             return True
         self.say(f"{unit}: {old.version()} -> {new.version()}, one replica at a time")
-        self.control.patched[unit] = before
-        replicas = [a.replica for a in plan.of(unit)]
-        ok = self._roll(topology, plan, unit, replicas, after, timeout)
-        self._save()
+        ok = self._roll(topology, plan, unit, [a.replica for a in plan.of(unit)], new, timeout)
+        if ok:
+            self.control.patched[unit] = after
+            self._save()
         return ok
 
     def _roll(
         self, topology: Topology, plan: Plan, unit: str, replicas: list[str],
-        patch: dict[str, str] | None, timeout: float,
+        spec: UnitSpec, timeout: float,
     ) -> bool:  # fmt: skip
+        """Replace `replicas` of `unit` with `spec` one at a time; the first that is not ready
+        brings every one replaced so far back to its last release."""
         where = plan.where()
-        before = self.control.patched.get(unit)
         done: list[tuple[str, Replica | None]] = []  # updated so far, with their last release
         for name in replicas:
-            if patch is not None:
-                self.control.patched[unit] = patch
-            new = self._replica(topology, unit, name, where[name], self.spec(topology, unit))
+            new = self._replica(topology, unit, name, where[name], spec)
             backend = self.backend(topology, where[name])
             self.say(f"  update  {name:<24} {where[name]:<20} -> {new.version}")
             done.append((name, self.release(name)))
@@ -363,11 +366,6 @@ class Controller:
             self.say(f"  {name}: version {new.version} is not healthy; rolling back")
             for line in backend.logs(name, 5).splitlines():
                 self.say(f"    | {line}")
-            if patch is not None:
-                if before is None:
-                    self.control.patched.pop(unit, None)
-                else:
-                    self.control.patched[unit] = before
             for back, release in reversed(done):
                 b = self.backend(topology, where[back])
                 b.stop(back)
@@ -519,11 +517,7 @@ class Controller:
         return self.apply(topology, plan, timeout=timeout)
 
     def logs(self, unit: str, tail: int = 100) -> dict[str, str]:
-        topology = self.topology()
-        if unit not in topology.units:
-            raise ControlError(
-                f"no unit {unit!r} in {topology.source} ({', '.join(topology.units)})"
-            )
+        topology = self._with_unit(unit)
         return {
             name: self.backend(topology, r.site).logs(name, tail)
             for name, r in sorted(self.actual(topology).items())
