@@ -57,6 +57,9 @@ class ConsumerSettings(_Strict):
     bootstrap_servers: str
     topic: str = "cloudlet.updates"
     group: str = "cloudlet-cloud"
+    # records that cannot be stored go here (with the reason in a header), then are
+    # committed past: one bad record never stops the cloud
+    dead_letter_topic: str = "cloudlet.updates.dead-letter"
     commands: CommandTopics = CommandTopics()
 
 
@@ -87,8 +90,12 @@ class _Metrics:
         self.stored = Counter("cloudlet_cloud_updates_stored", "New updates stored", registry=r)
         self.duplicates = Counter("cloudlet_cloud_duplicates", "Records already stored (by"
                                   " message id)", registry=r)  # fmt: skip
-        self.rejected = Counter("cloudlet_cloud_records_rejected", "Records that are not"
-                                " cloudlet records", registry=r)  # fmt: skip
+        self.rejected = Counter("cloudlet_cloud_records_rejected", "Records that could not be"
+                                " stored (dead-lettered), by reason", ["reason"],
+                                registry=r)  # fmt: skip
+        self.store_retries = Counter("cloudlet_cloud_store_retries", "Store writes that failed"
+                                     " on the store being away and were retried",
+                                     registry=r)  # fmt: skip
         self.requests = Counter("cloudlet_cloud_requests", "API requests by status", ["status"],
                                 registry=r)  # fmt: skip
 
@@ -111,10 +118,15 @@ class Materializer:
         self._stop.set()
         self._thread.join(15)
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() or not self._thread.ident
+
     async def _run(self) -> None:
-        from aiokafka import AIOKafkaConsumer
+        from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
         from aiokafka.errors import KafkaError
 
+        delay = 1.0
         while not self._stop.is_set():
             consumer = AIOKafkaConsumer(
                 self.settings.topic, self.settings.commands.status,
@@ -122,41 +134,92 @@ class Materializer:
                 group_id=self.settings.group, enable_auto_commit=False,
                 auto_offset_reset="earliest", metadata_max_age_ms=5_000,
             )  # fmt: skip
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self.settings.bootstrap_servers, acks="all"
+            )
             try:
                 await consumer.start()
+                await producer.start()
                 self.ready.set()
                 while not self._stop.is_set():
                     batches = await consumer.getmany(timeout_ms=500, max_records=2000)
-                    messages = []
-                    for records in batches.values():
-                        for r in records:
-                            if r.topic == self.settings.commands.status:
-                                await asyncio.to_thread(self._status, r.value)
-                                continue
-                            self.metrics.consumed.inc()
-                            try:
-                                messages.append(CloudMessage.from_record(orjson.loads(r.value)))
-                            except (ValueError, orjson.JSONDecodeError) as exc:
-                                self.metrics.rejected.inc()
-                                log.error("%s[%d]@%d: %s", r.topic, r.partition, r.offset, exc)
-                    if messages:
-                        new = await asyncio.to_thread(self.store.write, messages)
-                        self.metrics.stored.inc(new)
-                        self.metrics.duplicates.inc(len(messages) - new)
-                    if batches:
-                        await consumer.commit()  # after the store has them
+                    records = [r for rs in batches.values() for r in rs]
+                    if records:
+                        await self._handle(records, producer)
+                        await consumer.commit()  # after the store (or the dead letters) has them
+                    delay = 1.0
             except KafkaError as exc:
                 log.warning("cloud consumer: %s; reconnecting", exc)
-                await asyncio.sleep(1.0)
+            except Exception as exc:  # the store away, or a bug: back off, re-read, go on
+                self.ready.clear()
+                if not self.store.transient(exc):
+                    log.exception("cloud consumer failed; starting again in %.0f s", delay)
+                else:
+                    self.metrics.store_retries.inc()
+                    log.warning("store unavailable (%s); retrying in %.0f s", exc, delay)
             finally:
                 await consumer.stop()
+                await producer.stop()
+            if not self._stop.is_set():
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    async def _handle(self, records: list[Any], producer: Any) -> None:
+        """Store a batch of records; each that cannot be stored goes to the dead-letter topic
+        with its reason. The store being away raises (the batch is read again later)."""
+        messages: list[tuple[Any, CloudMessage]] = []
+        for r in records:
+            if r.topic == self.settings.commands.status:
+                try:
+                    await asyncio.to_thread(self._status, r.value)
+                except Exception as exc:
+                    if self.store.transient(exc):
+                        raise
+                    await self._dead_letter(producer, r, "internal_error", exc)
+                continue
+            self.metrics.consumed.inc()
+            try:
+                messages.append((r, CloudMessage.from_record(orjson.loads(r.value))))
+            except (ValueError, orjson.JSONDecodeError) as exc:
+                await self._dead_letter(producer, r, "not_a_record", exc)
+            except Exception as exc:
+                await self._dead_letter(producer, r, "internal_error", exc)
+        if not messages:
+            return
+        try:
+            new = await asyncio.to_thread(self.store.write, [m for _, m in messages])
+        except Exception as exc:
+            if self.store.transient(exc):
+                raise
+            new = 0  # one the store refuses: find it, store the rest
+            for r, m in messages:
+                try:
+                    new += await asyncio.to_thread(self.store.write, [m])
+                except Exception as one:
+                    if self.store.transient(one):
+                        raise
+                    await self._dead_letter(producer, r, "store_refused", one)
+        self.metrics.stored.inc(new)
+        self.metrics.duplicates.inc(len(messages) - new)
+
+    async def _dead_letter(self, producer: Any, record: Any, reason: str, exc: Exception) -> None:
+        self.metrics.rejected.labels(reason).inc()
+        text = f"{type(exc).__name__}: {str(exc)[:500]}"
+        log.error("%s[%d]@%d dead-lettered (%s): %s", record.topic, record.partition,
+                  record.offset, reason, text)  # fmt: skip
+        headers = [("reason", reason.encode()), ("error", text.encode()),
+                   ("topic", record.topic.encode()),
+                   ("partition", str(record.partition).encode()),
+                   ("offset", str(record.offset).encode())]  # fmt: skip
+        await producer.send_and_wait(self.settings.dead_letter_topic, record.value,
+                                     key=record.key, headers=headers)  # fmt: skip
 
     def _status(self, value: bytes) -> None:
         try:
             doc = orjson.loads(value)
             known = self.store.command_status(str(doc["id"]), str(doc["status"]),
                                               int(doc["at"]), doc.get("message"))  # fmt: skip
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
             log.error("a command status that cannot be read: %s", exc)
             return
         if not known:
@@ -333,12 +396,14 @@ class CloudService:
 
         @app.get("/healthz", include_in_schema=False)
         def healthz() -> PlainTextResponse:
-            return PlainTextResponse("ok")
+            ok = self.alive
+            return PlainTextResponse("ok" if ok else "the Kafka consumer stopped",
+                                     status_code=200 if ok else 503)  # fmt: skip
 
         @app.get("/readyz", include_in_schema=False)
         def readyz() -> PlainTextResponse:
-            ok = self.materializer is None or self.materializer.ready.is_set()
-            return PlainTextResponse("ready" if ok else "not consuming yet",
+            ok = self.alive and (self.materializer is None or self.materializer.ready.is_set())
+            return PlainTextResponse("ready" if ok else "not consuming (see the log)",
                                      status_code=200 if ok else 503)  # fmt: skip
 
         @app.get("/metrics", include_in_schema=False)
@@ -377,6 +442,11 @@ class CloudService:
     @property
     def url(self) -> str:
         return f"http://{self.settings.host}:{self.port}"
+
+    @property
+    def alive(self) -> bool:
+        """Every background thread runs (`cloudlet cloud serve` exits non-zero otherwise)."""
+        return self.materializer is None or self.materializer.alive
 
     def stop(self) -> None:
         if self._server is not None:

@@ -65,6 +65,10 @@ def status_record(so: str, report: StatusReport) -> bytes:
     return orjson.dumps(doc)
 
 
+def _is_so(value: object) -> bool:
+    return type(value) is str and 0 < len(value) <= 256 and not ({"/", "+", "#"} & set(value))
+
+
 class CommandRelay:
     """Kafka commands to MQTT, MQTT status reports to Kafka, for one site."""
 
@@ -98,14 +102,20 @@ class CommandRelay:
             return
         client.subscribe(self.topics.action_status_filter, qos=1)
 
+    @property
+    def alive(self) -> bool:
+        """The relay's thread runs (a relay that has not started counts as alive)."""
+        return self._thread.is_alive() or not self._thread.ident
+
     def _on_status(self, _c: object, _u: object, msg: Any) -> None:
         about = self.topics.parse_action_status(msg.topic)
         if about is None or self._loop is None or self._reports is None:
             return
         try:
-            report = StatusReport.from_json(msg.payload)
+            report = StatusReport.from_json(bytes(msg.payload))
         except ActuationError as exc:
-            log.warning("status report on %s cannot be read: %s", msg.topic, exc)
+            self.refused += 1
+            log.warning("status report on %.200s cannot be read: %s", msg.topic, exc)
             return
         self._loop.call_soon_threadsafe(self._reports.put_nowait,
                                         status_record(about[0], report))  # fmt: skip
@@ -142,7 +152,14 @@ class CommandRelay:
                     batches = await consumer.getmany(timeout_ms=200)
                     for records in batches.values():
                         for r in records:
-                            await self._command(r.value, producer)
+                            try:
+                                await self._command(r.value, producer)
+                            except KafkaError:
+                                raise
+                            except Exception:  # a bug on one record costs that record
+                                self.refused += 1
+                                log.exception("command %s[%d]@%d skipped", r.topic,
+                                              r.partition, r.offset)  # fmt: skip
                     if batches:
                         await consumer.commit()
                     while not self._reports.empty():
@@ -152,6 +169,9 @@ class CommandRelay:
             except KafkaError as exc:
                 log.warning("command relay: %s; reconnecting", exc)
                 await asyncio.sleep(1.0)
+            except Exception:  # never leave the site without its command path
+                log.exception("command relay failed; starting again in 5 s")
+                await asyncio.sleep(5.0)
             finally:
                 await consumer.stop()
                 await producer.stop()
@@ -170,8 +190,9 @@ class CommandRelay:
             doc = orjson.loads(value)
             if doc.get("site") != self.settings.site:
                 return  # another cloudlet's
-            command = Actuation(doc["so"], doc["action"], dict(doc.get("parameters") or {}),
-                                id=doc["id"], issued_at=int(doc["issuedAt"]))  # fmt: skip
+            command = Actuation.from_json(doc.get("so"), value) if _is_so(doc.get("so")) else None
+            if command is None:
+                raise ValueError(f"so must be a service object id, got {doc.get('so')!r:.60}")
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
             log.error("a command that cannot be read: %s", exc)
             self.refused += 1

@@ -160,6 +160,10 @@ class Forwarder:
         self._stop.set()
         self._thread.join(timeout)
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() or not self._thread.ident
+
     def _main(self) -> None:
         asyncio.run(self._run())
 
@@ -193,7 +197,10 @@ class Forwarder:
                 await self._send(producer, records)
                 await asyncio.to_thread(self.outbox.ack, records)
                 delay = self.settings.retry_min
-            except (TimeoutError, KafkaError, OSError, sqlite3.Error, psycopg.Error) as exc:
+            except Exception as exc:  # Kafka or the store away, or a bug: retry in order
+                if not isinstance(exc, TimeoutError | KafkaError | OSError | sqlite3.Error
+                                  | psycopg.Error):  # fmt: skip
+                    log.exception("forwarder failed unexpectedly; retrying")
                 self.connected.clear()
                 self.counts.retries += 1
                 self.outbox.rewind()  # replay in order from the first unacknowledged record

@@ -60,13 +60,30 @@ class CloudMessage:
     update: dict[str, Any]
 
     @classmethod
-    def from_record(cls, doc: dict[str, Any]) -> CloudMessage:
-        try:
-            update = doc["update"]
-            return cls(str(doc["messageId"]), str(doc["site"]), str(doc["so"]),
-                       str(doc["stream"]), int(doc["enqueued"]), update)  # fmt: skip
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"not a cloudlet record: {exc!r} missing or wrong") from None
+    def from_record(cls, doc: Any) -> CloudMessage:
+        """A record as the forwarder writes it; ValueError saying what is wrong with any
+        other (never another exception)."""
+        if type(doc) is not dict:
+            raise ValueError("not a cloudlet record: not a JSON object")
+        names = ("messageId", "site", "so", "stream")
+        for name in names:
+            value = doc.get(name)
+            if type(value) is not str or not 0 < len(value) <= 1024 or "\x00" in value:
+                raise ValueError(f"not a cloudlet record: {name} must be a string, got"
+                                 f" {value!r:.60}")  # fmt: skip
+        enqueued, update = doc.get("enqueued"), doc.get("update")
+        if type(enqueued) is not int or not 0 <= enqueued < 2**63:
+            raise ValueError(f"not a cloudlet record: enqueued must be ms, got {enqueued!r:.60}")
+        if type(update) is not dict:
+            raise ValueError(f"not a cloudlet record: update must be an object, got {update!r:.60}")
+        last, channels = update.get("lastUpdate"), update.get("channels")
+        if type(last) is not int or not 0 <= last < 2**63:
+            raise ValueError(
+                f"not a cloudlet record: update.lastUpdate must be ms, got {last!r:.60}"
+            )
+        if type(channels) is not dict:
+            raise ValueError("not a cloudlet record: update.channels must be an object")
+        return cls(doc["messageId"], doc["site"], doc["so"], doc["stream"], enqueued, update)
 
     @property
     def last_update(self) -> int:
@@ -338,6 +355,10 @@ class CloudStore:
     def close(self) -> None:
         raise NotImplementedError
 
+    def transient(self, exc: BaseException) -> bool:
+        """Whether `exc` is the store being away (retry) rather than a record it refuses."""
+        raise NotImplementedError
+
 
 class SQLiteStore(CloudStore):
     def __init__(self, path: Path) -> None:
@@ -363,6 +384,9 @@ class SQLiteStore(CloudStore):
     def close(self) -> None:
         self._db.close()
 
+    def transient(self, exc: BaseException) -> bool:
+        return isinstance(exc, sqlite3.OperationalError)  # locked, disk I/O: try again
+
 
 class PostgresStore(CloudStore):
     placeholder = "%s"
@@ -382,6 +406,10 @@ class PostgresStore(CloudStore):
 
     def close(self) -> None:
         self._pool.close()
+
+    def transient(self, exc: BaseException) -> bool:
+        # a dropped connection (the pool replaces it), a server restarting or shutting down
+        return isinstance(exc, self._psycopg.OperationalError | self._psycopg.InterfaceError)
 
 
 def open_store(url: str) -> CloudStore:

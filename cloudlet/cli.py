@@ -10,6 +10,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -235,9 +236,12 @@ def _stop_on_signals(interrupt: bool = True) -> threading.Event:
     return stop
 
 
-def _wait(stop: threading.Event) -> None:
+def _wait(stop: threading.Event, alive: Callable[[], bool] = lambda: True, what: str = "") -> None:
+    """Until SIGTERM or Ctrl-C; exits non-zero (for a supervisor to restart us) as soon as a
+    background thread has died."""
     while not stop.wait(0.5):  # a timed wait lets the signal handlers run
-        pass
+        if not alive():
+            raise _fail(f"{what}: a background thread stopped; see the log above")
 
 
 def _print_problems(problems: list[Problem]) -> None:
@@ -376,9 +380,10 @@ def unit_run(
     if unit.status is not None:
         out.print(f"metrics on http://{config.http.host}:{unit.status.port}/metrics")  # type: ignore[union-attr]
     while not stop.wait(0.5):
-        if not unit.runtime.alive:
+        if not unit.alive:
+            dead = ", ".join(unit.dead_threads())
             running.stop()
-            raise _fail(f"unit {unit.instance}: its worker stopped; see the log above")
+            raise _fail(f"unit {unit.instance}: its {dead} stopped; see the log above")
     running.stop()
 
 
@@ -487,8 +492,10 @@ def cloud_serve(
     stop = _stop_on_signals()
     service.start()
     out.print(f"cloud objects on {service.url} (OpenAPI: {service.url}/docs)")
-    _wait(stop)
-    service.stop()
+    try:
+        _wait(stop, lambda: service.alive, "cloud service")
+    finally:
+        service.stop()
 
 
 @app.command("gateway")

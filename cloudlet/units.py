@@ -86,6 +86,10 @@ class CloudletUnit:
             if forward is not None and forward.kafka is not None and forward.commands
             else None
         )  # fmt: skip
+        if self.forwarder is not None:
+            self.unit.threads["forwarder"] = lambda: self.forwarder is None or self.forwarder.alive
+        if self.relay is not None:
+            self.unit.threads["command relay"] = lambda: self.relay is None or self.relay.alive
         if self.outbox is not None:
             self.unit.metrics.registry.register(
                 _CloudSyncCollector(self.unit.instance, self.outbox, self.forwarder)

@@ -9,7 +9,9 @@ came, on the object's device topic with QoS 1. The answer says what happened:
   stream, 409 a stream the cloudlet derives, 422 a value that does not fit its channel
   (the whole request is refused, so a corrected retry does not double anything), each with
   the reasons; 401 no token, 403 a token that does not grant that object;
-  503 broker unreachable (nothing was published: retry).
+  503 broker unreachable, or the broker did not confirm in time: retry. A retry of the same
+  body is idempotent: if the earlier attempt reached the broker after all, it is answered 202
+  and not published again.
 
 Refused updates are also published on the dead-letter topic with their reason and counted, as
 the units do for MQTT input. Tokens are per service object (glob patterns), compared in
@@ -19,10 +21,12 @@ constant time; the tokens themselves can come from environment variables.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import hmac
 import logging
 import threading
 import time
+from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +42,12 @@ from streams.catalog import Catalog
 from streams.codec import DEFAULT_MAX_PAYLOAD, decode
 from streams.mqtt import MqttSettings, connect, content_type_properties, make_client, refused
 from streams.registry import Problem, validation_problems
-from streams.rejections import dead_letter_record
+from streams.rejections import dead_letter_record, show_value
 from streams.web import BackgroundServer, Token, bearer
 
 log = logging.getLogger(__name__)
+MAX_UNCONFIRMED = 10_000  # 503'd publishes remembered so that a retry does not double them
+MAX_LETTER_BYTES = 16 * 1024 * 1024  # dead letters waiting for the broker; more are dropped
 
 STATUS = {
     RejectReason.OVERSIZED: 413,
@@ -50,6 +56,7 @@ STATUS = {
     RejectReason.UNKNOWN_OBJECT: 404,
     RejectReason.UNKNOWN_STREAM: 404,
     RejectReason.DERIVED_STREAM: 409,
+    RejectReason.INTERNAL_ERROR: 500,
 }  # anything else (a value that does not fit its channel): 422
 
 
@@ -126,6 +133,16 @@ class _Metrics:
                                 registry=self.registry)  # fmt: skip
         self.rejected = Counter("cloudlet_gateway_updates_rejected", "Input refused, by reason",
                                 ["reason"], registry=self.registry)  # fmt: skip
+        self.letters_dropped = Counter(
+            "cloudlet_gateway_dead_letters_dropped",
+            "Dead letters not published: the broker unreachable, or too many waiting for it",
+            registry=self.registry,
+        )
+        self.retries_deduplicated = Counter(
+            "cloudlet_gateway_retries_deduplicated",
+            "Retries of a 503'd request whose first attempt reached the broker after all",
+            registry=self.registry,
+        )
 
 
 class Gateway:
@@ -143,6 +160,12 @@ class Gateway:
             else self.connected.set()
         )
         self.client.on_disconnect = lambda *_: self.connected.clear()
+        # Publishes answered 503 that paho may still deliver, by content: a retry of the same
+        # body waits for that one instead of publishing a second copy.
+        self._unconfirmed: OrderedDict[bytes, Any] = OrderedDict()
+        self._letters: deque[tuple[Any, int]] = deque()  # dead letters waiting for the broker
+        self._letter_bytes = 0
+        self._lock = threading.Lock()
         self.app = self._app()
         self._server: BackgroundServer | None = None
         self.port = settings.port
@@ -217,6 +240,19 @@ class Gateway:
 
     def _post(self, so_id: str, stream_id: str, body: bytes, content_type: str | None) -> Response:
         try:
+            return self._checked_post(so_id, stream_id, body, content_type)
+        except Exception as exc:  # a bug of ours costs this request, answered and dead-lettered
+            log.exception("internal error on PUT /%s/streams/%s", show_value(so_id, 100),
+                          show_value(stream_id, 100))  # fmt: skip
+            return self._refuse(so_id, stream_id, body, Rejection(
+                RejectReason.INTERNAL_ERROR,
+                f"{so_id}/{stream_id}: the request could not be handled ({type(exc).__name__});"
+                " it was dead-lettered", so_id, stream_id))  # fmt: skip
+
+    def _checked_post(
+        self, so_id: str, stream_id: str, body: bytes, content_type: str | None
+    ) -> Response:
+        try:
             validator = self.registry.validator(so_id, stream_id)
             doc = decode(body, content_type, max_bytes=self.settings.max_payload)
         except InvalidUpdate as exc:
@@ -227,24 +263,39 @@ class Gateway:
         accepted, rejections = validator.document(doc)
         if rejections:
             return self._refuse(so_id, stream_id, body, *rejections)
-        if not self.connected.is_set():
+        if not accepted:
+            return self._refuse(so_id, stream_id, body, Rejection(
+                RejectReason.NO_UPDATES, f"{so_id}/{stream_id}: the body holds no updates (an"
+                " empty list or columnar batch)", so_id, stream_id))  # fmt: skip
+        topic = self.topics.device_update(so_id, stream_id)
+        key = hashlib.sha256(b"\0".join([topic.encode(), (content_type or "").encode(), body]))
+        with self._lock:
+            info = self._unconfirmed.pop(key.digest(), None)
+        if info is not None:
+            self.metrics.retries_deduplicated.inc()  # the earlier attempt is the one
+        elif not self.connected.is_set():
             return self._answer(503, {"error": "unavailable",
                                       "message": "the broker is unreachable; nothing was"
                                       " published, retry later"})  # fmt: skip
-        info = self.client.publish(
-            self.topics.device_update(so_id, stream_id), body, qos=1,
-            properties=content_type_properties(content_type or "application/json"),
-        )  # fmt: skip
+        else:
+            info = self.client.publish(
+                topic, body, qos=1,
+                properties=content_type_properties(content_type or "application/json"),
+            )  # fmt: skip
         try:
             info.wait_for_publish(self.settings.publish_timeout)
         except (RuntimeError, ValueError):
             pass
         if not info.is_published():
+            with self._lock:
+                self._unconfirmed[key.digest()] = info
+                while len(self._unconfirmed) > MAX_UNCONFIRMED:
+                    self._unconfirmed.popitem(last=False)
             return self._answer(503, {"error": "unavailable",
                                       "message": "the broker did not confirm the message in"
-                                      f" {self.settings.publish_timeout} s; retry"})  # fmt: skip
+                                      f" {self.settings.publish_timeout} s; retry the same"
+                                      " request: it will not be published twice"})  # fmt: skip
         self.metrics.accepted.inc(len(accepted))
-        topic = self.topics.device_update(so_id, stream_id)
         return self._answer(202, {"accepted": len(accepted), "topic": topic})
 
     def _refuse(self, so_id: str, stream_id: str, body: bytes, *rejections: Rejection) -> Response:
@@ -253,15 +304,29 @@ class Gateway:
             self.metrics.rejected.labels(r.reason.value).inc()
             letter = dead_letter_record(r, topic=f"PUT /{so_id}/streams/{stream_id}",
                                         payload=body, received_at=received)  # fmt: skip
-            self.client.publish(self.topics.dead_letter(r.so_id, r.stream_id), letter, qos=1,
-                                properties=content_type_properties("application/json"))  # fmt: skip
+            self._dead_letter(self.topics.dead_letter(r.so_id, r.stream_id), letter)
         status = STATUS.get(rejections[0].reason, 422)
         return self._answer(status, {
             "error": rejections[0].reason.value,
             "message": rejections[0].message,
             "rejected": [{"reason": r.reason.value, "message": r.message, "index": r.index}
-                         for r in rejections],
+                         for r in rejections[:100]],
+            "rejectedCount": len(rejections),
         })  # fmt: skip
+
+    def _dead_letter(self, topic: str, letter: bytes) -> None:
+        """Publish a dead letter, unless the broker is away or too many already wait for it:
+        paho's queue is unbounded, and a client sending bad bodies must not grow it."""
+        with self._lock:
+            while self._letters and self._letters[0][0].is_published():
+                self._letter_bytes -= self._letters.popleft()[1]
+            if not self.connected.is_set() or self._letter_bytes + len(letter) > MAX_LETTER_BYTES:
+                self.metrics.letters_dropped.inc()
+                return
+            properties = content_type_properties("application/json")
+            info = self.client.publish(topic, letter, qos=1, properties=properties)
+            self._letters.append((info, len(letter)))
+            self._letter_bytes += len(letter)
 
     def _answer(self, status: int, body: dict[str, Any]) -> Response:
         self.metrics.requests.labels(str(status)).inc()

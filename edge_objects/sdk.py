@@ -64,6 +64,7 @@ class EdgeObject:
         self.clock = clock
         self.connected = threading.Event()
         self._handlers: dict[str, ActionHandler] = {}
+        self.ignored = 0  # commands that could not be read or handled (each logged)
         self._settings = settings
         # A stable client id: the broker keeps the session, and the commands queued for it,
         # while the device is away.
@@ -152,26 +153,44 @@ class EdgeObject:
             client.subscribe(self.topics.actions(self.so_id), qos=1)
         self.connected.set()
 
+    @property
+    def healthy(self) -> bool:
+        """The action thread is running (or there is none yet): the device obeys commands."""
+        return self._worker.is_alive() or not self._worker.ident
+
     def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+        # paho's network thread: whatever the payload, it must not raise out of here.
         try:
-            command = Actuation.from_json(self.so_id, msg.payload)
+            command = Actuation.from_json(self.so_id, bytes(msg.payload))
         except ActuationError as exc:
+            self.ignored += 1
             log.warning("%s: ignoring a command that cannot be read: %s", self.so_id, exc)
+            return
+        except Exception:
+            self.ignored += 1
+            log.exception("%s: ignoring a command that cannot be read", self.so_id)
             return
         self._commands.put(command)  # handlers may be slow: never run them on this thread
 
     def _run_actions(self) -> None:
         while (command := self._commands.get()) is not None:
-            handler = self._handlers.get(command.action)
-            if handler is None:
-                known = ", ".join(self._handlers) or "none"
-                reason = f"no handler for action {command.action!r} (handled: {known})"
-                self.report(command.id, ActuationStatus.FAILED, reason)
-                continue
-            self.report(command.id, ActuationStatus.ACCEPTED)
             try:
-                message = handler(command.parameters)
-            except Exception as exc:  # a device's handler failing is a status, not a crash
-                self.report(command.id, ActuationStatus.FAILED, f"{type(exc).__name__}: {exc}")
-            else:
-                self.report(command.id, ActuationStatus.DONE, message)
+                self._obey(command)
+            except Exception:  # a report that cannot be sent costs that command, not the thread
+                self.ignored += 1
+                log.exception("%s: command %s could not be handled", self.so_id, command.id)
+
+    def _obey(self, command: Actuation) -> None:
+        handler = self._handlers.get(command.action)
+        if handler is None:
+            known = ", ".join(self._handlers) or "none"
+            reason = f"no handler for action {command.action!r} (handled: {known})"
+            self.report(command.id, ActuationStatus.FAILED, reason)
+            return
+        self.report(command.id, ActuationStatus.ACCEPTED)
+        try:
+            message = handler(command.parameters)
+        except Exception as exc:  # a device's handler failing is a status, not a crash
+            self.report(command.id, ActuationStatus.FAILED, f"{type(exc).__name__}: {exc}")
+        else:
+            self.report(command.id, ActuationStatus.DONE, message)

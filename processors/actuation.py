@@ -10,6 +10,7 @@ from typing import Any
 from streams.actuation import Actuation, ActuationStatus, StatusReport
 
 MAX_REMEMBERED = 10_000
+MAX_HISTORY = 20  # status reports kept per command (the latest ones)
 
 
 class ActuationLog:
@@ -30,14 +31,24 @@ class ActuationLog:
                 self._entries.popitem(last=False)
 
     def reported(self, so: str, report: StatusReport) -> None:
+        """Record a device's report. Reports about commands never seen here (the CLI's, the
+        cloud's, or forged) are kept too, within the same bound as the rest: the oldest
+        entries go first, and each keeps its last MAX_HISTORY reports."""
         with self._lock:
-            entry = self._entries.setdefault(
-                report.id, {"id": report.id, "so": so, "history": []}
-            )  # a command someone else sent (the CLI, the cloud): still worth knowing
+            entry = self._entries.get(report.id)
+            if entry is None:
+                entry = self._entries[report.id] = {"id": report.id, "so": so, "history": []}
+                while len(self._entries) > MAX_REMEMBERED:
+                    self._entries.popitem(last=False)
+            elif entry["so"] != so:
+                return  # another object's command: a device reports only its own
             entry["status"] = report.status.value
-            entry["history"].append(
+            history = entry["history"]
+            history.append(
                 {"status": report.status.value, "at": report.at, "message": report.message}
             )
+            if len(history) > MAX_HISTORY:
+                del history[: len(history) - MAX_HISTORY]
 
     def get(self, actuation_id: str) -> dict[str, Any] | None:
         with self._lock:

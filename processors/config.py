@@ -7,6 +7,7 @@ mqtt: {url: mqtt://127.0.0.1:1883, username: unit, password: secret}
 share_group: irrigation          # replicas with the same group split the device traffic
 state_dir: state/                # snapshots of windows and latest values (msgpack)
 checkpoint: {every: 5s, messages: 500}
+max_future: 5m                   # updates dated later than now + this are dead letters
 sink: {sqlite: results.db}       # accepted and derived updates for the cloud side
 http: {host: 127.0.0.1, port: 9400}   # /metrics, /healthz, /readyz
 processors:                      # plug-ins, run in order after the flows
@@ -80,6 +81,9 @@ class UnitConfig(_Strict):
     share_group: str | None = None
     batch_size: int = Field(default=500, ge=1, le=10_000)
     max_payload: int = Field(default=DEFAULT_MAX_PAYLOAD, ge=64)
+    # updates dated further ahead of the unit's clock are dead-lettered future_timestamp;
+    # null turns the check off (a site replaying a recorded future, say)
+    max_future: int | None = 5 * 60_000
     state_dir: Path | None = None
     checkpoint: Checkpoint = Checkpoint()
     sink: SinkSettings | None = None
@@ -87,6 +91,11 @@ class UnitConfig(_Strict):
     processors: list[ProcessorSpec] = []
     republish: RepublishSettings = RepublishSettings()
     source: str = Field(default="<memory>", exclude=True)  # the file it was read from
+
+    @field_validator("max_future", mode="before")
+    @classmethod
+    def _future(cls, value: Any) -> int | None:
+        return None if value is None else duration_ms(value)
 
     @field_validator("name")
     @classmethod

@@ -8,8 +8,10 @@ dropped, and every outcome is counted.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -29,6 +31,9 @@ from streams.codec import DEFAULT_MAX_PAYLOAD
 from streams.updates import StreamValidator
 
 TOPIC_CACHE = 100_000  # device topics whose parse is kept
+DEFAULT_MAX_FUTURE_MS = 5 * 60_000
+"""How far ahead of the unit's clock an update may be dated before it is refused."""
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,41 +94,72 @@ class Ingest:
         topics: TopicScheme | None = None,
         *,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
+        max_future_ms: int | None = DEFAULT_MAX_FUTURE_MS,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.registry = registry
         self.topics = topics or TopicScheme()
         self.max_payload = max_payload
+        self.max_future_ms = max_future_ms
+        self.clock = clock
         self.counts = IngestCounts()
         self._keys: dict[str, StreamKey] = {}  # device topic -> (so, stream), parsed once
 
     def batch(self, messages: Sequence[Incoming]) -> IngestBatch:
         """Decode and validate a batch: documents in the plain single-update shape go through
         the compiled row kernel together; anything else (a list, the columnar form, a unit,
-        a bad value) through the validator, which words the rejections."""
+        a bad value) through the validator, which words the rejections.
+
+        Whatever a message holds, it ends as updates or dead letters: an unexpected exception
+        while reading one (a bug of ours) dead-letters that message as `internal_error`."""
         out = IngestBatch()
-        entries = [self._decode(message) for message in messages]
+        entries = [self._guarded_decode(message) for message in messages]
         decoded = [e for e in entries if type(e) is tuple]
-        fast = iter(kernels.row_updates(
-            [doc for *_, doc in decoded], [v.kinds for _, _, v, _ in decoded], SensorUpdate
-        ))  # fmt: skip
+        try:
+            fast: Any = iter(kernels.row_updates(
+                [doc for *_, doc in decoded], [v.kinds for _, _, v, _ in decoded], SensorUpdate
+            ))  # fmt: skip
+        except Exception:  # the slow path below words every message on its own
+            log.exception("row kernel failed on a batch; validating its messages one by one")
+            fast = iter([None] * len(decoded))
+        horizon = (
+            None if self.max_future_ms is None else int(self.clock() * 1000) + self.max_future_ms
+        )
         for message, entry in zip(messages, entries, strict=True):  # in the messages' order
             if isinstance(entry, Rejection):
                 self._reject(message, entry, out)
                 continue
             _, key, validator, doc = entry
             update = next(fast)
+            rejections: list[Rejection] = []
             if update is not None:
-                out.accepted.append((key, update))
+                accepted = [update]
+            else:
+                try:
+                    accepted, rejections = validator.document(doc)
+                except Exception as exc:
+                    accepted, rejections = [], [internal_error(exc, key)]
+                if not accepted and not rejections:
+                    rejections = [_no_updates(key)]
+            for u in accepted:
+                if horizon is not None and u.last_update > horizon:
+                    self._reject(message, _from_the_future(key, u.last_update, horizon), out)
+                    continue
+                out.accepted.append((key, u))
                 out.origins.append(message)
-                continue
-            accepted, rejections = validator.document(doc)
-            out.accepted.extend([(key, u) for u in accepted])
-            out.origins.extend([message] * len(accepted))
             for rejection in rejections:
                 self._reject(message, rejection, out)
         self.counts.accepted += len(out.accepted)
         self.counts.messages += len(messages)
         return out
+
+    def _guarded_decode(
+        self, message: Incoming
+    ) -> tuple[Incoming, StreamKey, StreamValidator, Any] | Rejection:
+        try:
+            return self._decode(message)
+        except Exception as exc:
+            return internal_error(exc, None)
 
     def _decode(
         self, message: Incoming
@@ -161,7 +197,8 @@ class Ingest:
         out.dead_letters.append(self.dead_letter(message, rejection))
 
     def dead_letter(self, message: Incoming, rejection: Rejection) -> DeadLetter:
-        """The dead letter for `rejection`, carrying `message` as it arrived."""
+        """The dead letter for `rejection`, carrying `message` as it arrived (or an excerpt
+        of it, past `MAX_DEAD_LETTER_PAYLOAD`)."""
         return DeadLetter(
             self.topics.dead_letter(rejection.so_id, rejection.stream_id),
             dead_letter_record(
@@ -172,3 +209,47 @@ class Ingest:
             ),
             rejection,
         )
+
+
+_logged: set[str] = set()  # internal errors whose traceback was logged (once each)
+
+
+def internal_error(exc: BaseException, key: StreamKey | None) -> Rejection:
+    """The rejection of a message that a bug of ours failed on: the message costs itself,
+    never the unit. The traceback is logged once per kind of failure."""
+    where = type(exc).__name__ + ":" + str(exc.__traceback__ and exc.__traceback__.tb_lineno)
+    if where not in _logged and len(_logged) < 1000:
+        _logged.add(where)
+        log.error("internal error on a message (dead-lettered)", exc_info=exc)
+    text = f"{type(exc).__name__}: {str(exc)[:200]}"
+    if key is None:
+        return Rejection(RejectReason.INTERNAL_ERROR, f"the message could not be handled ({text})")
+    return Rejection(
+        RejectReason.INTERNAL_ERROR,
+        f"{key.so}/{key.stream}: the message could not be handled ({text})",
+        key.so,
+        key.stream,
+    )
+
+
+def _no_updates(key: StreamKey) -> Rejection:
+    return Rejection(
+        RejectReason.NO_UPDATES,
+        f"{key.so}/{key.stream}: the message holds no updates (an empty list or columnar batch)",
+        key.so,
+        key.stream,
+    )
+
+
+def _from_the_future(key: StreamKey, at: int, horizon: int) -> Rejection:
+    def iso(ms: int) -> str:
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + f".{ms % 1000:03d}Z"
+
+    return Rejection(
+        RejectReason.FUTURE_TIMESTAMP,
+        f"{key.so}/{key.stream}: lastUpdate {at} ({iso(at)}) is more than max_future ahead of"
+        f" the unit's clock (accepted up to {horizon}, {iso(horizon)}): is the device's clock"
+        " right?",
+        key.so,
+        key.stream,
+    )

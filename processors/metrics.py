@@ -56,6 +56,19 @@ class UnitMetrics:
             "Redelivered messages the restored state already held (killed between a snapshot"
             " and its acknowledgements)",
         )
+        self.unpublishable = counter(
+            "cloudlet_unpublishable",
+            "Outputs over MQTT's limits (topic over 65,535 bytes, packet over the broker's"
+            " maximum): each replaced by a dead letter that fits, or dropped when none fits",
+        )
+        self.internal_errors = counter(
+            "cloudlet_internal_errors",
+            "Messages a bug of ours failed on (dead-lettered internal_error; logged once)",
+        )
+        self.disk_full = counter(
+            "cloudlet_disk_full_waits",
+            "Times the unit found its disk full and waited (not ready) for space",
+        )
         self.malformed_packets = counter(
             "cloudlet_mqtt_malformed_packets",
             "Malformed MQTT packets from the broker (each drops the connection; the broker"
@@ -144,7 +157,8 @@ class StatusServer:
                     self._reply(200 if ok else 503, b"ok\n" if ok else b"worker stopped\n")
                 elif self.path == "/readyz":
                     ok = ready()
-                    self._reply(200 if ok else 503, b"ready\n" if ok else b"not connected\n")
+                    text = b"ready\n" if ok else b"not ready: see /metrics and the log\n"
+                    self._reply(200 if ok else 503, text)
                 elif self.path == "/actuations" and actuations is not None:
                     self._reply(200, orjson.dumps(actuations.recent()), "application/json")
                 elif self.path.startswith("/actuations/") and actuations is not None:

@@ -15,11 +15,13 @@ compiled frame kernel and reach the worker as lists, not one callback per messag
 
 from __future__ import annotations
 
+import errno
 import logging
 import queue
 import threading
 import time
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +29,7 @@ from typing import Any
 from processors.actuation import ActuationLog
 from processors.chain import Chain, Item
 from processors.config import RepublishSettings
-from processors.ingest import DeadLetter, Ingest, IngestBatch, RawMessage
+from processors.ingest import DeadLetter, Ingest, IngestBatch, RawMessage, internal_error
 from processors.metrics import UnitMetrics
 from processors.sink import ResultSink
 from processors.state import StateStore
@@ -36,11 +38,16 @@ from streams.actuation import Actuation, ActuationError, StatusReport
 from streams.codec import encode_batch
 from streams.flows.engine import FlowEngine, FlowResult
 from streams.mqtt import MqttSettings
+from streams.rejections import dead_letter_record
 from streams.wire import WireClient
 
 Clock = Callable[[], float]
 log = logging.getLogger(__name__)
+# What a device message adds to its body on the wire at most: topic (65,535), header, properties.
+MAX_TOPIC_OVERHEAD = 70_000
 PUBLISH_WINDOW = 2000  # unacknowledged publishes before the worker waits for the broker
+UNPUBLISHABLE_EXCERPT = 1024  # bytes of an output too large to publish kept in its dead letter
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 Message = Any  # a `streams.kernels.Publish`: compiled or its twin, the same attributes
 
 
@@ -107,6 +114,15 @@ class UnitRuntime:
         self._stopping = threading.Event()
         self._unacked: list[Message] = []  # processed, waiting for a checkpoint
         self._covered: set[tuple[object, ...]] = set()  # from the restored snapshot
+        # Redeliveries after a reconnect (flagged DUP): of a message processed and not yet
+        # acknowledged (its packet id is held), or acknowledged just before the connection
+        # dropped (its PUBACK may be lost). Bounded: the broker has at most our receive
+        # maximum in flight to us.
+        self._held: set[int] = set()
+        self._acked: OrderedDict[tuple[object, ...], None] = OrderedDict()
+        self._acked_max = max(10_000, 4 * mqtt_settings.receive_maximum)
+        self._letters: list[DeadLetter] = []  # from status reports, published with the batch
+        self.disk_full = False  # waiting for space: not acknowledging, not ready
         self._commits = 0
         self._last_checkpoint = clock()
         # Status reports are not shared between replicas: each keeps its own log of them.
@@ -117,6 +133,7 @@ class UnitRuntime:
             on_messages=self._on_messages,
             on_connection=self._on_connection,
             clock=clock,
+            max_packet=ingest.max_payload + MAX_TOPIC_OVERHEAD,
         )
         self.connected = self._client.connected
         self._seen = (0, 0)  # the client's malformed and refused counts, as last exported
@@ -133,7 +150,7 @@ class UnitRuntime:
             "processors": self.chain.snapshot() if self.chain is not None else None,
             # The messages this snapshot covers, acknowledged only after it is on disk: if
             # the unit dies in between, the broker redelivers them, and they must not count
-            # twice (see _skip_covered).
+            # twice (see _skip_redelivered).
             "covered": [_identity(m) for m in self._unacked if m.qos > 0],
         }
 
@@ -147,22 +164,33 @@ class UnitRuntime:
         if isinstance(covered, list):
             self._covered = {tuple(c) for c in covered}
 
-    def _skip_covered(self, batch: list[Message]) -> list[Message]:
-        """Leave out redeliveries of messages the restored state already holds (killed after
-        the snapshot, before the acknowledgements); they are acknowledged with the rest.
-        A redelivery is flagged DUP and keeps its packet id; the payload's checksum guards
+    def _skip_redelivered(self, batch: list[Message]) -> list[Message]:
+        """Leave out redeliveries (flagged DUP) of messages already processed: after a
+        reconnect, those held for a checkpoint (their acknowledgement covers the redelivery
+        too) and those acknowledged just before the connection dropped (acknowledged again);
+        after a restart, those the restored snapshot covers (killed after the snapshot, before
+        the acknowledgements). A redelivery keeps its packet id; the payload's checksum guards
         against a packet id reused since."""
-        if not self._covered:
+        if not any(m.dup for m in batch):
             return batch
         fresh = []
+        seen: set[int] = set()
         for m in batch:
+            if not m.dup or m.qos == 0:
+                fresh.append(m)
+                seen.add(m.packet_id)
+                continue
+            if m.packet_id in self._held or m.packet_id in seen:
+                self.metrics.redelivered.inc()  # the original's PUBACK will answer it
+                continue
             identity = _identity(m)
-            if m.dup and identity in self._covered:
+            if identity in self._acked or identity in self._covered:
                 self._covered.discard(identity)
-                self._unacked.append(m)
+                self._unacked.append(m)  # acknowledged again at the next commit
                 self.metrics.redelivered.inc()
             else:
                 fresh.append(m)
+                seen.add(m.packet_id)
         return fresh
 
     # network thread: never block here -----------------------------------------------------
@@ -184,6 +212,11 @@ class UnitRuntime:
     @property
     def alive(self) -> bool:
         return self._worker.is_alive()
+
+    @property
+    def ready(self) -> bool:
+        """Connected, subscribed, and able to make progress (not waiting for disk space)."""
+        return self.connected.is_set() and not self.disk_full and self.alive
 
     def stop(self, timeout: float = 10.0) -> None:
         """Finish the messages already received, checkpoint, acknowledge, disconnect."""
@@ -224,41 +257,95 @@ class UnitRuntime:
                     return
                 if self.engine is not None and self.clock() - last_tick >= 1.0:
                     last_tick = self.clock()  # processing-time windows fire without input
-                    ticked = self.engine.tick()
-                    items = [Item(k, u) for k, u in ticked.derived]
-                    self._publish(self._run_chain(IngestBatch(), items, ticked))
+                    self._publish(self._tick())
                 if self._unacked and self._checkpoint_due():
                     self._commit()
                 continue
             started = time.perf_counter()
-            batch = self._skip_covered(self._take_status_reports(batch))
-            result = self.ingest.batch(batch)  # a Publish is shaped like a RawMessage
-            outputs = self._run_flows(result)
+            batch = self._take_status_reports(self._skip_redelivered(batch))
+            result, outputs = self._process(batch)
             self._publish(outputs)
             if self.sink is not None:
-                self.sink.write([*outputs.updates, *outputs.derived])  # waits: backpressure
+                self._durably(self.sink.write, [*outputs.updates, *outputs.derived])
             self._unacked.extend(batch)
+            self._held.update(m.packet_id for m in batch if m.qos > 0)
             self._count(batch, result, outputs)
             if self.state is None or self._checkpoint_due():
                 self._commit()
             self.metrics.batch_seconds.observe(time.perf_counter() - started)
 
+    def _process(self, batch: list[Message]) -> tuple[IngestBatch, Outputs]:
+        """Ingest, flows and processors over a batch. Ingest words every bad message itself;
+        an unexpected exception past it (a bug of ours) dead-letters the batch's messages as
+        `internal_error`, with their payloads, and the unit goes on."""
+        letters, self._letters = self._letters, []
+        try:
+            result = self.ingest.batch(batch)  # a Publish is shaped like a RawMessage
+            result.dead_letters[:0] = letters
+            return result, self._run_flows(result)
+        except Exception as exc:
+            self.metrics.internal_errors.inc()
+            failed = internal_error(exc, None)
+            log.error("batch of %d messages dead-lettered: %s", len(batch), failed.message)
+            result = IngestBatch(dead_letters=letters)
+            result.dead_letters.extend(self.ingest.dead_letter(m, failed) for m in batch)
+            return result, Outputs(dead_letters=result.dead_letters)
+
+    def _tick(self) -> Outputs:
+        try:
+            ticked = self.engine.tick()  # type: ignore[union-attr]
+            items = [Item(k, u) for k, u in ticked.derived]
+            return self._run_chain(IngestBatch(), items, ticked)
+        except Exception as exc:  # a bug firing a window: logged, counted, tried again later
+            self.metrics.internal_errors.inc()
+            internal_error(exc, None)
+            return Outputs()
+
+    def _durably(self, write: Callable[[Any], None], what: Any) -> None:
+        """`write(what)`; while the disk is full, wait and retry (not ready, acknowledging
+        nothing), and go on by itself once there is space again."""
+        delay = 0.25
+        while True:
+            try:
+                write(what)
+                break
+            except OSError as exc:
+                if exc.errno not in DISK_FULL_ERRNOS:
+                    raise
+                if not self.disk_full:
+                    log.error("disk full (%s): not acknowledging, not ready, retrying", exc)
+                    self.metrics.disk_full.inc()
+                    self.disk_full = True
+            if self._stopping.wait(delay):  # unacknowledged: the broker keeps it all
+                raise OSError(errno.ENOSPC, "disk still full while stopping")
+            delay = min(delay * 2, 5.0)
+        if self.disk_full:
+            log.warning("disk space is back: going on")
+            self.disk_full = False
+
     def _take_status_reports(self, batch: list[Message]) -> list[Message]:
-        """Record the devices' status reports; the rest of the batch is device data."""
+        """Record the devices' status reports; the rest of the batch is device data. A report
+        that cannot be read is dead-lettered `bad_status_report`."""
         data = []
         for m in batch:
             about = self.ingest.topics.parse_action_status(m.topic)
-            if about is not None:
-                try:
-                    report = StatusReport.from_json(m.payload)
-                except ActuationError as exc:
-                    log.warning("status report on %s cannot be read: %s", m.topic, exc)
-                else:
-                    self.actuations.reported(about[0], report)
-                    self.metrics.actuation_reports.labels(self.metrics.unit, report.status).inc()
-                self._unacked.append(m)
-            else:
+            if about is None:
                 data.append(m)
+                continue
+            self._unacked.append(m)
+            try:
+                report = StatusReport.from_json(m.payload)
+                self.actuations.reported(about[0], report)
+                self.metrics.actuation_reports.labels(self.metrics.unit, report.status).inc()
+            except ActuationError as exc:
+                rejection = Rejection(
+                    RejectReason.BAD_STATUS_REPORT, f"{about[0]}: {exc}", about[0], None
+                )
+                self._letters.append(self.ingest.dead_letter(m, rejection))
+                self.metrics.reject(rejection.reason.value)
+            except Exception as exc:
+                self.metrics.internal_errors.inc()
+                self._letters.append(self.ingest.dead_letter(m, internal_error(exc, None)))
         return data
 
     def _checkpoint_due(self) -> bool:
@@ -270,10 +357,16 @@ class UnitRuntime:
     def _commit(self) -> None:
         """Snapshot the state (when there is a store), then acknowledge what it covers."""
         if self.state is not None:
-            self.state.save(self._snapshot())
+            self._durably(self.state.save, self._snapshot())
             self.metrics.checkpoints.inc()
         self._last_checkpoint = self.clock()
-        self._client.ack([m.packet_id for m in self._unacked if m.qos > 0])
+        acked = [m for m in self._unacked if m.qos > 0]
+        self._client.ack([m.packet_id for m in acked])
+        for m in acked:
+            self._acked[_identity(m)] = None
+        while len(self._acked) > self._acked_max:
+            self._acked.popitem(last=False)
+        self._held.clear()
         self.published.messages += len(self._unacked)
         self._unacked.clear()
         self.metrics.unacknowledged.set(0)
@@ -289,7 +382,11 @@ class UnitRuntime:
         m.derived.inc(len(out.derived))
         m.dead_letters.inc(len(out.dead_letters))
         for letter in out.dead_letters:
+            if letter.rejection.reason is RejectReason.BAD_STATUS_REPORT:
+                continue  # counted when it was read
             m.reject(letter.rejection.reason.value)
+            if letter.rejection.reason is RejectReason.INTERNAL_ERROR:
+                m.internal_errors.inc()
             if letter.rejection.reason is RejectReason.LATE:
                 m.late.inc()
         m.unacknowledged.set(len(self._unacked))
@@ -304,8 +401,8 @@ class UnitRuntime:
         carries that message's payload)."""
         origins = result.origins
         if self.engine is None:
-            items = [Item(*u, o) for u, o in zip(result.accepted, origins, strict=True)]
-            return self._run_chain(result, items, FlowResult())
+            plain = [Item(*u, o) for u, o in zip(result.accepted, origins, strict=True)]
+            return self._run_chain(result, plain, FlowResult())
         flows = self.engine.process(result.accepted)
         for late, at in zip(flows.late, flows.late_at, strict=True):
             result.dead_letters.append(self.ingest.dead_letter(origins[at], late.rejection))
@@ -364,9 +461,40 @@ class UnitRuntime:
             by_stream.setdefault(key, []).append(update)
         return [(topics.updates(k.so, k.stream), encode_batch(us)) for k, us in by_stream.items()]
 
+    def _sendable(self, messages: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+        """`messages`, less those over MQTT's limits (a topic over 65,535 bytes, a packet
+        over the broker's maximum): each is replaced by an `unpublishable` dead letter that
+        fits, carrying an excerpt, and counted; encoded as is, it would break the session."""
+        client = self._client
+        if all(client.sendable(t, b) for t, b in messages):
+            return messages
+        out = []
+        for topic, body in messages:
+            if client.sendable(topic, body):
+                out.append((topic, body))
+                continue
+            self.metrics.unpublishable.inc()
+            size = len(topic.encode("utf-8", "replace")) + len(body)
+            rejection = Rejection(
+                RejectReason.UNPUBLISHABLE,
+                f"an output of {size} bytes to {topic[:200]!r} cannot be published: it is over"
+                f" MQTT's limits (topics up to 65,535 bytes, packets up to {client.max_packet})",
+            )
+            letter = dead_letter_record(rejection, topic=topic, payload=body,
+                                        received_at=int(self.clock() * 1000),
+                                        max_payload=UNPUBLISHABLE_EXCERPT)  # fmt: skip
+            where = self.ingest.topics.dead_letter(None, None)
+            if client.sendable(where, letter):
+                out.append((where, letter))
+                self.metrics.dead_letters.inc()
+                self.metrics.reject(rejection.reason.value)
+            log.error("%s", rejection.message)
+        return out
+
     def _send(self, messages: list[tuple[str, bytes]], qos: int = 1) -> None:
         """Publish in slices of PUBLISH_WINDOW, waiting for the broker between them: a message
         may carry thousands of readings, and what waits for the broker is held in memory."""
+        messages = self._sendable(messages)
         for i in range(0, len(messages), PUBLISH_WINDOW):
             if self._client.outstanding >= PUBLISH_WINDOW:
                 self._client.flush()

@@ -41,7 +41,13 @@ class Unit:
         self.metrics = UnitMetrics(self.instance)
         self.metrics.watch(self.chain)
         self.runtime = UnitRuntime(
-            Ingest(registry, config.topics, max_payload=config.max_payload),
+            Ingest(
+                registry,
+                config.topics,
+                max_payload=config.max_payload,
+                max_future_ms=config.max_future,
+                clock=clock,
+            ),
             config.mqtt,
             engine=self.catalog.engine(clock=clock),
             chain=self.chain if len(self.chain) else None,
@@ -60,13 +66,23 @@ class Unit:
                 self.metrics,
                 config.http.host,
                 config.http.port,
-                healthy=lambda: self.runtime.alive,
-                ready=self.runtime.connected.is_set,
+                healthy=lambda: self.alive,
+                ready=lambda: self.runtime.ready,
                 actuations=self.runtime.actuations,
             )
             if config.http
             else None
         )
+
+        # the unit's background threads, by name: /healthz is 503 as soon as one has died
+        self.threads: dict[str, Callable[[], bool]] = {"worker": lambda: self.runtime.alive}
+
+    @property
+    def alive(self) -> bool:
+        return all(alive() for alive in self.threads.values())
+
+    def dead_threads(self) -> list[str]:
+        return [name for name, alive in self.threads.items() if not alive()]
 
     def start(self) -> Unit:
         if self.status is not None:

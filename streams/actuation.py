@@ -52,18 +52,46 @@ class Actuation:
 
     @classmethod
     def from_json(cls, so: str, payload: bytes) -> Actuation:
+        """A command as a device receives it; ActuationError naming what is wrong (never any
+        other exception: the device SDK calls this on its network thread)."""
         try:
             doc = orjson.loads(payload)
         except orjson.JSONDecodeError as exc:
             raise ActuationError(f"{so}: the command is not JSON ({exc})") from None
-        if not isinstance(doc, dict) or not isinstance(doc.get("id"), str):
-            raise ActuationError(f"{so}: a command needs a string id")
+        if not isinstance(doc, dict) or not _is_id(doc.get("id")):
+            raise ActuationError(
+                f"{so}: a command needs a string id of 1-{MAX_ID} characters without / + #"
+            )
         if not isinstance(doc.get("action"), str):
             raise ActuationError(f"{so}: command {doc['id']} names no action")
         parameters = doc.get("parameters") or {}
         if not isinstance(parameters, dict):
             raise ActuationError(f"{so}: the parameters of command {doc['id']} must be an object")
-        return cls(so, doc["action"], parameters, doc["id"], int(doc.get("issuedAt") or 0))
+        return cls(so, doc["action"], parameters, doc["id"], _time(doc.get("issuedAt"), so))
+
+
+MAX_ID = 128
+"""Longest command id accepted: ids are topic levels (`<so>/actions/<id>/status`)."""
+MAX_MESSAGE = 1024
+"""Longest status message kept; a longer one is cut (a device cannot grow the log)."""
+
+
+def _is_id(value: object) -> bool:
+    return (
+        type(value) is str
+        and 0 < len(value) <= MAX_ID
+        and not ({"/", "+", "#", "\x00"} & set(value))
+    )
+
+
+def _time(value: object, so: str) -> int:
+    if value is None:
+        return 0
+    if type(value) is int and 0 <= value < 2**63:
+        return value
+    if type(value) is float and value.is_integer() and 0 <= value < 2**63:
+        return int(value)
+    raise ActuationError(f"{so}: issuedAt must be milliseconds since the epoch, got {value!r:.60}")
 
 
 def checked(so: ServiceObject, action: str, parameters: dict[str, Any], *, at: int) -> Actuation:
@@ -92,12 +120,33 @@ class StatusReport:
 
     @classmethod
     def from_json(cls, payload: bytes) -> StatusReport:
+        """A device's status report; ActuationError naming what is wrong, never another
+        exception, whatever the payload."""
         try:
             doc = orjson.loads(payload)
-            return cls(
-                doc["id"], ActuationStatus(doc["status"]), int(doc["at"]), doc.get("message")
-            )
-        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        except orjson.JSONDecodeError as exc:
+            raise ActuationError(f"a status report must be a JSON object: {exc}") from None
+        statuses = ", ".join(ActuationStatus)
+        if not isinstance(doc, dict):
             raise ActuationError(
-                f"a status report needs id, status ({', '.join(ActuationStatus)}) and at: {exc}"
+                f"a status report must be a JSON object with id, status ({statuses}) and at"
+            )
+        if not _is_id(doc.get("id")):
+            raise ActuationError(
+                f"a status report's id must be a string of 1-{MAX_ID} characters without / + #"
+            )
+        try:
+            status = ActuationStatus(str(doc.get("status")))
+        except ValueError:
+            raise ActuationError(
+                f"a status report's status must be one of {statuses}, got {doc.get('status')!r:.60}"
             ) from None
+        at = doc.get("at")
+        if type(at) is not int or not 0 <= at < 2**63:
+            raise ActuationError(
+                f"a status report's at must be milliseconds since the epoch, got {at!r:.60}"
+            )
+        message = doc.get("message")
+        if message is not None and type(message) is not str:
+            raise ActuationError("a status report's message must be a string")
+        return cls(doc["id"], status, at, None if message is None else message[:MAX_MESSAGE])

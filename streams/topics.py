@@ -26,9 +26,21 @@ from streams.updates import StreamKey
 _WILDCARDS = frozenset("+#")
 
 
+MAX_LEVEL = 256
+"""Longest id used as a level of a topic the cloudlet publishes (dead letters); a longer one,
+which only a hostile or broken client sends, becomes `_` so the topic stays well inside MQTT's
+65,535-byte limit (the dead letter's body carries the original topic)."""
+
+
 def _level(value: str) -> str:
     """A topic level for a possibly unknown id: dead letters must still be publishable."""
-    if not value or "/" in value or _WILDCARDS & set(value):
+    if (
+        not value
+        or len(value) > MAX_LEVEL
+        or "/" in value
+        or "\x00" in value
+        or _WILDCARDS & set(value)
+    ):
         return "_"
     return value
 

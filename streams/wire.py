@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 CONNACK, PUBACK, SUBACK, PINGRESP, DISCONNECT = 2, 4, 9, 13, 14
 PINGREQ = b"\xc0\x00"
 CONNECT_TIMEOUT = 10.0
+MAX_TOPIC = 65_535  # bytes: a topic's length is a 16-bit field
+MQTT_MAX_PACKET = 268_435_455 + 5  # the largest remaining length a varint holds, + header
+PUBLISH_OVERHEAD = 64  # fixed header, packet id and properties of a PUBLISH we build
 
 
 class WireError(Exception):
@@ -147,8 +150,12 @@ class WireClient:
         on_connection: Callable[[bool], None] = lambda _up: None,
         clock: Callable[[], float] = time.time,
         persistent: bool = True,
+        max_packet: int = 0,
     ) -> None:
+        """`max_packet` (bytes, 0 for none) is told to the broker (MQTT v5's Maximum Packet
+        Size): it does not send us anything larger, so no client can make us hold a huge body."""
         self.settings = settings
+        self.max_receive_packet = max_packet
         self.client_id = client_id
         self.subscriptions = list(subscriptions)
         self.on_messages = on_messages
@@ -188,12 +195,35 @@ class WireClient:
         acknowledges them. Queued while disconnected, sent after reconnecting."""
         if not messages:
             return
+        if not all(self.sendable(t, p) for t, p in messages):
+            # Encoded, a topic over 65,535 bytes would wrap its 16-bit length and the broker
+            # would drop us (and we would resend it forever): never put one on the wire.
+            refused = [t for t, p in messages if not self.sendable(t, p)]
+            self.refused_publishes += len(refused)
+            log.error("not publishing %d messages over MQTT's limits (first to %.100r...)",
+                      len(refused), refused[0])  # fmt: skip
+            messages = [(t, p) for t, p in messages if self.sendable(t, p)]
+            if not messages:
+                return
         if qos:
             with self._acked:
                 self._outstanding += len(messages)
         self._loop.call_soon_threadsafe(
             self._queue, messages, qos, content_type_property(content_type)
         )
+
+    @property
+    def max_packet(self) -> int:
+        """The largest packet we may send: the broker's maximum, or MQTT's."""
+        return self._server_max_packet or MQTT_MAX_PACKET
+
+    def sendable(self, topic: str, payload: bytes) -> bool:
+        """Whether (topic, payload) can be published as is: the topic within MQTT's 65,535
+        bytes and the packet within the broker's maximum packet size."""
+        if len(topic) * 4 + len(payload) + PUBLISH_OVERHEAD <= min(MAX_TOPIC, self.max_packet):
+            return True  # the common case, without encoding the topic
+        size = len(topic.encode("utf-8", "surrogatepass"))
+        return size <= MAX_TOPIC and size + len(payload) + PUBLISH_OVERHEAD <= self.max_packet
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until the broker has acknowledged every QoS 1 message published so far."""
@@ -335,6 +365,8 @@ class WireClient:
             b"\x11" + (s.session_expiry if self.persistent else 0).to_bytes(4, "big")
             + b"\x21" + s.receive_maximum.to_bytes(2, "big")
         )  # fmt: skip
+        if self.max_receive_packet:
+            props += b"\x27" + min(self.max_receive_packet, MQTT_MAX_PACKET).to_bytes(4, "big")
         body = _string("MQTT") + bytes([5, flags]) + s.keepalive.to_bytes(2, "big")
         return _packet(0x10, body + _properties(props) + payload)
 
