@@ -4,16 +4,24 @@ record in front of the cloud service's consumer and a PostgreSQL connection kill
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
+import psycopg
 import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from cloud_sync.cloud import CloudService, CloudSettings
+from cloud_sync.store import PostgresStore
 from cloudlet.demo import scenario_dir
-from cloudlet.rig import Mosquitto
+from cloudlet.rig import Kafka, Mosquitto, Postgres
 from edge_objects.fleet import DeviceFleet
 from edge_objects.irrigation import IrrigationModel, IrrigationSite
 from processors.config import UnitConfig
@@ -21,6 +29,7 @@ from processors.unit import Unit
 from streams import SensorUpdate, StreamKey
 from streams.catalog import Catalog
 from streams.mqtt import MqttSettings
+from tests.test_cloud import rejected
 
 IRRIGATION = scenario_dir("irrigation")
 T0 = 1_700_006_400_000
@@ -58,9 +67,10 @@ def test_broker_restarts_redeliver_nothing_twice(tmp_path: Path, how: str) -> No
                 fleet.publish(key, update)
             assert fleet.flush(30)
             deadline = time.monotonic() + 20
-            while unit.runtime.published.messages + len(unit.runtime._unacked) < (
-                (rounds + 1) * 300
-            ) and time.monotonic() < deadline:
+            while (
+                unit.runtime.published.messages + len(unit.runtime._unacked) < ((rounds + 1) * 300)
+                and time.monotonic() < deadline
+            ):
                 time.sleep(0.02)
             assert unit.runtime._unacked, "nothing held for a checkpoint: the test proves nothing"
             if how == "kill":
@@ -92,3 +102,106 @@ def test_broker_restarts_redeliver_nothing_twice(tmp_path: Path, how: str) -> No
         if key.stream == "moisture_10min":
             got = values[(key.so, key.stream, update.last_update)]["channels"]["moisture"]
             assert got["current-value"] == update.channels["moisture"]
+
+
+# the cloud service's consumer ------------------------------------------------------------------
+
+
+def _record(i: int) -> bytes:
+    update = {"channels": {"v": {"current-value": i}}, "lastUpdate": T0 + i}
+    return orjson.dumps({"messageId": f"poison-{i}", "site": "s1", "so": "probe", "stream": "data",
+                         "enqueued": T0 + i, "update": update})  # fmt: skip
+
+
+@pytest.mark.kafka
+@pytest.mark.postgres
+def test_the_cloud_consumer_survives_poison_records_and_a_killed_connection(
+    kafka: Kafka, postgres: Postgres, tmp_path: Path
+) -> None:
+    topic, dead = "cloudlet.poison-test", "cloudlet.poison-test.dead-letter"
+    poison = [
+        orjson.dumps({"messageId": "p1", "site": "s1", "so": "probe", "stream": "data",
+                      "enqueued": 1, "update": 5}),
+        orjson.dumps({"messageId": "p2", "site": "s1", "so": ["probe"], "stream": "data",
+                      "enqueued": 1, "update": {"lastUpdate": 1, "channels": {}}}),
+        b"\xff not json",
+        orjson.dumps([1, 2, 3]),
+    ]  # fmt: skip
+    _produce(
+        kafka, topic, [_record(i) for i in range(20)] + poison + [_record(i) for i in range(20, 40)]
+    )
+    store = PostgresStore(postgres.url)
+    with store._transaction() as cur:
+        cur.execute("TRUNCATE updates, channel_values, latest")
+    settings = CloudSettings.model_validate({
+        "port": 0, "kafka": {"bootstrap_servers": kafka.bootstrap_servers, "topic": topic,
+                             "dead_letter_topic": dead, "group": "poison-test"},
+    })  # fmt: skip
+    service = CloudService(settings, store=store).start()
+    try:
+        _until(lambda: store.count() == 40 and rejected(service) == 4, 60)
+        assert rejected(service, "not_a_record") == 4
+        assert _get(service, "/readyz") == 200
+        # every connection the service holds is killed under it
+        with psycopg.connect(postgres.url, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        _produce(kafka, topic, [_record(i) for i in range(40, 60)])
+        _until(lambda: store.count() == 60, 60)
+        assert service.alive and _get(service, "/healthz") == 200
+        _until(lambda: _get(service, "/readyz") == 200, 30)
+        letters = _consume(kafka, dead, 4)
+        assert sorted(v for v, _ in letters) == sorted(poison)
+        assert {h["reason"] for _, h in letters} == {b"not_a_record"}
+    finally:
+        service.stop()
+
+
+def _produce(kafka: Kafka, topic: str, values: list[bytes]) -> None:
+    async def run() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers)
+        await producer.start()
+        for v in values:
+            await producer.send_and_wait(topic, v)
+        await producer.stop()
+
+    asyncio.run(run())
+
+
+def _consume(kafka: Kafka, topic: str, n: int) -> list[tuple[bytes, dict[str, bytes]]]:
+    async def run() -> list[tuple[bytes, dict[str, bytes]]]:
+        consumer = AIOKafkaConsumer(topic, bootstrap_servers=kafka.bootstrap_servers,
+                                    auto_offset_reset="earliest")  # fmt: skip
+        await consumer.start()
+        got: list[tuple[bytes, dict[str, bytes]]] = []
+        try:
+            end = time.monotonic() + 30
+            while len(got) < n and time.monotonic() < end:
+                batches = await consumer.getmany(timeout_ms=500)
+                got += [(r.value, dict(r.headers)) for rs in batches.values() for r in rs]
+        finally:
+            await consumer.stop()
+        return got
+
+    return asyncio.run(run())
+
+
+def _until(condition: Callable[[], bool], timeout: float) -> None:
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            if condition():
+                return
+        except psycopg.OperationalError:
+            pass  # the test's own query met a killed connection (the pool replaces it)
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.1)
+
+
+def _get(service: CloudService, path: str) -> int:
+    try:
+        return int(urllib.request.urlopen(service.url + path).status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
