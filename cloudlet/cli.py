@@ -409,11 +409,11 @@ def simulate(
     duration: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
     steps: Annotated[int | None, typer.Option(help="Stop after this many steps.")] = None,
     start: Annotated[
-        str | None, typer.Option(help="Simulated start, ISO 8601 (default: today 06:00 UTC).")
+        str | None, typer.Option(help="Simulated start, ISO 8601 (default: yesterday 06:00 UTC; the simulated clock never passes the real one).")
     ] = None,
 ) -> None:
     """Simulated devices of a scenario publishing over MQTT, with faults on demand."""
-    from datetime import UTC, datetime
+    from datetime import UTC, datetime, timedelta
 
     from cloudlet.demo import scenario_dir
     from edge_objects.simulator import SCENARIOS, Simulator, load, scale
@@ -433,7 +433,8 @@ def simulate(
             raise _fail(f"cannot write the scaled scenario: {exc}") from None
         out.print(f"descriptors for {devices} devices in {objects} (give them to the unit)")
     try:
-        begin = datetime.fromisoformat(start) if start else datetime.now(UTC).replace(
+        begin = datetime.fromisoformat(start) if start else (
+            datetime.now(UTC) - timedelta(days=1)).replace(
             hour=6, minute=0, second=0, microsecond=0)  # fmt: skip
     except ValueError:
         raise _fail(f"--start {start!r} is not an ISO 8601 time") from None

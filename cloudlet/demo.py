@@ -22,7 +22,7 @@ import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -200,7 +200,10 @@ class Demo:
                               "group": f"cloudlet-demo-{os.getpid()}"}  # fmt: skip
         self.cloud = CloudService(CloudSettings.model_validate(cloud)).start()
         self.progress("starting the simulated devices")
-        start = datetime.now(UTC).replace(hour=6, minute=0, second=0, microsecond=0)
+        # yesterday morning, replayed fast until the simulated clock meets the real one
+        start = (datetime.now(UTC) - timedelta(days=1)).replace(
+            hour=6, minute=0, second=0, microsecond=0
+        )
         simulation = load(self.settings.scenario, self.home / "objects", seed=self.settings.seed,
                           start_ms=int(start.timestamp() * 1000))  # fmt: skip
         self.simulator = Simulator(

@@ -193,13 +193,21 @@ class Simulator:
     def run(self, *, rate: float, speed: float, duration: float | None = None,
             steps: int | None = None, should_stop: Callable[[], bool] = lambda: False,
             on_step: Callable[[], None] = lambda: None) -> None:  # fmt: skip
-        """`rate` steps per second, each `speed / rate` simulated seconds."""
+        """`rate` steps per second, each `speed / rate` simulated seconds. The simulated clock
+        never runs ahead of the real one: once it has caught up (an accelerated replay of the
+        recent past), it goes on in real time, so devices never date readings in the future
+        (units refuse those: `max_future`)."""
         interval = 1.0 / rate
         next_at = time.monotonic()
         deadline = None if duration is None else next_at + duration
         while not should_stop() and (deadline is None or time.monotonic() < deadline):
             if steps is not None and self.steps >= steps:
                 break
+            ahead = self.simulation.model.now_ms + speed / rate * 1000 - time.time() * 1000
+            if ahead > 0:
+                time.sleep(min(ahead / 1000, 0.5))  # short naps: stop and deadline still count
+                next_at = time.monotonic()
+                continue
             self.step(speed / rate)
             on_step()
             next_at += interval

@@ -39,11 +39,59 @@ def test_tumbling_boundaries_and_firing_on_the_watermark() -> None:
     op = WindowOperator(Windowing("tumbling", 10_000), COUNT_AVG)
     assert run(op, [("k", 0, 1), ("k", 9_999, 3)]) == []  # [0, 10000) holds 0 and 9999
     assert run(op, [("k", 10_000, 5)]) == [r("k", 0, 10_000, n=2, avg=2.0)]
-    assert run(op, [("j", 12_000, 7)]) == []  # another key, same watermark (it is per operator)
-    assert run(op, [("k", 25_000, 1)]) == [
-        r("j", 10_000, 20_000, n=1, avg=7.0),
-        r("k", 10_000, 20_000, n=1, avg=5.0),
+    assert run(op, [("j", 12_000, 7)]) == []
+    # each key has its own clock: k's moves only k's windows
+    assert run(op, [("k", 25_000, 1)]) == [r("k", 10_000, 20_000, n=1, avg=5.0)]
+    assert run(op, [("j", 20_000, 2)]) == [r("j", 10_000, 20_000, n=1, avg=7.0)]
+
+
+def test_one_keys_clock_never_makes_another_keys_updates_late() -> None:
+    op = WindowOperator(Windowing("tumbling", 60_000), COUNT_AVG)
+    year_9999 = 253_402_300_000_000
+    assert run(op, [("a", 1_000, 1), ("b", 2_000, 2)]) == []
+    assert run(op, [("a", year_9999, 5)]) == [r("a", 0, 60_000, n=1, avg=1.0)]
+    # b's window is still open, and b's updates are in time
+    assert run(op, [("b", 30_000, 4)]) == []
+    assert run(op, [("b", 60_000, 0)]) == [r("b", 0, 60_000, n=2, avg=3.0)]
+    assert op.late_count == 0
+
+
+def test_a_device_replaying_its_buffer_gets_its_own_windows() -> None:
+    op = WindowOperator(Windowing("tumbling", 60_000), COUNT_AVG)
+    run(op, [("live", t, 1) for t in range(0, 600_000, 10_000)])  # ten minutes of one device
+    # another device was offline for those ten minutes and now replays them, in order
+    replayed = run(op, [("offline", t, 2) for t in range(0, 600_000, 10_000)])
+    assert replayed == [r("offline", m * 60_000, (m + 1) * 60_000, n=6, avg=2.0) for m in range(9)]
+    assert op.late_count == 0
+
+
+def test_a_silent_keys_windows_fire_after_idle_and_late_updates_stay_late() -> None:
+    op = WindowOperator(Windowing("tumbling", 60_000, idle=300_000), COUNT_AVG)
+    run(op, [("quiet", 1_000, 2), ("quiet", 20_000, 4), ("busy", 1_000, 1)])
+    assert op.fire_idle(now=0) == []  # first look: the clocks are marked
+    assert op.fire_idle(now=299_999) == []
+    run(op, [("busy", 30_000, 3)])  # busy's clock moved: it is not idle
+    assert op.fire_idle(now=300_000) == [r("quiet", 0, 60_000, n=2, avg=3.0)]
+    assert "quiet" not in op.keys and op.clocks["quiet"] == 60_000  # state gone, clock kept
+    # the device comes back: an update to the fired window is late, not a second result
+    assert run(op, [("quiet", 30_000, 9)]) == [LateUpdate("quiet", 30_000, 60_000)]
+    assert run(op, [("quiet", 61_000, 1), ("quiet", 120_000, 1)]) == [
+        r("quiet", 60_000, 120_000, n=1, avg=1.0)
     ]
+    assert op.fire_idle(now=900_000) == [r("busy", 0, 60_000, n=2, avg=2.0)]
+
+
+def test_per_key_clocks_survive_a_snapshot_and_old_snapshots_load() -> None:
+    op = WindowOperator(Windowing("tumbling", 10_000), COUNT_AVG)
+    run(op, [("a", 1_000, 1), ("b", 25_000, 1)])
+    again = WindowOperator(Windowing("tumbling", 10_000), COUNT_AVG)
+    again.restore(op.snapshot())
+    assert again.clocks == {"a": 1_000, "b": 25_000}
+    assert run(again, [("a", 5_000, 3)]) == []  # in time for a, whatever b's clock
+    old = op.snapshot()
+    del old["clocks"]  # written before per-key clocks: every key had the operator's
+    again.restore(old)
+    assert again.clocks == {"a": 25_000, "b": 25_000}
 
 
 def test_late_updates_go_to_the_side_output() -> None:

@@ -362,6 +362,7 @@ def _compile(
         gap=window.size if window.kind == "session" else 0,
         delay=flow.watermark.delay,
         allowed_lateness=flow.watermark.lateness,
+        idle=flow.watermark.idle,
         processing_time=flow.time == "processing",
         emit_empty=flow.emit_empty,
     )

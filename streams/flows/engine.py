@@ -83,6 +83,9 @@ class FlowEngine:
             for key in flow.inputs:
                 self._readers.setdefault(key, []).append(flow)
         self._processing = [f for f in self.flows if f.windowing.processing_time]
+        self._idling = [
+            f for f in self.flows if not f.windowing.processing_time and f.windowing.idle
+        ]
         self._folding = self._foldable_flows()
         self._foldable_keys: dict[StreamKey, bool] = {}
         # per flow: input stream -> its column plan, _SLOW (expressions), or None (not read)
@@ -160,9 +163,14 @@ class FlowEngine:
             result._attribute(i)
 
     def tick(self) -> FlowResult:
-        """Fire processing-time windows that are due, without new input."""
+        """Fire processing-time windows that are due, and the windows of keys silent for
+        their flow's `idle`, without new input."""
         result = FlowResult()
-        self._advance(int(self.clock() * 1000), result)
+        now = int(self.clock() * 1000)
+        self._advance(now, result)
+        for flow in self._idling:
+            for key, update in self._emit(flow, self.operators[flow.name].fire_idle(now), result):
+                self._pass(key, update, now, result)
         return result
 
     def flush(self) -> FlowResult:

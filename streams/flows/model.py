@@ -127,11 +127,20 @@ class WindowDefinition(_Strict):
 class Watermark(_Strict):
     delay: int = 0
     lateness: int = 0
+    # a key (a device) silent this long, by the unit's clock, has its open windows fired:
+    # each key's clock moves only with its own updates, so without this the last window of a
+    # device that goes quiet would wait for its next update; null: wait
+    idle: int | None = 300_000
 
     @field_validator("delay", "lateness", mode="before")
     @classmethod
     def _durations(cls, value: Any) -> int:
         return duration_ms(value)
+
+    @field_validator("idle", mode="before")
+    @classmethod
+    def _idle(cls, value: Any) -> int | None:
+        return None if value is None else duration_ms(value)
 
 
 def _one_or_many(value: Any) -> Any:

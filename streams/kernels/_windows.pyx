@@ -98,11 +98,10 @@ def fold_windows(object operator, list groups, list times, list args):
     cdef long long step, t, size = spec.size, hop = spec.hop, delay = spec.delay
     cdef long long lateness = spec.allowed_lateness, watermark = 0, max_time = 0, start, r
     cdef bint tumbling = spec.kind == "tumbling", has_max, accepted
-    cdef dict keys = operator.keys, windows
-    cdef list aggs = [agg for _, agg in operator.aggregates], accs, due = operator._due
-    cdef list expiry = operator._expiry, starts
+    cdef dict keys = operator.keys, clocks = operator.clocks, windows
+    cdef list aggs = [agg for _, agg in operator.aggregates], accs, due, expiry, starts
     cdef int[32] codes
-    cdef object key, state, window, accs_obj, py_t
+    cdef object key, state, window, accs_obj, py_t, clock
     cdef Py_ssize_t late_here
     if m > 32:
         return _twin(operator, groups, times, args)
@@ -116,9 +115,11 @@ def fold_windows(object operator, list groups, list times, list args):
         if state is None:
             state = keys[key] = _KeyState()
         windows = state.windows
-        has_max = operator.max_time is not None
+        due = state.due
+        clock = clocks.get(key)  # each key's own clock: one device moves only its windows
+        has_max = clock is not None
         if has_max:
-            max_time = operator.max_time
+            max_time = clock
             watermark = max_time - delay
         # the [start, end) windows holding t, oldest first (Python's floor modulo)
         step = size if tumbling else hop
@@ -141,7 +142,7 @@ def fold_windows(object operator, list groups, list times, list args):
             accs_obj = windows.get(window)
             if accs_obj is None:
                 accs_obj = windows[window] = [agg.initial() for agg in aggs]
-                _heappush(due, (start + size, key, start))
+                _heappush(due, (start + size, start))
             _add(<list>accs_obj, aggs, codes, args[i], py_t)
             accepted = True
             if window in state.fired:  # a late update within allowed lateness
@@ -153,12 +154,12 @@ def fold_windows(object operator, list groups, list times, list args):
             operator.late_count += 1
         if state.next_empty is None:
             state.next_empty = starts[len(starts) - 1]
-        if not has_max or t > max_time:
-            operator.max_time = py_t
+        if operator._advance(key, py_t):
             watermark = t - delay
+            expiry = state.expiry
             if (due and (<tuple>due[0])[0] <= watermark) or (
                     expiry and (<tuple>expiry[0])[0] <= watermark):
-                for result in operator._fire():
+                for result in operator.fire_key(key, state, watermark):
                     fired.append((i, result))
     return fired, late
 

@@ -1,9 +1,13 @@
 """A keyed window operator: assigns updates to windows, aggregates them, fires on the watermark.
 
 Time and firing:
-- Event time (default): an update's time is its lastUpdate. The watermark is the newest event
-  time seen by this operator minus `delay`. A window [start, end) fires once the watermark
-  reaches `end`.
+- Event time (default): an update's time is its lastUpdate. Each key keeps its own clock (the
+  newest event time seen for that key), and its watermark is that clock minus `delay`: one
+  device's clock moves only its own windows, so a device with a wrong clock cannot fire or
+  make late everyone else's, and a device replaying its buffer after an outage gets its own
+  windows computed. A window [start, end) of a key fires once the key's watermark reaches
+  `end`. An un-keyed flow has one key, so one clock (the unit bounds how far ahead of its own
+  clock an update may be: `max_future`).
 - `allowed_lateness`: a window is kept that long after it fired; an update that still falls
   into it updates it and the window fires again (`updated=True`). An update whose windows are
   all past end + allowed_lateness goes to the late side output: counted and returned, never
@@ -26,6 +30,9 @@ from typing import Any, Literal
 from streams.windows.aggregates import Aggregate
 
 WindowKind = Literal["tumbling", "hopping", "sliding", "session", "count"]
+MAX_CLOCKS = 1_000_000
+"""Keys whose clock is kept after their windows are all gone; past that, the clock of the key
+that advanced least recently is forgotten (such a key starts afresh if it comes back)."""
 MAX_EMPTY_WINDOWS = 10_000
 _END_OF_TIME = 2**62
 """Most empty windows emitted for one key at once (a long silence); the rest are skipped."""
@@ -41,6 +48,7 @@ class Windowing:
     allowed_lateness: int = 0
     processing_time: bool = False
     emit_empty: bool = False
+    idle: int | None = None  # ms of the unit's clock after which a silent key's windows fire
 
     def windows(self, t: int) -> list[tuple[int, int]]:
         """The [start, end) time windows that contain `t` (tumbling and hopping)."""
@@ -86,6 +94,13 @@ class _KeyState:
     arrivals: int = 0
     # sessions: [start, last event, accumulators]
     sessions: list[list[Any]] = field(default_factory=list)
+    # tumbling/hopping: (end, start) of windows not yet fired, by when they are due, and
+    # (end + lateness, start, end) of fired ones, dropped once no late update can reach them
+    due: list[tuple[int, int]] = field(default_factory=list)
+    expiry: list[tuple[int, int, int]] = field(default_factory=list)
+
+    def idle(self) -> bool:
+        return not (self.windows or self.buffer or self.sessions or self.arrivals)
 
 
 class WindowOperator:
@@ -93,19 +108,41 @@ class WindowOperator:
         self.spec = windowing
         self.aggregates = list(aggregates)
         self.keys: dict[str, _KeyState] = {}
-        self.max_time: int | None = None
+        self.clocks: dict[str, int] = {}  # event time: each key's newest event time
+        self.max_time: int | None = None  # the newest time of all (processing time: the clock)
         self.late_count = 0
-        # Time windows by when they are due, so that firing costs what fires, not the number
-        # of keys (thousands of devices, and the watermark moves on almost every update):
-        # (end, key, start) of windows not yet fired; (end + lateness, key, start, end) of
-        # fired ones, dropped once no late update can reach them.
+        # Time windows are kept by when they are due (per key), so that firing costs what
+        # fires, not the number of open windows.
         self._indexed = windowing.kind in ("tumbling", "hopping") and not windowing.emit_empty
-        self._due: list[tuple[int, str, int]] = []
-        self._expiry: list[tuple[int, str, int, int]] = []
+        self._marks: dict[str, tuple[int, int]] = {}  # key -> (its clock, when first seen)
 
     @property
     def watermark(self) -> int | None:
+        """The newest watermark of all keys (processing time: the only one)."""
         return None if self.max_time is None else self.max_time - self.spec.delay
+
+    def watermark_of(self, key: str) -> int | None:
+        """The watermark that decides `key`'s windows."""
+        if self.spec.processing_time:
+            return self.watermark
+        clock = self.clocks.get(key)
+        return None if clock is None else clock - self.spec.delay
+
+    def _advance(self, key: str, t: int) -> bool:
+        """Move `key`'s clock to `t` if that is later; whether it moved."""
+        clocks = self.clocks
+        clock = clocks.pop(key, None)  # re-inserted: the dict's order is by last advance
+        if clock is not None and t <= clock:
+            clocks[key] = clock
+            return False
+        clocks[key] = t
+        if self.max_time is None or t > self.max_time:
+            self.max_time = t
+        if len(clocks) > MAX_CLOCKS:
+            for old in list(clocks)[: len(clocks) - MAX_CLOCKS]:
+                if old not in self.keys:
+                    del clocks[old]
+        return True
 
     # Accumulators ----------------------------------------------------------------------------
 
@@ -135,7 +172,7 @@ class WindowOperator:
         kind = self.spec.kind
         if kind == "count":
             return self._count(key, state, t, list(args)), []
-        watermark = self.watermark
+        watermark = self.watermark_of(key)
         fired: list[WindowResult] = []
         late: list[LateUpdate] = []
         if kind == "sliding":
@@ -159,7 +196,7 @@ class WindowOperator:
                 if accs is None:
                     accs = state.windows[window] = self._fresh()
                     if self._indexed:
-                        heapq.heappush(self._due, (window[1], key, window[0]))
+                        heapq.heappush(state.due, (window[1], window[0]))
                 self._add(accs, args, t)
                 accepted = True
                 if window in state.fired:  # a late update within allowed lateness
@@ -171,16 +208,50 @@ class WindowOperator:
             if state.next_empty is None:
                 state.next_empty = self.spec.windows(t)[0][0]
         self.late_count += len(late)
-        if not self.spec.processing_time and (self.max_time is None or t > self.max_time):
-            self.max_time = t
-            fired.extend(self._fire())
+        if not self.spec.processing_time and self._advance(key, t):
+            watermark = t - self.spec.delay
+            fired.extend(self.fire_key(key, state, watermark))
         return fired, late
 
     def advance(self, now: int) -> list[WindowResult]:
         """Processing time: move the clock to `now` and fire what is due."""
         if self.max_time is None or now > self.max_time:
             self.max_time = now
-        return self._fire()
+        if self.max_time is None or not self.spec.processing_time:
+            return []
+        return self._fire_all(self.max_time - self.spec.delay)
+
+    def fire_idle(self, now: int) -> list[WindowResult]:
+        """Event time: fire every open window of the keys whose clock has not moved for
+        `idle` ms of the unit's clock `now` (a device gone quiet). Their clocks stay: a later
+        update to a fired window is late (or, within allowed lateness, updates it)."""
+        idle = self.spec.idle
+        if idle is None or self.spec.processing_time or self.spec.emit_empty:
+            return []
+        if self.spec.kind in ("count", "sliding"):
+            return []
+        marks, out = self._marks, []
+        for key in list(self.keys):
+            clock = self.clocks.get(key)
+            mark = marks.get(key)
+            if mark is None or mark[0] != clock:
+                marks[key] = (clock, now)  # type: ignore[assignment]
+            elif now - mark[1] >= idle:
+                # as if the key's clock had reached the end of its open windows: they fire,
+                # and a later update to them is late (never a second result for one window)
+                state = self.keys[key]
+                ends = [end for (_, end) in state.windows if (_, end) not in state.fired]
+                ends += [last + self.spec.gap for _, last, _ in state.sessions]
+                del marks[key]
+                if not ends:
+                    continue
+                watermark = max(ends)
+                self._advance(key, watermark + self.spec.delay)
+                out.extend(self.fire_key(key, state, watermark))
+        for key in [k for k in marks if k not in self.keys]:
+            del marks[key]
+        out.sort(key=lambda r: (r.end, r.key, r.start))
+        return out
 
     def flush(self) -> list[WindowResult]:
         """Fire every window still open, as if time had run to the end (offline runs)."""
@@ -188,33 +259,39 @@ class WindowOperator:
             return []
         if self.spec.kind in ("count", "sliding"):
             return []
-        saved = self.max_time, self.spec
-        self.max_time = _END_OF_TIME
+        saved = self.spec
         self.spec = _replace(self.spec, emit_empty=False)  # no endless empty windows
         try:
-            return self._fire()
+            return self._fire_all(_END_OF_TIME)
         finally:
-            self.max_time, self.spec = saved
+            self.spec = saved
 
     # Firing ----------------------------------------------------------------------------------
 
-    def _fire(self) -> list[WindowResult]:
-        watermark = self.watermark
-        if self._indexed and watermark is not None:
-            return self._fire_indexed(watermark)
-        if watermark is None or self.spec.kind in ("count", "sliding"):
-            if self.spec.kind == "sliding" and watermark is not None:
-                self._expire_buffers(watermark)
-            return []
+    def _fire_all(self, watermark: int) -> list[WindowResult]:
+        """Every key's windows due at `watermark`, in (end, key, start) order."""
         out: list[WindowResult] = []
         for key in sorted(self.keys):
-            state = self.keys[key]
-            if self.spec.kind == "session":
-                out.extend(self._fire_sessions(key, state, watermark))
-                continue
+            out.extend(self.fire_key(key, self.keys[key], watermark))
+        out.sort(key=lambda r: (r.end, r.key, r.start))
+        return out
+
+    def fire_key(self, key: str, state: _KeyState, watermark: int) -> list[WindowResult]:
+        """`key`'s windows due at its watermark, in (end, start) order; a key left with no
+        state at all is dropped (its clock stays, in `clocks`)."""
+        if self._indexed:
+            out = self._fire_indexed(key, state, watermark)
+        elif self.spec.kind == "sliding":
+            horizon = watermark - self.spec.size - self.spec.allowed_lateness
+            state.buffer = [(t, a) for t, a in state.buffer if t > horizon]
+            out = []
+        elif self.spec.kind == "count":
+            out = []
+        elif self.spec.kind == "session":
+            out = self._fire_sessions(key, state, watermark)
+        else:
+            out = self._empty(key, state, watermark) if self.spec.emit_empty else []
             due = sorted(w for w in state.windows if w[1] <= watermark and w not in state.fired)
-            if self.spec.emit_empty:
-                out.extend(self._empty(key, state, watermark))
             for window in due:
                 out.append(WindowResult(key, *window, self._values(state.windows[window], *window)))
                 state.fired.add(window)
@@ -223,41 +300,40 @@ class WindowOperator:
             ]:
                 state.fired.discard(window)
                 del state.windows[window]
-        out.sort(key=lambda r: (r.end, r.key, r.start))
+            out.sort(key=lambda r: (r.end, r.start))
+        if state.idle() and not self.spec.emit_empty and self.keys.get(key) is state:
+            del self.keys[key]
         return out
 
-    def _fire_indexed(self, watermark: int) -> list[WindowResult]:
-        """`_fire` for tumbling and hopping windows: the same results, in the same order
-        (end, key, start), from the windows that are due."""
+    def _fire_indexed(self, key: str, state: _KeyState, watermark: int) -> list[WindowResult]:
+        """Tumbling and hopping windows of one key: those due, from its heap."""
         out: list[WindowResult] = []
-        due, expiry, lateness = self._due, self._expiry, self.spec.allowed_lateness
+        due, expiry, lateness = state.due, state.expiry, self.spec.allowed_lateness
         while due and due[0][0] <= watermark:
-            end, key, start = heapq.heappop(due)
-            state = self.keys[key]
+            end, start = heapq.heappop(due)
             window = (start, end)
             out.append(WindowResult(key, start, end, self._values(state.windows[window], *window)))
             state.fired.add(window)
-            heapq.heappush(expiry, (end + lateness, key, start, end))
+            heapq.heappush(expiry, (end + lateness, start, end))
         while expiry and expiry[0][0] <= watermark:
-            _, key, start, end = heapq.heappop(expiry)
-            state = self.keys[key]
+            _, start, end = heapq.heappop(expiry)
             state.fired.discard((start, end))
             del state.windows[(start, end)]
         return out
 
     def _reindex(self) -> None:
-        self._due, self._expiry = [], []
         if not self._indexed:
             return
         lateness = self.spec.allowed_lateness
-        for key, state in self.keys.items():
+        for state in self.keys.values():
+            state.due, state.expiry = [], []
             for start, end in state.windows:
                 if (start, end) in state.fired:
-                    self._expiry.append((end + lateness, key, start, end))
+                    state.expiry.append((end + lateness, start, end))
                 else:
-                    self._due.append((end, key, start))
-        heapq.heapify(self._due)
-        heapq.heapify(self._expiry)
+                    state.due.append((end, start))
+            heapq.heapify(state.due)
+            heapq.heapify(state.expiry)
 
     def _empty(self, key: str, state: _KeyState, watermark: int) -> list[WindowResult]:
         """Windows of this key that saw no update, up to the watermark."""
@@ -284,11 +360,6 @@ class WindowOperator:
             if low < when <= t:
                 self._add(accs, args, when)
         return WindowResult(key, low, t, self._values(accs, low, t))
-
-    def _expire_buffers(self, watermark: int) -> None:
-        horizon = watermark - self.spec.size - self.spec.allowed_lateness
-        for state in self.keys.values():
-            state.buffer = [(t, a) for t, a in state.buffer if t > horizon]
 
     # Sessions --------------------------------------------------------------------------------
 
@@ -357,6 +428,7 @@ class WindowOperator:
     def _state(self) -> dict[str, Any]:
         return {
             "max_time": self.max_time,
+            "clocks": self.clocks,
             "late": self.late_count,
             "keys": {
                 key: {
@@ -375,6 +447,10 @@ class WindowOperator:
         data = copy.deepcopy(data)
         self.max_time = data["max_time"]
         self.late_count = data["late"]
+        clocks = data.get("clocks")
+        if clocks is None:  # a snapshot from before per-key clocks: every key had this one
+            clocks = {} if self.max_time is None else dict.fromkeys(data["keys"], self.max_time)
+        self.clocks = dict(clocks)
         self.keys = {
             key: _KeyState(
                 windows={(s, e): accs for s, e, accs in k["windows"]},
