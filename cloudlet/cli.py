@@ -410,8 +410,10 @@ def simulate(
     steps: Annotated[int | None, typer.Option(help="Stop after this many steps.")] = None,
     start: Annotated[
         str | None,
-        typer.Option(help="Simulated start, ISO 8601 (default: yesterday 06:00 UTC); the"
-                     " simulated clock never passes the real one."),  # fmt: skip
+        typer.Option(
+            help="Simulated start, ISO 8601 (default: yesterday 06:00 UTC); the"
+            " simulated clock never passes the real one."
+        ),
     ] = None,
 ) -> None:
     """Simulated devices of a scenario publishing over MQTT, with faults on demand."""
