@@ -231,37 +231,79 @@ class Outbox:
         self.append([(k, u, encode_update(u)) for k, u in results])
 
     def append(self, items: Sequence[tuple[StreamKey, SensorUpdate, bytes]]) -> int:
-        """Append; the number refused (reject-new streams, outbox full)."""
+        """Append; the number refused (reject-new streams, outbox full). On an OSError (the
+        disk full, say) nothing of this call is left behind that was not already durable:
+        the logs are cut back to where they were, and the caller may simply try again."""
         now = int(self.clock() * 1000)
         rejected = 0
         with self._lock:
             touched: set[int] = set()
-            for key, update, body in items:
-                policy = self.settings.policy(key)
-                frame_body = msgpack.packb([key.so, key.stream, now, update.last_update, body])
-                size = _HEADER.size + len(frame_body)
-                while self._bytes() + size > self.settings.max_bytes:
-                    if policy.when_full == "reject":
-                        break
-                    self._flush(touched)  # what is written so far is durable before we wait
-                    touched.clear()
-                    log.warning("outbox full (%d bytes): waiting for the forwarder",
-                                self.settings.max_bytes)  # fmt: skip
-                    self._lock.wait(1.0)
-                    if self._closed:
-                        raise OutboxFull("the outbox closed while waiting for space")
-                else:
-                    self._append(policy.priority, frame_body)
-                    touched.add(policy.priority)
-                    self.counts.written += 1
-                    continue
-                rejected += 1
-                self.counts.rejected += 1
-            self._flush(touched)
+            marks: dict[int, tuple[int, int, int, int, int]] = {}
+            try:
+                for key, update, body in items:
+                    policy = self.settings.policy(key)
+                    frame_body = msgpack.packb([key.so, key.stream, now, update.last_update, body])
+                    size = _HEADER.size + len(frame_body)
+                    while self._bytes() + size > self.settings.max_bytes:
+                        if policy.when_full == "reject":
+                            break
+                        self._flush(touched)  # what is written so far is durable before we wait
+                        touched.clear()
+                        marks.clear()
+                        log.warning("outbox full (%d bytes): waiting for the forwarder",
+                                    self.settings.max_bytes)  # fmt: skip
+                        self._lock.wait(1.0)
+                        if self._closed:
+                            raise OutboxFull("the outbox closed while waiting for space")
+                    else:
+                        if policy.priority not in marks:
+                            marks[policy.priority] = self._mark(policy.priority)
+                        self._append(policy.priority, frame_body)
+                        touched.add(policy.priority)
+                        self.counts.written += 1
+                        continue
+                    rejected += 1
+                    self.counts.rejected += 1
+                self._flush(touched)
+            except OSError:
+                self._roll_back(marks)
+                raise
             self._lock.notify_all()
         if rejected:
             log.warning("outbox full: refused %d records of reject-new streams", rejected)
         return rejected
+
+    def _mark(self, priority: int) -> tuple[int, int, int, int, int]:
+        """Where a log stands: segments, the last one's size and last seq, next seq, written."""
+        lg = self._log(priority)
+        last = lg.segments[-1] if lg.segments else None
+        return (len(lg.segments), last.size if last else 0, last.last if last else 0,
+                lg.next_seq, self.counts.written)  # fmt: skip
+
+    def _roll_back(self, marks: dict[int, tuple[int, int, int, int, int]]) -> None:
+        """Cut each log back to its mark: records appended since are gone from the disk
+        (some may have reached it before the write failed) and from the counts."""
+        for priority, (n, size, last, next_seq, written) in marks.items():
+            lg = self._logs[priority]
+            if lg.tail is not None:
+                try:
+                    lg.tail.close()  # its buffer cannot be written; the file is closed anyway
+                except OSError:
+                    pass
+                lg.tail = None
+            for seg in lg.segments[n:]:
+                seg.path.unlink(missing_ok=True)
+            del lg.segments[n:]
+            if n:
+                seg = lg.segments[-1]
+                with seg.path.open("r+b") as f:
+                    f.truncate(size)
+                seg.size, seg.last = size, last
+            lg.next_seq = next_seq
+            self.counts.written = min(self.counts.written, written)
+        if marks:
+            log.error("outbox: a write failed; %d logs cut back to their last durable record",
+                      len(marks))  # fmt: skip
 
     def _log(self, priority: int) -> _Log:
         lg = self._logs.get(priority)

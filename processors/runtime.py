@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import logging
 import queue
+import sqlite3
 import threading
 import time
 import zlib
@@ -309,8 +310,8 @@ class UnitRuntime:
             try:
                 write(what)
                 break
-            except OSError as exc:
-                if exc.errno not in DISK_FULL_ERRNOS:
+            except (OSError, sqlite3.OperationalError) as exc:
+                if not _disk_full(exc):
                     raise
                 if not self.disk_full:
                     log.error("disk full (%s): not acknowledging, not ready, retrying", exc)
@@ -521,6 +522,12 @@ class UnitRuntime:
         self.published.updates += len(result.updates)
         self.published.derived += len(result.derived)
         self.published.dead_letters += len(result.dead_letters)
+
+
+def _disk_full(exc: Exception) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in DISK_FULL_ERRNOS
+    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
 
 
 def _identity(message: Message) -> tuple[int, str, int]:

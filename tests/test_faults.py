@@ -5,12 +5,15 @@ record in front of the cloud service's consumer and a PostgreSQL connection kill
 from __future__ import annotations
 
 import asyncio
+import errno
+import shutil
 import sqlite3
+import subprocess
 import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import orjson
@@ -19,6 +22,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from cloud_sync.cloud import CloudService, CloudSettings
+from cloud_sync.outbox import Outbox, OutboxSettings
 from cloud_sync.store import PostgresStore
 from cloudlet.demo import scenario_dir
 from cloudlet.rig import Kafka, Mosquitto, Postgres
@@ -203,5 +207,97 @@ def _until(condition: Callable[[], bool], timeout: float) -> None:
 def _get(service: CloudService, path: str) -> int:
     try:
         return int(urllib.request.urlopen(service.url + path).status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+# a full disk ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs, so that a test can fill it (root only)."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(where)],
+                             capture_output=True)  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def _fill(disk: Path, leave: int) -> Path:
+    """Fill `disk` but for about `leave` bytes; the filler's path (delete it to free)."""
+    filler = disk / "filler"
+    free = shutil.disk_usage(disk).free
+    with filler.open("wb") as f:
+        f.write(b"\0" * max(0, free - leave))
+    return filler
+
+
+def test_the_outbox_on_a_full_disk_keeps_whole_batches_and_goes_on(small_disk: Path) -> None:
+    outbox = Outbox(OutboxSettings(path=small_disk / "outbox", segment_bytes=1 << 14))
+    filler = _fill(small_disk, 64 * 1024)
+    key = StreamKey("probe", "data")
+    batches, written = 0, 0
+    with pytest.raises(OSError) as full:
+        for batches in range(1000):
+            outbox.write([(key, SensorUpdate({"v": "x" * 200}, T0 + batches * 10 + i))
+                          for i in range(10)])  # fmt: skip
+            written += 10
+    assert full.value.errno == errno.ENOSPC
+    assert outbox.counts.written == written
+    filler.unlink()  # space again: the same batch goes in, once
+    outbox.write([(key, SensorUpdate({"v": "x" * 200}, T0 + batches * 10 + i)) for i in range(10)])
+    outbox.close()
+    again = Outbox(OutboxSettings(path=small_disk / "outbox", segment_bytes=1 << 14))
+    times = [r.last_update for r in again.read(limit=100_000)]
+    assert times == [T0 + i for i in range(written + 10)]
+    assert again.counts.truncated == 0  # nothing torn was left behind
+    again.close()
+
+
+@pytest.mark.mqtt
+def test_a_unit_on_a_full_disk_waits_not_ready_and_goes_on_by_itself(
+    mosquitto: Mosquitto, small_disk: Path, tmp_path: Path
+) -> None:
+    path = tmp_path / "unit.yaml"
+    path.write_bytes(orjson.dumps({
+        "name": "u-disk-full", "objects": [str(IRRIGATION / "objects")],
+        "mqtt": {"url": mosquitto.url}, "http": {"port": 0}, "republish": {"updates": False},
+    }))  # fmt: skip
+    outbox = Outbox(OutboxSettings(path=small_disk / "outbox", segment_bytes=1 << 14))
+    unit = Unit(UnitConfig.load(path), sink=outbox).start()
+    readings = _readings(60)  # 600 updates
+    fleet = DeviceFleet(MqttSettings(url=mosquitto.url), client_id="fleet-disk").start()
+    try:
+        assert unit.runtime.connected.wait(10)
+        filler = _fill(small_disk, 16 * 1024)
+        for key, update in readings:
+            fleet.publish(key, update)
+        _until(lambda: unit.runtime.disk_full, 30)
+        assert _status(unit, "/readyz") == 503 and _status(unit, "/healthz") == 200
+        filler.unlink()
+        _until(lambda: unit.runtime.published.messages >= len(readings), 60)
+        assert _status(unit, "/readyz") == 200
+    finally:
+        fleet.stop()
+        unit.stop()
+    stored = Counter(
+        (r.key.so, r.key.stream, r.last_update)
+        for r in Outbox(OutboxSettings(path=small_disk / "outbox")).read(limit=100_000)
+        if r.key.stream in {"soil", "state", "rain", "weather"}
+    )
+    assert stored == Counter((k.so, k.stream, u.last_update) for k, u in readings)
+
+
+def _status(unit: Unit, path: str) -> int:
+    assert unit.status is not None
+    try:
+        url = f"http://127.0.0.1:{unit.status.port}{path}"
+        return int(urllib.request.urlopen(url).status)
     except urllib.error.HTTPError as exc:
         return exc.code
