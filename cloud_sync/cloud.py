@@ -23,6 +23,7 @@ import asyncio
 import fnmatch
 import hmac
 import logging
+import math
 import threading
 import time
 from pathlib import Path
@@ -42,6 +43,7 @@ from streams.actuation import Actuation
 from streams.web import BackgroundServer, Token, bearer
 
 log = logging.getLogger(__name__)
+MIN_MS, MAX_MS = -(2**63), 2**63 - 1  # times in the store are signed 64-bit milliseconds
 
 
 class _Strict(BaseModel):
@@ -304,8 +306,10 @@ class CloudService:
         @app.get("/objects/{so}/streams/{stream}")
         def history(
             so: str, stream: str, request: Request,
-            start: Annotated[int | None, Query(alias="from", description="ms, inclusive")] = None,
-            end: Annotated[int | None, Query(alias="to", description="ms, exclusive")] = None,
+            start: Annotated[int | None, Query(alias="from", description="ms, inclusive",
+                                               ge=MIN_MS, le=MAX_MS)] = None,
+            end: Annotated[int | None, Query(alias="to", description="ms, exclusive",
+                                             ge=MIN_MS, le=MAX_MS)] = None,
             limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
             cursor: str | None = None,
         ) -> dict[str, Any]:  # fmt: skip
@@ -322,12 +326,12 @@ class CloudService:
         def search(
             stream: str, request: Request,
             channel: str | None = None,
-            minimum: Annotated[float | None, Query(alias="min")] = None,
-            maximum: Annotated[float | None, Query(alias="max")] = None,
+            minimum: Annotated[float | None, Query(alias="min", allow_inf_nan=False)] = None,
+            maximum: Annotated[float | None, Query(alias="max", allow_inf_nan=False)] = None,
             near: Annotated[str | None, Query(description="lat,lon,radius in metres")] = None,
             bbox: Annotated[str | None, Query(description="minLat,minLon,maxLat,maxLon")] = None,
-            start: Annotated[int | None, Query(alias="from")] = None,
-            end: Annotated[int | None, Query(alias="to")] = None,
+            start: Annotated[int | None, Query(alias="from", ge=MIN_MS, le=MAX_MS)] = None,
+            end: Annotated[int | None, Query(alias="to", ge=MIN_MS, le=MAX_MS)] = None,
             limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
         ) -> dict[str, Any]:  # fmt: skip
             """Updates of a stream by a numeric range of a channel, or by distance from a point
@@ -461,6 +465,6 @@ def _floats(text: str, n: int, what: str) -> tuple[float, ...]:
         values = tuple(float(x) for x in text.split(","))
     except ValueError:
         values = ()
-    if len(values) != n:
-        raise ValueError(f"{what} must be {n} comma-separated numbers, got {text!r}")
+    if len(values) != n or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{what} must be {n} comma-separated numbers, got {text[:200]!r}")
     return values

@@ -122,8 +122,10 @@ def _cursor(last_update: int, message_id: str) -> str:
 def _uncursor(cursor: str) -> tuple[int, str]:
     try:
         t, mid = orjson.loads(base64.urlsafe_b64decode(cursor.encode()))
-        return int(t), str(mid)
-    except (ValueError, TypeError, orjson.JSONDecodeError):
+        if type(t) is not int or not -(2**63) <= t < 2**63 or type(mid) is not str:
+            raise ValueError
+        return t, mid
+    except (ValueError, TypeError, orjson.JSONDecodeError, UnicodeError):
         raise ValueError(f"cursor {cursor!r} is not one this API gave out") from None
 
 

@@ -88,9 +88,22 @@ def _values(n: int) -> str:
     return f"{n} value" if n == 1 else f"{n} values"
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
 def _number(value: Any) -> Value:
+    """A number channel's value: a finite double, or an integer within signed 64 bits (what
+    every store and Kafka consumer downstream holds exactly; nothing wraps or rounds
+    silently). A JSON integer literal beyond 64 bits is read as the nearest double by the
+    JSON decoder (as JavaScript does), and is a float from then on."""
     kind = type(value)
     if kind is int:
+        if not INT64_MIN <= value <= INT64_MAX:
+            raise _ValueProblem(
+                RejectReason.WRONG_TYPE,
+                f"expects a number within the signed 64-bit integer range, got {value}"
+                " (send larger values as floats)",
+            )
         return value  # type: ignore[no-any-return]
     if kind is float:
         if not math.isfinite(value):

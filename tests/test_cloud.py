@@ -5,6 +5,7 @@ the real Kafka, and the embedded default (outbox straight into the store)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 import urllib.error
 import urllib.parse
@@ -147,6 +148,24 @@ def test_the_api_pages_searches_and_explains(api: CloudService) -> None:
                                             " '41.39,2.17'")  # fmt: skip
     assert get(f"{base}/objects/field-1-soil/streams/soil?cursor=zz", "farm")[0] == 400
     assert get(f"{base}/openapi.json")[1]["info"]["title"] == "cloudlet cloud objects"
+
+
+def test_every_bad_query_is_a_4xx_that_names_the_problem(api: CloudService) -> None:
+    base = f"{api.url}/objects/field-1-soil/streams/soil"
+    huge = "99999999999999999999"
+    status, body = get(f"{base}?from={huge}", "farm")
+    assert status == 422 and "from" in str(body) and "less than or equal" in str(body)
+    assert get(f"{base}?to=-{huge}", "farm")[0] == 422
+    assert get(f"{api.url}/search/soil?from={huge}", "farm")[0] == 422
+    assert get(f"{api.url}/search/soil?channel=moisture&min=inf", "farm")[0] == 422
+    status, body = get(f"{api.url}/search/air?near=nan,2.17,10")
+    assert (status, body["error"]) == (400, "near must be 3 comma-separated numbers, got"
+                                            " 'nan,2.17,10'")  # fmt: skip
+    cursors = [b'[100000000000000000000, "m"]', orjson.dumps(["t", 5]), b"\xff\xfe", b"[1]"]
+    for raw in cursors:
+        cursor = urllib.parse.quote(base64.urlsafe_b64encode(raw).decode())
+        status, body = get(f"{base}?cursor={cursor}", "farm")
+        assert status == 400 and "is not one this API gave out" in body["error"]
 
 
 # the consumer group and the embedded default -----------------------------------------------------

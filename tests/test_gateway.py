@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import signal
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -181,3 +183,54 @@ def test_a_gateway_without_tokens_must_say_it_is_open(tmp_path: Path) -> None:
     assert str(caught.value) == (
         f"{path}: tokens[0]: a token grant needs exactly one of token or token_env"
     )
+
+
+@pytest.mark.mqtt
+def test_hostile_bodies_are_4xx_with_dead_letters(gateway: Gateway, mosquitto: Mosquitto) -> None:
+    letters = Collector(mosquitto, "collector-gateway-letters")
+    try:
+        deep = (b'{"channels": {"moisture": {"current-value": ' + b"[" * 1000 + b"1"
+                + b"]" * 1000 + b'}}, "lastUpdate": 1700006400000}')  # fmt: skip
+        status, answer = put(gateway, FIELD, deep)
+        assert (status, answer["error"]) == (422, "wrong_type")
+        status, answer = put(gateway, FIELD, b"[]")
+        assert (status, answer["error"]) == (422, "no_updates")
+        status, answer = put(gateway, FIELD, b'{"lastUpdate": [], "channels": {"moisture": []}}')
+        assert (status, answer["error"]) == (422, "no_updates")
+        got = letters.take(lambda g: len(g) >= 3, timeout=10)
+        assert [b["reason"] for _, b in got] == ["wrong_type", "no_updates", "no_updates"]
+    finally:
+        letters.close()
+
+
+@pytest.mark.mqtt
+def test_a_503_retried_is_published_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The broker stalls (SIGSTOP): the gateway answers 503, paho still holds the message and
+    delivers it once the broker is back; the client's retry of the same body must not make a
+    second copy."""
+    monkeypatch.setenv("WEATHER_TOKEN", "weather-token")
+    broker = Mosquitto(tmp_path / "broker").start()
+    g = Gateway(settings(broker.url, client_id="gateway-stall", publish_timeout=1.0)).start()
+    device = Collector(broker, "collector-stall")
+    device.client.subscribe([("+/streams/+", 1)])
+    time.sleep(0.5)
+    try:
+        assert g.connected.wait(10)
+        assert broker.process is not None
+        broker.process.send_signal(signal.SIGSTOP)
+        status, answer = put(g, FIELD, GOOD)
+        assert (status, answer["error"]) == (503, "unavailable")
+        assert "it will not be published twice" in answer["message"]
+        broker.process.send_signal(signal.SIGCONT)
+        time.sleep(1.0)  # paho delivers the first attempt now
+        assert put(g, FIELD, GOOD)[0] == 202  # the retry
+        other = GOOD.replace(b"21.5", b"22.5")
+        assert put(g, FIELD, other)[0] == 202
+        got = device.take(lambda m: len(m) >= 3, timeout=5)
+        assert [t for t, _ in got] == [FIELD, FIELD]  # once each
+    finally:
+        if broker.process is not None:
+            broker.process.send_signal(signal.SIGCONT)
+        device.close()
+        g.stop()
+        broker.stop()

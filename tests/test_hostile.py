@@ -304,3 +304,43 @@ def _metrics(unit: Unit) -> str:
     assert unit.status is not None
     url = f"http://127.0.0.1:{unit.status.port}/metrics"
     return str(urllib.request.urlopen(url).read().decode())
+
+
+# defined edges of the value model (broker-free) ------------------------------------------------
+
+
+def test_number_channels_hold_doubles_and_signed_64_bit_integers() -> None:
+    from processors.ingest import Ingest, RawMessage
+    from streams.catalog import Catalog
+
+    ingest = Ingest(Catalog.load([IRRIGATION / "objects"]).registry, max_future_ms=None)
+
+    def outcome(value: bytes) -> Any:
+        body = b'{"channels": {"moisture": {"current-value": %s}}, "lastUpdate": 1700000000000}'
+        got = ingest.batch([RawMessage(SOIL, body % value)])
+        if got.accepted:
+            return got.accepted[0][1].channels["moisture"]
+        return got.dead_letters[0].rejection.message.split(": ", 1)[1]
+
+    assert outcome(b"9223372036854775807") == 2**63 - 1
+    assert outcome(b"-9223372036854775808") == -(2**63)
+    assert outcome(b"9223372036854775808") == (
+        "channel 'moisture' expects a number within the signed 64-bit integer range, got"
+        " 9223372036854775808 (send larger values as floats)"
+    )
+    assert outcome(b"1e308") == 1e308
+    # beyond 64 bits the JSON decoder reads the nearest double, as JavaScript does
+    assert outcome(b"123456789012345678901234567890") == 1.2345678901234568e29
+    assert outcome(b'1, "current-value": 2') == 2  # a duplicate key: the last one wins
+
+
+def test_an_aggregate_past_the_double_range_leaves_its_channel_out() -> None:
+    from streams.windows.aggregates import AGGREGATES
+    from streams.windows.operator import Windowing, WindowOperator, WindowResult
+
+    op = WindowOperator(Windowing("tumbling", 1_000), [("avg", AGGREGATES["avg"]),
+                                                       ("n", AGGREGATES["count"])])  # fmt: skip
+    op.process("k", 0, [1e308, True])
+    op.process("k", 1, [1e308, True])
+    fired, _ = op.process("k", 1_000, [1.0, True])
+    assert fired == [WindowResult("k", 0, 1_000, {"n": 2})]

@@ -102,7 +102,11 @@ class Mosquitto(Service):
                     "persistence true",
                     f"persistence_location {self.workdir}/",
                     "autosave_interval 1",
-                    "max_queued_messages 100000",
+                    # A unit acknowledges a device message only once what it produced is safe,
+                    # so under load its session's queue grows: QoS 1 messages beyond this
+                    # limit would be dropped by the broker. 0: no limit (memory_limit, set
+                    # by operators, bounds the broker as a whole).
+                    "max_queued_messages 0",
                     "max_inflight_messages 100",
                     f"log_dest file {self.workdir / 'mosquitto.log'}",
                     "log_type error",

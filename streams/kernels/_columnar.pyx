@@ -9,9 +9,13 @@ cdef long long SECONDS_BELOW = 100_000_000_000
 cdef long long MAX_LAST_UPDATE = 253_402_300_799_999
 
 
+cdef object INT64_MIN = -(2**63), INT64_MAX = 2**63 - 1  # a number channel's integers
+
+
 cdef inline bint _fits(object v, int kind):
     if kind == NUMBER:
-        return type(v) is int or (type(v) is float and isfinite(<double>v))
+        return (type(v) is int and INT64_MIN <= v <= INT64_MAX) or (
+            type(v) is float and isfinite(<double>v))
     if kind == STRING:
         return type(v) is str
     if kind == BOOLEAN:

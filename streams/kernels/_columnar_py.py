@@ -18,11 +18,14 @@ SECONDS_BELOW = 100_000_000_000  # below: seconds, as old devices send
 MAX_LAST_UPDATE = 253_402_300_799_999
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # a number channel's integers: signed 64-bit
+
+
 def _fits(v: Any, kind: int) -> bool:
     """Whether `v` is a good value of a channel of `kind` as it is (anything else: slow path)."""
     tv = type(v)
     if kind == NUMBER:
-        return tv is int or (tv is float and math.isfinite(v))
+        return (tv is int and INT64_MIN <= v <= INT64_MAX) or (tv is float and math.isfinite(v))
     if kind == STRING:
         return tv is str
     if kind == BOOLEAN:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import heapq
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from dataclasses import replace as _replace
@@ -160,7 +161,9 @@ class WindowOperator:
         out = {}
         for (name, agg), acc in zip(self.aggregates, accs, strict=True):
             value = agg.result(acc, start, end)
-            if value is not None:
+            # a sum past the double range (two readings of 1e308) has no value: the channel
+            # is left out of the window's update, as a missing one is (never null or inf)
+            if value is not None and (type(value) is not float or math.isfinite(value)):
                 out[name] = value
         return out
 
