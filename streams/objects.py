@@ -120,10 +120,15 @@ class Stream(_Descriptor):
                 f"a derived stream needs a current-value on every channel; missing on: "
                 f"{', '.join(raw)}"
             )
-        if not derived and (self.pre_filter is not None or self.post_filter is not None):
+        # ServIoTicy's own test objects put "pre-filter": "true" on device streams: a filter
+        # that lets everything through is what a device stream does anyway, so it loads (and
+        # does nothing); any other filter there would be silently ignored, so it is an error.
+        filters = [f for f in (self.pre_filter, self.post_filter) if f is not None]
+        if not derived and any(f.strip().lower() != "true" for f in filters):
             raise ValueError(
                 "pre-filter and post-filter apply to derived streams only; this stream has no"
-                " channel with a current-value"
+                ' channel with a current-value (on a device stream only "true", which lets'
+                " everything through, is accepted)"
             )
         return self
 

@@ -3,6 +3,7 @@ reaches the valve through its cloudlet, and the valve's reports come back to the
 
 from __future__ import annotations
 
+import asyncio
 import time
 import urllib.error
 import urllib.request
@@ -11,13 +12,14 @@ from typing import Any
 
 import orjson
 import pytest
+from aiokafka import AIOKafkaProducer
 
 from cloud_sync.cloud import CloudService, CloudSettings
 from cloudlet.demo import scenario_dir
 from cloudlet.rig import Kafka, Mosquitto
 from cloudlet.units import CloudletUnit, UnitFile
 from edge_objects.sdk import EdgeObject
-from streams.mqtt import MqttSettings
+from streams.mqtt import MqttSettings, connect, make_client
 
 IRRIGATION = scenario_dir("irrigation") / "objects"
 
@@ -104,3 +106,80 @@ def test_a_command_from_the_cloud_opens_the_valve_and_reports_back(
         valve.stop()
         unit.stop()
         cloud.stop()
+
+
+@pytest.mark.kafka
+@pytest.mark.mqtt
+def test_bad_commands_cost_themselves_never_the_relay_or_the_device(
+    mosquitto: Mosquitto, kafka: Kafka, tmp_path: Path
+) -> None:
+    topics = {"commands": "poison.commands", "status": "poison.command-status"}
+    path = tmp_path / "unit.yaml"
+    path.write_bytes(orjson.dumps({
+        "name": "u-poison-commands", "objects": [str(IRRIGATION)], "mqtt": {"url": mosquitto.url},
+        "outbox": {"path": "outbox"},
+        "forward": {"site": "farm-1", "command_topics": topics,
+                    "kafka": {"bootstrap_servers": kafka.bootstrap_servers,
+                              "topic": "poison.updates", "linger_ms": 1}},
+    }))  # fmt: skip
+    unit = CloudletUnit(UnitFile.load(path)).start()
+    opened: list[dict[str, Any]] = []
+    valve = EdgeObject("field-1-valve", MqttSettings(url=mosquitto.url), client_id="valve-poison")
+    valve.action("open")(lambda parameters: opened.append(parameters) or "opened")
+    valve.start()
+    raw = make_client(MqttSettings(url=mosquitto.url), "poison-commander")
+    connect(raw, MqttSettings(url=mosquitto.url), persistent=False)
+    raw.loop_start()
+    try:
+        assert unit.relay is not None and unit.relay.ready.wait(30)
+        assert valve.connected.wait(10)
+        now = int(time.time() * 1000)
+        # straight to the device: an id no topic can hold, a time that is not one
+        for body in ({"id": "a#b", "action": "open", "parameters": {}, "issuedAt": now},
+                     {"id": "c1", "action": "open", "parameters": {}, "issuedAt": "soon"},
+                     [1, 2], {"id": ["x"], "action": "open"}):  # fmt: skip
+            raw.publish("field-1-valve/actions", orjson.dumps(body), qos=1).wait_for_publish(10)
+        raw.publish("field-1-valve/actions", orjson.dumps(
+            {"id": "good-1", "action": "open", "parameters": {"minutes": 1}, "issuedAt": now}),
+            qos=1).wait_for_publish(10)  # fmt: skip
+        _until(lambda: opened == [{"minutes": 1}])
+        assert valve.ignored == 4 and valve.healthy
+        # through the cloud's command topic: records the relay cannot read, then a good one
+        poison = [
+            {"site": "farm-1", "so": ["field-1-valve"], "id": "p1", "action": "open",
+             "issuedAt": now},
+            {"site": "farm-1", "so": "field-1-valve", "id": "p#2", "action": "open",
+             "issuedAt": now},
+            {"site": "farm-1", "so": "field-1-valve", "id": "p3", "action": "open",
+             "issuedAt": "soon"},
+            "not a command",
+        ]  # fmt: skip
+        good = {"site": "farm-1", "so": "field-1-valve", "id": "good-2", "action": "open",
+                "parameters": {"minutes": 2}, "issuedAt": now}  # fmt: skip
+        produce(kafka, topics["commands"], [orjson.dumps(p) for p in [*poison, good]] + [b"\xff"])
+        _until(lambda: opened == [{"minutes": 1}, {"minutes": 2}])
+        _until(lambda: unit.relay is not None and unit.relay.refused == 5)
+        assert unit.relay.alive and unit.unit.alive and valve.healthy
+    finally:
+        raw.loop_stop()
+        raw.disconnect()
+        valve.stop()
+        unit.stop()
+
+
+def produce(kafka: Kafka, topic: str, values: list[bytes]) -> None:
+    async def run() -> None:
+        producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers)
+        await producer.start()
+        for v in values:
+            await producer.send_and_wait(topic, v, key=b"farm-1")
+        await producer.stop()
+
+    asyncio.run(run())
+
+
+def _until(condition: Any, timeout: float = 30) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.1)

@@ -57,6 +57,16 @@ def test_servioticy_device_descriptor_loads_unchanged() -> None:
     }
 
 
+def test_servioticy_dispatcher_test_objects_with_filters_on_device_streams_load() -> None:
+    # as ServIoTicy's dispatcher tests wrote them: a filter that lets everything through
+    raw = orjson.loads((SERVIOTICY / "so.json").read_bytes())
+    raw["streams"]["data"]["pre-filter"] = "true"
+    raw["streams"]["data"]["post-filter"] = " TRUE "
+    so = ServiceObject.model_validate(raw)
+    assert so.streams["data"].pre_filter == "true"
+    assert so.to_servioticy()["streams"]["data"]["pre-filter"] == "true"
+
+
 def test_servioticy_composite_descriptor_loads_unchanged() -> None:
     raw = orjson.loads((SERVIOTICY / "cso.json").read_bytes())
     so = ServiceObject.model_validate(raw)
@@ -130,10 +140,11 @@ def test_aliases_accept_servioticy_list_form_and_a_map() -> None:
             "a derived stream needs a current-value on every channel; missing on: y",
         ),
         (
-            _so(streams={"data": {"channels": {"t": {"type": "number"}}, "pre-filter": "true"}}),
+            _so(streams={"data": {"channels": {"t": {"type": "number"}}, "pre-filter": "t > 1"}}),
             "streams.data",
             "pre-filter and post-filter apply to derived streams only; this stream has no"
-            " channel with a current-value",
+            ' channel with a current-value (on a device stream only "true", which lets'
+            " everything through, is accepted)",
         ),
         (
             _so(groups={"data": {"soIds": ["x"], "stream": "s"}}),
