@@ -266,7 +266,8 @@ class CloudStore:
         limit: int = 100, cursor: str | None = None,
     ) -> Page:  # fmt: skip
         """Updates in [start, end) by lastUpdate, oldest first, `limit` a page."""
-        where, args = ["so = ?", "stream = ?"], [so, stream]
+        where: list[str] = ["so = ?", "stream = ?"]
+        args: list[Any] = [so, stream]
         if start is not None:
             where.append("last_update >= ?")
             args.append(start)
@@ -305,7 +306,8 @@ class CloudStore:
         """Updates of `stream` whose `channel` is within [minimum, maximum], or whose geo
         channel lies within `near` (lat, lon, metres) or `bbox` (min lat, min lon, max lat,
         max lon); newest first."""
-        where, args = ["v.stream = ?"], [stream]
+        where: list[str] = ["v.stream = ?"]
+        args: list[Any] = [stream]
         if channel is not None:
             where.append("v.channel = ?")
             args.append(channel)

@@ -42,14 +42,6 @@ def test_a_command_from_the_cloud_opens_the_valve_and_reports_back(
     mosquitto: Mosquitto, kafka: Kafka, tmp_path: Path
 ) -> None:
     topics = {"commands": "test.commands", "status": "test.command-status"}
-    path = tmp_path / "unit.yaml"
-    path.write_bytes(orjson.dumps({
-        "name": "u-commands", "objects": [str(IRRIGATION)], "mqtt": {"url": mosquitto.url},
-        "outbox": {"path": "outbox"},
-        "forward": {"site": "farm-1", "command_topics": topics,
-                    "kafka": {"bootstrap_servers": kafka.bootstrap_servers,
-                              "topic": "test.updates", "linger_ms": 1}},
-    }))  # fmt: skip
     cloud = CloudService(CloudSettings.model_validate({
         "store": f"sqlite:///{tmp_path / 'cloud.db'}", "port": 0,
         "kafka": {"bootstrap_servers": kafka.bootstrap_servers, "topic": "test.updates",
@@ -57,7 +49,7 @@ def test_a_command_from_the_cloud_opens_the_valve_and_reports_back(
         "tokens": [{"token": "farmer", "objects": ["field-*"], "actuate": ["field-*-valve"]},
                    {"token": "viewer", "objects": ["field-*"]}],
     })).start()  # fmt: skip
-    unit = CloudletUnit(UnitFile.load(path)).start()
+    unit = _unit_with_relay(tmp_path, mosquitto, kafka, topics, "u-commands", "test.updates")
     opened: list[dict[str, Any]] = []
     valve = EdgeObject("field-1-valve", MqttSettings(url=mosquitto.url), client_id="valve-cloud")
 
@@ -114,15 +106,7 @@ def test_bad_commands_cost_themselves_never_the_relay_or_the_device(
     mosquitto: Mosquitto, kafka: Kafka, tmp_path: Path
 ) -> None:
     topics = {"commands": "poison.commands", "status": "poison.command-status"}
-    path = tmp_path / "unit.yaml"
-    path.write_bytes(orjson.dumps({
-        "name": "u-poison-commands", "objects": [str(IRRIGATION)], "mqtt": {"url": mosquitto.url},
-        "outbox": {"path": "outbox"},
-        "forward": {"site": "farm-1", "command_topics": topics,
-                    "kafka": {"bootstrap_servers": kafka.bootstrap_servers,
-                              "topic": "poison.updates", "linger_ms": 1}},
-    }))  # fmt: skip
-    unit = CloudletUnit(UnitFile.load(path)).start()
+    unit = _unit_with_relay(tmp_path, mosquitto, kafka, topics, "u-poison", "poison.updates")
     opened: list[dict[str, Any]] = []
     valve = EdgeObject("field-1-valve", MqttSettings(url=mosquitto.url), client_id="valve-poison")
     valve.action("open")(lambda parameters: opened.append(parameters) or "opened")
@@ -156,7 +140,8 @@ def test_bad_commands_cost_themselves_never_the_relay_or_the_device(
         ]  # fmt: skip
         good = {"site": "farm-1", "so": "field-1-valve", "id": "good-2", "action": "open",
                 "parameters": {"minutes": 2}, "issuedAt": now}  # fmt: skip
-        produce(kafka, topics["commands"], [orjson.dumps(p) for p in [*poison, good]] + [b"\xff"])
+        produce(kafka, topics["commands"], [orjson.dumps(p) for p in [*poison, good]] + [b"\xff"],
+                key=b"farm-1")  # fmt: skip
         _until(lambda: opened == [{"minutes": 1}, {"minutes": 2}])
         _until(lambda: unit.relay is not None and unit.relay.refused == 5)
         assert unit.relay.alive and unit.unit.alive and valve.healthy
@@ -167,12 +152,28 @@ def test_bad_commands_cost_themselves_never_the_relay_or_the_device(
         unit.stop()
 
 
-def produce(kafka: Kafka, topic: str, values: list[bytes]) -> None:
+def _unit_with_relay(tmp_path: Path, mosquitto: Mosquitto, kafka: Kafka,
+                     topics: dict[str, str], name: str, updates: str) -> CloudletUnit:  # fmt: skip
+    """A unit of site farm-1 with its outbox, forwarder and command relay, started."""
+    path = tmp_path / "unit.yaml"
+    path.write_bytes(orjson.dumps({
+        "name": name, "objects": [str(IRRIGATION)], "mqtt": {"url": mosquitto.url},
+        "outbox": {"path": "outbox"},
+        "forward": {"site": "farm-1", "command_topics": topics,
+                    "kafka": {"bootstrap_servers": kafka.bootstrap_servers,
+                              "topic": updates, "linger_ms": 1}},
+    }))  # fmt: skip
+    return CloudletUnit(UnitFile.load(path)).start()
+
+
+def produce(kafka: Kafka, topic: str, values: list[bytes], key: bytes | None = None) -> None:
+    """Write `values` to `topic`, each acknowledged."""
+
     async def run() -> None:
         producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers)
         await producer.start()
         for v in values:
-            await producer.send_and_wait(topic, v, key=b"farm-1")
+            await producer.send_and_wait(topic, v, key=key)
         await producer.stop()
 
     asyncio.run(run())

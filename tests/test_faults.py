@@ -19,7 +19,7 @@ from pathlib import Path
 import orjson
 import psycopg
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer
 
 from cloud_sync.cloud import CloudService, CloudSettings
 from cloud_sync.outbox import Outbox, OutboxSettings
@@ -34,6 +34,7 @@ from streams import SensorUpdate, StreamKey
 from streams.catalog import Catalog
 from streams.mqtt import MqttSettings
 from tests.test_cloud import rejected
+from tests.test_cloud_commands import produce
 
 IRRIGATION = scenario_dir("irrigation")
 T0 = 1_700_006_400_000
@@ -131,7 +132,7 @@ def test_the_cloud_consumer_survives_poison_records_and_a_killed_connection(
         b"\xff not json",
         orjson.dumps([1, 2, 3]),
     ]  # fmt: skip
-    _produce(
+    produce(
         kafka, topic, [_record(i) for i in range(20)] + poison + [_record(i) for i in range(20, 40)]
     )
     store = PostgresStore(postgres.url)
@@ -152,7 +153,7 @@ def test_the_cloud_consumer_survives_poison_records_and_a_killed_connection(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
                 " WHERE datname = current_database() AND pid <> pg_backend_pid()"
             )
-        _produce(kafka, topic, [_record(i) for i in range(40, 60)])
+        produce(kafka, topic, [_record(i) for i in range(40, 60)])
         _until(lambda: store.count() == 60, 60)
         assert service.alive and _get(service, "/healthz") == 200
         _until(lambda: _get(service, "/readyz") == 200, 30)
@@ -161,17 +162,6 @@ def test_the_cloud_consumer_survives_poison_records_and_a_killed_connection(
         assert {h["reason"] for _, h in letters} == {b"not_a_record"}
     finally:
         service.stop()
-
-
-def _produce(kafka: Kafka, topic: str, values: list[bytes]) -> None:
-    async def run() -> None:
-        producer = AIOKafkaProducer(bootstrap_servers=kafka.bootstrap_servers)
-        await producer.start()
-        for v in values:
-            await producer.send_and_wait(topic, v)
-        await producer.stop()
-
-    asyncio.run(run())
 
 
 def _consume(kafka: Kafka, topic: str, n: int) -> list[tuple[bytes, dict[str, bytes]]]:

@@ -120,6 +120,9 @@ def run_offline(
             yield _rejected(number, exc.rejection, item["update"])
             continue
         accepted, rejections = validator.document(item["update"])
+        if not accepted and not rejections:  # as the unit does
+            empty = f"{so}/{stream}: the message holds no updates (an empty list or columnar batch)"
+            rejections = [Rejection(RejectReason.NO_UPDATES, empty, so, stream)]
         for rejection in rejections:
             yield _rejected(number, rejection, item["update"])
         for update in accepted:
