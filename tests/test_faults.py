@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import shutil
+import signal
 import sqlite3
 import subprocess
 import time
@@ -26,6 +27,7 @@ from cloud_sync.outbox import Outbox, OutboxSettings
 from cloud_sync.store import PostgresStore
 from cloudlet.demo import scenario_dir
 from cloudlet.rig import Kafka, Mosquitto, Postgres
+from cloudlet.rig.process import free_port
 from edge_objects.fleet import DeviceFleet
 from edge_objects.irrigation import IrrigationModel, IrrigationSite
 from processors.config import UnitConfig
@@ -33,6 +35,7 @@ from processors.unit import Unit
 from streams import SensorUpdate, StreamKey
 from streams.catalog import Catalog
 from streams.mqtt import MqttSettings
+from tests.test_cli import CLOUDLET
 from tests.test_cloud import rejected
 from tests.test_cloud_commands import produce
 
@@ -291,3 +294,44 @@ def _status(unit: Unit, path: str) -> int:
         return int(urllib.request.urlopen(url).status)
     except urllib.error.HTTPError as exc:
         return exc.code
+
+
+@pytest.mark.kafka
+@pytest.mark.postgres
+def test_a_killed_cloud_service_resumes_and_stores_every_record_once(
+    kafka: Kafka, postgres: Postgres, tmp_path: Path
+) -> None:
+    topic, n = "cloudlet.kill-cloud", 3000
+    store = PostgresStore(postgres.url)
+    with store._transaction() as cur:
+        cur.execute("TRUNCATE updates, channel_values, latest")
+    port = free_port()
+    config = tmp_path / "cloud.yaml"
+    config.write_bytes(orjson.dumps({
+        "store": postgres.url, "http": {"port": port},
+        "kafka": {"bootstrap_servers": kafka.bootstrap_servers, "topic": topic,
+                  "group": "kill-cloud"},
+    }))  # fmt: skip
+    log = tmp_path / "cloud.log"
+
+    def serve() -> subprocess.Popen[bytes]:
+        return subprocess.Popen([CLOUDLET, "cloud", "serve", str(config)],
+                                stdout=subprocess.DEVNULL, stderr=log.open("ab"))  # fmt: skip
+
+    server = serve()
+    try:
+        produce(kafka, topic, [_record(i) for i in range(n // 2)])
+        _until(lambda: store.count() > 0, 60)
+        server.send_signal(signal.SIGKILL)  # mid-stream: some stored, not all committed
+        server.wait(10)
+        produce(kafka, topic, [_record(i) for i in range(n // 2, n)])
+        server = serve()
+        _until(lambda: store.count() == n, 120)
+        time.sleep(1.0)  # anything read twice would show up now
+        assert store.count() == n
+        ids = store._query("SELECT count(DISTINCT message_id) FROM updates")[0][0]
+        assert ids == n
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(30) == 0, log.read_text()[-2000:]
+        store.close()
