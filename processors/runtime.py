@@ -285,8 +285,7 @@ class UnitRuntime:
             result.dead_letters[:0] = letters
             return result, self._run_flows(result)
         except Exception as exc:
-            self.metrics.internal_errors.inc()
-            failed = internal_error(exc, None)
+            failed = internal_error(exc, None)  # counted with the dead letters
             log.error("batch of %d messages dead-lettered: %s", len(batch), failed.message)
             result = IngestBatch(dead_letters=letters)
             result.dead_letters.extend(self.ingest.dead_letter(m, failed) for m in batch)
@@ -344,8 +343,7 @@ class UnitRuntime:
                 )
                 self._letters.append(self.ingest.dead_letter(m, rejection))
                 self.metrics.reject(rejection.reason.value)
-            except Exception as exc:
-                self.metrics.internal_errors.inc()
+            except Exception as exc:  # counted with the dead letters
                 self._letters.append(self.ingest.dead_letter(m, internal_error(exc, None)))
         return data
 

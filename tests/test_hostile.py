@@ -291,13 +291,17 @@ def test_fuzz_every_hostile_message_is_accounted_for(mosquitto: Mosquitto, unit:
             x["message"] for x in letters if x["reason"] == "internal_error"
         ]
         data = sum(1 for t, _ in corpus if not t.endswith("/status")) + 1
-        line = f'cloudlet_messages_received_total{{unit="{unit.instance}"}} {data}.0'
-        deadline = time.monotonic() + 10
-        while line not in _metrics(unit) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert line in _metrics(unit)
+        _wait_metric(unit, f'cloudlet_messages_received_total{{unit="{unit.instance}"}} {data}.0')
     finally:
         device.close()
+
+
+def _wait_metric(unit: Unit, line: str, timeout: float = 10) -> None:
+    """Counters are updated just after a batch's outputs go out: wait for `line`."""
+    deadline = time.monotonic() + timeout
+    while line not in _metrics(unit) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert line in _metrics(unit), [m for m in _metrics(unit).splitlines() if line[:30] in m]
 
 
 def _metrics(unit: Unit) -> str:
@@ -344,3 +348,46 @@ def test_an_aggregate_past_the_double_range_leaves_its_channel_out() -> None:
     op.process("k", 1, [1e308, True])
     fired, _ = op.process("k", 1_000, [1.0, True])
     assert fired == [WindowResult("k", 0, 1_000, {"n": 2})]
+
+
+@pytest.mark.mqtt
+def test_a_bug_costs_one_message_as_an_internal_error(
+    mosquitto: Mosquitto, unit: Unit, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from streams.updates import StreamValidator
+
+    real = StreamValidator.document
+
+    def buggy(self: StreamValidator, doc: Any) -> Any:
+        if isinstance(doc, list) and doc and doc[0] == "boom":
+            raise KeyError("a bug of ours")
+        return real(self, doc)
+
+    monkeypatch.setattr(StreamValidator, "document", buggy)
+    device = Device(mosquitto, "hostile-bug")
+    try:
+        device.send(SOIL, b'["boom"]')
+        device.send(SOIL, _good(1_700_000_000_003))
+        got = device.take(2)
+        letters = _letters(got)
+        assert [(x["reason"], x["payload"]) for x in letters] == [("internal_error", '["boom"]')]
+        assert letters[0]["message"] == (
+            "field-1-soil/soil: the message could not be handled (KeyError: 'a bug of ours')"
+        )
+        assert [e["lastUpdate"] for e in _echoes(got)] == [1_700_000_000_003]
+        # the flows failing on a batch: its messages are dead-lettered, the unit goes on
+        engine = unit.runtime.engine
+        assert engine is not None
+        failing = engine.process
+        calls = iter([True])
+        monkeypatch.setattr(engine, "process", lambda batch: (
+            (_ for _ in ()).throw(RuntimeError("flow bug")) if next(calls, False)
+            else failing(batch)))  # fmt: skip
+        device.send(SOIL, _good(1_700_000_000_004))
+        assert [x["reason"] for x in _letters(device.take(1))] == ["internal_error"]
+        device.send(SOIL, _good(1_700_000_000_005))
+        assert [e["lastUpdate"] for e in _echoes(device.take(1))] == [1_700_000_000_005]
+        assert unit.runtime.alive
+        _wait_metric(unit, f'cloudlet_internal_errors_total{{unit="{unit.instance}"}} 2.0')
+    finally:
+        device.close()
