@@ -85,7 +85,7 @@ def test_live_load_loses_nothing_through_the_shipped_broker_config(tmp_path: Pat
         feeders = [
             threading.Thread(target=lambda t=topic: counts.append(
                 _feed(broker, t, RATE // len(FIELDS), SECONDS, start_ms)))
-            for topic in FIELDS
+            for topic in (f"{so}/streams/soil" for so in FIELDS)
         ]  # fmt: skip
         for f in feeders:
             f.start()
