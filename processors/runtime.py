@@ -333,6 +333,8 @@ class UnitRuntime:
                 data.append(m)
                 continue
             self._unacked.append(m)
+            if m.qos > 0:
+                self._held.add(m.packet_id)
             try:
                 report = StatusReport.from_json(m.payload)
                 self.actuations.reported(about[0], report)

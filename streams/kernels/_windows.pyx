@@ -10,16 +10,18 @@ from libc.math cimport fabs
 from streams.kernels._windows_py import fold_windows as _twin
 
 cdef object _KeyState = None, _WindowResult = None, _LateUpdate = None, _heappush = None
+cdef Py_ssize_t _MAX_CLOCKS = 0
 cdef dict _CODES = {}
 cdef double EXACT = 9007199254740992.0  # 2**53: ints below convert to float exactly
 cdef int COUNT = 0, SUM = 1, AVG = 2, MIN = 3, MAX = 4, GENERIC = -1
 
 
 cdef void _load():
-    global _KeyState, _WindowResult, _LateUpdate, _heappush
+    global _KeyState, _WindowResult, _LateUpdate, _heappush, _MAX_CLOCKS
     import heapq
     from streams.windows import aggregates, operator
     _KeyState, _WindowResult = operator._KeyState, operator.WindowResult
+    _MAX_CLOCKS = operator.MAX_CLOCKS
     _LateUpdate = operator.LateUpdate
     _heappush = heapq.heappush
     for name, code in (("count", COUNT), ("sum", SUM), ("avg", AVG), ("min", MIN), ("max", MAX)):
@@ -102,6 +104,7 @@ def fold_windows(object operator, list groups, list times, list args):
     cdef list aggs = [agg for _, agg in operator.aggregates], accs, due, expiry, starts
     cdef int[32] codes
     cdef object key, state, window, accs_obj, py_t, clock
+    cdef Py_ssize_t clocks_max = _MAX_CLOCKS
     cdef Py_ssize_t late_here
     if m > 32:
         return _twin(operator, groups, times, args)
@@ -154,7 +157,14 @@ def fold_windows(object operator, list groups, list times, list args):
             operator.late_count += 1
         if state.next_empty is None:
             state.next_empty = starts[len(starts) - 1]
-        if operator._advance(key, py_t):
+        if not has_max or t > max_time:  # operator._advance, inline: the key's clock moves
+            if has_max:
+                del clocks[key]  # re-inserted: the dict's order is by last advance
+            clocks[key] = py_t
+            if operator.max_time is None or py_t > operator.max_time:
+                operator.max_time = py_t
+            if len(clocks) > clocks_max:
+                operator._forget_clocks()
             watermark = t - delay
             expiry = state.expiry
             if (due and (<tuple>due[0])[0] <= watermark) or (

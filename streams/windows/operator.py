@@ -140,10 +140,16 @@ class WindowOperator:
         if self.max_time is None or t > self.max_time:
             self.max_time = t
         if len(clocks) > MAX_CLOCKS:
-            for old in list(clocks)[: len(clocks) - MAX_CLOCKS]:
-                if old not in self.keys:
-                    del clocks[old]
+            self._forget_clocks()
         return True
+
+    def _forget_clocks(self) -> None:
+        """Forget the clocks of the keys silent the longest, past MAX_CLOCKS (those with no
+        open window: a key's state needs its clock)."""
+        clocks = self.clocks
+        for old in list(clocks)[: len(clocks) - MAX_CLOCKS]:
+            if old not in self.keys:
+                del clocks[old]
 
     # Accumulators ----------------------------------------------------------------------------
 
