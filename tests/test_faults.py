@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaConsumer
 
 from cloud_sync.cloud import CloudService, CloudSettings
 from cloud_sync.outbox import Outbox, OutboxSettings
-from cloud_sync.store import PostgresStore
+from cloud_sync.store import PostgresStore, SQLiteStore
 from cloudlet.demo import scenario_dir
 from cloudlet.rig import Kafka, Mosquitto, Postgres
 from cloudlet.rig.process import free_port
@@ -336,3 +336,76 @@ def test_a_killed_cloud_service_resumes_and_stores_every_record_once(
         server.send_signal(signal.SIGTERM)
         assert server.wait(30) == 0, log.read_text()[-2000:]
         store.close()
+
+
+# a thread that dies anyway ----------------------------------------------------------------------
+
+
+@pytest.mark.mqtt
+def test_a_unit_whose_worker_dies_says_so_and_exits_non_zero(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """Its state cannot be written (not a full disk: a directory where the snapshot goes): the
+    worker dies at its first checkpoint; /healthz turns 503 and `cloudlet unit run` exits 1."""
+    port = free_port()
+    path = tmp_path / "unit.yaml"
+    path.write_bytes(orjson.dumps({
+        "name": "u-dies", "objects": [str(IRRIGATION / "objects")], "state_dir": "state",
+        "mqtt": {"url": mosquitto.url}, "http": {"port": port},
+        "checkpoint": {"every": "100ms"},
+    }))  # fmt: skip
+    (tmp_path / "state" / "u-dies.state.tmp").mkdir(parents=True)
+    log = tmp_path / "unit.log"
+    unit = subprocess.Popen([CLOUDLET, "unit", "run", str(path)], stdout=subprocess.DEVNULL,
+                            stderr=log.open("wb"))  # fmt: skip
+    try:
+        _until(lambda: b"subscription" in log.read_bytes(), 30)
+        update = _readings(1)[0][1]
+        body = orjson.dumps({"channels": {"moisture": {"current-value": 20}},
+                             "lastUpdate": update.last_update})  # fmt: skip
+        subprocess.run(["mosquitto_pub", "-h", mosquitto.host, "-p", str(mosquitto.port),
+                        "-q", "1", "-t", "field-1-soil/streams/soil", "-m", body.decode()],
+                       check=True, timeout=30)  # fmt: skip
+        assert unit.wait(30) == 1
+    finally:
+        unit.kill()
+    text = log.read_text()
+    assert "unit u-dies: its worker stopped; see the log above" in text
+    assert "IsADirectoryError" in text
+
+
+@pytest.mark.mqtt
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_health_turns_red_when_a_thread_has_died(
+    mosquitto: Mosquitto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "unit.yaml"
+    path.write_bytes(orjson.dumps({
+        "name": "u-red", "objects": [str(IRRIGATION / "objects")],
+        "mqtt": {"url": mosquitto.url}, "http": {"port": 0},
+    }))  # fmt: skip
+    unit = Unit(UnitConfig.load(path)).start()
+    try:
+        assert unit.runtime.connected.wait(10)
+        _until(lambda: _status(unit, "/readyz") == 200, 10)
+        unit.threads["forwarder"] = lambda: False  # as a dead forwarder reports itself
+        assert (_status(unit, "/healthz"), _status(unit, "/readyz")) == (503, 200)
+        assert unit.dead_threads() == ["forwarder"]
+        del unit.threads["forwarder"]
+        monkeypatch.setattr(unit.runtime, "_take_batch", lambda: 1 / 0)  # the worker dies
+        _until(lambda: not unit.runtime.alive, 10)
+        assert (_status(unit, "/healthz"), _status(unit, "/readyz")) == (503, 503)
+    finally:
+        unit.stop()
+    settings = CloudSettings.model_validate(
+        {"port": 0, "kafka": {"bootstrap_servers": "127.0.0.1:1"}}
+    )
+    cloud = CloudService(settings, store=SQLiteStore(tmp_path / "cloud.db"))
+    assert cloud.materializer is not None
+    monkeypatch.setattr(cloud.materializer, "_run", lambda: 1 / 0)  # its thread dies
+    cloud.start()
+    try:
+        _until(lambda: not cloud.alive, 10)
+        assert _get(cloud, "/healthz") == 503 and _get(cloud, "/readyz") == 503
+    finally:
+        cloud.stop()
