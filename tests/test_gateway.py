@@ -163,6 +163,12 @@ def test_without_a_broker_nothing_is_published_and_the_answer_is_503(
     try:
         status, answer = put(g, FIELD, GOOD)
         assert (status, answer["error"]) == (503, "unavailable")
+        big_and_bad = b'{"channels": 1, "x": "' + b"z" * 900_000 + b'"}'
+        for _ in range(5):  # answered, but their dead letters do not pile up in paho's queue
+            assert put(g, FIELD, big_and_bad)[0] == 400
+        metrics = urllib.request.urlopen(f"{g.url}/metrics").read().decode()
+        assert "cloudlet_gateway_dead_letters_dropped_total 5.0" in metrics
+        assert len(g.client._out_messages) == 0
         with pytest.raises(urllib.error.HTTPError) as caught:
             urllib.request.urlopen(f"{g.url}/readyz")
         assert caught.value.code == 503

@@ -391,3 +391,32 @@ def test_a_bug_costs_one_message_as_an_internal_error(
         _wait_metric(unit, f'cloudlet_internal_errors_total{{unit="{unit.instance}"}} 2.0')
     finally:
         device.close()
+
+
+def test_outputs_over_mqtts_limits_become_dead_letters_that_fit(tmp_path: Path) -> None:
+    from processors.ingest import Ingest
+    from processors.runtime import UnitRuntime
+    from streams.catalog import Catalog
+
+    ingest = Ingest(Catalog.load([IRRIGATION / "objects"]).registry)
+    runtime = UnitRuntime(ingest, MqttSettings(url="mqtt://127.0.0.1:1"), client_id="u-limits")
+    client = runtime._client
+    client._server_max_packet = 4096  # as the broker's CONNACK said
+    fine = [("a/streams/b/updates", b"x" * 100)]
+    assert runtime._sendable(fine) == fine
+    out = runtime._sendable([*fine, ("a/streams/b/updates", b"y" * 5000)])
+    assert out[0] == fine[0]
+    ((topic, body),) = out[1:]
+    letter = orjson.loads(body)
+    assert topic == "cloudlet/dead-letter/_/_"
+    assert letter["reason"] == "unpublishable"
+    assert letter["payloadSize"] == 5000 and letter["payload"] == "y" * 1024
+    assert letter["message"] == (
+        "an output of 5019 bytes to 'a/streams/b/updates' cannot be published: it is over"
+        " MQTT's limits (topics up to 65,535 bytes, packets up to 4096)"
+    )
+    # a topic over 65,535 bytes is never encoded (its 16-bit length would wrap)
+    client._server_max_packet = 0
+    assert not client.sendable("t" * 65_536, b"") and client.sendable("t" * 65_000, b"")
+    client.publish([("t" * 70_000, b"x")])
+    assert client.refused_publishes == 1 and client.outstanding == 0
