@@ -22,7 +22,6 @@ import sqlite3
 import threading
 import time
 import zlib
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -117,11 +116,11 @@ class UnitRuntime:
         self._covered: set[tuple[object, ...]] = set()  # from the restored snapshot
         # Redeliveries after a reconnect (flagged DUP): of a message processed and not yet
         # acknowledged (its packet id is held), or acknowledged just before the connection
-        # dropped (its PUBACK may be lost). Bounded: the broker has at most our receive
-        # maximum in flight to us.
+        # dropped (its PUBACK may be lost).
         self._held: set[int] = set()
-        self._acked: OrderedDict[tuple[object, ...], None] = OrderedDict()
-        self._acked_max = max(10_000, 4 * mqtt_settings.receive_maximum)
+        # packet id -> (topic, payload checksum) of the last message acknowledged under it:
+        # bounded by the 65,535 packet ids
+        self._acked: dict[int, tuple[str, int]] = {}
         self._letters: list[DeadLetter] = []  # from status reports, published with the batch
         self.disk_full = False  # waiting for space: not acknowledging, not ready
         self._commits = 0
@@ -185,7 +184,7 @@ class UnitRuntime:
                 self.metrics.redelivered.inc()  # the original's PUBACK will answer it
                 continue
             identity = _identity(m)
-            if identity in self._acked or identity in self._covered:
+            if self._acked.get(m.packet_id) == identity[1:] or identity in self._covered:
                 self._covered.discard(identity)
                 self._unacked.append(m)  # acknowledged again at the next commit
                 self.metrics.redelivered.inc()
@@ -364,9 +363,7 @@ class UnitRuntime:
         acked = [m for m in self._unacked if m.qos > 0]
         self._client.ack([m.packet_id for m in acked])
         for m in acked:
-            self._acked[_identity(m)] = None
-        while len(self._acked) > self._acked_max:
-            self._acked.popitem(last=False)
+            self._acked[m.packet_id] = (m.topic, zlib.crc32(m.payload))
         self._held.clear()
         self.published.messages += len(self._unacked)
         self._unacked.clear()
@@ -462,44 +459,36 @@ class UnitRuntime:
             by_stream.setdefault(key, []).append(update)
         return [(topics.updates(k.so, k.stream), encode_batch(us)) for k, us in by_stream.items()]
 
-    def _sendable(self, messages: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
-        """`messages`, less those over MQTT's limits (a topic over 65,535 bytes, a packet
-        over the broker's maximum): each is replaced by an `unpublishable` dead letter that
-        fits, carrying an excerpt, and counted; encoded as is, it would break the session."""
-        client = self._client
-        if all(client.sendable(t, b) for t, b in messages):
-            return messages
-        out = []
-        for topic, body in messages:
-            if client.sendable(topic, body):
-                out.append((topic, body))
-                continue
-            self.metrics.unpublishable.inc()
-            size = len(topic.encode("utf-8", "replace")) + len(body)
-            rejection = Rejection(
-                RejectReason.UNPUBLISHABLE,
-                f"an output of {size} bytes to {topic[:200]!r} cannot be published: it is over"
-                f" MQTT's limits (topics up to 65,535 bytes, packets up to {client.max_packet})",
-            )
-            letter = dead_letter_record(rejection, topic=topic, payload=body,
-                                        received_at=int(self.clock() * 1000),
-                                        max_payload=UNPUBLISHABLE_EXCERPT)  # fmt: skip
-            where = self.ingest.topics.dead_letter(None, None)
-            if client.sendable(where, letter):
-                out.append((where, letter))
-                self.metrics.dead_letters.inc()
-                self.metrics.reject(rejection.reason.value)
-            log.error("%s", rejection.message)
-        return out
+    def _unpublishable(self, topic: str, body: bytes) -> tuple[str, bytes]:
+        """The `unpublishable` dead letter (with an excerpt) of an output the client refused:
+        over MQTT's limits (a topic over 65,535 bytes, a packet over the broker's maximum),
+        it would have broken the session."""
+        self.metrics.unpublishable.inc()
+        self.metrics.dead_letters.inc()
+        size = len(topic.encode("utf-8", "replace")) + len(body)
+        rejection = Rejection(
+            RejectReason.UNPUBLISHABLE,
+            f"an output of {size} bytes to {topic[:200]!r} cannot be published: it is over"
+            f" MQTT's limits (topics up to 65,535 bytes, packets up to {self._client.max_packet})",
+        )
+        self.metrics.reject(rejection.reason.value)
+        log.error("%s", rejection.message)
+        letter = dead_letter_record(rejection, topic=topic, payload=body,
+                                    received_at=int(self.clock() * 1000),
+                                    max_payload=UNPUBLISHABLE_EXCERPT)  # fmt: skip
+        return self.ingest.topics.dead_letter(None, None), letter
 
     def _send(self, messages: list[tuple[str, bytes]], qos: int = 1) -> None:
         """Publish in slices of PUBLISH_WINDOW, waiting for the broker between them: a message
         may carry thousands of readings, and what waits for the broker is held in memory."""
-        messages = self._sendable(messages)
+        content_type = Codec.JSON.content_type
         for i in range(0, len(messages), PUBLISH_WINDOW):
             if self._client.outstanding >= PUBLISH_WINDOW:
                 self._client.flush()
-            self._client.publish(messages[i : i + PUBLISH_WINDOW], qos, Codec.JSON.content_type)
+            refused = self._client.publish(messages[i : i + PUBLISH_WINDOW], qos, content_type)
+            if refused:  # over MQTT's limits: a dead letter that fits instead
+                letters = [self._unpublishable(t, b) for t, b in refused]
+                self._client.publish(letters, 1, content_type)
 
     def _publish(self, result: Outputs) -> None:
         topics = self.ingest.topics

@@ -190,27 +190,30 @@ class WireClient:
 
     def publish(
         self, messages: list[tuple[str, bytes]], qos: int = 1, content_type: str | None = None
-    ) -> None:
+    ) -> list[tuple[str, bytes]]:
         """Queue `messages` (topic, payload); QoS 1 ones count for `flush` until the broker
-        acknowledges them. Queued while disconnected, sent after reconnecting."""
+        acknowledges them. Queued while disconnected, sent after reconnecting. Returns those
+        refused, not sent: over MQTT's limits (`sendable`)."""
         if not messages:
-            return
+            return []
+        refused: list[tuple[str, bytes]] = []
         if not all(self.sendable(t, p) for t, p in messages):
             # Encoded, a topic over 65,535 bytes would wrap its 16-bit length and the broker
             # would drop us (and we would resend it forever): never put one on the wire.
-            refused = [t for t, p in messages if not self.sendable(t, p)]
+            refused = [(t, p) for t, p in messages if not self.sendable(t, p)]
             self.refused_publishes += len(refused)
             log.error("not publishing %d messages over MQTT's limits (first to %.100r...)",
-                      len(refused), refused[0])  # fmt: skip
+                      len(refused), refused[0][0])  # fmt: skip
             messages = [(t, p) for t, p in messages if self.sendable(t, p)]
             if not messages:
-                return
+                return refused
         if qos:
             with self._acked:
                 self._outstanding += len(messages)
         self._loop.call_soon_threadsafe(
             self._queue, messages, qos, content_type_property(content_type)
         )
+        return refused
 
     @property
     def max_packet(self) -> int:

@@ -402,13 +402,13 @@ def test_outputs_over_mqtts_limits_become_dead_letters_that_fit(tmp_path: Path) 
     runtime = UnitRuntime(ingest, MqttSettings(url="mqtt://127.0.0.1:1"), client_id="u-limits")
     client = runtime._client
     client._server_max_packet = 4096  # as the broker's CONNACK said
-    fine = [("a/streams/b/updates", b"x" * 100)]
-    assert runtime._sendable(fine) == fine
-    out = runtime._sendable([*fine, ("a/streams/b/updates", b"y" * 5000)])
-    assert out[0] == fine[0]
-    ((topic, body),) = out[1:]
+    fine = ("a/streams/b/updates", b"x" * 100)
+    assert client.publish([fine]) == []
+    huge = ("a/streams/b/updates", b"y" * 5000)
+    assert client.publish([fine, huge]) == [huge]  # refused, never queued
+    topic, body = runtime._unpublishable(*huge)
     letter = orjson.loads(body)
-    assert topic == "cloudlet/dead-letter/_/_"
+    assert topic == "cloudlet/dead-letter/_/_" and client.sendable(topic, body)
     assert letter["reason"] == "unpublishable"
     assert letter["payloadSize"] == 5000 and letter["payload"] == "y" * 1024
     assert letter["message"] == (
@@ -418,5 +418,5 @@ def test_outputs_over_mqtts_limits_become_dead_letters_that_fit(tmp_path: Path) 
     # a topic over 65,535 bytes is never encoded (its 16-bit length would wrap)
     client._server_max_packet = 0
     assert not client.sendable("t" * 65_536, b"") and client.sendable("t" * 65_000, b"")
-    client.publish([("t" * 70_000, b"x")])
-    assert client.refused_publishes == 1 and client.outstanding == 0
+    assert client.publish([("t" * 70_000, b"x")]) == [("t" * 70_000, b"x")]
+    assert client.refused_publishes == 2 and client.outstanding == 2  # `fine` twice, unsent
