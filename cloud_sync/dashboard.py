@@ -168,9 +168,11 @@ function draw(card, chart){
     ctx.beginPath();l.points.forEach((p,j)=>j?ctx.lineTo(x(p[0]),y(p[1])):ctx.moveTo(x(p[0]),y(p[1])));
     ctx.stroke();});
   card.querySelector(".legend").innerHTML=chart.lines.map((l,i)=>
-    `<span style="color:${COLORS[i%COLORS.length]}">&#9632; ${l.name}</span>`).join("")+
+    `<span style="color:${COLORS[i%COLORS.length]}">&#9632; ${esc(l.name)}</span>`).join("")+
     (chart.marks.length?`<span>&#9646; ${chart.marks.length} marks</span>`:"");
 }
+// Names and values come from devices: shown as text, never parsed as markup.
+function esc(v){return String(v).replace(/[&<>"']/g,c=>"&#"+c.charCodeAt(0)+";");}
 async function refresh(){
   try{
     const d=await (await fetch("api/dashboard")).json();
@@ -184,10 +186,10 @@ async function refresh(){
     const units=await (await fetch("api/health")).json();
     document.getElementById("units").innerHTML="<tr><th>unit</th><th>up</th><th>received</th>"+
       "<th>accepted</th><th>derived</th><th>rejected</th><th>commands</th><th>outbox</th></tr>"+
-      units.map(u=>`<tr><td>${u.unit||u.url}</td><td>${u.up?"yes":"no"}</td><td>${u.received||0}</td>`+
-      `<td>${u.accepted||0}</td><td>${u.derived||0}</td><td>${Object.entries(u.rejected).map(
-      ([k,v])=>k+"="+v).join(", ")||"none"}</td><td>${u.actuations||0}</td>`+
-      `<td>${u.outbox_depth||0}</td></tr>`).join("");
+      units.map(u=>`<tr><td>${esc(u.unit||u.url)}</td><td>${u.up?"yes":"no"}</td>`+
+      `<td>${esc(u.received||0)}</td><td>${esc(u.accepted||0)}</td><td>${esc(u.derived||0)}</td>`+
+      `<td>${esc(Object.entries(u.rejected).map(([k,v])=>k+"="+v).join(", ")||"none")}</td>`+
+      `<td>${esc(u.actuations||0)}</td><td>${esc(u.outbox_depth||0)}</td></tr>`).join("");
     document.body.dataset.refreshed=Date.now();
   }catch(e){document.body.dataset.error=String(e);}
 }

@@ -44,3 +44,28 @@ def test_the_dashboard_draws_live_charts(
     assert "data-refreshed" in dom and "data-error" not in dom
     assert re.search(rf"<td>{scenario}-unit-[0-9-]+</td><td>yes</td>", dom)
     assert shot.stat().st_size > 20_000  # a picture with something drawn, not a blank page
+
+
+def test_device_strings_are_text_in_the_operators_browser(tmp_path: Path) -> None:
+    """A parking bay whose zone is markup: the legend shows it as text, no element is made
+    and no script runs."""
+    from cloud_sync.cloud import CloudService, CloudSettings
+    from cloud_sync.store import CloudMessage
+    from cloudlet.demo import scenario_dir
+
+    evil = '<img src=x onerror="document.body.dataset.owned=1">'
+    settings = CloudSettings.model_validate({
+        "store": f"sqlite:///{tmp_path / 'cloud.db'}", "port": 0, "public": ["*"],
+        "dashboard": scenario_dir("smart-city") / "dashboard.yaml",
+    })  # fmt: skip
+    cloud = CloudService(settings).start()
+    try:
+        update = {"channels": {"free": {"current-value": 3}, "key": {"current-value": evil}},
+                  "lastUpdate": 1_700_000_000_000}  # fmt: skip
+        cloud.store.write([CloudMessage("m1", "s", "parking-zones", "free_1m", 1, update)])
+        dom = rendered_dom(f"{cloud.url}/")
+    finally:
+        cloud.stop()
+    assert "data-refreshed" in dom and "data-error" not in dom
+    assert "data-owned" not in dom and "<img" not in dom
+    assert "&lt;img src=x onerror=" in dom  # shown, as text
