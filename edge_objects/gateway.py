@@ -42,7 +42,7 @@ from streams.catalog import Catalog
 from streams.codec import DEFAULT_MAX_PAYLOAD, decode
 from streams.mqtt import MqttSettings, connect, content_type_properties, make_client, refused
 from streams.registry import Problem, validation_problems
-from streams.rejections import dead_letter_record, show_value
+from streams.rejections import dead_letter_record, no_updates, show_value
 from streams.web import BackgroundServer, Token, bearer
 
 log = logging.getLogger(__name__)
@@ -264,9 +264,7 @@ class Gateway:
         if rejections:
             return self._refuse(so_id, stream_id, body, *rejections)
         if not accepted:
-            return self._refuse(so_id, stream_id, body, Rejection(
-                RejectReason.NO_UPDATES, f"{so_id}/{stream_id}: the body holds no updates (an"
-                " empty list or columnar batch)", so_id, stream_id))  # fmt: skip
+            return self._refuse(so_id, stream_id, body, no_updates(so_id, stream_id))
         topic = self.topics.device_update(so_id, stream_id)
         key = hashlib.sha256(b"\0".join([topic.encode(), (content_type or "").encode(), body]))
         with self._lock:

@@ -28,6 +28,7 @@ from streams import (
     kernels,
 )
 from streams.codec import DEFAULT_MAX_PAYLOAD
+from streams.rejections import no_updates
 from streams.updates import StreamValidator
 
 TOPIC_CACHE = 100_000  # device topics whose parse is kept
@@ -140,7 +141,7 @@ class Ingest:
                 except Exception as exc:
                     accepted, rejections = [], [internal_error(exc, key)]
                 if not accepted and not rejections:
-                    rejections = [_no_updates(key)]
+                    rejections = [no_updates(*key)]
             for u in accepted:
                 if horizon is not None and u.last_update > horizon:
                     self._reject(message, _from_the_future(key, u.last_update, horizon), out)
@@ -227,15 +228,6 @@ def internal_error(exc: BaseException, key: StreamKey | None) -> Rejection:
     return Rejection(
         RejectReason.INTERNAL_ERROR,
         f"{key.so}/{key.stream}: the message could not be handled ({text})",
-        key.so,
-        key.stream,
-    )
-
-
-def _no_updates(key: StreamKey) -> Rejection:
-    return Rejection(
-        RejectReason.NO_UPDATES,
-        f"{key.so}/{key.stream}: the message holds no updates (an empty list or columnar batch)",
         key.so,
         key.stream,
     )

@@ -53,6 +53,17 @@ class Rejection:
     index: int | None = None
 
 
+def no_updates(so: str, stream: str) -> Rejection:
+    """A message that holds no updates at all: `[]`, or a columnar batch with no readings
+    (neither accepted nor refused by the validator, so the callers say so with this)."""
+    return Rejection(
+        RejectReason.NO_UPDATES,
+        f"{so}/{stream}: the message holds no updates (an empty list or columnar batch)",
+        so,
+        stream,
+    )
+
+
 class InvalidUpdate(ValueError):
     """Raised by the single-update APIs; batch APIs return `Rejection`s instead."""
 

@@ -18,7 +18,7 @@ from streams.catalog import Catalog
 from streams.codec import update_document
 from streams.flows.engine import FlowResult
 from streams.registry import Registry
-from streams.rejections import InvalidUpdate, Rejection, RejectReason
+from streams.rejections import InvalidUpdate, Rejection, RejectReason, no_updates
 from streams.updates import SensorUpdate, StreamKey
 
 Record = dict[str, Any]
@@ -121,8 +121,7 @@ def run_offline(
             continue
         accepted, rejections = validator.document(item["update"])
         if not accepted and not rejections:  # as the unit does
-            empty = f"{so}/{stream}: the message holds no updates (an empty list or columnar batch)"
-            rejections = [Rejection(RejectReason.NO_UPDATES, empty, so, stream)]
+            rejections = [no_updates(so, stream)]
         for rejection in rejections:
             yield _rejected(number, rejection, item["update"])
         for update in accepted:
