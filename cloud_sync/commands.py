@@ -24,7 +24,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from streams.actuation import Actuation, ActuationError, ActuationStatus, StatusReport
 from streams.flows.model import duration_ms
-from streams.mqtt import MqttSettings, connect, content_type_properties, make_client, refused
+from streams.mqtt import (
+    MqttSettings,
+    connect,
+    content_type_properties,
+    make_client,
+    refused,
+    refused_because,
+)
 from streams.registry import Registry
 from streams.topics import TopicScheme
 
@@ -90,7 +97,8 @@ class CommandRelay:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()
         self._mqtt_settings = mqtt_settings
-        self._client = make_client(mqtt_settings, client_id or f"cloudlet-relay-{settings.site}")
+        self._client_id = client_id or f"cloudlet-relay-{settings.site}"
+        self._client = make_client(mqtt_settings, self._client_id)
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_status
         self._thread = threading.Thread(target=lambda: asyncio.run(self._run()),
@@ -98,7 +106,9 @@ class CommandRelay:
 
     def _on_connect(self, client: Any, _u: object, _f: object, reason: object, _p: object) -> None:
         if refused(reason):
-            log.warning("broker refused the command relay: %s", reason)
+            log.error(
+                "command relay: %s", refused_because(reason, self._mqtt_settings, self._client_id)
+            )
             return
         client.subscribe(self.topics.action_status_filter, qos=1)
 

@@ -40,7 +40,14 @@ from starlette.concurrency import run_in_threadpool
 from streams import InvalidUpdate, Registry, Rejection, RejectReason, TopicScheme
 from streams.catalog import Catalog
 from streams.codec import DEFAULT_MAX_PAYLOAD, decode
-from streams.mqtt import MqttSettings, connect, content_type_properties, make_client, refused
+from streams.mqtt import (
+    MqttSettings,
+    connect,
+    content_type_properties,
+    make_client,
+    refused,
+    refused_because,
+)
 from streams.registry import Problem, validation_problems
 from streams.rejections import dead_letter_record, no_updates, show_value
 from streams.web import BackgroundServer, Token, bearer
@@ -155,7 +162,7 @@ class Gateway:
         self.connected = threading.Event()
         self.client = make_client(settings.mqtt, settings.client_id)
         self.client.on_connect = lambda _c, _u, _f, reason, _p: (
-            log.warning("broker refused the gateway: %s", reason)
+            log.error("gateway: %s", refused_because(reason, settings.mqtt, settings.client_id))
             if refused(reason)
             else self.connected.set()
         )

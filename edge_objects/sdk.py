@@ -14,6 +14,9 @@ device.publish("state", {"open": True})   # lastUpdate defaults to now, in ms
 
 - QoS 1, reconnect with exponential backoff (paho), TLS and username/password from the
   settings, subscriptions made in on_connect so they survive reconnects.
+- Identity: on a cloudlet's broker a device logs in as itself (username = its id, the secret
+  `cloudlet device add` printed, or a client certificate) and its client id is its id: the
+  broker binds the two. `refused` says why the broker turned the device away.
 - Offline buffer: while the broker is away, updates queue in order (paho's outgoing QoS 1
   queue, bounded by `buffer_limit`) and are sent in order after reconnecting. A full buffer
   raises `OfflineBufferFull` to the caller: the device decides, nothing is dropped silently.
@@ -36,7 +39,14 @@ from paho.mqtt.enums import MQTTErrorCode
 
 from streams import Codec, SensorUpdate, TopicScheme, encode_batch, encode_update
 from streams.actuation import Actuation, ActuationError, ActuationStatus, StatusReport
-from streams.mqtt import MqttSettings, connect, content_type_properties, make_client
+from streams.mqtt import (
+    MqttSettings,
+    connect,
+    content_type_properties,
+    make_client,
+    refused,
+    refused_because,
+)
 
 ActionHandler = Callable[[dict[str, Any]], str | None]
 log = logging.getLogger(__name__)
@@ -66,9 +76,11 @@ class EdgeObject:
         self._handlers: dict[str, ActionHandler] = {}
         self.ignored = 0  # commands that could not be read or handled (each logged)
         self._settings = settings
-        # A stable client id: the broker keeps the session, and the commands queued for it,
-        # while the device is away.
-        self._client = make_client(settings, client_id or f"{so_id}-device")
+        # A stable client id, its own id: the broker keeps the session, and the commands
+        # queued for it, while the device is away, and binds it to the device's identity.
+        self.client_id = client_id or so_id
+        self.refused: str | None = None  # why the broker refused us, if it did
+        self._client = make_client(settings, self.client_id)
         self._client.max_queued_messages_set(buffer_limit)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = lambda *_: self.connected.clear()
@@ -146,9 +158,11 @@ class EdgeObject:
     def _on_connect(
         self, client: mqtt.Client, _u: object, _f: object, reason: object, _p: object
     ) -> None:
-        if getattr(reason, "is_failure", False):
-            log.warning("%s: broker refused the connection: %s", self.so_id, reason)
+        if refused(reason):
+            self.refused = refused_because(reason, self._settings, self.client_id)
+            log.error("%s: %s", self.so_id, self.refused)
             return
+        self.refused = None
         if self._handlers:
             client.subscribe(self.topics.actions(self.so_id), qos=1)
         self.connected.set()

@@ -6,19 +6,22 @@ from __future__ import annotations
 import random
 import ssl
 from pathlib import Path
-from urllib.parse import urlsplit
+from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 _PUBLISH_PROPERTIES: dict[str, Properties] = {}
 
 
 class MqttSettings(BaseModel):
-    """Where the broker is and how to log in. `url` is mqtt://host:port or mqtts://host:port."""
+    """Where the broker is and how to log in. `url` is mqtt://host:port or mqtts://host:port;
+    credentials may ride in it (mqtt://user:secret@host:port, percent-encoded): they are moved
+    to `username` / `password`, so the url that logs print never carries a secret."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -28,6 +31,10 @@ class MqttSettings(BaseModel):
     keepalive: int = Field(default=30, ge=5, le=3600)
     tls_ca: Path | None = None
     tls_insecure: bool = False
+    tls_cert: Path | None = Field(
+        default=None, description="client certificate (PEM) for brokers that require one"
+    )
+    tls_key: Path | None = Field(default=None, description="its private key (PEM)")
     session_expiry: int = Field(
         default=3600, ge=0, description="seconds the broker keeps a persistent session"
     )
@@ -37,6 +44,23 @@ class MqttSettings(BaseModel):
     reconnect_min_delay: float = Field(default=0.5, gt=0)
     reconnect_max_delay: float = Field(default=30.0, gt=0)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _credentials_from_url(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not isinstance(data.get("url"), str):
+            return data
+        parts = urlsplit(data["url"])
+        if parts.username is None and parts.password is None:
+            return data
+        data = dict(data)
+        host = parts.netloc.rpartition("@")[2]
+        data["url"] = urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+        if parts.username and data.get("username") is None:
+            data["username"] = unquote(parts.username)
+        if parts.password is not None and data.get("password") is None:
+            data["password"] = unquote(parts.password)
+        return data
+
     @field_validator("url")
     @classmethod
     def _url_shape(cls, value: str) -> str:
@@ -44,8 +68,15 @@ class MqttSettings(BaseModel):
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             raise ValueError(
                 f"broker url {value!r} must look like mqtt://host:1883 or mqtts://host:8883"
+                " (credentials may go before the host: mqtt://user:secret@host:1883)"
             )
         return value
+
+    @model_validator(mode="after")
+    def _key_with_certificate(self) -> MqttSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: a client certificate and its key")
+        return self
 
     @property
     def host(self) -> str:
@@ -58,7 +89,41 @@ class MqttSettings(BaseModel):
 
     @property
     def tls(self) -> bool:
-        return urlsplit(self.url).scheme == "mqtts" or self.tls_ca is not None
+        return (
+            urlsplit(self.url).scheme == "mqtts"
+            or self.tls_ca is not None
+            or self.tls_cert is not None
+        )
+
+    @property
+    def who(self) -> str:
+        """Whom the broker sees: the username, or the client certificate."""
+        if self.username is not None:
+            return repr(self.username)
+        if self.tls_cert is not None:
+            return f"the certificate {str(self.tls_cert)!r}"
+        return "an anonymous client"
+
+
+def refusal(code: int, settings: MqttSettings, client_id: str) -> str:
+    """What a CONNACK refusal (MQTT v5 reason code) means, for the person reading the log."""
+    if code in (0x86, 0x04):  # bad user name or password (v3: 4)
+        return f"the broker refused the credentials of {settings.who}"
+    if code in (0x87, 0x05):  # not authorized (v3: 5)
+        if settings.username is None and settings.tls_cert is None:
+            return (
+                "the broker refused an anonymous client: give credentials (mqtt://user:secret@host)"
+            )
+        return (
+            f"the broker refused the credentials of {settings.who} with client id"
+            f" {client_id!r} (a wrong secret, a revoked identity, or a client id bound to"
+            " another identity)"
+        )
+    if code == 0x85:
+        return f"the broker refused the client id {client_id!r}"
+    if code == 0x8A:
+        return f"the broker has banned {settings.who}"
+    return f"the broker refused the connection: reason 0x{code:02x}"
 
 
 def make_client(settings: MqttSettings, client_id: str) -> mqtt.Client:
@@ -70,6 +135,8 @@ def make_client(settings: MqttSettings, client_id: str) -> mqtt.Client:
     if settings.tls:
         client.tls_set(
             ca_certs=str(settings.tls_ca) if settings.tls_ca else None,
+            certfile=str(settings.tls_cert) if settings.tls_cert else None,
+            keyfile=str(settings.tls_key) if settings.tls_key else None,
             cert_reqs=ssl.CERT_NONE if settings.tls_insecure else ssl.CERT_REQUIRED,
         )
         client.tls_insecure_set(settings.tls_insecure)
@@ -117,3 +184,8 @@ def refused(reason: object) -> bool:
     """Whether a CONNACK reason (paho v2's on_connect argument) refuses the connection: bad
     credentials, not authorised, and so on."""
     return bool(getattr(reason, "is_failure", False))
+
+
+def refused_because(reason: object, settings: MqttSettings, client_id: str) -> str:
+    """`refusal` for paho v2's on_connect reason."""
+    return refusal(int(getattr(reason, "value", 0x80)), settings, client_id)

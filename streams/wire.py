@@ -28,7 +28,7 @@ from typing import Any
 from streams import kernels
 from streams.kernels import FrameError
 from streams.kernels._frames_py import encode_varint
-from streams.mqtt import MqttSettings
+from streams.mqtt import MqttSettings, refusal
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +165,7 @@ class WireClient:
         self.connected = threading.Event()  # connected and subscribed
         self.metrics_malformed = 0  # malformed packets from the broker (each a reconnect)
         self.refused_publishes = 0  # PUBACKs with a failure reason code
+        self.refusals = 0  # CONNACKs refusing us: credentials, authorisation
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name=f"mqtt-{client_id}", daemon=True)
         self._protocol: _Protocol | None = None
@@ -349,6 +350,8 @@ class WireClient:
     def _tls(self) -> ssl.SSLContext:
         ca = str(self.settings.tls_ca) if self.settings.tls_ca else None
         context = ssl.create_default_context(cafile=ca)
+        if self.settings.tls_cert is not None and self.settings.tls_key is not None:
+            context.load_cert_chain(self.settings.tls_cert, self.settings.tls_key)
         if self.settings.tls_insecure:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
@@ -392,9 +395,9 @@ class WireClient:
             if body[1] >= 0x80:
                 props, _ = _read_properties(body, 2) if len(body) > 2 else ({}, 0)
                 reason = props.get(0x1F, "")
-                self._handshake.set_exception(
-                    WireError(f"broker refused the connection: reason 0x{body[1]:02x} {reason}")
-                )
+                text = refusal(body[1], self.settings, self.client_id)
+                self.refusals += 1
+                self._handshake.set_exception(WireError(f"{text} {reason}".rstrip()))
                 return
             props, _ = _read_properties(body, 2) if len(body) > 2 else ({}, 0)
             self._handshake.set_result((bool(body[0] & 1), props))

@@ -1,0 +1,377 @@
+"""Identities and access control, tried as an intruder would against the real Mosquitto with
+the configuration the project generates (dynamic security plugin, deny by default)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+
+from cloudlet.rig import Mosquitto
+from cloudlet.security import AccessError, Identities
+from streams.mqtt import MqttSettings, make_client
+from streams.wire import WireClient
+
+OK = (0x00, 0x10)  # success, or "no matching subscribers"
+DENIED = 0x87
+
+
+class Probe:
+    """A plain paho client: what the broker answers to each thing it tries."""
+
+    def __init__(self, settings: MqttSettings, client_id: str) -> None:
+        self.client = make_client(settings, client_id)
+        self.connack: int | None = None
+        self.acks: dict[int, int] = {}
+        self.subacks: dict[int, list[int]] = {}
+        self.received: list[tuple[str, bytes]] = []
+        self.disconnected = threading.Event()
+        self._changed = threading.Condition()
+        c = self.client
+        c.on_connect = self._on_connect
+        c.on_publish = self._on_publish
+        c.on_subscribe = self._on_subscribe
+        c.on_message = self._on_message
+        c.on_disconnect = lambda *_: self.disconnected.set()
+
+    def _on_connect(self, _c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        with self._changed:
+            self.connack = int(reason.value)
+            self._changed.notify_all()
+
+    def _on_publish(self, _c: Any, _u: Any, mid: int, reason: Any, _p: Any) -> None:
+        with self._changed:
+            self.acks[mid] = int(reason.value)
+            self._changed.notify_all()
+
+    def _on_subscribe(self, _c: Any, _u: Any, mid: int, reasons: Any, _p: Any) -> None:
+        with self._changed:
+            self.subacks[mid] = [int(r.value) for r in reasons]
+            self._changed.notify_all()
+
+    def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
+        with self._changed:
+            self.received.append((msg.topic, bytes(msg.payload)))
+            self._changed.notify_all()
+
+    def publish(self, topic: str, payload: bytes = b"{}") -> int:
+        mid = self.client.publish(topic, payload, qos=1).mid
+        with self._changed:
+            assert self._changed.wait_for(lambda: mid in self.acks, 10), f"no PUBACK for {topic}"
+            return self.acks[mid]
+
+    def subscribe(self, topic: str) -> int:
+        _, mid = self.client.subscribe(topic, qos=1)
+        with self._changed:
+            assert self._changed.wait_for(lambda: mid in self.subacks, 10), f"no SUBACK {topic}"
+            return self.subacks[mid][0]
+
+    def wait_messages(self, n: int, timeout: float = 10) -> list[tuple[str, bytes]]:
+        with self._changed:
+            self._changed.wait_for(lambda: len(self.received) >= n, timeout)
+            return list(self.received)
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def probe(settings: MqttSettings, client_id: str, timeout: float = 10) -> Probe:
+    """Connected (or refused: see .connack) within `timeout`."""
+    p = Probe(settings, client_id)
+    p.client.reconnect_delay_set(30, 30)  # one attempt is what we look at
+    p.client.connect_async(settings.host, settings.port, clean_start=True)
+    p.client.loop_start()
+    with p._changed:
+        p._changed.wait_for(lambda: p.connack is not None, timeout)
+    return p
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
+    b = Mosquitto(tmp_path_factory.mktemp("secure")).start()
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+@pytest.fixture(scope="module")
+def site(broker: Mosquitto) -> Iterator[tuple[Identities, dict[str, MqttSettings]]]:
+    """Two devices and one account of each role, as `cloudlet device|role add` makes them."""
+    ids = broker.identities()
+    with ids.admin:
+        creds = {
+            "field-1-valve": ids.add_device("field-1-valve"),
+            "field-2-valve": ids.add_device("field-2-valve"),
+            "unit": ids.add_role("unit", "irrigation"),
+            "gateway": ids.add_role("gateway", "gateway"),
+            "relay": ids.add_role("relay", "relay"),
+            "operator": ids.add_role("operator", "ops"),
+            "viewer": ids.add_role("viewer", "screen"),
+        }
+        yield (
+            ids,
+            {
+                k: MqttSettings(url=c.url(broker.plain_url), reconnect_min_delay=0.2)
+                for k, c in creds.items()
+            },
+        )
+
+
+def test_anonymous_clients_and_wrong_secrets_are_refused(broker: Mosquitto, site: Any) -> None:
+    _, settings = site
+    anonymous = probe(MqttSettings(url=broker.plain_url), "anyone")
+    wrong = probe(settings["field-1-valve"].model_copy(update={"password": SecretStr("guess")}),
+                  "field-1-valve")  # fmt: skip
+    try:
+        assert anonymous.connack in (0x86, 0x87)
+        assert wrong.connack in (0x86, 0x87)
+    finally:
+        anonymous.stop()
+        wrong.stop()
+
+
+def test_a_device_may_only_post_its_own_streams_and_read_its_own_commands(site: Any) -> None:
+    _, settings = site
+    device = probe(settings["field-1-valve"], "field-1-valve")
+    try:
+        assert device.connack == 0
+        assert device.publish("field-1-valve/streams/state") in OK
+        assert device.publish("field-1-valve/actions/c-1/status") in OK
+        assert device.subscribe("field-1-valve/actions") in (0, 1)
+        # everything else the issue lists: refused by the broker
+        assert device.publish("field-2-valve/streams/state") == DENIED  # another device
+        assert device.publish("field-1-valve/streams/state/updates") == DENIED  # forged derived
+        assert device.publish("field-2-valve/streams/state/updates") == DENIED
+        assert device.publish("cloudlet/dead-letter/field-2-valve/state") == DENIED
+        assert device.publish("field-2-valve/actions") == DENIED  # command a valve
+        assert device.publish("field-1-valve/actions") == DENIED  # even its own
+        assert device.publish("field-2-valve/actions/c-1/status") == DENIED
+        assert device.subscribe("#") == DENIED
+        assert device.subscribe("+/streams/+") == DENIED
+        assert device.subscribe("field-2-valve/actions") == DENIED
+        assert device.subscribe("$share/x/+/streams/+") == DENIED
+    finally:
+        device.stop()
+
+
+def test_nobody_connects_under_another_identitys_client_id(site: Any) -> None:
+    _, settings = site
+    for who, client_id in [("field-1-valve", "irrigation"), ("field-1-valve", "field-2-valve"),
+                           ("gateway", "irrigation"), ("field-2-valve", "gateway"),
+                           ("operator", "irrigation"), ("viewer", "ops")]:  # fmt: skip
+        p = probe(settings[who], client_id)
+        try:
+            assert p.connack == DENIED, (who, client_id)
+        finally:
+            p.stop()
+
+
+def test_what_each_role_may_do(site: Any) -> None:
+    _, settings = site
+    expectations: dict[str, tuple[str, list[tuple[str, str, int | tuple[int, ...]]]]] = {
+        "unit": (
+            "irrigation",
+            [
+                ("pub", "field-1-valve/streams/state/updates", OK),
+                ("pub", "cloudlet/dead-letter/field-1-valve/state", OK),
+                ("pub", "field-1-valve/actions", OK),
+                ("pub", "field-1-valve/streams/state", DENIED),
+                ("pub", "field-1-valve/actions/c-1/status", DENIED),
+                ("sub", "+/streams/+", (0, 1)),
+                ("sub", "$share/irrigation/+/streams/+", (0, 1)),
+                ("sub", "+/actions/+/status", (0, 1)),
+                ("sub", "+/actions", DENIED),
+            ],
+        ),
+        "gateway": (
+            "gateway",
+            [
+                ("pub", "weather-1/streams/weather", OK),
+                ("pub", "weather-1/actions/c-1/status", OK),
+                ("pub", "cloudlet/dead-letter/weather-1/weather", OK),
+                ("pub", "weather-1/streams/weather/updates", DENIED),
+                ("pub", "weather-1/actions", DENIED),
+                ("sub", "+/actions", (0, 1)),
+                ("sub", "#", DENIED),
+            ],
+        ),
+        "relay": (
+            "relay",
+            [
+                ("pub", "field-1-valve/actions", OK),
+                ("pub", "field-1-valve/streams/state", DENIED),
+                ("pub", "field-1-valve/streams/state/updates", DENIED),
+                ("sub", "+/actions/+/status", (0, 1)),
+                ("sub", "+/streams/+", DENIED),
+            ],
+        ),
+        "operator": (
+            "ops",
+            [
+                ("sub", "#", (0, 1)),
+                ("pub", "field-1-valve/actions", OK),
+                ("pub", "field-1-valve/streams/state", DENIED),
+                ("pub", "field-1-valve/streams/state/updates", DENIED),
+                ("pub", "cloudlet/dead-letter/x/y", DENIED),
+            ],
+        ),
+        "viewer": (
+            "screen",
+            [
+                ("sub", "#", (0, 1)),
+                ("pub", "field-1-valve/actions", DENIED),
+                ("pub", "field-1-valve/streams/state", DENIED),
+            ],
+        ),
+    }
+    for role, (client_id, checks) in expectations.items():
+        p = probe(settings[role], client_id)
+        try:
+            assert p.connack == 0, role
+            for what, topic, expected in checks:
+                got = p.publish(topic) if what == "pub" else p.subscribe(topic)
+                allowed = expected if isinstance(expected, tuple) else (expected,)
+                assert got in allowed, (role, what, topic, hex(got))
+        finally:
+            p.stop()
+
+
+def test_a_device_receives_its_own_commands_and_no_one_elses(site: Any) -> None:
+    _, settings = site
+    relay = probe(settings["relay"], "relay")
+    valve = probe(settings["field-1-valve"], "field-1-valve")
+    try:
+        assert valve.subscribe("field-1-valve/actions") in (0, 1)
+        assert relay.publish("field-2-valve/actions", b'{"id": "x"}') in OK
+        assert relay.publish("field-1-valve/actions", b'{"id": "mine"}') in OK
+        got = valve.wait_messages(1)
+        time.sleep(0.3)
+        assert valve.received == [("field-1-valve/actions", b'{"id": "mine"}')]
+        assert got
+    finally:
+        relay.stop()
+        valve.stop()
+
+
+def test_a_units_session_cannot_be_taken_over(broker: Mosquitto, site: Any) -> None:
+    """The intruder of the issue: a device's password, the unit's client id. The unit keeps
+    its session and every update queued for it."""
+    _, settings = site
+    got: list[bytes] = []
+    unit = WireClient(settings["unit"], "irrigation", subscriptions=[("+/streams/+", 1)],
+                      on_messages=lambda ms: (got.extend(m.payload for m in ms),
+                                              unit.ack([m.packet_id for m in ms])))  # fmt: skip
+    unit.start()
+    device = probe(settings["field-1-valve"], "field-1-valve")
+    try:
+        assert unit.connected.wait(10) and device.connack == 0
+        for i in range(100):
+            device.client.publish("field-1-valve/streams/state", str(i).encode(), qos=1)
+            if i == 50:
+                for who in ("field-1-valve", "field-2-valve", "gateway", "viewer"):
+                    intruder = probe(settings[who], "irrigation")
+                    assert intruder.connack == DENIED, who
+                    intruder.stop()
+        deadline = time.monotonic() + 10
+        while len(got) < 100 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert got == [str(i).encode() for i in range(100)]
+        assert unit.connected.is_set()
+    finally:
+        unit.stop()
+        device.stop()
+
+
+def test_revoked_is_cut_off_and_new_is_admitted_within_5_s(broker: Mosquitto, site: Any) -> None:
+    ids, _ = site
+    started = time.monotonic()
+    creds = ids.add_device("field-9-soil")
+    settings = MqttSettings(url=creds.url(broker.plain_url))
+    device = probe(settings, "field-9-soil", timeout=5)
+    try:
+        assert device.connack == 0 and time.monotonic() - started < 5
+        assert device.publish("field-9-soil/streams/soil") in OK
+        revoked = time.monotonic()
+        ids.revoke("field-9-soil")
+        assert device.disconnected.wait(5) and time.monotonic() - revoked < 5
+    finally:
+        device.stop()
+    again = probe(settings, "field-9-soil", timeout=5)
+    try:
+        assert again.connack == DENIED
+    finally:
+        again.stop()
+    with pytest.raises(AccessError, match="no identity 'field-9-soil'"):
+        ids.show("field-9-soil")
+    assert "field-9-soil" not in {i.name for i in ids.list()}
+
+
+def test_rotating_a_secret_closes_the_old_ones_connections(broker: Mosquitto, site: Any) -> None:
+    ids, settings = site
+    old = probe(settings["field-2-valve"], "field-2-valve")
+    try:
+        assert old.connack == 0
+        fresh = ids.rotate("field-2-valve")
+        assert old.disconnected.wait(5)
+    finally:
+        old.stop()
+    refused = probe(settings["field-2-valve"], "field-2-valve")
+    admitted = probe(MqttSettings(url=fresh.url(broker.plain_url)), "field-2-valve")
+    try:
+        assert refused.connack == DENIED and admitted.connack == 0
+    finally:
+        refused.stop()
+        admitted.stop()
+    site[1]["field-2-valve"] = MqttSettings(url=fresh.url(broker.plain_url))
+
+
+def test_identities_are_listed_and_every_change_is_audited(site: Any) -> None:
+    ids, _ = site
+    listed = {i.name: i for i in ids.list()}
+    assert listed["field-1-valve"].kind == "device"
+    assert listed["field-1-valve"].client_id == "field-1-valve"
+    assert listed["irrigation"].kind == "unit" and listed["irrigation"].client_id == "irrigation"
+    assert listed["ops"].kind == "operator" and listed["ops"].client_id == "ops"
+    assert listed["cloudlet-admin"].kind == "administrator"
+    entries = ids.audit.entries()
+    assert [(e["what"], e["identity"]) for e in entries[:7]] == [
+        ("add", n)
+        for n in (
+            "field-1-valve",
+            "field-2-valve",
+            "irrigation",
+            "gateway",
+            "relay",
+            "ops",
+            "screen",
+        )
+    ]
+    assert all(e["who"] and isinstance(e["at"], int) for e in entries)
+    text = ids.audit.path.read_text()
+    for identity in ids.list():
+        assert identity.name  # no secret is ever written: secrets are 43 URL-safe characters
+    assert "password" not in text and "secret" not in text
+
+
+def test_the_refusal_names_the_identity(
+    site: Any, broker: Mosquitto, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = site[1]["field-1-valve"].model_copy(update={"password": SecretStr("old")})
+    client = WireClient(settings, "field-1-valve", subscriptions=[("field-1-valve/actions", 1)],
+                        on_messages=lambda _: None)  # fmt: skip
+    client.start()
+    try:
+        deadline = time.monotonic() + 10
+        while client.refusals == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.refusals >= 1
+    finally:
+        client.stop()
+    assert "the broker refused the credentials of 'field-1-valve'" in caplog.text
+    assert "cannot reach" not in caplog.text
