@@ -294,7 +294,7 @@ def _peak_rss_kb(pid: int) -> int:
 def ingest(
     work: Path, n: int, per_message: int, echo: bool = True, batch: bool = False
 ) -> dict[str, Any]:
-    broker = Mosquitto(work / f"mosquitto-{per_message}-{echo}-{batch}").start()
+    broker = Mosquitto(work / f"mosquitto-{per_message}-{echo}-{batch}", superuser=True).start()
     try:
         payloads = _payloads(readings(n), per_message)
         # the C client, draining its backlog
@@ -307,6 +307,7 @@ def ingest(
                 broker.host,
                 "-p",
                 str(broker.port),
+                *broker.cli_auth,
                 "-i",
                 "bench-c",
                 "-c",
@@ -459,7 +460,7 @@ def latency(kafka: Kafka, work: Path, rate: int, seconds: float) -> dict[str, An
 
     from cloudlet.units import CloudletUnit, UnitFile
 
-    broker = Mosquitto(work / "mosquitto-latency").start()
+    broker = Mosquitto(work / "mosquitto-latency", superuser=True).start()
     topic = "bench.latency"
     config = work / "latency.yaml"
     config.write_bytes(

@@ -24,6 +24,7 @@ import fnmatch
 import hmac
 import logging
 import math
+import secrets
 import threading
 import time
 from pathlib import Path
@@ -37,7 +38,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, g
 from pydantic import BaseModel, ConfigDict, Field
 
 from cloud_sync.commands import CommandTopics, command_record
-from cloud_sync.dashboard import PAGE, Dashboard, chart_data, unit_health
+from cloud_sync.dashboard import PAGE, Dashboard, chart_data, page_policy, unit_health
 from cloud_sync.store import CloudMessage, CloudStore, open_store
 from streams.actuation import Actuation
 from streams.web import BackgroundServer, Token, bearer
@@ -255,6 +256,17 @@ class CloudService:
             raise HTTPException(401, "unknown token")
         return patterns
 
+    def _operator(self, request: Request) -> None:
+        """What is about the site rather than one object (units' health, our metrics): any
+        known token; nobody without one, unless every object is public by choice."""
+        token = bearer(request.headers.get("authorization", ""))
+        if token:
+            if any(hmac.compare_digest(token, secret) for secret, _o, _a in self.grants):
+                return
+            raise HTTPException(401, "unknown token")
+        if "*" not in self.settings.public:
+            raise HTTPException(401, "send Authorization: Bearer <token>")
+
     @staticmethod
     def _may(patterns: list[str], so: str) -> bool:
         return any(fnmatch.fnmatchcase(so, p) for p in patterns)
@@ -385,7 +397,14 @@ class CloudService:
 
         @app.get("/", include_in_schema=False)
         def page() -> HTMLResponse:
-            return HTMLResponse(PAGE)
+            # Only our own script runs (a nonce per answer); device-provided strings are text
+            # anyway (dashboard.esc), this is the second line.
+            nonce = secrets.token_urlsafe(16)
+            return HTMLResponse(
+                PAGE.replace("<script>", f'<script nonce="{nonce}">', 1),
+                headers={"Content-Security-Policy": page_policy(nonce),
+                         "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"},
+            )  # fmt: skip
 
         @app.get("/api/dashboard")
         def dashboard_data(request: Request) -> dict[str, Any]:
@@ -394,8 +413,10 @@ class CloudService:
             return chart_data(store, dashboard, lambda so: self._may(readable, so))
 
         @app.get("/api/health")
-        def health() -> list[dict[str, Any]]:
-            """The cloudlet units' counters, from their /metrics."""
+        def health(request: Request) -> list[dict[str, Any]]:
+            """The cloudlet units' counters, from their /metrics (a token, unless every
+            object is public)."""
+            self._operator(request)
             return unit_health(self.settings.units)
 
         @app.get("/healthz", include_in_schema=False)
@@ -411,7 +432,8 @@ class CloudService:
                                      status_code=200 if ok else 503)  # fmt: skip
 
         @app.get("/metrics", include_in_schema=False)
-        def metrics() -> Response:
+        def metrics(request: Request) -> Response:
+            self._operator(request)
             return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
         @app.exception_handler(HTTPException)

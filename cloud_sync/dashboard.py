@@ -130,6 +130,16 @@ def unit_health(urls: list[str]) -> list[dict[str, Any]]:
     return out
 
 
+def page_policy(nonce: str) -> str:
+    """The dashboard page's Content-Security-Policy: its own script (by nonce), its own API,
+    nothing from elsewhere, never framed."""
+    return (
+        f"default-src 'none'; script-src 'nonce-{nonce}'; style-src 'unsafe-inline';"
+        " img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none';"
+        " frame-ancestors 'none'"
+    )
+
+
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>cloudlet</title>
 <style>

@@ -39,6 +39,7 @@ from cloud_sync.commands import CommandTopics
 from cloud_sync.outbox import Outbox, Record
 from cloud_sync.store import CloudMessage, CloudStore, open_store
 from streams.flows.model import duration_ms
+from streams.mqtt import MqttSettings
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,9 @@ class ForwarderSettings(BaseModel):
     commands: bool = True
     command_topics: CommandTopics = CommandTopics()
     command_max_age: int = 600_000  # ms: an older command is refused, not carried out
+    # the relay's own MQTT identity (role relay; its username is its client id); default: the
+    # unit's settings, which works only on a broker without identities
+    command_mqtt: MqttSettings | None = None
 
     @field_validator("command_max_age", mode="before")
     @classmethod

@@ -12,13 +12,14 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import orjson
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from cloudlet.access_cli import register as register_access
 from cloudlet.control_cli import register as register_control
 from cloudlet.processor_cli import processor_app
 from cloudlet.rig import Kafka, Mosquitto, RigError, ensure_kafka, ensure_mosquitto
@@ -53,6 +54,7 @@ cloud_app = typer.Typer(help="Cloud objects: materialise them from Kafka, serve 
                         no_args_is_help=True)  # fmt: skip
 app.add_typer(cloud_app, name="cloud")
 register_control(app)
+register_access(app)
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -63,6 +65,23 @@ OBJECTS_ENV = "CLOUDLET_OBJECTS"
 def _fail(message: str) -> typer.Exit:
     err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
     return typer.Exit(1)
+
+
+def _device_secrets(path: Path) -> dict[str, str]:
+    """id -> secret, from {"id": "secret"} or {"id": {"secret": ...}} (device sync's file)."""
+    try:
+        doc = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError) as exc:
+        raise _fail(f"cannot read the credentials in {path}: {exc}") from None
+    if not isinstance(doc, dict):
+        raise _fail(f"{path} must hold a JSON object: device id -> secret")
+    out: dict[str, str] = {}
+    for so, value in doc.items():
+        secret = value.get("secret") if isinstance(value, dict) else value
+        if not isinstance(secret, str) or not secret:
+            raise _fail(f"{path}: no secret for {so!r}")
+        out[so] = secret
+    return out
 
 
 def _default_objects() -> list[Path]:
@@ -280,7 +299,7 @@ def act(
     import queue as queue_module
 
     from streams.actuation import ActuationError, ActuationStatus, StatusReport, checked
-    from streams.mqtt import MqttSettings, connect, make_client
+    from streams.mqtt import MqttSettings, connect, make_client, refused, refused_because
 
     paths = objects or _default_objects()
     catalog, _ = Catalog.check(paths)  # problems elsewhere need not stop a command
@@ -293,20 +312,36 @@ def act(
         )
     except ActuationError as exc:
         raise _fail(str(exc)) from None
-    settings = MqttSettings(url=mqtt_url)
+    try:
+        settings = MqttSettings(url=mqtt_url)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
     topics = TopicScheme()
     reports: queue_module.SimpleQueue[StatusReport] = queue_module.SimpleQueue()
     subscribed = threading.Event()
-    client = make_client(settings, f"cloudlet-act-{command.id[:8]}")
-    client.on_connect = lambda c, *_: c.subscribe(topics.action_status(so_id, command.id), qos=1)
+    refusal: list[str] = []
+    client_id = settings.username or f"cloudlet-act-{command.id[:8]}"
+    client = make_client(settings, client_id)
+
+    def on_connect(c: Any, _u: object, _f: object, reason: object, _p: object) -> None:
+        if refused(reason):
+            refusal.append(refused_because(reason, settings, client_id))
+            subscribed.set()
+            return
+        c.subscribe(topics.action_status(so_id, command.id), qos=1)
+
+    client.on_connect = on_connect
     client.on_subscribe = lambda *_: subscribed.set()
     client.on_message = lambda _c, _u, m: reports.put(StatusReport.from_json(m.payload))
     connect(client, settings, persistent=False)
     client.loop_start()
     try:
         if not subscribed.wait(10):
-            raise _fail(f"cannot reach the broker at {mqtt_url}")
-        client.publish(topics.actions(so_id), command.to_json(), qos=1).wait_for_publish(10)
+            raise _fail(f"cannot reach the broker at {settings.url}")
+        if refusal:
+            raise _fail(refusal[0])
+        info = client.publish(topics.actions(so_id), command.to_json(), qos=1)
+        info.wait_for_publish(10)
         out.print(f"{command.id} {so_id} {action} {parameters}: submitted")
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
@@ -415,6 +450,13 @@ def simulate(
             " simulated clock never passes the real one."
         ),
     ] = None,
+    credentials: Annotated[
+        Path | None,
+        typer.Option(
+            help="Each device logs in as itself: a JSON file of id -> secret (cloudlet site"
+            " init's devices.json, or cloudlet device sync --secret-file)."
+        ),
+    ] = None,
 ) -> None:
     """Simulated devices of a scenario publishing over MQTT, with faults on demand."""
     from datetime import UTC, datetime, timedelta
@@ -444,14 +486,17 @@ def simulate(
         raise _fail(f"--start {start!r} is not an ISO 8601 time") from None
     if begin.tzinfo is None:
         begin = begin.replace(tzinfo=UTC)
+    secrets = _device_secrets(credentials) if credentials is not None else None
     try:
+        settings = MqttSettings(url=mqtt_url)
         simulation = load(scenario, objects, seed=seed, start_ms=int(begin.timestamp() * 1000))
         simulator = Simulator(
-            simulation, MqttSettings(url=mqtt_url), faults=faults, fault_kinds=fault_kind,
-            seed=seed, client_id=f"cloudlet-simulate-{os.getpid()}",
+            simulation, settings, faults=faults, fault_kinds=fault_kind,
+            seed=seed, client_id=f"cloudlet-simulate-{os.getpid()}", credentials=secrets,
         )  # fmt: skip
     except ValueError as exc:
         raise _fail(str(exc)) from None
+    mqtt_url = settings.url  # what is printed from here on carries no secret
     stop = _stop_on_signals()
     try:
         simulator.start()
@@ -654,12 +699,23 @@ def rig_mosquitto(
     tls: Annotated[
         bool, typer.Option(help="A TLS listener, with a private CA made for this run.")
     ] = False,
+    client_certs: Annotated[
+        bool,
+        typer.Option(help="With --tls: require a client certificate from the rig's CA; its CN"
+                          " is the identity."),
+    ] = False,
     user: Annotated[
         list[str] | None,
-        typer.Option(help="NAME:PASSWORD (repeatable); then anonymous clients are refused."),
+        typer.Option(help="NAME:PASSWORD (repeatable): a full-access account, for tests."),
     ] = None,
-) -> None:
-    """Run a real Mosquitto in the foreground."""
+    allow_anonymous_insecure: Annotated[
+        bool,
+        typer.Option("--allow-anonymous-insecure",
+                     help="No identities, no ACL: anyone may do anything. Experiments only."),
+    ] = False,
+) -> None:  # fmt: skip
+    """Run a real Mosquitto in the foreground: identities and ACLs on (deny by default)
+    unless --allow-anonymous-insecure."""
     users = {}
     for entry in user or []:
         name, sep, password = entry.partition(":")
@@ -668,13 +724,24 @@ def rig_mosquitto(
         users[name] = password
     try:
         broker = Mosquitto(Path(tempfile.mkdtemp(prefix="cloudlet-mosquitto-")), port or None,
-                           tls=tls, users=users or None)  # fmt: skip
+                           tls=tls, users=users or None, anonymous=allow_anonymous_insecure,
+                           client_certs=client_certs)  # fmt: skip
         broker.start()
     except (RigError, subprocess.CalledProcessError) as exc:
         raise _fail(str(exc)) from None
     if broker.ca_file is not None:
         out.print(f"clients verify the broker with tls_ca: {broker.ca_file}")
-    _serve(broker, broker.url)
+    if allow_anonymous_insecure:
+        err.print("[bold red]warning:[/] anonymous access: any client on this machine may"
+                  " publish, command and read everything")  # fmt: skip
+    elif not client_certs:
+        admin = broker.admin_settings()
+        secret = admin.password.get_secret_value() if admin.password else ""
+        out.print(
+            f"administrator: --broker mqtt{'s' if tls else ''}://{admin.username}:{secret}"
+            f"@{broker.host}:{broker.port}  (cloudlet device add ..., cloudlet role add ...)"
+        )
+    _serve(broker, broker.plain_url)
 
 
 @rig_app.command("kafka")

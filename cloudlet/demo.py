@@ -34,6 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from cloud_sync.cloud import CloudService, CloudSettings
 from cloudlet.rig import Mosquitto
 from cloudlet.rig.process import free_port
+from cloudlet.security import AuditLog
 from edge_objects.faults import Fault
 from edge_objects.simulator import SCENARIOS, Simulator, load
 from streams import Registry, TopicScheme
@@ -135,6 +136,12 @@ class Demo:
         self.broker: Mosquitto | None = None
         self.unit: subprocess.Popen[bytes] | None = None
         self.unit_port = free_port()
+        # a name (so an MQTT session) of its own: a broker shared with earlier runs may still
+        # hold their sessions' queued messages
+        self.unit_name = f"{settings.scenario}-unit-{os.getpid()}-{int(time.time()) % 100000}"
+        self.observer_name = f"{settings.scenario}-observer-{os.getpid()}"
+        self.device_secrets: dict[str, str] = {}
+        self.relay_settings: MqttSettings | None = None  # the command relay's identity
         self.cloud: CloudService | None = None
         self.simulator: Simulator | None = None
         self._observer: mqtt.Client | None = None
@@ -142,21 +149,30 @@ class Demo:
 
     # start -------------------------------------------------------------------------------
 
-    def _unit_file(self, url: str) -> Path:
+    def _unit_file(self, url: str, mqtt_settings: MqttSettings) -> Path:
         store = f"sqlite:///{self.workdir / 'cloud.db'}"
         forward: dict[str, Any] = {"site": f"demo-{self.settings.scenario}", "batch": 1000}
         if self.settings.kafka:
             forward["kafka"] = {"bootstrap_servers": self.settings.kafka,
                                 "topic": f"cloudlet.demo.{self.settings.scenario}",
                                 "linger_ms": 5}  # fmt: skip
+            relay = self.relay_settings
+            if relay is not None and relay.username and relay.password:
+                secret = relay.password.get_secret_value()
+                forward["command_mqtt"] = {"url": relay.url, "username": relay.username,
+                                           "password": secret}  # fmt: skip
+            elif mqtt_settings.username is not None:
+                forward["commands"] = False  # --mqtt with one account: no relay identity
         else:
             forward["store"] = store
+        mqtt: dict[str, Any] = {"url": url}
+        if mqtt_settings.username is not None and mqtt_settings.password is not None:
+            mqtt |= {"username": mqtt_settings.username,
+                     "password": mqtt_settings.password.get_secret_value()}  # fmt: skip
         doc = {
-            # a name (so an MQTT session) of its own: a broker shared with earlier runs may
-            # still hold their sessions' queued messages
-            "name": f"{self.settings.scenario}-unit-{os.getpid()}-{int(time.time()) % 100000}",
+            "name": self.unit_name,
             "objects": [str(self.home / "objects")],
-            "mqtt": {"url": url},
+            "mqtt": mqtt,
             "state_dir": "state",
             "checkpoint": {"every": "1s", "messages": 2000},
             "http": {"host": "127.0.0.1", "port": self.unit_port},
@@ -166,22 +182,27 @@ class Demo:
             "forward": forward,
         }  # fmt: skip
         path = self.workdir / "unit.yaml"
-        path.write_bytes(orjson.dumps(doc))  # JSON is YAML
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds a secret
+        with os.fdopen(fd, "wb") as f:
+            f.write(orjson.dumps(doc))  # JSON is YAML
         return path
 
     def start(self) -> None:
         url = self.settings.mqtt_url
+        unit_settings = observer_settings = MqttSettings(url=url or "mqtt://127.0.0.1")
         if url is None:
-            self.progress("starting Mosquitto on a free loopback port")
+            self.progress("starting Mosquitto on a free loopback port (identities and ACLs on)")
             self.broker = Mosquitto(self.workdir / "mosquitto").start()
-            url = self.broker.url
+            url = self.broker.plain_url
+            unit_settings, observer_settings = self._provision(self.broker)
         mqtt_settings = MqttSettings(url=url)
-        self.progress(f"broker {url}; {len(self.registry)} service objects loaded")
-        self._observe(mqtt_settings)
+        self.progress(f"broker {mqtt_settings.url}; {len(self.registry)} service objects loaded")
+        self._observe(observer_settings)
         self.progress("starting the processing unit (cloudlet unit run)")
         log = (self.workdir / "unit.log").open("ab")
         self.unit = subprocess.Popen(
-            [sys.executable, "-m", "cloudlet.cli", "unit", "run", str(self._unit_file(url)),
+            [sys.executable, "-m", "cloudlet.cli", "unit", "run",
+             str(self._unit_file(unit_settings.url, unit_settings)),
              "--log-format", "json"],
             stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip
@@ -209,13 +230,30 @@ class Demo:
         self.simulator = Simulator(
             simulation, mqtt_settings, faults=self.settings.faults,
             fault_kinds=self.settings.fault_kinds, seed=self.settings.seed,
-            client_id=f"cloudlet-demo-devices-{os.getpid()}",
+            client_id=f"cloudlet-demo-devices-{os.getpid()}", credentials=self.device_secrets,
         ).start()  # fmt: skip
         self.progress(f"{len(simulation.model.device_ids)} simulated devices online")
 
+    def _provision(self, broker: Mosquitto) -> tuple[MqttSettings, MqttSettings]:
+        """Identities on the demo's own broker, as an operator makes them with `cloudlet
+        device sync` and `cloudlet role add`: one per device (the simulators log in as
+        their devices), the unit, and a viewer for the observer."""
+        ids = broker.identities(audit=AuditLog(self.workdir / "audit.jsonl"))
+        with ids.admin:
+            devices = ids.sync_devices(self.registry.objects)
+            unit = ids.add_role("unit", self.unit_name)
+            if self.settings.kafka:  # the unit's command relay connects on its own
+                relay = ids.add_role("relay", f"{self.unit_name}-relay")
+                self.relay_settings = MqttSettings(url=relay.url(broker.plain_url))
+            viewer = ids.add_role("viewer", self.observer_name)
+        self.device_secrets = {so: c.secret for so, c in devices.items()}
+        self.progress(f"{len(devices)} device identities, a unit and a viewer account")
+        return (MqttSettings(url=unit.url(broker.plain_url)),
+                MqttSettings(url=viewer.url(broker.plain_url)))  # fmt: skip
+
     def _observe(self, settings: MqttSettings) -> None:
         subscribed = threading.Event()
-        self._observer = make_client(settings, f"cloudlet-demo-observer-{os.getpid()}")
+        self._observer = make_client(settings, settings.username or self.observer_name)
 
         def on_connect(client: mqtt.Client, *_: object) -> None:
             client.subscribe([(self.topics.updates_filter, 1), (self.topics.dead_letter_filter, 1)])
@@ -270,7 +308,8 @@ class Demo:
         """Wait until everything sent was processed, published and stored; False on timeout."""
         assert self.simulator is not None
         self.simulator.finish(timeout)
-        sent = sum(self.simulator.fleet.sent.values())
+        # what the broker refused (a device posting for another object) never reaches the unit
+        sent = sum(self.simulator.fleet.sent.values()) - sum(self.simulator.fleet.refused.values())
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self.refresh()
@@ -314,9 +353,12 @@ class Demo:
         self.refresh()
         m = self.metrics
         sent = dict(self.simulator.fleet.sent)
+        refused = dict(self.simulator.fleet.refused)
         malformed = {f.value for f in Fault}
         good = sum(n for kind, n in sent.items() if kind not in malformed)
-        expected_letters = Counter({Fault(k).expected_reason.value: n
+        # With identities on, a device posting for an unknown object is refused by the broker;
+        # every other fault reaches the unit and becomes a dead letter with its reason.
+        expected_letters = Counter({Fault(k).expected_reason.value: n - refused.get(k, 0)
                                     for k, n in sent.items() if k in malformed})  # fmt: skip
         with self.observed.lock:
             letters = Counter(self.observed.dead_letters)
@@ -334,6 +376,7 @@ class Demo:
                 "updates": good,
                 "faults": dict(self.simulator.injector.injected),
                 "messages": sent,
+                "refused_by_broker": refused,
             },
             "unit": {
                 "messages": int(m.get("cloudlet_messages_received_total", 0)),
@@ -362,6 +405,7 @@ class Demo:
             },
             "dashboard": f"{self.cloud.url}/",
             "lossless": seen_updates == good
+            and set(refused) <= {Fault.UNKNOWN_OBJECT.value}
             and sum(seen_derived.values()) == int(m.get("cloudlet_updates_derived_total", 0))
             and all(letters[r] >= n for r, n in expected_letters.items())
             # everything written to the outbox was forwarded (the store keeps each distinct

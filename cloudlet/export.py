@@ -5,7 +5,9 @@
   site's architecture), with CPU and memory limits and probes on /healthz and /readyz.
 
 The unit file inside is rewritten for the container: its descriptors under /etc/cloudlet/,
-state under /var/lib/cloudlet/, its HTTP port on all interfaces.
+state under /var/lib/cloudlet/. Its HTTP endpoints stay private: on the host's loopback in
+the compose export (host networking), on the pod's interfaces for the kubelet's probes in
+Kubernetes, where no Service publishes them.
 """
 
 from __future__ import annotations
@@ -158,7 +160,8 @@ def compose(topology: Topology, plan: Plan, site: str, folder: Path) -> Path:
         for a in here:
             index = a.replica.rsplit("-", 1)[1]
             port = PORT + len(services)
-            replica_doc = {**doc, "http": {**doc["http"], "port": port}}
+            # host networking: the unit's HTTP on the host's loopback only, not the site network
+            replica_doc = {**doc, "http": {**doc["http"], "host": "127.0.0.1", "port": port}}
             config = unit_dir / f"{a.replica}.yaml"
             config.parent.mkdir(parents=True, exist_ok=True)
             config.write_text(yaml.safe_dump(replica_doc, sort_keys=False))

@@ -397,3 +397,42 @@ def _identity(client: dict[str, Any]) -> Identity:
         kind = "administrator" if ADMIN_ROLE in roles else (kind or "other")
     return Identity(client["username"], kind, client.get("clientid"),
                     bool(client.get("disabled", False)))  # fmt: skip
+
+
+# a site's broker, provisioned before it starts -------------------------------------------------
+
+
+def site_security(
+    devices: Iterable[str],
+    roles: dict[str, str],
+    *,
+    topics: TopicScheme | None = None,
+    admin: str = "cloudlet-admin",
+) -> tuple[dict[str, Any], dict[str, Credentials]]:
+    """The plugin's configuration for a new site, written before its broker first starts (a
+    compose stack, an image): the administrator, an identity per device and the role accounts
+    (`roles`: name -> kind), each bound to its client id. Returns it and every new secret
+    (the caller hands each to its owner and keeps none)."""
+    topics = topics or TopicScheme()
+    creds = {admin: Credentials(admin, new_secret(), admin)}
+    doc = broker_security(admin, creds[admin].secret)
+    kinds_used = sorted(set(roles.values()))
+    for kind in kinds_used:
+        doc["roles"].append({"rolename": role_name(kind, topics), "acls": role_acls(kind, topics)})
+    for so in sorted(set(devices)):
+        check_id(so, "service object id")
+        rolename = role_name(DEVICE, topics, so)
+        doc["roles"].append({"rolename": rolename, "acls": device_acls(so, topics)})
+        creds[so] = Credentials(so, new_secret(), so)
+        doc["clients"].append({"username": so, "clientid": so, "textname": DEVICE,
+                               **hashed(creds[so].secret),
+                               "roles": [{"rolename": rolename}]})  # fmt: skip
+    for name, kind in sorted(roles.items()):
+        check_id(name, "account name")
+        if name in creds:
+            raise AccessError(f"{name!r} is both a device and a {kind} account")
+        creds[name] = Credentials(name, new_secret(), name)
+        doc["clients"].append({"username": name, "clientid": name, "textname": kind,
+                               **hashed(creds[name].secret),
+                               "roles": [{"rolename": role_name(kind, topics)}]})  # fmt: skip
+    return doc, creds

@@ -80,8 +80,9 @@ class CloudletUnit:
             CommandRelay(
                 RelaySettings(site=forward.site, bootstrap_servers=forward.kafka.bootstrap_servers,
                               topics=forward.command_topics, max_age=forward.command_max_age),
-                config.mqtt, self.unit.catalog.registry, config.topics,
-                client_id=f"{self.unit.instance}-relay",
+                forward.command_mqtt or config.mqtt, self.unit.catalog.registry, config.topics,
+                client_id=(forward.command_mqtt and forward.command_mqtt.username)
+                or f"{self.unit.instance}-relay",
             )
             if forward is not None and forward.kafka is not None and forward.commands
             else None

@@ -1,15 +1,88 @@
-"""Many simulated devices sharing one MQTT connection: what the simulators publish through."""
+"""Many simulated devices: what the simulators publish through.
+
+On a broker with identities each device logs in as itself (`credentials`: id -> secret), over
+a connection of its own whose client id is its id; the broker then lets it post only its own
+streams, and a device that posts for another object (the `unknown_object` fault) is refused
+(counted in `refused`). Without credentials the devices share one connection, for brokers
+that allow it (a full-access test account, or an open broker).
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import SecretStr
 
 from streams import Codec, SensorUpdate, StreamKey, TopicScheme, encode_update
-from streams.mqtt import MqttSettings, connect, content_type_properties, make_client, refused
+from streams.mqtt import (
+    MqttSettings,
+    connect,
+    content_type_properties,
+    make_client,
+    refused,
+    refused_because,
+)
 
 log = logging.getLogger(__name__)
+
+
+class _Link:
+    """One MQTT connection, counting what the broker acknowledged and what it refused."""
+
+    def __init__(self, fleet: DeviceFleet, settings: MqttSettings, client_id: str) -> None:
+        self.fleet = fleet
+        self.settings = settings
+        self.client_id = client_id
+        self.connected = threading.Event()
+        self.refusal: str | None = None
+        self.client = make_client(settings, client_id)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = lambda *_: self.connected.clear()
+        self.client.on_publish = self._on_publish
+        # PUBACK outcomes by packet id, and the kind of each message in flight: paho may call
+        # on_publish before publish() returns the id, so whichever comes second counts it.
+        self._lock = threading.Lock()
+        self._kinds: dict[int, str] = {}
+        self._early: dict[int, bool] = {}
+
+    def _on_connect(self, _c: object, _u: object, _f: object, reason: object, _p: object) -> None:
+        if refused(reason):
+            self.refusal = refused_because(reason, self.settings, self.client_id)
+            log.error("simulated device: %s", self.refusal)
+        else:
+            self.refusal = None
+            self.connected.set()
+
+    def _on_publish(self, _c: object, _u: object, mid: int, reason: Any, _p: object) -> None:
+        failed = bool(getattr(reason, "is_failure", False))
+        with self._lock:
+            kind = self._kinds.pop(mid, None)
+            if kind is None:
+                self._early[mid] = failed
+        if kind is not None:
+            self.fleet._acknowledged(kind, failed)
+
+    def publish(self, topic: str, payload: bytes, kind: str, props: Any) -> None:
+        mid = self.client.publish(topic, payload, qos=1, properties=props).mid
+        with self._lock:
+            failed = self._early.pop(mid, None)
+            if failed is None:
+                self._kinds[mid] = kind
+        if failed is not None:
+            self.fleet._acknowledged(kind, failed)
+
+    def start(self) -> None:
+        connect(self.client, self.settings, persistent=False)
+        self.client.loop_start()
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
 
 
 class DeviceFleet:
@@ -21,33 +94,42 @@ class DeviceFleet:
         *,
         client_id: str = "cloudlet-simulator",
         topics: TopicScheme | None = None,
+        credentials: Mapping[str, str] | None = None,
     ) -> None:
         self.topics = topics or TopicScheme()
         self.sent: Counter[str] = Counter()  # by kind: "update" or a fault's name
-        self.connected = threading.Event()
-        self._client = make_client(settings, client_id)
-        self._client.on_connect = self._on_connect
-        self._client.on_disconnect = lambda *_: self.connected.clear()
-        self._settings = settings
+        self.refused: Counter[str] = Counter()  # by kind: publishes the broker refused
         self._json = content_type_properties(Codec.JSON.content_type)
         self._unacked = 0
         self._acked = threading.Condition()
-        self._client.on_publish = self._on_publish
-
-    def _on_connect(self, _c: object, _u: object, _f: object, reason: object, _p: object) -> None:
-        if refused(reason):
-            log.warning("broker refused the device fleet: %s", reason)
+        if credentials:
+            self._links = {
+                so: _Link(self, settings.model_copy(update={"username": so,
+                                                            "password": SecretStr(secret)}), so)
+                for so, secret in sorted(credentials.items())
+            }  # fmt: skip
         else:
-            self.connected.set()
+            self._links = {"": _Link(self, settings, client_id)}
+        self._any = next(iter(self._links.values()))
 
-    def _on_publish(self, *_args: object) -> None:
+    @property
+    def connected(self) -> _AllSet:
+        return _AllSet([link.connected for link in self._links.values()])
+
+    @property
+    def refusals(self) -> list[str]:
+        return [link.refusal for link in self._links.values() if link.refusal]
+
+    def _acknowledged(self, kind: str, failed: bool) -> None:
         with self._acked:
             self._unacked -= 1
+            if failed:
+                self.refused[kind] += 1
             self._acked.notify_all()
 
     def start(self) -> DeviceFleet:
-        connect(self._client, self._settings, persistent=False)
-        self._client.loop_start()
+        for link in self._links.values():
+            link.start()
         return self
 
     def publish(self, key: StreamKey, update: SensorUpdate) -> None:
@@ -58,7 +140,12 @@ class DeviceFleet:
     def publish_raw(self, topic: str, payload: bytes, kind: str) -> None:
         with self._acked:
             self._unacked += 1
-        self._client.publish(topic, payload, qos=1, properties=self._json)
+        key = self.topics.parse_device_update(topic)
+        so = key.so if key is not None else ""
+        # A device posting for an object that is not its own goes out under some device's
+        # identity, as such a device would; the broker refuses it.
+        link = self._links.get(so) or self._links.get("") or self._any
+        link.publish(topic, payload, kind, self._json)
         self.sent[kind] += 1
 
     def flush(self, timeout: float) -> bool:
@@ -72,5 +159,23 @@ class DeviceFleet:
         the broker only after we are gone, or not at all."""
         if self.connected.is_set():
             self.flush(timeout)
-        self._client.disconnect()
-        self._client.loop_stop()
+        for link in self._links.values():
+            link.stop()
+
+
+class _AllSet:
+    """Events that count as one: set when all are."""
+
+    def __init__(self, events: list[threading.Event]) -> None:
+        self.events = events
+
+    def is_set(self) -> bool:
+        return all(e.is_set() for e in self.events)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for e in self.events:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not e.wait(left):
+                return False
+        return True

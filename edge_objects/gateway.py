@@ -98,6 +98,8 @@ class GatewaySettings(_Strict):
     allow_anonymous: bool = False
     client_id: str = "cloudlet-gateway"
     publish_timeout: float = Field(default=10.0, gt=0)
+    # /metrics with `Authorization: Bearer <token>` only (for a gateway on the site network)
+    metrics_token: Token | None = None
 
     @model_validator(mode="after")
     def _some_access(self) -> GatewaySettings:
@@ -160,13 +162,31 @@ class Gateway:
         self.grants = [(g.secret().encode(), g.objects) for g in settings.tokens]
         self.metrics = _Metrics()
         self.connected = threading.Event()
-        self.client = make_client(settings.mqtt, settings.client_id)
+        # Its identity's name is its client id (the broker binds them), unless told otherwise.
+        self.client_id = (
+            settings.client_id
+            if "client_id" in settings.model_fields_set
+            else settings.mqtt.username or settings.client_id
+        )
+        self.client = make_client(settings.mqtt, self.client_id)
         self.client.on_connect = lambda _c, _u, _f, reason, _p: (
-            log.error("gateway: %s", refused_because(reason, settings.mqtt, settings.client_id))
+            log.error("gateway: %s", refused_because(reason, settings.mqtt, self.client_id))
             if refused(reason)
             else self.connected.set()
         )
         self.client.on_disconnect = lambda *_: self.connected.clear()
+        # PUBACKs that refused a publish (the broker's ACL), by packet id: paho runs this
+        # before it marks the message published, so the request sees it.
+        self._refused_mids: OrderedDict[int, int] = OrderedDict()
+
+        def on_publish(_c: object, _u: object, mid: int, reason: Any, _p: object) -> None:
+            if getattr(reason, "is_failure", False):
+                with self._lock:
+                    self._refused_mids[mid] = int(reason.value)
+                    while len(self._refused_mids) > MAX_UNCONFIRMED:
+                        self._refused_mids.popitem(last=False)
+
+        self.client.on_publish = on_publish
         # Publishes answered 503 that paho may still deliver, by content: a retry of the same
         # body waits for that one instead of publishing a second copy.
         self._unconfirmed: OrderedDict[bytes, Any] = OrderedDict()
@@ -210,8 +230,16 @@ class Gateway:
             return PlainTextResponse("ready" if ready else "broker unreachable",
                                      status_code=200 if ready else 503)  # fmt: skip
 
+        metrics_token = (
+            self.settings.metrics_token.secret().encode() if self.settings.metrics_token else None
+        )
+
         @app.get("/metrics", include_in_schema=False)
-        def metrics() -> Response:
+        def metrics(request: Request) -> Response:
+            if metrics_token is not None and not hmac.compare_digest(
+                bearer(request.headers.get("authorization", "")), metrics_token
+            ):
+                return PlainTextResponse("send Authorization: Bearer <token>", status_code=401)
             return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
         return app
@@ -300,6 +328,15 @@ class Gateway:
                                       "message": "the broker did not confirm the message in"
                                       f" {self.settings.publish_timeout} s; retry the same"
                                       " request: it will not be published twice"})  # fmt: skip
+        with self._lock:
+            refused_code = self._refused_mids.pop(info.mid, None)
+        if refused_code is not None:
+            log.error("the broker refused the gateway's publish to %s (reason 0x%02x): is %s a"
+                      " gateway account?", topic, refused_code, self.client_id)  # fmt: skip
+            return self._answer(502, {"error": "refused by the broker",
+                                      "message": f"the broker refused to publish to {topic}"
+                                      f" (reason 0x{refused_code:02x}): the gateway's identity"
+                                      " may not post for this object"})  # fmt: skip
         self.metrics.accepted.inc(len(accepted))
         return self._answer(202, {"accepted": len(accepted), "topic": topic})
 

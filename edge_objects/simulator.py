@@ -14,12 +14,13 @@ import re
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import yaml
+from pydantic import SecretStr
 
 from edge_objects.faults import FaultInjector
 from edge_objects.fleet import DeviceFleet
@@ -143,10 +144,15 @@ class Simulator:
         seed: int = 1,
         client_id: str = "cloudlet-simulator",
         topics: TopicScheme | None = None,
+        credentials: Mapping[str, str] | None = None,
     ) -> None:
+        """`credentials` (device id -> secret): each device logs in as itself, on a broker
+        with identities (`cloudlet device sync` makes them)."""
         self.simulation = simulation
         self.topics = topics or TopicScheme()
-        self.fleet = DeviceFleet(settings, client_id=client_id, topics=self.topics)
+        self.credentials = dict(credentials or {})
+        self.fleet = DeviceFleet(settings, client_id=client_id, topics=self.topics,
+                                 credentials=self.credentials)  # fmt: skip
         self.injector = FaultInjector(random.Random(seed + 1), faults, self.topics, fault_kinds)
         self.commands: queue.SimpleQueue[tuple[str, float]] = queue.SimpleQueue()
         self.valve_openings: Counter[str] = Counter()
@@ -154,7 +160,12 @@ class Simulator:
         self.steps = 0
 
     def _valve(self, valve_id: str, settings: MqttSettings, prefix: str) -> EdgeObject:
-        valve = EdgeObject(valve_id, settings, client_id=f"{prefix}-{valve_id}")
+        secret = self.credentials.get(valve_id)
+        if secret is not None:  # the valve logs in as itself: its id is its client id
+            own = settings.model_copy(update={"username": valve_id, "password": SecretStr(secret)})
+            valve = EdgeObject(valve_id, own)
+        else:
+            valve = EdgeObject(valve_id, settings, client_id=f"{prefix}-{valve_id}")
 
         @valve.action("open")
         def open_(parameters: dict[str, Any]) -> str:
@@ -176,6 +187,9 @@ class Simulator:
         for name, ready in [("devices", self.fleet.connected),
                             *((v.so_id, v.connected) for v in self.valves)]:  # fmt: skip
             if not ready.wait(timeout):
+                refusals = [*self.fleet.refusals, *(v.refused for v in self.valves if v.refused)]
+                if refusals:
+                    raise RuntimeError("; ".join(sorted(set(refusals))[:3]))
                 raise RuntimeError(f"the simulated {name} could not reach the broker")
         return self
 
@@ -230,6 +244,7 @@ class Simulator:
             "devices": len(self.simulation.model.device_ids),
             "steps": self.steps,
             "sent": dict(self.fleet.sent),
+            "refused_by_broker": dict(self.fleet.refused),
             "faults": dict(self.injector.injected),
             "valve_openings": dict(self.valve_openings),
         }

@@ -32,6 +32,7 @@ from streams.flows.model import duration_ms
 from streams.mqtt import MqttSettings
 from streams.registry import Problem, validation_problems, yaml_mapping
 from streams.topics import TopicScheme
+from streams.web import Token
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -69,8 +70,13 @@ class RepublishSettings(_Strict):
 
 
 class HttpSettings(_Strict):
+    """The unit's HTTP endpoints: on loopback unless told otherwise. With `token` (inline or
+    `token_env`), /metrics and /actuations need `Authorization: Bearer <token>`; /healthz and
+    /readyz stay open for probes (they say only up or down)."""
+
     host: str = "127.0.0.1"
     port: int = Field(default=9400, ge=0, le=65535)  # 0 picks a free port
+    token: Token | None = None
 
 
 class UnitConfig(_Strict):

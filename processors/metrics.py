@@ -6,6 +6,7 @@ do not need a web framework, and the unit stays small.
 
 from __future__ import annotations
 
+import hmac
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -25,6 +26,7 @@ from prometheus_client.registry import Collector
 
 from processors.actuation import ActuationLog
 from processors.chain import Chain
+from streams.web import bearer
 
 
 class UnitMetrics:
@@ -147,9 +149,15 @@ class StatusServer:
         healthy: Callable[[], bool],
         ready: Callable[[], bool],
         actuations: ActuationLog | None = None,
+        token: bytes | None = None,
     ) -> None:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                if token is not None and self.path not in ("/healthz", "/readyz"):
+                    given = bearer(self.headers.get("Authorization", ""))
+                    if not hmac.compare_digest(given, token):
+                        self._reply(401, b"send Authorization: Bearer <token>\n")
+                        return
                 if self.path == "/metrics":
                     self._reply(200, metrics.render(), CONTENT_TYPE_LATEST)
                 elif self.path == "/healthz":

@@ -69,6 +69,7 @@ class Unit:
                 healthy=lambda: self.alive,
                 ready=lambda: self.runtime.ready,
                 actuations=self.runtime.actuations,
+                token=config.http.token.secret().encode() if config.http.token else None,
             )
             if config.http
             else None

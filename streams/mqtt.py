@@ -28,6 +28,9 @@ class MqttSettings(BaseModel):
     url: str = "mqtt://127.0.0.1:1883"
     username: str | None = None
     password: SecretStr | None = None
+    password_file: Path | None = Field(
+        default=None, description="read the password from this file (a mounted secret)"
+    )
     keepalive: int = Field(default=30, ge=5, le=3600)
     tls_ca: Path | None = None
     tls_insecure: bool = False
@@ -43,6 +46,22 @@ class MqttSettings(BaseModel):
     )
     reconnect_min_delay: float = Field(default=0.5, gt=0)
     reconnect_max_delay: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _password_from_file(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not data.get("password_file"):
+            return data
+        if data.get("password") is not None:
+            raise ValueError("give password or password_file, not both")
+        path = Path(data["password_file"])
+        try:
+            secret = path.read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read password_file {path}: {exc.strerror}") from None
+        if not secret:
+            raise ValueError(f"password_file {path} is empty")
+        return {**data, "password": secret}
 
     @model_validator(mode="before")
     @classmethod

@@ -32,7 +32,8 @@ def _keep_logs_if_failed(request: pytest.FixtureRequest, workdir: Path) -> None:
 def mosquitto(
     tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[Mosquitto]:
-    broker = Mosquitto(tmp_path_factory.mktemp("mosquitto")).start()
+    # full-access test account in broker.url: tests publish as any device and read everything
+    broker = Mosquitto(tmp_path_factory.mktemp("mosquitto"), superuser=True).start()
     try:
         yield broker
     finally:

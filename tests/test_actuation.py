@@ -192,7 +192,7 @@ def test_status_reports_and_commands_round_trip() -> None:
 
 
 def test_the_offline_buffer_replays_in_order_after_the_broker_returns(tmp_path: Path) -> None:
-    broker = Mosquitto(tmp_path / "broker").start()
+    broker = Mosquitto(tmp_path / "broker", superuser=True).start()
     received: queue.SimpleQueue[int] = queue.SimpleQueue()
     subscriber = make_client(MqttSettings(url=broker.url), "buffer-subscriber")
     subscriber.on_connect = lambda c, *_: c.subscribe("probe/streams/data", qos=1)

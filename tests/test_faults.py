@@ -52,7 +52,7 @@ def _readings(steps: int) -> list[tuple[StreamKey, SensorUpdate]]:
 @pytest.mark.mqtt
 @pytest.mark.parametrize("how", ["restart", "kill"])
 def test_broker_restarts_redeliver_nothing_twice(tmp_path: Path, how: str) -> None:
-    broker = Mosquitto(tmp_path / "broker").start()
+    broker = Mosquitto(tmp_path / "broker", superuser=True).start()
     path = tmp_path / "unit.yaml"
     path.write_bytes(orjson.dumps({
         "name": f"u-broker-{how}", "objects": [str(IRRIGATION / "objects")],
@@ -364,7 +364,7 @@ def test_a_unit_whose_worker_dies_says_so_and_exits_non_zero(
         body = orjson.dumps({"channels": {"moisture": {"current-value": 20}},
                              "lastUpdate": update.last_update})  # fmt: skip
         subprocess.run(["mosquitto_pub", "-h", mosquitto.host, "-p", str(mosquitto.port),
-                        "-q", "1", "-t", "field-1-soil/streams/soil", "-m", body.decode()],
+                        *mosquitto.cli_auth, "-q", "1", "-t", "field-1-soil/streams/soil", "-m", body.decode()],
                        check=True, timeout=30)  # fmt: skip
         assert unit.wait(30) == 1
     finally:

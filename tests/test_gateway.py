@@ -215,7 +215,7 @@ def test_a_503_retried_is_published_once(tmp_path: Path, monkeypatch: pytest.Mon
     delivers it once the broker is back; the client's retry of the same body must not make a
     second copy."""
     monkeypatch.setenv("WEATHER_TOKEN", "weather-token")
-    broker = Mosquitto(tmp_path / "broker").start()
+    broker = Mosquitto(tmp_path / "broker", superuser=True).start()
     g = Gateway(settings(broker.url, client_id="gateway-stall", publish_timeout=1.0)).start()
     device = Collector(broker, "collector-stall")
     device.client.subscribe([("+/streams/+", 1)])

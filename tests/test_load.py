@@ -37,7 +37,7 @@ def _feed(broker: Mosquitto, topic: str, rate: int, seconds: int, start_ms: int)
     """`rate` messages a second on `topic` for `seconds`, through the broker's own C client
     (paced here: each 10 ms, what is due); the number sent."""
     pub = subprocess.Popen(
-        ["mosquitto_pub", "-h", broker.host, "-p", str(broker.port), "-q", "1",
+        ["mosquitto_pub", "-h", broker.host, "-p", str(broker.port), *broker.cli_auth, "-q", "1",
          "-t", topic, "-l"], stdin=subprocess.PIPE,
     )  # fmt: skip
     assert pub.stdin is not None
@@ -63,7 +63,7 @@ def _feed(broker: Mosquitto, topic: str, rate: int, seconds: int, start_ms: int)
 @pytest.mark.mqtt
 @pytest.mark.timeout(900)
 def test_live_load_loses_nothing_through_the_shipped_broker_config(tmp_path: Path) -> None:
-    broker = Mosquitto(tmp_path / "broker").start()
+    broker = Mosquitto(tmp_path / "broker", superuser=True).start()
     port = free_port()
     config = tmp_path / "unit.yaml"
     config.write_bytes(orjson.dumps({

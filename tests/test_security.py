@@ -3,9 +3,11 @@ the configuration the project generates (dynamic security plugin, deny by defaul
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -375,3 +377,190 @@ def test_the_refusal_names_the_identity(
         client.stop()
     assert "the broker refused the credentials of 'field-1-valve'" in caplog.text
     assert "cannot reach" not in caplog.text
+
+
+# mutual TLS: the certificate is the identity -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
+    b = Mosquitto(tmp_path_factory.mktemp("mtls"), tls=True, client_certs=True).start()
+    try:
+        ids = b.identities()
+        with ids.admin:  # the administrator, too, logs in with its certificate
+            ids.add_device("field-1-valve")
+            ids.add_role("unit", "irrigation")
+        yield b
+    finally:
+        b.stop()
+
+
+def _with_cert(broker: Mosquitto, name: str, ca: tuple[Path, Path] | None = None) -> MqttSettings:
+    cert, key = broker.issue_certificate(name, ca=ca)
+    return MqttSettings(url=broker.plain_url, tls_ca=broker.ca_file, tls_cert=cert, tls_key=key,
+                        reconnect_min_delay=0.2)  # fmt: skip
+
+
+def _other_ca(tmp: Path) -> tuple[Path, Path]:
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=someone else's CA", "-keyout", "other.key", "-out", "other.crt"],
+                   cwd=tmp, check=True, capture_output=True)  # fmt: skip
+    return tmp / "other.crt", tmp / "other.key"
+
+
+def test_a_certificate_from_the_site_ca_is_the_identity(tls_broker: Mosquitto) -> None:
+    device = probe(_with_cert(tls_broker, "field-1-valve"), "whatever-it-asks-for")
+    try:
+        assert device.connack == 0
+        assert device.publish("field-1-valve/streams/state") in OK
+        assert device.publish("field-2-valve/streams/state") == DENIED
+        assert device.publish("field-1-valve/streams/state/updates") == DENIED
+        assert device.subscribe("#") == DENIED
+    finally:
+        device.stop()
+
+
+def test_a_certificate_cannot_take_over_a_units_session(tls_broker: Mosquitto) -> None:
+    got: list[bytes] = []
+    unit = WireClient(_with_cert(tls_broker, "irrigation"), "irrigation",
+                      subscriptions=[("+/streams/+", 1)],
+                      on_messages=lambda ms: (got.extend(m.payload for m in ms),
+                                              unit.ack([m.packet_id for m in ms])))  # fmt: skip
+    unit.start()
+    try:
+        assert unit.connected.wait(10)
+        # asks for the unit's client id; the broker gives it its certificate's name instead
+        intruder = probe(_with_cert(tls_broker, "field-1-valve"), "irrigation")
+        try:
+            assert intruder.connack == 0
+            assert intruder.publish("field-1-valve/streams/state", b"1") in OK
+            deadline = time.monotonic() + 10
+            while not got and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert got == [b"1"] and unit.connected.is_set()
+        finally:
+            intruder.stop()
+    finally:
+        unit.stop()
+
+
+def test_a_certificate_from_another_ca_or_none_is_refused(
+    tls_broker: Mosquitto, tmp_path: Path
+) -> None:
+    other = _with_cert(tls_broker, "field-1-valve", ca=_other_ca(tmp_path))
+    no_cert = MqttSettings(url=tls_broker.plain_url, tls_ca=tls_broker.ca_file,
+                           username="field-1-valve", password="anything")  # fmt: skip
+    for settings in (other, no_cert):
+        p = probe(settings, "field-1-valve", timeout=5)
+        try:
+            assert p.connack in (None, 0x86, 0x87)  # the TLS handshake fails: no CONNACK
+            assert p.connack != 0
+        finally:
+            p.stop()
+
+
+# the gateway, the unit's HTTP and the cloud's ----------------------------------------------
+
+
+def test_the_gateway_posts_for_web_objects_as_itself_and_says_when_refused(
+    broker: Mosquitto, site: Any
+) -> None:
+    from edge_objects.gateway import Gateway, GatewaySettings
+    from tests.test_gateway import GOOD, IRRIGATION, put
+
+    _ids, settings = site
+    reader = probe(settings["viewer"], "screen")
+    assert reader.subscribe("+/streams/+") in (0, 1)
+
+    def gateway_as(mqtt: MqttSettings) -> Gateway:
+        return Gateway(GatewaySettings.model_validate({
+            "objects": [IRRIGATION / "objects"], "port": 0,
+            "mqtt": {"url": mqtt.url, "username": mqtt.username,
+                     "password": mqtt.password.get_secret_value() if mqtt.password else None},
+            "tokens": [{"token": "field-token", "objects": ["field-*"]}],
+        })).start()  # fmt: skip
+
+    good = gateway_as(settings["gateway"])  # client id: its username, the bound one
+    try:
+        assert good.client_id == "gateway" and good.connected.wait(10)
+        assert put(good, "field-1-soil/streams/soil", GOOD)[0] == 202
+        assert reader.wait_messages(1)[0][0] == "field-1-soil/streams/soil"
+    finally:
+        good.stop()
+    # a gateway configured with a device's identity may post only for that device
+    wrong = gateway_as(settings["field-1-valve"])
+    try:
+        assert wrong.connected.wait(10)
+        status, body = put(wrong, "field-1-soil/streams/soil", GOOD)
+        assert status == 502 and "refused" in body["message"]
+    finally:
+        wrong.stop()
+        reader.stop()
+
+
+def test_a_units_metrics_and_actuations_can_require_a_token(tmp_path: Path) -> None:
+    import urllib.error
+    import urllib.request
+
+    from processors.config import UnitConfig
+    from processors.unit import Unit
+    from tests.test_gateway import IRRIGATION
+
+    config = UnitConfig.model_validate({
+        "name": "u-token", "objects": [IRRIGATION / "objects"],
+        "mqtt": {"url": "mqtt://127.0.0.1:9"}, "http": {"port": 0, "token": {"token": "t0k"}},
+    })  # fmt: skip
+    unit = Unit(config)
+    assert unit.status is not None
+    unit.status.start()
+    base = f"http://127.0.0.1:{unit.status.port}"
+
+    def get(path: str, token: str | None = None) -> int:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        try:
+            with urllib.request.urlopen(urllib.request.Request(base + path, headers=headers),
+                                        timeout=5) as r:  # fmt: skip
+                return int(r.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    try:
+        assert get("/metrics") == 401 and get("/actuations") == 401
+        assert get("/metrics", "wrong") == 401
+        assert get("/metrics", "t0k") == 200 and get("/actuations", "t0k") == 200
+        assert get("/healthz") in (200, 503)  # open to probes, token or not
+        assert config.http is not None and config.http.host == "127.0.0.1"
+    finally:
+        unit.status.stop()
+
+
+def test_the_clouds_health_and_metrics_need_a_token(tmp_path: Path) -> None:
+    import urllib.error
+    import urllib.request
+
+    from cloud_sync.cloud import CloudService, CloudSettings
+
+    service = CloudService(CloudSettings.model_validate({
+        "store": f"sqlite:///{tmp_path / 'cloud.db'}", "port": 0, "public": ["air-*"],
+        "tokens": [{"token": "farm", "objects": ["field-*"]}],
+    })).start()  # fmt: skip
+
+    def get(path: str, token: str | None = None) -> tuple[int, dict[str, str]]:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        try:
+            with urllib.request.urlopen(urllib.request.Request(service.url + path,
+                                                               headers=headers),
+                                        timeout=5) as r:  # fmt: skip
+                return int(r.status), dict(r.headers)
+        except urllib.error.HTTPError as exc:
+            return exc.code, dict(exc.headers)
+
+    try:
+        assert get("/api/health")[0] == 401 and get("/metrics")[0] == 401
+        assert get("/api/health", "guess")[0] == 401
+        assert get("/api/health", "farm")[0] == 200 and get("/metrics", "farm")[0] == 200
+        status, headers = get("/")
+        policy = headers["content-security-policy"]
+        assert status == 200 and "script-src 'nonce-" in policy and "default-src 'none'" in policy
+    finally:
+        service.stop()

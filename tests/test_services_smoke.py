@@ -39,6 +39,7 @@ def _subscriber(broker: Mosquitto, topic: str) -> tuple[mqtt.Client, queue.Queue
         c.subscribe(topic, qos=1)  # inside on_connect, so it survives reconnects
 
     client.on_connect = on_connect
+    client.username_pw_set(*broker.credentials or ("", ""))
     client.on_subscribe = lambda *_: subscribed.put(True)
     client.on_message = lambda _c, _u, msg: received.put(msg)
     client.connect(broker.host, broker.port)
@@ -53,6 +54,7 @@ def test_paho_round_trip_of_a_servioticy_update(mosquitto: Mosquitto) -> None:
     registry = Registry.load([SERVIOTICY])
     subscriber, received = _subscriber(mosquitto, topics.device_updates_filter)
     publisher = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    publisher.username_pw_set(*mosquitto.credentials or ("", ""))
     publisher.connect(mosquitto.host, mosquitto.port)
     publisher.loop_start()
     try:
@@ -99,6 +101,7 @@ def test_a_plain_mosquitto_pub_is_enough_to_post_an_update(mosquitto: Mosquitto)
                 mosquitto.host,
                 "-p",
                 str(mosquitto.port),
+                *mosquitto.cli_auth,
                 "-q",
                 "1",
                 "-t",

@@ -106,7 +106,7 @@ def test_config_errors_name_the_file_and_field(tmp_path: Path) -> None:
         " is the MQTT client id and the state file's name)",
         f"{path}: objects: List should have at least 1 item after validation, not 0",
         f"{path}: mqtt.url: broker url 'http://x' must look like mqtt://host:1883 or"
-        " mqtts://host:8883",
+        " mqtts://host:8883 (credentials may go before the host: mqtt://user:secret@host:1883)",
         f"{path}: checkpoint.every: 'soon' is not a duration (write e.g. 500ms, 30s, 10m, 1h or"
         " 2d)",
         f"{path}: colour: Extra inputs are not permitted",

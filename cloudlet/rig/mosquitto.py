@@ -183,8 +183,9 @@ class Mosquitto(Service):
                                        **hashed(secret),
                                        "roles": [{"rolename": SUPERUSER_ROLE}]})  # fmt: skip
         path = self.workdir / "dynamic-security.json"
-        path.write_text(json.dumps(doc, indent=1))
-        path.chmod(0o600)
+        if not path.exists():  # a restart keeps what was granted and revoked meanwhile
+            path.write_text(json.dumps(doc, indent=1))
+            path.chmod(0o600)
         return ["allow_anonymous false", f"plugin {find_dynsec_plugin(binary)}",
                 f"plugin_opt_config_file {path}"]  # fmt: skip
 
