@@ -364,7 +364,8 @@ def test_a_unit_whose_worker_dies_says_so_and_exits_non_zero(
         body = orjson.dumps({"channels": {"moisture": {"current-value": 20}},
                              "lastUpdate": update.last_update})  # fmt: skip
         subprocess.run(["mosquitto_pub", "-h", mosquitto.host, "-p", str(mosquitto.port),
-                        *mosquitto.cli_auth, "-q", "1", "-t", "field-1-soil/streams/soil", "-m", body.decode()],
+                        *mosquitto.cli_auth, "-q", "1", "-t", "field-1-soil/streams/soil",
+                        "-m", body.decode()],
                        check=True, timeout=30)  # fmt: skip
         assert unit.wait(30) == 1
     finally:

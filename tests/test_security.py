@@ -3,6 +3,7 @@ the configuration the project generates (dynamic security plugin, deny by defaul
 
 from __future__ import annotations
 
+import json
 import subprocess
 import threading
 import time
@@ -564,3 +565,84 @@ def test_the_clouds_health_and_metrics_need_a_token(tmp_path: Path) -> None:
         assert status == 200 and "script-src 'nonce-" in policy and "default-src 'none'" in policy
     finally:
         service.stop()
+
+
+# the command line ------------------------------------------------------------------------------
+
+
+def test_the_command_line_adds_lists_rotates_and_revokes_with_an_audit_trail(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    from tests.test_cli import CLOUDLET
+
+    admin = broker.admin_settings()
+    assert admin.password is not None
+    admin_url = f"mqtt://{admin.username}:{admin.password.get_secret_value()}@{broker.host}:" + (
+        str(broker.port)
+    )
+    audit = tmp_path / "audit.jsonl"
+    env = {"PATH": "/usr/bin:/bin", "COLUMNS": "200", "CLOUDLET_BROKER_ADMIN": admin_url,
+           "CLOUDLET_AUDIT_LOG": str(audit)}  # fmt: skip
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([CLOUDLET, *args], capture_output=True, text=True, timeout=60,
+                              env=env, check=False)  # fmt: skip
+
+    added = cli("device", "add", "bay-z-1", "bay-z-2", "--json")
+    assert added.returncode == 0, added.stderr
+    creds = json.loads(added.stdout)
+    assert set(creds) == {"bay-z-1", "bay-z-2"} and creds["bay-z-1"]["client_id"] == "bay-z-1"
+    assert "secret" not in audit.read_text() and creds["bay-z-1"]["secret"] not in audit.read_text()
+    role = cli("role", "add", "operator", "carol", "--secret-file", str(tmp_path / "carol.json"))
+    assert role.returncode == 0, role.stderr
+    assert oct((tmp_path / "carol.json").stat().st_mode)[-3:] == "600"
+    listed = json.loads(cli("device", "list", "--json").stdout)
+    assert {"name": "bay-z-1", "kind": "device", "client_id": "bay-z-1", "disabled": False} in (
+        listed
+    )
+    device = MqttSettings(url=creds["bay-z-1"]["url"])
+    assert _connack_of(device, "bay-z-1") == 0
+    rotated = json.loads(cli("device", "rotate", "bay-z-1", "--json").stdout)
+    assert _connack_of(device, "bay-z-1") == DENIED
+    assert _connack_of(MqttSettings(url=rotated["bay-z-1"]["url"]), "bay-z-1") == 0
+    revoked = cli("device", "revoke", "bay-z-1")
+    assert revoked.returncode == 0 and "revoked" in revoked.stdout
+    assert _connack_of(MqttSettings(url=rotated["bay-z-1"]["url"]), "bay-z-1") == DENIED
+    assert cli("device", "show", "bay-z-1").returncode == 1
+    twice = cli("device", "add", "bay-z-2")
+    assert twice.returncode == 1 and "bay-z-2" in twice.stderr
+    entries = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [(e["what"], e["identity"]) for e in entries] == [
+        ("add", "bay-z-1"), ("add", "bay-z-2"), ("add", "carol"), ("rotate", "bay-z-1"),
+        ("revoke", "bay-z-1"),
+    ]  # fmt: skip
+    # without the administrator's secret, nothing changes
+    env["CLOUDLET_BROKER_ADMIN"] = f"mqtt://cloudlet-admin:guess@{broker.host}:{broker.port}"
+    refused = cli("device", "add", "bay-z-9")
+    assert refused.returncode == 1
+    assert "the broker refused the credentials of 'cloudlet-admin'" in refused.stderr
+
+
+def test_cloudlet_act_says_the_broker_refused_it(broker: Mosquitto, site: Any) -> None:
+    from tests.test_cli import CLOUDLET
+    from tests.test_gateway import IRRIGATION
+
+    def act(url: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([CLOUDLET, "act", "field-1-valve", "open", "--objects",
+                               str(IRRIGATION / "objects"), "--mqtt", url, "--wait", "1"],
+                              capture_output=True, text=True, timeout=60,
+                              env={"PATH": "/usr/bin:/bin", "COLUMNS": "200"},
+                              check=False)  # fmt: skip
+
+    wrong = act(f"mqtt://ops:guess@{broker.host}:{broker.port}")
+    assert wrong.returncode == 1
+    assert "the broker refused the credentials of 'ops'" in wrong.stderr
+    assert "guess" not in wrong.stderr and "cannot reach" not in wrong.stderr
+
+
+def _connack_of(settings: MqttSettings, client_id: str) -> int | None:
+    p = probe(settings, client_id)
+    try:
+        return p.connack
+    finally:
+        p.stop()
