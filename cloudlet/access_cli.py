@@ -64,7 +64,11 @@ Audit = Annotated[
 AsJson = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 SecretFile = Annotated[
     Path | None,
-    typer.Option(help="Write the new credentials here (mode 0600) instead of printing them."),
+    typer.Option(
+        help="Write the new credentials here (mode 0600) instead of printing them:"
+        " the secret alone for one identity (a password_file), JSON for several"
+        " or a .json name."
+    ),
 ]
 
 
@@ -98,9 +102,10 @@ def _show_credentials(creds: list[Credentials], broker_url: str, secret_file: Pa
     doc = {c.name: {"username": c.name, "secret": c.secret, "client_id": c.client_id,
                     "url": c.url(broker_url)} for c in creds}  # fmt: skip
     if secret_file is not None:
-        fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1)
+        # one identity: the secret alone, what a password_file holds; JSON for several (or
+        # a name ending in .json), what simulate --credentials reads
+        whole = len(creds) != 1 or secret_file.suffix == ".json"
+        _write_private(secret_file, json.dumps(doc, indent=1) if whole else creds[0].secret + "\n")
         err.print(f"{len(creds)} new credentials written to {secret_file} (mode 0600)")
         return
     if as_json:

@@ -76,12 +76,15 @@ class CloudletUnit:
         )
         self.unit = Unit(config, replica=replica, clock=clock, sink=self.outbox)
         forward = config.forward
+        relay_mqtt = (
+            forward.command_mqtt or config.mqtt if forward is not None else config.mqtt
+        ).for_instance(self.unit.instance)
         self.relay = (
             CommandRelay(
                 RelaySettings(site=forward.site, bootstrap_servers=forward.kafka.bootstrap_servers,
                               topics=forward.command_topics, max_age=forward.command_max_age),
-                forward.command_mqtt or config.mqtt, self.unit.catalog.registry, config.topics,
-                client_id=(forward.command_mqtt and forward.command_mqtt.username)
+                relay_mqtt, self.unit.catalog.registry, config.topics,
+                client_id=(forward.command_mqtt and relay_mqtt.username)
                 or f"{self.unit.instance}-relay",
             )
             if forward is not None and forward.kafka is not None and forward.commands

@@ -184,9 +184,12 @@ class Simulator:
         self.fleet.start()
         for v in self.valves:
             v.start()
-        for name, ready in [("devices", self.fleet.connected),
-                            *((v.so_id, v.connected) for v in self.valves)]:  # fmt: skip
-            if not ready.wait(timeout):
+        waits: list[tuple[str, Callable[[float], bool]]] = [
+            ("devices", self.fleet.connected.wait),
+            *((v.so_id, v.connected.wait) for v in self.valves),
+        ]
+        for name, wait in waits:
+            if not wait(timeout):
                 refusals = [*self.fleet.refusals, *(v.refused for v in self.valves if v.refused)]
                 if refusals:
                     raise RuntimeError("; ".join(sorted(set(refusals))[:3]))

@@ -48,7 +48,7 @@ class Unit:
                 max_future_ms=config.max_future,
                 clock=clock,
             ),
-            config.mqtt,
+            config.mqtt.for_instance(self.instance),
             engine=self.catalog.engine(clock=clock),
             chain=self.chain if len(self.chain) else None,
             client_id=self.instance,

@@ -16,6 +16,7 @@ from paho.mqtt.properties import Properties
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 _PUBLISH_PROPERTIES: dict[str, Properties] = {}
+INSTANCE = "{instance}"
 
 
 class MqttSettings(BaseModel):
@@ -54,6 +55,8 @@ class MqttSettings(BaseModel):
             return data
         if data.get("password") is not None:
             raise ValueError("give password or password_file, not both")
+        if INSTANCE in str(data["password_file"]):
+            return data  # read once the instance is known: `for_instance`
         path = Path(data["password_file"])
         try:
             secret = path.read_text().strip()
@@ -113,6 +116,21 @@ class MqttSettings(BaseModel):
             or self.tls_ca is not None
             or self.tls_cert is not None
         )
+
+    def for_instance(self, instance: str) -> MqttSettings:
+        """These settings for one instance of a program (a unit's replica): `{instance}` in
+        the username and the password file becomes its name, so that each replica logs in
+        with an identity of its own (`username: "{instance}"`, `password_file:
+        "secrets/{instance}"`)."""
+        if INSTANCE not in (self.username or "") and INSTANCE not in str(self.password_file or ""):
+            return self
+        data = self.model_dump()
+        if self.username is not None:
+            data["username"] = self.username.replace(INSTANCE, instance)
+        if self.password_file is not None and INSTANCE in str(self.password_file):
+            data["password_file"] = Path(str(self.password_file).replace(INSTANCE, instance))
+            data["password"] = None
+        return MqttSettings.model_validate(data)
 
     @property
     def who(self) -> str:

@@ -616,6 +616,10 @@ def test_the_command_line_adds_lists_rotates_and_revokes_with_an_audit_trail(
         ("add", "bay-z-1"), ("add", "bay-z-2"), ("add", "carol"), ("rotate", "bay-z-1"),
         ("revoke", "bay-z-1"),
     ]  # fmt: skip
+    # one identity's --secret-file holds the secret alone: a unit's mqtt.password_file
+    assert cli("role", "add", "unit", "u9", "--secret-file", str(tmp_path / "u9")).returncode == 0
+    u9 = MqttSettings(url=broker.plain_url, username="u9", password_file=tmp_path / "u9")
+    assert _connack_of(u9, "u9") == 0
     # without the administrator's secret, nothing changes
     env["CLOUDLET_BROKER_ADMIN"] = f"mqtt://cloudlet-admin:guess@{broker.host}:{broker.port}"
     refused = cli("device", "add", "bay-z-9")
@@ -646,3 +650,29 @@ def _connack_of(settings: MqttSettings, client_id: str) -> int | None:
         return p.connack
     finally:
         p.stop()
+
+
+def test_each_replica_of_a_unit_logs_in_as_itself(
+    broker: Mosquitto, site: Any, tmp_path: Path
+) -> None:
+    from processors.config import UnitConfig
+    from processors.unit import Unit
+    from tests.test_gateway import IRRIGATION
+
+    ids, _ = site
+    for replica in ("0", "1"):
+        creds = ids.add_role("unit", f"field-unit-{replica}")
+        (tmp_path / f"field-unit-{replica}").write_text(creds.secret + "\n")
+    config = UnitConfig.model_validate({
+        "name": "field-unit", "objects": [IRRIGATION / "objects"], "http": None,
+        "share_group": "field-unit",
+        "mqtt": {"url": broker.plain_url, "username": "{instance}",
+                 "password_file": str(tmp_path / "{instance}")},
+    })  # fmt: skip
+    units = [Unit(config, replica=r).start() for r in ("0", "1")]
+    try:
+        for unit in units:
+            assert unit.runtime.connected.wait(10), unit.instance
+    finally:
+        for unit in units:
+            unit.stop()
