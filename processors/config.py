@@ -128,11 +128,11 @@ class UnitConfig(_Strict):
         doc, problem = yaml_mapping(path, "a unit config")
         if problem is not None:
             raise ConfigError([problem])
+        base = path.parent
         try:
-            config = cls.model_validate(doc)
+            config = cls.model_validate(_anchored(doc, base))
         except ValidationError as exc:
             raise ConfigError(validation_problems(exc, source)) from None
-        base = path.parent
         return config.model_copy(
             update={
                 "source": source,
@@ -147,6 +147,20 @@ class UnitConfig(_Strict):
         """The device-topic filter, shared between replicas when a group is set."""
         device = self.topics.device_updates_filter
         return f"$share/{self.share_group}/{device}" if self.share_group else device
+
+
+_FILES = frozenset({"password_file", "tls_ca", "tls_cert", "tls_key"})
+
+
+def _anchored(doc: Any, base: Path) -> Any:
+    """The config with its credential files (at any depth: `mqtt`, `forward.command_mqtt`)
+    taken relative to the config's folder, like its other paths."""
+    if isinstance(doc, dict):
+        return {k: str(base / v) if k in _FILES and isinstance(v, str) and not Path(v).is_absolute()
+                else _anchored(v, base) for k, v in doc.items()}  # fmt: skip
+    if isinstance(doc, list):
+        return [_anchored(v, base) for v in doc]
+    return doc
 
 
 class ConfigError(Exception):
