@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import paho.mqtt.client as mqtt
 
@@ -204,6 +205,7 @@ class BrokerAdmin:
         client_id = settings.username or f"cloudlet-admin-{uuid.uuid4().hex[:8]}"
         self._client = make_client(settings, client_id)
         self._answers: dict[str, dict[str, Any]] = {}
+        self._waiting: set[str] = set()
         self._changed = threading.Condition()
         self._refused: str | None = None
         self._ready = threading.Event()
@@ -222,7 +224,8 @@ class BrokerAdmin:
                 return
             with self._changed:
                 for r in responses if isinstance(responses, list) else []:
-                    if isinstance(r, dict) and isinstance(r.get("correlationData"), str):
+                    # every administrator sees every answer: keep only those to our commands
+                    if isinstance(r, dict) and r.get("correlationData") in self._waiting:
                         self._answers[r["correlationData"]] = r
                 self._changed.notify_all()
 
@@ -254,15 +257,19 @@ class BrokerAdmin:
         # The plugin answers each command with the correlation data it carried.
         keys = [uuid.uuid4().hex for _ in commands]
         sent = [{**c, "correlationData": k} for c, k in zip(commands, keys, strict=True)]
+        with self._changed:
+            self._waiting.update(keys)
         self._client.publish(CONTROL_TOPIC, json.dumps({"commands": sent}), qos=1)
         with self._changed:
-            if not self._changed.wait_for(lambda: all(k in self._answers for k in keys),
-                                          self.timeout):  # fmt: skip
-                raise AccessError(
-                    "the broker did not answer: is its dynamic security plugin loaded, and is"
-                    f" {self.settings.who} its administrator?"
-                )
-            responses = [self._answers.pop(k) for k in keys]
+            answered = self._changed.wait_for(lambda: all(k in self._answers for k in keys),
+                                              self.timeout)  # fmt: skip
+            self._waiting.difference_update(keys)
+            responses = [self._answers.pop(k) for k in keys if k in self._answers]
+        if not answered:
+            raise AccessError(
+                "the broker did not answer: is its dynamic security plugin loaded, and is"
+                f" {self.settings.who} its administrator?"
+            )
         allowed = set(allow)
         for r in responses:
             if r.get("error") and r["error"] not in allowed:
@@ -298,8 +305,6 @@ class Credentials:
 
 
 def _quote(value: str) -> str:
-    from urllib.parse import quote
-
     return quote(value, safe="")
 
 
