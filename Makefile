@@ -23,6 +23,7 @@ services: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 # The whole suite runs twice: with the compiled kernels (which must load), then on their
 # pure-Python twins (less the Docker-backend tests, whose units run in the image, not here).

@@ -357,7 +357,9 @@ class CloudService:
                 raise HTTPException(400, str(exc)) from None
             found = store.search(
                 stream, channel=channel, minimum=minimum, maximum=maximum,
-                near=circle, bbox=box, start=start, end=end, objects=mine, limit=limit,
+                near=(circle[0], circle[1], circle[2]) if circle else None,
+                bbox=(box[0], box[1], box[2], box[3]) if box else None,
+                start=start, end=end, objects=mine, limit=limit,
             )  # fmt: skip
             return {"updates": found}
 

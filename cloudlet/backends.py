@@ -204,7 +204,7 @@ class DockerBackend:
         return f"cloudlet-{self.topology}-{replica}"
 
     def _mine(self) -> list[Any]:
-        return self.client.containers.list(  # type: ignore[no-any-return]
+        return self.client.containers.list(
             all=True,
             filters={"label": [f"{LABEL}.topology={self.topology}", f"{LABEL}.site={self.site}"]},
         )
@@ -269,7 +269,8 @@ class DockerBackend:
         )
         container.reload()
         return Running(replica.unit, replica.replica, replica.site, replica.version,
-                       replica.port, "running", container.id[:12], time.time())  # fmt: skip
+                       replica.port, "running", (container.id or "")[:12],
+                       time.time())  # fmt: skip
 
     def stop(self, replica: str, timeout: float = 30.0) -> None:
         try:
@@ -287,7 +288,7 @@ class DockerBackend:
             container = self.client.containers.get(self._name(replica))
         except self._errors.NotFound:
             return ""
-        return container.logs(tail=tail).decode(errors="replace")  # type: ignore[no-any-return]
+        return container.logs(tail=tail).decode(errors="replace")
 
 
 def _docker_time(text: str) -> float:

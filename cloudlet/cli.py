@@ -332,7 +332,7 @@ def act(
 
     client.on_connect = on_connect
     client.on_subscribe = lambda *_: subscribed.set()
-    client.on_message = lambda _c, _u, m: reports.put(StatusReport.from_json(m.payload))
+    client.on_message = lambda _c, _u, m: reports.put(StatusReport.from_json(bytes(m.payload)))
     connect(client, settings, persistent=False)
     client.loop_start()
     try:

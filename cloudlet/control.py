@@ -202,7 +202,9 @@ class Controller:
             cpu=spec.resources.cpu, memory=spec.resources.memory, mounts=mounts,
         )  # fmt: skip
 
-    def _render(self, spec: UnitSpec, unit: str, folder: Path, port: int) -> tuple[Path, tuple]:
+    def _render(
+        self, spec: UnitSpec, unit: str, folder: Path, port: int
+    ) -> tuple[Path, tuple[str, ...]]:
         """The unit file as this replica runs it: paths made absolute, its own HTTP port,
         state folder, outbox and sink, and a share group when there are several replicas."""
         doc = yaml.safe_load(spec.config.read_text())
@@ -218,17 +220,24 @@ class Controller:
             doc["sink"] = {"sqlite": str(folder / Path(doc["sink"]["sqlite"]).name)}
         if isinstance(doc.get("outbox"), dict):
             doc["outbox"] = {**doc["outbox"], "path": str(folder / "outbox")}
-        mqtt = doc.get("mqtt")
-        if isinstance(mqtt, dict) and mqtt.get("tls_ca"):
-            mqtt["tls_ca"] = str((base / mqtt["tls_ca"]).absolute())
+        # credential files (a replica's {instance} secret, TLS files) stay where the unit file
+        # names them, relative to it: absolute here, and mounted into a container
+        credential_folders: set[str] = set()
+        forward = doc.get("forward")
+        command_mqtt = forward.get("command_mqtt") if isinstance(forward, dict) else None
+        for settings in (doc.get("mqtt"), command_mqtt):
+            if not isinstance(settings, dict):
+                continue
+            for key in ("password_file", "tls_ca", "tls_cert", "tls_key"):
+                if isinstance(settings.get(key), str):
+                    settings[key] = str((base / settings[key]).absolute())
+                    credential_folders.add(str(Path(settings[key]).parent))
         if spec.replicas > 1 and not doc.get("share_group"):
             doc["share_group"] = unit  # replicas split the device traffic
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"unit-{spec.version()}.yaml"
         path.write_text(yaml.safe_dump(doc, sort_keys=False))
-        mounts = {str(folder), *doc["objects"]}
-        if isinstance(mqtt, dict) and mqtt.get("tls_ca"):
-            mounts.add(str(Path(mqtt["tls_ca"]).parent))
+        mounts = {str(folder), *doc["objects"], *credential_folders}
         return path, tuple(sorted(mounts))
 
     # plans -------------------------------------------------------------------------------
@@ -408,10 +417,10 @@ class Controller:
         actual = self.actual(topology)
         now = self.clock()
         done = []
-        for name, have in actual.items():
-            if name not in desired or have.site != desired[name].site:
-                self.backend(topology, have.site).stop(name)
-                done.append(Step("stop", name, have.site, "not in the placement"))
+        for name, running in actual.items():
+            if name not in desired or running.site != desired[name].site:
+                self.backend(topology, running.site).stop(name)
+                done.append(Step("stop", name, running.site, "not in the placement"))
         for name, want in desired.items():
             have = actual.get(name)
             if have is not None and have.site == want.site and have.state == "running":

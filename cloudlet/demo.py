@@ -149,7 +149,7 @@ class Demo:
 
     # start -------------------------------------------------------------------------------
 
-    def _unit_file(self, url: str, mqtt_settings: MqttSettings) -> Path:
+    def _unit_file(self, mqtt_settings: MqttSettings) -> Path:
         store = f"sqlite:///{self.workdir / 'cloud.db'}"
         forward: dict[str, Any] = {"site": f"demo-{self.settings.scenario}", "batch": 1000}
         if self.settings.kafka:
@@ -165,7 +165,7 @@ class Demo:
                 forward["commands"] = False  # --mqtt with one account: no relay identity
         else:
             forward["store"] = store
-        mqtt: dict[str, Any] = {"url": url}
+        mqtt: dict[str, Any] = {"url": mqtt_settings.url}
         if mqtt_settings.username is not None and mqtt_settings.password is not None:
             mqtt |= {"username": mqtt_settings.username,
                      "password": mqtt_settings.password.get_secret_value()}  # fmt: skip
@@ -202,8 +202,7 @@ class Demo:
         log = (self.workdir / "unit.log").open("ab")
         self.unit = subprocess.Popen(
             [sys.executable, "-m", "cloudlet.cli", "unit", "run",
-             str(self._unit_file(unit_settings.url, unit_settings)),
-             "--log-format", "json"],
+             str(self._unit_file(unit_settings)), "--log-format", "json"],
             stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip
         self._wait(lambda: self._ready(f"http://127.0.0.1:{self.unit_port}/readyz"), 60,
@@ -271,7 +270,7 @@ class Demo:
     @staticmethod
     def _ready(url: str) -> bool:
         try:
-            return urllib.request.urlopen(url, timeout=1).status == 200
+            return bool(urllib.request.urlopen(url, timeout=1).status == 200)
         except OSError:
             return False
 

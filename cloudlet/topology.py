@@ -258,7 +258,7 @@ class Topology(_Strict):
 
 
 def _problems(exc: ValidationError, source: str) -> list[Problem]:
-    out = []
+    out: list[Problem] = []
     for problem in validation_problems(exc, source):
         if problem.field in (None, "") and "; " in problem.message:  # our cross-checks
             out.extend(Problem(source, part) for part in problem.message.split("; "))

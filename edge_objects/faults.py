@@ -124,7 +124,7 @@ class FaultInjector:
                 self.injected[fault] += 1
             if fault in {f.value for f in Fault}:
                 topic, payload = corrupt(Fault(fault), key, update, self.topics)
-                out += [self._good(key, update), Send(topic, payload, fault)]  # type: ignore[arg-type]
+                out += [self._good(key, update), Send(topic, payload, fault)]
             elif fault == StreamFault.GAP:
                 pass
             elif fault == StreamFault.DUPLICATE:

@@ -81,7 +81,8 @@ class SmartCityModel:
 
     @property
     def device_ids(self) -> list[str]:
-        return [d.id for d in (*self.junctions, *self.bays, *self.stations)]
+        return ([j.id for j in self.junctions] + [b.id for b in self.bays]
+                + [s.id for s in self.stations])  # fmt: skip
 
     def _hour(self) -> float:
         return (self.now_ms / HOUR_MS) % 24.0

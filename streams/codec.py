@@ -133,7 +133,7 @@ def columnar_document(updates: Sequence[SensorUpdate]) -> dict[str, Any]:
 def encode(document: Any, codec: Codec = Codec.JSON) -> bytes:
     if codec is Codec.JSON:
         return orjson.dumps(document)
-    return msgpack.packb(document, use_bin_type=True)  # type: ignore[no-any-return]
+    return msgpack.packb(document, use_bin_type=True)
 
 
 def encode_update(update: SensorUpdate, codec: Codec = Codec.JSON) -> bytes:

@@ -49,7 +49,7 @@ GroupKey = tuple[str, str]  # (service object id, group id)
 class _AnyChannel(dict[str, Type]):
     """The channels of an input we cannot see: any name, any type."""
 
-    def get(self, key: str, default: Any = None) -> Type:  # type: ignore[override]
+    def get(self, key: str, default: Any = None) -> Type:
         return Type.ANY
 
 

@@ -195,7 +195,7 @@ def connect(client: mqtt.Client, settings: MqttSettings, *, persistent: bool) ->
     `persistent` keeps the session, and the QoS 1 messages queued for it, on the broker across
     disconnects for `session_expiry` seconds.
     """
-    properties = Properties(PacketTypes.CONNECT)
+    properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     properties.SessionExpiryInterval = settings.session_expiry if persistent else 0
     properties.ReceiveMaximum = settings.receive_maximum
     client.connect_async(
@@ -211,7 +211,7 @@ def content_type_properties(content_type: str) -> Properties:
     """PUBLISH properties carrying a content type (cached: they are immutable in practice)."""
     cached = _PUBLISH_PROPERTIES.get(content_type)
     if cached is None:
-        cached = Properties(PacketTypes.PUBLISH)
+        cached = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         cached.ContentType = content_type
         _PUBLISH_PROPERTIES[content_type] = cached
     return cached

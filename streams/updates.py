@@ -193,16 +193,17 @@ def normalize_last_update(value: Any) -> int:
                 f"lastUpdate must be an integer timestamp in milliseconds, got {_kind(value)}:"
                 f" {show_value(value)}"
             )
-    if value < 0:
-        raise ValueError(f"lastUpdate must not be negative, got {value}")
-    if value < SECONDS_BELOW:
-        return value * 1000
-    if value > MAX_LAST_UPDATE:
+    ms: int = value  # an int from here on
+    if ms < 0:
+        raise ValueError(f"lastUpdate must not be negative, got {ms}")
+    if ms < SECONDS_BELOW:
+        return ms * 1000
+    if ms > MAX_LAST_UPDATE:
         raise ValueError(
-            f"lastUpdate {value} is after the year 9999 in milliseconds"
+            f"lastUpdate {ms} is after the year 9999 in milliseconds"
             " (is it in microseconds or nanoseconds?)"
         )
-    return value
+    return ms
 
 
 class StreamValidator:
@@ -311,10 +312,11 @@ class StreamValidator:
             if unknown:  # every reading has it: the row path words the rejections
                 rows = (self._row(times, names, columns, i) for i in range(len(times)))
                 return self._each(enumerate(rows))
-            return kernels.columnar_updates(
+            split: tuple[list[SensorUpdate], list[Rejection]] = kernels.columnar_updates(
                 times, names, columns, [self._kinds[n] for n in names], SensorUpdate,
                 lambda i: self.update(self._row(times, names, columns, i), i), InvalidUpdate,
             )  # fmt: skip
+            return split
         try:
             return [self.update(doc)], []
         except InvalidUpdate as exc:

@@ -180,7 +180,7 @@ class WireClient:
         self._next_id = 0
         self._outstanding = 0  # QoS 1 publishes not yet acknowledged (guarded by _acked)
         self._acked = threading.Condition()
-        self._handshake: asyncio.Future[tuple[int, bytes]] | None = None
+        self._handshake: asyncio.Future[tuple[bool, dict[int, Any]]] | None = None
         self._suback: asyncio.Future[bytes] | None = None
 
     # any thread ------------------------------------------------------------------------------

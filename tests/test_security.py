@@ -676,3 +676,41 @@ def test_each_replica_of_a_unit_logs_in_as_itself(
     finally:
         for unit in units:
             unit.stop()
+
+
+def test_the_control_plane_deploys_replicas_that_log_in_as_themselves(
+    broker: Mosquitto, site: Any, tmp_path: Path
+) -> None:
+    """The example topology's way: `{instance}` identities, secrets beside the unit file; the
+    control plane renders each replica's file elsewhere and the secret is still found."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from cloudlet.cli import app
+    from cloudlet.control import Controller
+    from tests.test_gateway import IRRIGATION
+
+    ids, _ = site
+    (tmp_path / "secrets").mkdir()
+    for replica in ("farm-unit-0", "farm-unit-1"):
+        (tmp_path / "secrets" / replica).write_text(ids.add_role("unit", replica).secret)
+    (tmp_path / "unit.yaml").write_text(yaml.safe_dump({
+        "name": "farm-unit", "objects": [str(IRRIGATION / "objects")],
+        "mqtt": {"url": broker.plain_url, "username": "{instance}",
+                 "password_file": "secrets/{instance}"},
+        "http": {"host": "127.0.0.1"},
+    }))  # fmt: skip
+    (tmp_path / "topology.yaml").write_text(yaml.safe_dump({
+        "name": "secure-farm",
+        "sites": {"here": {"location": {"lat": 41.6, "lon": 0.6},
+                           "capacity": {"cpu": 4, "memory": "4Gi"}}},
+        "units": {"farm-unit": {"config": "unit.yaml", "replicas": 2}},
+    }))  # fmt: skip
+    state = tmp_path / "state"
+    try:
+        result = CliRunner().invoke(app, ["deploy", str(tmp_path / "topology.yaml"), "--state",
+                                          str(state)], catch_exceptions=False)  # fmt: skip
+        assert result.exit_code == 0, result.output
+        assert "deployed: every replica is ready" in result.output
+    finally:
+        Controller(state, say=lambda _: None).shutdown(timeout=10)

@@ -119,9 +119,10 @@ def power(x: float, y: float) -> float:
     """x ** y. Exact for small whole numbers; otherwise in floating point, so that a user's
     expression cannot make an integer of millions of digits (it would stall the unit)."""
     if type(x) is int and type(y) is int and 0 <= y and x.bit_length() * y <= MAX_EXACT_POWER_BITS:
-        return x**y
+        exact: int = x**y
+        return exact
     try:
-        result = float(x) ** y
+        result: float | complex = float(x) ** y
     except OverflowError:
         raise EvaluationError(f"{x!r} ** {y!r} is too large") from None
     except ZeroDivisionError:

@@ -104,7 +104,7 @@ class WindowDefinition(_Strict):
     def kind(self) -> Literal["tumbling", "hopping", "sliding", "session", "count"]:
         for k in ("tumbling", "hopping", "sliding", "session", "count"):
             if getattr(self, k) is not None:
-                return k  # type: ignore[return-value]
+                return k
         raise AssertionError("validated to have one kind")
 
     @property

@@ -196,7 +196,8 @@ def _rate_merge(a: Any, b: Any) -> Any:
 def _rate_result(s: list[Any] | None, _start: int, _end: int) -> float | None:
     if s is None or s[2] == s[0]:
         return None
-    return (s[3] - s[1]) / ((s[2] - s[0]) / 1000.0)
+    rate: float = (s[3] - s[1]) / ((s[2] - s[0]) / 1000.0)
+    return rate
 
 
 def _count_rate(s: int, start: int, end: int) -> float:
