@@ -714,3 +714,26 @@ def test_the_control_plane_deploys_replicas_that_log_in_as_themselves(
         assert "deployed: every replica is ready" in result.output
     finally:
         Controller(state, say=lambda _: None).shutdown(timeout=10)
+
+
+def test_a_devices_last_will_cannot_speak_for_another(site: Any) -> None:
+    """A will is a publish made later on the client's behalf: the same ACL applies."""
+    _, settings = site
+    viewer = probe(settings["viewer"], "screen")
+    assert viewer.subscribe("#") in (0, 1)
+    liar = Probe(settings["field-1-valve"], "field-1-valve")
+    liar.client.will_set("field-2-valve/streams/state", b'{"forged": true}', qos=1)
+    liar.client.reconnect_delay_set(30, 30)
+    liar.client.connect_async(settings["field-1-valve"].host, settings["field-1-valve"].port)
+    liar.client.loop_start()
+    try:
+        deadline = time.monotonic() + 10
+        while liar.connack is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if liar.connack == 0:  # admitted: its will must still go nowhere
+            liar.client.socket().close()  # dies without DISCONNECT: the broker sends the will
+        time.sleep(1.5)
+        assert not [t for t, _ in viewer.received if t == "field-2-valve/streams/state"]
+    finally:
+        liar.client.loop_stop()
+        viewer.stop()
