@@ -9,7 +9,7 @@ point therefore loses nothing: the broker redelivers what was not acknowledged, 
 restored from the snapshot has not seen it yet. Flow control is MQTT v5's receive maximum, so
 memory stays bounded without blocking the network thread and without dropping anything.
 
-The MQTT side is `streams.wire.WireClient`: packets are cut from the socket's bytes by the
+The MQTT side is `processors.wire.WireClient`: packets are cut from the socket's bytes by the
 compiled frame kernel and reach the worker as lists, not one callback per message.
 """
 
@@ -33,13 +33,13 @@ from processors.ingest import DeadLetter, Ingest, IngestBatch, RawMessage, inter
 from processors.metrics import UnitMetrics
 from processors.sink import ResultSink
 from processors.state import StateStore
+from processors.wire import WireClient
 from streams import Codec, Rejection, RejectReason, SensorUpdate, StreamKey, encode_update
 from streams.actuation import Actuation, ActuationError, StatusReport
 from streams.codec import encode_batch
 from streams.flows.engine import FlowEngine, FlowResult
 from streams.mqtt import MqttSettings
 from streams.rejections import dead_letter_record
-from streams.wire import WireClient
 
 Clock = Callable[[], float]
 log = logging.getLogger(__name__)

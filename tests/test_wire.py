@@ -14,10 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cloudlet.rig import Mosquitto
+from processors.wire import WireClient
 from streams import kernels
 from streams.kernels import FrameError, _frames_py
 from streams.mqtt import MqttSettings, connect, make_client
-from streams.wire import WireClient
 
 IMPLEMENTATIONS = [_frames_py] + ([kernels.frames] if kernels.COMPILED else [])
 
