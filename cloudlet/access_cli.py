@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from cloudlet.cli_common import err, out
+from cloudlet.cli_common import fail as _fail
 from cloudlet.security import (
     ROLE_KINDS,
     AccessError,
@@ -31,9 +32,6 @@ from streams.mqtt import MqttSettings
 from streams.topics import TopicScheme
 
 ADMIN_ENV = "CLOUDLET_BROKER_ADMIN"
-
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
 
 device_app = typer.Typer(
     help="Device identities: one per service object, username and client id its id.",
@@ -76,11 +74,6 @@ def register(app: typer.Typer) -> None:
     app.add_typer(device_app, name="device")
     app.add_typer(role_app, name="role")
     app.add_typer(site_app, name="site")
-
-
-def _fail(message: str) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
-    return typer.Exit(1)
 
 
 def _identities(broker: str | None, tls_ca: Path | None, cert: Path | None, key: Path | None,

@@ -3,30 +3,26 @@
 from __future__ import annotations
 
 import logging
-import os
-import signal
-import subprocess
 import sys
-import tempfile
-import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import orjson
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from cloudlet.access_cli import register as register_access
+from cloudlet.cli_common import OBJECTS_ENV, err, out
+from cloudlet.cli_common import default_objects as _default_objects
+from cloudlet.cli_common import fail as _fail
+from cloudlet.cli_common import stop_on_signals as _stop_on_signals
+from cloudlet.cli_common import wait as _wait
 from cloudlet.control_cli import register as register_control
+from cloudlet.devices_cli import register as register_devices
 from cloudlet.processor_cli import processor_app
-from cloudlet.rig import Kafka, Mosquitto, RigError, ensure_kafka, ensure_mosquitto
-from edge_objects.faults import FAULT_KINDS
-from streams import Problem, ServiceObject, TopicScheme
+from cloudlet.rig_cli import register as register_rig
+from streams import Problem, ServiceObject
 from streams.catalog import Catalog
-from streams.mqtt import MqttSettings
 
 app = typer.Typer(
     help="cloudlet: IoT edge data streams, from devices through the cloudlet to the cloud.",
@@ -37,16 +33,11 @@ app = typer.Typer(
 so_app = typer.Typer(
     help="Service objects: validate and inspect descriptors.", no_args_is_help=True
 )
-rig_app = typer.Typer(
-    help="Real Mosquitto and Kafka on loopback ports, for development and tests.",
-    no_args_is_help=True,
-)
 unit_app = typer.Typer(help="Processing units: run one from its config.", no_args_is_help=True)
 flow_app = typer.Typer(
     help="Flows: try composite streams and windows offline.", no_args_is_help=True
 )
 app.add_typer(so_app, name="so")
-app.add_typer(rig_app, name="rig")
 app.add_typer(flow_app, name="flow")
 app.add_typer(unit_app, name="unit")
 app.add_typer(processor_app, name="processor")
@@ -55,39 +46,8 @@ cloud_app = typer.Typer(help="Cloud objects: materialise them from Kafka, serve 
 app.add_typer(cloud_app, name="cloud")
 register_control(app)
 register_access(app)
-
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
-
-OBJECTS_ENV = "CLOUDLET_OBJECTS"
-
-
-def _fail(message: str) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
-    return typer.Exit(1)
-
-
-def _device_secrets(path: Path) -> dict[str, str]:
-    """id -> secret, from {"id": "secret"} or {"id": {"secret": ...}} (device sync's file)."""
-    try:
-        doc = orjson.loads(path.read_bytes())
-    except (OSError, orjson.JSONDecodeError) as exc:
-        raise _fail(f"cannot read the credentials in {path}: {exc}") from None
-    if not isinstance(doc, dict):
-        raise _fail(f"{path} must hold a JSON object: device id -> secret")
-    out: dict[str, str] = {}
-    for so, value in doc.items():
-        secret = value.get("secret") if isinstance(value, dict) else value
-        if not isinstance(secret, str) or not secret:
-            raise _fail(f"{path}: no secret for {so!r}")
-        out[so] = secret
-    return out
-
-
-def _default_objects() -> list[Path]:
-    configured = os.environ.get(OBJECTS_ENV)
-    return [Path(configured)] if configured else [Path("objects")]
-
+register_rig(app)
+register_devices(app)
 
 # so ------------------------------------------------------------------------------------------
 
@@ -246,119 +206,9 @@ def flow_test(
             sys.stdout.buffer.write(orjson.dumps(record) + b"\n")
 
 
-def _stop_on_signals(interrupt: bool = True) -> threading.Event:
-    """An event set by SIGTERM (and SIGINT, Ctrl-C): a service's cue to stop cleanly."""
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    if interrupt:
-        signal.signal(signal.SIGINT, lambda *_: stop.set())
-    return stop
-
-
-def _wait(stop: threading.Event, alive: Callable[[], bool] = lambda: True, what: str = "") -> None:
-    """Until SIGTERM or Ctrl-C; exits non-zero (for a supervisor to restart us) as soon as a
-    background thread has died."""
-    while not stop.wait(0.5):  # a timed wait lets the signal handlers run
-        if not alive():
-            raise _fail(f"{what}: a background thread stopped; see the log above")
-
-
 def _print_problems(problems: list[Problem]) -> None:
     for problem in problems:
         err.print(f"[bold red]error:[/] {problem}", soft_wrap=True)
-
-
-# act -----------------------------------------------------------------------------------------
-
-
-def _parameter(text: str) -> tuple[str, object]:
-    name, sep, raw = text.partition("=")
-    if not sep or not name:
-        raise _fail(f"--param {text!r} must look like name=value")
-    try:
-        return name, orjson.loads(raw)  # numbers, booleans, JSON strings and objects
-    except orjson.JSONDecodeError:
-        return name, raw  # a bare word is a string
-
-
-@app.command("act")
-def act(
-    so_id: Annotated[str, typer.Argument(metavar="SO", help="Service object to command.")],
-    action: Annotated[str, typer.Argument(help="One of its declared actions.")],
-    param: Annotated[
-        list[str] | None, typer.Option("--param", "-p", help="name=value (repeatable).")
-    ] = None,
-    objects: Annotated[
-        list[Path] | None,
-        typer.Option("--objects", "-o", help="Descriptors (to check the action)."),
-    ] = None,
-    mqtt_url: Annotated[str, typer.Option("--mqtt", help="Broker URL.")] = "mqtt://127.0.0.1:1883",
-    wait: Annotated[float, typer.Option(help="Seconds to wait for the device's report.")] = 30.0,
-) -> None:
-    """Send a command to a device and follow its status: submitted, accepted, done or failed."""
-    import queue as queue_module
-
-    from streams.actuation import ActuationError, ActuationStatus, StatusReport, checked
-    from streams.mqtt import MqttSettings, connect, make_client, refused, refused_because
-
-    paths = objects or _default_objects()
-    catalog, _ = Catalog.check(paths)  # problems elsewhere need not stop a command
-    if so_id not in catalog.registry:
-        raise _fail(f"no service object {so_id!r} in {', '.join(map(str, paths))}")
-    parameters = dict(_parameter(p) for p in param or [])
-    try:
-        command = checked(
-            catalog.registry.get(so_id), action, parameters, at=int(time.time() * 1000)
-        )
-    except ActuationError as exc:
-        raise _fail(str(exc)) from None
-    try:
-        settings = MqttSettings(url=mqtt_url)
-    except ValueError as exc:
-        raise _fail(str(exc)) from None
-    topics = TopicScheme()
-    reports: queue_module.SimpleQueue[StatusReport] = queue_module.SimpleQueue()
-    subscribed = threading.Event()
-    refusal: list[str] = []
-    client_id = settings.username or f"cloudlet-act-{command.id[:8]}"
-    client = make_client(settings, client_id)
-
-    def on_connect(c: Any, _u: object, _f: object, reason: object, _p: object) -> None:
-        if refused(reason):
-            refusal.append(refused_because(reason, settings, client_id))
-            subscribed.set()
-            return
-        c.subscribe(topics.action_status(so_id, command.id), qos=1)
-
-    client.on_connect = on_connect
-    client.on_subscribe = lambda *_: subscribed.set()
-    client.on_message = lambda _c, _u, m: reports.put(StatusReport.from_json(bytes(m.payload)))
-    connect(client, settings, persistent=False)
-    client.loop_start()
-    try:
-        if not subscribed.wait(10):
-            raise _fail(f"cannot reach the broker at {settings.url}")
-        if refusal:
-            raise _fail(refusal[0])
-        info = client.publish(topics.actions(so_id), command.to_json(), qos=1)
-        info.wait_for_publish(10)
-        out.print(f"{command.id} {so_id} {action} {parameters}: submitted")
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            try:
-                report = reports.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue_module.Empty:
-                break
-            note = f" ({report.message})" if report.message else ""
-            out.print(f"{command.id} {report.status.value}{note}")
-            if report.status.final:
-                if report.status is ActuationStatus.FAILED:
-                    raise typer.Exit(1)
-                return
-        raise _fail(f"no final status from {so_id} within {wait:g} s")
-    finally:
-        client.loop_stop()
-        client.disconnect()
 
 
 # unit ----------------------------------------------------------------------------------------
@@ -422,101 +272,6 @@ def unit_run(
     running.stop()
 
 
-@app.command("simulate")
-def simulate(
-    scenario: Annotated[str, typer.Argument(help="irrigation or smart-city")],
-    devices: Annotated[
-        int | None, typer.Option(help="Scale the scenario to about this many devices.")
-    ] = None,
-    objects_dir: Annotated[
-        Path | None,
-        typer.Option("--objects-dir", help="Where a scaled scenario's descriptors are written."),
-    ] = None,
-    mqtt_url: Annotated[str, typer.Option("--mqtt", help="Broker URL.")] = "mqtt://127.0.0.1:1883",
-    rate: Annotated[float, typer.Option(help="Steps per second (each device reports).")] = 1.0,
-    speed: Annotated[float, typer.Option(help="Simulated seconds per real second.")] = 60.0,
-    seed: Annotated[int, typer.Option(help="Random seed: the same seed, the same run.")] = 1,
-    faults: Annotated[float, typer.Option(help="Chance that a reading is faulty, 0..1.")] = 0.0,
-    fault_kind: Annotated[
-        list[str] | None,
-        typer.Option("--fault", help="Only these faults (repeatable): " + ", ".join(FAULT_KINDS)),
-    ] = None,
-    duration: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
-    steps: Annotated[int | None, typer.Option(help="Stop after this many steps.")] = None,
-    start: Annotated[
-        str | None,
-        typer.Option(
-            help="Simulated start, ISO 8601 (default: yesterday 06:00 UTC); the"
-            " simulated clock never passes the real one."
-        ),
-    ] = None,
-    credentials: Annotated[
-        Path | None,
-        typer.Option(
-            help="Each device logs in as itself: a JSON file of id -> secret (cloudlet site"
-            " init's devices.json, or cloudlet device sync --secret-file)."
-        ),
-    ] = None,
-) -> None:
-    """Simulated devices of a scenario publishing over MQTT, with faults on demand."""
-    from datetime import UTC, datetime, timedelta
-
-    from cloudlet.demo import scenario_dir
-    from edge_objects.simulator import SCENARIOS, Simulator, load, scale
-
-    if scenario not in SCENARIOS:
-        raise _fail(f"unknown scenario {scenario!r} (available: {', '.join(SCENARIOS)})")
-    if not 0.0 <= faults <= 1.0 or rate <= 0 or speed <= 0:
-        raise _fail("--faults must be within 0..1, --rate and --speed positive")
-    home = scenario_dir(scenario)
-    objects = home / "objects"
-    if devices is not None:
-        try:
-            objects = scale(
-                scenario, home, devices, objects_dir or Path(f"cloudlet-{scenario}-{devices}")
-            )
-        except (OSError, ValueError) as exc:
-            raise _fail(f"cannot write the scaled scenario: {exc}") from None
-        out.print(f"descriptors for {devices} devices in {objects} (give them to the unit)")
-    try:
-        begin = datetime.fromisoformat(start) if start else (
-            datetime.now(UTC) - timedelta(days=1)).replace(
-            hour=6, minute=0, second=0, microsecond=0)  # fmt: skip
-    except ValueError:
-        raise _fail(f"--start {start!r} is not an ISO 8601 time") from None
-    if begin.tzinfo is None:
-        begin = begin.replace(tzinfo=UTC)
-    secrets = _device_secrets(credentials) if credentials is not None else None
-    try:
-        settings = MqttSettings(url=mqtt_url)
-        simulation = load(scenario, objects, seed=seed, start_ms=int(begin.timestamp() * 1000))
-        simulator = Simulator(
-            simulation, settings, faults=faults, fault_kinds=fault_kind,
-            seed=seed, client_id=f"cloudlet-simulate-{os.getpid()}", credentials=secrets,
-        )  # fmt: skip
-    except ValueError as exc:
-        raise _fail(str(exc)) from None
-    mqtt_url = settings.url  # what is printed from here on carries no secret
-    stop = _stop_on_signals()
-    try:
-        simulator.start()
-    except RuntimeError as exc:
-        simulator.stop()
-        raise _fail(f"{exc} at {mqtt_url}") from None
-    out.print(f"{len(simulation.model.device_ids)} devices publishing to {mqtt_url}")
-    try:
-        simulator.run(rate=rate, speed=speed, duration=duration, steps=steps,
-                      should_stop=stop.is_set)  # fmt: skip
-        flushed = simulator.finish()
-    finally:
-        simulator.stop()
-    summary = simulator.summary()
-    summary["delivered"] = flushed
-    print(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
-    if not flushed:
-        raise _fail("the broker did not acknowledge everything sent")
-
-
 @cloud_app.command("serve")
 def cloud_serve(
     config_path: Annotated[Path, typer.Argument(metavar="CONFIG", help="The cloud's YAML.")],
@@ -572,227 +327,6 @@ def gateway_run(
     out.print(f"gateway on {gateway.url} (OpenAPI: {gateway.url}/docs)")
     _wait(stop)
     gateway.stop()
-
-
-# demo ----------------------------------------------------------------------------------------
-
-
-@app.command("demo")
-def demo(
-    scenario: Annotated[
-        str, typer.Argument(help="Scenario to run: irrigation or smart-city.")
-    ] = "irrigation",
-    mqtt_url: Annotated[
-        str | None,
-        typer.Option("--mqtt", help="Use this broker (mqtt://host:port) instead of starting one."),
-    ] = None,
-    kafka: Annotated[
-        str | None,
-        typer.Option(help="Forward through this Kafka (host:port) instead of directly."),
-    ] = None,
-    duration: Annotated[
-        float | None, typer.Option(help="Stop after this many seconds (default: Ctrl-C).")
-    ] = None,
-    rate: Annotated[float, typer.Option(help="Simulation steps per second.")] = 2.0,
-    speed: Annotated[
-        float | None,
-        typer.Option(help="Simulated seconds per real second (irrigation 600, smart city 120)."),
-    ] = None,
-    faults: Annotated[float, typer.Option(help="Chance that a reading is faulty.")] = 0.02,
-    fault_kind: Annotated[
-        list[str] | None,
-        typer.Option("--fault", help="Only these faults (repeatable): " + ", ".join(FAULT_KINDS)),
-    ] = None,
-    seed: Annotated[int, typer.Option(help="Random seed of the simulation.")] = 1,
-    steps: Annotated[
-        int | None, typer.Option(help="Stop after this many simulation steps.")
-    ] = None,
-    port: Annotated[int, typer.Option(help="The dashboard's port (0: a free one).")] = 8000,
-    summary_path: Annotated[
-        Path | None, typer.Option("--summary", help="Also write the summary as JSON here.")
-    ] = None,
-) -> None:
-    """Run simulated devices through a real broker, the cloudlet and the cloud; watch it live
-    in the terminal and on the dashboard."""
-    from rich.live import Live
-
-    from cloudlet.demo import Demo, DemoSettings
-    from cloudlet.demo_view import live_view, summary_view
-
-    if speed is None:
-        speed = 120.0 if scenario == "smart-city" else 600.0
-    settings = DemoSettings(scenario, mqtt_url, duration, rate, speed, faults, seed, steps,
-                            kafka, port, fault_kinds=fault_kind)  # fmt: skip
-    runner: Demo | None = None
-    try:
-        with err.status("starting") as status:
-            runner = Demo(settings, progress=lambda text: status.update(text))
-            runner.start()
-    except (ValueError, RuntimeError, RigError, OSError) as exc:
-        if runner is not None:
-            runner.stop()
-        raise _fail(str(exc)) from None
-    assert runner.cloud is not None
-    out.print(f"dashboard: {runner.cloud.url}/   (work directory: {runner.workdir})")
-    stop = _stop_on_signals(interrupt=False)  # Ctrl-C interrupts the live view instead
-    try:
-        if out.is_terminal:
-            out.print("Ctrl-C stops the demo and prints a summary")
-            with Live(live_view(runner), console=out, refresh_per_second=4) as live:
-                runner.run(stop.is_set, lambda: live.update(live_view(runner)))
-        else:
-            runner.run(stop.is_set, lambda: None)
-    except KeyboardInterrupt:
-        pass
-    try:
-        with err.status("draining: waiting for the last updates to reach the cloud"):
-            runner.drain()
-        summary = runner.summary()
-    finally:
-        runner.stop()
-    out.print(summary_view(summary))
-    if summary_path is not None:
-        summary_path.write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
-    if not summary["lossless"]:
-        raise typer.Exit(1)
-
-
-# rig -----------------------------------------------------------------------------------------
-
-
-@rig_app.command("install")
-def rig_install() -> None:
-    """Install Mosquitto, PostgreSQL, Chromium, docker-compose, dockerd and debootstrap (Debian
-    packages) and resolve Kafka's jars (Maven Central)."""
-    from cloudlet.rig import ensure_postgres
-    from cloudlet.rig.apt import compose_command
-    from cloudlet.rig.browser import ensure_chromium
-    from cloudlet.rig.docker import ensure_docker
-
-    try:
-        out.print(f"mosquitto: {ensure_mosquitto()}")
-        out.print(f"postgresql: {ensure_postgres()}")
-        out.print(f"chromium (the dashboard's tests): {ensure_chromium()}")
-        out.print(f"compose (validates compose/): {' '.join(compose_command())}")
-        out.print(f"dockerd (the control plane's docker backend): {ensure_docker()}")
-        out.print(f"kafka jars: {ensure_kafka()}")
-    except RigError as exc:
-        raise _fail(str(exc)) from None
-
-
-def _serve(service: Mosquitto | Kafka, address: str) -> None:
-    out.print(f"{service.name} on {address} (work directory {service.workdir}); Ctrl-C stops it")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    try:
-        while service.running:
-            time.sleep(0.5)
-        raise _fail(f"{service.name} exited; see {service.log_path}")
-    except KeyboardInterrupt:
-        pass
-    finally:
-        service.stop()
-
-
-@rig_app.command("mosquitto")
-def rig_mosquitto(
-    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0 picks a free one).")] = 1883,
-    tls: Annotated[
-        bool, typer.Option(help="A TLS listener, with a private CA made for this run.")
-    ] = False,
-    client_certs: Annotated[
-        bool,
-        typer.Option(help="With --tls: require a client certificate from the rig's CA; its CN"
-                          " is the identity."),
-    ] = False,
-    user: Annotated[
-        list[str] | None,
-        typer.Option(help="NAME:PASSWORD (repeatable): a full-access account, for tests."),
-    ] = None,
-    allow_anonymous_insecure: Annotated[
-        bool,
-        typer.Option("--allow-anonymous-insecure",
-                     help="No identities, no ACL: anyone may do anything. Experiments only."),
-    ] = False,
-) -> None:  # fmt: skip
-    """Run a real Mosquitto in the foreground: identities and ACLs on (deny by default)
-    unless --allow-anonymous-insecure."""
-    users = {}
-    for entry in user or []:
-        name, sep, password = entry.partition(":")
-        if not sep or not name or not password:
-            raise _fail(f"--user {entry!r} must look like NAME:PASSWORD")
-        users[name] = password
-    try:
-        broker = Mosquitto(Path(tempfile.mkdtemp(prefix="cloudlet-mosquitto-")), port or None,
-                           tls=tls, users=users or None, anonymous=allow_anonymous_insecure,
-                           client_certs=client_certs)  # fmt: skip
-        broker.start()
-    except (RigError, subprocess.CalledProcessError) as exc:
-        raise _fail(str(exc)) from None
-    if broker.ca_file is not None:
-        out.print(f"clients verify the broker with tls_ca: {broker.ca_file}")
-    if allow_anonymous_insecure:
-        err.print("[bold red]warning:[/] anonymous access: any client on this machine may"
-                  " publish, command and read everything")  # fmt: skip
-    elif not client_certs:
-        admin = broker.admin_settings()
-        secret = admin.password.get_secret_value() if admin.password else ""
-        out.print(
-            f"administrator: --broker mqtt{'s' if tls else ''}://{admin.username}:{secret}"
-            f"@{broker.host}:{broker.port}  (cloudlet device add ..., cloudlet role add ...)"
-        )
-    _serve(broker, broker.plain_url)
-
-
-@rig_app.command("kafka")
-def rig_kafka(
-    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0 picks a free one).")] = 9092,
-) -> None:
-    """Run a real single-node Kafka (KRaft) in the foreground."""
-    try:
-        broker = Kafka(Path(tempfile.mkdtemp(prefix="cloudlet-kafka-")), port or None)
-        broker.start()
-    except RigError as exc:
-        raise _fail(str(exc)) from None
-    _serve(broker, broker.bootstrap_servers)
-
-
-@rig_app.command("docker")
-def rig_docker() -> None:
-    """A Docker Engine for the control plane's docker sites: the one at DOCKER_HOST or
-    /var/run/docker.sock, or Debian's dockerd started here (vfs, no bridge: containers use
-    host networking) until Ctrl-C."""
-    from cloudlet.rig.docker import DockerEngine
-
-    try:
-        engine = DockerEngine(Path(tempfile.mkdtemp(prefix="cloudlet-docker-"))).start()
-    except RigError as exc:
-        raise _fail(str(exc)) from None
-    out.print(f"docker engine: export DOCKER_HOST={engine.url}")
-    out.print(f"in a topology's site: engine: {{docker: {engine.url}}}")
-    if engine.process is None:
-        return  # someone else's engine: nothing to keep running
-    stop = _stop_on_signals()
-    _wait(stop)
-    engine.stop()
-
-
-@rig_app.command("image")
-def rig_image(
-    tag: Annotated[str | None, typer.Option(help="Tag (default: cloudlet:<content hash>).")] = None,
-) -> None:
-    """Build the project image (compose/Dockerfile) on a local Debian base made with
-    debootstrap, on the engine at DOCKER_HOST; no registry is needed."""
-    from cloudlet.rig.docker import DockerEngine, project_image
-
-    try:
-        engine = DockerEngine(Path(tempfile.mkdtemp(prefix="cloudlet-docker-")))
-        if not os.environ.get("DOCKER_HOST"):
-            raise RigError("set DOCKER_HOST to an engine (`cloudlet rig docker` starts one)")
-        engine.start()
-        out.print(project_image(engine.client(), tag, say=out.print))
-    except RigError as exc:
-        raise _fail(str(exc)) from None
 
 
 def main() -> None:
