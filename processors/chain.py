@@ -161,27 +161,48 @@ class Stage:
         started = time.perf_counter()
         self.counts.received += len(mine)
         try:
-            saved = self.save()
+            undo = self._begin()
         except Exception as exc:  # state that cannot be saved: this batch cannot be undone
             for item in mine:
                 self._failed(item, SnapshotError(f"its state cannot be saved: {exc}"), result)
             return []
         try:
             emitted = self._call(mine, result, origin=mine[0].origin if len(mine) == 1 else None)
+            self._commit(undo)
         except Exception:
             # Roll back and find the updates that fail, one at a time; keep the others.
-            self.load(saved)
+            self._rollback(undo)
             emitted = []
             for item in mine:
-                before = self.save()
+                before = self._begin()
                 try:
                     emitted += self._call([item], result, origin=item.origin)
+                    self._commit(before)
                 except Exception as exc:
-                    self.load(before)
+                    self._rollback(before)
                     self._failed(item, exc, result)
         self.counts.emitted += len(emitted)
         self.counts.seconds += time.perf_counter() - started
         return emitted
+
+    _OWN_UNDO = object()  # the processor keeps its own undo log for this batch
+
+    def _begin(self) -> Any:
+        """What undoes the coming batch: the processor's own log (without windows, which
+        its log would not cover), or a copy of the state."""
+        if not self.windows and self.processor.begin():
+            return Stage._OWN_UNDO
+        return self.save()
+
+    def _commit(self, undo: Any) -> None:
+        if undo is Stage._OWN_UNDO:
+            self.processor.commit()
+
+    def _rollback(self, undo: Any) -> None:
+        if undo is Stage._OWN_UNDO:
+            self.processor.rollback()
+        else:
+            self.load(undo)
 
     def _call(self, items: list[Item], result: ChainResult, origin: Any) -> list[Item]:
         out = self.output()

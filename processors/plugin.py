@@ -114,6 +114,22 @@ class Processor(Generic[C]):
     def restore(self, state: Any) -> None:
         """Take back what `snapshot` returned (after a restart, or to roll back a batch)."""
 
+    # A batch is all or nothing: if `process` raises, the chain undoes what it did to the
+    # state and retries the batch's updates one at a time. By default it does so by copying
+    # the state (`snapshot`, through msgpack) before every batch, which costs as much as the
+    # state is large. A processor with a large state keeps an undo log instead:
+
+    def begin(self) -> bool:
+        """A batch starts. Return True if this processor can undo it itself (`rollback`)
+        until `commit`; False (the default) and the chain copies the state instead."""
+        return False
+
+    def commit(self) -> None:
+        """The batch went through: forget its undo log."""
+
+    def rollback(self) -> None:
+        """The batch failed: put the state back as it was at `begin`."""
+
     def teardown(self) -> None:
         """Release what setup acquired."""
 

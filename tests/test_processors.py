@@ -455,3 +455,68 @@ def test_state_that_cannot_be_saved_fails_updates_not_the_unit(registry: Registr
     ]
     assert "its state cannot be saved" in second.failed[0].rejection.message
     assert good == chain.snapshot() == {"keeper": {"state": [], "windows": []}}
+
+
+class _DedupeSpec:
+    """The dedupe as first written (a dict per stream, oldest first): the specification the
+    undo-logged one must match."""
+
+    def __init__(self, within: int, max_entries: int) -> None:
+        self.within, self.max_entries = within, max_entries
+        self.seen: dict[str, dict[str, int]] = {}
+
+    def passes(self, stream: str, fp: str, t: int) -> bool:
+        seen = self.seen.setdefault(stream, {})
+        last = seen.get(fp)
+        if last is not None and abs(t - last) <= self.within:
+            return False
+        seen.pop(fp, None)
+        seen[fp] = t
+        horizon = t - self.within
+        while seen and (len(seen) > self.max_entries or next(iter(seen.values())) < horizon):
+            del seen[next(iter(seen))]
+        return True
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_dedupe_keeps_its_own_undo_log_and_matches_its_specification(
+    registry: Registry, seed: int
+) -> None:
+    import random
+
+    rng = random.Random(seed)
+    within, max_entries = rng.choice([0, 5, 50]), rng.choice([1, 3, 20])
+    chain, _ = chain_of(registry, f"""
+        - {{use: dedupe, from: "s*/data", into: once,
+           config: {{by: [zone], within: {within}, max_entries: {max_entries}}}}}
+    """)  # fmt: skip
+    stage = chain.stages[0]
+    dedupe: Any = stage.processor
+    spec = _DedupeSpec(within, max_entries)
+    for _ in range(40):
+        batch = [(rng.choice([S1, S2]), su(T0 + rng.randrange(200), t=1,
+                                           zone=rng.choice("abcdef")))
+                 for _ in range(rng.randrange(1, 30))]  # fmt: skip
+        before = dedupe.snapshot()
+        if rng.random() < 0.3:  # a batch undone: the state is exactly what it was
+            assert dedupe.begin()
+            dedupe.process(batch, stage.output())
+            dedupe.rollback()
+            assert [(k, list(v.items())) for k, v in dedupe.snapshot().items()] == [
+                (k, list(v.items())) for k, v in before.items()
+            ]
+        got = [(so, at) for so, _s, at, _ in feed(chain, batch)]
+        want = [
+            (k.so, u.last_update)
+            for k, u in batch
+            if spec.passes(f"{k.so}/{k.stream}", dedupe._fingerprint(u), u.last_update)
+        ]
+        assert got == want
+        ordered = {k: list(v.items()) for k, v in spec.seen.items()}
+        assert {k: list(v.items()) for k, v in dedupe.snapshot().items()} == ordered
+    restored = chain_of(registry, f"""
+        - {{use: dedupe, from: "s*/data", into: once,
+           config: {{by: [zone], within: {within}, max_entries: {max_entries}}}}}
+    """)[0]  # fmt: skip
+    restored.restore(chain.snapshot())
+    assert restored.stages[0].processor.snapshot() == spec.seen
