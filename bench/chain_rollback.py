@@ -65,9 +65,13 @@ def measure(mode: str, streams: int, entries: int, batch: int, batches: int) -> 
     dedupe: Any = chain.stages[0].processor
     if mode == "copy":
         dedupe.begin = lambda: False  # what a processor without an undo log gets
-    fill = streams * entries
-    _run(chain, keys, 10_000, fill // 10_000 + 1, 0)  # every stream at max_entries
-    return _run(chain, keys, batch, batches, fill + 10_000)
+    fill = streams * entries + 10_000
+    stage = chain.stages[0]  # filled straight, without the chain: every stream at max_entries
+    for start in range(0, fill, 10_000):
+        readings = [(keys[n % len(keys)], SensorUpdate({"v": float(n)}, T0 + n))
+                    for n in range(start + 1, start + 10_001)]  # fmt: skip
+        dedupe.process(readings, stage.output())
+    return _run(chain, keys, batch, batches, fill)
 
 
 def main() -> None:
