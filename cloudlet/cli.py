@@ -325,8 +325,10 @@ def gateway_run(
     stop = _stop_on_signals()
     gateway.start()
     out.print(f"gateway on {gateway.url} (OpenAPI: {gateway.url}/docs)")
-    _wait(stop)
-    gateway.stop()
+    try:
+        _wait(stop, lambda: gateway.alive, "gateway")  # exits 1 once its MQTT thread died
+    finally:
+        gateway.stop()
 
 
 def main() -> None:

@@ -187,6 +187,12 @@ class Gateway:
                         self._refused_mids.popitem(last=False)
 
         self.client.on_publish = on_publish
+        # Our own thread around paho's loop (not loop_start): its death is ours to see, and
+        # /healthz says so.
+        self._network = threading.Thread(
+            target=lambda: self.client.loop_forever(retry_first_connection=True),
+            name="cloudlet-gateway-mqtt", daemon=True,
+        )  # fmt: skip
         # Publishes answered 503 that paho may still deliver, by content: a retry of the same
         # body waits for that one instead of publishing a second copy.
         self._unconfirmed: OrderedDict[bytes, Any] = OrderedDict()
@@ -222,7 +228,9 @@ class Gateway:
 
         @app.get("/healthz", include_in_schema=False)
         def healthz() -> PlainTextResponse:
-            return PlainTextResponse("ok")
+            ok = self.alive
+            return PlainTextResponse("ok" if ok else "the MQTT thread stopped",
+                                     status_code=200 if ok else 503)  # fmt: skip
 
         @app.get("/readyz", include_in_schema=False)
         def readyz() -> PlainTextResponse:
@@ -376,9 +384,15 @@ class Gateway:
 
     # lifecycle ---------------------------------------------------------------------------
 
+    @property
+    def alive(self) -> bool:
+        """The MQTT network thread runs (or has not started yet): what the gateway accepts
+        can reach the broker."""
+        return self._network.is_alive() or not self._network.ident
+
     def start(self) -> Gateway:
         connect(self.client, self.settings.mqtt, persistent=False)
-        self.client.loop_start()
+        self._network.start()
         self._server = BackgroundServer(
             self.app, self.settings.host, self.settings.port, "cloudlet-gateway"
         ).start()
@@ -390,8 +404,9 @@ class Gateway:
     def stop(self) -> None:
         if self._server is not None:
             self._server.stop()
-        self.client.disconnect()
-        self.client.loop_stop()
+        self.client.disconnect()  # loop_forever returns
+        if self._network.ident:
+            self._network.join(10)
 
     @property
     def url(self) -> str:

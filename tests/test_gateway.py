@@ -244,3 +244,30 @@ def test_a_503_retried_is_published_once(tmp_path: Path, monkeypatch: pytest.Mon
         device.close()
         g.stop()
         broker.stop()
+
+
+@pytest.mark.mqtt
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_health_turns_red_when_the_gateways_mqtt_thread_dies(
+    mosquitto: Mosquitto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WEATHER_TOKEN", "weather-token")
+    g = Gateway(settings(mosquitto.url, client_id="gateway-dies")).start()
+    try:
+        assert g.connected.wait(10) and g.alive
+        assert urllib.request.urlopen(f"{g.url}/healthz", timeout=5).status == 200
+
+        def bug(*_: Any) -> None:  # a bug of ours on an acknowledgement: the thread dies
+            raise RuntimeError("a bug in on_publish")
+
+        g.client.on_publish = bug
+        put(g, FIELD, GOOD)  # its PUBACK reaches the bug
+        deadline = time.monotonic() + 10
+        while g.alive and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not g.alive
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(f"{g.url}/healthz", timeout=5)
+        assert answer.value.code == 503 and answer.value.read() == b"the MQTT thread stopped"
+    finally:
+        g.stop()
