@@ -314,6 +314,10 @@ class Gateway:
             info = self._unconfirmed.pop(key.digest(), None)
         if info is not None:
             self.metrics.retries_deduplicated.inc()  # the earlier attempt is the one
+        elif not self.alive:
+            return self._answer(503, {"error": "unavailable",
+                                      "message": "the gateway's MQTT thread stopped (see its"
+                                      " log); nothing was published"})  # fmt: skip
         elif not self.connected.is_set():
             return self._answer(503, {"error": "unavailable",
                                       "message": "the broker is unreachable; nothing was"

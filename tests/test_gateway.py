@@ -252,7 +252,7 @@ def test_health_turns_red_when_the_gateways_mqtt_thread_dies(
     mosquitto: Mosquitto, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("WEATHER_TOKEN", "weather-token")
-    g = Gateway(settings(mosquitto.url, client_id="gateway-dies")).start()
+    g = Gateway(settings(mosquitto.url, client_id="gateway-dies", publish_timeout=2)).start()
     try:
         assert g.connected.wait(10) and g.alive
         assert urllib.request.urlopen(f"{g.url}/healthz", timeout=5).status == 200
@@ -261,7 +261,7 @@ def test_health_turns_red_when_the_gateways_mqtt_thread_dies(
             raise RuntimeError("a bug in on_publish")
 
         g.client.on_publish = bug
-        put(g, FIELD, GOOD)  # its PUBACK reaches the bug
+        put(g, FIELD, GOOD)  # its PUBACK reaches the bug (never confirmed: 503 after 2 s)
         deadline = time.monotonic() + 10
         while g.alive and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -269,5 +269,8 @@ def test_health_turns_red_when_the_gateways_mqtt_thread_dies(
         with pytest.raises(urllib.error.HTTPError) as answer:
             urllib.request.urlopen(f"{g.url}/healthz", timeout=5)
         assert answer.value.code == 503 and answer.value.read() == b"the MQTT thread stopped"
+        other = GOOD.replace(str(T0).encode(), str(T0 + 1).encode())  # not a retry of the first
+        status, body = put(g, FIELD, other)  # refused at once: nothing can reach the broker
+        assert status == 503 and "MQTT thread" in body["message"]
     finally:
         g.stop()
