@@ -27,6 +27,7 @@ from streams.mqtt import (
     refused,
     refused_because,
 )
+from streams.publisher import OrderedPublisher
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +42,13 @@ class _Link:
         self.connected = threading.Event()
         self.refusal: str | None = None
         self.client = make_client(settings, client_id)
+        # in the order of the calls, even while connecting (paho alone may reorder then)
+        self.publisher = OrderedPublisher(self.client, on_done=fleet._acknowledged)
         self.client.on_connect = self._on_connect
-        self.client.on_disconnect = lambda *_: self.connected.clear()
-        self.client.on_publish = self._on_publish
-        # PUBACK outcomes by packet id, and the kind of each message in flight: paho may call
-        # on_publish before publish() returns the id, so whichever comes second counts it.
-        self._lock = threading.Lock()
-        self._kinds: dict[int, str] = {}
-        self._early: dict[int, bool] = {}
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_publish = lambda _c, _u, mid, reason, _p: self.publisher.acknowledged(
+            mid, reason
+        )
 
     def _on_connect(self, _c: object, _u: object, _f: object, reason: object, _p: object) -> None:
         if refused(reason):
@@ -56,25 +56,15 @@ class _Link:
             log.error("simulated device: %s", self.refusal)
         else:
             self.refusal = None
+            self.publisher.connected()
             self.connected.set()
 
-    def _on_publish(self, _c: object, _u: object, mid: int, reason: Any, _p: object) -> None:
-        failed = bool(getattr(reason, "is_failure", False))
-        with self._lock:
-            kind = self._kinds.pop(mid, None)
-            if kind is None:
-                self._early[mid] = failed
-        if kind is not None:
-            self.fleet._acknowledged(kind, failed)
+    def _on_disconnect(self, *_: object) -> None:
+        self.connected.clear()
+        self.publisher.disconnected()
 
     def publish(self, topic: str, payload: bytes, kind: str, props: Any) -> None:
-        mid = self.client.publish(topic, payload, qos=1, properties=props).mid
-        with self._lock:
-            failed = self._early.pop(mid, None)
-            if failed is None:
-                self._kinds[mid] = kind
-        if failed is not None:
-            self.fleet._acknowledged(kind, failed)
+        self.publisher.publish(topic, payload, properties=props, tag=kind)
 
     def start(self) -> None:
         connect(self.client, self.settings, persistent=False)

@@ -35,7 +35,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import MQTTErrorCode
 
 from streams import Codec, SensorUpdate, TopicScheme, encode_batch, encode_update
 from streams.actuation import Actuation, ActuationError, ActuationStatus, StatusReport
@@ -47,6 +46,7 @@ from streams.mqtt import (
     refused,
     refused_because,
 )
+from streams.publisher import BufferFull, OrderedPublisher
 
 ActionHandler = Callable[[dict[str, Any]], str | None]
 log = logging.getLogger(__name__)
@@ -81,9 +81,13 @@ class EdgeObject:
         self.client_id = client_id or so_id
         self.refused: str | None = None  # why the broker refused us, if it did
         self._client = make_client(settings, self.client_id)
-        self._client.max_queued_messages_set(buffer_limit)
+        # in the order of the calls, even while connecting (paho alone may reorder then)
+        self._publisher = OrderedPublisher(self._client, limit=buffer_limit)
         self._client.on_connect = self._on_connect
-        self._client.on_disconnect = lambda *_: self.connected.clear()
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_publish = lambda _c, _u, mid, reason, _p: self._publisher.acknowledged(
+            mid, reason
+        )
         self._client.on_message = self._on_message
         self._properties = content_type_properties(codec.content_type)
         self._commands: queue.SimpleQueue[Actuation | None] = queue.SimpleQueue()
@@ -148,12 +152,17 @@ class EdgeObject:
         return int(self.clock() * 1000)
 
     def _send(self, topic: str, payload: bytes) -> None:
-        info = self._client.publish(topic, payload, qos=1, properties=self._properties)
-        if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+        try:
+            self._publisher.publish(topic, payload, properties=self._properties)
+        except BufferFull:
             raise OfflineBufferFull(
                 f"{self.so_id}: the offline buffer is full; the update to {topic} was not queued"
                 " (raise buffer_limit, or wait for the broker)"
-            )
+            ) from None
+
+    def _on_disconnect(self, *_: object) -> None:
+        self.connected.clear()
+        self._publisher.disconnected()
 
     def _on_connect(
         self, client: mqtt.Client, _u: object, _f: object, reason: object, _p: object
@@ -165,6 +174,7 @@ class EdgeObject:
         self.refused = None
         if self._handlers:
             client.subscribe(self.topics.actions(self.so_id), qos=1)
+        self._publisher.connected()
         self.connected.set()
 
     @property

@@ -221,6 +221,12 @@ def test_sigkill_mid_stream_loses_no_update_and_no_window_state(
         for key, update in readings[:700]:
             fleet.publish(key, update)
         got = collector.take(lambda g: len(_raw_updates(g, {"soil"})) >= 100)
+        # a checkpoint on disk, so the restart has window state to restore (on a loaded
+        # machine the first 400 messages may all be one batch, not yet checkpointed)
+        snapshot = tmp_path / "state" / "u-kill.state"
+        deadline = time.monotonic() + 10
+        while not snapshot.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
         unit.send_signal(signal.SIGKILL)  # mid-stream, while messages are in flight
         unit.wait(10)
         for key, update in readings[700:]:
