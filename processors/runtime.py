@@ -23,7 +23,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from processors.actuation import ActuationLog
@@ -275,30 +275,79 @@ class UnitRuntime:
             self.metrics.batch_seconds.observe(time.perf_counter() - started)
 
     def _process(self, batch: list[Message]) -> tuple[IngestBatch, Outputs]:
-        """Ingest, flows and processors over a batch. Ingest words every bad message itself;
-        an unexpected exception past it (a bug of ours) dead-letters the batch's messages as
-        `internal_error`, with their payloads, and the unit goes on."""
+        """Ingest, flows and processors over a batch, as one transaction: its changes to the
+        flows' state are kept together or not at all. An unexpected exception (a bug of ours)
+        rolls the batch back and runs its messages one at a time: one that fails alone is
+        dead-lettered `internal_error` with its payload, and the others count exactly as if
+        it had never come."""
         letters, self._letters = self._letters, []
         try:
-            result = self.ingest.batch(batch)  # a Publish is shaped like a RawMessage
-            result.dead_letters[:0] = letters
-            return result, self._run_flows(result)
+            result, outputs = self._attempt(batch)
         except Exception as exc:
-            failed = internal_error(exc, None)  # counted with the dead letters
-            log.error("batch of %d messages dead-lettered: %s", len(batch), failed.message)
-            result = IngestBatch(dead_letters=letters)
-            result.dead_letters.extend(self.ingest.dead_letter(m, failed) for m in batch)
-            return result, Outputs(dead_letters=result.dead_letters)
+            if len(batch) == 1:
+                result, outputs = self._failed(batch[0], exc)
+            else:
+                log.warning("a batch of %d messages failed (%s: %s); rolled back, running its"
+                            " messages one at a time", len(batch), type(exc).__name__,
+                            str(exc)[:200])  # fmt: skip
+                result, outputs = self._one_at_a_time(batch)
+        result.dead_letters[:0] = letters
+        return result, outputs
+
+    def _attempt(self, batch: list[Message]) -> tuple[IngestBatch, Outputs]:
+        engine, counts = self.engine, self.ingest.counts
+        saved = replace(counts, rejected=counts.rejected.copy())
+        if engine is not None:
+            engine.begin()
+        try:
+            result = self.ingest.batch(batch)  # a Publish is shaped like a RawMessage
+            outputs = self._run_flows(result)
+        except Exception:
+            if engine is not None:
+                engine.rollback()
+            self.ingest.counts = saved
+            raise
+        if engine is not None:
+            engine.commit()
+        return result, outputs
+
+    def _one_at_a_time(self, batch: list[Message]) -> tuple[IngestBatch, Outputs]:
+        result = IngestBatch()
+        outputs = Outputs(updates=result.accepted, dead_letters=result.dead_letters)
+        for message in batch:
+            try:
+                one, out = self._attempt([message])
+            except Exception as exc:
+                one, out = self._failed(message, exc)
+            result.accepted += one.accepted
+            result.origins += one.origins
+            outputs.derived += out.derived
+            result.dead_letters += out.dead_letters  # the batch's own, and the processors'
+            outputs.actuations += out.actuations
+        return result, outputs
+
+    def _failed(self, message: Message, exc: Exception) -> tuple[IngestBatch, Outputs]:
+        """A message that fails on its own: dead-lettered `internal_error`, with its payload."""
+        failed = internal_error(exc, self.ingest.topics.parse_device_update(message.topic))
+        log.error("message to %s dead-lettered: %s", message.topic[:200], failed.message)
+        result = IngestBatch(dead_letters=[self.ingest.dead_letter(message, failed)])
+        return result, Outputs(dead_letters=result.dead_letters)
 
     def _tick(self) -> Outputs:
+        engine = self.engine
+        assert engine is not None
+        engine.begin()
         try:
-            ticked = self.engine.tick()  # type: ignore[union-attr]
+            ticked = engine.tick()
             items = [Item(k, u) for k, u in ticked.derived]
-            return self._run_chain(IngestBatch(), items, ticked)
+            outputs = self._run_chain(IngestBatch(), items, ticked)
         except Exception as exc:  # a bug firing a window: logged, counted, tried again later
+            engine.rollback()
             self.metrics.internal_errors.inc()
             internal_error(exc, None)
             return Outputs()
+        engine.commit()
+        return outputs
 
     def _durably(self, write: Callable[[Any], None], what: Any) -> None:
         """`write(what)`; while the disk is full, wait and retry (not ready, acknowledging

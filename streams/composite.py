@@ -332,6 +332,39 @@ class CompositeEngine:
             *(k for d in plan.derived.values() for k in d.streams.values()),
         }  # fmt: skip
 
+        # The open transaction (`begin`): each latest value before its first change.
+        self._undo: dict[StreamKey, SensorUpdate | None] | None = None
+        self._undo_groups: dict[GroupKey, SensorUpdate | None] = {}
+        self._undo_counts = CompositeCounts()
+
+    def begin(self) -> None:
+        """Open a transaction: until `commit`, `rollback` puts every latest value back."""
+        self._undo, self._undo_groups = {}, {}
+        c = self.counts
+        self._undo_counts = CompositeCounts(c.derived, c.stale, c.filtered, c.not_available,
+                                            c.failed)  # fmt: skip
+
+    def commit(self) -> None:
+        self._undo = None
+        self._undo_groups = {}
+
+    def rollback(self) -> None:
+        undo, self._undo = self._undo, None
+        if undo is None:
+            return
+        for key, value in undo.items():
+            if value is None:
+                self.latest.pop(key, None)
+            else:
+                self.latest[key] = value
+        for group, latest in self._undo_groups.items():
+            if latest is None:
+                self.group_latest.pop(group, None)
+            else:
+                self.group_latest[group] = latest
+        self._undo_groups = {}
+        self.counts = self._undo_counts
+
     def process(self, updates: Iterable[tuple[StreamKey, SensorUpdate]]) -> CompositeResult:
         result = CompositeResult()
         for key, update in updates:
@@ -339,10 +372,16 @@ class CompositeEngine:
         return result
 
     def _observe(self, key: StreamKey, update: SensorUpdate) -> None:
-        self.latest[key] = merged = merge(self.latest.get(key), update)
+        previous = self.latest.get(key)
+        undo = self._undo
+        if undo is not None and key not in undo:
+            undo[key] = previous
+        self.latest[key] = merged = merge(previous, update)
         for group in self.plan.groups_of.get(key, ()):
             current = self.group_latest.get(group)
             if current is None or merged.last_update >= current.last_update:
+                if undo is not None and group not in self._undo_groups:
+                    self._undo_groups[group] = current
                 self.group_latest[group] = merged
 
     def _pass(self, key: StreamKey, update: SensorUpdate, result: CompositeResult) -> None:

@@ -91,6 +91,35 @@ class FlowEngine:
         # per flow: input stream -> its column plan, _SLOW (expressions), or None (not read)
         self._key_plans: dict[str, dict[StreamKey, ColumnPlan | object | None]] = {}
         self._interned: dict[object, object] = {}
+        self._undo_rules: dict[tuple[str, str], int | None] | None = None
+
+    # Transactions ----------------------------------------------------------------------------
+
+    def begin(self) -> None:
+        """Open a transaction over all state (latest values, windows, rules' last commands):
+        until `commit`, `rollback` puts it back as it was. Each part saves what it changes,
+        when it first changes it; nothing is copied whole."""
+        self.composite.begin()
+        for operator in self.operators.values():
+            operator.begin()
+        self._undo_rules = {}
+
+    def commit(self) -> None:
+        self.composite.commit()
+        for operator in self.operators.values():
+            operator.commit()
+        self._undo_rules = None
+
+    def rollback(self) -> None:
+        self.composite.rollback()
+        for operator in self.operators.values():
+            operator.rollback()
+        undo, self._undo_rules = self._undo_rules, None
+        for key, last in (undo or {}).items():
+            if last is None:
+                self.last_command.pop(key, None)
+            else:
+                self.last_command[key] = last
 
     def _foldable_flows(self) -> set[str]:
         """Flows a batch can go through in one kernel call (`kernels.fold_windows`): event-time
@@ -145,7 +174,9 @@ class FlowEngine:
             if taken is None:
                 continue
             index, groups, times, args = taken
-            fired, late = kernels.fold_windows(self.operators[flow.name], groups, times, args)
+            operator = self.operators[flow.name]
+            operator.touch(set(groups))  # the kernel changes these keys' state
+            fired, late = kernels.fold_windows(operator, groups, times, args)
             for j, item in late:
                 key, update = batch[index[j]]
                 events.append((index[j], position, 1, len(events),
@@ -226,6 +257,8 @@ class FlowEngine:
         last = self.last_command.get((rule.name, target))
         if last is not None and update.last_update - last < rule.min_interval:
             return
+        if self._undo_rules is not None and (rule.name, target) not in self._undo_rules:
+            self._undo_rules[(rule.name, target)] = last
         self.last_command[(rule.name, target)] = update.last_update
         result.actuations.append(
             Actuation(target, rule.action, dict(rule.parameters), issued_at=update.last_update)

@@ -23,12 +23,13 @@ from __future__ import annotations
 import copy
 import heapq
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from dataclasses import replace as _replace
 from typing import Any, Literal
 
 from streams.windows.aggregates import Aggregate
+from streams.windows.keys import KeyState as _KeyState
 
 WindowKind = Literal["tumbling", "hopping", "sliding", "session", "count"]
 MAX_CLOCKS = 1_000_000
@@ -84,26 +85,6 @@ class LateUpdate:
 Args = Sequence[Any]  # one argument value per aggregate (None: skip that aggregate)
 
 
-@dataclass
-class _KeyState:
-    # time windows: (start, end) -> accumulators; fired windows kept until they expire
-    windows: dict[tuple[int, int], list[Any]] = field(default_factory=dict)
-    fired: set[tuple[int, int]] = field(default_factory=set)
-    next_empty: int | None = None  # first window start not yet emitted (emit_empty)
-    # sliding, count: buffered (time, args)
-    buffer: list[tuple[int, list[Any]]] = field(default_factory=list)
-    arrivals: int = 0
-    # sessions: [start, last event, accumulators]
-    sessions: list[list[Any]] = field(default_factory=list)
-    # tumbling/hopping: (end, start) of windows not yet fired, by when they are due, and
-    # (end + lateness, start, end) of fired ones, dropped once no late update can reach them
-    due: list[tuple[int, int]] = field(default_factory=list)
-    expiry: list[tuple[int, int, int]] = field(default_factory=list)
-
-    def idle(self) -> bool:
-        return not (self.windows or self.buffer or self.sessions or self.arrivals)
-
-
 class WindowOperator:
     def __init__(self, windowing: Windowing, aggregates: Sequence[tuple[str, Aggregate]]) -> None:
         self.spec = windowing
@@ -116,6 +97,52 @@ class WindowOperator:
         # fires, not the number of open windows.
         self._indexed = windowing.kind in ("tumbling", "hopping") and not windowing.emit_empty
         self._marks: dict[str, tuple[int, int]] = {}  # key -> (its clock, when first seen)
+        # The open transaction (`begin`): each key's state and clock before its first change.
+        self._undo: dict[str, tuple[_KeyState | None, int | None]] | None = None
+        self._undo_scalars: tuple[int | None, int] = (None, 0)
+        self._undo_marks: dict[str, tuple[int, int]] | None = None
+
+    # Transactions ----------------------------------------------------------------------------
+
+    def begin(self) -> None:
+        """Open a transaction: until `commit`, `rollback` puts every key back as it was. It
+        costs a copy of each key's state the first time the key changes, not a copy of all."""
+        self._undo = {}
+        self._undo_scalars = (self.max_time, self.late_count)
+        self._undo_marks = None
+
+    def commit(self) -> None:
+        self._undo = self._undo_marks = None
+
+    def rollback(self) -> None:
+        """Back to `begin` (a clock forgotten meanwhile past MAX_CLOCKS stays forgotten, as it
+        might have been anyway)."""
+        undo, self._undo = self._undo, None
+        if undo is None:
+            return
+        keys, clocks = self.keys, self.clocks
+        for key, (state, clock) in undo.items():
+            if state is None:
+                keys.pop(key, None)
+            else:
+                keys[key] = state
+            if clock is None:
+                clocks.pop(key, None)
+            else:
+                clocks[key] = clock
+        self.max_time, self.late_count = self._undo_scalars
+        if self._undo_marks is not None:
+            self._marks, self._undo_marks = self._undo_marks, None
+
+    def touch(self, keys: Iterable[str]) -> None:
+        """Save these keys' state before it changes (inside a transaction; free outside)."""
+        undo = self._undo
+        if undo is None:
+            return
+        for key in keys:
+            if key not in undo:
+                state = self.keys.get(key)
+                undo[key] = (None if state is None else state.clone(), self.clocks.get(key))
 
     @property
     def watermark(self) -> int | None:
@@ -177,6 +204,8 @@ class WindowOperator:
 
     def process(self, key: str, t: int, args: Args) -> tuple[list[WindowResult], list[LateUpdate]]:
         """Add one update (time `t`, one argument per aggregate); what fired and what was late."""
+        if self._undo is not None and key not in self._undo:
+            self.touch((key,))
         state = self.keys.setdefault(key, _KeyState())
         kind = self.spec.kind
         if kind == "count":
@@ -240,6 +269,8 @@ class WindowOperator:
         if self.spec.kind in ("count", "sliding"):
             return []
         marks, out = self._marks, []
+        if self._undo is not None and self._undo_marks is None:
+            self._undo_marks = dict(marks)  # this walks every key anyway
         for key in list(self.keys):
             clock = self.clocks.get(key)
             mark = marks.get(key)
@@ -254,6 +285,7 @@ class WindowOperator:
                 del marks[key]
                 if not ends:
                     continue
+                self.touch((key,))
                 watermark = max(ends)
                 self._advance(key, watermark + self.spec.delay)
                 out.extend(self.fire_key(key, state, watermark))
@@ -288,6 +320,8 @@ class WindowOperator:
     def fire_key(self, key: str, state: _KeyState, watermark: int) -> list[WindowResult]:
         """`key`'s windows due at its watermark, in (end, start) order; a key left with no
         state at all is dropped (its clock stays, in `clocks`)."""
+        if self._undo is not None and key not in self._undo and self._changes(state, watermark):
+            self.touch((key,))
         if self._indexed:
             out = self._fire_indexed(key, state, watermark)
         elif self.spec.kind == "sliding":
@@ -313,6 +347,18 @@ class WindowOperator:
         if state.idle() and not self.spec.emit_empty and self.keys.get(key) is state:
             del self.keys[key]
         return out
+
+    def _changes(self, state: _KeyState, watermark: int) -> bool:
+        """Whether `fire_key` at `watermark` may change `state` (cheap for the indexed kinds,
+        which a processing-time flow fires for every key on every batch)."""
+        if not self._indexed:
+            return True
+        due, expiry = state.due, state.expiry
+        return bool(
+            (due and due[0][0] <= watermark)
+            or (expiry and expiry[0][0] <= watermark)
+            or state.idle()
+        )
 
     def _fire_indexed(self, key: str, state: _KeyState, watermark: int) -> list[WindowResult]:
         """Tumbling and hopping windows of one key: those due, from its heap."""
@@ -439,17 +485,7 @@ class WindowOperator:
             "max_time": self.max_time,
             "clocks": self.clocks,
             "late": self.late_count,
-            "keys": {
-                key: {
-                    "windows": [[s, e, accs] for (s, e), accs in state.windows.items()],
-                    "fired": [[s, e] for s, e in state.fired],
-                    "next_empty": state.next_empty,
-                    "buffer": [[t, a] for t, a in state.buffer],
-                    "arrivals": state.arrivals,
-                    "sessions": state.sessions,
-                }
-                for key, state in self.keys.items()
-            },
+            "keys": {key: state.dump() for key, state in self.keys.items()},
         }
 
     def restore(self, data: dict[str, Any]) -> None:
@@ -460,15 +496,5 @@ class WindowOperator:
         if clocks is None:  # a snapshot from before per-key clocks: every key had this one
             clocks = {} if self.max_time is None else dict.fromkeys(data["keys"], self.max_time)
         self.clocks = dict(clocks)
-        self.keys = {
-            key: _KeyState(
-                windows={(s, e): accs for s, e, accs in k["windows"]},
-                fired={(s, e) for s, e in k["fired"]},
-                next_empty=k["next_empty"],
-                buffer=[(t, a) for t, a in k["buffer"]],
-                arrivals=k["arrivals"],
-                sessions=[list(s) for s in k["sessions"]],
-            )
-            for key, k in data["keys"].items()
-        }
+        self.keys = {key: _KeyState.load(k) for key, k in data["keys"].items()}
         self._reindex()

@@ -1,0 +1,233 @@
+"""State with a contract: the window operators, the composite streams, the flow engine and the
+unit's batches commit or roll back as a whole, without copying all state; a rolled-back batch
+leaves exactly what a run that never saw it leaves; and a bug on one message of a batch costs
+that message only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cloudlet.demo import scenario_dir
+from edge_objects.irrigation import IrrigationModel, IrrigationSite
+from processors.ingest import Ingest, RawMessage
+from processors.runtime import UnitRuntime
+from streams import SensorUpdate, StreamKey
+from streams.catalog import Catalog
+from streams.codec import encode_update
+from streams.flows.engine import FlowEngine, FlowResult
+from streams.mqtt import MqttSettings
+from streams.windows.aggregates import AGGREGATES, percentile_aggregate
+from streams.windows.operator import Windowing, WindowOperator
+from tests.test_flows import FOLDED, T0, _catalog, numbers, su
+
+IRRIGATION = scenario_dir("irrigation")
+AGGS = [("n", AGGREGATES["count"]), ("avg", AGGREGATES["avg"]), ("sum", AGGREGATES["sum"]),
+        ("p50", percentile_aggregate(50)), ("sd", AGGREGATES["stddev"]),
+        ("rate", AGGREGATES["rate"]), ("last", AGGREGATES["last"])]  # fmt: skip
+SPECS = [
+    Windowing("tumbling", 10_000, allowed_lateness=5_000),
+    Windowing("tumbling", 10_000, delay=3_000, emit_empty=True),
+    Windowing("hopping", 20_000, hop=5_000),
+    Windowing("sliding", 10_000, allowed_lateness=2_000),
+    Windowing("session", 0, gap=3_000),
+    Windowing("count", 3, hop=2),
+    Windowing("tumbling", 5_000, idle=4_000),
+    Windowing("tumbling", 5_000, processing_time=True),
+]
+_batches = st.lists(
+    st.tuples(
+        st.booleans(),  # roll this batch back
+        st.lists(
+            st.tuples(
+                st.sampled_from(["a", "b", "c"]), st.integers(0, 60_000), st.integers(-50, 50)
+            ),
+            max_size=12,
+        ),
+    ),
+    max_size=12,
+)
+
+
+def _feed(op: WindowOperator, batch: list[tuple[str, int, int]], now: int) -> list[Any]:
+    out: list[Any] = []
+    for key, t, v in batch:
+        out.append(op.process(key, t, [True, v, v, v, v, v, v]))
+    out.append(op.advance(now))
+    out.append(op.fire_idle(now))
+    return out
+
+
+@pytest.mark.parametrize(
+    "spec", SPECS, ids=lambda s: f"{s.kind}{'-pt' if s.processing_time else ''}"
+)
+@settings(max_examples=120, deadline=None)
+@given(batches=_batches)
+def test_a_rolled_back_batch_leaves_the_operator_as_if_it_never_came(
+    spec: Windowing, batches: list[tuple[bool, list[tuple[str, int, int]]]]
+) -> None:
+    txn, reference = WindowOperator(spec, AGGS), WindowOperator(spec, AGGS)
+    for i, (undo, batch) in enumerate(batches):
+        now = i * 7_000
+        txn.begin()
+        got = _feed(txn, batch, now)
+        if undo:
+            txn.rollback()
+            assert txn.snapshot() == reference.snapshot()
+            continue
+        txn.commit()
+        assert got == _feed(reference, batch, now)
+    assert txn.snapshot() == reference.snapshot()
+    assert txn.flush() == reference.flush()
+
+
+def _outcome(r: FlowResult) -> Any:
+    late = [(x.key, x.update, x.rejection) for x in r.late]
+    acts = [(a.so, a.action, a.parameters) for a in r.actuations]
+    return (r.derived, r.derived_at, late, r.late_at, r.rejected, r.rejected_at, acts)
+
+
+def _run_both(
+    txn: FlowEngine, reference: FlowEngine,
+    batches: list[tuple[bool, list[tuple[StreamKey, SensorUpdate]]]],
+) -> None:  # fmt: skip
+    for undo, batch in batches:
+        txn.begin()
+        got = txn.process(batch)
+        if undo:
+            txn.rollback()
+            assert txn.snapshot() == reference.snapshot()
+            continue
+        txn.commit()
+        assert _outcome(got) == _outcome(reference.process(batch))
+    assert txn.snapshot() == reference.snapshot()
+    assert _outcome(txn.flush()) == _outcome(reference.flush())
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    events=st.lists(
+        st.tuples(
+            st.sampled_from(["s1", "s2"]),
+            st.integers(0, 120_000),
+            st.one_of(numbers, st.none()),
+            st.sampled_from(["a", "b"]),
+        ),
+        max_size=60,
+    ),
+    undo=st.lists(st.booleans(), min_size=12, max_size=12),
+    folded=st.booleans(),
+)
+def test_the_flow_engine_rolls_back_folded_and_one_by_one(
+    tmp_path_factory: pytest.TempPathFactory,
+    events: list[tuple[str, int, Any, str]], undo: list[bool], folded: bool,
+) -> None:  # fmt: skip
+    """Both ways a batch goes through the windows (kernels.fold_windows on whole batches, and
+    update by update) save what they change."""
+    catalog, problems = _catalog(tmp_path_factory.mktemp("txn"),
+                                 FOLDED % {"delay": "3s", "lateness": "15s"})  # fmt: skip
+    assert problems == []
+    updates = [(StreamKey(so, "data"), su(T0 + t, **({"t": v} if v is not None else {}), zone=z))
+               for so, t, v, z in events]  # fmt: skip
+    txn, reference = catalog.engine(clock=lambda: 0.0), catalog.engine(clock=lambda: 0.0)
+    if not folded:
+        txn._folding = reference._folding = set()
+    batches = [(undo[i // 5], updates[i : i + 5]) for i in range(0, len(updates), 5)]
+    _run_both(txn, reference, batches)
+
+
+def test_composite_streams_and_rules_roll_back_too() -> None:
+    """The irrigation site: latest values, composite streams (`irrigate`), windows and the
+    rule's last command, batch after batch, every other batch rolled back."""
+    site = IrrigationSite.load(IRRIGATION / "site.yaml")
+    model = IrrigationModel(site, seed=5, start_ms=T0)
+    readings = [r for _ in range(180) for r in model.step(60)]
+    catalog = Catalog.load([IRRIGATION / "objects"])
+    txn, reference = catalog.engine(clock=lambda: 0.0), catalog.engine(clock=lambda: 0.0)
+    batches = [(i % 20 == 10, readings[i : i + 37]) for i in range(0, len(readings), 37)]
+    # the batches rolled back are sent again, as a unit would, so the results stay complete
+    replayed = [b for undo, batch in batches for b in ([(True, batch), (False, batch)] if undo
+                                                       else [(False, batch)])]  # fmt: skip
+    _run_both(txn, reference, replayed)
+    assert txn.last_command  # the rule fired (and its rolled-back firings were undone)
+    assert txn.composite.counts == reference.composite.counts
+
+
+def _messages(readings: list[tuple[StreamKey, SensorUpdate]]) -> list[RawMessage]:
+    return [RawMessage(f"{k.so}/streams/{k.stream}", encode_update(u), "application/json")
+            for k, u in readings]  # fmt: skip
+
+
+def test_a_bug_on_one_message_of_a_batch_costs_that_message_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    site = IrrigationSite.load(IRRIGATION / "site.yaml")
+    model = IrrigationModel(site, seed=9, start_ms=T0)
+    readings = [r for _ in range(40) for r in model.step(60)]
+    soil2 = StreamKey("field-2-soil", "soil")
+    poison_at = next(i for i, (k, _) in enumerate(readings) if k == soil2 and i > 150)
+    poison_time = readings[poison_at][1].last_update
+    catalog = Catalog.load([IRRIGATION / "objects"])
+    runtime = UnitRuntime(Ingest(catalog.registry), MqttSettings(url="mqtt://127.0.0.1:1"),
+                          client_id="u-txn", engine=catalog.engine(clock=lambda: 0.0))  # fmt: skip
+    engine = runtime.engine
+    assert engine is not None
+    operator = engine.operators["soil-moisture-10min"]
+    real = operator.process
+
+    def buggy(key: str, t: int, args: Any) -> Any:
+        out = real(key, t, args)  # the state changed, then the bug: the batch must roll back
+        if key == "field-2-soil" and t == poison_time:
+            raise ZeroDivisionError("a bug of ours")
+        return out
+
+    monkeypatch.setattr(operator, "process", buggy)
+    messages = _messages(readings)
+    bad = RawMessage("field-1-soil/streams/soil", b'{"channels": 1}', "application/json")
+    messages.insert(5, bad)  # an ordinary rejection in a batch that is run twice
+    outputs = [runtime._process(messages[i : i + 100]) for i in range(0, len(messages), 100)]
+
+    letters = [orjson.loads(x.body) for _, out in outputs for x in out.dead_letters]
+    poison = messages[poison_at + 1]  # after `bad`
+    assert [(x["reason"], x["payload"]) for x in letters] == [
+        ("missing_last_update", '{"channels": 1}'),
+        ("internal_error", poison.payload.decode()),
+    ]
+    assert letters[1]["message"] == (
+        "field-2-soil/soil: the message could not be handled (ZeroDivisionError: a bug of ours)"
+    )
+    accepted = [u for result, _ in outputs for u in result.accepted]
+    expected = readings[:poison_at] + readings[poison_at + 1 :]
+    assert accepted == expected
+    # the state, the derived updates and the counts are those of a run without the poison
+    reference = catalog.engine(clock=lambda: 0.0)
+    derived = [d for i in range(0, len(expected), 100)
+               for d in reference.process(expected[i : i + 100]).derived]  # fmt: skip
+    assert engine.snapshot() == reference.snapshot()
+    assert [d for _, out in outputs for d in out.derived] == derived
+    assert runtime.ingest.counts.messages == len(messages) - 1  # the poison: never counted
+    assert runtime.ingest.counts.accepted == len(expected)
+
+
+def test_a_single_failing_message_is_dead_lettered_with_its_payload() -> None:
+    catalog = Catalog.load([IRRIGATION / "objects"])
+    runtime = UnitRuntime(Ingest(catalog.registry), MqttSettings(url="mqtt://127.0.0.1:1"),
+                          client_id="u-txn1", engine=catalog.engine(clock=lambda: 0.0))  # fmt: skip
+    assert runtime.engine is not None
+    runtime.engine.process = lambda batch: (_ for _ in ()).throw(RuntimeError("flow bug"))  # type: ignore[method-assign]
+    message = _messages([(StreamKey("field-1-soil", "soil"), su(T0, moisture=20.0,
+                                                                  temperature=15.0))])  # fmt: skip
+    result, out = runtime._process(message)
+    assert result.accepted == [] and out.updates == []
+    letters = [orjson.loads(x.body) for x in out.dead_letters]
+    assert [(x["reason"], x["message"], x["payload"]) for x in letters] == [
+        (
+            "internal_error",
+            "field-1-soil/soil: the message could not be handled (RuntimeError: flow bug)",
+            message[0].payload.decode(),
+        )
+    ]
