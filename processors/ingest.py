@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import orjson
+
 from streams import (
     InvalidUpdate,
     Registry,
@@ -105,28 +107,74 @@ class Ingest:
         self.clock = clock
         self.counts = IngestCounts()
         self._keys: dict[str, StreamKey] = {}  # device topic -> (so, stream), parsed once
+        # device topic -> (its stream, its channels' kinds): known streams, for the kernel
+        self._routes: dict[str, tuple[StreamKey, dict[str, int]]] = {}
 
     def batch(self, messages: Sequence[Incoming]) -> IngestBatch:
-        """Decode and validate a batch: documents in the plain single-update shape go through
-        the compiled row kernel together; anything else (a list, the columnar form, a unit,
-        a bad value) through the validator, which words the rejections.
+        """Decode and validate a batch. Messages of known streams whose body is one update in
+        the plain JSON shape go through one compiled call (`kernels.ingest_rows`); anything
+        else (a list, the columnar form, msgpack, a unit, a bad value, an unknown topic)
+        through the validator, which words the rejections. Accepted updates keep the
+        messages' order.
 
         Whatever a message holds, it ends as updates or dead letters: an unexpected exception
         while reading one (a bug of ours) dead-letters that message as `internal_error`."""
+        horizon = (
+            None if self.max_future_ms is None else int(self.clock() * 1000) + self.max_future_ms
+        )
+        try:
+            accepted, origins, slow = kernels.ingest_rows(
+                messages, self._routes, self.max_payload, horizon, SensorUpdate, orjson.loads
+            )
+        except Exception:  # the slow path below words every message on its own
+            log.exception("ingest kernel failed on a batch; validating its messages one by one")
+            accepted, origins, slow = [], [], list(range(len(messages)))
+        if not slow:
+            out = IngestBatch(accepted, origins)
+        else:
+            out = self._merge(messages, accepted, slow, self._slow([messages[i] for i in slow],
+                                                                   horizon))  # fmt: skip
+        self.counts.accepted += len(out.accepted)
+        self.counts.messages += len(messages)
+        return out
+
+    def _merge(
+        self,
+        messages: Sequence[Incoming],
+        fast: list[tuple[StreamKey, SensorUpdate]],
+        slow: list[int],
+        slowly: list[IngestBatch],
+    ) -> IngestBatch:
+        """The fast and the slow results, in the messages' order."""
         out = IngestBatch()
+        taken = iter(fast)
+        by_index = dict(zip(slow, slowly, strict=True))
+        for i, message in enumerate(messages):
+            one = by_index.get(i)
+            if one is None:
+                out.accepted.append(next(taken))
+                out.origins.append(message)
+            else:
+                out.accepted += one.accepted
+                out.origins += one.origins
+                out.dead_letters += one.dead_letters
+        return out
+
+    def _slow(self, messages: list[Incoming], horizon: int | None) -> list[IngestBatch]:
+        """Each message the validator's way: its updates and its dead letters."""
+        outs = []
         entries = [self._guarded_decode(message) for message in messages]
         decoded = [e for e in entries if type(e) is tuple]
         try:
             fast: Any = iter(kernels.row_updates(
                 [doc for *_, doc in decoded], [v.kinds for _, _, v, _ in decoded], SensorUpdate
             ))  # fmt: skip
-        except Exception:  # the slow path below words every message on its own
+        except Exception:  # the validator below words every message on its own
             log.exception("row kernel failed on a batch; validating its messages one by one")
             fast = iter([None] * len(decoded))
-        horizon = (
-            None if self.max_future_ms is None else int(self.clock() * 1000) + self.max_future_ms
-        )
-        for message, entry in zip(messages, entries, strict=True):  # in the messages' order
+        for message, entry in zip(messages, entries, strict=True):
+            out = IngestBatch()
+            outs.append(out)
             if isinstance(entry, Rejection):
                 self._reject(message, entry, out)
                 continue
@@ -150,9 +198,7 @@ class Ingest:
                 out.origins.append(message)
             for rejection in rejections:
                 self._reject(message, rejection, out)
-        self.counts.accepted += len(out.accepted)
-        self.counts.messages += len(messages)
-        return out
+        return outs
 
     def _guarded_decode(
         self, message: Incoming
@@ -180,6 +226,10 @@ class Ingest:
             )
         try:
             validator = self.registry.validator(key.so, key.stream)
+            if message.topic not in self._routes:
+                if len(self._routes) >= TOPIC_CACHE:
+                    self._routes.clear()
+                self._routes[message.topic] = (key, validator.kinds)  # the fast path's way in
             doc = decode(message.payload, message.content_type, max_bytes=self.max_payload)
         except InvalidUpdate as exc:
             rejection = exc.rejection

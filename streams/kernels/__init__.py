@@ -6,8 +6,9 @@ Each kernel has one signature and two implementations: `_<name>.pyx` (Cython, bu
 import says so loudly (a warning on every start, and `COMPILED` is False), and
 `CLOUDLET_REQUIRE_EXTENSIONS=1` turns that into an error (the test command sets it).
 
-- columnar: readings into sensor updates: columnar batches column by column, and
-  single-update documents a batch of messages at a time;
+- columnar: readings into sensor updates: columnar batches column by column, single-update
+  documents a batch of messages at a time, and whole device messages of the plain shape
+  (topic, content type, size, decoding, values) in one call per batch;
 - frames: MQTT v5 packets cut from the broker's bytes, and PUBLISH/PUBACK packets built in bulk;
 - windows: a batch of updates folded into a tumbling or hopping window operator, and the
   inputs of simple flows (`where: t > 5`, `avg(t)`) read from a batch without expressions.
@@ -51,6 +52,7 @@ COMPILED = _modules is not None
 columnar, frames, windows = _modules or (_columnar_py, _frames_py, _windows_py)
 columnar_updates = columnar.columnar_updates
 row_updates = columnar.row_updates
+ingest_rows = columnar.ingest_rows
 split_frames = frames.split_frames
 publish_frames = frames.publish_frames
 puback_frames = frames.puback_frames
@@ -66,6 +68,7 @@ __all__ = [
     "column_inputs",
     "columnar_updates",
     "fold_windows",
+    "ingest_rows",
     "puback_frames",
     "publish_frames",
     "row_updates",

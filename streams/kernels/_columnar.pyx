@@ -91,3 +91,38 @@ cdef object _row(object doc, dict kind_of, object make):
             return None
         values[name] = v
     return make(values, t)
+
+
+def ingest_rows(object messages, dict routes, Py_ssize_t max_bytes, object horizon,
+                object make, object loads):
+    cdef list accepted = [], origins = [], slow = []
+    cdef Py_ssize_t i = 0, size
+    cdef object message, route, content_type, payload, doc, update
+    cdef bint has_horizon = horizon is not None
+    cdef long long limit = horizon if has_horizon else 0
+    for message in messages:
+        route = routes.get(message.topic)
+        content_type = message.content_type
+        payload = message.payload
+        size = len(payload) if route is not None else 0
+        if (route is None
+                or (content_type is not None and content_type != "application/json")
+                or size == 0 or size > max_bytes or payload[0] != 0x7B):
+            slow.append(i)
+            i += 1
+            continue
+        try:
+            doc = loads(payload)
+        except Exception:
+            slow.append(i)
+            i += 1
+            continue
+        update = _row(doc, <dict>(<tuple>route)[1], make)
+        if update is None or (has_horizon and update.last_update > limit):
+            slow.append(i)
+            i += 1
+            continue
+        accepted.append(((<tuple>route)[0], update))
+        origins.append(message)
+        i += 1
+    return accepted, origins, slow

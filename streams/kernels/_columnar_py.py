@@ -10,7 +10,7 @@ raises InvalidUpdate: messages and reasons stay exactly those of the row path.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 NUMBER, STRING, BOOLEAN, OTHER = 0, 1, 2, 3
@@ -99,3 +99,46 @@ def _row(doc: Any, kind_of: dict[str, int], make: Callable[[dict[str, Any], int]
             return None
         values[name] = v
     return make(values, t)
+
+
+def ingest_rows(
+    messages: Sequence[Any],
+    routes: dict[str, tuple[Any, dict[str, int]]],
+    max_bytes: int,
+    horizon: int | None,
+    make: Callable[[dict[str, Any], int], Any],
+    loads: Callable[[bytes], Any],
+) -> tuple[list[tuple[Any, Any]], list[Any], list[int]]:
+    """A batch of device messages in one call: those whose topic has a route (`routes`: topic
+    -> (its StreamKey, the kinds of its stream's channels)), a JSON body (no content type, or
+    exactly application/json) of at most `max_bytes` that is an object, and hold one update
+    in the plain shape with good values no later than `horizon`, become (key, update) pairs,
+    with the message of each; the index of every other message goes to the third list, for
+    the caller's slow path (which words any rejection). The pairs keep the messages' order."""
+    accepted: list[tuple[Any, Any]] = []
+    origins: list[Any] = []
+    slow: list[int] = []
+    for i, message in enumerate(messages):
+        route = routes.get(message.topic)
+        content_type = message.content_type
+        payload = message.payload
+        if (
+            route is None
+            or (content_type is not None and content_type != "application/json")
+            or not 0 < len(payload) <= max_bytes
+            or payload[0] != 0x7B  # "{"
+        ):
+            slow.append(i)
+            continue
+        try:
+            doc = loads(payload)
+        except Exception:  # the slow path says what is wrong with it
+            slow.append(i)
+            continue
+        update = _row(doc, route[1], make)
+        if update is None or (horizon is not None and update.last_update > horizon):
+            slow.append(i)
+            continue
+        accepted.append((route[0], update))
+        origins.append(message)
+    return accepted, origins, slow
