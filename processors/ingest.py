@@ -190,12 +190,16 @@ class Ingest:
                     accepted, rejections = [], [internal_error(exc, key)]
                 if not accepted and not rejections:
                     rejections = [no_updates(*key)]
-            for u in accepted:
-                if horizon is not None and u.last_update > horizon:
-                    self._reject(message, _from_the_future(key, u.last_update, horizon), out)
-                    continue
-                out.accepted.append((key, u))
-                out.origins.append(message)
+            if horizon is None or all(u.last_update <= horizon for u in accepted):
+                out.accepted = [(key, u) for u in accepted]  # a batch of many readings
+                out.origins = [message] * len(accepted)
+            else:
+                for u in accepted:
+                    if u.last_update > horizon:
+                        self._reject(message, _from_the_future(key, u.last_update, horizon), out)
+                        continue
+                    out.accepted.append((key, u))
+                    out.origins.append(message)
             for rejection in rejections:
                 self._reject(message, rejection, out)
         return outs

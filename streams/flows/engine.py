@@ -152,7 +152,7 @@ class FlowEngine:
         now = int(self.clock() * 1000)
         batch = list(batch)
         known = self._foldable_keys
-        if all(known.get(key) or self._foldable(key) for key, _ in batch):
+        if all(known.get(key) or self._foldable(key) for key in {key for key, _ in batch}):
             self._fold(batch, result)
         else:
             for i, (key, update) in enumerate(batch):
@@ -294,18 +294,25 @@ class FlowEngine:
         plans = self._key_plans.setdefault(flow.name, {})
         by_plan: dict[int, tuple[ColumnPlan, list[int]]] = {}
         fed: list[tuple[int, str, int, list[Any]]] = []
+        last_key: StreamKey | None = None
+        plan: Any = None
+        positions: list[int] = []
         for i, (key, update) in enumerate(batch):
-            plan = plans.get(key, _UNKNOWN)
-            if plan is _UNKNOWN:
-                program = flow.inputs.get(key)
-                plan = None if program is None else column_plan(flow, program) or _SLOW
-                plan = plans[key] = self._interned.setdefault(plan, plan)  # one per shape
+            if key is not last_key:  # a message of many readings: one key, many in a row
+                last_key = key
+                plan = plans.get(key, _UNKNOWN)
+                if plan is _UNKNOWN:
+                    program = flow.inputs.get(key)
+                    plan = None if program is None else column_plan(flow, program) or _SLOW
+                    plan = plans[key] = self._interned.setdefault(plan, plan)  # one per shape
+                if plan is not None and plan is not _SLOW:
+                    positions = by_plan.setdefault(id(plan), (plan, []))[1]
             if plan is None:
                 continue
             if plan is _SLOW:
                 self._feed_one(flow, i, key, update, fed, events, position)
             else:
-                by_plan.setdefault(id(plan), (plan, []))[1].append(i)  # type: ignore[arg-type]
+                positions.append(i)
         by_so = flow.key_mode == "so"
         for plan, positions in by_plan.values():
             updates = [batch[i][1] for i in positions]
