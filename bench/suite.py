@@ -142,8 +142,12 @@ def twins() -> Iterator[None]:
 
 
 def kernel(work: Path, n: int, per_message: int) -> dict[str, Any]:
-    """The unit's Ingest and FlowEngine over batches of 1000 messages, compiled and twins."""
+    """The unit's Ingest and FlowEngine over batches of 1000 messages, compiled and twins,
+    with the garbage collector tuned as `cloudlet unit run` tunes it."""
+    from processors.unit import tune_gc
     from streams import kernels
+
+    tune_gc()
 
     catalog = Catalog.load([objects(work / "objects")])
     messages = [RawMessage(t, p) for t, p in _payloads(readings(n), per_message)]

@@ -250,6 +250,7 @@ def unit_run(
     """Run a processing unit until SIGTERM or Ctrl-C, then drain, checkpoint and stop."""
     from cloudlet.units import CloudletUnit, UnitFile
     from processors.config import ConfigError
+    from processors.unit import tune_gc
     from streams.registry import RegistryError
 
     _configure_logging(log_format)
@@ -261,6 +262,7 @@ def unit_run(
         _print_problems(exc.problems)
         raise typer.Exit(1) from None
     stop = _stop_on_signals()
+    tune_gc()  # after building the unit: what it built is frozen out of the collector's scans
     running.start()
     if unit.status is not None:
         out.print(f"metrics on http://{config.http.host}:{unit.status.port}/metrics")  # type: ignore[union-attr]

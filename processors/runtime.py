@@ -10,7 +10,8 @@ restored from the snapshot has not seen it yet. Flow control is MQTT v5's receiv
 memory stays bounded without blocking the network thread and without dropping anything.
 
 The MQTT side is `processors.wire.WireClient`: packets are cut from the socket's bytes by the
-compiled frame kernel and reach the worker as lists, not one callback per message.
+compiled frame kernel and reach the worker as lists, not one callback per message. What happens
+to a batch between the broker and the outputs is `processors.pipeline.Pipeline`.
 """
 
 from __future__ import annotations
@@ -23,21 +24,22 @@ import threading
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Any
 
 from processors.actuation import ActuationLog
-from processors.chain import Chain, Item
+from processors.chain import Chain
 from processors.config import RepublishSettings
-from processors.ingest import DeadLetter, Ingest, IngestBatch, RawMessage, internal_error
+from processors.ingest import DeadLetter, Ingest, IngestBatch, internal_error
 from processors.metrics import UnitMetrics
+from processors.pipeline import Outputs, Pipeline
 from processors.sink import ResultSink
 from processors.state import StateStore
 from processors.wire import WireClient
 from streams import Codec, Rejection, RejectReason, SensorUpdate, StreamKey, encode_update
-from streams.actuation import Actuation, ActuationError, StatusReport
+from streams.actuation import ActuationError, StatusReport
 from streams.codec import encode_batch
-from streams.flows.engine import FlowEngine, FlowResult
+from streams.flows.engine import FlowEngine
 from streams.mqtt import MqttSettings
 from streams.rejections import dead_letter_record
 
@@ -57,16 +59,6 @@ class PublishCounts:
     updates: int = 0  # accepted device updates
     derived: int = 0  # from composite streams and windows
     dead_letters: int = 0
-
-
-@dataclass(slots=True)
-class Outputs:
-    """What one batch produced, ready to publish."""
-
-    updates: list[tuple[StreamKey, SensorUpdate]] = field(default_factory=list)
-    derived: list[tuple[StreamKey, SensorUpdate]] = field(default_factory=list)
-    dead_letters: list[DeadLetter] = field(default_factory=list)
-    actuations: list[Actuation] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -99,6 +91,7 @@ class UnitRuntime:
         self.republish = republish or RepublishSettings()
         self.engine = engine
         self.chain = chain
+        self.pipeline = Pipeline(ingest, engine, chain, clock)
         self.settings = mqtt_settings
         self.subscription = subscription or ingest.topics.device_updates_filter
         self.batch_size = batch_size
@@ -275,79 +268,18 @@ class UnitRuntime:
             self.metrics.batch_seconds.observe(time.perf_counter() - started)
 
     def _process(self, batch: list[Message]) -> tuple[IngestBatch, Outputs]:
-        """Ingest, flows and processors over a batch, as one transaction: its changes to the
-        flows' state are kept together or not at all. An unexpected exception (a bug of ours)
-        rolls the batch back and runs its messages one at a time: one that fails alone is
-        dead-lettered `internal_error` with its payload, and the others count exactly as if
-        it had never come."""
         letters, self._letters = self._letters, []
-        try:
-            result, outputs = self._attempt(batch)
-        except Exception as exc:
-            if len(batch) == 1:
-                result, outputs = self._failed(batch[0], exc)
-            else:
-                log.warning("a batch of %d messages failed (%s: %s); rolled back, running its"
-                            " messages one at a time", len(batch), type(exc).__name__,
-                            str(exc)[:200])  # fmt: skip
-                result, outputs = self._one_at_a_time(batch)
-        result.dead_letters[:0] = letters
+        result, outputs = self.pipeline.process(batch)
+        result.dead_letters[:0] = letters  # the status reports' own
         return result, outputs
-
-    def _attempt(self, batch: list[Message]) -> tuple[IngestBatch, Outputs]:
-        engine, counts = self.engine, self.ingest.counts
-        saved = replace(counts, rejected=counts.rejected.copy())
-        if engine is not None:
-            engine.begin()
-        try:
-            result = self.ingest.batch(batch)  # a Publish is shaped like a RawMessage
-            outputs = self._run_flows(result)
-        except Exception:
-            if engine is not None:
-                engine.rollback()
-            self.ingest.counts = saved
-            raise
-        if engine is not None:
-            engine.commit()
-        return result, outputs
-
-    def _one_at_a_time(self, batch: list[Message]) -> tuple[IngestBatch, Outputs]:
-        result = IngestBatch()
-        outputs = Outputs(updates=result.accepted, dead_letters=result.dead_letters)
-        for message in batch:
-            try:
-                one, out = self._attempt([message])
-            except Exception as exc:
-                one, out = self._failed(message, exc)
-            result.accepted += one.accepted
-            result.origins += one.origins
-            outputs.derived += out.derived
-            result.dead_letters += out.dead_letters  # the batch's own, and the processors'
-            outputs.actuations += out.actuations
-        return result, outputs
-
-    def _failed(self, message: Message, exc: Exception) -> tuple[IngestBatch, Outputs]:
-        """A message that fails on its own: dead-lettered `internal_error`, with its payload."""
-        failed = internal_error(exc, self.ingest.topics.parse_device_update(message.topic))
-        log.error("message to %s dead-lettered: %s", message.topic[:200], failed.message)
-        result = IngestBatch(dead_letters=[self.ingest.dead_letter(message, failed)])
-        return result, Outputs(dead_letters=result.dead_letters)
 
     def _tick(self) -> Outputs:
-        engine = self.engine
-        assert engine is not None
-        engine.begin()
         try:
-            ticked = engine.tick()
-            items = [Item(k, u) for k, u in ticked.derived]
-            outputs = self._run_chain(IngestBatch(), items, ticked)
+            return self.pipeline.tick()
         except Exception as exc:  # a bug firing a window: logged, counted, tried again later
-            engine.rollback()
             self.metrics.internal_errors.inc()
             internal_error(exc, None)
             return Outputs()
-        engine.commit()
-        return outputs
 
     def _durably(self, write: Callable[[Any], None], what: Any) -> None:
         """`write(what)`; while the disk is full, wait and retry (not ready, acknowledging
@@ -441,59 +373,6 @@ class UnitRuntime:
         m.malformed_packets.inc(client.metrics_malformed - self._seen[0])
         m.publishes_refused.inc(client.refused_publishes - self._seen[1])
         self._seen = (client.metrics_malformed, client.refused_publishes)
-
-    def _run_flows(self, result: IngestBatch) -> Outputs:
-        """The flows over the batch's accepted updates, in one call; what they derive,
-        reject or find late is traced back to the message that caused it (a dead letter
-        carries that message's payload)."""
-        origins = result.origins
-        if self.engine is None:
-            plain = [Item(*u, o) for u, o in zip(result.accepted, origins, strict=True)]
-            return self._run_chain(result, plain, FlowResult())
-        flows = self.engine.process(result.accepted)
-        for late, at in zip(flows.late, flows.late_at, strict=True):
-            result.dead_letters.append(self.ingest.dead_letter(origins[at], late.rejection))
-        for rejection, at in zip(flows.rejected, flows.rejected_at, strict=True):
-            origin = origins[at] if at >= 0 else self._no_message(rejection)
-            result.dead_letters.append(self.ingest.dead_letter(origin, rejection))
-        # for the processors: each update, then what the flows derived from it
-        items: list[Item] = []
-        derived = iter(zip(flows.derived, flows.derived_at, strict=True))
-        pending = next(derived, None)
-        for i, (update, origin) in enumerate(zip(result.accepted, origins, strict=True)):
-            items.append(Item(*update, origin))
-            while pending is not None and pending[1] == i:
-                items.append(Item(*pending[0], origin))
-                pending = next(derived, None)
-        while pending is not None:  # processing-time windows: from no message in particular
-            items.append(Item(*pending[0], None))
-            pending = next(derived, None)
-        return self._run_chain(result, items, flows)
-
-    def _no_message(self, rejection: Rejection) -> RawMessage:
-        """The origin of a rejection no device message caused (a processing-time window
-        firing): its stream's topic, no payload."""
-        so, stream = rejection.so_id or "<unknown>", rejection.stream_id or "<unknown>"
-        topic = self.ingest.topics.updates(so, stream)
-        return RawMessage(topic, b"", None, int(self.clock() * 1000))
-
-    def _run_chain(self, result: IngestBatch, items: list[Item], flows: FlowResult) -> Outputs:
-        """The processors, over the batch's updates and what the flows derived from them."""
-        outputs = Outputs(result.accepted, flows.derived, result.dead_letters, flows.actuations)
-        if self.chain is None:
-            return outputs
-        chained = self.chain.process(items)
-        outputs.derived = [*flows.derived, *((it.key, it.update) for it in chained.derived)]
-        outputs.actuations = [*flows.actuations, *chained.actuations]
-        for failure in chained.failed:
-            origin = failure.item.origin
-            if origin is None:  # a derived update: it is what failed
-                key, update = failure.item.key, failure.item.update
-                origin = RawMessage(self.ingest.topics.updates(key.so, key.stream),
-                                    encode_update(update), Codec.JSON.content_type,
-                                    int(self.clock() * 1000))  # fmt: skip
-            outputs.dead_letters.append(self.ingest.dead_letter(origin, failure.rejection))
-        return outputs
 
     def _echoes(self, updates: list[tuple[StreamKey, SensorUpdate]]) -> list[tuple[str, bytes]]:
         """The (topic, body) messages echoing a batch's accepted device updates: one per
