@@ -123,7 +123,24 @@ def _engine(flows: list[Any], rules: list[Any]) -> FlowEngine:
     return FlowEngine(CompositeEngine(plan), flows, rules)
 
 
-class Window(Processor["Window.Config"]):
+class _OnAnEngine:
+    """A processor run by a flow engine: its batches are the engine's transactions (what a
+    batch changed is saved as it changes, never a copy of all the state)."""
+
+    engine: FlowEngine
+
+    def begin(self) -> bool:
+        self.engine.begin()
+        return True
+
+    def commit(self) -> None:
+        self.engine.commit()
+
+    def rollback(self) -> None:
+        self.engine.rollback()
+
+
+class Window(_OnAnEngine, Processor["Window.Config"]):
     """A windowed aggregate, exactly as a flow's (event time, same window kinds, aggregates,
     watermark and late-data handling), as a processor."""
 
@@ -171,7 +188,7 @@ class Window(Processor["Window.Config"]):
             out.emit(key.so, update.channels, update.last_update)
 
 
-class Actuate(Processor["Actuate.Config"]):
+class Actuate(_OnAnEngine, Processor["Actuate.Config"]):
     """An actuation rule: when `if` holds on an update, command `so` to `action` (at most once
     per `min_interval` of event time per target). `so` may be {so} or {customFields.<name>}."""
 

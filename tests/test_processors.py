@@ -520,3 +520,45 @@ def test_dedupe_keeps_its_own_undo_log_and_matches_its_specification(
     """)[0]  # fmt: skip
     restored.restore(chain.snapshot())
     assert restored.stages[0].processor.snapshot() == spec.seen
+
+
+def test_a_window_processor_undoes_a_failed_batch_through_its_engine(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A window (a flow engine inside) keeps no copy of its state per batch: the engine's
+    transaction undoes what a failing batch changed, and the chain retries the updates one at
+    a time; the windows end as in a run without the poison update."""
+    spec = """
+        - use: window
+          from: "s*/data"
+          into: t_1m
+          config: {window: {tumbling: 1m}, aggregates: {mean: avg(t), n: count()}}
+    """
+    chain, reference = chain_of(registry, spec)[0], chain_of(registry, spec)[0]
+    window: Any = chain.stages[0].processor
+    assert window.begin() is True
+    window.commit()
+    copies: list[Any] = []
+    monkeypatch.setattr(window, "snapshot", lambda: copies.append(1) or window.engine.snapshot())
+    real = window.engine.process
+
+    def poisoned(batch: Any) -> Any:
+        out = real(batch)  # the windows changed, then the bug
+        if any(u.channels.get("t") == 666 for _, u in batch):
+            raise RuntimeError("a bug in the window")
+        return out
+
+    monkeypatch.setattr(window.engine, "process", poisoned)
+    items = [(S1 if i % 2 else S2, su(T0 + i * 7_000, t=i)) for i in range(40)]
+    poison = (S1, su(T0 + 100_000, t=666))
+    batch = [Item(k, u, origin=i) for i, (k, u) in enumerate(items)]
+    result = chain.process([*batch[:20], Item(*poison, origin="poison"), *batch[20:]])
+    assert [(f.item.origin, f.rejection.reason) for f in result.failed] == [
+        ("poison", RejectReason.PROCESSOR_FAILED)
+    ]
+    assert copies == []  # never copied through snapshot()
+    expected = reference.process([Item(k, u) for k, u in items])
+    assert [(i.key, i.update) for i in result.derived] == [
+        (i.key, i.update) for i in expected.derived
+    ]
+    assert window.engine.snapshot() == reference.stages[0].processor.engine.snapshot()  # type: ignore[attr-defined]
