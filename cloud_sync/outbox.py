@@ -39,21 +39,27 @@ import time
 import uuid
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from cloud_sync.segments import (
+    HEADER,
+    Log,
+    Segment,
+    atomic_write,
+    fsync_dir,
+    parse_record,
+)
 from streams.codec import encode_update
 from streams.flows.model import duration_ms
 from streams.updates import SensorUpdate, StreamKey
 
 log = logging.getLogger(__name__)
 
-_HEADER = struct.Struct("<IIQ")
-_MAX_RECORD = 64 * 1024 * 1024
 Clock = Callable[[], float]
 
 
@@ -123,30 +129,6 @@ class OutboxCounts:
     truncated: int = 0  # torn records cut at start-up
 
 
-@dataclass
-class _Segment:
-    first: int
-    path: Path
-    size: int
-    last: int  # last seq in it (first - 1 when empty)
-
-
-@dataclass
-class _Log:
-    """One priority's segments, acknowledged position and read cursor."""
-
-    directory: Path
-    segments: list[_Segment] = field(default_factory=list)
-    acked: int = 0
-    next_seq: int = 1
-    cursor: tuple[int, int] = (0, 0)  # (segment index, byte offset) of the next record to read
-    tail: Any = None  # the open file of the last segment
-
-    @property
-    def pending(self) -> int:
-        return self.next_seq - 1 - self.acked
-
-
 class Outbox:
     """Thread-safe: the unit writes from its worker, the forwarder reads and acknowledges."""
 
@@ -160,16 +142,16 @@ class Outbox:
         settings.path.mkdir(parents=True, exist_ok=True)
         id_file = settings.path / "id"
         if not id_file.exists():
-            _atomic_write(id_file, uuid.uuid4().hex[:16].encode())
+            atomic_write(id_file, uuid.uuid4().hex[:16].encode())
         self.id = id_file.read_text().strip()
-        self._logs: dict[int, _Log] = {}
+        self._logs: dict[int, Log] = {}
         for directory in sorted(settings.path.glob("p[0-9]")):
             self._logs[int(directory.name[1:])] = self._recover(directory)
 
     # recovery ----------------------------------------------------------------------------
 
-    def _recover(self, directory: Path) -> _Log:
-        lg = _Log(directory)
+    def _recover(self, directory: Path) -> Log:
+        lg = Log(directory)
         acked_file = directory / "acked"
         if acked_file.exists():
             lg.acked = struct.unpack("<Q", acked_file.read_bytes()[:8])[0]
@@ -177,7 +159,7 @@ class Outbox:
         for i, path in enumerate(paths):
             first = int(path.stem)
             last, good_size = self._scan(path, first, final=i == len(paths) - 1)
-            lg.segments.append(_Segment(first, path, good_size, last))
+            lg.segments.append(Segment(first, path, good_size, last))
         if lg.segments:
             lg.next_seq = lg.segments[-1].last + 1
         lg.next_seq = max(lg.next_seq, lg.acked + 1)
@@ -189,7 +171,7 @@ class Outbox:
         data = path.read_bytes()
         offset, last = 0, first - 1
         while offset < len(data):
-            record = _parse(data, offset)
+            record = parse_record(data, offset)
             if record is None or record[0] != last + 1:
                 what = "a torn record" if final else "a corrupt record"
                 log.error("outbox %s: %s at byte %d (after seq %d): cutting %d bytes off",
@@ -203,7 +185,7 @@ class Outbox:
             last, offset = record[0], record[2]
         return last, offset
 
-    def _seek(self, lg: _Log, acked: int) -> None:
+    def _seek(self, lg: Log, acked: int) -> None:
         """Put the read cursor on the first record after `acked`."""
         for i, seg in enumerate(lg.segments):
             if seg.last <= acked:
@@ -212,7 +194,7 @@ class Outbox:
             if seg.first <= acked:
                 data = seg.path.read_bytes()
                 while offset < len(data):
-                    parsed = _parse(data, offset)
+                    parsed = parse_record(data, offset)
                     assert parsed is not None
                     if parsed[0] > acked:
                         break
@@ -243,7 +225,7 @@ class Outbox:
                 for key, update, body in items:
                     policy = self.settings.policy(key)
                     frame_body = msgpack.packb([key.so, key.stream, now, update.last_update, body])
-                    size = _HEADER.size + len(frame_body)
+                    size = HEADER.size + len(frame_body)
                     while self._bytes() + size > self.settings.max_bytes:
                         if policy.when_full == "reject":
                             break
@@ -305,13 +287,13 @@ class Outbox:
             log.error("outbox: a write failed; %d logs cut back to their last durable record",
                       len(marks))  # fmt: skip
 
-    def _log(self, priority: int) -> _Log:
+    def _log(self, priority: int) -> Log:
         lg = self._logs.get(priority)
         if lg is None:
             directory = self.settings.path / f"p{priority}"
             directory.mkdir(exist_ok=True)
-            _fsync_dir(self.settings.path)
-            lg = self._logs[priority] = _Log(directory)
+            fsync_dir(self.settings.path)
+            lg = self._logs[priority] = Log(directory)
         return lg
 
     def _append(self, priority: int, body: bytes) -> None:
@@ -323,12 +305,12 @@ class Outbox:
                 lg.tail = None
             path = lg.directory / f"{seq:020d}.seg"
             path.touch()
-            _fsync_dir(lg.directory)
-            lg.segments.append(_Segment(seq, path, 0, seq - 1))
+            fsync_dir(lg.directory)
+            lg.segments.append(Segment(seq, path, 0, seq - 1))
         seg = lg.segments[-1]
         if lg.tail is None:
             lg.tail = seg.path.open("ab")
-        frame = _HEADER.pack(len(body), zlib.crc32(struct.pack("<Q", seq) + body), seq) + body
+        frame = HEADER.pack(len(body), zlib.crc32(struct.pack("<Q", seq) + body), seq) + body
         lg.tail.write(frame)
         seg.size += len(frame)
         seg.last = seq
@@ -367,7 +349,7 @@ class Outbox:
                     return records
             return []
 
-    def _read(self, priority: int, lg: _Log, limit: int) -> list[Record]:
+    def _read(self, priority: int, lg: Log, limit: int) -> list[Record]:
         out: list[Record] = []
         expired, last_expired = 0, 0
         horizon = None if self.settings.ttl is None else self.clock() * 1000 - self.settings.ttl
@@ -384,7 +366,7 @@ class Outbox:
                 data = f.read(seg.size - offset)
             pos = 0
             while pos < len(data) and len(out) < limit:
-                parsed = _parse(data, pos)
+                parsed = parse_record(data, pos)
                 if parsed is None:
                     break  # the rest of a record beyond this read: read again from here
                 seq, body, end = parsed
@@ -418,22 +400,22 @@ class Outbox:
                 self._acknowledge(self._logs[priority], seq)
             self._lock.notify_all()
 
-    def _acknowledge(self, lg: _Log, seq: int) -> None:
+    def _acknowledge(self, lg: Log, seq: int) -> None:
         if seq <= lg.acked:
             return
         self.counts.acked += seq - lg.acked
         lg.acked = seq
-        _atomic_write(lg.directory / "acked", struct.pack("<Q", seq))
+        atomic_write(lg.directory / "acked", struct.pack("<Q", seq))
         self._release(lg)
 
-    def _release(self, lg: _Log) -> None:
+    def _release(self, lg: Log) -> None:
         """Delete fully acknowledged segments (never the one being written)."""
         while len(lg.segments) > 1 and lg.segments[0].last <= lg.acked:
             seg = lg.segments.pop(0)
             seg.path.unlink()
             index, offset = lg.cursor
             lg.cursor = (max(0, index - 1), offset if index > 0 else 0)
-        _fsync_dir(lg.directory)
+        fsync_dir(lg.directory)
 
     def rewind(self) -> None:
         """Read again from the first unacknowledged record (after a failed send), so a
@@ -470,7 +452,7 @@ class Outbox:
                         data = f.read(min(seg.size, 1 << 20))
                     pos = 0
                     while pos < len(data):
-                        parsed = _parse(data, pos)
+                        parsed = parse_record(data, pos)
                         if parsed is None:
                             break
                         if parsed[0] > lg.acked:
@@ -491,35 +473,3 @@ class Outbox:
                     lg.tail.close()
                     lg.tail = None
             self._lock.notify_all()
-
-
-def _parse(data: bytes, offset: int) -> tuple[int, bytes, int] | None:
-    """(seq, body, end offset) of the record at `offset`, or None if it is torn or corrupt."""
-    if offset + _HEADER.size > len(data):
-        return None
-    length, crc, seq = _HEADER.unpack_from(data, offset)
-    end = offset + _HEADER.size + length
-    if length > _MAX_RECORD or end > len(data):
-        return None
-    body = bytes(data[offset + _HEADER.size : end])
-    if zlib.crc32(struct.pack("<Q", seq) + body) != crc:
-        return None
-    return seq, body, end
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,70 +20,17 @@ import orjson
 import yaml
 
 from cloudlet.backends import Backend, DockerBackend, LocalBackend, Replica, Running, healthy
+from cloudlet.control_model import (
+    STARTING,
+    Control,
+    ControlError,
+    ReplicaStatus,
+    Say,
+    Step,
+    counters,
+)
 from cloudlet.placement import Plan, place
 from cloudlet.topology import DockerEngine, Topology, UnitSpec
-
-Say = Callable[[str], None]
-STARTING = 15.0  # seconds a replica may take to answer /healthz before it counts as unhealthy
-
-
-class ControlError(Exception):
-    pass
-
-
-@dataclass
-class Control:
-    """control.json"""
-
-    topology: str | None = None
-    plan: list[dict[str, str]] = field(default_factory=list)
-    evacuated: list[str] = field(default_factory=list)
-    patched: dict[str, dict[str, str]] = field(default_factory=dict)  # unit -> image/config
-    ports: dict[str, int] = field(default_factory=dict)  # replica -> its HTTP port
-    releases: dict[str, dict[str, Any]] = field(default_factory=dict)  # replica -> last ready
-    restarts: dict[str, int] = field(default_factory=dict)  # replica -> heals by reconcile
-    stopped: bool = False
-
-
-@dataclass
-class Step:
-    """One thing a plan does, printed before it is done."""
-
-    action: str  # start, stop, move, update
-    replica: str
-    site: str
-    detail: str = ""
-    source: str | None = None  # the site it leaves (move)
-
-    def __str__(self) -> str:
-        where = f"{self.source} -> {self.site}" if self.source else self.site
-        return f"{self.action:<7} {self.replica:<24} {where:<20} {self.detail}".rstrip()
-
-
-@dataclass
-class ReplicaStatus:
-    unit: str
-    replica: str
-    site: str
-    desired_version: str | None
-    running: Running | None
-    healthy: bool
-    ready: bool
-    rates: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def state(self) -> str:
-        if self.desired_version is None:
-            return "stray"
-        if self.running is None:
-            return "missing"
-        if self.running.state != "running":
-            return "exited"
-        if self.running.version != self.desired_version:
-            return "outdated"
-        if not self.healthy:
-            return "starting" if time.time() - self.running.started < STARTING else "unhealthy"
-        return "ready" if self.ready else "starting"
 
 
 class Controller:
@@ -472,10 +418,10 @@ class Controller:
                 healthy=running and healthy(port), ready=running and healthy(port, "/readyz"),
             ))  # fmt: skip
         if sample > 0:
-            first = {r.replica: _counters(unit_metrics, r) for r in rows}
+            first = {r.replica: counters(unit_metrics, r) for r in rows}
             self.sleep(sample)
             for r in rows:
-                now, before = _counters(unit_metrics, r), first[r.replica]
+                now, before = counters(unit_metrics, r), first[r.replica]
                 r.rates = {k: (now[k] - before.get(k, 0.0)) / sample for k in now}
         return topology, rows
 
@@ -532,17 +478,3 @@ class Controller:
             for name, r in sorted(self.actual(topology).items())
             if r.unit == unit
         }
-
-
-def _counters(read: Callable[[str], dict[str, float]], row: ReplicaStatus) -> dict[str, float]:
-    if row.running is None or row.running.state != "running":
-        return {}
-    try:
-        m = read(f"http://127.0.0.1:{row.running.port}/metrics")
-    except OSError:
-        return {}
-    return {
-        "messages": m.get("cloudlet_messages_received_total", 0.0),
-        "updates": m.get("cloudlet_updates_accepted_total", 0.0),
-        "derived": m.get("cloudlet_updates_derived_total", 0.0),
-    }

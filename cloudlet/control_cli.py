@@ -31,7 +31,7 @@ TimeoutOption = Annotated[
 
 @contextmanager
 def _errors() -> Iterator[None]:
-    from cloudlet.control import ControlError
+    from cloudlet.control_model import ControlError
     from cloudlet.placement import PlacementError
     from cloudlet.topology import TopologyError
 

@@ -23,7 +23,8 @@ from processors.plugin import (
     Setup,
 )
 from streams.codec import update_document
-from streams.composite import CompositeEngine, CompositePlan
+from streams.composite import CompositeEngine
+from streams.composite_plan import CompositePlan
 from streams.expressions import NOT_AVAILABLE, CompiledExpression
 from streams.flows.compile import compile_flows, compile_rules
 from streams.flows.engine import FlowEngine

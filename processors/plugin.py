@@ -57,7 +57,7 @@ from streams.expressions import (
     compile_expression,
 )
 from streams.expressions import Type as ExpressionType
-from streams.expressions.compiler import channel_value_type
+from streams.expressions.scopes import channel_value_type
 from streams.flows.model import WindowDefinition
 from streams.objects import ChannelType, Stream
 from streams.registry import Registry

@@ -25,9 +25,15 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from processors.packets import (
+    content_type_property,
+    mqtt_string,
+    packet,
+    property_block,
+    read_properties,
+)
 from streams import kernels
 from streams.kernels import FrameError
-from streams.kernels._frames_py import encode_varint
 from streams.mqtt import MqttSettings, refusal
 
 log = logging.getLogger(__name__)
@@ -42,55 +48,6 @@ PUBLISH_OVERHEAD = 64  # fixed header, packet id and properties of a PUBLISH we 
 
 class WireError(Exception):
     """The broker refused us, or broke the protocol."""
-
-
-def _string(value: str | bytes) -> bytes:
-    data = value.encode() if isinstance(value, str) else value
-    return len(data).to_bytes(2, "big") + data
-
-
-def _packet(first: int, body: bytes) -> bytes:
-    return bytes([first]) + encode_varint(len(body)) + body
-
-
-def _properties(props: bytes) -> bytes:
-    return encode_varint(len(props)) + props
-
-
-def content_type_property(content_type: str | None) -> bytes:
-    """A PUBLISH property block (without its length) carrying `content_type`."""
-    return b"" if content_type is None else b"\x03" + _string(content_type)
-
-
-def _read_properties(body: bytes, i: int) -> tuple[dict[int, Any], int]:
-    """The properties at body[i:] of a CONNACK/SUBACK/DISCONNECT: the few we use, by id."""
-    length = shift = 0
-    while True:
-        b = body[i]
-        i += 1
-        length |= (b & 0x7F) << shift
-        if not b & 0x80:
-            break
-        shift += 7
-    stop = i + length
-    found: dict[int, Any] = {}
-    widths = {0x11: 4, 0x21: 2, 0x22: 2, 0x24: 1, 0x25: 1, 0x27: 4, 0x13: 2, 0x28: 1,
-              0x29: 1, 0x2A: 1, 0x01: 1, 0x02: 4, 0x17: 1, 0x19: 1}  # fmt: skip
-    while i < stop:
-        prop = body[i]
-        i += 1
-        if prop in widths:
-            w = widths[prop]
-            found[prop] = int.from_bytes(body[i : i + w], "big")
-            i += w
-        elif prop == 0x26:  # user property: two strings
-            for _ in range(2):
-                i += 2 + int.from_bytes(body[i : i + 2], "big")
-        else:  # a string or binary: reason string, assigned client id, response info, ...
-            size = int.from_bytes(body[i : i + 2], "big")
-            found[prop] = body[i + 2 : i + 2 + size].decode(errors="replace")
-            i += 2 + size
-    return found, stop
 
 
 class _Protocol(asyncio.Protocol):
@@ -132,7 +89,7 @@ class _Protocol(asyncio.Protocol):
         self._have = len(rest)
         self._need = need
         for kind, flags, body in others:
-            client._packet(kind, flags, body)
+            client.packet(kind, flags, body)
         if publishes:
             client.on_messages(publishes)
 
@@ -360,29 +317,29 @@ class WireClient:
     def _connect_packet(self) -> bytes:
         s = self.settings
         flags = 0 if self.persistent else 0x02
-        payload = _string(self.client_id)
+        payload = mqtt_string(self.client_id)
         if s.username is not None:
             flags |= 0x80
-            payload += _string(s.username)
+            payload += mqtt_string(s.username)
             if s.password is not None:
                 flags |= 0x40
-                payload += _string(s.password.get_secret_value().encode())
+                payload += mqtt_string(s.password.get_secret_value().encode())
         props = (
             b"\x11" + (s.session_expiry if self.persistent else 0).to_bytes(4, "big")
             + b"\x21" + s.receive_maximum.to_bytes(2, "big")
         )  # fmt: skip
         if self.max_receive_packet:
             props += b"\x27" + min(self.max_receive_packet, MQTT_MAX_PACKET).to_bytes(4, "big")
-        body = _string("MQTT") + bytes([5, flags]) + s.keepalive.to_bytes(2, "big")
-        return _packet(0x10, body + _properties(props) + payload)
+        body = mqtt_string("MQTT") + bytes([5, flags]) + s.keepalive.to_bytes(2, "big")
+        return packet(0x10, body + property_block(props) + payload)
 
     def _subscribe_packet(self) -> bytes:
-        body = (1).to_bytes(2, "big") + _properties(b"")
+        body = (1).to_bytes(2, "big") + property_block(b"")
         for topic, qos in self.subscriptions:
-            body += _string(topic) + bytes([qos])
-        return _packet(0x82, body)
+            body += mqtt_string(topic) + bytes([qos])
+        return packet(0x82, body)
 
-    def _packet(self, kind: int, flags: int, body: bytes) -> None:
+    def packet(self, kind: int, flags: int, body: bytes) -> None:
         """A packet other than PUBLISH, from the protocol."""
         if kind == PUBACK:
             self._puback(body)
@@ -393,16 +350,16 @@ class WireClient:
                 self._handshake.set_exception(WireError("CONNACK too short"))
                 return
             if body[1] >= 0x80:
-                props, _ = _read_properties(body, 2) if len(body) > 2 else ({}, 0)
+                props, _ = read_properties(body, 2) if len(body) > 2 else ({}, 0)
                 reason = props.get(0x1F, "")
                 text = refusal(body[1], self.settings, self.client_id)
                 self.refusals += 1
                 self._handshake.set_exception(WireError(f"{text} {reason}".rstrip()))
                 return
-            props, _ = _read_properties(body, 2) if len(body) > 2 else ({}, 0)
+            props, _ = read_properties(body, 2) if len(body) > 2 else ({}, 0)
             self._handshake.set_result((bool(body[0] & 1), props))
         elif kind == SUBACK and self._suback is not None and not self._suback.done():
-            _, i = _read_properties(body, 2)
+            _, i = read_properties(body, 2)
             self._suback.set_result(body[i:])
         elif kind == DISCONNECT:
             reason = body[0] if body else 0

@@ -9,7 +9,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from streams.composite import CompositeEngine, CompositePlan
+from streams.composite import CompositeEngine
+from streams.composite_plan import CompositePlan
 from streams.flows.compile import (
     CompiledFlow,
     CompiledRule,

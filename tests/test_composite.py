@@ -20,7 +20,8 @@ from streams import (
     StreamKey,
 )
 from streams.catalog import Catalog
-from streams.composite import CompositeEngine, CompositePlan, Discarded, merge
+from streams.composite import CompositeEngine, Discarded, merge
+from streams.composite_plan import CompositePlan
 from tests.conftest import SERVIOTICY
 
 D1 = "1396461657731411aa73c28444ecf9a8c803e62312fd1"

@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 
 from cloudlet.backends import healthy
 from cloudlet.cli import app
-from cloudlet.control import ControlError, Controller
+from cloudlet.control import Controller
+from cloudlet.control_model import ControlError
 from cloudlet.placement import Plan
 from cloudlet.rig import Mosquitto
 from edge_objects.fleet import DeviceFleet

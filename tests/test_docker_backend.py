@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 import yaml
 
-from cloudlet.control import ControlError, Controller
+from cloudlet.control import Controller
+from cloudlet.control_model import ControlError
 from cloudlet.placement import Plan
 from cloudlet.rig import Mosquitto, RigError
 from cloudlet.rig.docker import DockerEngine, project_image

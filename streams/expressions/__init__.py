@@ -8,13 +8,11 @@ from streams.expressions.compiler import (
     NOT_AVAILABLE,
     CompiledExpression,
     Env,
-    InputsScope,
     Scope,
-    StreamScope,
-    channel_value_type,
     compile_expression,
 )
 from streams.expressions.functions import FUNCTIONS, EvaluationError, Type
+from streams.expressions.scopes import InputsScope, StreamScope, channel_value_type
 from streams.expressions.syntax import ExpressionError, parse
 
 __all__ = [
