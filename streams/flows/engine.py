@@ -296,6 +296,7 @@ class FlowEngine:
         fed: list[tuple[int, str, int, list[Any]]] = []
         last_key: StreamKey | None = None
         plan: Any = None
+        last_plan: Any = _UNKNOWN
         positions: list[int] = []
         for i, (key, update) in enumerate(batch):
             if key is not last_key:  # a message of many readings: one key, many in a row
@@ -305,8 +306,10 @@ class FlowEngine:
                     program = flow.inputs.get(key)
                     plan = None if program is None else column_plan(flow, program) or _SLOW
                     plan = plans[key] = self._interned.setdefault(plan, plan)  # one per shape
-                if plan is not None and plan is not _SLOW:
-                    positions = by_plan.setdefault(id(plan), (plan, []))[1]
+                if plan is not last_plan:  # most keys share one plan
+                    last_plan = plan
+                    if plan is not None and plan is not _SLOW:
+                        positions = by_plan.setdefault(id(plan), (plan, []))[1]
             if plan is None:
                 continue
             if plan is _SLOW:
