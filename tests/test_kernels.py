@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -255,3 +256,62 @@ def test_the_ingest_kernel_compiled_twin_and_validator_agree(
             + [ingest.counts]
         )
     assert runs[0] == runs[1] == runs[2]
+
+
+ws = st.sampled_from(["", " ", "\n", "\t ", "\r\n  "])
+json_numbers = st.one_of(
+    st.integers(-(10**20), 10**20).map(str),
+    st.floats(allow_nan=False, allow_infinity=False).map(repr),
+    st.sampled_from(["-0", "0", "01", "-", "1.", ".5", "1e5", "1E+5", "2.5e-3", "-0.0", "1e400",
+                     "123456789012345678", "1234567890123456789", "0.1000000000000000055511",
+                     "9" * 40 + ".5", "1e", "1e+", "NaN", "Infinity", "0x10", "+1", "1_0"]),
+)  # fmt: skip
+json_strings = st.one_of(
+    st.text(max_size=5).map(lambda s: '"' + s + '"'),  # raw: control characters, quotes
+    st.text(max_size=5).map(lambda s: orjson.dumps(s).decode()),  # escaped where needed
+    st.sampled_from(['"a\\u00e9"', '"\\"', '"é"', '"\\ud800"', "true", "null", "1"]),
+)  # fmt: skip
+
+
+@st.composite
+def json_texts(draw: Any) -> bytes:
+    """Text near the plain single-update shape, written by hand: whitespace, key order,
+    number and string spellings, escapes, duplicates, extra members, garbage around it."""
+    entries = []
+    for name in draw(st.lists(st.sampled_from(["t", "label", "on", "x", "t"]), max_size=3)):
+        w = [draw(ws) for _ in range(6)]
+        value = draw(st.one_of(json_numbers, json_strings, st.sampled_from(["true", "false"])))
+        inner = draw(st.sampled_from(['"current-value"', '"current-value"', '"unit"',
+                                      '"current-value" : 1, "unit"']))  # fmt: skip
+        key = draw(st.sampled_from([f'"{name}"', f'"{name}"', '"t\\u0000"', '"t\\n"']))
+        entries.append(f"{w[0]}{key}{w[1]}:{w[2]}{{{w[3]}{inner}{w[4]}:{w[5]}{value}}}")
+    channels = "{" + draw(ws) + ",".join(entries) + draw(ws) + "}"
+    time = draw(st.one_of(st.integers(T0 - 5, T0 + 5).map(str), json_numbers))
+    members = [f'"channels"{draw(ws)}:{draw(ws)}{channels}', f'"lastUpdate":{draw(ws)}{time}']
+    members += draw(st.sampled_from([[], [], [], ['"lastUpdate": 5'], ['"extra": 1']]))
+    if draw(st.booleans()):
+        members.reverse()
+    text = draw(ws) + "{" + draw(ws) + ("," + draw(ws)).join(members) + draw(ws) + "}"
+    return (text + draw(st.sampled_from(["", "", " \n", "x", "}", "\x00"]))).encode()
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(json_texts(), min_size=1, max_size=6))
+def test_the_ingest_kernel_reads_json_text_exactly_as_orjson(texts: list[bytes]) -> None:
+    """The compiled kernel reads the plain shape from the bytes itself; whatever the spelling,
+    it must accept exactly what orjson and the row check accept, with the same values."""
+    from processors.ingest import RawMessage
+    from streams.objects import Stream
+
+    kinds = StreamValidator("s1", "data", Stream.model_validate(
+        {"channels": {"t": {"type": "number"}, "label": {"type": "string"},
+                      "on": {"type": "boolean"}}})).kinds  # fmt: skip
+    routes = {"s1/streams/data": ("s1/data", kinds)}
+    batch = [RawMessage("s1/streams/data", text) for text in texts]
+    args = (batch, routes, 1 << 20, None, SensorUpdate, orjson.loads)
+    compiled, twin = kernels.ingest_rows(*args), _columnar_py.ingest_rows(*args)
+    assert compiled[0] == twin[0] and compiled[2] == twin[2]
+    for (_, a), (_, b) in zip(compiled[0], twin[0], strict=True):  # -0.0 == 0.0, and 1 == 1.0
+        assert [(k, type(v), repr(v)) for k, v in a.channels.items()] == [
+            (k, type(v), repr(v)) for k, v in b.channels.items()
+        ]

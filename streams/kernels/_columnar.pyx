@@ -2,7 +2,11 @@
 """The columnar kernel, compiled: the same as `_columnar_py.py` (its specification), with the
 per-reading checks in C."""
 
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.math cimport isfinite
+from libc.stdlib cimport strtod
+from libc.string cimport memcmp, memcpy
 
 cdef int NUMBER = 0, STRING = 1, BOOLEAN = 2
 cdef long long SECONDS_BELOW = 100_000_000_000
@@ -111,13 +115,20 @@ def ingest_rows(object messages, dict routes, Py_ssize_t max_bytes, object horiz
             slow.append(i)
             i += 1
             continue
-        try:
-            doc = loads(payload)
-        except Exception:
-            slow.append(i)
-            i += 1
-            continue
-        update = _row(doc, <dict>(<tuple>route)[1], make)
+        update = None
+        if type(payload) is bytes:
+            try:
+                update = _scan(<bytes>payload, <dict>(<tuple>route)[1], make)
+            except UnicodeDecodeError:
+                update = None
+        if update is None:  # not the plain shape as we read it: orjson's way, as the twin
+            try:
+                doc = loads(payload)
+            except Exception:
+                slow.append(i)
+                i += 1
+                continue
+            update = _row(doc, <dict>(<tuple>route)[1], make)
         if update is None or (has_horizon and update.last_update > limit):
             slow.append(i)
             i += 1
@@ -126,3 +137,202 @@ def ingest_rows(object messages, dict routes, Py_ssize_t max_bytes, object horiz
         origins.append(message)
         i += 1
     return accepted, origins, slow
+
+
+# A reader of the plain single-update JSON shape straight from the bytes: one dict per message
+# (the channels), no decoded document. It reads only what orjson + `_row` would accept the same
+# way (any escape, other key, nesting, duplicate, 19-digit integer or exotic number: None, and
+# the caller takes orjson's way), so its result is always `_row(orjson.loads(payload))`.
+
+cdef inline Py_ssize_t _ws(const char* p, Py_ssize_t i, Py_ssize_t n) noexcept:
+    while i < n and (p[i] == 32 or p[i] == 10 or p[i] == 13 or p[i] == 9):
+        i += 1
+    return i
+
+
+cdef inline Py_ssize_t _string_end(const char* p, Py_ssize_t i, Py_ssize_t n) noexcept:
+    """The index of the closing quote of the string whose first character is at `i`; -1 for
+    an escape, a control character or the end of the input."""
+    cdef unsigned char c
+    while i < n:
+        c = <unsigned char>p[i]
+        if c == 34:
+            return i
+        if c == 92 or c < 32:
+            return -1
+        i += 1
+    return -1
+
+
+cdef inline bint _digit(char c) noexcept:
+    return 48 <= c <= 57
+
+
+cdef object _number(const char* p, Py_ssize_t* at, Py_ssize_t n):
+    """The JSON number at `at[0]` as orjson reads it (an int of up to 18 digits, or a finite
+    float), moving `at[0]` past it; None for anything else."""
+    cdef Py_ssize_t i = at[0], start = at[0], digits
+    cdef bint negative = False, fraction = False
+    cdef long long value = 0
+    cdef char[48] buffer
+    cdef char* end
+    cdef double d
+    if i < n and p[i] == 45:
+        negative = True
+        i += 1
+    if i >= n:
+        return None
+    if p[i] == 48:
+        i += 1
+    elif 49 <= p[i] <= 57:
+        while i < n and _digit(p[i]):
+            i += 1
+    else:
+        return None
+    digits = i - start - negative
+    if i < n and p[i] == 46:
+        i += 1
+        if not (i < n and _digit(p[i])):
+            return None
+        while i < n and _digit(p[i]):
+            i += 1
+        fraction = True
+    if i < n and (p[i] == 101 or p[i] == 69):
+        i += 1
+        if i < n and (p[i] == 43 or p[i] == 45):
+            i += 1
+        if not (i < n and _digit(p[i])):
+            return None
+        while i < n and _digit(p[i]):
+            i += 1
+        fraction = True
+    at[0] = i
+    if not fraction:
+        if digits > 18:
+            return None
+        for j in range(start + negative, i):
+            value = value * 10 + (p[j] - 48)
+        return -value if negative else value
+    if i - start >= 48:
+        return None
+    memcpy(buffer, p + start, i - start)
+    buffer[i - start] = 0
+    d = strtod(buffer, &end)
+    if end != buffer + (i - start) or not isfinite(d):
+        return None
+    return d
+
+
+cdef object _scan(bytes payload, dict kind_of, object make):
+    cdef const char* p = PyBytes_AS_STRING(payload)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(payload), i, end, members = 0
+    cdef object t = None, name, kind, v
+    cdef dict values = None
+    cdef int code
+    i = _ws(p, 0, n)
+    if i >= n or p[i] != 123:
+        return None
+    i = _ws(p, i + 1, n)
+    while members < 2:
+        if i >= n or p[i] != 34:
+            return None
+        end = _string_end(p, i + 1, n)
+        if end == i + 9 and memcmp(p + i + 1, b"channels", 8) == 0 and values is None:
+            i = _ws(p, end + 1, n)
+            if i >= n or p[i] != 58:
+                return None
+            values = {}
+            i = _channels(p, _ws(p, i + 1, n), n, kind_of, values)
+            if i < 0:
+                return None
+        elif end == i + 11 and memcmp(p + i + 1, b"lastUpdate", 10) == 0 and t is None:
+            i = _ws(p, end + 1, n)
+            if i >= n or p[i] != 58:
+                return None
+            i = _ws(p, i + 1, n)
+            t = _number(p, &i, n)
+            if type(t) is not int or not SECONDS_BELOW <= t <= MAX_LAST_UPDATE:
+                return None
+        else:
+            return None
+        members += 1
+        i = _ws(p, i, n)
+        if i < n and p[i] == 44 and members < 2:
+            i = _ws(p, i + 1, n)
+        elif i < n and p[i] == 125 and members == 2:
+            i = _ws(p, i + 1, n)
+        else:
+            return None
+    if i != n:
+        return None
+    return make(values, t)
+
+
+cdef Py_ssize_t _channels(const char* p, Py_ssize_t i, Py_ssize_t n, dict kind_of,
+                          dict values) except? -2:
+    """Reads `{"name": {"current-value": v}, ...}` at `i` into `values`; the index after it,
+    or -1 (not the plain shape, or a value `_fits` refuses)."""
+    cdef Py_ssize_t end
+    cdef object name, kind, v
+    cdef int code
+    if i >= n or p[i] != 123:
+        return -1
+    i = _ws(p, i + 1, n)
+    while True:
+        if i >= n or p[i] != 34:
+            return -1
+        end = _string_end(p, i + 1, n)
+        if end < 0:
+            return -1
+        name = PyUnicode_DecodeUTF8(p + i + 1, end - i - 1, NULL)
+        kind = kind_of.get(name)
+        if kind is None or name in values:
+            return -1
+        code = kind
+        i = _ws(p, end + 1, n)
+        if i >= n or p[i] != 58:
+            return -1
+        i = _ws(p, i + 1, n)
+        if i >= n or p[i] != 123:
+            return -1
+        i = _ws(p, i + 1, n)
+        if not (i + 15 <= n and memcmp(p + i, b'"current-value"', 15) == 0):
+            return -1
+        i = _ws(p, i + 15, n)
+        if i >= n or p[i] != 58:
+            return -1
+        i = _ws(p, i + 1, n)
+        if code == NUMBER:
+            v = _number(p, &i, n)
+            if v is None:
+                return -1
+        elif code == STRING:
+            if i >= n or p[i] != 34:
+                return -1
+            end = _string_end(p, i + 1, n)
+            if end < 0:
+                return -1
+            v = PyUnicode_DecodeUTF8(p + i + 1, end - i - 1, NULL)
+            i = end + 1
+        elif code == BOOLEAN:
+            if i + 4 <= n and memcmp(p + i, b"true", 4) == 0:
+                v = True
+                i += 4
+            elif i + 5 <= n and memcmp(p + i, b"false", 5) == 0:
+                v = False
+                i += 5
+            else:
+                return -1
+        else:
+            return -1
+        values[name] = v
+        i = _ws(p, i, n)
+        if i >= n or p[i] != 125:
+            return -1
+        i = _ws(p, i + 1, n)
+        if i < n and p[i] == 44:
+            i = _ws(p, i + 1, n)
+            continue
+        if i < n and p[i] == 125:
+            return i + 1
+        return -1
