@@ -433,14 +433,16 @@ def test_folding_a_batch_equals_passing_updates_one_by_one(
         else:
             assert engine._folding == {"avg-by-so", "by-zone", "all"}
         compiled = kernels.fold_windows
-        reader = kernels.column_inputs
+        reader, taker = kernels.column_inputs, kernels.take_inputs
         if mode == "folded by the twin":
             kernels.fold_windows = _windows_py.fold_windows
             kernels.column_inputs = _windows_py.column_inputs
+            kernels.take_inputs = _windows_py.take_inputs
         try:
             results = [engine.process(batch[i : i + cut]) for i in range(0, len(batch), cut)]
         finally:
             kernels.fold_windows, kernels.column_inputs = compiled, reader
+            kernels.take_inputs = taker
         if mode != "one by one" and events:  # "avg-by-so" and "all" read columns, "by-zone" not
             plans = [p for ps in engine._key_plans.values() for p in ps.values()]
             assert {p.where[1] for p in plans if isinstance(p, ColumnPlan)} == {1, 2}

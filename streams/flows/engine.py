@@ -292,6 +292,14 @@ class FlowEngine:
         batch, in batch order. Inputs with a column plan (usually all of them, and all with the
         same plan) are read by one kernel call per plan; the rest evaluate expressions."""
         plans = self._key_plans.setdefault(flow.name, {})
+        if batch:  # the common case, one kernel call: every key read has the first's plan
+            first = plans.get(batch[0][0])
+            if isinstance(first, ColumnPlan):
+                by_so = flow.key_mode == "so"
+                taken = kernels.take_inputs(batch, plans, first, first.where, first.channels,
+                                            by_so)  # fmt: skip
+                if taken is not None:
+                    return taken if taken[0] else None
         by_plan: dict[int, tuple[ColumnPlan, list[int]]] = {}
         fed: list[tuple[int, str, int, list[Any]]] = []
         last_key: StreamKey | None = None

@@ -59,6 +59,7 @@ puback_frames = frames.puback_frames
 Publish = frames.Publish
 fold_windows = windows.fold_windows
 column_inputs = windows.column_inputs
+take_inputs = windows.take_inputs
 
 __all__ = [
     "COMPILED",
@@ -73,4 +74,5 @@ __all__ = [
     "publish_frames",
     "row_updates",
     "split_frames",
+    "take_inputs",
 ]

@@ -202,3 +202,51 @@ def column_inputs(list updates, object where, object channel_names):
             row.append(True if ch is None else values.get(ch))
         rows.append(row)
     return kept, rows, slow
+
+
+cdef object _MISSING = object()
+
+
+def take_inputs(list batch, dict plans, object plan, object where, object channel_names,
+                bint by_so):
+    cdef list index = [], groups = [], times = [], rows = [], row
+    cdef tuple channels = tuple(channel_names), item
+    cdef Py_ssize_t i, j, n = len(batch), m = len(channels)
+    cdef dict values
+    cdef object key, update, found, v, c = None, ch, wch = None, last_key = None
+    cdef object last_found = None
+    cdef int op = 0, cmp_op = 0
+    if where is not None:
+        wch, op, c = where
+        cmp_op = (Py_LT, Py_LE, Py_GT, Py_GE)[op]
+    for i in range(n):
+        item = <tuple>batch[i]
+        key = item[0]
+        if key is last_key:
+            found = last_found
+        else:
+            found = plans.get(key, _MISSING)
+            last_key, last_found = key, found
+        if found is None:
+            continue
+        if found is not plan:
+            return None
+        update = item[1]
+        values = update.channels
+        if wch is not None:
+            v = values.get(wch)
+            if v is None:
+                continue
+            if type(v) is not int and type(v) is not float:
+                return None
+            if not PyObject_RichCompareBool(v, c, cmp_op):
+                continue
+        index.append(i)
+        groups.append((<tuple>key)[0] if by_so else "")
+        times.append(update.last_update)
+        row = []
+        for j in range(m):
+            ch = channels[j]
+            row.append(True if ch is None else values.get(ch))
+        rows.append(row)
+    return index, groups, times, rows

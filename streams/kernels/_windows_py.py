@@ -58,3 +58,46 @@ def column_inputs(
         kept.append(i)
         rows.append([True if ch is None else values.get(ch) for ch in channels])
     return kept, rows, slow
+
+
+def take_inputs(
+    batch: Sequence[tuple[Any, Any]],
+    plans: dict[Any, Any],
+    plan: Any,
+    where: tuple[str, int, Any] | None,
+    channels: Sequence[str | None],
+    by_so: bool,
+) -> tuple[list[int], list[str], list[int], list[list[Any]]] | None:
+    """A flow's inputs from a whole batch when every update's key has `plan` or no plan (not
+    read) in `plans`: (positions, window keys: the object or "", times, argument rows), read
+    as `column_inputs` reads them. None when a key has another plan or none yet, or a `where`
+    channel is not a number: the caller's general path."""
+    index: list[int] = []
+    groups: list[str] = []
+    times: list[int] = []
+    rows: list[list[Any]] = []
+    for i, (key, update) in enumerate(batch):
+        found = plans.get(key, _MISSING)
+        if found is None:
+            continue
+        if found is not plan:
+            return None
+        values = update.channels
+        if where is not None:
+            v = values.get(where[0])
+            if v is None:
+                continue
+            tv = type(v)
+            if tv is not int and tv is not float:
+                return None
+            op, c = where[1], where[2]
+            if not (v < c if op == LT else v <= c if op == LE else v > c if op == GT else v >= c):
+                continue
+        index.append(i)
+        groups.append(key.so if by_so else "")
+        times.append(update.last_update)
+        rows.append([True if ch is None else values.get(ch) for ch in channels])
+    return index, groups, times, rows
+
+
+_MISSING = object()
