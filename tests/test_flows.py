@@ -429,7 +429,7 @@ def test_folding_a_batch_equals_passing_updates_one_by_one(
     for mode in ("one by one", "folded", "folded by the twin"):
         engine = catalog.engine(clock=lambda: 0.0)
         if mode == "one by one":
-            engine._folding = set()
+            engine._folding, engine._all_fold = set(), False
         else:
             assert engine._folding == {"avg-by-so", "by-zone", "all"}
         compiled = kernels.fold_windows

@@ -136,6 +136,7 @@ def test_the_flow_engine_rolls_back_folded_and_one_by_one(
     txn, reference = catalog.engine(clock=lambda: 0.0), catalog.engine(clock=lambda: 0.0)
     if not folded:
         txn._folding = reference._folding = set()
+        txn._all_fold = reference._all_fold = False
     batches = [(undo[i // 5], updates[i : i + 5]) for i in range(0, len(updates), 5)]
     _run_both(txn, reference, batches)
 

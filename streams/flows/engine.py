@@ -87,6 +87,12 @@ class FlowEngine:
             f for f in self.flows if not f.windowing.processing_time and f.windowing.idle
         ]
         self._folding = self._foldable_flows()
+        # every update, whatever its stream, can be folded: no composite stream, no rule
+        self._all_fold = (
+            not self.composite._watched
+            and not self._rule_readers
+            and all(f.name in self._folding for f in self.flows)
+        )
         self._foldable_keys: dict[StreamKey, bool] = {}
         # per flow: input stream -> its column plan, _SLOW (expressions), or None (not read)
         self._key_plans: dict[str, dict[StreamKey, ColumnPlan | object | None]] = {}
@@ -152,7 +158,9 @@ class FlowEngine:
         now = int(self.clock() * 1000)
         batch = list(batch)
         known = self._foldable_keys
-        if all(known.get(key) or self._foldable(key) for key in {key for key, _ in batch}):
+        if self._all_fold or all(
+            known.get(key) or self._foldable(key) for key in {key for key, _ in batch}
+        ):
             self._fold(batch, result)
         else:
             for i, (key, update) in enumerate(batch):
@@ -175,7 +183,7 @@ class FlowEngine:
                 continue
             index, groups, times, args = taken
             operator = self.operators[flow.name]
-            operator.touch(set(groups))  # the kernel changes these keys' state
+            operator.touch(groups)  # the kernel changes these keys' state
             fired, late = kernels.fold_windows(operator, groups, times, args)
             for j, item in late:
                 key, update = batch[index[j]]
