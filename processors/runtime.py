@@ -307,8 +307,11 @@ class UnitRuntime:
         """Record the devices' status reports; the rest of the batch is device data. A report
         that cannot be read is dead-lettered `bad_status_report`."""
         data = []
+        parse = self.ingest.topics.parse_action_status
         for m in batch:
-            about = self.ingest.topics.parse_action_status(m.topic)
+            topic = m.topic
+            # a status report's topic ends so (<so>/actions/<id>/status): parse only those
+            about = parse(topic) if topic.endswith("/status") else None
             if about is None:
                 data.append(m)
                 continue
