@@ -24,6 +24,7 @@ import contextlib
 import os
 import platform
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -295,6 +296,15 @@ def _peak_rss_kb(pid: int) -> int:
         return 0
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU a process has used so far (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def ingest(
     work: Path, n: int, per_message: int, echo: bool = True, batch: bool = False
 ) -> dict[str, Any]:
@@ -303,6 +313,7 @@ def ingest(
         payloads = _payloads(readings(n), per_message)
         # the C client, draining its backlog
         _queue(broker, "bench-c", payloads)
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         subprocess.run(
             [
@@ -327,6 +338,10 @@ def ingest(
             timeout=300,
         )
         c_rate = n / (time.perf_counter() - started)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        c_cpu = (after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime) / len(
+            payloads
+        )
         # our unit, draining the same backlog (a process of its own, as deployed)
         unit_dir = work / f"unit-{per_message}-{echo}-{batch}"
         unit_dir.mkdir()
@@ -377,10 +392,15 @@ def ingest(
                 continue  # still starting
             processed = int(metrics.get("cloudlet_messages_received_total", 0))
             if first is None and processed:
-                first = (time.perf_counter(), processed)
+                first = (time.perf_counter(), processed, _cpu_seconds(unit.pid))
         assert first is not None and processed == expected, f"{processed} of {expected}"
         start_up = first[0] - started
-        ours = (expected - first[1]) * per_message / (time.perf_counter() - first[0])
+        timed = expected - first[1]  # the messages after the first poll that saw any
+        cpu = (_cpu_seconds(unit.pid) - first[2]) / timed if timed else float("nan")
+        if timed < expected // 2:  # drained before we could time it: a count too small
+            ours = float("nan")
+        else:
+            ours = timed * per_message / (time.perf_counter() - first[0])
         unit.terminate()
         unit.wait(30)
         return {
@@ -392,6 +412,8 @@ def ingest(
             "unit": "readings/s",
             "ratio": ours / c_rate,
             "peak_rss_mb": peak / 1024,
+            "cpu_us_per_message": cpu * 1e6,
+            "reference_cpu_us_per_message": c_cpu * 1e6,
             "note": f"from its first message; start-up {start_up:.1f} s not counted",
         }
     finally:
@@ -565,7 +587,14 @@ def table(results: list[dict[str, Any]], about: dict[str, Any]) -> str:
             notes = ", ".join(
                 f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
                 for k, v in r.items()
-                if k in ("peak_rss_mb", "derived", "note")
+                if k
+                in (
+                    "peak_rss_mb",
+                    "cpu_us_per_message",
+                    "reference_cpu_us_per_message",
+                    "derived",
+                    "note",
+                )
             )
             lines.append(
                 f"| {r['scenario']} | {r['ours']:,.0f} {r['unit']} | {r['reference']:,.0f}"
