@@ -23,6 +23,7 @@ import sqlite3
 import threading
 import time
 import zlib
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -106,6 +107,10 @@ class UnitRuntime:
         self._carry: list[Message] = []  # the rest of a list larger than a batch
         self._stopping = threading.Event()
         self._unacked: list[Message] = []  # processed, waiting for a checkpoint
+        # Without a state store, inputs are acknowledged once the broker has everything they
+        # produced, while the next batches go on: (how many of `_unacked` a batch ends at, the
+        # number of its last output, in the client's count).
+        self._marks: deque[tuple[int, int]] = deque()
         self._covered: set[tuple[object, ...]] = set()  # from the restored snapshot
         # Redeliveries after a reconnect (flagged DUP): of a message processed and not yet
         # acknowledged (its packet id is held), or acknowledged just before the connection
@@ -125,6 +130,7 @@ class UnitRuntime:
             subscriptions=[(self.subscription, 1), (ingest.topics.action_status_filter, 1)],
             on_messages=self._on_messages,
             on_connection=self._on_connection,
+            on_confirmed=lambda: self._inbox.put([]),  # wake the worker: inputs to acknowledge
             clock=clock,
             max_packet=ingest.max_payload + MAX_TOPIC_OVERHEAD,
         )
@@ -248,6 +254,7 @@ class UnitRuntime:
                 if self._stopping.is_set():
                     self._commit()
                     return
+                self._ack_confirmed()
                 if self.engine is not None and self.clock() - last_tick >= 1.0:
                     last_tick = self.clock()  # processing-time windows fire without input
                     self._publish(self._tick())
@@ -263,7 +270,10 @@ class UnitRuntime:
             self._unacked.extend(batch)
             self._held.update(m.packet_id for m in batch if m.qos > 0)
             self._count(batch, result, outputs)
-            if self.state is None or self._checkpoint_due():
+            if self.state is None:
+                self._marks.append((len(self._unacked), self._client.published))
+                self._ack_confirmed()
+            elif self._checkpoint_due():
                 self._commit()
             self.metrics.batch_seconds.observe(time.perf_counter() - started)
 
@@ -339,19 +349,39 @@ class UnitRuntime:
         )
 
     def _commit(self) -> None:
-        """Snapshot the state (when there is a store), then acknowledge what it covers."""
+        """Wait until the broker has every output so far, snapshot the state (when there is
+        a store), then acknowledge the inputs that covers."""
+        self._client.flush()
         if self.state is not None:
             self._durably(self.state.save, self._snapshot())
             self.metrics.checkpoints.inc()
         self._last_checkpoint = self.clock()
-        acked = [m for m in self._unacked if m.qos > 0]
+        self._acknowledge(len(self._unacked))
+
+    def _ack_confirmed(self) -> None:
+        """Without a state store: acknowledge the inputs of the batches whose outputs the
+        broker has all acknowledged, without waiting for the others (they wake us)."""
+        marks, confirmed, upto = self._marks, self._client.confirmed, 0
+        while marks and marks[0][1] <= confirmed:
+            upto = marks.popleft()[0]
+        if upto:
+            self._acknowledge(upto)
+        if marks:
+            self._client.wake_when_confirmed(marks[0][1])
+
+    def _acknowledge(self, count: int) -> None:
+        """PUBACK the first `count` processed inputs."""
+        done, self._unacked = self._unacked[:count], self._unacked[count:]
+        acked = [m for m in done if m.qos > 0]
         self._client.ack([m.packet_id for m in acked])
         for m in acked:
             self._acked[m.packet_id] = (m.topic, zlib.crc32(m.payload))
-        self._held.clear()
-        self.published.messages += len(self._unacked)
-        self._unacked.clear()
-        self.metrics.unacknowledged.set(0)
+            self._held.discard(m.packet_id)
+        if not self._unacked:
+            self._held.clear()
+        self._marks = deque((end - count, mark) for end, mark in self._marks if end > count)
+        self.published.messages += len(done)
+        self.metrics.unacknowledged.set(len(self._unacked))
         self._commits += 1
         if self._commits == 2:
             # Redeliveries come first when the session resumes; by now they are all in.
@@ -414,8 +444,8 @@ class UnitRuntime:
         may carry thousands of readings, and what waits for the broker is held in memory."""
         content_type = Codec.JSON.content_type
         for i in range(0, len(messages), PUBLISH_WINDOW):
-            if self._client.outstanding >= PUBLISH_WINDOW:
-                self._client.flush()
+            if self._client.outstanding >= PUBLISH_WINDOW:  # a bounded window in flight
+                self._client.wait_below(PUBLISH_WINDOW // 2)
             refused = self._client.publish(messages[i : i + PUBLISH_WINDOW], qos, content_type)
             if refused:  # over MQTT's limits: a dead letter that fits instead
                 letters = [self._unpublishable(t, b) for t, b in refused]
@@ -437,8 +467,8 @@ class UnitRuntime:
             log.info("actuation %s: %s %s %s", command.id, command.so, command.action,
                      command.parameters)  # fmt: skip
         self._send([(topics.actions(c.so), c.to_json()) for c in result.actuations])
-        # Inputs are acknowledged only once the broker has everything they produced.
-        self._client.flush()
+        # Not waiting for the broker here: inputs are acknowledged only once it has everything
+        # they produced (`_ack_confirmed`, `_commit`), and the next batch goes on meanwhile.
         self.published.updates += len(result.updates)
         self.published.derived += len(result.derived)
         self.published.dead_letters += len(result.dead_letters)

@@ -21,7 +21,7 @@ import random
 import ssl
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -90,6 +90,9 @@ class _Protocol(asyncio.Protocol):
         self._need = need
         for kind, flags, body in others:
             client.packet(kind, flags, body)
+        if client._freed:  # PUBACKs made room: what waits goes out in one write, not one each
+            client._freed = False
+            client._drain()
         if publishes:
             client.on_messages(publishes)
 
@@ -105,6 +108,7 @@ class WireClient:
         subscriptions: Sequence[tuple[str, int]],
         on_messages: Callable[[list[Any]], None],
         on_connection: Callable[[bool], None] = lambda _up: None,
+        on_confirmed: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.time,
         persistent: bool = True,
         max_packet: int = 0,
@@ -117,6 +121,7 @@ class WireClient:
         self.subscriptions = list(subscriptions)
         self.on_messages = on_messages
         self.on_connection = on_connection
+        self.on_confirmed = on_confirmed
         self.clock = clock
         self.persistent = persistent
         self.connected = threading.Event()  # connected and subscribed
@@ -132,11 +137,21 @@ class WireClient:
         self._server_max_packet = 0
         self._keepalive = settings.keepalive
         # Outgoing: queued batches, then at most `receive maximum` QoS 1 packets in flight.
-        self._pending: deque[tuple[list[tuple[str, bytes]], int, bytes]] = deque()
+        self._pending: deque[tuple[list[tuple[str, bytes]], int, bytes, int]] = deque()
         self._inflight: dict[int, bytes] = {}
         self._next_id = 0
         self._outstanding = 0  # QoS 1 publishes not yet acknowledged (guarded by _acked)
         self._acked = threading.Condition()
+        # QoS 1 publishes are numbered in the order of `publish` calls; `confirmed` is the
+        # highest number up to which the broker has acknowledged every one (guarded by _acked).
+        self._published = 0
+        self._confirmed = 0
+        self._done: set[int] = set()  # acknowledged past the first gap
+        self._seq_of: dict[int, int] = {}  # packet id in flight -> its number
+        self._wake_at: float = float("inf")  # call on_confirmed once confirmed reaches this
+        self._thresholds: Counter[int] = Counter()  # of the threads in wait_below
+        self._freed = False  # PUBACKs in the read being handled made room in flight
+        self._notify_below = 0
         self._handshake: asyncio.Future[tuple[bool, dict[int, Any]]] | None = None
         self._suback: asyncio.Future[bytes] | None = None
 
@@ -165,13 +180,52 @@ class WireClient:
             messages = [(t, p) for t, p in messages if self.sendable(t, p)]
             if not messages:
                 return refused
+        first = 0
         if qos:
             with self._acked:
                 self._outstanding += len(messages)
+                first = self._published + 1
+                self._published += len(messages)
         self._loop.call_soon_threadsafe(
-            self._queue, messages, qos, content_type_property(content_type)
+            self._queue, messages, qos, content_type_property(content_type), first
         )
         return refused
+
+    @property
+    def published(self) -> int:
+        """How many QoS 1 messages `publish` has taken so far (each one's number)."""
+        return self._published
+
+    @property
+    def confirmed(self) -> int:
+        """Every QoS 1 message numbered up to this one is acknowledged by the broker (or
+        refused as too large for it, and counted)."""
+        return self._confirmed
+
+    def wake_when_confirmed(self, number: int) -> None:
+        """Call `on_confirmed` (on the network thread) once `confirmed` reaches `number`."""
+        with self._acked:
+            if self._confirmed >= number:
+                wake = True
+            else:
+                self._wake_at, wake = min(self._wake_at, number), False
+        if wake:
+            self.on_confirmed()
+
+    def wait_below(self, count: int, timeout: float | None = None) -> bool:
+        """Wait until fewer than `count` QoS 1 publishes are unacknowledged. (Waiters are
+        woken when the count falls below the highest of their thresholds, not on every
+        acknowledgement: a thousand wake-ups per window cost more than the window.)"""
+        with self._acked:
+            self._thresholds[count] += 1
+            self._notify_below = max(self._thresholds)
+            try:
+                return self._acked.wait_for(lambda: self._outstanding < count, timeout)
+            finally:
+                self._thresholds[count] -= 1
+                if not self._thresholds[count]:
+                    del self._thresholds[count]
+                self._notify_below = max(self._thresholds, default=0)
 
     @property
     def max_packet(self) -> int:
@@ -188,8 +242,7 @@ class WireClient:
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until the broker has acknowledged every QoS 1 message published so far."""
-        with self._acked:
-            return self._acked.wait_for(lambda: self._outstanding == 0, timeout)
+        return self.wait_below(1, timeout)
 
     @property
     def outstanding(self) -> int:
@@ -384,11 +437,27 @@ class WireClient:
         if len(body) > 2 and body[2] >= 0x80:
             self.refused_publishes += 1
             log.error("broker refused a publish: reason 0x%02x", body[2])
+        self._confirm(packet_id)
+        self._freed = True  # drained once the whole read is handled (data_received)
+
+    def _confirm(self, packet_id: int) -> None:
+        """A QoS 1 publish is done with (acknowledged, or refused before sending)."""
+        seq = self._seq_of.pop(packet_id, 0)
         with self._acked:
             self._outstanding -= 1
-            if self._outstanding == 0:
+            done = self._done
+            if seq:
+                done.add(seq)
+            while self._confirmed + 1 in done:
+                self._confirmed += 1
+                done.discard(self._confirmed)
+            if self._outstanding < self._notify_below:
                 self._acked.notify_all()
-        self._drain()
+            wake = self._confirmed >= self._wake_at
+            if wake:
+                self._wake_at = float("inf")
+        if wake:
+            self.on_confirmed()
 
     def _write(self, data: bytes) -> None:
         protocol = self._protocol
@@ -396,8 +465,8 @@ class WireClient:
             protocol.transport.write(data)
             self._last_write = time.monotonic()
 
-    def _queue(self, messages: list[tuple[str, bytes]], qos: int, props: bytes) -> None:
-        self._pending.append((messages, qos, props))
+    def _queue(self, messages: list[tuple[str, bytes]], qos: int, props: bytes, first: int) -> None:
+        self._pending.append((messages, qos, props, first))
         if self.connected.is_set():
             self._drain()
 
@@ -407,7 +476,7 @@ class WireClient:
             return
         out: list[bytes] = []
         while self._pending:
-            messages, qos, props = self._pending[0]
+            messages, qos, props, first = self._pending[0]
             if qos:
                 room = self._server_receive_max - len(self._inflight)
                 if room <= 0:
@@ -416,12 +485,13 @@ class WireClient:
                 ids = [self._packet_id() for _ in take]
                 frames = kernels.publish_frames(take, 1, ids, props)
                 self._inflight.update(zip(ids, frames, strict=True))
+                self._seq_of.update(zip(ids, range(first, first + len(take)), strict=True))
             else:
                 take, keep = messages, []
                 frames = kernels.publish_frames(take, 0, [], props)
             out.extend(self._fits(frames, take))
             if keep:
-                self._pending[0] = (keep, qos, props)
+                self._pending[0] = (keep, qos, props, first + len(take))
             else:
                 self._pending.popleft()
         if out:
@@ -443,10 +513,7 @@ class WireClient:
                       " (%d)", len(frame), topic, limit)  # fmt: skip
             packet_id = _packet_id_of(frame) if frame[0] & 0x06 else 0
             if packet_id and self._inflight.pop(packet_id, None) is not None:
-                with self._acked:
-                    self._outstanding -= 1
-                    if self._outstanding == 0:
-                        self._acked.notify_all()
+                self._confirm(packet_id)
         return keep
 
     def _packet_id(self) -> int:
