@@ -473,3 +473,42 @@ def test_a_qos_0_echo_is_not_waited_for(mosquitto: Mosquitto, tmp_path: Path) ->
         unit.stop()
     assert len(_raw_updates(got, {"soil", "state", "rain", "weather"})) == 150
     assert waiting == 0  # QoS 0 echoes never count as waiting for the broker
+
+
+@pytest.mark.mqtt
+def test_without_a_state_store_a_sigkill_loses_no_update(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """Outputs go out without waiting for the broker; the inputs are acknowledged only once
+    the broker has every output they produced. Killed mid-stream, the unit loses nothing: the
+    broker redelivers what was not acknowledged, and each update comes out at least once."""
+    path = _config(tmp_path, mosquitto, name="u-kill-nostate")
+    readings = _readings(120)
+    everything = {(f"{k.so}/{k.stream}", u.last_update) for k, u in readings}
+    raw_streams = {"soil", "state", "rain", "weather"}
+    collector = Collector(mosquitto, "collector-kill-nostate")
+    log = tmp_path / "unit.log"
+    unit = _unit_process(path, log)
+    fleet = DeviceFleet(MqttSettings(url=mosquitto.url), client_id="fleet-kill-nostate").start()
+    try:
+        deadline = time.monotonic() + 30
+        while b"subscription" not in log.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)  # subscribed once, so the broker keeps a session for it
+        for key, update in readings[:700]:
+            fleet.publish(key, update)
+        got = collector.take(lambda g: len(_raw_updates(g, {"soil"})) >= 100)
+        unit.send_signal(signal.SIGKILL)  # outputs and acknowledgements in flight
+        unit.wait(10)
+        for key, update in readings[700:]:
+            fleet.publish(key, update)
+        assert fleet.flush(30)
+        unit = _unit_process(path, log)
+        got += collector.take(lambda g: _raw_updates(got + g, raw_streams) >= everything,
+                              timeout=90)  # fmt: skip
+    finally:
+        fleet.stop()
+        unit.send_signal(signal.SIGTERM)
+        assert unit.wait(30) == 0
+        collector.close()
+    assert _raw_updates(got, raw_streams) == everything

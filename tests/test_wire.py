@@ -295,3 +295,31 @@ def test_a_malformed_packet_drops_the_connection_and_the_client_comes_back() -> 
         assert broker.connections == 2
     finally:
         client.stop()
+
+
+def test_confirmed_counts_every_publish_up_to_the_first_unacknowledged() -> None:
+    """The unit acknowledges a batch's inputs once `confirmed` reaches its last output's number:
+    it must never pass a publish still unacknowledged, whatever order the PUBACKs come in."""
+    woken: list[int] = []
+    client = WireClient(MqttSettings(url="mqtt://127.0.0.1:1"), "w-confirm", subscriptions=[],
+                        on_messages=lambda _m: None,
+                        on_confirmed=lambda: woken.append(client.confirmed))  # fmt: skip
+    try:
+        client.publish([("a/b", b"1"), ("a/b", b"2"), ("a/b", b"3")])  # numbers 1-3
+        client.publish([("a/b", b"4")], qos=0)  # QoS 0: not counted
+        client.publish([("a/b", b"5")])  # number 4
+        assert (client.published, client.confirmed, client.outstanding) == (4, 0, 4)
+        client._seq_of = {101: 1, 102: 2, 103: 3, 104: 4}  # as _drain numbers them
+        client.wake_when_confirmed(3)
+        client._confirm(102)
+        client._confirm(104)
+        assert client.confirmed == 0 and woken == []  # 1 is still out
+        client._confirm(101)
+        assert client.confirmed == 2 and woken == []
+        client._confirm(103)
+        assert client.confirmed == 4 and woken == [4] and client.outstanding == 0
+        client.wake_when_confirmed(4)  # already there: at once
+        assert woken == [4, 4]
+        assert client.flush(0.1) and client.wait_below(1, 0.1)
+    finally:
+        client._loop.close()
