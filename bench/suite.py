@@ -13,14 +13,14 @@ Scenarios:
 3. forwarder: records/s from the outbox to Kafka, beside Kafka's ProducerPerformance;
 4. latency: device publish to a Kafka consumer on the cloud side, p50 and p99, at a fixed rate;
 5. memory: peak RSS of the unit process during the ingest scenario.
-Every run is bounded in count and time, and talks to loopback only.
+Every run is bounded in count and time, and talks to loopback only. The workload and the
+in-process scenarios are in `bench/in_process.py`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import platform
 import re
@@ -32,7 +32,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,64 +41,23 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from in_process import (  # noqa: E402
+    SENSORS,
+    columnar,
+    kernel,
+    objects,
+    payloads,
+    readings,
+    windows,
+)
+
 from cloud_sync.forwarder import Forwarder, ForwarderSettings  # noqa: E402
 from cloud_sync.outbox import Outbox, OutboxSettings  # noqa: E402
 from cloudlet.demo import unit_metrics  # noqa: E402
 from cloudlet.rig import Kafka, Mosquitto  # noqa: E402
 from cloudlet.rig.process import free_port  # noqa: E402
-from processors.ingest import Ingest, RawMessage  # noqa: E402
-from streams import SensorUpdate, StreamKey, encode_update  # noqa: E402
-from streams.catalog import Catalog  # noqa: E402
-from streams.codec import encode_batch  # noqa: E402
+from streams import SensorUpdate, encode_update  # noqa: E402
 from streams.mqtt import MqttSettings, connect, make_client  # noqa: E402
-
-T0 = 1_700_006_400_000
-SENSORS = 100
-FLOW = """\
-flows:
-  minute-average:
-    from: "sensor-*/data"
-    where: "t > -50"
-    window: {tumbling: 1m}
-    aggregates: {t: avg(t), n: count()}
-    into: "{so}/t_1m"
-"""
-
-
-def objects(directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    docs = [
-        f"id: sensor-{i}\nstreams: {{data: {{channels: {{t: {{type: number}}}}}}}}\n"
-        for i in range(SENSORS)
-    ]
-    (directory / "sensors.yaml").write_text("---\n".join(docs))
-    (directory / "bench.flows.yaml").write_text(FLOW)
-    return directory
-
-
-def readings(n: int) -> list[tuple[StreamKey, SensorUpdate]]:
-    return [
-        (
-            StreamKey(f"sensor-{i % SENSORS}", "data"),
-            SensorUpdate({"t": 20.0 + (i % 17) * 0.5}, T0 + (i // SENSORS) * 1000),
-        )
-        for i in range(n)
-    ]
-
-
-def _payloads(
-    data: list[tuple[StreamKey, SensorUpdate]], per_message: int
-) -> list[tuple[str, bytes]]:
-    """Device messages of `per_message` readings (columnar form when more than one)."""
-    if per_message == 1:
-        return [(f"{k.so}/streams/{k.stream}", encode_update(u)) for k, u in data]
-    payloads = []
-    for i in range(0, len(data), per_message):
-        chunk = data[i : i + per_message]
-        key = chunk[0][0]
-        body = encode_batch([u for _, u in chunk], columnar=True)
-        payloads.append((f"{key.so}/streams/{key.stream}", body))
-    return payloads
 
 
 def machine() -> dict[str, Any]:
@@ -114,143 +73,6 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "system": platform.platform(),
         "at": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-
-
-# 1. kernel -------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def twins() -> Iterator[None]:
-    """Every kernel swapped for its pure-Python twin (what CLOUDLET_NO_EXTENSIONS=1 runs)."""
-    from streams import kernels
-    from streams.kernels import _columnar_py, _windows_py
-
-    names = {
-        "column_inputs": _windows_py.column_inputs,
-        "row_updates": _columnar_py.row_updates,
-        "columnar_updates": _columnar_py.columnar_updates,
-        "fold_windows": _windows_py.fold_windows,
-    }
-    saved = {name: getattr(kernels, name) for name in names}
-    for name, twin in names.items():
-        setattr(kernels, name, twin)
-    try:
-        yield
-    finally:
-        for name, compiled in saved.items():
-            setattr(kernels, name, compiled)
-
-
-def kernel(work: Path, n: int, per_message: int) -> dict[str, Any]:
-    """The unit's Ingest and FlowEngine over batches of 1000 messages, compiled and twins,
-    with the garbage collector tuned as `cloudlet unit run` tunes it."""
-    from processors.unit import tune_gc
-    from streams import kernels
-
-    tune_gc()
-
-    catalog = Catalog.load([objects(work / "objects")])
-    messages = [RawMessage(t, p) for t, p in _payloads(readings(n), per_message)]
-    started = time.perf_counter()
-    for m in messages:
-        orjson.loads(m.payload)
-    floor = n / (time.perf_counter() - started)
-    rates: dict[str, float] = {}
-    derived: dict[str, int] = {}
-    for name in ("compiled", "twin"):
-        with twins() if name == "twin" else contextlib.nullcontext():
-            ingest = Ingest(catalog.registry)
-            engine = catalog.engine(clock=lambda: 0.0)
-            started = time.perf_counter()
-            out = 0
-            for i in range(0, len(messages), 1000):
-                out += len(engine.process(ingest.batch(messages[i : i + 1000]).accepted).derived)
-            rates[name] = n / (time.perf_counter() - started)
-            derived[name] = out
-    assert derived["compiled"] == derived["twin"], derived
-    return {
-        "scenario": f"kernel ({per_message} per message)",
-        "what": "decode+validate+filter+1m avg by object",
-        "ours": rates["compiled"],
-        "reference": rates["twin"],
-        "reference_is": "the pure-Python twins",
-        "unit": "readings/s",
-        "ratio": rates["compiled"] / rates["twin"],
-        "note": f"compiled={kernels.COMPILED}; orjson.loads alone {floor:,.0f}/s;"
-        f" {derived['compiled']} window results",
-    }
-
-
-def columnar(n: int) -> dict[str, Any]:
-    """The columnar kernel: validating 100-reading batches, compiled vs its pure twin."""
-    from streams import kernels
-    from streams.kernels import _columnar_py
-    from streams.objects import Stream
-    from streams.updates import StreamValidator
-
-    stream = Stream.model_validate(
-        {"channels": {"t": {"type": "number"}, "ok": {"type": "boolean"}}}
-    )
-    validator = StreamValidator("s1", "data", stream)
-    docs = [
-        {
-            "lastUpdate": [T0 + b * 100 + i for i in range(100)],
-            "channels": {
-                "t": [20.0 + i * 0.1 for i in range(100)],
-                "ok": [i % 2 == 0 for i in range(100)],
-            },
-        }
-        for b in range(n // 100)
-    ]
-    rates = {}
-    compiled = kernels.columnar_updates
-    for name, kernel in (("compiled", compiled), ("twin", _columnar_py.columnar_updates)):
-        kernels.columnar_updates = kernel
-        try:
-            started = time.perf_counter()
-            for doc in docs:
-                validator.document(doc)
-            rates[name] = n / (time.perf_counter() - started)
-        finally:
-            kernels.columnar_updates = compiled
-    return {
-        "scenario": "columnar kernel (validate 100-reading batches)",
-        "ours": rates["compiled"],
-        "reference": rates["twin"],
-        "reference_is": "its pure-Python twin",
-        "unit": "readings/s",
-        "ratio": rates["compiled"] / rates["twin"],
-        "note": f"compiled={kernels.COMPILED}",
-    }
-
-
-def windows(n: int) -> dict[str, Any]:
-    """The window kernel alone: avg + count over 1-minute tumbling windows of 100 keys."""
-    from streams import kernels
-    from streams.kernels import _windows_py
-    from streams.windows.aggregates import AGGREGATES
-    from streams.windows.operator import Windowing, WindowOperator
-
-    groups = [f"sensor-{i % SENSORS}" for i in range(n)]
-    times = [T0 + (i // SENSORS) * 1000 for i in range(n)]
-    args = [[20.0 + (i % 17) * 0.5, True] for i in range(n)]
-    rates = {}
-    for name, fold in (("compiled", kernels.fold_windows), ("twin", _windows_py.fold_windows)):
-        aggregates = [("t", AGGREGATES["avg"]), ("n", AGGREGATES["count"])]
-        operator = WindowOperator(Windowing("tumbling", 60_000), aggregates)
-        started = time.perf_counter()
-        for i in range(0, n, 100_000):
-            fold(operator, groups[i : i + 100_000], times[i : i + 100_000], args[i : i + 100_000])
-        rates[name] = n / (time.perf_counter() - started)
-    return {
-        "scenario": "window kernel (fold_windows, avg + count, 100 keys)",
-        "ours": rates["compiled"],
-        "reference": rates["twin"],
-        "reference_is": "its pure-Python twin",
-        "unit": "updates/s",
-        "ratio": rates["compiled"] / rates["twin"],
-        "note": f"compiled={kernels.COMPILED}",
     }
 
 
@@ -310,9 +132,9 @@ def ingest(
 ) -> dict[str, Any]:
     broker = Mosquitto(work / f"mosquitto-{per_message}-{echo}-{batch}", superuser=True).start()
     try:
-        payloads = _payloads(readings(n), per_message)
+        messages = payloads(readings(n), per_message)
         # the C client, draining its backlog
-        _queue(broker, "bench-c", payloads)
+        _queue(broker, "bench-c", messages)
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         subprocess.run(
@@ -331,7 +153,7 @@ def ingest(
                 "-t",
                 "+/streams/+",
                 "-C",
-                str(len(payloads)),
+                str(len(messages)),
             ],
             stdout=subprocess.DEVNULL,
             check=True,
@@ -340,7 +162,7 @@ def ingest(
         c_rate = n / (time.perf_counter() - started)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         c_cpu = (after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime) / len(
-            payloads
+            messages
         )
         # our unit, draining the same backlog (a process of its own, as deployed)
         unit_dir = work / f"unit-{per_message}-{echo}-{batch}"
@@ -358,7 +180,7 @@ def ingest(
                 }
             )
         )
-        _queue(broker, "bench-unit", payloads)
+        _queue(broker, "bench-unit", messages)
         log = (unit_dir / "unit.log").open("wb")
         started = time.perf_counter()
         unit = subprocess.Popen(
@@ -375,7 +197,7 @@ def ingest(
             stderr=log,
             stdout=subprocess.DEVNULL,
         )
-        expected = len(payloads)
+        expected = len(messages)
         processed = 0
         peak = 0
         first: tuple[float, int] | None = None  # when the unit had started, and its count then

@@ -1,0 +1,203 @@
+"""The benchmark suite's workload (100 sensors, one flow: `where: t > -50`, a 1-minute
+tumbling average per object) and its in-process scenarios: the unit's Ingest and FlowEngine,
+the columnar kernel and the window kernel, each compiled beside its pure-Python twin."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from processors.ingest import Ingest, RawMessage
+from streams import SensorUpdate, StreamKey, encode_update
+from streams.catalog import Catalog
+from streams.codec import encode_batch
+
+T0 = 1_700_006_400_000
+SENSORS = 100
+FLOW = """\
+flows:
+  minute-average:
+    from: "sensor-*/data"
+    where: "t > -50"
+    window: {tumbling: 1m}
+    aggregates: {t: avg(t), n: count()}
+    into: "{so}/t_1m"
+"""
+
+
+def objects(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    docs = [
+        f"id: sensor-{i}\nstreams: {{data: {{channels: {{t: {{type: number}}}}}}}}\n"
+        for i in range(SENSORS)
+    ]
+    (directory / "sensors.yaml").write_text("---\n".join(docs))
+    (directory / "bench.flows.yaml").write_text(FLOW)
+    return directory
+
+
+def readings(n: int) -> list[tuple[StreamKey, SensorUpdate]]:
+    return [
+        (
+            StreamKey(f"sensor-{i % SENSORS}", "data"),
+            SensorUpdate({"t": 20.0 + (i % 17) * 0.5}, T0 + (i // SENSORS) * 1000),
+        )
+        for i in range(n)
+    ]
+
+
+def payloads(
+    data: list[tuple[StreamKey, SensorUpdate]], per_message: int
+) -> list[tuple[str, bytes]]:
+    """Device messages of `per_message` readings (columnar form when more than one)."""
+    if per_message == 1:
+        return [(f"{k.so}/streams/{k.stream}", encode_update(u)) for k, u in data]
+    payloads = []
+    for i in range(0, len(data), per_message):
+        chunk = data[i : i + per_message]
+        key = chunk[0][0]
+        body = encode_batch([u for _, u in chunk], columnar=True)
+        payloads.append((f"{key.so}/streams/{key.stream}", body))
+    return payloads
+
+
+# 1. kernel -------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def twins() -> Iterator[None]:
+    """Every kernel swapped for its pure-Python twin (what CLOUDLET_NO_EXTENSIONS=1 runs)."""
+    from streams import kernels
+    from streams.kernels import _columnar_py, _windows_py
+
+    names = {
+        "column_inputs": _windows_py.column_inputs,
+        "row_updates": _columnar_py.row_updates,
+        "columnar_updates": _columnar_py.columnar_updates,
+        "fold_windows": _windows_py.fold_windows,
+    }
+    saved = {name: getattr(kernels, name) for name in names}
+    for name, twin in names.items():
+        setattr(kernels, name, twin)
+    try:
+        yield
+    finally:
+        for name, compiled in saved.items():
+            setattr(kernels, name, compiled)
+
+
+def kernel(work: Path, n: int, per_message: int) -> dict[str, Any]:
+    """The unit's Ingest and FlowEngine over batches of 1000 messages, compiled and twins,
+    with the garbage collector tuned as `cloudlet unit run` tunes it."""
+    from processors.unit import tune_gc
+    from streams import kernels
+
+    tune_gc()
+
+    catalog = Catalog.load([objects(work / "objects")])
+    messages = [RawMessage(t, p) for t, p in payloads(readings(n), per_message)]
+    started = time.perf_counter()
+    for m in messages:
+        orjson.loads(m.payload)
+    floor = n / (time.perf_counter() - started)
+    rates: dict[str, float] = {}
+    derived: dict[str, int] = {}
+    for name in ("compiled", "twin"):
+        with twins() if name == "twin" else contextlib.nullcontext():
+            ingest = Ingest(catalog.registry)
+            engine = catalog.engine(clock=lambda: 0.0)
+            started = time.perf_counter()
+            out = 0
+            for i in range(0, len(messages), 1000):
+                out += len(engine.process(ingest.batch(messages[i : i + 1000]).accepted).derived)
+            rates[name] = n / (time.perf_counter() - started)
+            derived[name] = out
+    assert derived["compiled"] == derived["twin"], derived
+    return {
+        "scenario": f"kernel ({per_message} per message)",
+        "what": "decode+validate+filter+1m avg by object",
+        "ours": rates["compiled"],
+        "reference": rates["twin"],
+        "reference_is": "the pure-Python twins",
+        "unit": "readings/s",
+        "ratio": rates["compiled"] / rates["twin"],
+        "note": f"compiled={kernels.COMPILED}; orjson.loads alone {floor:,.0f}/s;"
+        f" {derived['compiled']} window results",
+    }
+
+
+def columnar(n: int) -> dict[str, Any]:
+    """The columnar kernel: validating 100-reading batches, compiled vs its pure twin."""
+    from streams import kernels
+    from streams.kernels import _columnar_py
+    from streams.objects import Stream
+    from streams.updates import StreamValidator
+
+    stream = Stream.model_validate(
+        {"channels": {"t": {"type": "number"}, "ok": {"type": "boolean"}}}
+    )
+    validator = StreamValidator("s1", "data", stream)
+    docs = [
+        {
+            "lastUpdate": [T0 + b * 100 + i for i in range(100)],
+            "channels": {
+                "t": [20.0 + i * 0.1 for i in range(100)],
+                "ok": [i % 2 == 0 for i in range(100)],
+            },
+        }
+        for b in range(n // 100)
+    ]
+    rates = {}
+    compiled = kernels.columnar_updates
+    for name, kernel in (("compiled", compiled), ("twin", _columnar_py.columnar_updates)):
+        kernels.columnar_updates = kernel
+        try:
+            started = time.perf_counter()
+            for doc in docs:
+                validator.document(doc)
+            rates[name] = n / (time.perf_counter() - started)
+        finally:
+            kernels.columnar_updates = compiled
+    return {
+        "scenario": "columnar kernel (validate 100-reading batches)",
+        "ours": rates["compiled"],
+        "reference": rates["twin"],
+        "reference_is": "its pure-Python twin",
+        "unit": "readings/s",
+        "ratio": rates["compiled"] / rates["twin"],
+        "note": f"compiled={kernels.COMPILED}",
+    }
+
+
+def windows(n: int) -> dict[str, Any]:
+    """The window kernel alone: avg + count over 1-minute tumbling windows of 100 keys."""
+    from streams import kernels
+    from streams.kernels import _windows_py
+    from streams.windows.aggregates import AGGREGATES
+    from streams.windows.operator import Windowing, WindowOperator
+
+    groups = [f"sensor-{i % SENSORS}" for i in range(n)]
+    times = [T0 + (i // SENSORS) * 1000 for i in range(n)]
+    args = [[20.0 + (i % 17) * 0.5, True] for i in range(n)]
+    rates = {}
+    for name, fold in (("compiled", kernels.fold_windows), ("twin", _windows_py.fold_windows)):
+        aggregates = [("t", AGGREGATES["avg"]), ("n", AGGREGATES["count"])]
+        operator = WindowOperator(Windowing("tumbling", 60_000), aggregates)
+        started = time.perf_counter()
+        for i in range(0, n, 100_000):
+            fold(operator, groups[i : i + 100_000], times[i : i + 100_000], args[i : i + 100_000])
+        rates[name] = n / (time.perf_counter() - started)
+    return {
+        "scenario": "window kernel (fold_windows, avg + count, 100 keys)",
+        "ours": rates["compiled"],
+        "reference": rates["twin"],
+        "reference_is": "its pure-Python twin",
+        "unit": "updates/s",
+        "ratio": rates["compiled"] / rates["twin"],
+        "note": f"compiled={kernels.COMPILED}",
+    }
