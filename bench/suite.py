@@ -236,7 +236,9 @@ def ingest(
             "peak_rss_mb": peak / 1024,
             "cpu_us_per_message": cpu * 1e6,
             "reference_cpu_us_per_message": c_cpu * 1e6,
-            "note": f"from its first message; start-up {start_up:.1f} s not counted",
+            "note": "drained before the first poll: too few messages to time (leave out --quick)"
+            if ours != ours  # NaN
+            else f"from its first message; start-up {start_up:.1f} s not counted",
         }
     finally:
         broker.stop()
