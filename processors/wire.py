@@ -89,7 +89,7 @@ class _Protocol(asyncio.Protocol):
         self._have = len(rest)
         self._need = need
         for kind, flags, body in others:
-            client.packet(kind, flags, body)
+            client._packet(kind, flags, body)
         if client._freed:  # PUBACKs made room: what waits goes out in one write, not one each
             client._freed = False
             client._drain()
@@ -392,7 +392,7 @@ class WireClient:
             body += mqtt_string(topic) + bytes([qos])
         return packet(0x82, body)
 
-    def packet(self, kind: int, flags: int, body: bytes) -> None:
+    def _packet(self, kind: int, flags: int, body: bytes) -> None:
         """A packet other than PUBLISH, from the protocol."""
         if kind == PUBACK:
             self._puback(body)
