@@ -44,20 +44,30 @@ def column_inputs(
     slow: list[int] = []
     for i, update in enumerate(updates):
         values = update.channels
-        if where is not None:
-            v = values.get(where[0])
-            if v is None:
-                continue
-            tv = type(v)
-            if tv is not int and tv is not float:
-                slow.append(i)
-                continue
-            op, c = where[1], where[2]
-            if not (v < c if op == LT else v <= c if op == LE else v > c if op == GT else v >= c):
-                continue
-        kept.append(i)
-        rows.append([True if ch is None else values.get(ch) for ch in channels])
+        verdict = _where(values, where)
+        if verdict is _NOT_A_NUMBER:
+            slow.append(i)
+        elif verdict:
+            kept.append(i)
+            rows.append([True if ch is None else values.get(ch) for ch in channels])
     return kept, rows, slow
+
+
+_NOT_A_NUMBER = object()
+
+
+def _where(values: dict[str, Any], where: tuple[str, int, Any] | None) -> object:
+    """Whether `where` (`channel <op> number`, or None) keeps an update with these channels;
+    _NOT_A_NUMBER when the channel holds something else (the expression decides those)."""
+    if where is None:
+        return True
+    v = values.get(where[0])
+    if v is None:
+        return False
+    if type(v) is not int and type(v) is not float:
+        return _NOT_A_NUMBER
+    op, c = where[1], where[2]
+    return v < c if op == LT else v <= c if op == LE else v > c if op == GT else v >= c
 
 
 def take_inputs(
@@ -83,16 +93,11 @@ def take_inputs(
         if found is not plan:
             return None
         values = update.channels
-        if where is not None:
-            v = values.get(where[0])
-            if v is None:
-                continue
-            tv = type(v)
-            if tv is not int and tv is not float:
-                return None
-            op, c = where[1], where[2]
-            if not (v < c if op == LT else v <= c if op == LE else v > c if op == GT else v >= c):
-                continue
+        verdict = _where(values, where)
+        if verdict is _NOT_A_NUMBER:
+            return None
+        if not verdict:
+            continue
         index.append(i)
         groups.append(key.so if by_so else "")
         times.append(update.last_update)
