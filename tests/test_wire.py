@@ -162,6 +162,10 @@ def test_receives_in_lists_acks_when_told_and_gets_the_rest_again(mosquitto: Mos
         client.ack([m.packet_id for m in first[:40]])
         inbox.wait(90)
         assert inbox.lists < 90  # lists of messages, not a call per message
+        # Stop on a quiet connection (50 in flight, nothing more coming): closing while the
+        # broker still writes to us makes it see a reset, not our DISCONNECT, and once (1 in
+        # about 6 full runs) it then redelivered messages it had taken PUBACKs for.
+        time.sleep(0.3)
     finally:
         client.stop()
     # 50 are unacknowledged: the persistent session has them and the 400 never sent yet
