@@ -46,7 +46,7 @@ class KeyState:
         """Plain data (sharing the accumulators: copy it before they change)."""
         return {
             "windows": [[s, e, accs] for (s, e), accs in self.windows.items()],
-            "fired": [[s, e] for s, e in self.fired],
+            "fired": [[s, e] for s, e in sorted(self.fired)],
             "next_empty": self.next_empty,
             "buffer": [[t, a] for t, a in self.buffer],
             "arrivals": self.arrivals,
