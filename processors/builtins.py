@@ -22,6 +22,7 @@ from processors.plugin import (
     ProcessorError,
     Setup,
 )
+from processors.undo import TransactionalDict
 from streams.codec import update_document
 from streams.composite import CompositeEngine
 from streams.composite_plan import CompositePlan
@@ -38,6 +39,8 @@ from streams.flows.model import (
 )
 from streams.registry import Problem, Registry
 from streams.updates import StreamKey
+
+_NEW, _NONE = object(), object()  # ZScore's undo log: a new stream; nothing pushed out
 
 
 class _Config(BaseModel):
@@ -251,7 +254,7 @@ class Threshold(Processor["Threshold.Config"]):
     def setup(self, ctx: Setup) -> None:
         self.value = ctx.expression(self.config.value, expect="number", what="value")
         ctx.produces({"active": "boolean", "value": "number"})
-        self.active: dict[str, bool] = {}
+        self.active: TransactionalDict[str, bool] = TransactionalDict()
 
     def process(self, batch: Batch, out: Output) -> None:
         c = self.config
@@ -269,11 +272,20 @@ class Threshold(Processor["Threshold.Config"]):
             if c.emit == "all" or was is None or now != was:
                 out.emit(key, {"active": now, "value": v}, update.last_update)
 
+    def begin(self) -> bool:
+        return self.active.begin()
+
+    def commit(self) -> None:
+        self.active.commit()
+
+    def rollback(self) -> None:
+        self.active.rollback()
+
     def snapshot(self) -> Any:
-        return self.active
+        return self.active.data
 
     def restore(self, state: Any) -> None:
-        self.active = dict(state or {})
+        self.active = TransactionalDict(state or {})
 
 
 class Dedupe(Processor["Dedupe.Config"]):
@@ -426,7 +438,7 @@ class Downsample(Processor["Downsample.Config"]):
             return value
 
     def setup(self, ctx: Setup) -> None:
-        self.last: dict[str, int] = {}
+        self.last: TransactionalDict[str, int] = TransactionalDict()
 
     def process(self, batch: Batch, out: Output) -> None:
         every = self.config.every
@@ -440,11 +452,20 @@ class Downsample(Processor["Downsample.Config"]):
             self.last[name] = mark
             out.emit(key, update.channels, t)
 
+    def begin(self) -> bool:
+        return self.last.begin()
+
+    def commit(self) -> None:
+        self.last.commit()
+
+    def rollback(self) -> None:
+        self.last.rollback()
+
     def snapshot(self) -> Any:
-        return self.last
+        return self.last.data
 
     def restore(self, state: Any) -> None:
-        self.last = dict(state or {})
+        self.last = TransactionalDict(state or {})
 
 
 class ZScore(Processor["ZScore.Config"]):
@@ -464,6 +485,9 @@ class ZScore(Processor["ZScore.Config"]):
         ctx.produces({"value": "number", "mean": "number", "stddev": "number",
                       "zscore": "number", "anomaly": "boolean"})  # fmt: skip
         self.history: dict[str, deque[float]] = {}
+        # While a batch may still be undone: per value added, its stream and what it pushed
+        # out of the full history (_NEW: the stream's first value; _NONE: nothing)
+        self._undo: list[tuple[str, Any]] | None = None
 
     def process(self, batch: Batch, out: Output) -> None:
         c = self.config
@@ -472,7 +496,11 @@ class ZScore(Processor["ZScore.Config"]):
             if v is None or not math.isfinite(v):
                 continue
             name = f"{key.so}/{key.stream}"
-            history = self.history.setdefault(name, deque(maxlen=c.samples))
+            history = self.history.get(name)
+            if history is None:
+                history = self.history[name] = deque(maxlen=c.samples)
+                if self._undo is not None:
+                    self._undo.append((name, _NEW))
             if len(history) >= c.min_samples:
                 n = len(history)
                 mean = math.fsum(history) / n
@@ -483,7 +511,27 @@ class ZScore(Processor["ZScore.Config"]):
                 if anomaly or c.emit == "all":
                     out.emit(key, {"value": v, "mean": mean, "stddev": std, "zscore": z,
                                    "anomaly": anomaly}, update.last_update)  # fmt: skip
+            if self._undo is not None:
+                self._undo.append((name, history[0] if len(history) == c.samples else _NONE))
             history.append(v)
+
+    def begin(self) -> bool:
+        self._undo = []
+        return True
+
+    def commit(self) -> None:
+        self._undo = None
+
+    def rollback(self) -> None:
+        undo, self._undo = self._undo or [], None
+        for name, before in reversed(undo):
+            if before is _NEW:
+                del self.history[name]
+                continue
+            history = self.history[name]
+            history.pop()
+            if before is not _NONE:
+                history.appendleft(before)
 
     def snapshot(self) -> Any:
         return {k: list(v) for k, v in self.history.items()}
@@ -491,3 +539,4 @@ class ZScore(Processor["ZScore.Config"]):
     def restore(self, state: Any) -> None:
         n = self.config.samples
         self.history = {k: deque(v, maxlen=n) for k, v in (state or {}).items()}
+        self._undo = None

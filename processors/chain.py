@@ -188,21 +188,29 @@ class Stage:
     _OWN_UNDO = object()  # the processor keeps its own undo log for this batch
 
     def _begin(self) -> Any:
-        """What undoes the coming batch: the processor's own log (without windows, which
-        its log would not cover), or a copy of the state."""
-        if not self.windows and self.processor.begin():
+        """What undoes the coming batch: the processor's own log (and its windows' own), or
+        a copy of the state."""
+        if self.processor.begin():
+            for w in self.windows:
+                w.operator.begin()
             return Stage._OWN_UNDO
         return self.save()
 
     def _commit(self, undo: Any) -> None:
         if undo is Stage._OWN_UNDO:
             self.processor.commit()
+            for w in self.windows:
+                w.operator.commit()
 
     def _rollback(self, undo: Any) -> None:
         if undo is Stage._OWN_UNDO:
             self.processor.rollback()
+            for w in self.windows:
+                w.operator.rollback()
         else:
             self.load(undo)
+        for w in self.windows:  # what the failed batch closed or found late is undone too
+            w.closed, w.late = [], []
 
     def _call(self, items: list[Item], result: ChainResult, origin: Any) -> list[Item]:
         out = self.output()

@@ -117,7 +117,9 @@ class Processor(Generic[C]):
     # A batch is all or nothing: if `process` raises, the chain undoes what it did to the
     # state and retries the batch's updates one at a time. By default it does so by copying
     # the state (`snapshot`, through msgpack) before every batch, which costs as much as the
-    # state is large. A processor with a large state keeps an undo log instead:
+    # state is large. A processor with a large state keeps an undo log instead, costing what
+    # the batch changes; `processors.undo.TransactionalDict` is one for state kept per key
+    # (the windows a processor opened undo themselves):
 
     def begin(self) -> bool:
         """A batch starts. Return True if this processor can undo it itself (`rollback`)

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 # What a device message adds to its body on the wire at most: topic (65,535), header, properties.
 MAX_TOPIC_OVERHEAD = 70_000
 PUBLISH_WINDOW = 2000  # unacknowledged publishes before the worker waits for the broker
+FLUSH_PATIENCE = 30.0  # seconds waiting for the broker's acknowledgements before saying so
 UNPUBLISHABLE_EXCERPT = 1024  # bytes of an output too large to publish kept in its dead letter
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 Message = Any  # a `streams.kernels.Publish`: compiled or its twin, the same attributes
@@ -351,7 +352,10 @@ class UnitRuntime:
     def _commit(self) -> None:
         """Wait until the broker has every output so far, snapshot the state (when there is
         a store), then acknowledge the inputs that covers."""
-        self._client.flush()
+        while not self._client.flush(FLUSH_PATIENCE):  # said, so that a wedged unit shows
+            log.warning("the broker has not acknowledged %d publishes in %.0f s (%s)",
+                        self._client.outstanding, FLUSH_PATIENCE,
+                        "connected" if self.connected.is_set() else "not connected")  # fmt: skip
         if self.state is not None:
             self._durably(self.state.save, self._snapshot())
             self.metrics.checkpoints.inc()

@@ -14,16 +14,20 @@ from hypothesis import strategies as st
 
 from cloudlet.demo import scenario_dir
 from edge_objects.irrigation import IrrigationModel, IrrigationSite
+from processors.chain import Item
 from processors.ingest import Ingest, RawMessage
 from processors.runtime import UnitRuntime
-from streams import SensorUpdate, StreamKey
+from processors.undo import TransactionalDict
+from streams import RejectReason, SensorUpdate, StreamKey
 from streams.catalog import Catalog
 from streams.codec import encode_update
 from streams.flows.engine import FlowEngine, FlowResult
 from streams.mqtt import MqttSettings
+from streams.registry import Registry
 from streams.windows.aggregates import AGGREGATES, percentile_aggregate
 from streams.windows.operator import Windowing, WindowOperator
 from tests.test_flows import FOLDED, T0, _catalog, numbers, su
+from tests.test_processors import OBJECTS, S1, S2, PerMinute, chain_of
 
 IRRIGATION = scenario_dir("irrigation")
 AGGS = [("n", AGGREGATES["count"]), ("avg", AGGREGATES["avg"]), ("sum", AGGREGATES["sum"]),
@@ -232,3 +236,95 @@ def test_a_single_failing_message_is_dead_lettered_with_its_payload() -> None:
             message[0].payload.decode(),
         )
     ]
+
+
+class PerMinuteUndone(PerMinute):
+    """`PerMinute`, whose only state is its windows: it undoes a batch without a copy."""
+
+    def begin(self) -> bool:
+        return True
+
+
+STAGES = {
+    "threshold": "{use: threshold, from: 's*/data', into: alert,"
+    " config: {value: t, high: 20, low: -20}}",
+    "downsample": "{use: downsample, from: 's*/data', into: sampled, config: {every: 7s}}",
+    "rate-limit": "{use: downsample, from: 's*/data', into: sampled,"
+    " config: {every: 7s, align: false}}",
+    "zscore": "{use: zscore, from: 's*/data', into: odd,"
+    " config: {value: t, samples: 5, min_samples: 3, threshold: 1.5, emit: all}}",
+    "dedupe": "{use: dedupe, from: 's*/data', into: once,"
+    " config: {by: [zone], within: 20s, max_entries: 4}}",
+    "plugin-windows": "{use: 'tests.test_transactions:PerMinuteUndone', from: 's*/data',"
+    " into: per_minute}",
+}
+_readings = st.lists(
+    st.tuples(
+        st.sampled_from([S1, S2]),
+        st.integers(0, 300_000),
+        st.integers(-40, 40),
+        st.sampled_from(["a", "a", "b", "c", "poison"]),
+    ),
+    max_size=15,
+)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@settings(max_examples=60, deadline=None)
+@given(batches=st.lists(_readings, max_size=10))
+def test_processors_undo_a_failed_batch_without_copying_their_state(
+    tmp_path_factory: pytest.TempPathFactory, stage: str,
+    batches: list[list[tuple[StreamKey, int, int, str]]],
+) -> None:  # fmt: skip
+    """A processor that fails on one update of a batch (after changing its state) costs that
+    update only: the batch is undone by the processor's own log, never a copy of its state,
+    and the state and outputs end as in a run that never saw the poison."""
+    directory = tmp_path_factory.mktemp("objects")
+    (directory / "objects.yaml").write_text(OBJECTS)
+    registry = Registry.load([directory])
+    txn, reference = (chain_of(registry, f"- {STAGES[stage]}")[0] for _ in range(2))
+    copies: list[int] = []
+    save = txn.stages[0].save
+    txn.stages[0].save = lambda: copies.append(1) or save()  # type: ignore[method-assign]
+    processor: Any = txn.stages[0].processor
+    process = processor.process
+
+    def poisoned(batch: Any, out: Any) -> None:
+        process(batch, out)  # the state changed, then the bug
+        if any(u.channels["zone"] == "poison" for _, u in batch):
+            raise RuntimeError("poison")
+
+    processor.process = poisoned
+
+    def shown(items: list[Item]) -> list[str]:
+        return sorted(repr((i.key, i.update)) for i in items)
+
+    for readings in batches:
+        items = [Item(k, su(T0 + t, t=v, zone=z)) for k, t, v, z in readings]
+        got = txn.process(items)
+        want = reference.process([i for i in items if i.update.channels["zone"] != "poison"])
+        assert shown(got.derived) == shown(want.derived)
+        failed = [f.item for f in got.failed if f.rejection.reason is RejectReason.PROCESSOR_FAILED]
+        assert failed == [i for i in items if i.update.channels["zone"] == "poison"]
+        late = [f for f in got.failed if f.rejection.reason is not RejectReason.PROCESSOR_FAILED]
+        assert sorted(repr(f) for f in late) == sorted(repr(f) for f in want.failed)
+        assert copies == []
+        assert txn.snapshot() == reference.snapshot()
+        copies.clear()  # (the snapshot just taken is one)
+
+
+def test_a_transactional_dict_puts_back_what_a_batch_changed() -> None:
+    d: TransactionalDict[str, int] = TransactionalDict({"a": 1, "b": 2})
+    d["a"] = 10  # outside a transaction: kept
+    assert d.begin() is True
+    d["a"], d["c"] = 11, 3
+    d["a"] = 12
+    del d["b"]
+    assert dict(d) == {"a": 12, "c": 3} and len(d) == 2 and "b" not in d
+    d.rollback()
+    assert d.data == {"a": 10, "b": 2} and list(d) == ["a", "b"]
+    d.begin()
+    d["b"] = 20
+    d.commit()
+    d.rollback()  # nothing open: nothing to undo
+    assert d.data == {"a": 10, "b": 20} and d.get("z", 0) == 0
