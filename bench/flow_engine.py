@@ -16,13 +16,14 @@ import time
 
 from cloudlet.demo import scenario_dir
 from edge_objects.irrigation import IrrigationModel, IrrigationSite
+from processors.engine import engine_of
 from streams import SensorUpdate, StreamKey
 from streams.catalog import Catalog
 
 
 def _per_update(catalog: Catalog, readings: list[tuple[StreamKey, SensorUpdate]],
                 size: int, transactions: bool) -> float:  # fmt: skip
-    engine = catalog.engine(clock=lambda: 0.0)
+    engine = engine_of(catalog, clock=lambda: 0.0)
     started = time.process_time()
     for i in range(0, len(readings), size):
         if transactions:
@@ -44,7 +45,7 @@ def main() -> None:
     )
     readings = [r for _ in range(args.minutes) for r in model.step(60)]
     catalog = Catalog.load([home / "objects"])
-    engine = catalog.engine(clock=lambda: 0.0)
+    engine = engine_of(catalog, clock=lambda: 0.0)
     started = time.perf_counter()
     out = engine.process(readings)
     seconds = time.perf_counter() - started

@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 
+from processors.engine import engine_of
 from processors.ingest import Ingest, RawMessage
 from streams import SensorUpdate, StreamKey, encode_update
 from streams.catalog import Catalog
@@ -110,7 +111,7 @@ def kernel(work: Path, n: int, per_message: int) -> dict[str, Any]:
     for name in ("compiled", "twin"):
         with twins() if name == "twin" else contextlib.nullcontext():
             ingest = Ingest(catalog.registry)
-            engine = catalog.engine(clock=lambda: 0.0)
+            engine = engine_of(catalog, clock=lambda: 0.0)
             started = time.perf_counter()
             out = 0
             for i in range(0, len(messages), 1000):
@@ -176,10 +177,11 @@ def columnar(n: int) -> dict[str, Any]:
 
 def windows(n: int) -> dict[str, Any]:
     """The window kernel alone: avg + count over 1-minute tumbling windows of 100 keys."""
+    from processors.engine.windows import WindowOperator
     from streams import kernels
     from streams.kernels import _windows_py
     from streams.windows.aggregates import AGGREGATES
-    from streams.windows.operator import Windowing, WindowOperator
+    from streams.windows.model import Windowing
 
     groups = [f"sensor-{i % SENSORS}" for i in range(n)]
     times = [T0 + (i // SENSORS) * 1000 for i in range(n)]

@@ -57,7 +57,7 @@ from cloudlet.demo import unit_metrics  # noqa: E402
 from cloudlet.rig import Kafka, Mosquitto  # noqa: E402
 from cloudlet.rig.process import free_port  # noqa: E402
 from streams import SensorUpdate, encode_update  # noqa: E402
-from streams.mqtt import MqttSettings, connect, make_client  # noqa: E402
+from streams.transport.mqtt import MqttSettings, connect, make_client  # noqa: E402
 
 
 def machine() -> dict[str, Any]:

@@ -41,7 +41,7 @@ from cloud_sync.commands import CommandTopics, command_record
 from cloud_sync.dashboard import PAGE, Dashboard, chart_data, page_policy, unit_health
 from cloud_sync.store import CloudMessage, CloudStore, open_store
 from streams.actuation import Actuation
-from streams.web import BackgroundServer, Token, bearer
+from streams.transport.web import BackgroundServer, Token, bearer
 
 log = logging.getLogger(__name__)
 MIN_MS, MAX_MS = -(2**63), 2**63 - 1  # times in the store are signed 64-bit milliseconds

@@ -24,7 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from streams.actuation import Actuation, ActuationError, ActuationStatus, StatusReport
 from streams.flows.model import duration_ms
-from streams.mqtt import (
+from streams.registry import Registry
+from streams.topics import TopicScheme
+from streams.transport.mqtt import (
     MqttSettings,
     connect,
     content_type_properties,
@@ -32,8 +34,6 @@ from streams.mqtt import (
     refused,
     refused_because,
 )
-from streams.registry import Registry
-from streams.topics import TopicScheme
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ from cloud_sync.commands import CommandTopics
 from cloud_sync.outbox import Outbox, Record
 from cloud_sync.store import CloudMessage, CloudStore, open_store
 from streams.flows.model import duration_ms
-from streams.mqtt import MqttSettings
+from streams.transport.mqtt import MqttSettings
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from cloudlet.security import (
     Identities,
     default_audit_path,
 )
-from streams.mqtt import MqttSettings
 from streams.topics import TopicScheme
+from streams.transport.mqtt import MqttSettings
 
 ADMIN_ENV = "CLOUDLET_BROKER_ADMIN"
 

@@ -175,7 +175,7 @@ def flow_test(
 ) -> None:
     """Run composite streams, flows and processors offline; print what they produce, one JSON
     object per line."""
-    from streams.flows.offline import run_offline
+    from processors.engine.offline import run_offline
 
     if unit is not None:
         from processors.chain import build_chain

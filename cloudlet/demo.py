@@ -39,7 +39,7 @@ from edge_objects.faults import Fault
 from edge_objects.simulator import SCENARIOS, Simulator, load
 from streams import Registry, TopicScheme
 from streams.catalog import Catalog
-from streams.mqtt import MqttSettings, connect, make_client
+from streams.transport.mqtt import MqttSettings, connect, make_client
 
 # What each scenario must produce: derived streams (and, for irrigation, commands to valves).
 EXPECTED = {

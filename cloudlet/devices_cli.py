@@ -20,7 +20,7 @@ from cloudlet.rig import RigError
 from edge_objects.faults import FAULT_KINDS
 from streams import TopicScheme
 from streams.catalog import Catalog
-from streams.mqtt import MqttSettings
+from streams.transport.mqtt import MqttSettings
 
 
 def register(app: typer.Typer) -> None:
@@ -59,7 +59,7 @@ def act(
     import queue as queue_module
 
     from streams.actuation import ActuationError, ActuationStatus, StatusReport, checked
-    from streams.mqtt import MqttSettings, connect, make_client, refused, refused_because
+    from streams.transport.mqtt import MqttSettings, connect, make_client, refused, refused_because
 
     paths = objects or _default_objects()
     catalog, _ = Catalog.check(paths)  # problems elsewhere need not stop a command

@@ -45,8 +45,8 @@ from urllib.parse import quote
 
 import paho.mqtt.client as mqtt
 
-from streams.mqtt import MqttSettings, connect, make_client, refused, refused_because
 from streams.topics import TopicScheme
+from streams.transport.mqtt import MqttSettings, connect, make_client, refused, refused_because
 
 CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
 ADMIN_ROLE = "cloudlet-admin"

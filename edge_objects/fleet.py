@@ -18,8 +18,9 @@ from typing import Any
 
 from pydantic import SecretStr
 
+from edge_objects.publisher import OrderedPublisher
 from streams import Codec, SensorUpdate, StreamKey, TopicScheme, encode_update
-from streams.mqtt import (
+from streams.transport.mqtt import (
     MqttSettings,
     connect,
     content_type_properties,
@@ -27,7 +28,6 @@ from streams.mqtt import (
     refused,
     refused_because,
 )
-from streams.publisher import OrderedPublisher
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,9 @@ from starlette.concurrency import run_in_threadpool
 from streams import InvalidUpdate, Registry, Rejection, RejectReason, TopicScheme
 from streams.catalog import Catalog
 from streams.codec import DEFAULT_MAX_PAYLOAD, decode
-from streams.mqtt import (
+from streams.registry import Problem, validation_problems
+from streams.rejections import dead_letter_record, no_updates, show_value
+from streams.transport.mqtt import (
     MqttSettings,
     connect,
     content_type_properties,
@@ -48,9 +50,7 @@ from streams.mqtt import (
     refused,
     refused_because,
 )
-from streams.registry import Problem, validation_problems
-from streams.rejections import dead_letter_record, no_updates, show_value
-from streams.web import BackgroundServer, Token, bearer
+from streams.transport.web import BackgroundServer, Token, bearer
 
 log = logging.getLogger(__name__)
 MAX_UNCONFIRMED = 10_000  # 503'd publishes remembered so that a retry does not double them

@@ -36,9 +36,10 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
+from edge_objects.publisher import BufferFull, OrderedPublisher
 from streams import Codec, SensorUpdate, TopicScheme, encode_batch, encode_update
 from streams.actuation import Actuation, ActuationError, ActuationStatus, StatusReport
-from streams.mqtt import (
+from streams.transport.mqtt import (
     MqttSettings,
     connect,
     content_type_properties,
@@ -46,7 +47,6 @@ from streams.mqtt import (
     refused,
     refused_because,
 )
-from streams.publisher import BufferFull, OrderedPublisher
 
 ActionHandler = Callable[[dict[str, Any]], str | None]
 log = logging.getLogger(__name__)

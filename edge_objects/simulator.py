@@ -29,7 +29,7 @@ from edge_objects.sdk import EdgeObject
 from edge_objects.smart_city import SmartCityModel
 from streams import SensorUpdate, StreamKey, TopicScheme
 from streams.catalog import Catalog
-from streams.mqtt import MqttSettings
+from streams.transport.mqtt import MqttSettings
 
 SCENARIOS = ("irrigation", "smart-city")
 

@@ -14,6 +14,8 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from processors.engine.composite import CompositeEngine
+from processors.engine.flows import FlowEngine
 from processors.plugin import (
     TYPE_OF_CHANNEL,
     Batch,
@@ -24,11 +26,9 @@ from processors.plugin import (
 )
 from processors.undo import TransactionalDict
 from streams.codec import update_document
-from streams.composite import CompositeEngine
 from streams.composite_plan import CompositePlan
 from streams.expressions import NOT_AVAILABLE, CompiledExpression
 from streams.flows.compile import compile_flows, compile_rules
-from streams.flows.engine import FlowEngine
 from streams.flows.model import (
     ActDefinition,
     FlowDefinition,

@@ -27,6 +27,7 @@ from typing import Any
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from processors.engine.flows import FlowResult, Late
 from processors.plugin import (
     ClosedWindow,
     Output,
@@ -38,7 +39,6 @@ from processors.plugin import (
 )
 from streams.actuation import Actuation
 from streams.expressions import EvaluationError
-from streams.flows.engine import FlowResult, Late
 from streams.flows.model import StreamPatterns
 from streams.objects import Channel, ChannelType, Stream
 from streams.registry import Problem, Registry, validation_problems

@@ -29,10 +29,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from processors.chain import ProcessorSpec
 from streams.codec import DEFAULT_MAX_PAYLOAD
 from streams.flows.model import duration_ms
-from streams.mqtt import MqttSettings
 from streams.registry import Problem, validation_problems, yaml_mapping
 from streams.topics import TopicScheme
-from streams.web import Token
+from streams.transport.mqtt import MqttSettings
+from streams.transport.web import Token
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 

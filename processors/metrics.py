@@ -26,7 +26,7 @@ from prometheus_client.registry import Collector
 
 from processors.actuation import ActuationLog
 from processors.chain import Chain
-from streams.web import bearer
+from streams.transport.web import bearer
 
 
 class UnitMetrics:

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from processors.chain import Chain, Item
+from processors.engine.flows import FlowEngine, FlowResult
 from processors.ingest import DeadLetter, Ingest, IngestBatch, RawMessage, internal_error
 from streams import Codec, Rejection, SensorUpdate, StreamKey, encode_update
 from streams.actuation import Actuation
-from streams.flows.engine import FlowEngine, FlowResult
 
 log = logging.getLogger(__name__)
 Message = Any  # a `streams.kernels.Publish`: compiled or its twin, the same attributes

@@ -47,6 +47,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
+from processors.engine.windows import WindowOperator
 from streams.actuation import Actuation
 from streams.codec import update_document
 from streams.expressions import (
@@ -63,7 +64,7 @@ from streams.objects import ChannelType, Stream
 from streams.registry import Registry
 from streams.updates import SensorUpdate, StreamKey
 from streams.windows.aggregates import Aggregate
-from streams.windows.operator import Windowing, WindowOperator
+from streams.windows.model import Windowing
 
 Batch = Sequence[tuple[StreamKey, SensorUpdate]]
 TYPE_OF_CHANNEL = {v: k for k, v in CHANNEL_TYPES.items()}

@@ -31,6 +31,7 @@ from typing import Any
 from processors.actuation import ActuationLog
 from processors.chain import Chain
 from processors.config import RepublishSettings
+from processors.engine.flows import FlowEngine
 from processors.ingest import DeadLetter, Ingest, IngestBatch, internal_error
 from processors.metrics import UnitMetrics
 from processors.pipeline import Outputs, Pipeline
@@ -40,9 +41,8 @@ from processors.wire import WireClient
 from streams import Codec, Rejection, RejectReason, SensorUpdate, StreamKey, encode_update
 from streams.actuation import ActuationError, StatusReport
 from streams.codec import encode_batch
-from streams.flows.engine import FlowEngine
-from streams.mqtt import MqttSettings
 from streams.rejections import dead_letter_record
+from streams.transport.mqtt import MqttSettings
 
 Clock = Callable[[], float]
 log = logging.getLogger(__name__)

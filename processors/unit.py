@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from processors.chain import build_chain
 from processors.config import ConfigError, UnitConfig
+from processors.engine import engine_of
 from processors.ingest import Ingest
 from processors.metrics import StatusServer, UnitMetrics
 from processors.runtime import CheckpointPolicy, UnitRuntime
@@ -50,7 +51,7 @@ class Unit:
                 clock=clock,
             ),
             config.mqtt.for_instance(self.instance),
-            engine=self.catalog.engine(clock=clock),
+            engine=engine_of(self.catalog, clock=clock),
             chain=self.chain if len(self.chain) else None,
             client_id=self.instance,
             subscription=config.subscription,

@@ -7,7 +7,8 @@ kernel (`streams.kernels.split_frames`) and hands the unit whole lists of PUBLIS
 outgoing PUBLISHes and PUBACKs in bulk the same way. It speaks just what a unit needs: QoS 0/1,
 persistent sessions, acknowledgements sent when the caller says so (after its checkpoint),
 shared subscriptions, TLS, passwords, keep-alive, reconnect with backoff and jitter, and the
-broker's receive maximum for what we publish. Devices and tools keep paho (`streams.mqtt`).
+broker's receive maximum for what we publish. Devices and tools keep paho
+(`streams.transport.mqtt`).
 
 Threads: asyncio runs in a thread of its own; `publish`, `flush`, `ack` and `stop` are safe
 to call from any other thread. `on_messages` is called on the network thread and must not block.
@@ -34,7 +35,7 @@ from processors.packets import (
 )
 from streams import kernels
 from streams.kernels import FrameError
-from streams.mqtt import MqttSettings, refusal
+from streams.transport.mqtt import MqttSettings, refusal
 
 log = logging.getLogger(__name__)
 

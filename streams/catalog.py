@@ -4,12 +4,10 @@ problem is reported, each naming the file, the object or flow, the field and the
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from streams.composite import CompositeEngine
 from streams.composite_plan import CompositePlan
 from streams.flows.compile import (
     CompiledFlow,
@@ -18,7 +16,6 @@ from streams.flows.compile import (
     compile_rules,
     load_flow_files,
 )
-from streams.flows.engine import Clock, FlowEngine
 from streams.registry import Problem, Registry, RegistryError
 from streams.updates import StreamKey
 
@@ -54,10 +51,6 @@ class Catalog:
         if problems:
             raise RegistryError(problems)
         return catalog
-
-    def engine(self, clock: Clock = time.time) -> FlowEngine:
-        """A fresh engine running this catalog's composite streams and flows."""
-        return FlowEngine(CompositeEngine(self.plan), self.flows, self.rules, clock=clock)
 
 
 def _cycles_through_flows(plan: CompositePlan, flows: list[CompiledFlow]) -> list[Problem]:

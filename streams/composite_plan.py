@@ -1,6 +1,6 @@
 """Composite streams, compiled: the plan of every derived stream of the registry (its
 inputs, groups, compiled expressions, and the order in which a pass evaluates them), built
-once; `streams.composite` runs it. Semantics: see there."""
+once; `processors.engine.composite` runs it. Semantics: see there."""
 
 from __future__ import annotations
 

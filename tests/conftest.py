@@ -18,7 +18,7 @@ import pytest
 
 from cloudlet.rig import Kafka, Mosquitto, Postgres
 from processors.packets import mqtt_string, packet, property_block
-from streams.mqtt import MqttSettings
+from streams.transport.mqtt import MqttSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"

@@ -17,11 +17,12 @@ from cloudlet.rig import Mosquitto
 from edge_objects.fleet import DeviceFleet
 from edge_objects.sdk import EdgeObject, OfflineBufferFull
 from processors.config import UnitConfig
+from processors.engine import engine_of
 from processors.unit import Unit
 from streams import SensorUpdate, StreamKey
 from streams.actuation import Actuation, ActuationError, ActuationStatus, StatusReport, checked
 from streams.catalog import Catalog
-from streams.mqtt import MqttSettings, connect, make_client
+from streams.transport.mqtt import MqttSettings, connect, make_client
 from tests.test_cli import run
 
 OBJECTS = scenario_dir("irrigation") / "objects"
@@ -52,7 +53,7 @@ def _dry_morning(minutes: int, moisture: float = 15.0) -> list[tuple[StreamKey, 
 
 
 def test_a_rule_commands_the_dry_fields_valve_once_per_interval() -> None:
-    engine = Catalog.load([OBJECTS]).engine(clock=lambda: 0.0)
+    engine = engine_of(Catalog.load([OBJECTS]), clock=lambda: 0.0)
     result = engine.process(_dry_morning(150))
     commands = [(a.so, a.action, a.parameters, a.issued_at - T0) for a in result.actuations]
     # the first 10-minute window closes at 06:10 and field 1 is dry: open its valve; again an

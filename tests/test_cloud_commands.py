@@ -19,7 +19,7 @@ from cloudlet.demo import scenario_dir
 from cloudlet.rig import Kafka, Mosquitto
 from cloudlet.units import CloudletUnit, UnitFile
 from edge_objects.sdk import EdgeObject
-from streams.mqtt import MqttSettings, connect, make_client
+from streams.transport.mqtt import MqttSettings, connect, make_client
 
 IRRIGATION = scenario_dir("irrigation") / "objects"
 

@@ -18,7 +18,7 @@ from cloudlet.rig import Mosquitto
 from cloudlet.rig.apt import compose_command
 from cloudlet.units import UnitFile
 from streams.catalog import Catalog
-from streams.mqtt import MqttSettings, make_client
+from streams.transport.mqtt import MqttSettings, make_client
 from tests.conftest import ROOT
 
 COMPOSE = ROOT / "compose"

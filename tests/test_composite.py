@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from processors.engine.composite import CompositeEngine, Discarded, merge
 from streams import (
     GeoPoint,
     Registry,
@@ -20,7 +21,6 @@ from streams import (
     StreamKey,
 )
 from streams.catalog import Catalog
-from streams.composite import CompositeEngine, Discarded, merge
 from streams.composite_plan import CompositePlan
 from tests.conftest import SERVIOTICY
 

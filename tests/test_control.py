@@ -26,7 +26,7 @@ from cloudlet.placement import Plan
 from cloudlet.rig import Mosquitto
 from edge_objects.fleet import DeviceFleet
 from streams import SensorUpdate, StreamKey
-from streams.mqtt import MqttSettings
+from streams.transport.mqtt import MqttSettings
 
 pytestmark = pytest.mark.mqtt
 

@@ -31,10 +31,11 @@ from cloudlet.rig.process import free_port
 from edge_objects.fleet import DeviceFleet
 from edge_objects.irrigation import IrrigationModel, IrrigationSite
 from processors.config import UnitConfig
+from processors.engine import engine_of
 from processors.unit import Unit
 from streams import SensorUpdate, StreamKey
 from streams.catalog import Catalog
-from streams.mqtt import MqttSettings
+from streams.transport.mqtt import MqttSettings
 from tests.test_cli import CLOUDLET
 from tests.test_cloud import rejected
 from tests.test_cloud_commands import produce
@@ -67,7 +68,9 @@ def test_broker_restarts_redeliver_nothing_twice(tmp_path: Path, how: str, state
         "sink": {"sqlite": "results.db"}, **(stored if state else {}),
     }))  # fmt: skip
     readings = _readings(90)  # 900 updates, 9 ten-minute windows per field
-    reference = Catalog.load([IRRIGATION / "objects"]).engine(clock=lambda: 0.0).process(readings)
+    reference = engine_of(Catalog.load([IRRIGATION / "objects"]), clock=lambda: 0.0).process(
+        readings
+    )
     expected = Counter((k.so, k.stream, u.last_update) for k, u in reference.derived)
     expected.update((k.so, k.stream, u.last_update) for k, u in readings)
     unit = Unit(UnitConfig.load(path)).start()

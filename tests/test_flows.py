@@ -14,12 +14,13 @@ from hypothesis import strategies as st
 
 from cloudlet.demo import scenario_dir
 from edge_objects.irrigation import IrrigationModel, IrrigationSite
+from processors.engine import engine_of
+from processors.engine.columns import ColumnPlan
+from processors.engine.offline import run_offline
 from streams import InvalidUpdate, RejectReason, SensorUpdate, StreamKey
 from streams.catalog import Catalog
 from streams.codec import update_document
-from streams.flows.columns import ColumnPlan
 from streams.flows.model import duration_ms
-from streams.flows.offline import run_offline
 from tests.test_cli import run
 
 IRRIGATION = scenario_dir("irrigation") / "objects"
@@ -152,7 +153,7 @@ def test_irrigation_moisture_averages_match_a_naive_computation() -> None:
     site = IrrigationSite.load(scenario_dir("irrigation") / "site.yaml")
     model = IrrigationModel(site, seed=2, start_ms=T0)
     readings = [r for _ in range(6 * 60) for r in model.step(60)]  # six hours, every minute
-    engine = Catalog.load([IRRIGATION]).engine(clock=lambda: 0.0)
+    engine = engine_of(Catalog.load([IRRIGATION]), clock=lambda: 0.0)
     result = engine.process(readings)
     got = {
         (k.so, u.last_update): u.channels["moisture"]
@@ -175,7 +176,7 @@ def test_irrigation_moisture_averages_match_a_naive_computation() -> None:
 
 
 def test_smart_city_parking_congestion_and_air_quality() -> None:
-    engine = Catalog.load([SMART_CITY]).engine(clock=lambda: 0.0)
+    engine = engine_of(Catalog.load([SMART_CITY]), clock=lambda: 0.0)
     minute = 60_000
     batch: list[tuple[StreamKey, SensorUpdate]] = []
     occupied_by_minute = [0, 2, 4]  # zone A has 4 bays: full in the third minute
@@ -229,7 +230,7 @@ def test_late_updates_come_out_of_the_flow_engine_with_a_reason(tmp_path: Path) 
         " into: '{so}/n'}}",
     )
     assert problems == []
-    engine = catalog.engine(clock=lambda: 0.0)
+    engine = engine_of(catalog, clock=lambda: 0.0)
     s1 = StreamKey("s1", "data")
     result = engine.process([(s1, su(1_000, t=1)), (s1, su(12_000, t=2)), (s1, su(3_000, t=3))])
     assert result.derived == [(StreamKey("s1", "n"), su(9_999, n=1))]
@@ -249,11 +250,11 @@ def test_flow_engine_snapshot_restore_mid_window_equals_an_uninterrupted_run() -
     model = IrrigationModel(site, seed=5, start_ms=T0)
     readings = [r for _ in range(200) for r in model.step(97)]  # windows cut mid-way
     catalog = Catalog.load([IRRIGATION])
-    whole = catalog.engine(clock=lambda: 0.0).process(readings)
-    first = catalog.engine(clock=lambda: 0.0)
+    whole = engine_of(catalog, clock=lambda: 0.0).process(readings)
+    first = engine_of(catalog, clock=lambda: 0.0)
     head = first.process(readings[:1234])
     state = orjson.loads(orjson.dumps(first.snapshot()))  # survives serialisation
-    second = catalog.engine(clock=lambda: 0.0)
+    second = engine_of(catalog, clock=lambda: 0.0)
     second.restore(state)
     tail = second.process(readings[1234:])
     assert head.derived + tail.derived == whole.derived
@@ -340,7 +341,7 @@ def test_a_flow_reads_the_results_of_an_earlier_flow(tmp_path: Path) -> None:
         """,
     )
     assert problems == []
-    engine = catalog.engine(clock=lambda: 0.0)
+    engine = engine_of(catalog, clock=lambda: 0.0)
     s1 = StreamKey("s1", "data")
     events = [(s1, su(T0 + t * 1000, t=t)) for t in (1, 12, 25, 31, 45)]
     result = engine.process(events)
@@ -427,7 +428,7 @@ def test_folding_a_batch_equals_passing_updates_one_by_one(
              for so, t, v, z in events]  # fmt: skip
     runs = []
     for mode in ("one by one", "folded", "folded by the twin"):
-        engine = catalog.engine(clock=lambda: 0.0)
+        engine = engine_of(catalog, clock=lambda: 0.0)
         if mode == "one by one":
             engine._folding, engine._all_fold = set(), False
         else:

@@ -26,7 +26,7 @@ from cloudlet.rig import Kafka, Mosquitto, Postgres
 from cloudlet.units import CloudletUnit, UnitFile
 from edge_objects.fleet import DeviceFleet
 from streams import SensorUpdate, StreamKey
-from streams.mqtt import MqttSettings
+from streams.transport.mqtt import MqttSettings
 from tests.test_cli import CLOUDLET
 from tests.test_processors import OBJECTS
 

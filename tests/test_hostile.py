@@ -23,8 +23,8 @@ from cloudlet.rig import Mosquitto
 from processors.actuation import MAX_REMEMBERED
 from processors.config import UnitConfig
 from processors.unit import Unit
-from streams.mqtt import MqttSettings, connect, content_type_properties, make_client
 from streams.rejections import MAX_DEAD_LETTER_PAYLOAD, payload_of
+from streams.transport.mqtt import MqttSettings, connect, content_type_properties, make_client
 
 IRRIGATION = scenario_dir("irrigation")
 SOIL = "field-1-soil/streams/soil"
@@ -339,8 +339,9 @@ def test_number_channels_hold_doubles_and_signed_64_bit_integers() -> None:
 
 
 def test_an_aggregate_past_the_double_range_leaves_its_channel_out() -> None:
+    from processors.engine.windows import WindowOperator
     from streams.windows.aggregates import AGGREGATES
-    from streams.windows.operator import Windowing, WindowOperator, WindowResult
+    from streams.windows.model import Windowing, WindowResult
 
     op = WindowOperator(Windowing("tumbling", 1_000), [("avg", AGGREGATES["avg"]),
                                                        ("n", AGGREGATES["count"])])  # fmt: skip

@@ -17,7 +17,7 @@ from edge_objects.fleet import DeviceFleet
 from processors.config import UnitConfig
 from processors.unit import Unit
 from streams import SensorUpdate, StreamKey
-from streams.mqtt import MqttSettings
+from streams.transport.mqtt import MqttSettings
 from tests.test_cli import CLOUDLET
 from tests.test_unit import Collector
 

@@ -14,10 +14,10 @@ import pytest
 
 from cloudlet.rig import Mosquitto
 from edge_objects.fleet import DeviceFleet
+from edge_objects.publisher import OrderedPublisher
 from edge_objects.sdk import EdgeObject
 from streams import SensorUpdate, StreamKey
-from streams.mqtt import MqttSettings, connect, make_client
-from streams.publisher import OrderedPublisher
+from streams.transport.mqtt import MqttSettings, connect, make_client
 
 T0 = 1_700_000_000_000
 

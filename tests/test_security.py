@@ -17,7 +17,7 @@ from pydantic import SecretStr
 from cloudlet.rig import Mosquitto
 from cloudlet.security import AccessError, Identities
 from processors.wire import WireClient
-from streams.mqtt import MqttSettings, make_client
+from streams.transport.mqtt import MqttSettings, make_client
 
 OK = (0x00, 0x10)  # success, or "no matching subscribers"
 DENIED = 0x87

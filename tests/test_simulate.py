@@ -20,10 +20,11 @@ from edge_objects.faults import FaultInjector
 from edge_objects.simulator import Simulator, load, scale
 from edge_objects.smart_city import SmartCityModel
 from processors.config import UnitConfig
+from processors.engine import engine_of
 from processors.unit import Unit
 from streams import Registry, SensorUpdate, StreamKey, TopicScheme, decode
 from streams.catalog import Catalog
-from streams.mqtt import MqttSettings
+from streams.transport.mqtt import MqttSettings
 from tests.test_cli import CLOUDLET
 from tests.test_unit import Collector
 
@@ -140,7 +141,7 @@ def test_simulated_city_through_a_unit_gives_the_flows_values(
         unit.stop()
     model = _city(5)
     readings = [r for _ in range(steps) for r in model.step(60)]
-    engine = Catalog.load([CITY / "objects"]).engine(clock=lambda: 0.0)
+    engine = engine_of(Catalog.load([CITY / "objects"]), clock=lambda: 0.0)
     expected = {(k.so, u.last_update): u.channels for k, u in engine.process(readings).derived
                 if k.stream == "vehicles_1m"}  # fmt: skip
     seen = {(t.split("/")[0], b["lastUpdate"]): {c: v["current-value"]

@@ -20,7 +20,7 @@ from edge_objects.sdk import EdgeObject
 from processors.config import UnitConfig
 from processors.unit import Unit
 from streams import SensorUpdate, StreamKey
-from streams.mqtt import MqttSettings, connect, make_client
+from streams.transport.mqtt import MqttSettings, connect, make_client
 
 IRRIGATION = scenario_dir("irrigation") / "objects"
 T0 = 1_700_006_400_000

@@ -15,17 +15,19 @@ from hypothesis import strategies as st
 from cloudlet.demo import scenario_dir
 from edge_objects.irrigation import IrrigationModel, IrrigationSite
 from processors.chain import Item
+from processors.engine import engine_of
+from processors.engine.flows import FlowEngine, FlowResult
+from processors.engine.windows import WindowOperator
 from processors.ingest import Ingest, RawMessage
 from processors.runtime import UnitRuntime
 from processors.undo import TransactionalDict
 from streams import RejectReason, SensorUpdate, StreamKey
 from streams.catalog import Catalog
 from streams.codec import encode_update
-from streams.flows.engine import FlowEngine, FlowResult
-from streams.mqtt import MqttSettings
 from streams.registry import Registry
+from streams.transport.mqtt import MqttSettings
 from streams.windows.aggregates import AGGREGATES, percentile_aggregate
-from streams.windows.operator import Windowing, WindowOperator
+from streams.windows.model import Windowing
 from tests.test_flows import FOLDED, T0, _catalog, numbers, su
 from tests.test_processors import OBJECTS, S1, S2, PerMinute, chain_of
 
@@ -137,7 +139,7 @@ def test_the_flow_engine_rolls_back_folded_and_one_by_one(
     assert problems == []
     updates = [(StreamKey(so, "data"), su(T0 + t, **({"t": v} if v is not None else {}), zone=z))
                for so, t, v, z in events]  # fmt: skip
-    txn, reference = catalog.engine(clock=lambda: 0.0), catalog.engine(clock=lambda: 0.0)
+    txn, reference = engine_of(catalog, clock=lambda: 0.0), engine_of(catalog, clock=lambda: 0.0)
     if not folded:
         txn._folding = reference._folding = set()
         txn._all_fold = reference._all_fold = False
@@ -152,7 +154,7 @@ def test_composite_streams_and_rules_roll_back_too() -> None:
     model = IrrigationModel(site, seed=5, start_ms=T0)
     readings = [r for _ in range(180) for r in model.step(60)]
     catalog = Catalog.load([IRRIGATION / "objects"])
-    txn, reference = catalog.engine(clock=lambda: 0.0), catalog.engine(clock=lambda: 0.0)
+    txn, reference = engine_of(catalog, clock=lambda: 0.0), engine_of(catalog, clock=lambda: 0.0)
     batches = [(i % 20 == 10, readings[i : i + 37]) for i in range(0, len(readings), 37)]
     # the batches rolled back are sent again, as a unit would, so the results stay complete
     replayed = [b for undo, batch in batches for b in ([(True, batch), (False, batch)] if undo
@@ -178,7 +180,8 @@ def test_a_bug_on_one_message_of_a_batch_costs_that_message_only(
     poison_time = readings[poison_at][1].last_update
     catalog = Catalog.load([IRRIGATION / "objects"])
     runtime = UnitRuntime(Ingest(catalog.registry), MqttSettings(url="mqtt://127.0.0.1:1"),
-                          client_id="u-txn", engine=catalog.engine(clock=lambda: 0.0))  # fmt: skip
+                          client_id="u-txn",
+                          engine=engine_of(catalog, clock=lambda: 0.0))  # fmt: skip
     engine = runtime.engine
     assert engine is not None
     operator = engine.operators["soil-moisture-10min"]
@@ -209,7 +212,7 @@ def test_a_bug_on_one_message_of_a_batch_costs_that_message_only(
     expected = readings[:poison_at] + readings[poison_at + 1 :]
     assert accepted == expected
     # the state, the derived updates and the counts are those of a run without the poison
-    reference = catalog.engine(clock=lambda: 0.0)
+    reference = engine_of(catalog, clock=lambda: 0.0)
     derived = [d for i in range(0, len(expected), 100)
                for d in reference.process(expected[i : i + 100]).derived]  # fmt: skip
     assert engine.snapshot() == reference.snapshot()
@@ -221,7 +224,8 @@ def test_a_bug_on_one_message_of_a_batch_costs_that_message_only(
 def test_a_single_failing_message_is_dead_lettered_with_its_payload() -> None:
     catalog = Catalog.load([IRRIGATION / "objects"])
     runtime = UnitRuntime(Ingest(catalog.registry), MqttSettings(url="mqtt://127.0.0.1:1"),
-                          client_id="u-txn1", engine=catalog.engine(clock=lambda: 0.0))  # fmt: skip
+                          client_id="u-txn1",
+                          engine=engine_of(catalog, clock=lambda: 0.0))  # fmt: skip
     assert runtime.engine is not None
     runtime.engine.process = lambda batch: (_ for _ in ()).throw(RuntimeError("flow bug"))  # type: ignore[method-assign]
     message = _messages([(StreamKey("field-1-soil", "soil"), su(T0, moisture=20.0,

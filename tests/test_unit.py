@@ -23,10 +23,11 @@ from cloudlet.rig import Mosquitto
 from edge_objects.fleet import DeviceFleet
 from edge_objects.irrigation import IrrigationModel, IrrigationSite
 from processors.config import ConfigError, UnitConfig
+from processors.engine import engine_of
 from processors.unit import Unit
 from streams import SensorUpdate, StreamKey
 from streams.catalog import Catalog
-from streams.mqtt import MqttSettings, connect, make_client
+from streams.transport.mqtt import MqttSettings, connect, make_client
 from tests.test_cli import CLOUDLET
 from tests.test_processors import OBJECTS
 
@@ -213,7 +214,9 @@ def test_sigkill_mid_stream_loses_no_update_and_no_window_state(
         checkpoint={"every": "200ms", "messages": 100},
     )  # fmt: skip
     readings = _readings(120)  # two hours: 1200 updates, 12 windows per field
-    reference = Catalog.load([IRRIGATION / "objects"]).engine(clock=lambda: 0.0).process(readings)
+    reference = engine_of(Catalog.load([IRRIGATION / "objects"]), clock=lambda: 0.0).process(
+        readings
+    )
     expected = {
         (k.so, u.last_update): u.channels["moisture"]
         for k, u in reference.derived

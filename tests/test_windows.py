@@ -11,13 +11,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from processors.engine.windows import WindowOperator
 from streams.windows.aggregates import (
     AGGREGATES,
     SKETCH_CAPACITY,
     percentile_aggregate,
     percentile_of,
 )
-from streams.windows.operator import LateUpdate, Windowing, WindowOperator, WindowResult
+from streams.windows.model import LateUpdate, Windowing, WindowResult
 
 COUNT_AVG = [("n", AGGREGATES["count"]), ("avg", AGGREGATES["avg"])]
 

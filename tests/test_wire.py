@@ -17,7 +17,7 @@ from cloudlet.rig import Mosquitto
 from processors.wire import WireClient
 from streams import kernels
 from streams.kernels import FrameError, _frames_py
-from streams.mqtt import MqttSettings, connect, make_client
+from streams.transport.mqtt import MqttSettings, connect, make_client
 
 IMPLEMENTATIONS = [_frames_py] + ([kernels.frames] if kernels.COMPILED else [])
 

@@ -14,8 +14,8 @@ from typing import Any
 from cloudlet.rig.apt import apt_install
 from cloudlet.rig.process import RigError, Service, free_port, port_open
 from cloudlet.security import AuditLog, BrokerAdmin, Identities, broker_security, hashed
-from streams.mqtt import MqttSettings
 from streams.topics import TopicScheme
+from streams.transport.mqtt import MqttSettings
 
 _SEARCH = ("/usr/sbin", "/usr/bin", "/usr/local/sbin")
 

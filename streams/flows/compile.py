@@ -31,7 +31,7 @@ from streams.objects import Channel, ChannelType, Stream
 from streams.registry import FLOW_SUFFIXES, Problem, Registry, validation_problems
 from streams.updates import StreamKey
 from streams.windows.aggregates import AGGREGATES, Aggregate, percentile_aggregate
-from streams.windows.operator import Windowing
+from streams.windows.model import Windowing
 
 _TYPE_TO_CHANNEL = {v: k for k, v in CHANNEL_TYPES.items()}
 

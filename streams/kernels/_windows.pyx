@@ -19,10 +19,10 @@ cdef int COUNT = 0, SUM = 1, AVG = 2, MIN = 3, MAX = 4, GENERIC = -1
 cdef void _load():
     global _KeyState, _WindowResult, _LateUpdate, _heappush, _MAX_CLOCKS
     import heapq
-    from streams.windows import aggregates, operator
-    _KeyState, _WindowResult = operator._KeyState, operator.WindowResult
-    _MAX_CLOCKS = operator.MAX_CLOCKS
-    _LateUpdate = operator.LateUpdate
+    from streams.windows import aggregates, keys, model
+    _KeyState, _WindowResult = keys.KeyState, model.WindowResult
+    _MAX_CLOCKS = model.MAX_CLOCKS
+    _LateUpdate = model.LateUpdate
     _heappush = heapq.heappush
     for name, code in (("count", COUNT), ("sum", SUM), ("avg", AVG), ("min", MIN), ("max", MAX)):
         _CODES[id(aggregates.AGGREGATES[name])] = code

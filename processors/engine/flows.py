@@ -15,16 +15,17 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from processors.engine.columns import ColumnPlan, column_plan
+from processors.engine.composite import CompositeEngine, Discarded
+from processors.engine.windows import WindowOperator
 from streams import kernels
 from streams.actuation import Actuation
-from streams.composite import CompositeEngine, Discarded
 from streams.expressions import NOT_AVAILABLE, EvaluationError
 from streams.expressions.functions import to_text
-from streams.flows.columns import ColumnPlan, column_plan
 from streams.flows.compile import CompiledFlow, CompiledRule
 from streams.rejections import Rejection, RejectReason
 from streams.updates import SensorUpdate, StreamKey
-from streams.windows.operator import LateUpdate, WindowOperator, WindowResult
+from streams.windows.model import LateUpdate, WindowResult
 
 Clock = Callable[[], float]
 _UNKNOWN, _SLOW = object(), object()

@@ -24,62 +24,16 @@ import copy
 import heapq
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from dataclasses import replace as _replace
-from typing import Any, Literal
+from typing import Any
 
 from streams.windows.aggregates import Aggregate
 from streams.windows.keys import KeyState as _KeyState
+from streams.windows.model import MAX_CLOCKS, LateUpdate, Windowing, WindowResult
 
-WindowKind = Literal["tumbling", "hopping", "sliding", "session", "count"]
-MAX_CLOCKS = 1_000_000
-"""Keys whose clock is kept after their windows are all gone; past that, the clock of the key
-that advanced least recently is forgotten (such a key starts afresh if it comes back)."""
 MAX_EMPTY_WINDOWS = 10_000
 _END_OF_TIME = 2**62
 """Most empty windows emitted for one key at once (a long silence); the rest are skipped."""
-
-
-@dataclass(frozen=True)
-class Windowing:
-    kind: WindowKind
-    size: int  # ms (count windows: updates)
-    hop: int = 0  # hopping: ms between window starts; count: updates between firings
-    gap: int = 0  # session: ms of silence that ends a session
-    delay: int = 0  # ms the watermark trails the newest event time
-    allowed_lateness: int = 0
-    processing_time: bool = False
-    emit_empty: bool = False
-    idle: int | None = None  # ms of the unit's clock after which a silent key's windows fire
-
-    def windows(self, t: int) -> list[tuple[int, int]]:
-        """The [start, end) time windows that contain `t` (tumbling and hopping)."""
-        if self.kind == "tumbling":
-            start = t - t % self.size
-            return [(start, start + self.size)]
-        start = t - t % self.hop
-        out = []
-        while start + self.size > t:
-            out.append((start, start + self.size))
-            start -= self.hop
-        out.reverse()
-        return out
-
-
-@dataclass(frozen=True, slots=True)
-class WindowResult:
-    key: str
-    start: int
-    end: int
-    values: dict[str, Any]
-    updated: bool = False  # a re-firing after a late update within allowed lateness
-
-
-@dataclass(frozen=True, slots=True)
-class LateUpdate:
-    key: str
-    time: int
-    watermark: int
 
 
 Args = Sequence[Any]  # one argument value per aggregate (None: skip that aggregate)

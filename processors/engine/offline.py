@@ -14,9 +14,10 @@ from typing import Any, Protocol
 
 import orjson
 
+from processors.engine import engine_of
+from processors.engine.flows import FlowResult
 from streams.catalog import Catalog
 from streams.codec import update_document
-from streams.flows.engine import FlowResult
 from streams.registry import Registry
 from streams.rejections import InvalidUpdate, Rejection, RejectReason, no_updates
 from streams.updates import SensorUpdate, StreamKey
@@ -91,7 +92,7 @@ def run_offline(
     streams to it."""
     registry = registry or catalog.registry
     clock = _EventClock()
-    engine = catalog.engine(clock=clock)
+    engine = engine_of(catalog, clock=clock)
 
     def run(inputs: list[tuple[StreamKey, SensorUpdate]], flows: FlowResult) -> Iterator[Record]:
         yield from _records(flows)
