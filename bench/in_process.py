@@ -78,8 +78,12 @@ def twins() -> Iterator[None]:
 
     names = {
         "column_inputs": _windows_py.column_inputs,
+        "take_inputs": _windows_py.take_inputs,
+        "take_parts": _windows_py.take_parts,
+        "ingest_rows": _columnar_py.ingest_rows,
         "row_updates": _columnar_py.row_updates,
         "columnar_updates": _columnar_py.columnar_updates,
+        "columnar_fits": _columnar_py.columnar_fits,
         "fold_windows": _windows_py.fold_windows,
     }
     saved = {name: getattr(kernels, name) for name in names}

@@ -29,6 +29,7 @@ from streams import (
     decode,
     kernels,
 )
+from streams.accepted import ColumnRun, Updates
 from streams.codec import DEFAULT_MAX_PAYLOAD
 from streams.rejections import no_updates
 from streams.updates import StreamValidator
@@ -71,7 +72,8 @@ class DeadLetter:
 
 @dataclass(slots=True)
 class IngestBatch:
-    accepted: list[tuple[StreamKey, SensorUpdate]] = field(default_factory=list)
+    # rows, and the columnar messages' readings as column runs (streams.accepted)
+    accepted: Updates = field(default_factory=Updates)
     origins: list[Incoming] = field(default_factory=list)  # the message of each accepted
     dead_letters: list[DeadLetter] = field(default_factory=list)
 
@@ -130,7 +132,7 @@ class Ingest:
             log.exception("ingest kernel failed on a batch; validating its messages one by one")
             accepted, origins, slow = [], [], list(range(len(messages)))
         if not slow:
-            out = IngestBatch(accepted, origins)
+            out = IngestBatch(Updates(accepted), origins)
         else:
             out = self._merge(messages, accepted, slow, self._slow([messages[i] for i in slow],
                                                                    horizon))  # fmt: skip
@@ -185,13 +187,19 @@ class Ingest:
                 accepted = [update]
             else:
                 try:
+                    columns = validator.valid_columns(doc)
+                    if columns is not None and (horizon is None or max(columns[0]) <= horizon):
+                        # a columnar batch, all good: kept as columns, no object per reading
+                        out.accepted = Updates.of_run(ColumnRun(key, *columns))
+                        out.origins = [message] * len(out.accepted)
+                        continue
                     accepted, rejections = validator.document(doc)
                 except Exception as exc:
                     accepted, rejections = [], [internal_error(exc, key)]
                 if not accepted and not rejections:
                     rejections = [no_updates(*key)]
             if horizon is None or all(u.last_update <= horizon for u in accepted):
-                out.accepted = [(key, u) for u in accepted]  # a batch of many readings
+                out.accepted = Updates((key, u) for u in accepted)  # a batch of many readings
                 out.origins = [message] * len(accepted)
             else:
                 for u in accepted:

@@ -9,7 +9,7 @@ at a time, and the one that fails alone is dead-lettered `internal_error` with i
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -27,7 +27,7 @@ Message = Any  # a `streams.kernels.Publish`: compiled or its twin, the same att
 class Outputs:
     """What one batch produced, ready to publish."""
 
-    updates: list[tuple[StreamKey, SensorUpdate]] = field(default_factory=list)
+    updates: Sequence[tuple[StreamKey, SensorUpdate]] = field(default_factory=list)
     derived: list[tuple[StreamKey, SensorUpdate]] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     actuations: list[Actuation] = field(default_factory=list)
@@ -133,6 +133,8 @@ class Pipeline:
         for rejection, at in zip(flows.rejected, flows.rejected_at, strict=True):
             origin = origins[at] if at >= 0 else self._no_message(rejection)
             result.dead_letters.append(self.ingest.dead_letter(origin, rejection))
+        if self.chain is None:  # no processors: no item per update to make
+            return Outputs(result.accepted, flows.derived, result.dead_letters, flows.actuations)
         # for the processors: each update, then what the flows derived from it
         items: list[Item] = []
         derived = iter(zip(flows.derived, flows.derived_at, strict=True))

@@ -24,7 +24,7 @@ import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -411,7 +411,7 @@ class UnitRuntime:
         m.publishes_refused.inc(client.refused_publishes - self._seen[1])
         self._seen = (client.metrics_malformed, client.refused_publishes)
 
-    def _echoes(self, updates: list[tuple[StreamKey, SensorUpdate]]) -> list[tuple[str, bytes]]:
+    def _echoes(self, updates: Sequence[tuple[StreamKey, SensorUpdate]]) -> list[tuple[str, bytes]]:
         """The (topic, body) messages echoing a batch's accepted device updates: one per
         update, or with `republish.batch` one per stream (a list, ServIoTicy's batch form)."""
         if not self.republish.updates:

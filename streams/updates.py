@@ -322,6 +322,23 @@ class StreamValidator:
         except InvalidUpdate as exc:
             return [], [exc.rejection]
 
+    def valid_columns(self, doc: Any) -> tuple[list[int], list[str], list[list[Any]]] | None:
+        """A columnar batch whose every reading is good as it is, as (times, channel names,
+        columns), checked without an update object per reading; None for anything else
+        (`document` words what is wrong)."""
+        if type(doc) is not dict or type(doc.get("lastUpdate")) is not list:
+            return None
+        try:
+            times, names, columns = self._columns(doc)
+        except InvalidUpdate:
+            return None
+        kinds = self._kinds
+        if not times or any(n not in kinds for n in names):
+            return None
+        if not kernels.columnar_fits(times, columns, [kinds[n] for n in names]):
+            return None
+        return times, names, columns
+
     def _each(self, docs: Iterable[tuple[int, Any]]) -> tuple[list[SensorUpdate], list[Rejection]]:
         accepted: list[SensorUpdate] = []
         rejected: list[Rejection] = []

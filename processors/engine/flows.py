@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +19,7 @@ from processors.engine.columns import ColumnPlan, column_plan
 from processors.engine.composite import CompositeEngine, Discarded
 from processors.engine.windows import WindowOperator
 from streams import kernels
+from streams.accepted import Updates
 from streams.actuation import Actuation
 from streams.expressions import NOT_AVAILABLE, EvaluationError
 from streams.expressions.functions import to_text
@@ -157,11 +158,11 @@ class FlowEngine:
         """Run a batch; results say which input each came from (`FlowResult.derived_at`...)."""
         result = FlowResult()
         now = int(self.clock() * 1000)
-        batch = list(batch)
+        if not isinstance(batch, Updates):  # column runs stay columns on the folding path
+            batch = list(batch)
         known = self._foldable_keys
-        if self._all_fold or all(
-            known.get(key) or self._foldable(key) for key in {key for key, _ in batch}
-        ):
+        keys = batch.keys() if isinstance(batch, Updates) else {key for key, _ in batch}
+        if self._all_fold or all(known.get(key) or self._foldable(key) for key in keys):
             self._fold(batch, result)
         else:
             for i, (key, update) in enumerate(batch):
@@ -171,7 +172,7 @@ class FlowEngine:
         result._attribute(-1)
         return result
 
-    def _fold(self, batch: list[tuple[StreamKey, SensorUpdate]], result: FlowResult) -> None:
+    def _fold(self, batch: Sequence[tuple[StreamKey, SensorUpdate]], result: FlowResult) -> None:
         """`_pass` for a batch whose updates only feed foldable flows: each flow takes its
         part of the batch in one kernel call. Results come out in the order `_pass` would give:
         by input, then by flow, late updates before window results."""
@@ -293,14 +294,28 @@ class FlowEngine:
     def _take(
         self,
         flow: CompiledFlow,
-        batch: list[tuple[StreamKey, SensorUpdate]],
+        batch: Sequence[tuple[StreamKey, SensorUpdate]],
         events: list[tuple[int, int, int, int, Any]],
         position: int,
     ) -> tuple[list[int], list[str], list[int], list[list[Any]]] | None:
         """(indexes, window keys, times, argument rows) of the updates `flow` takes from the
         batch, in batch order. Inputs with a column plan (usually all of them, and all with the
-        same plan) are read by one kernel call per plan; the rest evaluate expressions."""
+        same plan) are read by one kernel call per plan; the rest evaluate expressions. Column
+        runs are read by column while every key read has one plan."""
         plans = self._key_plans.setdefault(flow.name, {})
+        if isinstance(batch, Updates):
+            keys = batch.keys()
+            for key in keys - plans.keys():
+                self._plan(flow, plans, key)
+            shapes = {plans[key] for key in keys} - {None}
+            first = next(iter(shapes)) if len(shapes) == 1 else None
+            if isinstance(first, ColumnPlan):
+                by_so = flow.key_mode == "so"
+                taken = kernels.take_parts(batch.parts, plans, first, first.where, first.channels,
+                                           by_so)  # fmt: skip
+                if taken is not None:
+                    return taken if taken[0] else None
+            batch = batch.rows()  # made into rows once, for every flow after this one too
         if batch:  # the common case, one kernel call: every key read has the first's plan
             first = plans.get(batch[0][0])
             if isinstance(first, ColumnPlan):
@@ -320,9 +335,7 @@ class FlowEngine:
                 last_key = key
                 plan = plans.get(key, _UNKNOWN)
                 if plan is _UNKNOWN:
-                    program = flow.inputs.get(key)
-                    plan = None if program is None else column_plan(flow, program) or _SLOW
-                    plan = plans[key] = self._interned.setdefault(plan, plan)  # one per shape
+                    plan = self._plan(flow, plans, key)
                 if plan is not last_plan:  # most keys share one plan
                     last_plan = plan
                     if plan is not None and plan is not _SLOW:
@@ -351,6 +364,14 @@ class FlowEngine:
             return None
         fed.sort(key=lambda f: f[0])
         return [f[0] for f in fed], [f[1] for f in fed], [f[2] for f in fed], [f[3] for f in fed]
+
+    def _plan(self, flow: CompiledFlow, plans: dict[StreamKey, Any], key: StreamKey) -> Any:
+        """How `flow` reads `key`'s updates: a column plan, _SLOW (expressions), or None (it
+        does not read them); worked out once per key, one object per shape."""
+        program = flow.inputs.get(key)
+        plan = None if program is None else column_plan(flow, program) or _SLOW
+        plans[key] = plan = self._interned.setdefault(plan, plan)
+        return plan
 
     def _feed_one(
         self,

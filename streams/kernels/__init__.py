@@ -51,6 +51,7 @@ _modules = _compiled()
 COMPILED = _modules is not None
 columnar, frames, windows = _modules or (_columnar_py, _frames_py, _windows_py)
 columnar_updates = columnar.columnar_updates
+columnar_fits = columnar.columnar_fits
 row_updates = columnar.row_updates
 ingest_rows = columnar.ingest_rows
 split_frames = frames.split_frames
@@ -60,6 +61,7 @@ Publish = frames.Publish
 fold_windows = windows.fold_windows
 column_inputs = windows.column_inputs
 take_inputs = windows.take_inputs
+take_parts = windows.take_parts
 
 __all__ = [
     "COMPILED",
@@ -67,6 +69,7 @@ __all__ = [
     "FrameError",
     "Publish",
     "column_inputs",
+    "columnar_fits",
     "columnar_updates",
     "fold_windows",
     "ingest_rows",
@@ -75,4 +78,5 @@ __all__ = [
     "row_updates",
     "split_frames",
     "take_inputs",
+    "take_parts",
 ]

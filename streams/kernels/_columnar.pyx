@@ -27,6 +27,24 @@ cdef inline bint _fits(object v, int kind):
     return False
 
 
+def columnar_fits(list times, list columns, list kinds):
+    cdef Py_ssize_t i, j, n = len(times), m = len(columns)
+    cdef object t
+    cdef list column
+    cdef int kind
+    for i in range(n):
+        t = times[i]
+        if not (type(t) is int and SECONDS_BELOW <= t <= MAX_LAST_UPDATE):
+            return False
+    for j in range(m):
+        column = <list>columns[j]
+        kind = kinds[j]
+        for i in range(len(column)):
+            if not _fits(column[i], kind):
+                return False
+    return True
+
+
 def columnar_updates(list times, list names, list columns, list kinds, object make,
                      object fallback, object invalid):
     cdef list accepted = []

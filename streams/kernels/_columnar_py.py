@@ -33,6 +33,15 @@ def _fits(v: Any, kind: int) -> bool:
     return False
 
 
+def columnar_fits(times: list[Any], columns: list[list[Any]], kinds: list[int]) -> bool:
+    """Whether every reading of a columnar batch is good as it is (times in ms, every value of
+    its channel's kind): then it needs no update object per reading to be checked."""
+    if not all(type(t) is int and SECONDS_BELOW <= t <= MAX_LAST_UPDATE for t in times):
+        return False
+    return all(_fits(v, kind) for column, kind in zip(columns, kinds, strict=True)
+               for v in column)  # fmt: skip
+
+
 def columnar_updates(
     times: list[Any],
     names: list[str],

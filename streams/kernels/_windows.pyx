@@ -250,3 +250,64 @@ def take_inputs(list batch, dict plans, object plan, object where, object channe
             row.append(True if ch is None else values.get(ch))
         rows.append(row)
     return index, groups, times, rows
+
+
+def take_parts(list parts, dict plans, object plan, object where, object channel_names,
+               bint by_so):
+    cdef list index = [], groups = [], times = [], rows = [], row, part_times, test = None
+    cdef list args
+    cdef tuple channels = tuple(channel_names), taken
+    cdef Py_ssize_t at = 0, i, j, n, m = len(channels)
+    cdef object part, found, v, c = None, ch, col, wch = None, group
+    cdef int op = 0, cmp_op = 0
+    cdef dict column_of
+    if where is not None:
+        wch, op, c = where
+        cmp_op = (Py_LT, Py_LE, Py_GT, Py_GE)[op]
+    for part in parts:
+        if type(part) is list:
+            found = take_inputs(<list>part, plans, plan, where, channel_names, by_so)
+            if found is None:
+                return None
+            taken = <tuple>found
+            for i in <list>taken[0]:
+                index.append(at + i)
+            groups += <list>taken[1]
+            times += <list>taken[2]
+            rows += <list>taken[3]
+            at += len(<list>part)
+            continue
+        found = plans.get(part.key, _MISSING)
+        if found is not None and found is not plan:
+            return None
+        part_times = part.times
+        n = len(part_times)
+        if found is None:
+            at += n
+            continue
+        column_of = dict(zip(part.names, part.columns))
+        args = [None if ch is None else column_of.get(ch) for ch in channels]
+        if wch is not None:
+            test = column_of.get(wch)
+            if test is None:  # the channel is not in this message: never kept
+                at += n
+                continue
+        group = (<tuple>part.key)[0] if by_so else ""
+        for i in range(n):
+            if wch is not None:
+                v = test[i]
+                if type(v) is not int and type(v) is not float:
+                    return None
+                if not PyObject_RichCompareBool(v, c, cmp_op):
+                    continue
+            index.append(at + i)
+            groups.append(group)
+            times.append(part_times[i])
+            row = []
+            for j in range(m):
+                col = args[j]
+                row.append(True if channels[j] is None else None if col is None
+                           else (<list>col)[i])
+            rows.append(row)
+        at += n
+    return index, groups, times, rows

@@ -106,3 +106,61 @@ def take_inputs(
 
 
 _MISSING = object()
+
+
+def take_parts(
+    parts: Sequence[Any],
+    plans: dict[Any, Any],
+    plan: Any,
+    where: tuple[str, int, Any] | None,
+    channels: Sequence[str | None],
+    by_so: bool,
+) -> tuple[list[int], list[str], list[int], list[list[Any]]] | None:
+    """`take_inputs` over `streams.accepted.Updates` parts: lists of (key, update) rows, and
+    column runs (`key`, `times`, `names`, `columns`: every cell present) read by column,
+    without an update object per reading. Positions count rows across the parts."""
+    index: list[int] = []
+    groups: list[str] = []
+    times: list[int] = []
+    rows: list[list[Any]] = []
+    at = 0
+    for part in parts:
+        if type(part) is list:
+            taken = take_inputs(part, plans, plan, where, channels, by_so)
+            if taken is None:
+                return None
+            index.extend(at + i for i in taken[0])
+            groups += taken[1]
+            times += taken[2]
+            rows += taken[3]
+            at += len(part)
+            continue
+        found = plans.get(part.key, _MISSING)
+        if found is not None and found is not plan:
+            return None
+        n = len(part.times)
+        if found is None:
+            at += n
+            continue
+        column_of = dict(zip(part.names, part.columns, strict=True))
+        args = [None if ch is None else column_of.get(ch) for ch in channels]
+        test = None if where is None else column_of.get(where[0])
+        group = part.key.so if by_so else ""
+        for i in range(n):
+            if where is not None:
+                if test is None:  # the channel is not in this message: never kept
+                    break
+                v = test[i]
+                if type(v) is not int and type(v) is not float:
+                    return None
+                op, c = where[1], where[2]
+                if not (v < c if op == LT else v <= c if op == LE else v > c if op == GT
+                        else v >= c):  # fmt: skip
+                    continue
+            index.append(at + i)
+            groups.append(group)
+            times.append(part.times[i])
+            rows.append([True if ch is None else None if col is None else col[i]
+                         for ch, col in zip(channels, args, strict=True)])  # fmt: skip
+        at += n
+    return index, groups, times, rows

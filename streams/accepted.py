@@ -1,0 +1,171 @@
+"""Accepted updates in arrival order, as rows or as column runs.
+
+A device message in the columnar form (`{"lastUpdate": [...], "channels": {"t": [...]}}`)
+whose every reading is valid is kept as it was decoded: one `ColumnRun`, its times and one
+list per channel, with no object per reading. `Updates` strings rows and runs together in
+arrival order and reads as a sequence of `(StreamKey, SensorUpdate)` rows: a run's
+`SensorUpdate` objects are made only when something reads it as rows (the echo, a plug-in,
+a composite stream), while the flows' window kernels read its columns directly
+(`kernels.take_parts`).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, overload
+
+from streams.updates import SensorUpdate, StreamKey
+
+Row = tuple[StreamKey, SensorUpdate]
+
+
+class ColumnRun:
+    """The readings of one columnar message, all valid: times (ms) and one column per channel,
+    every cell present."""
+
+    __slots__ = ("columns", "key", "names", "times")
+
+    def __init__(
+        self, key: StreamKey, times: list[int], names: list[str], columns: list[list[Any]]
+    ) -> None:
+        self.key = key
+        self.times = times
+        self.names = names
+        self.columns = columns
+
+    def __len__(self) -> int:
+        return len(self.times)
+
+    def row(self, i: int) -> Row:
+        channels = {n: column[i] for n, column in zip(self.names, self.columns, strict=True)}
+        return self.key, SensorUpdate(channels, self.times[i])
+
+    def rows(self) -> list[Row]:
+        key, names = self.key, self.names
+        return [
+            (key, SensorUpdate(dict(zip(names, values, strict=True)), t))
+            for t, *values in zip(self.times, *self.columns, strict=True)
+        ]
+
+    def __repr__(self) -> str:
+        return f"ColumnRun({self.key.so}/{self.key.stream}, {len(self)} readings)"
+
+
+Part = list[Row] | ColumnRun
+
+
+class Updates(Sequence[Row]):
+    """Rows and column runs in arrival order, read as rows (made once, when first read)."""
+
+    __slots__ = ("_ends", "_len", "_rows", "parts")
+
+    def __init__(self, rows: Iterable[Row] = ()) -> None:
+        self.parts: list[Part] = []  # each a list of rows or a ColumnRun, in arrival order
+        self._ends: list[int] = []  # the number of rows up to the end of each part
+        self._len = 0
+        self._rows: list[Row] | None = None  # every row, once read as rows
+        self.extend(rows)
+
+    @classmethod
+    def of_run(cls, run: ColumnRun) -> Updates:
+        out = cls()
+        out._add(run, len(run))
+        return out
+
+    def _add(self, part: Part, n: int) -> None:
+        if not n:
+            return
+        self.parts.append(part)
+        self._len += n
+        self._ends.append(self._len)
+        self._rows = None
+
+    def append(self, row: Row) -> None:
+        last = self.parts[-1] if self.parts else None
+        if type(last) is list:
+            last.append(row)
+            self._len += 1
+            self._ends[-1] = self._len
+            self._rows = None
+        else:
+            self._add([row], 1)
+
+    def extend(self, rows: Iterable[Row]) -> None:
+        if isinstance(rows, Updates):
+            for part in rows.parts:
+                self._add(list(part) if type(part) is list else part, len(part))
+            return
+        rows = list(rows)
+        last = self.parts[-1] if self.parts else None
+        if type(last) is list and rows:
+            last.extend(rows)
+            self._len += len(rows)
+            self._ends[-1] = self._len
+            self._rows = None
+        else:
+            self._add(rows, len(rows))
+
+    def __iadd__(self, rows: Iterable[Row]) -> Updates:
+        self.extend(rows)
+        return self
+
+    @property
+    def has_runs(self) -> bool:
+        return any(type(part) is not list for part in self.parts)
+
+    def keys(self) -> set[StreamKey]:
+        """The streams these updates belong to, without reading runs as rows."""
+        out: set[StreamKey] = set()
+        for part in self.parts:
+            if isinstance(part, list):
+                out.update(key for key, _ in part)
+            else:
+                out.add(part.key)
+        return out
+
+    def rows(self) -> list[Row]:
+        """Every update as a (key, SensorUpdate) row (runs are made into rows once)."""
+        if self._rows is None:
+            if len(self.parts) == 1 and type(self.parts[0]) is list:
+                self._rows = self.parts[0]
+            else:
+                rows: list[Row] = []
+                for part in self.parts:
+                    rows.extend(part if isinstance(part, list) else part.rows())
+                self._rows = rows
+        return self._rows
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __iter__(self) -> Iterator[Row]:
+        return iter(self.rows())
+
+    @overload
+    def __getitem__(self, i: int) -> Row: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[Row]: ...
+
+    def __getitem__(self, i: int | slice) -> Row | list[Row]:
+        if isinstance(i, slice) or self._rows is not None:
+            return self.rows()[i]
+        if i < 0:
+            i += self._len
+        if not 0 <= i < self._len:
+            raise IndexError("update index out of range")
+        at = bisect_right(self._ends, i)  # one row, without making the others
+        part = self.parts[at]
+        offset = i - (self._ends[at - 1] if at else 0)
+        return part[offset] if isinstance(part, list) else part.row(offset)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Updates | list):
+            return self.rows() == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Updates({self.parts!r})"

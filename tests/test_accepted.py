@@ -1,0 +1,182 @@
+"""Columns through: a columnar message whose readings are all valid is kept as a column run,
+no object per reading, and the flows read its columns. Everything must come out exactly as
+when every reading is a row: the rows themselves, and what the flows compute from them."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from processors.engine import engine_of
+from processors.ingest import Ingest, RawMessage
+from streams import SensorUpdate, StreamKey, kernels
+from streams.accepted import ColumnRun, Updates
+from streams.kernels import _columnar_py, _windows_py
+from tests.test_flows import FOLDED, T0, _catalog, numbers, su
+
+S1, S2 = StreamKey("s1", "data"), StreamKey("s2", "data")
+COLUMNS = """\
+flows:
+  avg-by-so:
+    from: "s*/data"
+    where: "t > -50"
+    window: {tumbling: 10s}
+    watermark: {delay: 3s, lateness: 15s}
+    aggregates: {avg: avg(t), sum: sum(t), lo: min(t), hi: max(t), n: count()}
+    into: "{so}/stats"
+  all:
+    from: "s*/data"
+    key: none
+    where: "10 >= t"
+    window: {tumbling: 5s}
+    aggregates: {n: count(), hi: max(t), last: last(zone)}
+    into: "hub/all"
+"""
+
+
+def _run(key: StreamKey, readings: list[tuple[int, Any, str]]) -> ColumnRun:
+    return ColumnRun(key, [T0 + t for t, _, _ in readings], ["t", "zone"],
+                     [[v for _, v, _ in readings], [z for *_, z in readings]])  # fmt: skip
+
+
+def test_updates_read_as_the_rows_they_hold() -> None:
+    run = _run(S2, [(1, 1.5, "a"), (2, 7, "b")])
+    rows = [(S1, su(T0, t=0, zone="x")), (S2, su(T0 + 1, t=1.5, zone="a")),
+            (S2, su(T0 + 2, t=7, zone="b")), (S1, su(T0 + 3, zone="y"))]  # fmt: skip
+    updates = Updates([rows[0]])
+    updates += Updates.of_run(run)
+    updates.append(rows[3])
+    assert len(updates) == 4 and updates.has_runs and updates.keys() == {S1, S2}
+    assert updates[2] == rows[2] and updates[-1] == rows[3]  # one row, the others not made
+    assert updates._rows is None
+    assert updates == rows and list(updates) == rows and updates[1:3] == rows[1:3]
+    with pytest.raises(IndexError):
+        updates[4]
+    copy = Updates()
+    copy.extend(updates)
+    copy.extend([rows[0]])
+    assert copy == [*rows, rows[0]] and updates == rows  # extending did not change the first
+    assert Updates() == [] and not Updates() and Updates(rows[:1]) == rows[:1]
+
+
+@contextlib.contextmanager
+def _twins(on: bool) -> Iterator[None]:
+    names = ["fold_windows", "column_inputs", "take_inputs", "take_parts"]
+    saved = {n: getattr(kernels, n) for n in names}
+    if on:
+        for n in names:
+            setattr(kernels, n, getattr(_windows_py, n))
+        kernels.columnar_fits = _columnar_py.columnar_fits
+    try:
+        yield
+    finally:
+        for n, kernel in saved.items():
+            setattr(kernels, n, kernel)
+        kernels.columnar_fits = kernels.columnar.columnar_fits
+
+
+_message = st.tuples(
+    st.sampled_from([S1, S2]),
+    st.lists(
+        st.tuples(st.integers(0, 60_000), numbers, st.sampled_from(["a", "b"])),
+        min_size=1,
+        max_size=8,
+    ),
+    st.booleans(),  # a column run, or rows (a row may lack t)
+)
+
+
+@pytest.mark.parametrize("flows", ["columns", "mixed"])
+@pytest.mark.parametrize("twins", [False, True], ids=["compiled", "twins"])
+@settings(max_examples=80, deadline=None)
+@given(messages=st.lists(_message, max_size=12), cut=st.integers(1, 6))
+def test_the_flows_give_the_same_from_column_runs_as_from_rows(
+    tmp_path_factory: pytest.TempPathFactory, flows: str, twins: bool,
+    messages: list[tuple[StreamKey, list[tuple[int, Any, str]], bool]], cut: int,
+) -> None:  # fmt: skip
+    text = COLUMNS if flows == "columns" else FOLDED % {"delay": "3s", "lateness": "15s"}
+    catalog, problems = _catalog(tmp_path_factory.mktemp("columns"), text)
+    assert problems == []
+    as_runs, as_rows = engine_of(catalog, clock=lambda: 0.0), engine_of(catalog, clock=lambda: 0.0)
+    with _twins(twins):
+        for i in range(0, len(messages), cut):
+            updates, rows = Updates(), []
+            for key, readings, run in messages[i : i + cut]:
+                if run:
+                    updates += Updates.of_run(_run(key, readings))
+                    rows += _run(key, readings).rows()
+                    continue
+                for t, v, z in readings:
+                    row = (key, su(T0 + t, **({"t": v} if v != 0 else {}), zone=z))
+                    updates.append(row)
+                    rows.append(row)
+            got, want = as_runs.process(updates), as_rows.process(rows)
+            assert (got.derived, got.derived_at, got.rejected, got.rejected_at) == (
+                want.derived, want.derived_at, want.rejected, want.rejected_at)  # fmt: skip
+            assert [(x.key, x.update, x.rejection) for x in got.late] == [
+                (x.key, x.update, x.rejection) for x in want.late]  # fmt: skip
+            assert got.late_at == want.late_at
+            if flows == "columns" and updates.has_runs:
+                assert updates._rows is None  # the runs were read as columns, never as rows
+    assert as_runs.snapshot() == as_rows.snapshot()
+
+
+def _messages(docs: list[tuple[StreamKey, Any]]) -> list[RawMessage]:
+    return [RawMessage(f"{k.so}/streams/{k.stream}", orjson.dumps(d)) for k, d in docs]
+
+
+def test_ingest_keeps_a_good_columnar_message_as_columns(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    catalog, _ = _catalog(tmp_path_factory.mktemp("ingest"), COLUMNS)
+    docs = [
+        (S1, {"lastUpdate": [T0, T0 + 1], "channels": {"t": [1, 2.5], "zone": ["a", "b"]}}),
+        (S2, {"lastUpdate": T0, "channels": {"t": {"current-value": 3}}}),
+        # a bad cell, times in seconds: the validator's way, reading by reading
+        (S1, {"lastUpdate": [T0, T0 + 1], "channels": {"t": [1, "x"], "zone": ["a", "b"]}}),
+        (S1, {"lastUpdate": [1_700_006_400, 1_700_006_401], "channels": {"t": [1, 2]}}),
+        (S2, {"lastUpdate": [T0 + 2], "channels": {"zone": ["c"]}}),  # only some channels
+        (S2, {"lastUpdate": [], "channels": {"t": []}}),
+    ]
+    result = Ingest(catalog.registry).batch(_messages(docs))
+    accepted = result.accepted
+    assert [type(p).__name__ for p in accepted.parts] == [
+        "ColumnRun", "list", "list", "list", "ColumnRun"]  # fmt: skip
+    assert accepted == [
+        (S1, SensorUpdate({"t": 1, "zone": "a"}, T0)),
+        (S1, SensorUpdate({"t": 2.5, "zone": "b"}, T0 + 1)),
+        (S2, SensorUpdate({"t": 3}, T0)),
+        (S1, SensorUpdate({"t": 1, "zone": "a"}, T0)),
+        (S1, SensorUpdate({"t": 1}, T0)),
+        (S1, SensorUpdate({"t": 2}, T0 + 1_000)),
+        (S2, SensorUpdate({"zone": "c"}, T0 + 2)),
+    ]
+    assert [m.payload for m in result.origins] == [m.payload for m in _messages(
+        [docs[0], docs[0], docs[1], docs[2], docs[3], docs[3], docs[4]])]  # fmt: skip
+    # the rejections, worded by the validator as before
+    validator = catalog.registry.validator(S1.so, S1.stream)
+    assert [d.rejection for d in result.dead_letters] == [
+        validator.document(docs[2][1])[1][0],
+        Ingest(catalog.registry).batch(_messages([docs[5]])).dead_letters[0].rejection,
+    ]
+    assert [d.rejection.reason.value for d in result.dead_letters] == [
+        "wrong_type", "no_updates"]  # fmt: skip
+
+
+def test_a_columnar_message_from_the_future_is_read_row_by_row() -> None:
+    import tempfile
+    from pathlib import Path
+
+    catalog, _ = _catalog(Path(tempfile.mkdtemp()), COLUMNS)
+    ingest = Ingest(catalog.registry, clock=lambda: T0 / 1000, max_future_ms=1_000)
+    doc = {"lastUpdate": [T0, T0 + 5_000], "channels": {"t": [1, 2], "zone": ["a", "b"]}}
+    result = ingest.batch(_messages([(S1, doc)]))
+    assert [type(p).__name__ for p in result.accepted.parts] == ["list"]
+    assert result.accepted == [(S1, SensorUpdate({"t": 1, "zone": "a"}, T0))]
+    assert [d.rejection.reason.value for d in result.dead_letters] == ["future_timestamp"]
