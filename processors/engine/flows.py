@@ -180,19 +180,24 @@ class FlowEngine:
         for position, flow in enumerate(self.flows):
             if flow.name not in self._folding:
                 continue
-            taken = self._take(flow, batch, events, position)
-            if taken is None:
-                continue
-            index, groups, times, args = taken
-            operator = self.operators[flow.name]
-            operator.touch(groups)  # the kernel changes these keys' state
-            fired, late = kernels.fold_windows(operator, groups, times, args)
-            for j, item in late:
-                key, update = batch[index[j]]
-                events.append((index[j], position, 1, len(events),
+            folded = self._fold_parts(flow, batch) if isinstance(batch, Updates) else None
+            if folded is None:
+                taken = self._take(flow, batch, events, position)
+                if taken is None:
+                    continue
+                index, groups, times, args = taken
+                operator = self.operators[flow.name]
+                operator.touch(groups)  # the kernel changes these keys' state
+                by_index = kernels.fold_windows(operator, groups, times, args)
+                folded = ([(index[j], w) for j, w in by_index[0]],
+                          [(index[j], x) for j, x in by_index[1]])  # fmt: skip
+            fired, late = folded
+            for i, item in late:
+                key, update = batch[i]
+                events.append((i, position, 1, len(events),
                                Late(key, update, self._late(flow, key, item))))  # fmt: skip
-            for j, window in fired:
-                events.append((index[j], position, 2, len(events), (flow, window)))
+            for i, window in fired:
+                events.append((i, position, 2, len(events), (flow, window)))
         events.sort(key=lambda e: e[:4])
         for i, _, kind, _, what in events:
             if kind == 0:
@@ -290,6 +295,27 @@ class FlowEngine:
         for item in late:
             result.late.append(Late(key, update, self._late(flow, key, item)))
         return self._emit(flow, fired, result)
+
+    def _fold_parts(
+        self, flow: CompiledFlow, batch: Updates
+    ) -> tuple[list[tuple[int, WindowResult]], list[tuple[int, LateUpdate]]] | None:
+        """The batch folded into `flow`'s windows in one kernel call that reads column runs by
+        column (`kernels.fold_parts`): (fired, late), each with its update's position. None,
+        having folded nothing, unless every stream the flow reads in it has one column plan."""
+        plans = self._key_plans.setdefault(flow.name, {})
+        keys = batch.keys()
+        for key in keys - plans.keys():
+            self._plan(flow, plans, key)
+        shapes = {plans[key] for key in keys} - {None}
+        plan = next(iter(shapes)) if len(shapes) == 1 else None
+        if not isinstance(plan, ColumnPlan):
+            return None
+        operator = self.operators[flow.name]
+        by_so = flow.key_mode == "so"
+        operator.touch({k.so for k in keys if plans[k] is plan} if by_so else [""])
+        folded: Any = kernels.fold_parts(operator, batch.parts, plans, plan, plan.where,
+                                         plan.channels, by_so)  # fmt: skip
+        return folded  # type: ignore[no-any-return]
 
     def _take(
         self,

@@ -62,6 +62,7 @@ fold_windows = windows.fold_windows
 column_inputs = windows.column_inputs
 take_inputs = windows.take_inputs
 take_parts = windows.take_parts
+fold_parts = windows.fold_parts
 
 __all__ = [
     "COMPILED",
@@ -71,6 +72,7 @@ __all__ = [
     "column_inputs",
     "columnar_fits",
     "columnar_updates",
+    "fold_parts",
     "fold_windows",
     "ingest_rows",
     "puback_frames",

@@ -89,34 +89,46 @@ cdef void _add(list accs, list aggs, int* codes, object args, object t) except *
         accs[i] = agg.add(acc, value, t)
 
 
-def fold_windows(object operator, list groups, list times, list args):
-    cdef object spec = operator.spec
-    if not operator._indexed or spec.processing_time:
-        return _twin(operator, groups, times, args)
-    if _KeyState is None:
-        _load()
-    cdef list fired = [], late = []
-    cdef Py_ssize_t i, n = len(groups), j, m = len(operator.aggregates)
-    cdef long long step, t, size = spec.size, hop = spec.hop, delay = spec.delay
-    cdef long long lateness = spec.allowed_lateness, watermark = 0, max_time = 0, start, r
-    cdef bint tumbling = spec.kind == "tumbling", has_max, accepted
-    cdef dict keys = operator.keys, clocks = operator.clocks, windows
-    cdef list aggs = [agg for _, agg in operator.aggregates], accs, due, expiry, starts
+cdef class _Folder:
+    """One operator's batch: the per-update work of `WindowOperator.process` for tumbling and
+    hopping windows, what fired and what was late collected with each update's position."""
+    cdef object owner
+    cdef dict keys, clocks
+    cdef list aggs
+    cdef list fired, late
     cdef int[32] codes
-    cdef object key, state, window, accs_obj, py_t, clock
-    cdef Py_ssize_t clocks_max = _MAX_CLOCKS
-    cdef Py_ssize_t late_here
-    if m > 32:
-        return _twin(operator, groups, times, args)
-    for j in range(m):
-        codes[j] = _CODES.get(id(aggs[j]), GENERIC)
-    for i in range(n):
-        key = groups[i]
-        py_t = times[i]
-        t = py_t
-        state = keys.get(key)
+    cdef long long size, hop, delay, lateness
+    cdef bint tumbling
+    cdef Py_ssize_t clocks_max
+
+    def __cinit__(self, object owner):
+        cdef object spec = owner.spec
+        cdef Py_ssize_t j
+        self.owner = owner
+        self.keys = owner.keys
+        self.clocks = owner.clocks
+        self.aggs = [agg for _, agg in owner.aggregates]
+        self.fired = []
+        self.late = []
+        self.size, self.hop, self.delay = spec.size, spec.hop, spec.delay
+        self.lateness = spec.allowed_lateness
+        self.tumbling = spec.kind == "tumbling"
+        self.clocks_max = _MAX_CLOCKS
+        for j in range(min(len(self.aggs), 32)):
+            self.codes[j] = _CODES.get(id(self.aggs[j]), GENERIC)
+
+    cdef int add(self, object key, object py_t, object args, Py_ssize_t i) except -1:
+        cdef long long step, t = py_t, watermark = 0, max_time = 0, start, r
+        cdef long long size = self.size, hop = self.hop, delay = self.delay
+        cdef bint has_max, accepted
+        cdef dict windows, clocks = self.clocks
+        cdef list due, expiry, starts
+        cdef object state, window, accs_obj, clock, result
+        cdef object owner = self.owner
+        cdef Py_ssize_t j
+        state = self.keys.get(key)
         if state is None:
-            state = keys[key] = _KeyState()
+            state = self.keys[key] = _KeyState()
         windows = state.windows
         due = state.due
         clock = clocks.get(key)  # each key's own clock: one device moves only its windows
@@ -125,7 +137,7 @@ def fold_windows(object operator, list groups, list times, list args):
             max_time = clock
             watermark = max_time - delay
         # the [start, end) windows holding t, oldest first (Python's floor modulo)
-        step = size if tumbling else hop
+        step = size if self.tumbling else hop
         r = t % step
         if r < 0:
             r += step
@@ -133,45 +145,158 @@ def fold_windows(object operator, list groups, list times, list args):
         starts = []
         while start + size > t:
             starts.append(start)
-            if tumbling:
+            if self.tumbling:
                 break
             start -= hop
         accepted = False
         for j in range(len(starts) - 1, -1, -1):
             start = starts[j]
-            if has_max and start + size + lateness <= watermark:
+            if has_max and start + size + self.lateness <= watermark:
                 continue
             window = (start, start + size)
             accs_obj = windows.get(window)
             if accs_obj is None:
-                accs_obj = windows[window] = [agg.initial() for agg in aggs]
+                accs_obj = windows[window] = [agg.initial() for agg in self.aggs]
                 _heappush(due, (start + size, start))
-            _add(<list>accs_obj, aggs, codes, args[i], py_t)
+            _add(<list>accs_obj, self.aggs, self.codes, args, py_t)
             accepted = True
             if window in state.fired:  # a late update within allowed lateness
-                fired.append((i, _WindowResult(key, start, start + size,
-                                               operator._values(accs_obj, start, start + size),
-                                               updated=True)))
+                self.fired.append((i, _WindowResult(key, start, start + size,
+                                                    owner._values(accs_obj, start, start + size),
+                                                    updated=True)))
         if not accepted:
-            late.append((i, _LateUpdate(key, py_t, watermark if has_max else py_t)))
-            operator.late_count += 1
+            self.late.append((i, _LateUpdate(key, py_t, watermark if has_max else py_t)))
+            owner.late_count += 1
         if state.next_empty is None:
             state.next_empty = starts[len(starts) - 1]
-        if not has_max or t > max_time:  # operator._advance, inline: the key's clock moves
+        if not has_max or t > max_time:  # owner._advance, inline: the key's clock moves
             if has_max:
                 del clocks[key]  # re-inserted: the dict's order is by last advance
             clocks[key] = py_t
-            if operator.max_time is None or py_t > operator.max_time:
-                operator.max_time = py_t
-            if len(clocks) > clocks_max:
-                operator._forget_clocks()
+            if owner.max_time is None or py_t > owner.max_time:
+                owner.max_time = py_t
+            if len(clocks) > self.clocks_max:
+                owner._forget_clocks()
             watermark = t - delay
             expiry = state.expiry
             if (due and (<tuple>due[0])[0] <= watermark) or (
                     expiry and (<tuple>expiry[0])[0] <= watermark):
-                for result in operator.fire_key(key, state, watermark):
-                    fired.append((i, result))
-    return fired, late
+                for result in owner.fire_key(key, state, watermark):
+                    self.fired.append((i, result))
+        return 0
+
+
+cdef inline bint _foldable(object operator):
+    return operator._indexed and not operator.spec.processing_time and len(operator.aggregates) <= 32
+
+
+def fold_windows(object operator, list groups, list times, list args):
+    if not _foldable(operator):
+        return _twin(operator, groups, times, args)
+    if _KeyState is None:
+        _load()
+    cdef _Folder folder = _Folder(operator)
+    cdef Py_ssize_t i, n = len(groups)
+    for i in range(n):
+        folder.add(groups[i], times[i], args[i], i)
+    return folder.fired, folder.late
+
+
+def fold_parts(object operator, list parts, dict plans, object plan, object where,
+               object channel_names, bint by_so):
+    """`take_parts` and `fold_windows` in one pass: column runs are folded straight from their
+    columns, without an argument row per reading. None where `take_parts` would give None,
+    or the operator is not one `fold_windows` folds in C (the caller's general path)."""
+    if not _foldable(operator):
+        return None
+    if _KeyState is None:
+        _load()
+    cdef _Folder folder = _Folder(operator)
+    cdef list row, part_times, test = None, args, column
+    cdef tuple channels = tuple(channel_names), item
+    cdef Py_ssize_t at = 0, i, j, n, m = len(channels)
+    cdef object part, found, v, c = None, ch, wch = None, group, key, update, last_key = None
+    cdef object last_found = None
+    cdef dict values, column_of
+    cdef int op = 0, cmp_op = 0
+    if where is not None:
+        wch, op, c = where
+        cmp_op = (Py_LT, Py_LE, Py_GT, Py_GE)[op]
+    # First, whether this batch is ours at all: nothing is folded before that is known.
+    for part in parts:
+        if type(part) is list:
+            for item in <list>part:
+                found = plans.get(item[0], _MISSING)
+                if found is None:
+                    continue
+                if found is not plan:
+                    return None
+                if wch is not None:
+                    v = (<dict>item[1].channels).get(wch)
+                    if v is not None and type(v) is not int and type(v) is not float:
+                        return None
+            continue
+        found = plans.get(part.key, _MISSING)
+        if found is None:
+            continue
+        if found is not plan:
+            return None
+        if wch is not None:
+            test = dict(zip(part.names, part.columns)).get(wch)
+            if test is not None:
+                for v in test:
+                    if type(v) is not int and type(v) is not float:
+                        return None
+    for part in parts:
+        if type(part) is list:
+            n = len(<list>part)
+            for i in range(n):
+                item = <tuple>(<list>part)[i]
+                key = item[0]
+                if key is last_key:
+                    found = last_found
+                else:
+                    found = plans.get(key, _MISSING)
+                    last_key, last_found = key, found
+                if found is None:
+                    continue
+                update = item[1]
+                values = update.channels
+                if wch is not None:
+                    v = values.get(wch)
+                    if v is None or not PyObject_RichCompareBool(v, c, cmp_op):
+                        continue
+                row = []
+                for j in range(m):
+                    ch = channels[j]
+                    row.append(True if ch is None else values.get(ch))
+                folder.add((<tuple>key)[0] if by_so else "", update.last_update, row, at + i)
+            at += n
+            continue
+        found = plans.get(part.key, _MISSING)
+        part_times = part.times
+        n = len(part_times)
+        if found is None:
+            at += n
+            continue
+        column_of = dict(zip(part.names, part.columns))
+        args = [None if ch is None else column_of.get(ch) for ch in channels]
+        if wch is not None:
+            test = column_of.get(wch)
+            if test is None:  # the channel is not in this message: never kept
+                at += n
+                continue
+        group = (<tuple>part.key)[0] if by_so else ""
+        row = [None] * m  # one row, refilled: _add reads it and keeps nothing of it
+        for i in range(n):
+            if wch is not None and not PyObject_RichCompareBool(test[i], c, cmp_op):
+                continue
+            for j in range(m):
+                column = args[j]
+                row[j] = True if channels[j] is None else None if column is None else column[i]
+            folder.add(group, part_times[i], row, at + i)
+        at += n
+    return folder.fired, folder.late
 
 
 def column_inputs(list updates, object where, object channel_names):

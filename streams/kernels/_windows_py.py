@@ -164,3 +164,23 @@ def take_parts(
                          for ch, col in zip(channels, args, strict=True)])  # fmt: skip
         at += n
     return index, groups, times, rows
+
+
+def fold_parts(
+    operator: Any,
+    parts: Sequence[Any],
+    plans: dict[Any, Any],
+    plan: Any,
+    where: tuple[str, int, Any] | None,
+    channels: Sequence[str | None],
+    by_so: bool,
+) -> tuple[list[tuple[int, Any]], list[tuple[int, Any]]] | None:
+    """`take_parts`, then `fold_windows` over what it took: (fired, late), each tagged with
+    the position of its update across the parts; None where `take_parts` gives None (then
+    nothing was folded)."""
+    taken = take_parts(parts, plans, plan, where, channels, by_so)
+    if taken is None:
+        return None
+    index, groups, times, rows = taken
+    fired, late = fold_windows(operator, groups, times, rows)
+    return [(index[j], r) for j, r in fired], [(index[j], x) for j, x in late]
