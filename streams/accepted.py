@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Iterable, Iterator, Sequence
+from operator import itemgetter
 from typing import Any, overload
 
 from streams.updates import SensorUpdate, StreamKey
 
 Row = tuple[StreamKey, SensorUpdate]
+_first = itemgetter(0)
 
 
 class ColumnRun:
@@ -58,13 +60,14 @@ Part = list[Row] | ColumnRun
 class Updates(Sequence[Row]):
     """Rows and column runs in arrival order, read as rows (made once, when first read)."""
 
-    __slots__ = ("_ends", "_len", "_rows", "parts")
+    __slots__ = ("_ends", "_keys", "_len", "_rows", "parts")
 
     def __init__(self, rows: Iterable[Row] = ()) -> None:
         self.parts: list[Part] = []  # each a list of rows or a ColumnRun, in arrival order
         self._ends: list[int] = []  # the number of rows up to the end of each part
         self._len = 0
         self._rows: list[Row] | None = None  # every row, once read as rows
+        self._keys: set[StreamKey] | None = None
         self.extend(rows)
 
     @classmethod
@@ -79,7 +82,7 @@ class Updates(Sequence[Row]):
         self.parts.append(part)
         self._len += n
         self._ends.append(self._len)
-        self._rows = None
+        self._rows = self._keys = None
 
     def append(self, row: Row) -> None:
         last = self.parts[-1] if self.parts else None
@@ -87,7 +90,7 @@ class Updates(Sequence[Row]):
             last.append(row)
             self._len += 1
             self._ends[-1] = self._len
-            self._rows = None
+            self._rows = self._keys = None
         else:
             self._add([row], 1)
 
@@ -102,7 +105,7 @@ class Updates(Sequence[Row]):
             last.extend(rows)
             self._len += len(rows)
             self._ends[-1] = self._len
-            self._rows = None
+            self._rows = self._keys = None
         else:
             self._add(rows, len(rows))
 
@@ -116,13 +119,15 @@ class Updates(Sequence[Row]):
 
     def keys(self) -> set[StreamKey]:
         """The streams these updates belong to, without reading runs as rows."""
-        out: set[StreamKey] = set()
-        for part in self.parts:
-            if isinstance(part, list):
-                out.update(key for key, _ in part)
-            else:
-                out.add(part.key)
-        return out
+        if self._keys is None:
+            out: set[StreamKey] = set()
+            for part in self.parts:
+                if isinstance(part, list):
+                    out.update(map(_first, part))
+                else:
+                    out.add(part.key)
+            self._keys = out
+        return self._keys
 
     def rows(self) -> list[Row]:
         """Every update as a (key, SensorUpdate) row (runs are made into rows once)."""

@@ -222,6 +222,7 @@ def fold_parts(object operator, list parts, dict plans, object plan, object wher
     if where is not None:
         wch, op, c = where
         cmp_op = (Py_LT, Py_LE, Py_GT, Py_GE)[op]
+    row = [None] * m  # one argument row, refilled: _add reads it and keeps nothing of it
     # First, whether this batch is ours at all: nothing is folded before that is known.
     for part in parts:
         if type(part) is list:
@@ -266,10 +267,9 @@ def fold_parts(object operator, list parts, dict plans, object plan, object wher
                     v = values.get(wch)
                     if v is None or not PyObject_RichCompareBool(v, c, cmp_op):
                         continue
-                row = []
                 for j in range(m):
                     ch = channels[j]
-                    row.append(True if ch is None else values.get(ch))
+                    row[j] = True if ch is None else values.get(ch)
                 folder.add((<tuple>key)[0] if by_so else "", update.last_update, row, at + i)
             at += n
             continue
@@ -287,7 +287,6 @@ def fold_parts(object operator, list parts, dict plans, object plan, object wher
                 at += n
                 continue
         group = (<tuple>part.key)[0] if by_so else ""
-        row = [None] * m  # one row, refilled: _add reads it and keeps nothing of it
         for i in range(n):
             if wch is not None and not PyObject_RichCompareBool(test[i], c, cmp_op):
                 continue
