@@ -79,7 +79,6 @@ def twins() -> Iterator[None]:
     names = {
         "column_inputs": _windows_py.column_inputs,
         "take_inputs": _windows_py.take_inputs,
-        "take_parts": _windows_py.take_parts,
         "fold_parts": _windows_py.fold_parts,
         "ingest_rows": _columnar_py.ingest_rows,
         "row_updates": _columnar_py.row_updates,

@@ -6,7 +6,7 @@ list per channel, with no object per reading. `Updates` strings rows and runs to
 arrival order and reads as a sequence of `(StreamKey, SensorUpdate)` rows: a run's
 `SensorUpdate` objects are made only when something reads it as rows (the echo, a plug-in,
 a composite stream), while the flows' window kernels read its columns directly
-(`kernels.take_parts`).
+(`kernels.fold_parts`).
 """
 
 from __future__ import annotations

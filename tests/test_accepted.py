@@ -67,7 +67,7 @@ def test_updates_read_as_the_rows_they_hold() -> None:
 
 @contextlib.contextmanager
 def _twins(on: bool) -> Iterator[None]:
-    names = ["fold_windows", "column_inputs", "take_inputs", "take_parts", "fold_parts"]
+    names = ["fold_windows", "column_inputs", "take_inputs", "fold_parts"]
     saved = {n: getattr(kernels, n) for n in names}
     if on:
         for n in names:

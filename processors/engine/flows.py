@@ -326,21 +326,9 @@ class FlowEngine:
     ) -> tuple[list[int], list[str], list[int], list[list[Any]]] | None:
         """(indexes, window keys, times, argument rows) of the updates `flow` takes from the
         batch, in batch order. Inputs with a column plan (usually all of them, and all with the
-        same plan) are read by one kernel call per plan; the rest evaluate expressions. Column
-        runs are read by column while every key read has one plan."""
+        same plan) are read by one kernel call per plan; the rest evaluate expressions."""
         plans = self._key_plans.setdefault(flow.name, {})
-        if isinstance(batch, Updates):
-            keys = batch.keys()
-            for key in keys - plans.keys():
-                self._plan(flow, plans, key)
-            shapes = {plans[key] for key in keys} - {None}
-            first = next(iter(shapes)) if len(shapes) == 1 else None
-            if isinstance(first, ColumnPlan):
-                by_so = flow.key_mode == "so"
-                taken = kernels.take_parts(batch.parts, plans, first, first.where, first.channels,
-                                           by_so)  # fmt: skip
-                if taken is not None:
-                    return taken if taken[0] else None
+        if isinstance(batch, Updates):  # not one column plan (_fold_parts): rows
             batch = batch.rows()  # made into rows once, for every flow after this one too
         if batch:  # the common case, one kernel call: every key read has the first's plan
             first = plans.get(batch[0][0])

@@ -61,7 +61,6 @@ Publish = frames.Publish
 fold_windows = windows.fold_windows
 column_inputs = windows.column_inputs
 take_inputs = windows.take_inputs
-take_parts = windows.take_parts
 fold_parts = windows.fold_parts
 
 __all__ = [
@@ -80,5 +79,4 @@ __all__ = [
     "row_updates",
     "split_frames",
     "take_inputs",
-    "take_parts",
 ]

@@ -204,9 +204,11 @@ def fold_windows(object operator, list groups, list times, list args):
 
 def fold_parts(object operator, list parts, dict plans, object plan, object where,
                object channel_names, bint by_so):
-    """`take_parts` and `fold_windows` in one pass: column runs are folded straight from their
-    columns, without an argument row per reading. None where `take_parts` would give None,
-    or the operator is not one `fold_windows` folds in C (the caller's general path)."""
+    """`take_inputs` over rows and column runs, and `fold_windows` over what it takes, in one
+    pass (the twin's `_take_parts` says what is taken): runs are folded straight from their
+    columns, without an argument row per reading. None, having folded nothing, when a stream
+    read has another plan or none yet, a `where` value is not a number, or the operator is not
+    one `fold_windows` folds in C (the caller's general path)."""
     if not _foldable(operator):
         return None
     if _KeyState is None:
@@ -373,65 +375,4 @@ def take_inputs(list batch, dict plans, object plan, object where, object channe
             ch = channels[j]
             row.append(True if ch is None else values.get(ch))
         rows.append(row)
-    return index, groups, times, rows
-
-
-def take_parts(list parts, dict plans, object plan, object where, object channel_names,
-               bint by_so):
-    cdef list index = [], groups = [], times = [], rows = [], row, part_times, test = None
-    cdef list args
-    cdef tuple channels = tuple(channel_names), taken
-    cdef Py_ssize_t at = 0, i, j, n, m = len(channels)
-    cdef object part, found, v, c = None, ch, col, wch = None, group
-    cdef int op = 0, cmp_op = 0
-    cdef dict column_of
-    if where is not None:
-        wch, op, c = where
-        cmp_op = (Py_LT, Py_LE, Py_GT, Py_GE)[op]
-    for part in parts:
-        if type(part) is list:
-            found = take_inputs(<list>part, plans, plan, where, channel_names, by_so)
-            if found is None:
-                return None
-            taken = <tuple>found
-            for i in <list>taken[0]:
-                index.append(at + i)
-            groups += <list>taken[1]
-            times += <list>taken[2]
-            rows += <list>taken[3]
-            at += len(<list>part)
-            continue
-        found = plans.get(part.key, _MISSING)
-        if found is not None and found is not plan:
-            return None
-        part_times = part.times
-        n = len(part_times)
-        if found is None:
-            at += n
-            continue
-        column_of = dict(zip(part.names, part.columns))
-        args = [None if ch is None else column_of.get(ch) for ch in channels]
-        if wch is not None:
-            test = column_of.get(wch)
-            if test is None:  # the channel is not in this message: never kept
-                at += n
-                continue
-        group = (<tuple>part.key)[0] if by_so else ""
-        for i in range(n):
-            if wch is not None:
-                v = test[i]
-                if type(v) is not int and type(v) is not float:
-                    return None
-                if not PyObject_RichCompareBool(v, c, cmp_op):
-                    continue
-            index.append(at + i)
-            groups.append(group)
-            times.append(part_times[i])
-            row = []
-            for j in range(m):
-                col = args[j]
-                row.append(True if channels[j] is None else None if col is None
-                           else (<list>col)[i])
-            rows.append(row)
-        at += n
     return index, groups, times, rows

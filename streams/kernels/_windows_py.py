@@ -108,7 +108,7 @@ def take_inputs(
 _MISSING = object()
 
 
-def take_parts(
+def _take_parts(
     parts: Sequence[Any],
     plans: dict[Any, Any],
     plan: Any,
@@ -175,10 +175,10 @@ def fold_parts(
     channels: Sequence[str | None],
     by_so: bool,
 ) -> tuple[list[tuple[int, Any]], list[tuple[int, Any]]] | None:
-    """`take_parts`, then `fold_windows` over what it took: (fired, late), each tagged with
-    the position of its update across the parts; None where `take_parts` gives None (then
+    """`_take_parts`, then `fold_windows` over what it took: (fired, late), each tagged with
+    the position of its update across the parts; None where `_take_parts` gives None (then
     nothing was folded)."""
-    taken = take_parts(parts, plans, plan, where, channels, by_so)
+    taken = _take_parts(parts, plans, plan, where, channels, by_so)
     if taken is None:
         return None
     index, groups, times, rows = taken
