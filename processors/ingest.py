@@ -68,6 +68,13 @@ class DeadLetter:
     topic: str
     body: bytes
     rejection: Rejection
+    count: int = 1  # the rejections it stands for (a summary of one message's: more than 1)
+
+
+MAX_LETTERS_PER_MESSAGE = 20
+"""Dead letters made one by one for the rejections of one message; past that, one letter per
+reason sums up the rest (each carries the payload: without a bound, a message of 100,000 bad
+or late readings would make 100,000 copies of it)."""
 
 
 @dataclass(slots=True)
@@ -111,6 +118,10 @@ class Ingest:
         self._keys: dict[str, StreamKey] = {}  # device topic -> (so, stream), parsed once
         # device topic -> (its stream, its channels' kinds): known streams, for the kernel
         self._routes: dict[str, tuple[StreamKey, dict[str, int]]] = {}
+        # this batch's dead letters per message (by identity), and the rejections past
+        # MAX_LETTERS_PER_MESSAGE: (message, reason) -> [the first of them, how many]
+        self._letters_of: dict[int, int] = {}
+        self._overflow: dict[tuple[int, RejectReason], tuple[Incoming, list[Any]]] = {}
 
     def batch(self, messages: Sequence[Incoming]) -> IngestBatch:
         """Decode and validate a batch. Messages of known streams whose body is one update in
@@ -124,6 +135,7 @@ class Ingest:
         horizon = (
             None if self.max_future_ms is None else int(self.clock() * 1000) + self.max_future_ms
         )
+        self._letters_of, self._overflow = {}, {}
         try:
             accepted, origins, slow = kernels.ingest_rows(
                 messages, self._routes, self.max_payload, horizon, SensorUpdate, orjson.loads
@@ -136,6 +148,7 @@ class Ingest:
         else:
             out = self._merge(messages, accepted, slow, self._slow([messages[i] for i in slow],
                                                                    horizon))  # fmt: skip
+        out.dead_letters += self.summaries()
         self.counts.accepted += len(out.accepted)
         self.counts.messages += len(messages)
         return out
@@ -257,7 +270,42 @@ class Ingest:
 
     def _reject(self, message: Incoming, rejection: Rejection, out: IngestBatch) -> None:
         self.counts.rejected[rejection.reason] += 1
-        out.dead_letters.append(self.dead_letter(message, rejection))
+        self.letter(message, rejection, out.dead_letters)
+
+    def letter(self, message: Incoming, rejection: Rejection, into: list[DeadLetter]) -> None:
+        """Dead-letter `rejection` of `message` into `into`, within the batch's budget per
+        message (`MAX_LETTERS_PER_MESSAGE`); past it, the rejection waits in a summary
+        (`summaries`)."""
+        made = self._letters_of.get(id(message), 0)
+        if made < MAX_LETTERS_PER_MESSAGE:
+            self._letters_of[id(message)] = made + 1
+            into.append(self.dead_letter(message, rejection))
+            return
+        held = self._overflow.get((id(message), rejection.reason))
+        if held is None:
+            self._overflow[(id(message), rejection.reason)] = (message, [rejection, 1])
+        else:
+            held[1][1] += 1
+
+    def summaries(self) -> list[DeadLetter]:
+        """One dead letter per message and reason for the rejections past the budget held so
+        far, standing for all of them (`count`). The batch's budget goes on (later stages
+        dead-letter within what is left of it) until the next batch."""
+        out = []
+        for message, (first, n) in self._overflow.values():
+            summary = Rejection(
+                first.reason,
+                f"{n} more {first.reason.value} rejections of this message, summed up here"
+                f" (at most {MAX_LETTERS_PER_MESSAGE} dead letters per message); the first:"
+                f" {first.message}",
+                first.so_id,
+                first.stream_id,
+                first.index,
+            )
+            letter = self.dead_letter(message, summary)
+            out.append(DeadLetter(letter.topic, letter.body, summary, n))
+        self._overflow = {}
+        return out
 
     def dead_letter(self, message: Incoming, rejection: Rejection) -> DeadLetter:
         """The dead letter for `rejection`, carrying `message` as it arrived (or an excerpt

@@ -103,8 +103,8 @@ class UnitMetrics:
         """Export each processor's counts (read when scraped, so nothing is counted twice)."""
         self.registry.register(_ProcessorCollector(self.unit, chain))
 
-    def reject(self, reason: str) -> None:
-        self.rejected.labels(self.unit, reason).inc()
+    def reject(self, reason: str, count: int = 1) -> None:
+        self.rejected.labels(self.unit, reason).inc(count)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -72,6 +72,7 @@ class Pipeline:
         try:
             result = self.ingest.batch(batch)  # a Publish is shaped like a RawMessage
             outputs = self._run_flows(result)
+            outputs.dead_letters.extend(self.ingest.summaries())  # the flows' and processors'
         except Exception:
             if engine is not None:
                 engine.rollback()
@@ -129,10 +130,10 @@ class Pipeline:
             return self._run_chain(result, plain, FlowResult())
         flows = self.engine.process(result.accepted)
         for late, at in zip(flows.late, flows.late_at, strict=True):
-            result.dead_letters.append(self.ingest.dead_letter(origins[at], late.rejection))
+            self.ingest.letter(origins[at], late.rejection, result.dead_letters)
         for rejection, at in zip(flows.rejected, flows.rejected_at, strict=True):
             origin = origins[at] if at >= 0 else self._no_message(rejection)
-            result.dead_letters.append(self.ingest.dead_letter(origin, rejection))
+            self.ingest.letter(origin, rejection, result.dead_letters)
         if self.chain is None:  # no processors: no item per update to make
             return Outputs(result.accepted, flows.derived, result.dead_letters, flows.actuations)
         # for the processors: each update, then what the flows derived from it
@@ -171,5 +172,5 @@ class Pipeline:
                 origin = RawMessage(self.ingest.topics.updates(key.so, key.stream),
                                     encode_update(update), Codec.JSON.content_type,
                                     int(self.clock() * 1000))  # fmt: skip
-            outputs.dead_letters.append(self.ingest.dead_letter(origin, failure.rejection))
+            self.ingest.letter(origin, failure.rejection, outputs.dead_letters)
         return outputs

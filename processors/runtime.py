@@ -400,11 +400,11 @@ class UnitRuntime:
         for letter in out.dead_letters:
             if letter.rejection.reason is RejectReason.BAD_STATUS_REPORT:
                 continue  # counted when it was read
-            m.reject(letter.rejection.reason.value)
+            m.reject(letter.rejection.reason.value, letter.count)
             if letter.rejection.reason is RejectReason.INTERNAL_ERROR:
-                m.internal_errors.inc()
+                m.internal_errors.inc(letter.count)
             if letter.rejection.reason is RejectReason.LATE:
-                m.late.inc()
+                m.late.inc(letter.count)
         m.unacknowledged.set(len(self._unacked))
         client = self._client
         m.malformed_packets.inc(client.metrics_malformed - self._seen[0])

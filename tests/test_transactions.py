@@ -5,6 +5,7 @@ that message only."""
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import orjson
@@ -332,3 +333,52 @@ def test_a_transactional_dict_puts_back_what_a_batch_changed() -> None:
     d.commit()
     d.rollback()  # nothing open: nothing to undo
     assert d.data == {"a": 10, "b": 20} and d.get("z", 0) == 0
+
+
+def test_a_message_of_many_bad_or_late_readings_makes_a_bounded_number_of_letters() -> None:
+    """Each rejected reading of a message is counted, but at most MAX_LETTERS_PER_MESSAGE of
+    them are dead-lettered one by one (each carries the payload); the rest are summed up, one
+    letter per reason. Without the bound, a message of 100,000 bad readings made 100,000 copies
+    of its payload."""
+    from processors.ingest import MAX_LETTERS_PER_MESSAGE
+
+    catalog = Catalog.load([IRRIGATION / "objects"])
+    runtime = UnitRuntime(Ingest(catalog.registry), MqttSettings(url="mqtt://127.0.0.1:1"),
+                          client_id="u-letters",
+                          engine=engine_of(catalog, clock=lambda: 0.0))  # fmt: skip
+    topic = "field-1-soil/streams/soil"
+    n = 5_000
+    times = [T0 + 3_600_000 + i for i in range(n)]
+    bad = {"lastUpdate": times, "channels": {"moisture": ["wet"] * n, "temperature": [1.0] * n}}
+    now = RawMessage(topic, orjson.dumps({"lastUpdate": T0 + 7_200_000, "channels": {
+        "moisture": {"current-value": 30.0}, "temperature": {"current-value": 15.0}}}))  # fmt: skip
+    late = {"lastUpdate": times, "channels": {"moisture": [1.0] * n, "temperature": [1.0] * n}}
+    messages = [RawMessage(topic, orjson.dumps(bad)), now, RawMessage(topic, orjson.dumps(late))]
+    result, out = runtime._process(messages)
+    runtime._count(messages, result, out)
+    letters = [(orjson.loads(x.body), x.count) for x in out.dead_letters]
+    # each carries its message (an excerpt: these are over MAX_DEAD_LETTER_PAYLOAD)
+    reasons = Counter((x["reason"], m.payload.decode().startswith(x["payload"]), count)
+                      for (x, count), m in zip(letters, [messages[0]] * 21 + [messages[2]] * 21,
+                                               strict=True))  # fmt: skip
+    assert reasons == {
+        ("wrong_type", True, 1): MAX_LETTERS_PER_MESSAGE,
+        ("wrong_type", True, n - MAX_LETTERS_PER_MESSAGE): 1,
+        ("late", True, 1): MAX_LETTERS_PER_MESSAGE,
+        ("late", True, n - MAX_LETTERS_PER_MESSAGE): 1,
+    }
+    summary = letters[MAX_LETTERS_PER_MESSAGE][0]
+    assert summary["message"].startswith(
+        f"{n - MAX_LETTERS_PER_MESSAGE} more wrong_type rejections of this message, summed up"
+        f" here (at most {MAX_LETTERS_PER_MESSAGE} dead letters per message); the first:"
+        f" field-1-soil/soil update {MAX_LETTERS_PER_MESSAGE}: channel 'moisture'"
+    )
+    assert runtime.ingest.counts.rejected == {RejectReason.WRONG_TYPE: n}
+    metrics = runtime.metrics.render().decode()
+    for line in (
+        f'cloudlet_updates_rejected_total{{reason="wrong_type",unit="u-letters"}} {n}.0',
+        f'cloudlet_updates_rejected_total{{reason="late",unit="u-letters"}} {n}.0',
+        f'cloudlet_updates_late_total{{unit="u-letters"}} {n}.0',
+        f'cloudlet_dead_letters_total{{unit="u-letters"}} {2 * MAX_LETTERS_PER_MESSAGE + 2}.0',
+    ):
+        assert line in metrics, [x for x in metrics.splitlines() if "total{" in x]
