@@ -161,7 +161,10 @@ def test_receives_in_lists_acks_when_told_and_gets_the_rest_again(mosquitto: Mos
         assert all(m.qos == 1 and not m.dup for m in first)
         client.ack([m.packet_id for m in first[:40]])
         inbox.wait(90)
-        assert inbox.lists < 90  # lists of messages, not a call per message
+        # Lists of messages, not a call per message. (Under CPU load Mosquitto 2.0.11 once sent
+        # all 500 here after the 40 PUBACKs, past our receive maximum of 50: 107 lists of 500.)
+        got = [(m.payload, m.dup) for m in inbox.messages]
+        assert inbox.lists < len(got), (inbox.lists, len(got), sum(d for _, d in got))
         # Stop on a quiet connection (50 in flight, nothing more coming): closing while the
         # broker still writes to us makes it see a reset, not our DISCONNECT, and once (1 in
         # about 6 full runs) it then redelivered messages it had taken PUBACKs for.
