@@ -430,9 +430,11 @@ def test_folding_a_batch_equals_passing_updates_one_by_one(
     for mode in ("one by one", "folded", "folded by the twin"):
         engine = engine_of(catalog, clock=lambda: 0.0)
         if mode == "one by one":
-            engine._folding, engine._all_fold = set(), False
+            for node in engine.windows.values():
+                node.fold = False
         else:
-            assert engine._folding == {"avg-by-so", "by-zone", "all"}
+            assert {n for n, node in engine.windows.items() if node.fold} == {
+                "avg-by-so", "by-zone", "all"}  # fmt: skip
         compiled = kernels.fold_windows
         reader, taker = kernels.column_inputs, kernels.take_inputs
         if mode == "folded by the twin":
@@ -445,7 +447,7 @@ def test_folding_a_batch_equals_passing_updates_one_by_one(
             kernels.fold_windows, kernels.column_inputs = compiled, reader
             kernels.take_inputs = taker
         if mode != "one by one" and events:  # "avg-by-so" and "all" read columns, "by-zone" not
-            plans = [p for ps in engine._key_plans.values() for p in ps.values()]
+            plans = [p for node in engine.windows.values() for p in node.plans.values()]
             assert {p.where[1] for p in plans if isinstance(p, ColumnPlan)} == {1, 2}
         runs.append(
             [

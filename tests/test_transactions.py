@@ -142,8 +142,8 @@ def test_the_flow_engine_rolls_back_folded_and_one_by_one(
                for so, t, v, z in events]  # fmt: skip
     txn, reference = engine_of(catalog, clock=lambda: 0.0), engine_of(catalog, clock=lambda: 0.0)
     if not folded:
-        txn._folding = reference._folding = set()
-        txn._all_fold = reference._all_fold = False
+        for node in [*txn.windows.values(), *reference.windows.values()]:
+            node.fold = False
     batches = [(undo[i // 5], updates[i : i + 5]) for i in range(0, len(updates), 5)]
     _run_both(txn, reference, batches)
 
@@ -186,6 +186,7 @@ def test_a_bug_on_one_message_of_a_batch_costs_that_message_only(
     engine = runtime.engine
     assert engine is not None
     operator = engine.operators["soil-moisture-10min"]
+    engine.windows["soil-moisture-10min"].fold = False  # update by update: through `process`
     real = operator.process
 
     def buggy(key: str, t: int, args: Any) -> Any:

@@ -11,7 +11,8 @@ Semantics, for a derived stream D of service object O:
   (it may read `result`); a missing filter is true. An input never seen makes the result "not
   yet available": no output, counted, not an error.
 - The output's lastUpdate is the newest of its inputs'. Outputs feed the derived streams that
-  read them in the same pass, in dependency order, each evaluated at most once per pass.
+  read them in the same pass (one input update: `processors.engine.graph`), in dependency
+  order, each evaluated at most once per pass, on its newest trigger.
 - Cycles (other than a stream reading itself) are rejected when the plan is built.
 - A failed evaluation (division by zero, a value of the wrong type) rejects that one update
   with reason `expression_failed`; processing goes on.
@@ -19,11 +20,12 @@ Semantics, for a derived stream D of service object O:
 
 from __future__ import annotations
 
-import heapq
-from collections.abc import Iterable, Mapping, Sequence
+from bisect import bisect_right
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from streams.accepted import Updates
 from streams.composite_plan import CompositePlan, DerivedStream, GroupKey
 from streams.expressions import (
     NOT_AVAILABLE,
@@ -34,6 +36,9 @@ from streams.expressions import (
 from streams.expressions.functions import describe
 from streams.rejections import Rejection, RejectReason
 from streams.updates import GeoPoint, SensorUpdate, StreamKey
+
+if TYPE_CHECKING:
+    from processors.engine.graph import Run
 
 # Engine -------------------------------------------------------------------------------------
 
@@ -91,8 +96,36 @@ def merge(previous: SensorUpdate | None, update: SensorUpdate) -> SensorUpdate:
     return SensorUpdate({**update.channels, **previous.channels}, previous.last_update)
 
 
+class _Log:
+    """The values a stream (or a group) takes over one run of the graph, each with the order
+    (origin, rank, sequence) at which it took it: `at(origin)` is the as-of join."""
+
+    __slots__ = ("base", "orders", "origins", "values")
+
+    def __init__(self, base: SensorUpdate | None) -> None:
+        self.base = base  # the value before the run
+        self.orders: list[tuple[int, int, int]] = []
+        self.origins: list[int] = []
+        self.values: list[SensorUpdate] = []
+
+    def add(self, order: tuple[int, int, int], value: SensorUpdate) -> None:
+        self.orders.append(order)
+        self.origins.append(order[0])
+        self.values.append(value)
+
+    def at(self, origin: int) -> SensorUpdate | None:
+        """The value once every update up to and including `origin` has been seen."""
+        i = bisect_right(self.origins, origin)
+        return self.values[i - 1] if i else self.base
+
+    def last(self) -> SensorUpdate | None:
+        return self.values[-1] if self.values else self.base
+
+
 class CompositeEngine:
-    """Runs a plan over a sequence of stream updates; state is explicit (snapshot/restore)."""
+    """The composite streams of a plan: their state (the latest value of every stream they
+    read, explicit: snapshot/restore, begin/commit/rollback) and one graph node per derived
+    stream (`nodes`), which the flow engine's graph runs with everything else."""
 
     def __init__(self, plan: CompositePlan) -> None:
         self.plan = plan
@@ -105,6 +138,11 @@ class CompositeEngine:
             *plan.readers, *plan.groups_of, *plan.derived,
             *(k for d in plan.derived.values() for k in d.streams.values()),
         }  # fmt: skip
+        self._members: dict[GroupKey, list[StreamKey]] = {}
+        for member, groups in plan.groups_of.items():
+            for group in groups:
+                self._members.setdefault(group, []).append(member)
+        self._graph: Any = None  # `process` on its own: a graph of the composite streams only
 
         # The open transaction (`begin`): each latest value before its first change.
         self._undo: dict[StreamKey, SensorUpdate | None] | None = None
@@ -139,73 +177,106 @@ class CompositeEngine:
         self._undo_groups = {}
         self.counts = self._undo_counts
 
-    def process(self, updates: Iterable[tuple[StreamKey, SensorUpdate]]) -> CompositeResult:
-        result = CompositeResult()
-        for key, update in updates:
-            self._pass(key, update, result)
-        return result
-
-    def _observe(self, key: StreamKey, update: SensorUpdate) -> None:
-        previous = self.latest.get(key)
-        undo = self._undo
-        if undo is not None and key not in undo:
-            undo[key] = previous
-        self.latest[key] = merged = merge(previous, update)
-        for group in self.plan.groups_of.get(key, ()):
-            current = self.group_latest.get(group)
-            if current is None or merged.last_update >= current.last_update:
-                if undo is not None and group not in self._undo_groups:
-                    self._undo_groups[group] = current
-                self.group_latest[group] = merged
-
-    def _pass(self, key: StreamKey, update: SensorUpdate, result: CompositeResult) -> None:
-        if key not in self._watched:
-            return
+    def nodes(self) -> list[DerivedNode]:
+        """A graph node per derived stream, in dependency order."""
         plan = self.plan
-        self._observe(key, update)
-        pending: list[tuple[int, StreamKey]] = []
-        triggers: dict[StreamKey, tuple[StreamKey, int]] = {}
+        ordered = sorted(plan.derived.values(), key=lambda d: (plan.rank.get(d.key, 0), d.key))
+        out = []
+        for d in ordered:
+            triggers = {k for k in d.streams.values() if k != d.key}
+            for group in d.groups.values():
+                triggers.update(self._members.get(group, ()))
+            triggers.discard(d.key)  # reading itself is state, not a trigger
+            out.append(DerivedNode(self, d, triggers))
+        return out
 
-        def trigger(source: StreamKey, last_update: int) -> None:
-            readers = list(plan.readers.get(source, ()))
-            for group in plan.groups_of.get(source, ()):
-                readers.extend(plan.group_readers.get(group, ()))
-            for reader in readers:
-                if reader == source:
-                    continue  # reading itself is state, not a trigger
-                best = triggers.get(reader)
-                if best is None:
-                    heapq.heappush(pending, (plan.rank.get(reader, 0), reader))
-                if best is None or last_update > best[1]:
-                    triggers[reader] = (source, last_update)
+    def process(self, updates: Iterable[tuple[StreamKey, SensorUpdate]]) -> CompositeResult:
+        """The composite streams alone over a batch (the flow engine runs them in its graph)."""
+        from processors.engine.graph import Graph  # the graph is built of this module's nodes
 
-        trigger(key, update.last_update)
-        while pending:
-            _, target = heapq.heappop(pending)
-            source, at = triggers.pop(target)
-            output = self._evaluate(plan.derived[target], source, at, result)
-            if output is not None:
-                result.derived.append((target, output))
-                self._observe(target, output)
-                trigger(target, output.last_update)
+        if self._graph is None:
+            self._graph = Graph(self.nodes())
+        run = self._graph.run(list(updates), 0, settle=self.settle)
+        return CompositeResult(
+            [(e[3], e[4]) for e in run.derived],
+            [r[3] for r in run.rejected],
+            [d[3] for d in run.discarded],
+        )
 
-    def _evaluate(
-        self, d: DerivedStream, source: StreamKey, at: int, result: CompositeResult
+    # The values of one run ---------------------------------------------------------------
+
+    def log(self, run: Run, key: StreamKey) -> _Log:
+        """`key`'s latest value over the run (its updates merged one after the other)."""
+        logs: dict[StreamKey, _Log] = run.memo.setdefault((self, "streams"), {})
+        got = logs.get(key)
+        if got is None:
+            got = logs[key] = _Log(self.latest.get(key))
+            value = got.base
+            for entry in run.inputs((key,)):
+                value = merge(value, entry[4])
+                got.add(entry[:3], value)
+        return got
+
+    def group_log(self, run: Run, group: GroupKey) -> _Log:
+        """A group's value over the run: the latest update of its stream on any member."""
+        logs: dict[GroupKey, _Log] = run.memo.setdefault((self, "groups"), {})
+        got = logs.get(group)
+        if got is None:
+            got = logs[group] = _Log(self.group_latest.get(group))
+            changes: list[tuple[tuple[int, int, int], SensorUpdate]] = []
+            for member in self._members.get(group, ()):
+                log = self.log(run, member)
+                changes.extend(zip(log.orders, log.values, strict=True))
+            changes.sort(key=lambda c: c[0])
+            current = got.base
+            for order, value in changes:
+                if current is None or value.last_update >= current.last_update:
+                    current = value
+                    got.add(order, current)
+        return got
+
+    def settle(self, run: Run) -> None:
+        """The latest values once the run is over, kept (and saved for a rollback)."""
+        watched = self._watched
+        if not watched:
+            return
+        batch = run.batch
+        raw = batch.keys() if isinstance(batch, Updates) else {k for k, _ in batch}
+        touched = {k for k in (*raw, *run.produced) if k in watched}
+        groups: set[GroupKey] = set()
+        undo = self._undo
+        for key in touched:
+            value = self.log(run, key).last()
+            if value is None:
+                continue
+            if undo is not None and key not in undo:
+                undo[key] = self.latest.get(key)
+            self.latest[key] = value
+            groups.update(self.plan.groups_of.get(key, ()))
+        for group in groups:
+            value = self.group_log(run, group).last()
+            if value is None:
+                continue
+            if undo is not None and group not in self._undo_groups:
+                self._undo_groups[group] = self.group_latest.get(group)
+            self.group_latest[group] = value
+
+    def evaluate(
+        self,
+        d: DerivedStream,
+        source: StreamKey,
+        at: int,
+        previous: SensorUpdate | None,
+        env: dict[str, SensorUpdate],
+        problems: list[Rejection | Discarded],
     ) -> SensorUpdate | None:
-        previous = self.latest.get(d.key)
+        """D's output for a trigger from `source` at `at`, its inputs' values in `env` and
+        its own last output `previous`; None when there is none (what went wrong, if anything,
+        goes to `problems`)."""
         if previous is not None and at <= previous.last_update:
             self.counts.stale += 1
-            result.discarded.append(Discarded(d.key, source, at, previous.last_update))
+            problems.append(Discarded(d.key, source, at, previous.last_update))
             return None
-        env: dict[str, SensorUpdate] = {}
-        for name, stream_key in d.streams.items():
-            value = self.latest.get(stream_key)
-            if value is not None:
-                env[name] = value
-        for name, group_key in d.groups.items():
-            value = self.group_latest.get(group_key)
-            if value is not None:
-                env[name] = value
         try:
             if d.pre_filter is not None and not self._passes(d.pre_filter, env):
                 return None
@@ -229,7 +300,7 @@ class CompositeEngine:
                 return None
         except EvaluationError as exc:
             self.counts.failed += 1
-            result.rejected.append(
+            problems.append(
                 Rejection(
                     RejectReason.EXPRESSION_FAILED,
                     f"{d.key.so}/{d.key.stream}: {exc}",
@@ -263,6 +334,66 @@ class CompositeEngine:
     def restore(self, state: Mapping[str, Any]) -> None:
         self.latest = {StreamKey(so, s): load_update(u) for so, s, u in state["latest"]}
         self.group_latest = {(so, g): load_update(u) for so, g, u in state["groups"]}
+
+
+class DerivedNode:
+    """One derived stream in the graph: triggered by its inputs' updates, evaluated at most
+    once per input update of the batch (the newest trigger of that update wins), with the
+    latest value of every input as of that update."""
+
+    def __init__(self, engine: CompositeEngine, d: DerivedStream, triggers: set[StreamKey]) -> None:
+        self.engine = engine
+        self.derived = d
+        self.triggers = triggers
+        self.name = f"derived stream {d.key.so}/{d.key.stream}"
+        self.rank = 0
+
+    def reads(self) -> Collection[StreamKey]:
+        return self.triggers
+
+    def produces(self) -> Collection[StreamKey]:
+        return (self.derived.key,)
+
+    def timed(self) -> bool:
+        return False
+
+    def run(self, run: Run) -> None:
+        entries = run.inputs(self.triggers)
+        if not entries:
+            return
+        engine, d, rank = self.engine, self.derived, self.rank
+        own = engine.log(run, d.key)  # its own outputs: none produced yet in this run
+        problems: list[Rejection | Discarded] = []
+        i, n = 0, len(entries)
+        while i < n:
+            origin = entries[i][0]
+            best = entries[i]
+            i += 1
+            while i < n and entries[i][0] == origin:
+                if entries[i][4].last_update > best[4].last_update:
+                    best = entries[i]
+                i += 1
+            previous = own.last()
+            env: dict[str, SensorUpdate] = {}
+            for name, key in d.streams.items():
+                value = previous if key == d.key else engine.log(run, key).at(origin)
+                if value is not None:
+                    env[name] = value
+            for name, group in d.groups.items():
+                value = engine.group_log(run, group).at(origin)
+                if value is not None:
+                    env[name] = value
+            at = best[4].last_update
+            output = engine.evaluate(d, best[3], at, previous, env, problems)
+            for problem in problems:
+                if isinstance(problem, Discarded):
+                    run.discarded.append((origin, rank, run.next(), problem))
+                else:
+                    run.reject(origin, rank, problem)
+            problems.clear()
+            if output is not None:
+                run.produce(origin, rank, d.key, output)
+                own.add(run.derived[-1][:3], merge(previous, output))
 
 
 def dump_update(update: SensorUpdate) -> list[Any]:
