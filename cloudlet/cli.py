@@ -190,10 +190,9 @@ def flow_test(
     if not objects:
         raise _fail("name descriptor and flow files, or a unit config with --unit")
     catalog, problems = Catalog.check(objects)
-    stage = registry = None
+    chain = registry = None
     if unit is not None and not problems:
         chain, registry, problems = build_chain(catalog.registry, config.processors, str(unit))
-        stage = chain.as_stage()
     _print_problems(problems)
     if problems:
         raise typer.Exit(1)
@@ -202,7 +201,7 @@ def flow_test(
     except OSError as exc:
         raise _fail(f"cannot read {input_path}: {exc.strerror}") from None
     with source:
-        for record in run_offline(catalog, source, flush=flush, stage=stage, registry=registry):
+        for record in run_offline(catalog, source, flush=flush, chain=chain, registry=registry):
             sys.stdout.buffer.write(orjson.dumps(record) + b"\n")
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
@@ -27,7 +27,7 @@ from typing import Any
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from processors.engine.flows import FlowResult, Late
+from processors.engine.graph import Graph, Run
 from processors.plugin import (
     ClosedWindow,
     Output,
@@ -287,34 +287,83 @@ class SnapshotError(Exception):
     """A processor's snapshot() is not plain data."""
 
 
+class StageNode:
+    """A processor as a node of the graph: each batch, every update it reads (the devices',
+    the flows', the processors' before it) in order, in one call; what it emits carries the
+    input it came from when it came from one (a batch of one), else none."""
+
+    def __init__(self, stage: Stage) -> None:
+        self.stage = stage
+        self.name = f"processor {stage.name!r}"
+        self.rank = 0
+        o = stage._output
+        self._produces = (
+            set()
+            if o.into_stream is None
+            else {StreamKey(o.into_so or k.so, o.into_stream) for k in stage.inputs}
+        )
+
+    def reads(self) -> Collection[StreamKey]:
+        return self.stage.inputs
+
+    def produces(self) -> Collection[StreamKey]:
+        return self._produces
+
+    def timed(self) -> bool:
+        return False
+
+    def run(self, run: Run) -> None:
+        result = ChainResult()
+        entries = run.inputs(self.stage.inputs)
+        emitted = self.stage.run([Item(e[3], e[4], e[0]) for e in entries], result)
+        if run.mode == "flush":  # the end of an offline run: what it still holds
+            emitted += self.stage.flush(result)
+        end, rank = run.end, self.rank
+        for it in emitted:
+            run.produce(end if it.origin is None else it.origin, rank, it.key, it.update)
+        for actuation in result.actuations:
+            run.actuations.append((end, rank, run.next(), actuation))
+        for f in result.failed:
+            at = end if f.item.origin is None else f.item.origin
+            run.failed.append((at, rank, run.next(), (f.item.key, f.item.update, f.rejection)))
+
+
 class Chain:
-    """The unit's processors, in config order."""
+    """The unit's processors, in config order: graph nodes (`nodes`) that the flow engine runs
+    after its own, or a graph of their own (`process`)."""
 
     def __init__(self, stages: list[Stage]) -> None:
         self.stages = stages
+        self._graph: Graph | None = None
 
     def __len__(self) -> int:
         return len(self.stages)
 
+    def nodes(self) -> list[StageNode]:
+        return [StageNode(stage) for stage in self.stages]
+
     def process(self, items: Sequence[Item]) -> ChainResult:
-        result = ChainResult()
-        seen = list(items)
-        for stage in self.stages:
-            emitted = stage.run(seen, result)
-            result.derived += emitted
-            seen += emitted
-        return result
+        """The processors alone over `items` (each item's origin comes back on what it
+        caused)."""
+        return self._run(items, "batch")
 
     def flush(self) -> ChainResult:
+        """Close every open window (the end of an offline run)."""
+        return self._run([], "flush")
+
+    def _run(self, items: Sequence[Item], mode: str) -> ChainResult:
+        if self._graph is None:
+            self._graph = Graph(self.nodes())
+        run = self._graph.run([(it.key, it.update) for it in items], 0, mode)
+
+        def origin(at: int) -> Any:
+            return items[at].origin if at < len(items) else None
+
         result = ChainResult()
-        for i, stage in enumerate(self.stages):
-            emitted = stage.flush(result)
-            result.derived += emitted
-            # What a stage emits while closing reaches the stages after it.
-            for later in self.stages[i + 1 :]:
-                more = later.run(emitted, result)
-                result.derived += more
-                emitted = [*emitted, *more]
+        result.derived = [Item(e[3], e[4], origin(e[0])) for e in run.derived]
+        result.actuations = [a[3] for a in run.actuations]
+        result.failed = [Failure(Item(k, u, origin(at)), rejection)
+                         for at, _, _, (k, u, rejection) in run.failed]  # fmt: skip
         return result
 
     def snapshot(self) -> dict[str, Any]:
@@ -341,33 +390,6 @@ class Chain:
                 stage.processor.teardown()
             except Exception as exc:
                 log.error("processor %r failed in teardown: %s", stage.name, exc)
-
-    def as_stage(self) -> ChainStage:
-        return ChainStage(self)
-
-
-class ChainStage:
-    """The chain as a stage after the flow engine, in its result type (for offline runs)."""
-
-    def __init__(self, chain: Chain) -> None:
-        self.chain = chain
-
-    def process(self, batch: Sequence[tuple[StreamKey, SensorUpdate]]) -> FlowResult:
-        return self._result(self.chain.process([Item(k, u) for k, u in batch]))
-
-    def flush(self) -> FlowResult:
-        return self._result(self.chain.flush())
-
-    @staticmethod
-    def _result(r: ChainResult) -> FlowResult:
-        out = FlowResult(derived=[(it.key, it.update) for it in r.derived],
-                         actuations=list(r.actuations))  # fmt: skip
-        for f in r.failed:
-            if f.rejection.reason is RejectReason.LATE:
-                out.late.append(Late(f.item.key, f.item.update, f.rejection))
-            else:
-                out.rejected.append(f.rejection)
-        return out
 
 
 # building ----------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """What a unit does with a batch of device messages, between the broker and its outputs:
-ingest (decode, validate), the flow engine (composite streams, windows, rules) and the
-processors, as one transaction over the flows' state.
+ingest (decode, validate), then the engine's graph (composite streams, windows, rules and the
+processors), as one transaction over the flows' state.
 
 A bug of ours on one message costs that message: the batch rolls back and its messages run one
 at a time, and the one that fails alone is dead-lettered `internal_error` with its payload.
@@ -13,7 +13,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from processors.chain import Chain, Item
 from processors.engine.flows import FlowEngine, FlowResult
 from processors.ingest import DeadLetter, Ingest, IngestBatch, RawMessage, internal_error
 from streams import Codec, Rejection, SensorUpdate, StreamKey, encode_update
@@ -34,18 +33,13 @@ class Outputs:
 
 
 class Pipeline:
-    """Ingest, then the flows, then the processors, over one batch at a time."""
+    """Ingest, then the engine's graph, over one batch at a time."""
 
     def __init__(
-        self,
-        ingest: Ingest,
-        engine: FlowEngine | None,
-        chain: Chain | None,
-        clock: Callable[[], float],
+        self, ingest: Ingest, engine: FlowEngine | None, clock: Callable[[], float]
     ) -> None:
         self.ingest = ingest
         self.engine = engine
-        self.chain = chain
         self.clock = clock
 
     def process(self, batch: list[Message]) -> tuple[IngestBatch, Outputs]:
@@ -111,9 +105,7 @@ class Pipeline:
         assert engine is not None
         engine.begin()
         try:
-            ticked = engine.tick()
-            items = [Item(k, u) for k, u in ticked.derived]
-            outputs = self._run_chain(IngestBatch(), items, ticked)
+            outputs = self._outputs(IngestBatch(), engine.tick())
         except Exception:
             engine.rollback()
             raise
@@ -121,34 +113,29 @@ class Pipeline:
         return outputs
 
     def _run_flows(self, result: IngestBatch) -> Outputs:
-        """The flows over the batch's accepted updates, in one call; what they derive,
-        reject or find late is traced back to the message that caused it (a dead letter
-        carries that message's payload)."""
-        origins = result.origins
+        """The graph over the batch's accepted updates, in one call."""
         if self.engine is None:
-            plain = [Item(*u, o) for u, o in zip(result.accepted, origins, strict=True)]
-            return self._run_chain(result, plain, FlowResult())
-        flows = self.engine.process(result.accepted)
+            return Outputs(result.accepted, [], result.dead_letters, [])
+        return self._outputs(result, self.engine.process(result.accepted))
+
+    def _outputs(self, result: IngestBatch, flows: FlowResult) -> Outputs:
+        """What the graph derived and commanded, and its dead letters: what it rejected,
+        found late or failed on is traced back to the message that caused it (a dead letter
+        carries that message's payload)."""
+        origins, letter, letters = result.origins, self.ingest.letter, result.dead_letters
         for late, at in zip(flows.late, flows.late_at, strict=True):
-            self.ingest.letter(origins[at], late.rejection, result.dead_letters)
+            letter(origins[at], late.rejection, letters)
         for rejection, at in zip(flows.rejected, flows.rejected_at, strict=True):
-            origin = origins[at] if at >= 0 else self._no_message(rejection)
-            self.ingest.letter(origin, rejection, result.dead_letters)
-        if self.chain is None:  # no processors: no item per update to make
-            return Outputs(result.accepted, flows.derived, result.dead_letters, flows.actuations)
-        # for the processors: each update, then what the flows derived from it
-        items: list[Item] = []
-        derived = iter(zip(flows.derived, flows.derived_at, strict=True))
-        pending = next(derived, None)
-        for i, (update, origin) in enumerate(zip(result.accepted, origins, strict=True)):
-            items.append(Item(*update, origin))
-            while pending is not None and pending[1] == i:
-                items.append(Item(*pending[0], origin))
-                pending = next(derived, None)
-        while pending is not None:  # processing-time windows: from no message in particular
-            items.append(Item(*pending[0], None))
-            pending = next(derived, None)
-        return self._run_chain(result, items, flows)
+            letter(origins[at] if at >= 0 else self._no_message(rejection), rejection, letters)
+        for (key, update, rejection), at in zip(flows.failed, flows.failed_at, strict=True):
+            if at >= 0:
+                origin = origins[at]
+            else:  # an update no message caused: it is what failed
+                origin = RawMessage(self.ingest.topics.updates(key.so, key.stream),
+                                    encode_update(update), Codec.JSON.content_type,
+                                    int(self.clock() * 1000))  # fmt: skip
+            letter(origin, rejection, letters)
+        return Outputs(result.accepted, flows.derived, letters, flows.actuations)
 
     def _no_message(self, rejection: Rejection) -> RawMessage:
         """The origin of a rejection no device message caused (a processing-time window
@@ -156,21 +143,3 @@ class Pipeline:
         so, stream = rejection.so_id or "<unknown>", rejection.stream_id or "<unknown>"
         topic = self.ingest.topics.updates(so, stream)
         return RawMessage(topic, b"", None, int(self.clock() * 1000))
-
-    def _run_chain(self, result: IngestBatch, items: list[Item], flows: FlowResult) -> Outputs:
-        """The processors, over the batch's updates and what the flows derived from them."""
-        outputs = Outputs(result.accepted, flows.derived, result.dead_letters, flows.actuations)
-        if self.chain is None:
-            return outputs
-        chained = self.chain.process(items)
-        outputs.derived = [*flows.derived, *((it.key, it.update) for it in chained.derived)]
-        outputs.actuations = [*flows.actuations, *chained.actuations]
-        for failure in chained.failed:
-            origin = failure.item.origin
-            if origin is None:  # a derived update: it is what failed
-                key, update = failure.item.key, failure.item.update
-                origin = RawMessage(self.ingest.topics.updates(key.so, key.stream),
-                                    encode_update(update), Codec.JSON.content_type,
-                                    int(self.clock() * 1000))  # fmt: skip
-            self.ingest.letter(origin, failure.rejection, outputs.dead_letters)
-        return outputs

@@ -92,8 +92,9 @@ class UnitRuntime:
         self.ingest = ingest
         self.republish = republish or RepublishSettings()
         self.engine = engine
-        self.chain = chain
-        self.pipeline = Pipeline(ingest, engine, chain, clock)
+        self.chain = chain  # the processors, in the engine's graph: for their state, teardown
+        assert chain is None or engine is not None, "the processors run in an engine's graph"
+        self.pipeline = Pipeline(ingest, engine, clock)
         self.settings = mqtt_settings
         self.subscription = subscription or ingest.topics.device_updates_filter
         self.batch_size = batch_size

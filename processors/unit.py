@@ -51,7 +51,7 @@ class Unit:
                 clock=clock,
             ),
             config.mqtt.for_instance(self.instance),
-            engine=engine_of(self.catalog, clock=clock),
+            engine=engine_of(self.catalog, clock=clock, chain=self.chain),
             chain=self.chain if len(self.chain) else None,
             client_id=self.instance,
             subscription=config.subscription,

@@ -1,5 +1,5 @@
-"""The flow engine: composite streams, windowed flows and rules over batches of stream updates,
-as one graph of batch operators (`processors.engine.graph`).
+"""The flow engine: composite streams, windowed flows, rules and a unit's processors over
+batches of stream updates, as one graph of batch operators (`processors.engine.graph`).
 
 A batch of accepted updates goes in; derived updates (from composite streams and from
 windows), late updates, rejections and actuations come out, each saying which input it came
@@ -12,7 +12,7 @@ read it), all state snapshots to plain data and restores exactly, and a batch is
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +44,10 @@ class FlowResult:
     derived_at: list[int] = field(default_factory=list)
     late_at: list[int] = field(default_factory=list)
     rejected_at: list[int] = field(default_factory=list)
+    # Updates a processor failed on, with why; -1: the update is one no input caused, and
+    # it is what a dead letter carries.
+    failed: list[tuple[StreamKey, SensorUpdate, Rejection]] = field(default_factory=list)
+    failed_at: list[int] = field(default_factory=list)
 
     @classmethod
     def of(cls, run: Run) -> FlowResult:
@@ -57,6 +61,8 @@ class FlowResult:
             [e[0] if e[0] < end else -1 for e in run.derived],
             [x[0] if x[0] < end else -1 for x in run.late],
             [x[0] if x[0] < end else -1 for x in run.rejected],
+            [x[3] for x in run.failed],
+            [x[0] if x[0] < end else -1 for x in run.failed],
         )
 
 
@@ -118,7 +124,10 @@ class FlowEngine:
         rules: Iterable[CompiledRule] = (),
         *,
         clock: Clock = time.time,
+        processors: Sequence[Node] = (),
     ) -> None:
+        """`processors`: a unit's processors as nodes (`Chain.nodes`), after everything else
+        in the graph."""
         self.composite = composite
         self.flows = list(flows)
         self.rules = list(rules)
@@ -130,7 +139,7 @@ class FlowEngine:
             name: node.operator for name, node in self.windows.items()
         }
         nodes: list[Node] = [*composite.nodes(), *self.windows.values(),
-                             *(RuleNode(r, self) for r in self.rules)]  # fmt: skip
+                             *(RuleNode(r, self) for r in self.rules), *processors]  # fmt: skip
         self.graph = Graph(nodes)
         produced = {k for node in self.graph.nodes for k in node.produces()}
         for node in self.windows.values():

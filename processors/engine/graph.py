@@ -1,5 +1,5 @@
-"""The one graph: composite streams, windowed flows and rules, compiled once into batch
-operators in dependency order, and the one path that runs a batch through them.
+"""The one graph: composite streams, windowed flows, rules and processors, compiled once into
+batch operators in dependency order, and the one path that runs a batch through them.
 
 Every node reads stream keys and may produce updates of other stream keys. The graph is a DAG
 (the catalog refuses cycles), so a batch goes through it node by node in topological order:
@@ -65,6 +65,8 @@ class Run:
         self.rejected: list[tuple[int, int, int, Rejection]] = []
         self.discarded: list[tuple[int, int, int, Any]] = []
         self.actuations: list[tuple[int, int, int, Actuation]] = []
+        # (key, update, rejection): updates a processor failed on
+        self.failed: list[tuple[int, int, int, tuple[StreamKey, SensorUpdate, Rejection]]] = []
         self.memo: dict[object, Any] = {}  # per-run caches of the nodes (composite values)
         self._seq = 0
         self._by_key: dict[StreamKey, list[int]] | None = None
@@ -154,7 +156,8 @@ class Graph:
                 node.run(run)
         if settle is not None:
             settle(run)
-        for tagged in (run.derived, run.late, run.rejected, run.discarded, run.actuations):
+        for tagged in (run.derived, run.late, run.rejected, run.discarded, run.actuations,
+                       run.failed):  # fmt: skip
             if len(tagged) > 1:
                 tagged.sort(key=_ORDER)
         return run

@@ -9,8 +9,8 @@ a run is reproducible.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, Protocol
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -20,18 +20,12 @@ from streams.catalog import Catalog
 from streams.codec import update_document
 from streams.registry import Registry
 from streams.rejections import InvalidUpdate, Rejection, RejectReason, no_updates
-from streams.updates import SensorUpdate, StreamKey
+from streams.updates import StreamKey
+
+if TYPE_CHECKING:
+    from processors.chain import Chain
 
 Record = dict[str, Any]
-
-
-class Stage(Protocol):
-    """Processing after the flows (a unit's processors): the updates of one input line and
-    what the flows derived from them in, what it produces out."""
-
-    def process(self, batch: Sequence[tuple[StreamKey, SensorUpdate]]) -> FlowResult: ...
-
-    def flush(self) -> FlowResult: ...
 
 
 class _EventClock:
@@ -72,6 +66,11 @@ def _records(result: FlowResult) -> Iterator[Record]:
     for command in result.actuations:
         yield {"kind": "actuation", "so": command.so, "action": command.action,
                "parameters": command.parameters, "issuedAt": command.issued_at}  # fmt: skip
+    for key, update, rejection in result.failed:  # by a processor
+        kind = "late" if rejection.reason is RejectReason.LATE else "rejected"
+        yield {"kind": kind, "so": key.so, "stream": key.stream,
+               "update": update_document(update), "reason": rejection.reason.value,
+               "message": rejection.message}  # fmt: skip
     for d in result.discarded:
         yield {"kind": "discarded", "so": d.key.so, "stream": d.key.stream,
                "trigger": f"{d.trigger.so}/{d.trigger.stream}", "lastUpdate": d.last_update,
@@ -83,21 +82,16 @@ def run_offline(
     lines: Iterable[str | bytes],
     *,
     flush: bool = True,
-    stage: Stage | None = None,
+    chain: Chain | None = None,
     registry: Registry | None = None,
 ) -> Iterator[Record]:
-    """Feed each input line to the flows (and then to `stage`); yield what comes out. With
-    `flush`, windows still open at the end of the input are closed and their results
-    emitted. `registry` (default the catalog's) validates the input: a unit's processors add
-    streams to it."""
+    """Feed each input line to the graph (the flows, and a unit's processors: `chain`);
+    yield what comes out. With `flush`, windows still open at the end of the input are closed
+    and their results emitted. `registry` (default the catalog's) validates the input: a
+    unit's processors add streams to it."""
     registry = registry or catalog.registry
     clock = _EventClock()
-    engine = engine_of(catalog, clock=clock)
-
-    def run(inputs: list[tuple[StreamKey, SensorUpdate]], flows: FlowResult) -> Iterator[Record]:
-        yield from _records(flows)
-        if stage is not None:
-            yield from _records(stage.process([*inputs, *flows.derived]))
+    engine = engine_of(catalog, clock=clock, chain=chain)
 
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -128,8 +122,6 @@ def run_offline(
         for update in accepted:
             clock.now_ms = max(clock.now_ms, update.last_update)
             key = StreamKey(so, stream)
-            yield from run([(key, update)], engine.process([(key, update)]))
+            yield from _records(engine.process([(key, update)]))
     if flush:
-        yield from run([], engine.flush())
-        if stage is not None:
-            yield from _records(stage.flush())
+        yield from _records(engine.flush())

@@ -48,8 +48,12 @@ class WindowOperator:
         self.max_time: int | None = None  # the newest time of all (processing time: the clock)
         self.late_count = 0
         # Time windows are kept by when they are due (per key), so that firing costs what
-        # fires, not the number of open windows.
-        self._indexed = windowing.kind in ("tumbling", "hopping") and not windowing.emit_empty
+        # fires, not the number of open windows. These (tumbling and hopping, event time) the
+        # window kernel folds (`kernels.fold_windows`, `fold_parts`) under a contract: it
+        # changes `keys`, `clocks`, `max_time` and `late_count` exactly as `process` would,
+        # through KeyState's fields and the public methods `values`, `fire_key` and
+        # `forget_clocks`, and only for keys `touch`ed first (so a rollback restores them).
+        self.indexed = windowing.kind in ("tumbling", "hopping") and not windowing.emit_empty
         self._marks: dict[str, tuple[int, int]] = {}  # key -> (its clock, when first seen)
         # The open transaction (`begin`): each key's state and clock before its first change.
         self._undo: dict[str, tuple[_KeyState | None, int | None]] | None = None
@@ -121,10 +125,10 @@ class WindowOperator:
         if self.max_time is None or t > self.max_time:
             self.max_time = t
         if len(clocks) > MAX_CLOCKS:
-            self._forget_clocks()
+            self.forget_clocks()
         return True
 
-    def _forget_clocks(self) -> None:
+    def forget_clocks(self) -> None:
         """Forget the clocks of the keys silent the longest, past MAX_CLOCKS (those with no
         open window: a key's state needs its clock)."""
         clocks = self.clocks
@@ -144,7 +148,7 @@ class WindowOperator:
                 continue
             accs[i] = agg.add(accs[i], value, t)
 
-    def _values(self, accs: list[Any], start: int, end: int) -> dict[str, Any]:
+    def values(self, accs: list[Any], start: int, end: int) -> dict[str, Any]:
         out = {}
         for (name, agg), acc in zip(self.aggregates, accs, strict=True):
             value = agg.result(acc, start, end)
@@ -187,13 +191,13 @@ class WindowOperator:
                 accs = state.windows.get(window)
                 if accs is None:
                     accs = state.windows[window] = self._fresh()
-                    if self._indexed:
+                    if self.indexed:
                         heapq.heappush(state.due, (window[1], window[0]))
                 self._add(accs, args, t)
                 accepted = True
                 if window in state.fired:  # a late update within allowed lateness
                     fired.append(
-                        WindowResult(key, *window, self._values(accs, *window), updated=True)
+                        WindowResult(key, *window, self.values(accs, *window), updated=True)
                     )
             if not accepted:
                 late.append(LateUpdate(key, t, watermark if watermark is not None else t))
@@ -276,7 +280,7 @@ class WindowOperator:
         state at all is dropped (its clock stays, in `clocks`)."""
         if self._undo is not None and key not in self._undo and self._changes(state, watermark):
             self.touch((key,))
-        if self._indexed:
+        if self.indexed:
             out = self._fire_indexed(key, state, watermark)
         elif self.spec.kind == "sliding":
             horizon = watermark - self.spec.size - self.spec.allowed_lateness
@@ -290,7 +294,7 @@ class WindowOperator:
             out = self._empty(key, state, watermark) if self.spec.emit_empty else []
             due = sorted(w for w in state.windows if w[1] <= watermark and w not in state.fired)
             for window in due:
-                out.append(WindowResult(key, *window, self._values(state.windows[window], *window)))
+                out.append(WindowResult(key, *window, self.values(state.windows[window], *window)))
                 state.fired.add(window)
             for window in [
                 w for w in state.fired if w[1] + self.spec.allowed_lateness <= watermark
@@ -305,7 +309,7 @@ class WindowOperator:
     def _changes(self, state: _KeyState, watermark: int) -> bool:
         """Whether `fire_key` at `watermark` may change `state` (cheap for the indexed kinds,
         which a processing-time flow fires for every key on every batch)."""
-        if not self._indexed:
+        if not self.indexed:
             return True
         due, expiry = state.due, state.expiry
         return bool(
@@ -321,7 +325,7 @@ class WindowOperator:
         while due and due[0][0] <= watermark:
             end, start = heapq.heappop(due)
             window = (start, end)
-            out.append(WindowResult(key, start, end, self._values(state.windows[window], *window)))
+            out.append(WindowResult(key, start, end, self.values(state.windows[window], *window)))
             state.fired.add(window)
             heapq.heappush(expiry, (end + lateness, start, end))
         while expiry and expiry[0][0] <= watermark:
@@ -331,7 +335,7 @@ class WindowOperator:
         return out
 
     def _reindex(self) -> None:
-        if not self._indexed:
+        if not self.indexed:
             return
         lateness = self.spec.allowed_lateness
         for state in self.keys.values():
@@ -355,7 +359,7 @@ class WindowOperator:
         while start + self.spec.size <= watermark and len(out) < MAX_EMPTY_WINDOWS:
             window = (start, start + self.spec.size)
             if window not in have:
-                out.append(WindowResult(key, *window, self._values(self._fresh(), *window)))
+                out.append(WindowResult(key, *window, self.values(self._fresh(), *window)))
             start += step
         state.next_empty = start
         return out
@@ -368,7 +372,7 @@ class WindowOperator:
         for when, args in state.buffer:
             if low < when <= t:
                 self._add(accs, args, when)
-        return WindowResult(key, low, t, self._values(accs, low, t))
+        return WindowResult(key, low, t, self.values(accs, low, t))
 
     # Sessions --------------------------------------------------------------------------------
 
@@ -405,7 +409,7 @@ class WindowOperator:
         for start, last, accs in state.sessions:
             end = last + self.spec.gap
             if end <= watermark:
-                out.append(WindowResult(key, start, end, self._values(accs, start, end)))
+                out.append(WindowResult(key, start, end, self.values(accs, start, end)))
             else:
                 keep.append([start, last, accs])
         state.sessions = keep
@@ -426,7 +430,7 @@ class WindowOperator:
             self._add(accs, a, when)
         start = min(w for w, _ in state.buffer)
         end = max(w for w, _ in state.buffer)
-        return [WindowResult(key, start, end, self._values(accs, start, end))]
+        return [WindowResult(key, start, end, self.values(accs, start, end))]
 
     # State -----------------------------------------------------------------------------------
 
