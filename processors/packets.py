@@ -3,9 +3,14 @@ cuts and builds the bulk ones: PUBLISH and PUBACK)."""
 
 from __future__ import annotations
 
+import ssl
+from collections.abc import Sequence
 from typing import Any
 
 from streams.kernels._frames_py import encode_varint
+from streams.transport.mqtt import MqttSettings
+
+MQTT_MAX_PACKET = 268_435_455 + 5  # the largest remaining length a varint holds, + header
 
 
 def mqtt_string(value: str | bytes) -> bytes:
@@ -55,3 +60,54 @@ def read_properties(body: bytes, i: int) -> tuple[dict[int, Any], int]:
             found[prop] = body[i + 2 : i + 2 + size].decode(errors="replace")
             i += 2 + size
     return found, stop
+
+
+def connect_packet(
+    s: MqttSettings, client_id: str, persistent: bool, max_receive_packet: int | None
+) -> bytes:
+    """CONNECT: a persistent session (or a clean start), credentials, our receive maximum."""
+    flags = 0 if persistent else 0x02
+    payload = mqtt_string(client_id)
+    if s.username is not None:
+        flags |= 0x80
+        payload += mqtt_string(s.username)
+        if s.password is not None:
+            flags |= 0x40
+            payload += mqtt_string(s.password.get_secret_value().encode())
+    props = (
+        b"\x11" + (s.session_expiry if persistent else 0).to_bytes(4, "big")
+        + b"\x21" + s.receive_maximum.to_bytes(2, "big")
+    )  # fmt: skip
+    if max_receive_packet:
+        props += b"\x27" + min(max_receive_packet, MQTT_MAX_PACKET).to_bytes(4, "big")
+    body = mqtt_string("MQTT") + bytes([5, flags]) + s.keepalive.to_bytes(2, "big")
+    return packet(0x10, body + property_block(props) + payload)
+
+
+def subscribe_packet(subscriptions: Sequence[tuple[str, int]]) -> bytes:
+    body = (1).to_bytes(2, "big") + property_block(b"")
+    for topic, qos in subscriptions:
+        body += mqtt_string(topic) + bytes([qos])
+    return packet(0x82, body)
+
+
+def publish_packet_id(frame: bytes) -> int:
+    """The packet id of a QoS 1 PUBLISH packet we built."""
+    i = 1
+    while frame[i] & 0x80:
+        i += 1
+    i += 1
+    size = int.from_bytes(frame[i : i + 2], "big")
+    i += 2 + size
+    return int.from_bytes(frame[i : i + 2], "big")
+
+
+def tls_context(settings: MqttSettings) -> ssl.SSLContext:
+    ca = str(settings.tls_ca) if settings.tls_ca else None
+    context = ssl.create_default_context(cafile=ca)
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    if settings.tls_insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import ssl
 import threading
 import time
 from collections import Counter, deque
@@ -27,11 +26,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from processors.packets import (
+    MQTT_MAX_PACKET,
+    connect_packet,
     content_type_property,
-    mqtt_string,
-    packet,
-    property_block,
+    publish_packet_id,
     read_properties,
+    subscribe_packet,
+    tls_context,
 )
 from streams import kernels
 from streams.kernels import FrameError
@@ -43,7 +44,6 @@ CONNACK, PUBACK, SUBACK, PINGRESP, DISCONNECT = 2, 4, 9, 13, 14
 PINGREQ = b"\xc0\x00"
 CONNECT_TIMEOUT = 10.0
 MAX_TOPIC = 65_535  # bytes: a topic's length is a 16-bit field
-MQTT_MAX_PACKET = 268_435_455 + 5  # the largest remaining length a varint holds, + header
 PUBLISH_OVERHEAD = 64  # fixed header, packet id and properties of a PUBLISH we build
 
 
@@ -306,7 +306,7 @@ class WireClient:
 
     async def _session(self) -> None:
         loop = self._loop
-        context = self._tls() if self.settings.tls else None
+        context = tls_context(self.settings) if self.settings.tls else None
         _, protocol = await asyncio.wait_for(
             loop.create_connection(
                 lambda: _Protocol(self),
@@ -319,13 +319,15 @@ class WireClient:
         )
         self._protocol = protocol
         self._handshake = loop.create_future()
-        self._write(self._connect_packet())
+        self._write(
+            connect_packet(self.settings, self.client_id, self.persistent, self.max_receive_packet)
+        )
         present, props = await self._answer(self._handshake, protocol, "CONNACK")
         self._server_receive_max = props.get(0x21, 65535)
         self._server_max_packet = props.get(0x27, 0)
         self._keepalive = props.get(0x13, self.settings.keepalive)
         self._suback = loop.create_future()
-        self._write(self._subscribe_packet())
+        self._write(subscribe_packet(self.subscriptions))
         codes = await self._answer(self._suback, protocol, "SUBACK")
         subscribed = zip(self.subscriptions, codes, strict=False)
         refused = [(t, c) for (t, _), c in subscribed if c >= 0x80]
@@ -357,41 +359,6 @@ class WireClient:
         if protocol.closed in done:
             raise WireError(f"connection lost waiting for {what} ({protocol.closed.result()})")
         raise WireError(f"no {what} from the broker in {CONNECT_TIMEOUT:.0f} s")
-
-    def _tls(self) -> ssl.SSLContext:
-        ca = str(self.settings.tls_ca) if self.settings.tls_ca else None
-        context = ssl.create_default_context(cafile=ca)
-        if self.settings.tls_cert is not None and self.settings.tls_key is not None:
-            context.load_cert_chain(self.settings.tls_cert, self.settings.tls_key)
-        if self.settings.tls_insecure:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        return context
-
-    def _connect_packet(self) -> bytes:
-        s = self.settings
-        flags = 0 if self.persistent else 0x02
-        payload = mqtt_string(self.client_id)
-        if s.username is not None:
-            flags |= 0x80
-            payload += mqtt_string(s.username)
-            if s.password is not None:
-                flags |= 0x40
-                payload += mqtt_string(s.password.get_secret_value().encode())
-        props = (
-            b"\x11" + (s.session_expiry if self.persistent else 0).to_bytes(4, "big")
-            + b"\x21" + s.receive_maximum.to_bytes(2, "big")
-        )  # fmt: skip
-        if self.max_receive_packet:
-            props += b"\x27" + min(self.max_receive_packet, MQTT_MAX_PACKET).to_bytes(4, "big")
-        body = mqtt_string("MQTT") + bytes([5, flags]) + s.keepalive.to_bytes(2, "big")
-        return packet(0x10, body + property_block(props) + payload)
-
-    def _subscribe_packet(self) -> bytes:
-        body = (1).to_bytes(2, "big") + property_block(b"")
-        for topic, qos in self.subscriptions:
-            body += mqtt_string(topic) + bytes([qos])
-        return packet(0x82, body)
 
     def _packet(self, kind: int, flags: int, body: bytes) -> None:
         """A packet other than PUBLISH, from the protocol."""
@@ -512,7 +479,7 @@ class WireClient:
             self.refused_publishes += 1
             log.error("not publishing %d bytes to %s: over the broker's maximum packet size"
                       " (%d)", len(frame), topic, limit)  # fmt: skip
-            packet_id = _packet_id_of(frame) if frame[0] & 0x06 else 0
+            packet_id = publish_packet_id(frame) if frame[0] & 0x06 else 0
             if packet_id and self._inflight.pop(packet_id, None) is not None:
                 self._confirm(packet_id)
         return keep
@@ -534,14 +501,3 @@ class WireClient:
                 self._abort()
             elif now - self._last_write >= self._keepalive / 2:
                 self._write(PINGREQ)
-
-
-def _packet_id_of(frame: bytes) -> int:
-    """The packet id of a QoS 1 PUBLISH packet we built."""
-    i = 1
-    while frame[i] & 0x80:
-        i += 1
-    i += 1
-    size = int.from_bytes(frame[i : i + 2], "big")
-    i += 2 + size
-    return int.from_bytes(frame[i : i + 2], "big")
