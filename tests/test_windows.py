@@ -360,5 +360,5 @@ def test_firing_from_the_due_index_equals_scanning_every_key(
     spec = Windowing(kind, 10_000, hop=5_000 if kind == "hopping" else 0,  # type: ignore[arg-type]
                      delay=delay, allowed_lateness=lateness)  # fmt: skip
     indexed, scanning = WindowOperator(spec, COUNT_AVG), WindowOperator(spec, COUNT_AVG)
-    scanning._indexed = False
+    scanning.indexed = False
     assert run(indexed, events) + indexed.flush() == run(scanning, events) + scanning.flush()

@@ -162,7 +162,7 @@ cdef class _Folder:
             accepted = True
             if window in state.fired:  # a late update within allowed lateness
                 self.fired.append((i, _WindowResult(key, start, start + size,
-                                                    owner._values(accs_obj, start, start + size),
+                                                    owner.values(accs_obj, start, start + size),
                                                     updated=True)))
         if not accepted:
             self.late.append((i, _LateUpdate(key, py_t, watermark if has_max else py_t)))
@@ -176,7 +176,7 @@ cdef class _Folder:
             if owner.max_time is None or py_t > owner.max_time:
                 owner.max_time = py_t
             if len(clocks) > self.clocks_max:
-                owner._forget_clocks()
+                owner.forget_clocks()
             watermark = t - delay
             expiry = state.expiry
             if (due and (<tuple>due[0])[0] <= watermark) or (
@@ -187,7 +187,7 @@ cdef class _Folder:
 
 
 cdef inline bint _foldable(object operator):
-    return operator._indexed and not operator.spec.processing_time and len(operator.aggregates) <= 32
+    return operator.indexed and not operator.spec.processing_time and len(operator.aggregates) <= 32
 
 
 def fold_windows(object operator, list groups, list times, list args):
