@@ -48,11 +48,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cloud_sync.segments import (
     HEADER,
+    MAX_RECORD,
+    READ_AHEAD,
     Log,
     Segment,
     atomic_write,
     fsync_dir,
     parse_record,
+    record_size,
 )
 from streams.codec import encode_update
 from streams.flows.model import duration_ms
@@ -147,6 +150,7 @@ class Outbox:
         self._logs: dict[int, Log] = {}
         for directory in sorted(settings.path.glob("p[0-9]")):
             self._logs[int(directory.name[1:])] = self._recover(directory)
+        self._size = self._bytes()  # kept up to date: not summed for every record written
 
     # recovery ----------------------------------------------------------------------------
 
@@ -187,6 +191,7 @@ class Outbox:
 
     def _seek(self, lg: Log, acked: int) -> None:
         """Put the read cursor on the first record after `acked`."""
+        lg.ahead = None
         for i, seg in enumerate(lg.segments):
             if seg.last <= acked:
                 continue
@@ -226,7 +231,7 @@ class Outbox:
                     policy = self.settings.policy(key)
                     frame_body = msgpack.packb([key.so, key.stream, now, update.last_update, body])
                     size = HEADER.size + len(frame_body)
-                    while self._bytes() + size > self.settings.max_bytes:
+                    while self._size + size > self.settings.max_bytes:
                         if policy.when_full == "reject":
                             break
                         self._flush(touched)  # what is written so far is durable before we wait
@@ -282,7 +287,9 @@ class Outbox:
                     f.truncate(size)
                 seg.size, seg.last = size, last
             lg.next_seq = next_seq
+            lg.ahead = None
             self.counts.written = min(self.counts.written, written)
+        self._size = self._bytes()
         if marks:
             log.error("outbox: a write failed; %d logs cut back to their last durable record",
                       len(marks))  # fmt: skip
@@ -313,6 +320,7 @@ class Outbox:
         frame = HEADER.pack(len(body), zlib.crc32(struct.pack("<Q", seq) + body), seq) + body
         lg.tail.write(frame)
         seg.size += len(frame)
+        self._size += len(frame)
         seg.last = seq
         lg.next_seq = seq + 1
 
@@ -361,9 +369,7 @@ class Outbox:
                     break  # at the end of the segment being written: wait here for more
                 index, offset = index + 1, 0
                 continue
-            with seg.path.open("rb") as f:
-                f.seek(offset)
-                data = f.read(seg.size - offset)
+            data = self._chunk(lg, seg, offset)
             pos = 0
             while pos < len(data) and len(out) < limit:
                 parsed = parse_record(data, pos)
@@ -377,6 +383,8 @@ class Outbox:
                     out.append(Record(priority, seq, StreamKey(so, stream), enqueued,
                                       last_update, update))  # fmt: skip
                 pos = end
+            # what was read and not parsed waits for the next read: each byte is read once
+            lg.ahead = (seg.first, offset + pos, data[pos:]) if pos < len(data) else None
             if pos == 0:
                 break
             offset += pos
@@ -389,6 +397,26 @@ class Outbox:
                 self.counts.acked -= last_expired - lg.acked
                 self._acknowledge(lg, last_expired)
         return out
+
+    @staticmethod
+    def _chunk(lg: Log, seg: Segment, offset: int) -> bytes:
+        """Bytes of `seg` from `offset`: what an earlier read left over, else at most
+        READ_AHEAD (or one whole record, if larger) from the file. Draining a backlog reads
+        each byte once, whatever the batch size."""
+        ahead = lg.ahead
+        fits = ahead is not None and ahead[0] == seg.first and ahead[1] == offset
+        data = ahead[2] if ahead is not None and fits else b""
+        size = record_size(data, 0)
+        if size is not None and size <= len(data):
+            return data  # a whole record (at least) is here already
+        available = seg.size - offset
+        with seg.path.open("rb") as f:
+            f.seek(offset + len(data))
+            data += f.read(max(0, min(READ_AHEAD, available) - len(data)))
+            size = record_size(data, 0)
+            if size is not None and len(data) < size <= MAX_RECORD + HEADER.size:
+                data += f.read(min(size, available) - len(data))  # all of a larger record
+        return data
 
     def ack(self, records: Sequence[Record]) -> None:
         """The cloud has these (in order per priority): free what is no longer needed."""
@@ -413,6 +441,7 @@ class Outbox:
         while len(lg.segments) > 1 and lg.segments[0].last <= lg.acked:
             seg = lg.segments.pop(0)
             seg.path.unlink()
+            self._size -= seg.size
             index, offset = lg.cursor
             lg.cursor = (max(0, index - 1), offset if index > 0 else 0)
         fsync_dir(lg.directory)
@@ -436,7 +465,7 @@ class Outbox:
 
     def size(self) -> int:
         with self._lock:
-            return self._bytes()
+            return self._size
 
     def oldest_age(self) -> float:
         """Seconds since the oldest unacknowledged record was written (0 when empty)."""

@@ -12,6 +12,7 @@ from typing import Any
 
 HEADER = struct.Struct("<IIQ")
 MAX_RECORD = 64 * 1024 * 1024
+READ_AHEAD = 256 * 1024  # bytes read at once from a segment (more when a record is larger)
 
 
 @dataclass
@@ -32,6 +33,8 @@ class Log:
     next_seq: int = 1
     cursor: tuple[int, int] = (0, 0)  # (segment index, byte offset) of the next record to read
     tail: Any = None  # the open file of the last segment
+    # bytes read from a segment but not parsed yet: (segment's first seq, offset, data)
+    ahead: tuple[int, int, bytes] | None = None
 
     @property
     def pending(self) -> int:
@@ -50,6 +53,14 @@ def parse_record(data: bytes, offset: int) -> tuple[int, bytes, int] | None:
     if zlib.crc32(struct.pack("<Q", seq) + body) != crc:
         return None
     return seq, body, end
+
+
+def record_size(data: bytes, offset: int) -> int | None:
+    """The whole size of the record whose header starts at `offset`, if the header is there."""
+    if offset + HEADER.size > len(data):
+        return None
+    length: int = HEADER.unpack_from(data, offset)[0]
+    return HEADER.size + length
 
 
 def atomic_write(path: Path, data: bytes) -> None:
