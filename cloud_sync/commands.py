@@ -15,11 +15,9 @@ import asyncio
 import logging
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.errors import KafkaError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from streams.actuation import Actuation, ActuationError, ActuationStatus, StatusReport
@@ -34,6 +32,9 @@ from streams.transport.mqtt import (
     refused,
     refused_because,
 )
+
+if TYPE_CHECKING:  # imported where used: a unit without the relay does not load aiokafka
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,9 @@ class CommandRelay:
         self._client.loop_stop()
 
     async def _run(self) -> None:
+        from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+        from aiokafka.errors import KafkaError
+
         self._loop = asyncio.get_running_loop()
         self._reports = asyncio.Queue()
         s = self.settings

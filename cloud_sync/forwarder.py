@@ -26,13 +26,10 @@ import sqlite3
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgpack
 import orjson
-import psycopg
-from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from cloud_sync.commands import CommandTopics
@@ -40,6 +37,9 @@ from cloud_sync.outbox import Outbox, Record
 from cloud_sync.store import CloudMessage, CloudStore, open_store
 from streams.flows.model import duration_ms
 from streams.transport.mqtt import MqttSettings
+
+if TYPE_CHECKING:  # imported where used: a unit forwarding to a store does not load aiokafka
+    from aiokafka import AIOKafkaProducer
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +128,8 @@ class ForwarderCounts:
         self.batches = 0
 
 
-def encode_record(record: Record, site: str, codec: str) -> bytes:
-    message_id = record.message_id(site)
+def encode_record(record: Record, site: str, codec: str, message_id: str | None = None) -> bytes:
+    message_id = message_id or record.message_id(site)
     if codec == "msgpack":
         return msgpack.packb({
             "messageId": message_id, "site": site, "so": record.key.so,
@@ -171,7 +171,21 @@ class Forwarder:
     def _main(self) -> None:
         asyncio.run(self._run())
 
+    def _transient(self) -> tuple[type[BaseException], ...]:
+        """The errors of a destination that is away (retried quietly), for what is used."""
+        errors: list[type[BaseException]] = [TimeoutError, OSError, sqlite3.Error]
+        if self.settings.kafka is not None:
+            from aiokafka.errors import KafkaError
+
+            errors.append(KafkaError)
+        if self.settings.store is not None and self.settings.store.startswith("postgres"):
+            import psycopg
+
+            errors.append(psycopg.Error)
+        return tuple(errors)
+
     async def _run(self) -> None:
+        transient = self._transient()
         delay = self.settings.retry_min
         producer: AIOKafkaProducer | None = None
         store: CloudStore | None = None
@@ -189,6 +203,8 @@ class Forwarder:
                     await asyncio.to_thread(self.outbox.ack, records)
                     continue
                 if producer is None:
+                    from aiokafka import AIOKafkaProducer
+
                     assert self.settings.kafka is not None
                     producer = AIOKafkaProducer(**self.settings.kafka.producer_options())
                     await producer.start()
@@ -202,8 +218,7 @@ class Forwarder:
                 await asyncio.to_thread(self.outbox.ack, records)
                 delay = self.settings.retry_min
             except Exception as exc:  # Kafka or the store away, or a bug: retry in order
-                if not isinstance(exc, TimeoutError | KafkaError | OSError | sqlite3.Error
-                                  | psycopg.Error):  # fmt: skip
+                if not isinstance(exc, transient):
                     log.exception("forwarder failed unexpectedly; retrying")
                 self.connected.clear()
                 self.counts.retries += 1
@@ -233,19 +248,45 @@ class Forwarder:
         self.counts.batches += 1
 
     async def _send(self, producer: AIOKafkaProducer, records: Sequence[Record]) -> None:
+        """The records in Kafka's own batches, one per partition (the object id decides it,
+        as the default partitioner would for each record): a record costs its encoding, one
+        hash for its message id and an append, not a send of its own."""
+        from aiokafka.partitioner import murmur2
+
         assert self.settings.kafka is not None
         topic = self.settings.kafka.topic
-        site = self.settings.site
+        site, codec = self.settings.site, self.settings.codec
+        partitions = sorted(await producer.partitions_for(topic))
+        fixed = [("content-type", self._content_type), ("site", site.encode())]
+        of_so: dict[str, tuple[bytes, int]] = {}  # object -> (key, partition)
+        batches: dict[int, Any] = {}
         futures = []
         size = 0
         for r in records:
-            value = encode_record(r, site, self.settings.codec)
+            so = r.key.so
+            known = of_so.get(so)
+            if known is None:
+                key = so.encode()
+                known = of_so[so] = (key, partitions[(murmur2(key) & 0x7FFFFFFF)
+                                                     % len(partitions)])  # fmt: skip
+            key, partition = known
+            message_id = r.message_id(site)
+            value = encode_record(r, site, codec, message_id)
             size += len(value)
-            headers = [("content-type", self._content_type), ("site", site.encode()),
-                       ("so", r.key.so.encode()), ("stream", r.key.stream.encode()),
-                       ("message-id", r.message_id(site).encode())]  # fmt: skip
-            futures.append(await producer.send(topic, value, key=r.key.so.encode(),
-                                               headers=headers))  # fmt: skip
+            headers = [*fixed, ("so", key), ("stream", r.key.stream.encode()),
+                       ("message-id", message_id.encode())]  # fmt: skip
+            batch = batches.get(partition)
+            if batch is None:
+                batch = batches[partition] = producer.create_batch()
+            if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
+                futures.append(await producer.send_batch(batch, topic, partition=partition))
+                batch = batches[partition] = producer.create_batch()  # the full one is sent
+                if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
+                    raise ValueError(f"a record of {len(value)} bytes is larger than a batch"
+                                     f" ({self.settings.kafka.max_batch_size} bytes)")  # fmt: skip
+        for partition, batch in batches.items():
+            if batch.record_count():
+                futures.append(await producer.send_batch(batch, topic, partition=partition))
         await asyncio.gather(*futures)  # every record acknowledged by all in-sync replicas
         self.counts.records += len(records)
         self.counts.bytes += size

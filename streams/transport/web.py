@@ -10,7 +10,6 @@ import threading
 import time
 from typing import Any
 
-import uvicorn
 from pydantic import BaseModel, ConfigDict, SecretStr, model_validator
 
 
@@ -51,6 +50,8 @@ class BackgroundServer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
         self.port: int = sock.getsockname()[1]
+        import uvicorn  # here: a process that serves nothing does not load it
+
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
