@@ -195,9 +195,8 @@ class Forwarder:
                     if store is None:
                         store = await asyncio.to_thread(open_store, self.settings.store)
                         self.connected.set()
-                    records = await asyncio.to_thread(self.outbox.read, self.settings.batch)
+                    records = await asyncio.to_thread(self.outbox.read, self.settings.batch, 0.25)
                     if not records:
-                        await asyncio.sleep(0.05)
                         continue
                     await asyncio.to_thread(self._store, store, records)
                     await asyncio.to_thread(self.outbox.ack, records)
@@ -210,9 +209,9 @@ class Forwarder:
                     await producer.start()
                     self.connected.set()
                     log.info("forwarder connected to %s", self.settings.kafka.bootstrap_servers)
-                records = await asyncio.to_thread(self.outbox.read, self.settings.batch)
+                # woken by the unit's write, not polling: a record waits for no timer
+                records = await asyncio.to_thread(self.outbox.read, self.settings.batch, 0.25)
                 if not records:
-                    await asyncio.sleep(0.05)
                     continue
                 await self._send(producer, records)
                 await asyncio.to_thread(self.outbox.ack, records)

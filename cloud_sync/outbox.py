@@ -344,18 +344,24 @@ class Outbox:
 
     # reading -----------------------------------------------------------------------------
 
-    def read(self, limit: int = 500) -> list[Record]:
+    def read(self, limit: int = 500, wait: float = 0.0) -> list[Record]:
         """The next records not yet read: all from the most urgent priority that has any,
-        in order. Expired records are skipped (and counted)."""
+        in order. Expired records are skipped (and counted). With nothing to read, wait up to
+        `wait` seconds for a write (a reader woken by the write, not polling)."""
+        deadline = time.monotonic() + wait
         with self._lock:
-            for priority in sorted(self._logs):
-                lg = self._logs[priority]
-                if lg.tail is not None:
-                    lg.tail.flush()
-                records = self._read(priority, lg, limit)
-                if records:
-                    return records
-            return []
+            while True:
+                for priority in sorted(self._logs):
+                    lg = self._logs[priority]
+                    if lg.tail is not None:
+                        lg.tail.flush()
+                    records = self._read(priority, lg, limit)
+                    if records:
+                        return records
+                left = deadline - time.monotonic()
+                if left <= 0 or self._closed:
+                    return []
+                self._lock.wait(left)
 
     def _read(self, priority: int, lg: Log, limit: int) -> list[Record]:
         out: list[Record] = []
