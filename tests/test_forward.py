@@ -244,6 +244,80 @@ def test_records_are_readable_by_kafkas_own_console_consumer(kafka: Kafka, tmp_p
     assert docs[0]["messageId"].startswith(f"farm/s1/data/{T0}/")
 
 
+@pytest.mark.kafka
+def test_records_go_to_the_key_partition_in_order_in_kafkas_batches(
+    kafka: Kafka, tmp_path: Path
+) -> None:
+    """The forwarder builds the batches itself: each record must land on the partition the
+    default partitioner gives its key (the object id), each object's records in order, every
+    record once, headers and all, on a topic of several partitions."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.partitioner import DefaultPartitioner
+
+    topic = "cloudlet.partitions"
+
+    async def create() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka.bootstrap_servers)
+        await admin.start()
+        try:
+            await admin.create_topics([NewTopic(topic, num_partitions=4, replication_factor=1)])
+        finally:
+            await admin.close()
+
+    asyncio.run(create())
+    outbox = Outbox(OutboxSettings(path=tmp_path / "outbox"))
+    settings = ForwarderSettings.model_validate(
+        {"site": "farm", "commands": False, "batch": 300,
+         "kafka": {"bootstrap_servers": kafka.bootstrap_servers, "topic": topic,
+                   "max_batch_size": 4096}}  # small: batches fill and go while building
+    )  # fmt: skip
+    forwarder = Forwarder(outbox, settings).start()
+    sent = [(StreamKey(f"obj-{i % 40}", "data"), SensorUpdate({"t": float(i)}, T0 + i))
+            for i in range(1000)]  # fmt: skip
+    for i in range(0, len(sent), 250):
+        outbox.write(sent[i : i + 250])
+    got = _consume_with_partitions(kafka.bootstrap_servers, topic, 1000)
+    forwarder.stop()
+    assert len(got) == 1000 and len({d["messageId"] for _, d, _ in got}) == 1000
+    partitioner = DefaultPartitioner()
+    for partition, doc, headers in got:
+        key = doc["so"].encode()
+        assert partition == partitioner(key, [0, 1, 2, 3], [0, 1, 2, 3])
+        assert headers == {
+            "content-type": b"application/json",
+            "site": b"farm",
+            "so": key,
+            "stream": b"data",
+            "message-id": doc["messageId"].encode(),
+        }
+    assert len({p for p, _, _ in got}) > 1
+    for so in {k.so for k, _ in sent}:
+        times = [d["update"]["lastUpdate"] for _, d, _ in got if d["so"] == so]
+        assert times == [u.last_update for k, u in sent if k.so == so]
+
+
+def _consume_with_partitions(
+    bootstrap: str, topic: str, count: int
+) -> list[tuple[int, dict[str, Any], dict[str, bytes]]]:
+    async def run() -> list[tuple[int, dict[str, Any], dict[str, bytes]]]:
+        consumer = AIOKafkaConsumer(
+            topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+            enable_auto_commit=False,
+        )  # fmt: skip
+        await consumer.start()
+        got: list[tuple[int, dict[str, Any], dict[str, bytes]]] = []
+        deadline = time.monotonic() + 60
+        try:
+            while len(got) < count and time.monotonic() < deadline:
+                for records in (await consumer.getmany(timeout_ms=500)).values():
+                    got += [(r.partition, orjson.loads(r.value), dict(r.headers)) for r in records]
+        finally:
+            await consumer.stop()
+        return got
+
+    return asyncio.run(run())
+
+
 def test_msgpack_records_carry_the_same_document() -> None:
     body = b'{"channels":{"t":{"current-value":1.5}},"lastUpdate":1700006399999}'
     record = Record(5, 7, StreamKey("s1", "data"), T0, T0 - 1, body)
