@@ -242,18 +242,20 @@ class CompositeEngine:
             return
         batch = run.batch
         raw = batch.keys() if isinstance(batch, Updates) else {k for k, _ in batch}
-        touched = {k for k in (*raw, *run.produced) if k in watched}
-        groups: set[GroupKey] = set()
+        touched = [(log.orders[0], key, log) for key in {*raw, *run.produced} if key in watched
+                   for log in (self.log(run, key),) if log.orders]  # fmt: skip
+        touched.sort(key=lambda t: t[0])  # new keys are kept in the order they came
+        groups: dict[GroupKey, None] = {}
         undo = self._undo
-        for key in touched:
-            value = self.log(run, key).last()
+        for _, key, log in touched:
+            value = log.last()
             if value is None:
                 continue
             if undo is not None and key not in undo:
                 undo[key] = self.latest.get(key)
             self.latest[key] = value
-            groups.update(self.plan.groups_of.get(key, ()))
-        for group in groups:
+            groups.update(dict.fromkeys(self.plan.groups_of.get(key, ())))
+        for group in sorted(groups, key=lambda g: self.group_log(run, g).orders[:1]):
             value = self.group_log(run, group).last()
             if value is None:
                 continue
