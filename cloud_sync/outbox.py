@@ -105,7 +105,7 @@ class OutboxFull(Exception):
     """Raised by `write` for streams whose policy is reject, when the outbox is full."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass costs a setattr call per field
 class Record:
     priority: int
     seq: int

@@ -46,11 +46,13 @@ def parse_record(data: bytes, offset: int) -> tuple[int, bytes, int] | None:
     if offset + HEADER.size > len(data):
         return None
     length, crc, seq = HEADER.unpack_from(data, offset)
-    end = offset + HEADER.size + length
+    start = offset + HEADER.size
+    end = start + length
     if length > MAX_RECORD or end > len(data):
         return None
-    body = bytes(data[offset + HEADER.size : end])
-    if zlib.crc32(struct.pack("<Q", seq) + body) != crc:
+    body = data[start:end]
+    # the checksum covers the sequence number (the header's last 8 bytes), then the body
+    if zlib.crc32(body, zlib.crc32(data[start - 8 : start])) != crc:
         return None
     return seq, body, end
 
