@@ -144,7 +144,9 @@ def _cpu_seconds(pid: int) -> float:
 def ingest(
     work: Path, n: int, per_message: int, echo: bool = True, batch: bool = False
 ) -> dict[str, Any]:
-    broker = Mosquitto(work / f"mosquitto-{per_message}-{echo}-{batch}", superuser=True).start()
+    broker = Mosquitto(
+        work / f"mosquitto-{per_message}-{echo}-{batch}", superuser=True, site=True
+    ).start()  # configured as a site's broker is
     try:
         messages = payloads(readings(n), per_message)
         # the C client, draining its backlog
@@ -328,7 +330,7 @@ def forwarder(kafka: Kafka, work: Path, n: int) -> dict[str, Any]:
 def latency(kafka: Kafka, work: Path, rate: int, seconds: float) -> dict[str, Any]:
     from aiokafka import AIOKafkaConsumer
 
-    broker = Mosquitto(work / f"mosquitto-latency-{rate}", superuser=True).start()
+    broker = Mosquitto(work / f"mosquitto-latency-{rate}", superuser=True, site=True).start()
     topic = f"bench.latency.{rate}"
     config = work / f"latency-{rate}.yaml"
     config.write_bytes(
@@ -397,7 +399,16 @@ def latency(kafka: Kafka, work: Path, rate: int, seconds: float) -> dict[str, An
                 break
             except OSError:
                 time.sleep(0.1)
-        time.sleep(2)  # the consumer and the forwarder find the topic
+        # warm-up: the forwarder and the consumer find the topic (Kafka creates it on first
+        # use, which takes seconds), and the first updates are not what is measured
+        for i in range(50):
+            u = SensorUpdate({"t": 20.0}, int(time.time() * 1000))
+            pub.publish(f"sensor-{i % SENSORS}/streams/data", encode_update(u), qos=1)
+        deadline = time.monotonic() + 60
+        while len(arrivals) < 50 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        arrivals.clear()
         sent = 0
         started = time.monotonic()
         while time.monotonic() - started < seconds:

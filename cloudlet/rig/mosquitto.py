@@ -78,8 +78,13 @@ class Mosquitto(Service):
         anonymous: bool = False,
         superuser: bool = False,
         client_certs: bool = False,
+        site: bool = False,
     ) -> None:
+        """`site`: configured as a site's broker is (compose/mosquitto.conf: persistence saved
+        by Mosquitto's default schedule, 1,000 QoS 1 messages in flight per client), for
+        benchmarks; the tests' broker saves every second (restart tests need it)."""
         super().__init__(workdir)
+        self.site = site
         if client_certs and not tls:
             raise RigError("client certificates need the TLS listener (tls=True)")
         if anonymous and (users or superuser or client_certs):
@@ -203,14 +208,14 @@ class Mosquitto(Service):
                     *self._security(binary),
                     "persistence true",
                     f"persistence_location {self.workdir}/",
-                    "autosave_interval 1",
+                    *([] if self.site else ["autosave_interval 1"]),
                     # A unit acknowledges a device message only once what it produced is safe,
                     # so under load its session's queue grows: QoS 1 messages beyond this
                     # limit would be dropped by the broker. Not 0 ("no limit"): with it,
                     # Mosquitto 2.0.11 drops a client whose QoS 1 publish it has just denied
                     # (memory_limit, set by operators, bounds the broker as a whole).
                     "max_queued_messages 1000000",
-                    "max_inflight_messages 100",
+                    f"max_inflight_messages {1000 if self.site else 100}",
                     f"log_dest file {self.workdir / 'mosquitto.log'}",
                     "log_type error",
                     "log_type warning",
