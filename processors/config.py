@@ -86,6 +86,9 @@ class UnitConfig(_Strict):
     topics: TopicScheme = TopicScheme()
     share_group: str | None = None
     batch_size: int = Field(default=500, ge=1, le=10_000)
+    # a batch also ends past this many bytes of payload: 500 messages of 100 readings each
+    # would be 50,000 readings (and their outputs) in memory at once
+    batch_bytes: int = Field(default=256 * 1024, ge=1024)
     max_payload: int = Field(default=DEFAULT_MAX_PAYLOAD, ge=64)
     # updates dated further ahead of the unit's clock are dead-lettered future_timestamp;
     # null turns the check off (a site replaying a recorded future, say)

@@ -82,6 +82,7 @@ class UnitRuntime:
         client_id: str = "cloudlet-unit",
         subscription: str | None = None,
         batch_size: int = 500,
+        batch_bytes: int = 256 * 1024,
         state: StateStore | None = None,
         checkpoint: CheckpointPolicy = CheckpointPolicy(),
         sink: ResultSink | None = None,
@@ -98,6 +99,7 @@ class UnitRuntime:
         self.settings = mqtt_settings
         self.subscription = subscription or ingest.topics.device_updates_filter
         self.batch_size = batch_size
+        self.batch_bytes = batch_bytes
         self.state = state
         self.checkpoint = checkpoint
         self.sink = sink
@@ -243,8 +245,14 @@ class UnitRuntime:
                 batch = batch + self._inbox.get_nowait()
             except queue.Empty:
                 break
-        if len(batch) > self.batch_size:
-            batch, self._carry = batch[: self.batch_size], batch[self.batch_size :]
+        size, end, limit = 0, min(len(batch), self.batch_size), self.batch_bytes
+        for i in range(end):  # and at most batch_bytes of payload (one message at least)
+            size += len(batch[i].payload)
+            if size > limit and i:
+                end = i
+                break
+        if len(batch) > end:
+            batch, self._carry = batch[:end], batch[end:]
         self.metrics.inbox.dec(len(batch))
         return batch
 

@@ -56,6 +56,7 @@ class Unit:
             client_id=self.instance,
             subscription=config.subscription,
             batch_size=config.batch_size,
+            batch_bytes=config.batch_bytes,
             state=StateStore(config.state_dir, self.instance) if config.state_dir else None,
             checkpoint=CheckpointPolicy(config.checkpoint.every, config.checkpoint.messages),
             sink=sink or (SQLiteSink(config.sink.sqlite) if config.sink else None),

@@ -383,3 +383,24 @@ def test_a_message_of_many_bad_or_late_readings_makes_a_bounded_number_of_letter
         f'cloudlet_dead_letters_total{{unit="u-letters"}} {2 * MAX_LETTERS_PER_MESSAGE + 2}.0',
     ):
         assert line in metrics, [x for x in metrics.splitlines() if "total{" in x]
+
+
+def test_a_batch_ends_at_its_message_count_or_its_bytes() -> None:
+    """Messages of many readings make few, small batches rather than one that holds tens of
+    thousands of readings (and their outputs) in memory at once; a message larger than the
+    bound still makes a batch of its own, and nothing is lost or reordered."""
+    catalog = Catalog.load([IRRIGATION / "objects"])
+    runtime = UnitRuntime(Ingest(catalog.registry), MqttSettings(url="mqtt://127.0.0.1:1"),
+                          client_id="u-bytes", batch_size=50, batch_bytes=10_000)  # fmt: skip
+    sizes = [100] * 120 + [25_000] + [3_000] * 7 + [10] * 60
+    messages = [RawMessage(f"s/streams/{i}", b"x" * n, None) for i, n in enumerate(sizes)]
+    for i in range(0, len(messages), 37):  # as the network thread hands them over
+        runtime._inbox.put(messages[i : i + 37])
+    batches = []
+    while batch := runtime._take_batch():
+        batches.append(batch)
+    assert [m for b in batches for m in b] == messages
+    for batch in batches:
+        assert len(batch) <= 50
+        assert len(batch) == 1 or sum(len(m.payload) for m in batch) <= 10_000
+    assert [len(b) for b in batches][:4] == [50, 50, 20, 1]  # 100-byte ones, then the big one
