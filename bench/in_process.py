@@ -85,6 +85,7 @@ def twins() -> Iterator[None]:
         "columnar_updates": _columnar_py.columnar_updates,
         "columnar_fits": _columnar_py.columnar_fits,
         "fold_windows": _windows_py.fold_windows,
+        "KeyState": _windows_py.KeyState,
     }
     saved = {name: getattr(kernels, name) for name in names}
     for name, twin in names.items():

@@ -315,3 +315,30 @@ def test_the_ingest_kernel_reads_json_text_exactly_as_orjson(texts: list[bytes])
         assert [(k, type(v), repr(v)) for k, v in a.channels.items()] == [
             (k, type(v), repr(v)) for k, v in b.channels.items()
         ]
+
+
+def test_the_kernels_key_state_behaves_as_its_twin() -> None:
+    """`kernels.KeyState` (compiled: the kernel's own C structure) has its twin's fields and
+    behaviour: a clone shares nothing changed in place, dump/load round trips (fired windows
+    sorted), equality by value (across the two types too), idle."""
+    from streams.windows.keys import KeyState as Twin
+
+    for cls in {kernels.KeyState, Twin}:
+        state = cls()
+        assert state.idle() and state.windows == {} and state.fired == set()
+        state.windows[(0, 10)] = [1, [2.0, 0.0], None]
+        state.windows[(10, 20)] = [3, [4.0, 0.0], 7]
+        state.fired.update({(10, 20), (0, 10)})
+        state.due.append((20, 10))
+        state.next_empty = 0
+        copy = state.clone()
+        copy.windows[(0, 10)][1][0] = 99.0
+        copy.fired.clear()
+        assert state.windows[(0, 10)][1][0] == 2.0 and len(state.fired) == 2
+        dumped = state.dump()
+        assert dumped["fired"] == [[0, 10], [10, 20]]
+        again = cls.load(orjson.loads(orjson.dumps(dumped)))
+        assert again.dump() == orjson.loads(orjson.dumps(dumped))
+        assert not state.idle()
+        twin = Twin(state.windows, state.fired, 0, [], 0, [], [(20, 10)], [])
+        assert state == twin and twin == state

@@ -27,8 +27,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import replace as _replace
 from typing import Any
 
+from streams import kernels
 from streams.windows.aggregates import Aggregate
-from streams.windows.keys import KeyState as _KeyState
+from streams.windows.keys import KeyState as _KeyState  # the type (the kernel's has its fields)
 from streams.windows.model import MAX_CLOCKS, LateUpdate, Windowing, WindowResult
 
 MAX_EMPTY_WINDOWS = 10_000
@@ -164,7 +165,9 @@ class WindowOperator:
         """Add one update (time `t`, one argument per aggregate); what fired and what was late."""
         if self._undo is not None and key not in self._undo:
             self.touch((key,))
-        state = self.keys.setdefault(key, _KeyState())
+        state = self.keys.get(key)
+        if state is None:
+            state = self.keys[key] = kernels.KeyState()
         kind = self.spec.kind
         if kind == "count":
             return self._count(key, state, t, list(args)), []
@@ -454,5 +457,5 @@ class WindowOperator:
         if clocks is None:  # a snapshot from before per-key clocks: every key had this one
             clocks = {} if self.max_time is None else dict.fromkeys(data["keys"], self.max_time)
         self.clocks = dict(clocks)
-        self.keys = {key: _KeyState.load(k) for key, k in data["keys"].items()}
+        self.keys = {key: kernels.KeyState.load(k) for key, k in data["keys"].items()}
         self._reindex()

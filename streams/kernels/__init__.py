@@ -11,7 +11,8 @@ import says so loudly (a warning on every start, and `COMPILED` is False), and
   (topic, content type, size, decoding, values) in one call per batch;
 - frames: MQTT v5 packets cut from the broker's bytes, and PUBLISH/PUBACK packets built in bulk;
 - windows: a batch of updates folded into a tumbling or hopping window operator, and the
-  inputs of simple flows (`where: t > 5`, `avg(t)`) read from a batch without expressions.
+  inputs of simple flows (`where: t > 5`, `avg(t)`) read from a batch without expressions;
+  `KeyState`, the state of a window key, is the kernel's own type (a C structure compiled).
 """
 
 from __future__ import annotations
@@ -62,11 +63,13 @@ fold_windows = windows.fold_windows
 column_inputs = windows.column_inputs
 take_inputs = windows.take_inputs
 fold_parts = windows.fold_parts
+KeyState = windows.KeyState  # a window key's state: the kernel's own type (its twin: keys.py)
 
 __all__ = [
     "COMPILED",
     "NO_EXTENSIONS",
     "FrameError",
+    "KeyState",
     "Publish",
     "column_inputs",
     "columnar_fits",

@@ -9,7 +9,7 @@ from libc.math cimport fabs
 
 from streams.kernels._windows_py import fold_windows as _twin
 
-cdef object _KeyState = None, _WindowResult = None, _LateUpdate = None, _heappush = None
+cdef object _WindowResult = None, _LateUpdate = None, _heappush = None, _loaded = None
 cdef Py_ssize_t _MAX_CLOCKS = 0
 cdef dict _CODES = {}
 cdef double EXACT = 9007199254740992.0  # 2**53: ints below convert to float exactly
@@ -17,15 +17,92 @@ cdef int COUNT = 0, SUM = 1, AVG = 2, MIN = 3, MAX = 4, GENERIC = -1
 
 
 cdef void _load():
-    global _KeyState, _WindowResult, _LateUpdate, _heappush, _MAX_CLOCKS
+    global _WindowResult, _LateUpdate, _heappush, _MAX_CLOCKS, _loaded
     import heapq
-    from streams.windows import aggregates, keys, model
-    _KeyState, _WindowResult = keys.KeyState, model.WindowResult
+    from streams.windows import aggregates, model
+    _loaded = True
+    _WindowResult = model.WindowResult
     _MAX_CLOCKS = model.MAX_CLOCKS
     _LateUpdate = model.LateUpdate
     _heappush = heapq.heappush
     for name, code in (("count", COUNT), ("sum", SUM), ("avg", AVG), ("min", MIN), ("max", MAX)):
         _CODES[id(aggregates.AGGREGATES[name])] = code
+
+
+cdef list _copied(list accs):
+    return [a[:] if type(a) is list else a for a in accs]
+
+
+cdef class KeyState:
+    """The state of one key of a window operator, owned by the kernel: the same fields and
+    methods as its twin, `streams.windows.keys.KeyState` (the specification), read by the
+    kernel as a C structure rather than attribute by attribute."""
+    cdef public dict windows  # (start, end) -> accumulators
+    cdef public set fired
+    cdef public object next_empty
+    cdef public list buffer
+    cdef public object arrivals
+    cdef public list sessions
+    cdef public list due
+    cdef public list expiry
+
+    def __init__(self, windows=None, fired=None, next_empty=None, buffer=None, arrivals=0,
+                 sessions=None, due=None, expiry=None):
+        self.windows = {} if windows is None else windows
+        self.fired = set() if fired is None else fired
+        self.next_empty = next_empty
+        self.buffer = [] if buffer is None else buffer
+        self.arrivals = arrivals
+        self.sessions = [] if sessions is None else sessions
+        self.due = [] if due is None else due
+        self.expiry = [] if expiry is None else expiry
+
+    def idle(self):
+        return not (self.windows or self.buffer or self.sessions or self.arrivals)
+
+    def clone(self):
+        return KeyState({w: _copied(accs) for w, accs in self.windows.items()},
+                        set(self.fired), self.next_empty, list(self.buffer), self.arrivals,
+                        [[st, last, _copied(accs)] for st, last, accs in self.sessions],
+                        list(self.due), list(self.expiry))
+
+    def dump(self):
+        return {
+            "windows": [[st, e, accs] for (st, e), accs in self.windows.items()],
+            "fired": [[st, e] for st, e in sorted(self.fired)],
+            "next_empty": self.next_empty,
+            "buffer": [[t, a] for t, a in self.buffer],
+            "arrivals": self.arrivals,
+            "sessions": self.sessions,
+        }
+
+    @staticmethod
+    def load(dict k):
+        return KeyState({(st, e): accs for st, e, accs in k["windows"]},
+                        {(st, e) for st, e in k["fired"]}, k["next_empty"],
+                        [(t, a) for t, a in k["buffer"]], k["arrivals"],
+                        [list(x) for x in k["sessions"]])
+
+    @staticmethod
+    def of(object other):
+        """The same state, from the twin's type (an operator built before the kernels were
+        swapped, say)."""
+        return KeyState(other.windows, other.fired, other.next_empty, other.buffer,
+                        other.arrivals, other.sessions, other.due, other.expiry)
+
+    def __eq__(self, other):
+        if not hasattr(other, "due"):
+            return NotImplemented
+        return (self.windows, self.fired, self.next_empty, self.buffer, self.arrivals,
+                self.sessions, self.due, self.expiry) == (
+                    other.windows, other.fired, other.next_empty, other.buffer, other.arrivals,
+                    other.sessions, other.due, other.expiry)
+
+    def __repr__(self):
+        return (f"KeyState(windows={self.windows!r}, fired={self.fired!r},"
+                f" next_empty={self.next_empty!r}, buffer={self.buffer!r},"
+                f" arrivals={self.arrivals!r}, sessions={self.sessions!r}, due={self.due!r},"
+                f" expiry={self.expiry!r})")
 
 
 cdef inline bint _as_double(object v, double* out):
@@ -100,6 +177,8 @@ cdef class _Folder:
     cdef long long size, hop, delay, lateness
     cdef bint tumbling
     cdef Py_ssize_t clocks_max
+    cdef object max_time  # the operator's, kept here during the batch (`done` writes it back)
+    cdef Py_ssize_t late_count
 
     def __cinit__(self, object owner):
         cdef object spec = owner.spec
@@ -114,6 +193,8 @@ cdef class _Folder:
         self.lateness = spec.allowed_lateness
         self.tumbling = spec.kind == "tumbling"
         self.clocks_max = _MAX_CLOCKS
+        self.max_time = owner.max_time
+        self.late_count = 0
         for j in range(min(len(self.aggs), 32)):
             self.codes[j] = _CODES.get(id(self.aggs[j]), GENERIC)
 
@@ -123,12 +204,16 @@ cdef class _Folder:
         cdef bint has_max, accepted
         cdef dict windows, clocks = self.clocks
         cdef list due, expiry, starts
-        cdef object state, window, accs_obj, clock, result
+        cdef KeyState state
+        cdef object found, window, accs_obj, clock, result
         cdef object owner = self.owner
         cdef Py_ssize_t j
-        state = self.keys.get(key)
-        if state is None:
-            state = self.keys[key] = _KeyState()
+        found = self.keys.get(key)
+        if type(found) is KeyState:
+            state = <KeyState>found
+        else:  # new, or the twin's type: the kernel's own from here on
+            state = KeyState() if found is None else KeyState.of(found)
+            self.keys[key] = state
         windows = state.windows
         due = state.due
         clock = clocks.get(key)  # each key's own clock: one device moves only its windows
@@ -166,15 +251,15 @@ cdef class _Folder:
                                                     updated=True)))
         if not accepted:
             self.late.append((i, _LateUpdate(key, py_t, watermark if has_max else py_t)))
-            owner.late_count += 1
+            self.late_count += 1
         if state.next_empty is None:
             state.next_empty = starts[len(starts) - 1]
         if not has_max or t > max_time:  # owner._advance, inline: the key's clock moves
             if has_max:
                 del clocks[key]  # re-inserted: the dict's order is by last advance
             clocks[key] = py_t
-            if owner.max_time is None or py_t > owner.max_time:
-                owner.max_time = py_t
+            if self.max_time is None or py_t > self.max_time:
+                self.max_time = py_t
             if len(clocks) > self.clocks_max:
                 owner.forget_clocks()
             watermark = t - delay
@@ -186,6 +271,13 @@ cdef class _Folder:
         return 0
 
 
+    cdef tuple done(self):
+        """The batch's fired windows and late updates; the operator's scalars written back."""
+        self.owner.max_time = self.max_time
+        self.owner.late_count += self.late_count
+        return self.fired, self.late
+
+
 cdef inline bint _foldable(object operator):
     return operator.indexed and not operator.spec.processing_time and len(operator.aggregates) <= 32
 
@@ -193,13 +285,13 @@ cdef inline bint _foldable(object operator):
 def fold_windows(object operator, list groups, list times, list args):
     if not _foldable(operator):
         return _twin(operator, groups, times, args)
-    if _KeyState is None:
+    if _loaded is None:
         _load()
     cdef _Folder folder = _Folder(operator)
     cdef Py_ssize_t i, n = len(groups)
     for i in range(n):
         folder.add(groups[i], times[i], args[i], i)
-    return folder.fired, folder.late
+    return folder.done()
 
 
 def fold_parts(object operator, list parts, dict plans, object plan, object where,
@@ -211,7 +303,7 @@ def fold_parts(object operator, list parts, dict plans, object plan, object wher
     one `fold_windows` folds in C (the caller's general path)."""
     if not _foldable(operator):
         return None
-    if _KeyState is None:
+    if _loaded is None:
         _load()
     cdef _Folder folder = _Folder(operator)
     cdef list row, part_times, test = None, args, column
@@ -297,7 +389,7 @@ def fold_parts(object operator, list parts, dict plans, object plan, object wher
                 row[j] = True if channels[j] is None else None if column is None else column[i]
             folder.add(group, part_times[i], row, at + i)
         at += n
-    return folder.fired, folder.late
+    return folder.done()
 
 
 def column_inputs(list updates, object where, object channel_names):

@@ -12,6 +12,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from streams.windows.keys import KeyState  # the twin of the kernel's own KeyState
+
+__all__ = ["KeyState", "column_inputs", "fold_parts", "fold_windows", "take_inputs"]
+
 
 def fold_windows(
     operator: Any, groups: Sequence[str], times: Sequence[int], args: Sequence[Sequence[Any]]
