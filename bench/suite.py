@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import multiprocessing
 import os
 import platform
 import re
@@ -328,7 +329,6 @@ def forwarder(kafka: Kafka, work: Path, n: int) -> dict[str, Any]:
 
 
 def latency(kafka: Kafka, work: Path, rate: int, seconds: float) -> dict[str, Any]:
-    from aiokafka import AIOKafkaConsumer
 
     broker = Mosquitto(work / f"mosquitto-latency-{rate}", superuser=True, site=True).start()
     topic = f"bench.latency.{rate}"
@@ -360,29 +360,16 @@ def latency(kafka: Kafka, work: Path, rate: int, seconds: float) -> dict[str, An
         [sys.executable, "-m", "cloudlet.cli", "unit", "run", str(config)],
         stdout=subprocess.DEVNULL, stderr=(work / f"latency-{rate}.log").open("wb"),
     )  # fmt: skip
-    arrivals: list[float] = []
-
-    async def consume(stop: threading.Event) -> None:
-        consumer = AIOKafkaConsumer(
-            topic,
-            bootstrap_servers=kafka.bootstrap_servers,
-            auto_offset_reset="earliest",
-            metadata_max_age_ms=1000,
-        )
-        await consumer.start()
-        try:
-            while not stop.is_set():
-                for records in (await consumer.getmany(timeout_ms=100)).values():
-                    now = time.time() * 1000
-                    for r in records:
-                        doc = orjson.loads(r.value)
-                        if doc["stream"] == "data":
-                            arrivals.append(now - doc["update"]["lastUpdate"])
-        finally:
-            await consumer.stop()
-
-    stop = threading.Event()
-    consumer = threading.Thread(target=lambda: asyncio.run(consume(stop)))
+    # the consumer in a process of its own too: beside the devices' publisher in this one, it
+    # starved paho's network thread, and the devices' own queue became what was measured
+    ctx = multiprocessing.get_context("fork")
+    since = ctx.Value("d", float("inf"))  # ms: the updates measured are those from then on
+    seen, counted, stop = ctx.Value("q", 0), ctx.Value("q", 0), ctx.Event()
+    lags_out, lags_in = ctx.Pipe(duplex=False)
+    consumer = ctx.Process(
+        target=_latency_consumer,
+        args=(kafka.bootstrap_servers, topic, since, seen, counted, stop, lags_in),
+    )
     consumer.start()
     settings = MqttSettings(url=broker.url)
     pub = make_client(settings, "bench-latency-devices")
@@ -405,25 +392,28 @@ def latency(kafka: Kafka, work: Path, rate: int, seconds: float) -> dict[str, An
             u = SensorUpdate({"t": 20.0}, int(time.time() * 1000))
             pub.publish(f"sensor-{i % SENSORS}/streams/data", encode_update(u), qos=1)
         deadline = time.monotonic() + 60
-        while len(arrivals) < 50 and time.monotonic() < deadline:
+        while seen.value < 50 and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.5)
-        arrivals.clear()
-        sent = 0
-        started = time.monotonic()
-        while time.monotonic() - started < seconds:
-            due = int((time.monotonic() - started) * rate)
-            while sent < due:
-                now = int(time.time() * 1000)
-                u = SensorUpdate({"t": 20.0}, now)
-                pub.publish(f"sensor-{sent % SENSORS}/streams/data", encode_update(u), qos=1)
-                sent += 1
-            time.sleep(0.001)
+        since.value = time.time() * 1000
+        # the devices: several clients, each in a process of its own (one paho client in this
+        # process could not send 10,000 QoS 1 messages/s here, and its queue was measured)
+        counts = [ctx.Value("q", 0) for _ in range(DEVICE_PROCESSES)]
+        devices = [ctx.Process(target=_latency_devices,
+                               args=(broker.url, i, rate / DEVICE_PROCESSES, seconds,
+                                     counts[i]))
+                   for i in range(DEVICE_PROCESSES)]  # fmt: skip
+        for d in devices:
+            d.start()
+        for d in devices:
+            d.join(seconds + 60)
+        sent = sum(c.value for c in counts)
         deadline = time.monotonic() + 30
-        while len(arrivals) < sent and time.monotonic() < deadline:
+        while counted.value < sent and time.monotonic() < deadline:
             time.sleep(0.1)
     finally:
         stop.set()
+        arrivals: list[float] = lags_out.recv() if lags_out.poll(15) else []
         consumer.join(10)
         pub.loop_stop()
         unit.terminate()
@@ -439,6 +429,68 @@ def latency(kafka: Kafka, work: Path, rate: int, seconds: float) -> dict[str, An
         "unit": "ms, device publish to Kafka consumer",
         "note": "ms clock resolution; no window waits (raw updates)",
     }
+
+
+DEVICE_PROCESSES = 4
+
+
+def _latency_devices(url: str, index: int, rate: float, seconds: float, count: Any) -> None:
+    """Devices of the latency scenario: one MQTT client publishing `rate` updates/s, each
+    dated when it is published."""
+    settings = MqttSettings(url=url)
+    pub = make_client(settings, f"bench-latency-devices-{index}")
+    pub.max_inflight_messages_set(1000)  # one client stands in for many devices
+    connect(pub, settings, persistent=False)
+    pub.loop_start()
+    sent = 0
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        due = int((time.monotonic() - started) * rate)
+        while sent < due:
+            u = SensorUpdate({"t": 20.0}, int(time.time() * 1000))
+            pub.publish(f"sensor-{(sent * DEVICE_PROCESSES + index) % SENSORS}/streams/data",
+                        encode_update(u), qos=1)  # fmt: skip
+            sent += 1
+        time.sleep(0.001)
+    count.value = sent
+    deadline = time.monotonic() + 30
+    while len(pub._out_messages) and time.monotonic() < deadline:  # all handed to the broker
+        time.sleep(0.05)
+    pub.loop_stop()
+
+
+def _latency_consumer(
+    bootstrap: str, topic: str, since: Any, seen: Any, counted: Any, stop: Any, out: Any
+) -> None:
+    """Kafka consumer of the latency scenario (a process of its own): device publish to
+    arrival here, in ms, for the raw updates dated `since` or later."""
+    from aiokafka import AIOKafkaConsumer
+
+    lags: list[float] = []
+
+    async def consume() -> None:
+        consumer = AIOKafkaConsumer(
+            topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+            metadata_max_age_ms=1000,
+        )  # fmt: skip
+        await consumer.start()
+        try:
+            while not stop.is_set():
+                for records in (await consumer.getmany(timeout_ms=100)).values():
+                    now = time.time() * 1000
+                    for r in records:
+                        doc = orjson.loads(r.value)
+                        if doc["stream"] != "data":
+                            continue
+                        seen.value += 1
+                        if doc["update"]["lastUpdate"] >= since.value:
+                            lags.append(now - doc["update"]["lastUpdate"])
+                            counted.value += 1
+        finally:
+            await consumer.stop()
+
+    asyncio.run(consume())
+    out.send(lags)
 
 
 # -----------------------------------------------------------------------------------------------
