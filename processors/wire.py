@@ -89,8 +89,17 @@ class _Protocol(asyncio.Protocol):
         self._chunks = [rest] if rest else []
         self._have = len(rest)
         self._need = need
+        acks: list[bytes] = []  # PUBACKs handled together: one lock, not one per packet
         for kind, flags, body in others:
+            if kind == PUBACK:
+                acks.append(body)
+                continue
+            if acks:  # in order with the other packets
+                client._pubacks(acks)
+                acks = []
             client._packet(kind, flags, body)
+        if acks:
+            client._pubacks(acks)
         if client._freed:  # PUBACKs made room: what waits goes out in one write, not one each
             client._freed = False
             client._drain()
@@ -395,27 +404,37 @@ class WireClient:
             self._protocol.transport.abort()
 
     def _puback(self, body: bytes) -> None:
-        if len(body) < 2:
-            log.error("PUBACK too short, reconnecting")
-            self._abort()
-            return
-        packet_id = (body[0] << 8) | body[1]
-        if self._inflight.pop(packet_id, None) is None:
-            return  # a late duplicate after a resend
-        if len(body) > 2 and body[2] >= 0x80:
-            self.refused_publishes += 1
-            log.error("broker refused a publish: reason 0x%02x", body[2])
-        self._confirm(packet_id)
-        self._freed = True  # drained once the whole read is handled (data_received)
+        self._pubacks([body])
+
+    def _pubacks(self, bodies: list[bytes]) -> None:
+        """The PUBACKs of one read of the socket."""
+        inflight, seq_of, seqs = self._inflight, self._seq_of, []
+        for body in bodies:
+            if len(body) < 2:
+                log.error("PUBACK too short, reconnecting")
+                self._abort()
+                break
+            packet_id = (body[0] << 8) | body[1]
+            if inflight.pop(packet_id, None) is None:
+                continue  # a late duplicate after a resend
+            if len(body) > 2 and body[2] >= 0x80:
+                self.refused_publishes += 1
+                log.error("broker refused a publish: reason 0x%02x", body[2])
+            seqs.append(seq_of.pop(packet_id, 0))
+        if seqs:
+            self._confirm_seqs(seqs)
+            self._freed = True  # drained once the whole read is handled (data_received)
 
     def _confirm(self, packet_id: int) -> None:
         """A QoS 1 publish is done with (acknowledged, or refused before sending)."""
-        seq = self._seq_of.pop(packet_id, 0)
+        self._confirm_seqs([self._seq_of.pop(packet_id, 0)])
+
+    def _confirm_seqs(self, seqs: list[int]) -> None:
+        """QoS 1 publishes done with, by their sequence numbers (0: not counted in order)."""
         with self._acked:
-            self._outstanding -= 1
+            self._outstanding -= len(seqs)
             done = self._done
-            if seq:
-                done.add(seq)
+            done.update(seq for seq in seqs if seq)
             while self._confirmed + 1 in done:
                 self._confirmed += 1
                 done.discard(self._confirmed)
