@@ -117,20 +117,21 @@ def _queue(broker: Mosquitto, client_id: str, payloads: list[tuple[str, bytes]])
     pub.loop_stop()
 
 
-def _peak_rss_kb(pid: int) -> int:
+def _status_kb(pid: int, field: str) -> int:
+    """A memory figure of /proc/<pid>/status (VmHWM: peak RSS, VmRSS: now), in kB."""
     try:
-        found = re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+        found = re.search(rf"{field}:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
         return int(found.group(1)) if found else 0
     except OSError:
         return 0
+
+
+def _peak_rss_kb(pid: int) -> int:
+    return _status_kb(pid, "VmHWM")
 
 
 def _rss_kb(pid: int) -> int:
-    try:
-        found = re.search(r"VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
-        return int(found.group(1)) if found else 0
-    except OSError:
-        return 0
+    return _status_kb(pid, "VmRSS")
 
 
 def _cpu_seconds(pid: int) -> float:
