@@ -66,6 +66,11 @@ class KafkaSettings(BaseModel):
     # full: so, stream and message-id too, for consumers that route on headers (each costs
     # about a tenth of the forwarder's throughput)
     headers: Literal["lean", "full"] = "lean"
+    # a record larger than this is not sent (Kafka would refuse it, message.max.bytes being
+    # 1,048,588 by default, and the forwarder would retry it forever, holding up the records
+    # after it): an excerpt goes to the dead-letter topic instead, counted and logged
+    max_record_bytes: int = Field(default=1_000_000, ge=1024)
+    dead_letter_topic: str = "cloudlet.updates.dead-letter"
 
     def producer_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {
@@ -132,6 +137,7 @@ class ForwarderCounts:
         self.bytes = 0
         self.retries = 0
         self.batches = 0
+        self.dead_letters = 0  # records too large for Kafka: an excerpt dead-lettered
 
 
 def encode_record(record: Record, site: str, codec: str, message_id: str | None = None) -> bytes:
@@ -308,6 +314,7 @@ class Forwarder:
         assert self.settings.kafka is not None
         topic = self.settings.kafka.topic
         site, codec = self.settings.site, self.settings.codec
+        kafka = self.settings.kafka
         partitions = sorted(await producer.partitions_for(topic))
         fixed = [("content-type", self._content_type), ("site", site.encode())]
         lean = self.settings.kafka.headers == "lean"
@@ -324,6 +331,9 @@ class Forwarder:
                 known = of_so[so] = (key, partitions[(murmur2(key) & 0x7FFFFFFF)
                                                      % len(partitions)])  # fmt: skip
             key, partition = known
+            if len(value) > kafka.max_record_bytes:
+                futures.append(await self._too_large(producer, r, message_id, key, len(value)))
+                continue
             size += len(value)
             headers = fixed if lean else [*fixed, ("so", key), ("stream", r.key.stream.encode()),
                                           ("message-id", message_id.encode())]  # fmt: skip
@@ -344,6 +354,27 @@ class Forwarder:
     def _read(self, wait: float) -> asyncio.Future[list[Record]]:
         """The next records of the outbox, read in a thread (waiting up to `wait` s for some)."""
         return asyncio.ensure_future(asyncio.to_thread(self.outbox.read, self.settings.batch, wait))
+
+    async def _too_large(
+        self, producer: AIOKafkaProducer, r: Record, message_id: str, key: bytes, size: int
+    ) -> asyncio.Future[Any]:
+        """A record Kafka would refuse: its identity and an excerpt to the dead-letter topic
+        (acknowledged in the outbox with the rest of its read once that is in Kafka)."""
+        assert self.settings.kafka is not None
+        self.counts.dead_letters += 1
+        limit = self.settings.kafka.max_record_bytes
+        log.error("outbox record %s of %d bytes is over max_record_bytes (%d): dead-lettered",
+                  message_id, size, limit)  # fmt: skip
+        letter = orjson.dumps({
+            "reason": "too_large", "messageId": message_id, "site": self.settings.site,
+            "so": r.key.so, "stream": r.key.stream, "enqueued": r.enqueued, "size": size,
+            "excerpt": r.body[:1000].decode("utf-8", "replace"),
+        })  # fmt: skip
+        headers = [("reason", b"too_large"), ("site", self.settings.site.encode())]
+        future: asyncio.Future[Any] = await producer.send(
+            self.settings.kafka.dead_letter_topic, letter, key=key, headers=headers
+        )
+        return future
 
     async def _delivered(
         self, records: Sequence[Record], delivered: asyncio.Future[Any], size: int

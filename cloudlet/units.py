@@ -145,5 +145,10 @@ class _CloudSyncCollector(Collector):
                 ("cloudlet_forwarded_records", f.records, "Records acknowledged by Kafka"),
                 ("cloudlet_forwarded_bytes", f.bytes, "Bytes of records acknowledged by Kafka"),
                 ("cloudlet_forward_retries", f.retries, "Failed sends, retried after a backoff"),
+                (
+                    "cloudlet_forward_dead_letters",
+                    f.dead_letters,
+                    "Records too large for Kafka, sent as an excerpt to the dead-letter topic",
+                ),
             ):
                 yield CounterMetricFamily(name, doc, value=value)

@@ -358,3 +358,37 @@ def test_records_encoded_in_bulk_are_the_documents_byte_for_byte() -> None:
             assert encode_records(records, site, codec) == [
                 (r.message_id(site), encode_record(r, site, codec)) for r in records
             ]
+
+
+@pytest.mark.kafka
+def test_a_record_too_large_for_kafka_is_dead_lettered_and_the_rest_go_on(
+    kafka: Kafka, tmp_path: Path
+) -> None:
+    """A record over max_record_bytes (Kafka would refuse it, and it used to be retried forever,
+    holding up every record after it) goes to the dead-letter topic as an excerpt, counted;
+    the records around it arrive, in order."""
+    topic, dead = "cloudlet.large", "cloudlet.large.dead"
+    outbox = Outbox(OutboxSettings(path=tmp_path / "outbox"))
+    settings = ForwarderSettings.model_validate(
+        {"site": "farm", "commands": False,
+         "kafka": {"bootstrap_servers": kafka.bootstrap_servers, "topic": topic,
+                   "max_record_bytes": 5000, "dead_letter_topic": dead}}
+    )  # fmt: skip
+    forwarder = Forwarder(outbox, settings).start()
+    small = [(StreamKey("s1", "data"), SensorUpdate({"t": float(i)}, T0 + i)) for i in range(6)]
+    big = (StreamKey("s1", "data"), SensorUpdate({"blob": "x" * 20_000}, T0 + 3))
+    outbox.write([*small[:3], big, *small[3:]])
+    got = _consume_with_partitions(kafka.bootstrap_servers, topic, 6)
+    letters = _consume_with_partitions(kafka.bootstrap_servers, dead, 1)
+    deadline = time.monotonic() + 30
+    while outbox.depth() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    forwarder.stop()
+    assert [d["update"]["lastUpdate"] - T0 for _, d, _ in got] == [0, 1, 2, 3, 4, 5]
+    assert len(letters) == 1
+    _, letter, headers = letters[0]
+    assert headers == {"reason": b"too_large", "site": b"farm"}
+    assert letter["reason"] == "too_large" and letter["so"] == "s1" and letter["size"] > 20_000
+    assert letter["messageId"].startswith(f"farm/s1/data/{T0 + 3}/")
+    assert len(letter["excerpt"]) == 1000
+    assert forwarder.counts.dead_letters == 1 and outbox.depth() == 0
