@@ -80,8 +80,8 @@ class Run:
         rows = getattr(self.batch, "rows", None)
         return rows() if rows is not None else self.batch
 
-    def positions(self, key: StreamKey) -> list[int]:
-        """Where `key`'s updates are in the batch."""
+    def _positions(self) -> dict[StreamKey, list[int]]:
+        """Where each stream's updates are in the batch (worked out once)."""
         if self._by_key is None:
             by_key: dict[StreamKey, list[int]] = {}
             for i, (k, _) in enumerate(self.rows()):
@@ -91,14 +91,11 @@ class Run:
                 else:
                     got.append(i)
             self._by_key = by_key
-        return self._by_key.get(key, [])
+        return self._by_key
 
     def inputs(self, keys: Collection[StreamKey]) -> list[Entry]:
         """Every update of `keys`, the batch's and the ones produced so far, in order."""
-        if self._by_key is None:
-            self.positions(next(iter(keys), None))  # type: ignore[arg-type]
-        by_key, produced = self._by_key, self.produced
-        assert by_key is not None
+        by_key, produced = self._positions(), self.produced
         if len(keys) > len(by_key) + len(produced):  # a flow reading many streams
             keys = [k for k in {*by_key, *produced} if k in keys]
         rows = self.rows()

@@ -61,14 +61,10 @@ class WindowNode:
         return self.flow.windowing.processing_time
 
     def run(self, run: Run) -> None:
-        if run.batch:
-            if self.raw_only:
+        if self.raw_only:  # the batch's own updates only (a tick or a flush has none)
+            if run.batch:
                 self._take_batch(run)
-            else:
-                entries = run.inputs(self.flow.inputs.keys())
-                if entries:
-                    self._take_rows(run, [(e[3], e[4]) for e in entries], [e[0] for e in entries])
-        elif not self.raw_only:  # a tick or a flush: what the nodes before produced
+        else:  # and what the nodes before made of them
             entries = run.inputs(self.flow.inputs.keys())
             if entries:
                 self._take_rows(run, [(e[3], e[4]) for e in entries], [e[0] for e in entries])
