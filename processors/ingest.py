@@ -29,7 +29,7 @@ from streams import (
     decode,
     kernels,
 )
-from streams.accepted import ColumnRun, Updates
+from streams.accepted import ColumnRun, Part, Shape, Updates
 from streams.codec import DEFAULT_MAX_PAYLOAD
 from streams.rejections import no_updates
 from streams.updates import StreamValidator
@@ -116,8 +116,9 @@ class Ingest:
         self.clock = clock
         self.counts = IngestCounts()
         self._keys: dict[str, StreamKey] = {}  # device topic -> (so, stream), parsed once
-        # device topic -> (its stream, its channels' kinds): known streams, for the kernel
-        self._routes: dict[str, tuple[StreamKey, dict[str, int]]] = {}
+        # device topic -> (its stream, its channels' shape): known streams, for the kernel
+        self._routes: dict[str, tuple[StreamKey, Shape]] = {}
+        self._shapes: dict[tuple[tuple[str, int], ...], Shape] = {}
         # this batch's dead letters per message (by identity), and the rejections past
         # MAX_LETTERS_PER_MESSAGE: (message, reason) -> [the first of them, how many]
         self._letters_of: dict[int, int] = {}
@@ -137,17 +138,19 @@ class Ingest:
         )
         self._letters_of, self._overflow = {}, {}
         try:
-            accepted, origins, slow = kernels.ingest_rows(
+            parts, origins, slow = kernels.ingest_rows(
                 messages, self._routes, self.max_payload, horizon, SensorUpdate, orjson.loads
             )
         except Exception:  # the slow path below words every message on its own
             log.exception("ingest kernel failed on a batch; validating its messages one by one")
-            accepted, origins, slow = [], [], list(range(len(messages)))
+            parts, origins, slow = [], [], list(range(len(messages)))
         if not slow:
-            out = IngestBatch(Updates(accepted), origins)
+            out = IngestBatch(Updates(), origins)
+            for part in parts:
+                out.accepted.add_part(part)
         else:
-            out = self._merge(messages, accepted, slow, self._slow([messages[i] for i in slow],
-                                                                   horizon))  # fmt: skip
+            out = self._merge(messages, parts, origins, slow,
+                              self._slow([messages[i] for i in slow], horizon))  # fmt: skip
         out.dead_letters += self.summaries()
         self.counts.accepted += len(out.accepted)
         self.counts.messages += len(messages)
@@ -156,23 +159,31 @@ class Ingest:
     def _merge(
         self,
         messages: Sequence[Incoming],
-        fast: list[tuple[StreamKey, SensorUpdate]],
+        parts: list[Part],
+        origins: list[Incoming],
         slow: list[int],
         slowly: list[IngestBatch],
     ) -> IngestBatch:
-        """The fast and the slow results, in the messages' order."""
+        """The fast and the slow results, in the messages' order (no part of the fast spans
+        a slow message)."""
         out = IngestBatch()
-        taken = iter(fast)
         by_index = dict(zip(slow, slowly, strict=True))
-        for i, message in enumerate(messages):
+        taken = iter(parts)
+        i = at = 0
+        while i < len(messages):
             one = by_index.get(i)
             if one is None:
-                out.accepted.append(next(taken))
-                out.origins.append(message)
+                part = next(taken)
+                n = len(part)
+                out.accepted.add_part(part)
+                out.origins += origins[at : at + n]
+                at += n
+                i += n
             else:
                 out.accepted += one.accepted
                 out.origins += one.origins
                 out.dead_letters += one.dead_letters
+                i += 1
         return out
 
     def _slow(self, messages: list[Incoming], horizon: int | None) -> list[IngestBatch]:
@@ -254,7 +265,10 @@ class Ingest:
             if message.topic not in self._routes:
                 if len(self._routes) >= TOPIC_CACHE:
                     self._routes.clear()
-                self._routes[message.topic] = (key, validator.kinds)  # the fast path's way in
+                    self._shapes.clear()
+                kinds = validator.kinds  # streams of the same channels share a shape (a run)
+                shape = self._shapes.setdefault(tuple(kinds.items()), Shape(kinds))
+                self._routes[message.topic] = (key, shape)  # the fast path's way in
             doc = decode(message.payload, message.content_type, max_bytes=self.max_payload)
         except InvalidUpdate as exc:
             rejection = exc.rejection

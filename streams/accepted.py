@@ -2,7 +2,9 @@
 
 A device message in the columnar form (`{"lastUpdate": [...], "channels": {"t": [...]}}`)
 whose every reading is valid is kept as it was decoded: one `ColumnRun`, its times and one
-list per channel, with no object per reading. `Updates` strings rows and runs together in
+list per channel, with no object per reading; so are consecutive single-update messages of
+streams of one shape (`MessageRun`: a column per channel, the stream of each message beside
+it), straight from their bytes. `Updates` strings rows and runs together in
 arrival order and reads as a sequence of `(StreamKey, SensorUpdate)` rows: a run's
 `SensorUpdate` objects are made only when something reads it as rows (the echo, a plug-in,
 a composite stream), while the flows' window kernels read its columns directly
@@ -54,7 +56,57 @@ class ColumnRun:
         return f"ColumnRun({self.key.so}/{self.key.stream}, {len(self)} readings)"
 
 
-Part = list[Row] | ColumnRun
+class Shape:
+    """The channels of a stream as the ingest kernel reads them: names in declaration order,
+    the kind code of each, and each name's column."""
+
+    __slots__ = ("column_of", "encoded", "kind_of", "kinds", "names")
+
+    def __init__(self, kind_of: dict[str, int]) -> None:
+        self.kind_of = kind_of
+        self.names = list(kind_of)
+        self.kinds = list(kind_of.values())
+        self.column_of = {name: j for j, name in enumerate(self.names)}
+        self.encoded = [name.encode() for name in self.names]  # matched against the bytes
+
+
+class MessageRun:
+    """Consecutive single-update messages of streams of one shape, as columns: the stream of
+    each, its time, and one column per channel of the shape (None where a message did not
+    carry that channel). The ingest kernel writes them straight from the payloads, without a
+    dict or an update object per message; a message's channels are in the shape's order
+    (others are rows), so a row made of it has its channels in the message's order."""
+
+    __slots__ = ("columns", "keys", "names", "times")
+
+    def __init__(
+        self, keys: list[StreamKey], times: list[int], names: list[str], columns: list[list[Any]]
+    ) -> None:
+        self.keys = keys
+        self.times = times
+        self.names = names
+        self.columns = columns
+
+    def __len__(self) -> int:
+        return len(self.times)
+
+    def row(self, i: int) -> Row:
+        channels = {n: v for n, c in zip(self.names, self.columns, strict=True)
+                    if (v := c[i]) is not None}  # fmt: skip
+        return self.keys[i], SensorUpdate(channels, self.times[i])
+
+    def rows(self) -> list[Row]:
+        if len(self.names) == 1:  # the common case: one channel (present: one at least is)
+            name, keys, column = self.names[0], self.keys, self.columns[0]
+            return [(keys[i], SensorUpdate({name: v} if (v := column[i]) is not None else {}, t))
+                    for i, t in enumerate(self.times)]  # fmt: skip
+        return [self.row(i) for i in range(len(self.times))]
+
+    def __repr__(self) -> str:
+        return f"MessageRun({len(self)} messages, channels {self.names})"
+
+
+Part = list[Row] | ColumnRun | MessageRun
 
 
 class Updates(Sequence[Row]):
@@ -63,7 +115,7 @@ class Updates(Sequence[Row]):
     __slots__ = ("_ends", "_keys", "_len", "_rows", "parts")
 
     def __init__(self, rows: Iterable[Row] = ()) -> None:
-        self.parts: list[Part] = []  # each a list of rows or a ColumnRun, in arrival order
+        self.parts: list[Part] = []  # lists of rows, column and message runs, in arrival order
         self._ends: list[int] = []  # the number of rows up to the end of each part
         self._len = 0
         self._rows: list[Row] | None = None  # every row, once read as rows
@@ -71,10 +123,14 @@ class Updates(Sequence[Row]):
         self.extend(rows)
 
     @classmethod
-    def of_run(cls, run: ColumnRun) -> Updates:
+    def of_run(cls, run: ColumnRun | MessageRun) -> Updates:
         out = cls()
         out._add(run, len(run))
         return out
+
+    def add_part(self, part: Part) -> None:
+        """`part` after the updates held (a list of rows is taken as it is, not copied)."""
+        self._add(part, len(part))
 
     def _add(self, part: Part, n: int) -> None:
         if not n:
@@ -124,6 +180,8 @@ class Updates(Sequence[Row]):
             for part in self.parts:
                 if isinstance(part, list):
                     out.update(map(_first, part))
+                elif isinstance(part, MessageRun):
+                    out.update(part.keys)
                 else:
                     out.add(part.key)
             self._keys = out

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from processors.engine import engine_of
 from processors.ingest import Ingest, RawMessage
 from streams import SensorUpdate, StreamKey, kernels
-from streams.accepted import ColumnRun, Updates
+from streams.accepted import ColumnRun, MessageRun, Updates
 from streams.kernels import _columnar_py, _windows_py
 from tests.test_flows import FOLDED, T0, _catalog, numbers, su
 
@@ -65,6 +65,19 @@ def test_updates_read_as_the_rows_they_hold() -> None:
     assert Updates() == [] and not Updates() and Updates(rows[:1]) == rows[:1]
 
 
+def test_a_message_run_reads_as_its_messages() -> None:
+    run = MessageRun([S1, S2, S1], [T0, T0 + 1, T0 + 2], ["t", "zone"],
+                     [[1.5, None, 7], ["a", "b", None]])  # fmt: skip
+    rows = [(S1, su(T0, t=1.5, zone="a")), (S2, su(T0 + 1, zone="b")), (S1, su(T0 + 2, t=7))]
+    updates = Updates([(S2, su(T0 - 1, t=0.5))])
+    updates.add_part(run)
+    updates.append(rows[0])
+    assert len(updates) == 5 and updates.keys() == {S1, S2}
+    assert updates[2] == rows[1] and updates._rows is None
+    assert updates[1:4] == rows and run.rows() == rows and [run.row(i) for i in range(3)] == rows
+    assert list(updates[2][1].channels) == ["zone"]  # an absent channel is not a value
+
+
 @contextlib.contextmanager
 def _twins(on: bool) -> Iterator[None]:
     names = ["fold_windows", "column_inputs", "take_inputs", "fold_parts"]
@@ -88,8 +101,15 @@ _message = st.tuples(
         min_size=1,
         max_size=8,
     ),
-    st.booleans(),  # a column run, or rows (a row may lack t)
+    # a column run, single-update messages (a message run: t may be absent), or rows (idem)
+    st.sampled_from(["columns", "messages", "rows"]),
 )
+
+
+def _message_run(key: StreamKey, readings: list[tuple[int, Any, str]]) -> MessageRun:
+    return MessageRun([key] * len(readings), [T0 + t for t, _, _ in readings], ["t", "zone"],
+                      [[v if v != 0 else None for _, v, _ in readings],
+                       [z for *_, z in readings]])  # fmt: skip
 
 
 @pytest.mark.parametrize("flows", ["columns", "mixed"])
@@ -98,7 +118,7 @@ _message = st.tuples(
 @given(messages=st.lists(_message, max_size=12), cut=st.integers(1, 6))
 def test_the_flows_give_the_same_from_column_runs_as_from_rows(
     tmp_path_factory: pytest.TempPathFactory, flows: str, twins: bool,
-    messages: list[tuple[StreamKey, list[tuple[int, Any, str]], bool]], cut: int,
+    messages: list[tuple[StreamKey, list[tuple[int, Any, str]], str]], cut: int,
 ) -> None:  # fmt: skip
     text = COLUMNS if flows == "columns" else FOLDED % {"delay": "3s", "lateness": "15s"}
     catalog, problems = _catalog(tmp_path_factory.mktemp("columns"), text)
@@ -107,10 +127,14 @@ def test_the_flows_give_the_same_from_column_runs_as_from_rows(
     with _twins(twins):
         for i in range(0, len(messages), cut):
             updates, rows = Updates(), []
-            for key, readings, run in messages[i : i + cut]:
-                if run:
+            for key, readings, form in messages[i : i + cut]:
+                if form == "columns":
                     updates += Updates.of_run(_run(key, readings))
                     rows += _run(key, readings).rows()
+                    continue
+                if form == "messages":
+                    updates.add_part(_message_run(key, readings))
+                    rows += _message_run(key, readings).rows()
                     continue
                 for t, v, z in readings:
                     row = (key, su(T0 + t, **({"t": v} if v != 0 else {}), zone=z))

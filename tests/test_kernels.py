@@ -3,6 +3,7 @@ twins (and as the row-by-row path they replace) on random batches."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -11,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streams import InvalidUpdate, SensorUpdate, kernels
+from streams.accepted import Shape, Updates
 from streams.kernels import _columnar_py
 from streams.objects import Stream
 from streams.updates import StreamValidator
@@ -306,15 +308,38 @@ def test_the_ingest_kernel_reads_json_text_exactly_as_orjson(texts: list[bytes])
     kinds = StreamValidator("s1", "data", Stream.model_validate(
         {"channels": {"t": {"type": "number"}, "label": {"type": "string"},
                       "on": {"type": "boolean"}}})).kinds  # fmt: skip
-    routes = {"s1/streams/data": ("s1/data", kinds)}
+    routes = {"s1/streams/data": ("s1/data", Shape(kinds))}
     batch = [RawMessage("s1/streams/data", text) for text in texts]
     args = (batch, routes, 1 << 20, None, SensorUpdate, orjson.loads)
     compiled, twin = kernels.ingest_rows(*args), _columnar_py.ingest_rows(*args)
-    assert compiled[0] == twin[0] and compiled[2] == twin[2]
-    for (_, a), (_, b) in zip(compiled[0], twin[0], strict=True):  # -0.0 == 0.0, and 1 == 1.0
+    assert compiled[1] == twin[1] and compiled[2] == twin[2]
+    # the same parts (message runs and rows), holding the same rows
+    assert [(type(p), len(p)) for p in compiled[0]] == [(type(p), len(p)) for p in twin[0]]
+    rows = [_rows_of(parts) for parts in (compiled[0], twin[0])]
+    assert rows[0] == rows[1]
+    for (_, a), (_, b) in zip(*rows, strict=True):  # -0.0 == 0.0, and 1 == 1.0
         assert [(k, type(v), repr(v)) for k, v in a.channels.items()] == [
             (k, type(v), repr(v)) for k, v in b.channels.items()
         ]
+    # and exactly what orjson and the row check accept, in the message's channel order
+    expected = []
+    for text in texts:
+        if not text.startswith(b"{"):  # the slow path's to read
+            continue
+        with contextlib.suppress(orjson.JSONDecodeError):
+            update = _columnar_py._row(orjson.loads(text), kinds, SensorUpdate)
+            if update is not None:
+                expected.append(("s1/data", update))
+    assert [(k, list(u.channels.items()), u.last_update) for k, u in rows[0]] == [
+        (k, list(u.channels.items()), u.last_update) for k, u in expected
+    ]
+
+
+def _rows_of(parts: list[Any]) -> list[Any]:
+    updates = Updates()
+    for part in parts:
+        updates.add_part(part)
+    return updates.rows()
 
 
 def test_the_kernels_key_state_behaves_as_its_twin() -> None:

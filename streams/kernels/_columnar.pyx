@@ -115,13 +115,51 @@ cdef object _row(object doc, dict kind_of, object make):
     return make(values, t)
 
 
+cdef object _MessageRun = None
+
+
+cdef object _plain(object doc, object shape, list row):
+    """The twin's `_plain`: the time of a plain document whose channels come in the shape's
+    order, its values written into `row`; None for anything else."""
+    cdef object t, raw, name, entry, v, j_obj
+    cdef dict column_of = shape.column_of
+    cdef list kinds = shape.kinds
+    cdef Py_ssize_t j, last = -1
+    if type(doc) is not dict or len(<dict>doc) != 2:
+        return None
+    t = (<dict>doc).get("lastUpdate")
+    raw = (<dict>doc).get("channels")
+    if type(t) is not int or not SECONDS_BELOW <= t <= MAX_LAST_UPDATE:
+        return None
+    if type(raw) is not dict or not raw:
+        return None
+    for name, entry in (<dict>raw).items():
+        j_obj = column_of.get(name)
+        if j_obj is None:
+            return None
+        j = j_obj
+        if j <= last or type(entry) is not dict or len(<dict>entry) != 1:
+            return None
+        v = (<dict>entry).get("current-value")
+        if not _fits(v, kinds[j]):
+            return None
+        row[j] = v
+        last = j
+    return t
+
+
 def ingest_rows(object messages, dict routes, Py_ssize_t max_bytes, object horizon,
                 object make, object loads):
-    cdef list accepted = [], origins = [], slow = []
-    cdef Py_ssize_t i = 0, size
-    cdef object message, route, content_type, payload, doc, update
+    global _MessageRun
+    cdef list parts = [], origins = [], slow = []
+    cdef list rows = None, row = None, run_keys = None, run_times = None, columns = None
+    cdef Py_ssize_t i = 0, j, m = 0, size
+    cdef object message, route, content_type, payload, doc, update, t, shape = None, run = None
     cdef bint has_horizon = horizon is not None
     cdef long long limit = horizon if has_horizon else 0
+    if _MessageRun is None:
+        from streams.accepted import MessageRun
+        _MessageRun = MessageRun
     for message in messages:
         route = routes.get(message.topic)
         content_type = message.content_type
@@ -132,29 +170,67 @@ def ingest_rows(object messages, dict routes, Py_ssize_t max_bytes, object horiz
                 or size == 0 or size > max_bytes or payload[0] != 0x7B):
             slow.append(i)
             i += 1
+            run = rows = None
             continue
-        update = None
+        if shape is not (<tuple>route)[1]:  # another shape: another run
+            shape = (<tuple>route)[1]
+            m = len(<list>shape.names)
+            row = [None] * m
+            run = None
+        t = None
         if type(payload) is bytes:
             try:
-                update = _scan(<bytes>payload, <dict>(<tuple>route)[1], make)
+                t = _scan(<bytes>payload, shape, row)
             except UnicodeDecodeError:
-                update = None
-        if update is None:  # not the plain shape as we read it: orjson's way, as the twin
+                t = None
+        doc = None
+        if t is None:  # not the plain shape as we read it: orjson's way, as the twin
+            for j in range(m):
+                row[j] = None
             try:
                 doc = loads(payload)
             except Exception:
                 slow.append(i)
                 i += 1
+                run = rows = None
                 continue
-            update = _row(doc, <dict>(<tuple>route)[1], make)
+            t = _plain(doc, shape, row)
+        if t is not None:
+            if has_horizon and t > limit:
+                slow.append(i)
+                run = rows = None
+                for j in range(m):
+                    row[j] = None
+            else:
+                if run is None:
+                    run_keys, run_times, columns = [], [], [[] for j in range(m)]
+                    run = _MessageRun(run_keys, run_times, shape.names, columns)
+                    parts.append(run)
+                    rows = None
+                run_keys.append((<tuple>route)[0])
+                run_times.append(t)
+                for j in range(m):
+                    (<list>columns[j]).append(row[j])
+                    row[j] = None
+                origins.append(message)
+            i += 1
+            continue
+        for j in range(m):
+            row[j] = None
+        update = _row(doc, <dict>shape.kind_of, make)
         if update is None or (has_horizon and update.last_update > limit):
             slow.append(i)
             i += 1
+            run = rows = None
             continue
-        accepted.append(((<tuple>route)[0], update))
+        if rows is None:
+            rows = []
+            parts.append(rows)
+            run = None
+        rows.append(((<tuple>route)[0], update))
         origins.append(message)
         i += 1
-    return accepted, origins, slow
+    return parts, origins, slow
 
 
 # A reader of the plain single-update JSON shape straight from the bytes: one dict per message
@@ -241,12 +317,13 @@ cdef object _number(const char* p, Py_ssize_t* at, Py_ssize_t n):
     return d
 
 
-cdef object _scan(bytes payload, dict kind_of, object make):
+cdef object _scan(bytes payload, object shape, list row):
+    """The time of a payload in the plain shape whose channels come in the shape's order, its
+    values written into `row`; None for anything else (`row` then holds garbage)."""
     cdef const char* p = PyBytes_AS_STRING(payload)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(payload), i, end, members = 0
-    cdef object t = None, name, kind, v
-    cdef dict values = None
-    cdef int code
+    cdef object t = None
+    cdef bint channels = False
     i = _ws(p, 0, n)
     if i >= n or p[i] != 123:
         return None
@@ -255,12 +332,12 @@ cdef object _scan(bytes payload, dict kind_of, object make):
         if i >= n or p[i] != 34:
             return None
         end = _string_end(p, i + 1, n)
-        if end == i + 9 and memcmp(p + i + 1, b"channels", 8) == 0 and values is None:
+        if end == i + 9 and memcmp(p + i + 1, b"channels", 8) == 0 and not channels:
             i = _ws(p, end + 1, n)
             if i >= n or p[i] != 58:
                 return None
-            values = {}
-            i = _channels(p, _ws(p, i + 1, n), n, kind_of, values)
+            channels = True
+            i = _channels(p, _ws(p, i + 1, n), n, <list>shape.encoded, <list>shape.kinds, row)
             if i < 0:
                 return None
         elif end == i + 11 and memcmp(p + i + 1, b"lastUpdate", 10) == 0 and t is None:
@@ -283,15 +360,17 @@ cdef object _scan(bytes payload, dict kind_of, object make):
             return None
     if i != n:
         return None
-    return make(values, t)
+    return t
 
 
-cdef Py_ssize_t _channels(const char* p, Py_ssize_t i, Py_ssize_t n, dict kind_of,
-                          dict values) except? -2:
-    """Reads `{"name": {"current-value": v}, ...}` at `i` into `values`; the index after it,
-    or -1 (not the plain shape, or a value `_fits` refuses)."""
-    cdef Py_ssize_t end
-    cdef object name, kind, v
+cdef Py_ssize_t _channels(const char* p, Py_ssize_t i, Py_ssize_t n, list encoded, list kinds,
+                          list row) except? -2:
+    """Reads `{"name": {"current-value": v}, ...}` at `i` into `row` (each name one of the
+    shape's, after the one before it); the index after it, or -1 (not the plain shape, or a
+    value `_fits` refuses)."""
+    cdef Py_ssize_t end, j, last = -1, m = len(encoded), length
+    cdef object v
+    cdef bytes name
     cdef int code
     if i >= n or p[i] != 123:
         return -1
@@ -302,11 +381,18 @@ cdef Py_ssize_t _channels(const char* p, Py_ssize_t i, Py_ssize_t n, dict kind_o
         end = _string_end(p, i + 1, n)
         if end < 0:
             return -1
-        name = PyUnicode_DecodeUTF8(p + i + 1, end - i - 1, NULL)
-        kind = kind_of.get(name)
-        if kind is None or name in values:
+        length = end - i - 1
+        j = last + 1
+        while j < m:
+            name = <bytes>encoded[j]
+            if PyBytes_GET_SIZE(name) == length and memcmp(PyBytes_AS_STRING(name), p + i + 1,
+                                                           length) == 0:
+                break
+            j += 1
+        if j >= m:  # not a channel, a repeated one, or out of the shape's order
             return -1
-        code = kind
+        last = j
+        code = kinds[j]
         i = _ws(p, end + 1, n)
         if i >= n or p[i] != 58:
             return -1
@@ -343,7 +429,7 @@ cdef Py_ssize_t _channels(const char* p, Py_ssize_t i, Py_ssize_t n, dict kind_o
                 return -1
         else:
             return -1
-        values[name] = v
+        row[j] = v
         i = _ws(p, i, n)
         if i >= n or p[i] != 125:
             return -1

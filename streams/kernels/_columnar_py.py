@@ -110,23 +110,58 @@ def _row(doc: Any, kind_of: dict[str, int], make: Callable[[dict[str, Any], int]
     return make(values, t)
 
 
+def _plain(doc: Any, shape: Any) -> tuple[int, list[Any]] | None:
+    """(time, one value or None per channel of `shape`) of a document in the plain shape whose
+    channels come in the shape's order; None for anything else."""
+    if type(doc) is not dict or len(doc) != 2:
+        return None
+    t = doc.get("lastUpdate")
+    raw = doc.get("channels")
+    if type(t) is not int or not SECONDS_BELOW <= t <= MAX_LAST_UPDATE:
+        return None
+    if type(raw) is not dict or not raw:
+        return None
+    row: list[Any] = [None] * len(shape.names)
+    last = -1
+    for name, entry in raw.items():
+        j = shape.column_of.get(name)
+        if j is None or j <= last or type(entry) is not dict or len(entry) != 1:
+            return None
+        v = entry.get("current-value")
+        if not _fits(v, shape.kinds[j]):
+            return None
+        row[j] = v
+        last = j
+    return t, row
+
+
 def ingest_rows(
     messages: Sequence[Any],
-    routes: dict[str, tuple[Any, dict[str, int]]],
+    routes: dict[str, tuple[Any, Any]],
     max_bytes: int,
     horizon: int | None,
     make: Callable[[dict[str, Any], int], Any],
     loads: Callable[[bytes], Any],
-) -> tuple[list[tuple[Any, Any]], list[Any], list[int]]:
+) -> tuple[list[Any], list[Any], list[int]]:
     """A batch of device messages in one call: those whose topic has a route (`routes`: topic
-    -> (its StreamKey, the kinds of its stream's channels)), a JSON body (no content type, or
-    exactly application/json) of at most `max_bytes` that is an object, and hold one update
-    in the plain shape with good values no later than `horizon`, become (key, update) pairs,
-    with the message of each; the index of every other message goes to the third list, for
-    the caller's slow path (which words any rejection). The pairs keep the messages' order."""
-    accepted: list[tuple[Any, Any]] = []
+    -> (its StreamKey, its stream's `streams.accepted.Shape`)), a JSON body (no content type,
+    or exactly application/json) of at most `max_bytes` that is an object, and hold one update
+    in the plain shape with good values no later than `horizon`, are accepted, with the
+    message of each in `origins`; the index of every other message goes to `slow`, for the
+    caller's slow path (which words any rejection).
+
+    The accepted come as parts (`parts`, in the messages' order, none spanning a slow
+    message): `MessageRun`s of consecutive messages of one shape whose channels come in the
+    shape's order, read into columns without an update object each, and lists of
+    (key, update) rows for the others."""
+    from streams.accepted import MessageRun
+
+    parts: list[Any] = []
     origins: list[Any] = []
     slow: list[int] = []
+    run: MessageRun | None = None  # the part being written, while messages continue it
+    shape: Any = None
+    rows: list[Any] | None = None
     for i, message in enumerate(messages):
         route = routes.get(message.topic)
         content_type = message.content_type
@@ -138,16 +173,40 @@ def ingest_rows(
             or payload[0] != 0x7B  # "{"
         ):
             slow.append(i)
+            run = rows = None
             continue
         try:
             doc = loads(payload)
         except Exception:  # the slow path says what is wrong with it
             slow.append(i)
+            run = rows = None
             continue
-        update = _row(doc, route[1], make)
+        plain = _plain(doc, route[1])
+        if plain is not None:
+            if horizon is not None and plain[0] > horizon:
+                slow.append(i)
+                run = rows = None
+                continue
+            if run is None or shape is not route[1]:
+                shape = route[1]
+                run = MessageRun([], [], shape.names, [[] for _ in shape.names])
+                parts.append(run)
+                rows = None
+            run.keys.append(route[0])
+            run.times.append(plain[0])
+            for column, v in zip(run.columns, plain[1], strict=True):
+                column.append(v)
+            origins.append(message)
+            continue
+        update = _row(doc, route[1].kind_of, make)
         if update is None or (horizon is not None and update.last_update > horizon):
             slow.append(i)
+            run = rows = None
             continue
-        accepted.append((route[0], update))
+        if rows is None:
+            rows = []
+            parts.append(rows)
+            run = None
+        rows.append((route[0], update))
         origins.append(message)
-    return accepted, origins, slow
+    return parts, origins, slow

@@ -10,6 +10,7 @@ from libc.math cimport fabs
 from streams.kernels._windows_py import fold_windows as _twin
 
 cdef object _WindowResult = None, _LateUpdate = None, _heappush = None, _loaded = None
+cdef object _MessageRun = None
 cdef Py_ssize_t _MAX_CLOCKS = 0
 cdef dict _CODES = {}
 cdef double EXACT = 9007199254740992.0  # 2**53: ints below convert to float exactly
@@ -17,9 +18,11 @@ cdef int COUNT = 0, SUM = 1, AVG = 2, MIN = 3, MAX = 4, GENERIC = -1
 
 
 cdef void _load():
-    global _WindowResult, _LateUpdate, _heappush, _MAX_CLOCKS, _loaded
+    global _WindowResult, _LateUpdate, _heappush, _MAX_CLOCKS, _loaded, _MessageRun
     import heapq
+    from streams.accepted import MessageRun
     from streams.windows import aggregates, model
+    _MessageRun = MessageRun
     _loaded = True
     _WindowResult = model.WindowResult
     _MAX_CLOCKS = model.MAX_CLOCKS
@@ -294,6 +297,40 @@ def fold_windows(object operator, list groups, list times, list args):
     return folder.done()
 
 
+cdef Py_ssize_t _fold_messages(_Folder folder, object part, dict plans, object wch, int cmp_op,
+                               object c, tuple channels, bint by_so, list row,
+                               Py_ssize_t at) except -1:
+    """A message run into the folder (the batch checked ours): its rows' keys read one by one,
+    their values by column. Returns its length."""
+    cdef list keys = part.keys, times = part.times, args, test = None
+    cdef dict column_of = dict(zip(part.names, part.columns))
+    cdef Py_ssize_t i, j, n = len(keys), m = len(channels)
+    cdef object key, found, v, last_key = None, last_found = None, column
+    if wch is not None:
+        test = column_of.get(wch)
+        if test is None:  # no message of the run carries it: none is kept
+            return n
+    args = [None if ch is None else column_of.get(ch) for ch in channels]
+    for i in range(n):
+        key = keys[i]
+        if key is not last_key:
+            found = plans.get(key, _MISSING)
+            last_key, last_found = key, found
+        else:
+            found = last_found
+        if found is None:
+            continue
+        if test is not None:
+            v = test[i]
+            if v is None or not PyObject_RichCompareBool(v, c, cmp_op):
+                continue
+        for j in range(m):
+            column = args[j]
+            row[j] = True if channels[j] is None else None if column is None else (<list>column)[i]
+        folder.add((<tuple>key)[0] if by_so else "", times[i], row, at + i)
+    return n
+
+
 def fold_parts(object operator, list parts, dict plans, object plan, object where,
                object channel_names, bint by_so):
     """`take_inputs` over rows and column runs, and `fold_windows` over what it takes, in one
@@ -312,6 +349,7 @@ def fold_parts(object operator, list parts, dict plans, object plan, object wher
     cdef object part, found, v, c = None, ch, wch = None, group, key, update, last_key = None
     cdef object last_found = None
     cdef dict values, column_of
+    cdef list keys
     cdef int op = 0, cmp_op = 0
     if where is not None:
         wch, op, c = where
@@ -328,6 +366,25 @@ def fold_parts(object operator, list parts, dict plans, object plan, object wher
                     return None
                 if wch is not None:
                     v = (<dict>item[1].channels).get(wch)
+                    if v is not None and type(v) is not int and type(v) is not float:
+                        return None
+            continue
+        if type(part) is _MessageRun:
+            test = None if wch is None else dict(zip(part.names, part.columns)).get(wch)
+            keys = part.keys
+            for i in range(len(keys)):
+                key = keys[i]
+                if key is not last_key:
+                    found = plans.get(key, _MISSING)
+                    last_key, last_found = key, found
+                else:
+                    found = last_found
+                if found is None:
+                    continue
+                if found is not plan:
+                    return None
+                if test is not None:
+                    v = test[i]
                     if v is not None and type(v) is not int and type(v) is not float:
                         return None
             continue
@@ -366,6 +423,9 @@ def fold_parts(object operator, list parts, dict plans, object plan, object wher
                     row[j] = True if ch is None else values.get(ch)
                 folder.add((<tuple>key)[0] if by_so else "", update.last_update, row, at + i)
             at += n
+            continue
+        if type(part) is _MessageRun:
+            at += _fold_messages(folder, part, plans, wch, cmp_op, c, channels, by_so, row, at)
             continue
         found = plans.get(part.key, _MISSING)
         part_times = part.times

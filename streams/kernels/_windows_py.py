@@ -139,6 +139,16 @@ def _take_parts(
             rows += taken[3]
             at += len(part)
             continue
+        if hasattr(part, "keys"):  # a message run: the stream of each message beside it
+            taken = _take_messages(part, plans, plan, where, channels, by_so)
+            if taken is None:
+                return None
+            index.extend(at + i for i in taken[0])
+            groups += taken[1]
+            times += taken[2]
+            rows += taken[3]
+            at += len(part.times)
+            continue
         found = plans.get(part.key, _MISSING)
         if found is not None and found is not plan:
             return None
@@ -167,6 +177,46 @@ def _take_parts(
             rows.append([True if ch is None else None if col is None else col[i]
                          for ch, col in zip(channels, args, strict=True)])  # fmt: skip
         at += n
+    return index, groups, times, rows
+
+
+def _take_messages(
+    run: Any,
+    plans: dict[Any, Any],
+    plan: Any,
+    where: tuple[str, int, Any] | None,
+    channels: Sequence[str | None],
+    by_so: bool,
+) -> tuple[list[int], list[str], list[int], list[list[Any]]] | None:
+    """`take_inputs` over a `streams.accepted.MessageRun`, read by column (None: absent)."""
+    index: list[int] = []
+    groups: list[str] = []
+    times: list[int] = []
+    rows: list[list[Any]] = []
+    column_of = dict(zip(run.names, run.columns, strict=True))
+    args = [None if ch is None else column_of.get(ch) for ch in channels]
+    test = None if where is None else column_of.get(where[0])
+    for i, key in enumerate(run.keys):
+        found = plans.get(key, _MISSING)
+        if found is None:
+            continue
+        if found is not plan:
+            return None
+        if where is not None:
+            v = None if test is None else test[i]
+            if v is None:
+                continue
+            if type(v) is not int and type(v) is not float:
+                return None
+            op, c = where[1], where[2]
+            if not (v < c if op == LT else v <= c if op == LE else v > c if op == GT
+                    else v >= c):  # fmt: skip
+                continue
+        index.append(i)
+        groups.append(key.so if by_so else "")
+        times.append(run.times[i])
+        rows.append([True if ch is None else None if col is None else col[i]
+                     for ch, col in zip(channels, args, strict=True)])  # fmt: skip
     return index, groups, times, rows
 
 
