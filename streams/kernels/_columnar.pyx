@@ -153,6 +153,7 @@ def ingest_rows(object messages, dict routes, Py_ssize_t max_bytes, object horiz
     global _MessageRun
     cdef list parts = [], origins = [], slow = []
     cdef list rows = None, row = None, run_keys = None, run_times = None, columns = None
+    cdef list encoded = None, kinds = None
     cdef Py_ssize_t i = 0, j, m = 0, size
     cdef object message, route, content_type, payload, doc, update, t, shape = None, run = None
     cdef bint has_horizon = horizon is not None
@@ -175,12 +176,13 @@ def ingest_rows(object messages, dict routes, Py_ssize_t max_bytes, object horiz
         if shape is not (<tuple>route)[1]:  # another shape: another run
             shape = (<tuple>route)[1]
             m = len(<list>shape.names)
+            encoded, kinds = shape.encoded, shape.kinds
             row = [None] * m
             run = None
         t = None
         if type(payload) is bytes:
             try:
-                t = _scan(<bytes>payload, shape, row)
+                t = _scan(<bytes>payload, encoded, kinds, row)
             except UnicodeDecodeError:
                 t = None
         doc = None
@@ -262,11 +264,15 @@ cdef inline bint _digit(char c) noexcept:
     return 48 <= c <= 57
 
 
+cdef double[23] _POWERS = [1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12,
+                           1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22]
+
+
 cdef object _number(const char* p, Py_ssize_t* at, Py_ssize_t n):
     """The JSON number at `at[0]` as orjson reads it (an int of up to 18 digits, or a finite
     float), moving `at[0]` past it; None for anything else."""
-    cdef Py_ssize_t i = at[0], start = at[0], digits
-    cdef bint negative = False, fraction = False
+    cdef Py_ssize_t i = at[0], start = at[0], digits, decimals = 0, j
+    cdef bint negative = False, fraction = False, exponent = False
     cdef long long value = 0
     cdef char[48] buffer
     cdef char* end
@@ -290,8 +296,10 @@ cdef object _number(const char* p, Py_ssize_t* at, Py_ssize_t n):
             return None
         while i < n and _digit(p[i]):
             i += 1
+        decimals = i - start - negative - digits - 1
         fraction = True
     if i < n and (p[i] == 101 or p[i] == 69):
+        exponent = True
         i += 1
         if i < n and (p[i] == 43 or p[i] == 45):
             i += 1
@@ -307,6 +315,14 @@ cdef object _number(const char* p, Py_ssize_t* at, Py_ssize_t n):
         for j in range(start + negative, i):
             value = value * 10 + (p[j] - 48)
         return -value if negative else value
+    if not exponent and 0 < digits + decimals <= 15 and decimals <= 22:
+        # exact: an integer below 2**53 over a power of ten that is exact in a double, one
+        # correctly rounded division (Clinger's fast path), so the same double as strtod's
+        for j in range(start + negative, i):
+            if p[j] != 46:
+                value = value * 10 + (p[j] - 48)
+        d = <double>value / _POWERS[decimals]
+        return -d if negative else d
     if i - start >= 48:
         return None
     memcpy(buffer, p + start, i - start)
@@ -317,7 +333,7 @@ cdef object _number(const char* p, Py_ssize_t* at, Py_ssize_t n):
     return d
 
 
-cdef object _scan(bytes payload, object shape, list row):
+cdef object _scan(bytes payload, list encoded, list kinds, list row):
     """The time of a payload in the plain shape whose channels come in the shape's order, its
     values written into `row`; None for anything else (`row` then holds garbage)."""
     cdef const char* p = PyBytes_AS_STRING(payload)
@@ -337,7 +353,7 @@ cdef object _scan(bytes payload, object shape, list row):
             if i >= n or p[i] != 58:
                 return None
             channels = True
-            i = _channels(p, _ws(p, i + 1, n), n, <list>shape.encoded, <list>shape.kinds, row)
+            i = _channels(p, _ws(p, i + 1, n), n, encoded, kinds, row)
             if i < 0:
                 return None
         elif end == i + 11 and memcmp(p + i + 1, b"lastUpdate", 10) == 0 and t is None:

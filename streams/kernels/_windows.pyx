@@ -4,6 +4,7 @@
 
 from cpython.float cimport PyFloat_AS_DOUBLE
 from cpython.list cimport PyList_GET_ITEM
+from cpython.ref cimport PyObject
 from cpython.object cimport Py_GE, Py_GT, Py_LE, Py_LT, PyObject_RichCompareBool
 from libc.math cimport fabs
 
@@ -48,6 +49,11 @@ cdef class KeyState:
     cdef public list sessions
     cdef public list due
     cdef public list expiry
+    # the window the kernel added to last, valid within the batch of `c_epoch` until a window
+    # is fired (nothing else changes a key's windows during a kernel's batch)
+    cdef unsigned long long c_epoch
+    cdef long long c_start
+    cdef object c_accs
 
     def __init__(self, windows=None, fired=None, next_empty=None, buffer=None, arrivals=0,
                  sessions=None, due=None, expiry=None):
@@ -106,6 +112,9 @@ cdef class KeyState:
                 f" next_empty={self.next_empty!r}, buffer={self.buffer!r},"
                 f" arrivals={self.arrivals!r}, sessions={self.sessions!r}, due={self.due!r},"
                 f" expiry={self.expiry!r})")
+
+
+cdef unsigned long long _EPOCH = 0  # one per batch folded
 
 
 cdef inline bint _as_double(object v, double* out):
@@ -182,10 +191,14 @@ cdef class _Folder:
     cdef Py_ssize_t clocks_max
     cdef object max_time  # the operator's, kept here during the batch (`done` writes it back)
     cdef Py_ssize_t late_count
+    cdef unsigned long long epoch
 
     def __cinit__(self, object owner):
+        global _EPOCH
         cdef object spec = owner.spec
         cdef Py_ssize_t j
+        _EPOCH += 1
+        self.epoch = _EPOCH
         self.owner = owner
         self.keys = owner.keys
         self.clocks = owner.clocks
@@ -230,6 +243,29 @@ cdef class _Folder:
         if r < 0:
             r += step
         start = t - r
+        if self.tumbling:  # one window: the one added to last, most often
+            accepted = not (has_max and start + size + self.lateness <= watermark)
+            if accepted:
+                if state.c_epoch == self.epoch and state.c_start == start:
+                    accs_obj = state.c_accs
+                else:
+                    window = (start, start + size)
+                    accs_obj = windows.get(window)
+                    if accs_obj is None:
+                        accs_obj = windows[window] = [agg.initial() for agg in self.aggs]
+                        _heappush(due, (start + size, start))
+                    state.c_epoch, state.c_start, state.c_accs = self.epoch, start, accs_obj
+                _add(<list>accs_obj, self.aggs, self.codes, args, py_t)
+                if state.fired and (start, start + size) in state.fired:  # late, in lateness
+                    self.fired.append((i, _WindowResult(
+                        key, start, start + size, owner.values(accs_obj, start, start + size),
+                        updated=True)))
+            else:
+                self.late.append((i, _LateUpdate(key, py_t, watermark)))
+                self.late_count += 1
+            if state.next_empty is None:
+                state.next_empty = start
+            return self._advance(key, state, py_t, t, has_max, max_time, i)
         starts = []
         while start + size > t:
             starts.append(start)
@@ -257,19 +293,29 @@ cdef class _Folder:
             self.late_count += 1
         if state.next_empty is None:
             state.next_empty = starts[len(starts) - 1]
-        if not has_max or t > max_time:  # owner._advance, inline: the key's clock moves
+        return self._advance(key, state, py_t, t, has_max, max_time, i)
+
+    cdef inline int _advance(self, object key, KeyState state, object py_t, long long t,
+                             bint has_max, long long max_time, Py_ssize_t i) except -1:
+        """owner._advance, inline: the key's clock moves, and its due windows fire."""
+        cdef dict clocks = self.clocks
+        cdef long long watermark
+        cdef list due, expiry
+        cdef object result
+        if not has_max or t > max_time:
             if has_max:
                 del clocks[key]  # re-inserted: the dict's order is by last advance
             clocks[key] = py_t
             if self.max_time is None or py_t > self.max_time:
                 self.max_time = py_t
             if len(clocks) > self.clocks_max:
-                owner.forget_clocks()
-            watermark = t - delay
-            expiry = state.expiry
+                self.owner.forget_clocks()
+            watermark = t - self.delay
+            due, expiry = state.due, state.expiry
             if (due and (<tuple>due[0])[0] <= watermark) or (
                     expiry and (<tuple>expiry[0])[0] <= watermark):
-                for result in owner.fire_key(key, state, watermark):
+                state.c_epoch = 0  # firing drops windows
+                for result in self.owner.fire_key(key, state, watermark):
                     self.fired.append((i, result))
         return 0
 
@@ -300,29 +346,48 @@ def fold_windows(object operator, list groups, list times, list args):
 cdef Py_ssize_t _fold_messages(_Folder folder, object part, dict plans, object wch, int cmp_op,
                                object c, tuple channels, bint by_so, list row,
                                Py_ssize_t at) except -1:
-    """A message run into the folder (the batch checked ours): its rows' keys read one by one,
-    their values by column. Returns its length."""
+    """A message run into the folder (the batch checked ours: each key has the plan or none):
+    its rows' keys read one by one (whether each has the plan remembered by identity: the run
+    repeats its keys' objects), their values by column. Returns its length."""
     cdef list keys = part.keys, times = part.times, args, test = None
     cdef dict column_of = dict(zip(part.names, part.columns))
-    cdef Py_ssize_t i, j, n = len(keys), m = len(channels)
-    cdef object key, found, v, last_key = None, last_found = None, column
+    cdef Py_ssize_t i, j, n = len(keys), m = len(channels), slot
+    cdef object key, v, column
+    cdef PyObject* seen[64]  # a direct-mapped cache: key object -> whether it has the plan
+    cdef char[64] has_plan
+    cdef bint ours, fast_where = False
+    cdef double bound = 0.0, x
+    for slot in range(64):
+        seen[slot] = NULL
     if wch is not None:
         test = column_of.get(wch)
         if test is None:  # no message of the run carries it: none is kept
             return n
+        fast_where = (type(c) is float or (type(c) is int and -EXACT < c < EXACT))
+        if fast_where:
+            bound = c
     args = [None if ch is None else column_of.get(ch) for ch in channels]
     for i in range(n):
-        key = keys[i]
-        if key is not last_key:
-            found = plans.get(key, _MISSING)
-            last_key, last_found = key, found
+        key = <object>PyList_GET_ITEM(keys, i)
+        slot = (<size_t><PyObject*>key >> 4) & 63
+        if seen[slot] == <PyObject*>key:
+            ours = has_plan[slot]
         else:
-            found = last_found
-        if found is None:
+            ours = plans.get(key) is not None
+            seen[slot] = <PyObject*>key
+            has_plan[slot] = ours
+        if not ours:
             continue
         if test is not None:
-            v = test[i]
-            if v is None or not PyObject_RichCompareBool(v, c, cmp_op):
+            v = <object>PyList_GET_ITEM(test, i)
+            if v is None:
+                continue
+            if fast_where and type(v) is float:  # exactly Python's comparison, in C
+                x = PyFloat_AS_DOUBLE(v)
+                if not (x < bound if cmp_op == Py_LT else x <= bound if cmp_op == Py_LE
+                        else x > bound if cmp_op == Py_GT else x >= bound):
+                    continue
+            elif not PyObject_RichCompareBool(v, c, cmp_op):
                 continue
         for j in range(m):
             column = args[j]
