@@ -5,6 +5,7 @@ when every reading is a row: the rows themselves, and what the flows compute fro
 from __future__ import annotations
 
 import contextlib
+from array import array
 from collections.abc import Iterator
 from typing import Any
 
@@ -101,9 +102,16 @@ _message = st.tuples(
         min_size=1,
         max_size=8,
     ),
-    # a column run, single-update messages (a message run: t may be absent), or rows (idem)
-    st.sampled_from(["columns", "messages", "rows"]),
+    # a column run (lists, or typed columns as the ingest kernel makes them: times int64, t
+    # doubles), single-update messages (a message run: t may be absent), or rows (idem)
+    st.sampled_from(["columns", "typed", "messages", "rows"]),
 )
+
+
+def _typed_run(key: StreamKey, readings: list[tuple[int, Any, str]]) -> ColumnRun:
+    return ColumnRun(key, array("q", [T0 + t for t, _, _ in readings]), ["t", "zone"],
+                     [array("d", [float(v) for _, v, _ in readings]),
+                      [z for *_, z in readings]])  # fmt: skip
 
 
 def _message_run(key: StreamKey, readings: list[tuple[int, Any, str]]) -> MessageRun:
@@ -114,7 +122,7 @@ def _message_run(key: StreamKey, readings: list[tuple[int, Any, str]]) -> Messag
 
 @pytest.mark.parametrize("flows", ["columns", "mixed"])
 @pytest.mark.parametrize("twins", [False, True], ids=["compiled", "twins"])
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(messages=st.lists(_message, max_size=12), cut=st.integers(1, 6))
 def test_the_flows_give_the_same_from_column_runs_as_from_rows(
     tmp_path_factory: pytest.TempPathFactory, flows: str, twins: bool,
@@ -131,6 +139,10 @@ def test_the_flows_give_the_same_from_column_runs_as_from_rows(
                 if form == "columns":
                     updates += Updates.of_run(_run(key, readings))
                     rows += _run(key, readings).rows()
+                    continue
+                if form == "typed":
+                    updates += Updates.of_run(_typed_run(key, readings))
+                    rows += _typed_run(key, readings).rows()
                     continue
                 if form == "messages":
                     updates.add_part(_message_run(key, readings))

@@ -2,7 +2,9 @@
 """The columnar kernel, compiled: the same as `_columnar_py.py` (its specification), with the
 per-reading checks in C."""
 
+from cpython cimport array
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.object cimport Py_SIZE
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.math cimport isfinite
 from libc.stdlib cimport strtod
@@ -115,7 +117,7 @@ cdef object _row(object doc, dict kind_of, object make):
     return make(values, t)
 
 
-cdef object _MessageRun = None
+cdef object _MessageRun = None, _ColumnRun = None, _columns_of = None
 
 
 cdef object _plain(object doc, object shape, list row):
@@ -158,9 +160,13 @@ def ingest_rows(object messages, dict routes, Py_ssize_t max_bytes, object horiz
     cdef object message, route, content_type, payload, doc, update, t, shape = None, run = None
     cdef bint has_horizon = horizon is not None
     cdef long long limit = horizon if has_horizon else 0
+    global _ColumnRun, _columns_of
+    cdef object columnar
+    cdef long long latest = 0
     if _MessageRun is None:
-        from streams.accepted import MessageRun
-        _MessageRun = MessageRun
+        from streams.accepted import ColumnRun, MessageRun
+        from streams.kernels._columnar_py import columns_of
+        _MessageRun, _ColumnRun, _columns_of = MessageRun, ColumnRun, columns_of
     for message in messages:
         route = routes.get(message.topic)
         content_type = message.content_type
@@ -186,17 +192,38 @@ def ingest_rows(object messages, dict routes, Py_ssize_t max_bytes, object horiz
             except UnicodeDecodeError:
                 t = None
         doc = None
-        if t is None:  # not the plain shape as we read it: orjson's way, as the twin
+        if t is None:  # not the plain shape as we read it: the columnar form, or orjson's way
             for j in range(m):
                 row[j] = None
-            try:
-                doc = loads(payload)
-            except Exception:
-                slow.append(i)
+            columnar = None
+            if type(payload) is bytes:
+                try:
+                    columnar = _scan_columns(<bytes>payload, encoded, kinds, shape.names, &latest)
+                except UnicodeDecodeError:
+                    columnar = None
+            if columnar is None:
+                try:
+                    doc = loads(payload)
+                except Exception:
+                    slow.append(i)
+                    i += 1
+                    run = rows = None
+                    continue
+                t = _plain(doc, shape, row)
+                if t is None:
+                    columnar = _columns_of(doc, shape)
+                    if columnar is not None:
+                        latest = max((<tuple>columnar)[0])
+
+            if columnar is not None:
+                if has_horizon and latest > limit:  # read row by row
+                    slow.append(i)
+                else:  # a columnar message: a column run of its own
+                    parts.append(_ColumnRun((<tuple>route)[0], *columnar))
+                    origins.extend([message] * len((<tuple>columnar)[0]))
                 i += 1
                 run = rows = None
                 continue
-            t = _plain(doc, shape, row)
         if t is not None:
             if has_horizon and t > limit:
                 slow.append(i)
@@ -268,12 +295,17 @@ cdef double[23] _POWERS = [1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e1
                            1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22]
 
 
-cdef object _number(const char* p, Py_ssize_t* at, Py_ssize_t n):
-    """The JSON number at `at[0]` as orjson reads it (an int of up to 18 digits, or a finite
-    float), moving `at[0]` past it; None for anything else."""
-    cdef Py_ssize_t i = at[0], start = at[0], digits, decimals = 0, j
-    cdef bint negative = False, fraction = False, exponent = False
-    cdef long long value = 0
+cdef int NOT_A_NUMBER = 0, AN_INT = 1, A_FLOAT = 2
+
+
+cdef int _read_number(const char* p, Py_ssize_t* at, Py_ssize_t n, long long* whole,
+                      double* real) noexcept:
+    """The JSON number at `at[0]` as orjson reads it, in one pass: AN_INT (up to 18 digits,
+    in `whole`), A_FLOAT (finite, in `real`) or NOT_A_NUMBER (anything else), moving `at[0]`
+    past it."""
+    cdef Py_ssize_t i = at[0], start = at[0], digits = 0, decimals = 0
+    cdef bint negative = False, exponent = False, fraction = False
+    cdef unsigned long long value = 0
     cdef char[48] buffer
     cdef char* end
     cdef double d
@@ -281,22 +313,27 @@ cdef object _number(const char* p, Py_ssize_t* at, Py_ssize_t n):
         negative = True
         i += 1
     if i >= n:
-        return None
+        return NOT_A_NUMBER
     if p[i] == 48:
         i += 1
+        digits = 1
     elif 49 <= p[i] <= 57:
         while i < n and _digit(p[i]):
+            if digits < 19:
+                value = value * 10 + <unsigned long long>(p[i] - 48)
+            digits += 1
             i += 1
     else:
-        return None
-    digits = i - start - negative
+        return NOT_A_NUMBER
     if i < n and p[i] == 46:
         i += 1
         if not (i < n and _digit(p[i])):
-            return None
+            return NOT_A_NUMBER
         while i < n and _digit(p[i]):
+            if digits + decimals < 19:
+                value = value * 10 + <unsigned long long>(p[i] - 48)
+            decimals += 1
             i += 1
-        decimals = i - start - negative - digits - 1
         fraction = True
     if i < n and (p[i] == 101 or p[i] == 69):
         exponent = True
@@ -304,33 +341,229 @@ cdef object _number(const char* p, Py_ssize_t* at, Py_ssize_t n):
         if i < n and (p[i] == 43 or p[i] == 45):
             i += 1
         if not (i < n and _digit(p[i])):
-            return None
+            return NOT_A_NUMBER
         while i < n and _digit(p[i]):
             i += 1
-        fraction = True
     at[0] = i
-    if not fraction:
+    if not fraction and not exponent:
         if digits > 18:
-            return None
-        for j in range(start + negative, i):
-            value = value * 10 + (p[j] - 48)
-        return -value if negative else value
-    if not exponent and 0 < digits + decimals <= 15 and decimals <= 22:
+            return NOT_A_NUMBER
+        whole[0] = -<long long>value if negative else <long long>value
+        return AN_INT
+    if not exponent and digits + decimals <= 15:
         # exact: an integer below 2**53 over a power of ten that is exact in a double, one
         # correctly rounded division (Clinger's fast path), so the same double as strtod's
-        for j in range(start + negative, i):
-            if p[j] != 46:
-                value = value * 10 + (p[j] - 48)
         d = <double>value / _POWERS[decimals]
-        return -d if negative else d
+        real[0] = -d if negative else d
+        return A_FLOAT
     if i - start >= 48:
-        return None
+        return NOT_A_NUMBER
     memcpy(buffer, p + start, i - start)
     buffer[i - start] = 0
     d = strtod(buffer, &end)
     if end != buffer + (i - start) or not isfinite(d):
+        return NOT_A_NUMBER
+    real[0] = d
+    return A_FLOAT
+
+
+cdef object _number(const char* p, Py_ssize_t* at, Py_ssize_t n):
+    """`_read_number` as a Python int or float; None for anything else."""
+    cdef long long whole
+    cdef double real
+    cdef int kind = _read_number(p, at, n, &whole, &real)
+    if kind == AN_INT:
+        return whole
+    if kind == A_FLOAT:
+        return real
+    return None
+
+
+cdef array.array _LONGS = array.array("q"), _DOUBLES = array.array("d")
+
+
+cdef inline void _push_long(array.array a, long long v) except *:
+    cdef Py_ssize_t k = Py_SIZE(a)
+    array.resize_smart(a, k + 1)
+    a.data.as_longlongs[k] = v
+
+
+cdef inline void _push_double(array.array a, double v) except *:
+    cdef Py_ssize_t k = Py_SIZE(a)
+    array.resize_smart(a, k + 1)
+    a.data.as_doubles[k] = v
+
+
+cdef object _scan_columns(bytes payload, list encoded, list kinds, list names,
+                          long long* latest):
+    """`columns_of` straight from the bytes, into the same typed columns: (times, names,
+    columns) of a payload in the columnar form with every reading good (its latest time in
+    `latest`); None for anything else, and for what this reader does not read as orjson
+    would (the caller takes orjson's way then)."""
+    cdef const char* p = PyBytes_AS_STRING(payload)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(payload), i, end, members = 0, j, m = len(encoded)
+    cdef Py_ssize_t length, count
+    cdef list chosen = None, columns = None, cells
+    cdef array.array times = None, typed
+    cdef object v, column
+    cdef bytes name
+    cdef unsigned long long seen = 0
+    cdef long long newest = 0, whole
+    cdef double real
+    cdef int code, number, first
+    if m > 64:
         return None
-    return d
+    i = _ws(p, 0, n)
+    if i >= n or p[i] != 123:
+        return None
+    i = _ws(p, i + 1, n)
+    while members < 2:
+        if i >= n or p[i] != 34:
+            return None
+        end = _string_end(p, i + 1, n)
+        if end == i + 11 and memcmp(p + i + 1, b"lastUpdate", 10) == 0 and times is None:
+            i = _ws(p, end + 1, n)
+            if i >= n or p[i] != 58:
+                return None
+            i = _ws(p, i + 1, n)
+            if i >= n or p[i] != 91:
+                return None
+            i = _ws(p, i + 1, n)
+            times = array.clone(_LONGS, 0, False)
+            while True:
+                if _read_number(p, &i, n, &whole, &real) != AN_INT or not (
+                        SECONDS_BELOW <= whole <= MAX_LAST_UPDATE):
+                    return None
+                if Py_SIZE(times) == 0 or whole > newest:
+                    newest = whole
+                _push_long(times, whole)
+                i = _ws(p, i, n)
+                if i < n and p[i] == 44:
+                    i = _ws(p, i + 1, n)
+                    continue
+                if i < n and p[i] == 93:
+                    i += 1
+                    break
+                return None
+        elif end == i + 9 and memcmp(p + i + 1, b"channels", 8) == 0 and columns is None:
+            i = _ws(p, end + 1, n)
+            if i >= n or p[i] != 58:
+                return None
+            i = _ws(p, i + 1, n)
+            if i >= n or p[i] != 123:
+                return None
+            i = _ws(p, i + 1, n)
+            chosen, columns = [], []
+            while True:
+                if i >= n or p[i] != 34:
+                    return None
+                end = _string_end(p, i + 1, n)
+                if end < 0:
+                    return None
+                length = end - i - 1
+                for j in range(m):
+                    name = <bytes>encoded[j]
+                    if PyBytes_GET_SIZE(name) == length and memcmp(
+                            PyBytes_AS_STRING(name), p + i + 1, length) == 0:
+                        break
+                else:
+                    return None
+                if seen & (1ULL << j):  # a repeated channel: orjson's way
+                    return None
+                seen |= 1ULL << j
+                code = kinds[j]
+                i = _ws(p, end + 1, n)
+                if i >= n or p[i] != 58:
+                    return None
+                i = _ws(p, i + 1, n)
+                if i >= n or p[i] != 91:
+                    return None
+                i = _ws(p, i + 1, n)
+                # a number column: int64 or double while its values are all of one type,
+                # a list of both past the first of the other; others: a list
+                column = typed = None
+                cells = None
+                first = NOT_A_NUMBER
+                while True:
+                    if code == NUMBER:
+                        number = _read_number(p, &i, n, &whole, &real)
+                        if number == NOT_A_NUMBER:
+                            return None
+                        if first == NOT_A_NUMBER:
+                            first = number
+                            typed = array.clone(_LONGS if number == AN_INT else _DOUBLES, 0,
+                                                False)
+                            column = typed
+                        if cells is None and number == first:
+                            if number == AN_INT:
+                                _push_long(typed, whole)
+                            else:
+                                _push_double(typed, real)
+                        else:
+                            if cells is None:
+                                cells = list(typed)
+                                column = cells
+                            cells.append(whole if number == AN_INT else real)
+                    else:
+                        if cells is None:
+                            cells = []
+                            column = cells
+                        if code == STRING:
+                            if i >= n or p[i] != 34:
+                                return None
+                            end = _string_end(p, i + 1, n)
+                            if end < 0:
+                                return None
+                            v = PyUnicode_DecodeUTF8(p + i + 1, end - i - 1, NULL)
+                            i = end + 1
+                        elif code == BOOLEAN:
+                            if i + 4 <= n and memcmp(p + i, b"true", 4) == 0:
+                                v = True
+                                i += 4
+                            elif i + 5 <= n and memcmp(p + i, b"false", 5) == 0:
+                                v = False
+                                i += 5
+                            else:
+                                return None
+                        else:
+                            return None
+                        cells.append(v)
+                    i = _ws(p, i, n)
+                    if i < n and p[i] == 44:
+                        i = _ws(p, i + 1, n)
+                        continue
+                    if i < n and p[i] == 93:
+                        i += 1
+                        break
+                    return None
+                chosen.append(names[j])
+                columns.append(column)
+                i = _ws(p, i, n)
+                if i < n and p[i] == 44:
+                    i = _ws(p, i + 1, n)
+                    continue
+                if i < n and p[i] == 125:
+                    i += 1
+                    break
+                return None
+        else:
+            return None
+        members += 1
+        i = _ws(p, i, n)
+        if i < n and p[i] == 44 and members < 2:
+            i = _ws(p, i + 1, n)
+        elif i < n and p[i] == 125 and members == 2:
+            i = _ws(p, i + 1, n)
+        else:
+            return None
+    if i != n:
+        return None
+    count = Py_SIZE(times)
+    for column in columns:
+        if len(column) != count:
+            return None
+    latest[0] = newest
+    return times, chosen, columns
 
 
 cdef object _scan(bytes payload, list encoded, list kinds, list row):

@@ -10,6 +10,7 @@ raises InvalidUpdate: messages and reasons stay exactly those of the row path.
 from __future__ import annotations
 
 import math
+from array import array
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -135,6 +136,42 @@ def _plain(doc: Any, shape: Any) -> tuple[int, list[Any]] | None:
     return t, row
 
 
+def typed(column: list[Any], kind: int) -> Sequence[Any]:
+    """A good column as the kernel keeps it: a number channel's values as one typed array
+    (int64 or double) when they are all of one type, as they are otherwise."""
+    if kind == NUMBER and column:
+        if all(type(v) is float for v in column):
+            return array("d", column)
+        if all(type(v) is int for v in column):
+            return array("q", column)
+    return column
+
+
+def columns_of(doc: Any, shape: Any) -> tuple[Any, list[str], list[Any]] | None:
+    """(times, channel names, columns) of a document in the columnar form whose every reading
+    is good as it is (`StreamValidator.valid_columns`, against a shape), the times an int64
+    array and the columns `typed`; None otherwise."""
+    if type(doc) is not dict or len(doc) != 2:
+        return None
+    times, channels = doc.get("lastUpdate"), doc.get("channels")
+    if type(times) is not list or not times or type(channels) is not dict or not channels:
+        return None
+    if not all(type(t) is int and SECONDS_BELOW <= t <= MAX_LAST_UPDATE for t in times):
+        return None
+    names: list[str] = []
+    columns: list[list[Any]] = []
+    for name, column in channels.items():
+        j = shape.column_of.get(name)
+        if j is None or type(column) is not list or len(column) != len(times):
+            return None
+        kind = shape.kinds[j]
+        if not all(_fits(v, kind) for v in column):
+            return None
+        names.append(shape.names[j])
+        columns.append(typed(column, kind))
+    return array("q", times), names, columns
+
+
 def ingest_rows(
     messages: Sequence[Any],
     routes: dict[str, tuple[Any, Any]],
@@ -152,9 +189,10 @@ def ingest_rows(
 
     The accepted come as parts (`parts`, in the messages' order, none spanning a slow
     message): `MessageRun`s of consecutive messages of one shape whose channels come in the
-    shape's order, read into columns without an update object each, and lists of
+    shape's order, read into columns without an update object each, a `ColumnRun` per
+    message in the columnar form whose every reading is good (`columns_of`), and lists of
     (key, update) rows for the others."""
-    from streams.accepted import MessageRun
+    from streams.accepted import ColumnRun, MessageRun
 
     parts: list[Any] = []
     origins: list[Any] = []
@@ -182,6 +220,14 @@ def ingest_rows(
             run = rows = None
             continue
         plain = _plain(doc, route[1])
+        if plain is None and (columns := columns_of(doc, route[1])) is not None:
+            if horizon is not None and max(columns[0]) > horizon:  # read row by row
+                slow.append(i)
+            else:  # a columnar message: a column run of its own
+                parts.append(ColumnRun(route[0], *columns))
+                origins += [message] * len(columns[0])
+            run = rows = None
+            continue
         if plain is not None:
             if horizon is not None and plain[0] > horizon:
                 slow.append(i)

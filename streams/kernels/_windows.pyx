@@ -2,6 +2,7 @@
 """The window kernel, compiled: the same as `_windows_py.py` (its specification, which calls
 `WindowOperator.process` per update), with that method's tumbling/hopping path in C."""
 
+from cpython cimport array
 from cpython.float cimport PyFloat_AS_DOUBLE
 from cpython.list cimport PyList_GET_ITEM
 from cpython.ref cimport PyObject
@@ -320,11 +321,243 @@ cdef class _Folder:
         return 0
 
 
+    cdef KeyState _state(self, object key):
+        """`key`'s state, made the kernel's own (new, or of the twin's type)."""
+        found = self.keys.get(key)
+        if type(found) is KeyState:
+            return <KeyState>found
+        state = KeyState() if found is None else KeyState.of(found)
+        self.keys[key] = state
+        return state
+
+    cdef int run(self, object key, const long long* times, Py_ssize_t n, const double** cols,
+                 const double* test, int cmp_op, double bound, Py_ssize_t at,
+                 object part_times, tuple channels, list arg_columns, list row) except -1:
+        """The readings of one key's column run (times ascending or not), tumbling windows, each
+        aggregate count, sum, avg, min or max of a double column (`cols[j]`; NULL: count, or
+        a column the message lacks): what `add` does for each, with the window's
+        accumulators and the key's clock in C while the readings stay in one window. A
+        reading the C loop does not handle as `add` would (a window already fired, an
+        accumulator of another type) goes through `add` itself, everything written back
+        first."""
+        cdef Py_ssize_t i, j, m = len(self.aggs)
+        cdef long long t, start, r, size = self.size, cur = 0, max_time = 0, next_fire = 0
+        cdef long long watermark
+        cdef bint loaded = False, has_max, clock_moved = False, has_fire
+        cdef double v, total, comp, x
+        cdef double[32] sums, comps, extremes
+        cdef long long[32] counts
+        cdef char[32] have  # min/max: 0 none yet, 1 the Python value kept, 2 a double
+        cdef object clock, accs = None, window, acc, extreme_objs
+        cdef list accs_list = None
+        cdef KeyState state = None
+        cdef int code
+        extreme_objs = [None] * m
+        # the key's clock and when its next window fires, read once (`sync` writes back)
+        clock = self.clocks.get(key)
+        has_max = clock is not None
+        if has_max:
+            max_time = clock
+        for i in range(n):
+            t = times[i]
+            if test != NULL:
+                x = test[i]
+                if not (x < bound if cmp_op == Py_LT else x <= bound if cmp_op == Py_LE
+                        else x > bound if cmp_op == Py_GT else x >= bound):
+                    continue
+            if state is None:
+                state = self._state(key)
+                has_fire = _next_fire(state, &next_fire)
+            r = t % size
+            if r < 0:
+                r += size
+            start = t - r
+            if has_max and start + size + self.lateness <= max_time - self.delay:
+                watermark = max_time - self.delay
+                self.late.append((at + i, _LateUpdate(key, t, watermark)))
+                self.late_count += 1
+            else:
+                if not loaded or start != cur:
+                    if loaded:
+                        _flush(accs_list, self.codes, m, sums, comps, counts, have,
+                               extremes, extreme_objs)
+                        loaded = False
+                    window = (start, start + size)
+                    accs = state.windows.get(window)
+                    if accs is not None and (window in state.fired or not _loadable(
+                            <list>accs, self.codes, m, sums, comps, counts, have, extremes,
+                            extreme_objs)):
+                        # `add`'s way: a late update in a fired window, or another type
+                        self._sync(key, state, clock_moved, max_time)
+                        clock_moved = False
+                        for j in range(m):
+                            row[j] = (True if channels[j] is None else None
+                                      if arg_columns[j] is None else arg_columns[j][i])
+                        self.add(key, part_times[i], row, at + i)
+                        state = None
+                        clock = self.clocks.get(key)
+                        has_max = clock is not None
+                        if has_max:
+                            max_time = clock
+                        continue
+                    if accs is None:
+                        accs = state.windows[window] = [agg.initial() for agg in self.aggs]
+                        _heappush(state.due, (start + size, start))
+                        has_fire = _next_fire(state, &next_fire)
+                        _loadable(<list>accs, self.codes, m, sums, comps, counts, have,
+                                  extremes, extreme_objs)
+                    accs_list = <list>accs
+                    loaded = True
+                    cur = start
+                    state.c_epoch = 0  # the per-reading cache of `add` no longer holds
+                for j in range(m):
+                    code = self.codes[j]
+                    if code == COUNT:
+                        counts[j] += 1
+                        continue
+                    if cols[j] == NULL:  # the message lacks the channel: nothing to add
+                        continue
+                    v = cols[j][i]
+                    if code == SUM or code == AVG:
+                        total = sums[j]
+                        x = total + v
+                        if fabs(total) >= fabs(v):
+                            comps[j] += (total - x) + v
+                        else:
+                            comps[j] += (v - x) + total
+                        sums[j] = x
+                        counts[j] += 1
+                    elif code == MIN:
+                        if have[j] == 0 or v < extremes[j]:
+                            extremes[j] = v
+                            have[j] = 2
+                    elif code == MAX:
+                        if have[j] == 0 or v > extremes[j]:
+                            extremes[j] = v
+                            have[j] = 2
+            if state.next_empty is None:
+                state.next_empty = start
+            if not has_max or t > max_time:  # the key's clock moves
+                has_max = clock_moved = True
+                max_time = t
+                if has_fire and next_fire <= t - self.delay:  # windows fire: `add`'s way
+                    if loaded:
+                        _flush(accs_list, self.codes, m, sums, comps, counts, have,
+                               extremes, extreme_objs)
+                        loaded = False
+                    self._sync(key, state, True, max_time)
+                    clock_moved = False
+                    state.c_epoch = 0
+                    for result in self.owner.fire_key(key, state, t - self.delay):
+                        self.fired.append((at + i, result))
+                    state = None
+        if loaded:
+            _flush(accs_list, self.codes, m, sums, comps, counts, have, extremes, extreme_objs)
+        self._sync(key, state, clock_moved, max_time)
+        return 0
+
+    cdef int _sync(self, object key, KeyState state, bint moved, long long max_time) except -1:
+        """The key's clock written back, as `add` leaves it."""
+        if not moved:
+            return 0
+        py_t = max_time
+        if key in self.clocks:
+            del self.clocks[key]  # re-inserted: the dict's order is by last advance
+        self.clocks[key] = py_t
+        if self.max_time is None or py_t > self.max_time:
+            self.max_time = py_t
+        if len(self.clocks) > self.clocks_max:
+            self.owner.forget_clocks()
+        return 0
+
     cdef tuple done(self):
         """The batch's fired windows and late updates; the operator's scalars written back."""
         self.owner.max_time = self.max_time
         self.owner.late_count += self.late_count
         return self.fired, self.late
+
+
+cdef bint _next_fire(KeyState state, long long* at) except -1:
+    """When the key's next window fires or expires (its heaps' heads); False: none."""
+    cdef list due = state.due, expiry = state.expiry
+    cdef bint has = False
+    cdef long long head
+    if due:
+        at[0] = (<tuple>due[0])[0]
+        has = True
+    if expiry:
+        head = (<tuple>expiry[0])[0]
+        if not has or head < at[0]:
+            at[0] = head
+        has = True
+    return has
+
+
+cdef bint _loadable(list accs, int* codes, Py_ssize_t m, double* sums, double* comps,
+                    long long* counts, char* have, double* extremes, list objs) except -1:
+    """A window's accumulators into C (False, having read nothing useful, when one is not of
+    the type the C loop adds to as `_add` would)."""
+    cdef Py_ssize_t j
+    cdef object acc, a, b, k
+    cdef int code
+    for j in range(m):
+        acc = accs[j]
+        code = codes[j]
+        if code == COUNT:
+            if type(acc) is not int or not -EXACT < acc < EXACT:
+                return False
+            counts[j] = acc
+        elif code == SUM or code == AVG:
+            if type(acc) is not list or len(<list>acc) != (2 if code == SUM else 3):
+                return False
+            a, b = (<list>acc)[0], (<list>acc)[1]
+            if type(a) is not float or type(b) is not float:
+                return False
+            sums[j], comps[j] = PyFloat_AS_DOUBLE(a), PyFloat_AS_DOUBLE(b)
+            if code == AVG:
+                k = (<list>acc)[2]
+                if type(k) is not int or not 0 <= k < EXACT:
+                    return False
+                counts[j] = k
+            else:
+                counts[j] = 0
+        elif code == MIN or code == MAX:
+            objs[j] = acc
+            if acc is None:
+                have[j] = 0
+            elif type(acc) is float:
+                have[j], extremes[j] = 1, PyFloat_AS_DOUBLE(acc)
+            elif type(acc) is int and -EXACT < acc < EXACT:
+                have[j], extremes[j] = 1, <double>(<long long>acc)
+            else:
+                return False
+        else:
+            return False
+    return True
+
+
+cdef int _flush(list accs, int* codes, Py_ssize_t m, double* sums, double* comps,
+                long long* counts, char* have, double* extremes, list objs) except -1:
+    """The C accumulators written back into the window's (a min or max kept as the Python
+    value it was, unless a reading replaced it)."""
+    cdef Py_ssize_t j
+    cdef int code
+    cdef list acc
+    for j in range(m):
+        code = codes[j]
+        if code == COUNT:
+            accs[j] = counts[j]
+        elif code == SUM:
+            acc = <list>accs[j]
+            acc[0], acc[1] = sums[j], comps[j]
+        elif code == AVG:
+            acc = <list>accs[j]
+            acc[0], acc[1], acc[2] = sums[j], comps[j], counts[j]
+        elif have[j] == 2:
+            accs[j] = extremes[j]
+            objs[j] = accs[j]
+            have[j] = 1
+    return 0
 
 
 cdef inline bint _foldable(object operator):
@@ -396,6 +629,50 @@ cdef Py_ssize_t _fold_messages(_Folder folder, object part, dict plans, object w
     return n
 
 
+cdef inline bint _doubles(object column):
+    return type(column) is array.array and (<array.array>column).ob_descr.typecode == b"d"
+
+
+cdef bint _run_folds(_Folder folder, object group, object times, object test, object c,
+                     int cmp_op, tuple channels, list args, list row, Py_ssize_t at,
+                     Py_ssize_t m) except -1:
+    """A column run folded by `_Folder.run` when its columns and the flow allow it (tumbling
+    windows; count, sum, avg, min, max of double columns; a `where` on a double column
+    against an exact number); False, having folded nothing, otherwise."""
+    cdef const double* cols[32]
+    cdef const double* where_column = NULL
+    cdef double bound = 0.0
+    cdef Py_ssize_t j
+    cdef int code
+    if not folder.tumbling or m != len(folder.aggs) or m > 32:
+        return False
+    if type(times) is not array.array or (<array.array>times).ob_descr.typecode != b"q":
+        return False
+    for j in range(m):
+        code = folder.codes[j]
+        if code == GENERIC:
+            return False
+        cols[j] = NULL
+        if code == COUNT or args[j] is None:
+            continue
+        if not _doubles(args[j]):
+            return False
+        cols[j] = (<array.array>args[j]).data.as_doubles
+    if test is not None:
+        if not _doubles(test):
+            return False
+        if type(c) is float:
+            bound = c
+        elif type(c) is int and -EXACT < c < EXACT:
+            bound = <double>(<long long>c)
+        else:
+            return False
+        where_column = (<array.array>test).data.as_doubles
+    folder.run(group, (<array.array>times).data.as_longlongs, len(times), cols, where_column,
+               cmp_op, bound, at, times, channels, args, row)
+    return True
+
+
 def fold_parts(object operator, list parts, dict plans, object plan, object where,
                object channel_names, bint by_so):
     """`take_inputs` over rows and column runs, and `fold_windows` over what it takes, in one
@@ -408,7 +685,8 @@ def fold_parts(object operator, list parts, dict plans, object plan, object wher
     if _loaded is None:
         _load()
     cdef _Folder folder = _Folder(operator)
-    cdef list row, part_times, test = None, args, column
+    cdef list row, args
+    cdef object part_times, test = None, column
     cdef tuple channels = tuple(channel_names), item
     cdef Py_ssize_t at = 0, i, j, n, m = len(channels)
     cdef object part, found, v, c = None, ch, wch = None, group, key, update, last_key = None
@@ -460,7 +738,7 @@ def fold_parts(object operator, list parts, dict plans, object plan, object wher
             return None
         if wch is not None:
             test = dict(zip(part.names, part.columns)).get(wch)
-            if test is not None:
+            if test is not None and type(test) is list:  # (a typed column holds numbers)
                 for v in test:
                     if type(v) is not int and type(v) is not float:
                         return None
@@ -506,6 +784,9 @@ def fold_parts(object operator, list parts, dict plans, object plan, object wher
                 at += n
                 continue
         group = (<tuple>part.key)[0] if by_so else ""
+        if _run_folds(folder, group, part_times, test, c, cmp_op, channels, args, row, at, m):
+            at += n
+            continue
         for i in range(n):
             if wch is not None and not PyObject_RichCompareBool(test[i], c, cmp_op):
                 continue
