@@ -159,7 +159,7 @@ def columns_of(doc: Any, shape: Any) -> tuple[Any, list[str], list[Any]] | None:
     if not all(type(t) is int and SECONDS_BELOW <= t <= MAX_LAST_UPDATE for t in times):
         return None
     names: list[str] = []
-    columns: list[list[Any]] = []
+    columns: list[Sequence[Any]] = []
     for name, column in channels.items():
         j = shape.column_of.get(name)
         if j is None or type(column) is not list or len(column) != len(times):
