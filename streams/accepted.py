@@ -31,7 +31,7 @@ class ColumnRun:
     __slots__ = ("columns", "key", "names", "times")
 
     def __init__(
-        self, key: StreamKey, times: list[int], names: list[str], columns: list[list[Any]]
+        self, key: StreamKey, times: Sequence[int], names: list[str], columns: list[Sequence[Any]]
     ) -> None:
         self.key = key
         self.times = times
@@ -72,34 +72,42 @@ class Shape:
 
 class MessageRun:
     """Consecutive single-update messages of streams of one shape, as columns: the stream of
-    each, its time, and one column per channel of the shape (None where a message did not
-    carry that channel). The ingest kernel writes them straight from the payloads, without a
+    each, its time (int64), and one column per channel of the shape (doubles, NaN where a
+    message did not carry the channel, for a number channel of floats only; a list, None
+    where absent, otherwise). The ingest kernel writes them straight from the payloads, without a
     dict or an update object per message; a message's channels are in the shape's order
     (others are rows), so a row made of it has its channels in the message's order."""
 
-    __slots__ = ("columns", "keys", "names", "times")
+    __slots__ = ("columns", "distinct", "keys", "names", "times")
 
     def __init__(
-        self, keys: list[StreamKey], times: list[int], names: list[str], columns: list[list[Any]]
+        self,
+        keys: list[StreamKey],
+        times: Sequence[int],
+        names: list[str],
+        columns: list[Sequence[Any]],
+        distinct: list[StreamKey] | None = None,
     ) -> None:
         self.keys = keys
         self.times = times
         self.names = names
         self.columns = columns
+        self.distinct = distinct  # the keys without repeats, when the kernel counted them
 
     def __len__(self) -> int:
         return len(self.times)
 
     def row(self, i: int) -> Row:
+        # absent: None in a list, NaN in doubles (v == v: no value of a message is NaN)
         channels = {n: v for n, c in zip(self.names, self.columns, strict=True)
-                    if (v := c[i]) is not None}  # fmt: skip
+                    if (v := c[i]) is not None and v == v}  # fmt: skip
         return self.keys[i], SensorUpdate(channels, self.times[i])
 
     def rows(self) -> list[Row]:
         if len(self.names) == 1:  # the common case: one channel (present: one at least is)
-            name, keys, column = self.names[0], self.keys, self.columns[0]
-            return [(keys[i], SensorUpdate({name: v} if (v := column[i]) is not None else {}, t))
-                    for i, t in enumerate(self.times)]  # fmt: skip
+            name, keys = self.names[0], self.keys
+            return [(keys[i], SensorUpdate({name: v}, t))
+                    for i, (t, v) in enumerate(zip(self.times, self.columns[0], strict=True))]  # fmt: skip
         return [self.row(i) for i in range(len(self.times))]
 
     def __repr__(self) -> str:
@@ -181,7 +189,7 @@ class Updates(Sequence[Row]):
                 if isinstance(part, list):
                     out.update(map(_first, part))
                 elif isinstance(part, MessageRun):
-                    out.update(part.keys)
+                    out.update(part.keys if part.distinct is None else part.distinct)
                 else:
                     out.add(part.key)
             self._keys = out

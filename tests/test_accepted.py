@@ -5,6 +5,7 @@ when every reading is a row: the rows themselves, and what the flows compute fro
 from __future__ import annotations
 
 import contextlib
+import math
 from array import array
 from collections.abc import Iterator
 from typing import Any
@@ -104,7 +105,7 @@ _message = st.tuples(
     ),
     # a column run (lists, or typed columns as the ingest kernel makes them: times int64, t
     # doubles), single-update messages (a message run: t may be absent), or rows (idem)
-    st.sampled_from(["columns", "typed", "messages", "rows"]),
+    st.sampled_from(["columns", "typed", "messages", "typed messages", "rows"]),
 )
 
 
@@ -114,8 +115,17 @@ def _typed_run(key: StreamKey, readings: list[tuple[int, Any, str]]) -> ColumnRu
                       [z for *_, z in readings]])  # fmt: skip
 
 
-def _message_run(key: StreamKey, readings: list[tuple[int, Any, str]]) -> MessageRun:
-    return MessageRun([key] * len(readings), [T0 + t for t, _, _ in readings], ["t", "zone"],
+def _message_run(
+    key: StreamKey, readings: list[tuple[int, Any, str]], typed: bool = False
+) -> MessageRun:
+    """Single-update messages of `key` or the other stream (t decides), as the ingest kernel
+    keeps them: typed (int64 times, t as doubles, NaN where absent) or in lists."""
+    keys = [key if (t // 7) % 2 else (S2 if key == S1 else S1) for t, _, _ in readings]
+    if typed:
+        return MessageRun(keys, array("q", [T0 + t for t, _, _ in readings]), ["t", "zone"],
+                          [array("d", [float(v) if v != 0 else math.nan for _, v, _ in readings]),
+                           [z for *_, z in readings]])  # fmt: skip
+    return MessageRun(keys, [T0 + t for t, _, _ in readings], ["t", "zone"],
                       [[v if v != 0 else None for _, v, _ in readings],
                        [z for *_, z in readings]])  # fmt: skip
 
@@ -144,9 +154,10 @@ def test_the_flows_give_the_same_from_column_runs_as_from_rows(
                     updates += Updates.of_run(_typed_run(key, readings))
                     rows += _typed_run(key, readings).rows()
                     continue
-                if form == "messages":
-                    updates.add_part(_message_run(key, readings))
-                    rows += _message_run(key, readings).rows()
+                if form.endswith("messages"):
+                    typed = form == "typed messages"
+                    updates.add_part(_message_run(key, readings, typed))
+                    rows += _message_run(key, readings, typed).rows()
                     continue
                 for t, v, z in readings:
                     row = (key, su(T0 + t, **({"t": v} if v != 0 else {}), zone=z))

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streams import InvalidUpdate, SensorUpdate, kernels
-from streams.accepted import Shape, Updates
+from streams.accepted import MessageRun, Shape, Updates
 from streams.kernels import _columnar_py
 from streams.objects import Stream
 from streams.updates import StreamValidator
@@ -313,8 +313,14 @@ def test_the_ingest_kernel_reads_json_text_exactly_as_orjson(texts: list[bytes])
     args = (batch, routes, 1 << 20, None, SensorUpdate, orjson.loads)
     compiled, twin = kernels.ingest_rows(*args), _columnar_py.ingest_rows(*args)
     assert compiled[1] == twin[1] and compiled[2] == twin[2]
-    # the same parts (message runs and rows), holding the same rows
+    # the same parts (message runs and rows), holding the same rows in the same columns
     assert [(type(p), len(p)) for p in compiled[0]] == [(type(p), len(p)) for p in twin[0]]
+    for a, b in zip(compiled[0], twin[0], strict=True):
+        if isinstance(a, MessageRun):
+            assert (type(a.times), a.times) == (type(b.times), b.times)
+            assert [(type(c), getattr(c, "typecode", None), [repr(v) for v in c])
+                    for c in a.columns] == [(type(c), getattr(c, "typecode", None),
+                                             [repr(v) for v in c]) for c in b.columns]  # fmt: skip
     rows = [_rows_of(parts) for parts in (compiled[0], twin[0])]
     assert rows[0] == rows[1]
     for (_, a), (_, b) in zip(*rows, strict=True):  # -0.0 == 0.0, and 1 == 1.0

@@ -109,16 +109,22 @@ class WindowNode:
         """The batch folded into the windows in one kernel call that reads column runs by
         column (`kernels.fold_parts`). False, having folded nothing, unless every stream the
         flow reads in it has one column plan."""
-        plans = self.plans
-        keys = batch.keys()
-        for key in keys - plans.keys():
-            self._plan(key)
-        shapes = {plans[key] for key in keys} - {None}
-        plan = next(iter(shapes)) if len(shapes) == 1 else None
+        plans, plan, groups = self.plans, None, set()
+        for key in batch.keys():  # one plan (by identity: plans are interned) or none
+            found = plans.get(key, _UNKNOWN)
+            if found is _UNKNOWN:
+                found = self._plan(key)
+            if found is None:
+                continue
+            if plan is None:
+                plan = found
+            elif found is not plan:
+                return False
+            groups.add(key.so)
         if not isinstance(plan, ColumnPlan):
             return False
         by_so = self.flow.key_mode == "so"
-        self.operator.touch({k.so for k in keys if plans[k] is plan} if by_so else [""])
+        self.operator.touch(groups if by_so else [""])
         folded: Any = kernels.fold_parts(self.operator, batch.parts, plans, plan, plan.where,
                                          plan.channels, by_so)  # fmt: skip
         if folded is None:

@@ -6,11 +6,16 @@ from cpython cimport array
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.object cimport Py_SIZE
 from cpython.unicode cimport PyUnicode_DecodeUTF8
-from libc.math cimport isfinite
+from cpython.float cimport PyFloat_AS_DOUBLE
+from libc.math cimport NAN, isfinite
 from libc.stdlib cimport strtod
-from libc.string cimport memcmp, memcpy
+from cpython.ref cimport PyObject
+from libc.string cimport memcmp, memcpy, memset
 
 cdef int NUMBER = 0, STRING = 1, BOOLEAN = 2
+cdef enum:
+    DISTINCT_SLOTS = 1024  # a message run's table of its key objects
+cdef Py_ssize_t DISTINCT_MAX = 512
 cdef long long SECONDS_BELOW = 100_000_000_000
 cdef long long MAX_LAST_UPDATE = 253_402_300_799_999
 
@@ -154,8 +159,11 @@ def ingest_rows(object messages, dict routes, Py_ssize_t max_bytes, object horiz
                 object make, object loads):
     global _MessageRun
     cdef list parts = [], origins = [], slow = []
-    cdef list rows = None, row = None, run_keys = None, run_times = None, columns = None
-    cdef list encoded = None, kinds = None
+    cdef list rows = None, row = None, run_keys = None, columns = None
+    cdef array.array run_times = None
+    cdef list encoded = None, kinds = None, distinct = None
+    cdef PyObject* seen[DISTINCT_SLOTS]  # the key objects of the run: a set by identity
+    cdef object key
     cdef Py_ssize_t i = 0, j, m = 0, size
     cdef object message, route, content_type, payload, doc, update, t, shape = None, run = None
     cdef bint has_horizon = horizon is not None
@@ -232,14 +240,24 @@ def ingest_rows(object messages, dict routes, Py_ssize_t max_bytes, object horiz
                     row[j] = None
             else:
                 if run is None:
-                    run_keys, run_times, columns = [], [], [[] for j in range(m)]
-                    run = _MessageRun(run_keys, run_times, shape.names, columns)
+                    run_keys, run_times = [], array.clone(_LONGS, 0, False)
+                    columns = [array.clone(_DOUBLES, 0, False) if kinds[j] == NUMBER else []
+                               for j in range(m)]
+                    distinct = []
+                    run = _MessageRun(run_keys, run_times, shape.names, columns, distinct)
                     parts.append(run)
                     rows = None
-                run_keys.append((<tuple>route)[0])
-                run_times.append(t)
+                    memset(seen, 0, sizeof(seen))
+                key = (<tuple>route)[0]
+                run_keys.append(key)
+                if distinct is not None and not _seen(seen, <PyObject*>key):
+                    if len(distinct) >= DISTINCT_MAX:  # too many to count this way
+                        run.distinct = distinct = None
+                    else:
+                        distinct.append(key)
+                _push_long(run_times, t)
                 for j in range(m):
-                    (<list>columns[j]).append(row[j])
+                    _cell(columns, j, row[j])
                     row[j] = None
                 origins.append(message)
             i += 1
@@ -392,6 +410,48 @@ cdef inline void _push_double(array.array a, double v) except *:
     cdef Py_ssize_t k = Py_SIZE(a)
     array.resize_smart(a, k + 1)
     a.data.as_doubles[k] = v
+
+
+
+
+cdef inline bint _seen(PyObject** slots, PyObject* key) noexcept:
+    """Whether `key` (the object) is in the open-addressing table `slots`; added if not."""
+    cdef size_t at = (<size_t>key >> 4) & (DISTINCT_SLOTS - 1)
+    while slots[at] != NULL:
+        if slots[at] == key:
+            return True
+        at = (at + 1) & (DISTINCT_SLOTS - 1)
+    slots[at] = key
+    return False
+
+
+cdef inline int _cell(list columns, Py_ssize_t j, object v) except -1:
+    """`v` (None: the message lacks the channel) onto a message run's column `j`: a number
+    column is doubles (NaN where absent: no JSON value is NaN) until an int comes, and a list
+    (None where absent) from then on."""
+    cdef object column = columns[j]
+    cdef array.array typed
+    cdef list cells
+    cdef Py_ssize_t k, size
+    cdef double x
+    if type(column) is list:
+        (<list>column).append(v)
+        return 0
+    typed = <array.array>column
+    if v is None:
+        _push_double(typed, NAN)
+    elif type(v) is float:
+        _push_double(typed, PyFloat_AS_DOUBLE(v))
+    else:
+        size = Py_SIZE(typed)
+        cells = [None] * size
+        for k in range(size):
+            x = typed.data.as_doubles[k]
+            if x == x:
+                cells[k] = x
+        cells.append(v)
+        columns[j] = cells
+    return 0
 
 
 cdef object _scan_columns(bytes payload, list encoded, list kinds, list names,

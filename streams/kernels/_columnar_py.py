@@ -198,6 +198,7 @@ def ingest_rows(
     origins: list[Any] = []
     slow: list[int] = []
     run: MessageRun | None = None  # the part being written, while messages continue it
+    shapes: list[tuple[MessageRun, Any]] = []
     shape: Any = None
     rows: list[Any] | None = None
     for i, message in enumerate(messages):
@@ -235,8 +236,9 @@ def ingest_rows(
                 continue
             if run is None or shape is not route[1]:
                 shape = route[1]
-                run = MessageRun([], [], shape.names, [[] for _ in shape.names])
+                run = MessageRun([], array("q"), shape.names, [[] for _ in shape.names])
                 parts.append(run)
+                shapes.append((run, shape))
                 rows = None
             run.keys.append(route[0])
             run.times.append(plain[0])
@@ -255,4 +257,14 @@ def ingest_rows(
             run = None
         rows.append((route[0], update))
         origins.append(message)
+    for run, shape in shapes:  # the columns typed as the kernel types them
+        run.columns = [message_column(c, k) for c, k in zip(run.columns, shape.kinds, strict=True)]
     return parts, origins, slow
+
+
+def message_column(cells: list[Any], kind: int) -> Sequence[Any]:
+    """A message run's column as the kernel keeps it: a number channel's doubles (NaN where a
+    message lacks it) unless an int is among them; a list (None where absent) otherwise."""
+    if kind == NUMBER and all(v is None or type(v) is float for v in cells):
+        return array("d", [math.nan if v is None else v for v in cells])
+    return cells

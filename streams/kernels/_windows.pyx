@@ -6,10 +6,15 @@ from cpython cimport array
 from cpython.float cimport PyFloat_AS_DOUBLE
 from cpython.list cimport PyList_GET_ITEM
 from cpython.ref cimport PyObject
+from libc.stdlib cimport calloc, free, malloc
 from cpython.object cimport Py_GE, Py_GT, Py_LE, Py_LT, PyObject_RichCompareBool
 from libc.math cimport fabs
 
+from operator import itemgetter
+
 from streams.kernels._windows_py import fold_windows as _twin
+
+cdef object _position = itemgetter(0)
 
 cdef object _WindowResult = None, _LateUpdate = None, _heappush = None, _loaded = None
 cdef object _MessageRun = None
@@ -330,17 +335,19 @@ cdef class _Folder:
         self.keys[key] = state
         return state
 
-    cdef int run(self, object key, const long long* times, Py_ssize_t n, const double** cols,
-                 const double* test, int cmp_op, double bound, Py_ssize_t at,
-                 object part_times, tuple channels, list arg_columns, list row) except -1:
+    cdef Py_ssize_t run(self, object key, const long long* times, Py_ssize_t n,
+                        const Py_ssize_t* index, const double** cols, const double* test,
+                        int cmp_op, double bound, Py_ssize_t at, object part_times,
+                        tuple channels, list arg_columns, list row) except -2:
         """The readings of one key's column run (times ascending or not), tumbling windows, each
         aggregate count, sum, avg, min or max of a double column (`cols[j]`; NULL: count, or
         a column the message lacks): what `add` does for each, with the window's
         accumulators and the key's clock in C while the readings stay in one window. A
         reading the C loop does not handle as `add` would (a window already fired, an
         accumulator of another type) goes through `add` itself, everything written back
-        first."""
-        cdef Py_ssize_t i, j, m = len(self.aggs)
+        first. `index`: the readings' positions in the run (NULL: 0 to n - 1). Returns the
+        position of the last reading that moved the key's clock (-1: none)."""
+        cdef Py_ssize_t i, k, j, m = len(self.aggs), moved_at = -1
         cdef long long t, start, r, size = self.size, cur = 0, max_time = 0, next_fire = 0
         cdef long long watermark
         cdef bint loaded = False, has_max, clock_moved = False, has_fire
@@ -358,10 +365,11 @@ cdef class _Folder:
         has_max = clock is not None
         if has_max:
             max_time = clock
-        for i in range(n):
+        for k in range(n):
+            i = k if index == NULL else index[k]
             t = times[i]
             if test != NULL:
-                x = test[i]
+                x = test[i]  # (NaN: the message lacks the channel, and is not kept)
                 if not (x < bound if cmp_op == Py_LT else x <= bound if cmp_op == Py_LE
                         else x > bound if cmp_op == Py_GT else x >= bound):
                     continue
@@ -392,8 +400,10 @@ cdef class _Folder:
                         clock_moved = False
                         for j in range(m):
                             row[j] = (True if channels[j] is None else None
-                                      if arg_columns[j] is None else arg_columns[j][i])
+                                      if arg_columns[j] is None else _cell(arg_columns[j], i))
                         self.add(key, part_times[i], row, at + i)
+                        if not has_max or t > max_time:
+                            moved_at = at + i
                         state = None
                         clock = self.clocks.get(key)
                         has_max = clock is not None
@@ -418,6 +428,8 @@ cdef class _Folder:
                     if cols[j] == NULL:  # the message lacks the channel: nothing to add
                         continue
                     v = cols[j][i]
+                    if v != v:  # NaN: this message lacks it
+                        continue
                     if code == SUM or code == AVG:
                         total = sums[j]
                         x = total + v
@@ -440,6 +452,7 @@ cdef class _Folder:
             if not has_max or t > max_time:  # the key's clock moves
                 has_max = clock_moved = True
                 max_time = t
+                moved_at = at + i
                 if has_fire and next_fire <= t - self.delay:  # windows fire: `add`'s way
                     if loaded:
                         _flush(accs_list, self.codes, m, sums, comps, counts, have,
@@ -454,7 +467,7 @@ cdef class _Folder:
         if loaded:
             _flush(accs_list, self.codes, m, sums, comps, counts, have, extremes, extreme_objs)
         self._sync(key, state, clock_moved, max_time)
-        return 0
+        return moved_at
 
     cdef int _sync(self, object key, KeyState state, bint moved, long long max_time) except -1:
         """The key's clock written back, as `add` leaves it."""
@@ -475,6 +488,15 @@ cdef class _Folder:
         self.owner.max_time = self.max_time
         self.owner.late_count += self.late_count
         return self.fired, self.late
+
+
+cdef inline object _cell(object column, Py_ssize_t i):
+    """A cell of a column as the value it stands for: None where a message run's doubles hold
+    NaN (the message lacks the channel)."""
+    cdef object v = column[i]
+    if type(v) is float and PyFloat_AS_DOUBLE(v) != PyFloat_AS_DOUBLE(v):
+        return None
+    return v
 
 
 cdef bint _next_fire(KeyState state, long long* at) except -1:
@@ -580,26 +602,26 @@ cdef Py_ssize_t _fold_messages(_Folder folder, object part, dict plans, object w
                                object c, tuple channels, bint by_so, list row,
                                Py_ssize_t at) except -1:
     """A message run into the folder (the batch checked ours: each key has the plan or none):
-    its rows' keys read one by one (whether each has the plan remembered by identity: the run
-    repeats its keys' objects), their values by column. Returns its length."""
-    cdef list keys = part.keys, times = part.times, args, test = None
+    by `_fold_grouped` where the run's columns allow, else reading by reading, the keys read
+    one by one (whether each has the plan remembered by identity: the run repeats its keys'
+    objects), their values by column. Returns its length."""
+    cdef list keys = part.keys, args
+    cdef object times = part.times, test = None
     cdef dict column_of = dict(zip(part.names, part.columns))
     cdef Py_ssize_t i, j, n = len(keys), m = len(channels), slot
     cdef object key, v, column
     cdef PyObject* seen[64]  # a direct-mapped cache: key object -> whether it has the plan
     cdef char[64] has_plan
-    cdef bint ours, fast_where = False
-    cdef double bound = 0.0, x
-    for slot in range(64):
-        seen[slot] = NULL
+    cdef bint ours
     if wch is not None:
         test = column_of.get(wch)
         if test is None:  # no message of the run carries it: none is kept
             return n
-        fast_where = (type(c) is float or (type(c) is int and -EXACT < c < EXACT))
-        if fast_where:
-            bound = c
     args = [None if ch is None else column_of.get(ch) for ch in channels]
+    if _fold_grouped(folder, part, plans, test, c, cmp_op, channels, args, row, at, by_so):
+        return n
+    for slot in range(64):
+        seen[slot] = NULL
     for i in range(n):
         key = <object>PyList_GET_ITEM(keys, i)
         slot = (<size_t><PyObject*>key >> 4) & 63
@@ -612,21 +634,123 @@ cdef Py_ssize_t _fold_messages(_Folder folder, object part, dict plans, object w
         if not ours:
             continue
         if test is not None:
-            v = <object>PyList_GET_ITEM(test, i)
-            if v is None:
-                continue
-            if fast_where and type(v) is float:  # exactly Python's comparison, in C
-                x = PyFloat_AS_DOUBLE(v)
-                if not (x < bound if cmp_op == Py_LT else x <= bound if cmp_op == Py_LE
-                        else x > bound if cmp_op == Py_GT else x >= bound):
-                    continue
-            elif not PyObject_RichCompareBool(v, c, cmp_op):
+            v = _cell(test, i)
+            if v is None or not PyObject_RichCompareBool(v, c, cmp_op):
                 continue
         for j in range(m):
             column = args[j]
-            row[j] = True if channels[j] is None else None if column is None else (<list>column)[i]
+            row[j] = True if channels[j] is None else None if column is None else _cell(column, i)
         folder.add((<tuple>key)[0] if by_so else "", times[i], row, at + i)
     return n
+
+
+cdef bint _fold_grouped(_Folder folder, object part, dict plans, object test, object c,
+                        int cmp_op, tuple channels, list args, list row, Py_ssize_t at,
+                        bint by_so) except -1:
+    """A message run folded by `_Folder.run`, one call per window key over its readings,
+    when its columns and the flow allow it (as `_run_folds`); False, having folded nothing,
+    otherwise. Results as reading by reading: what fired and what was late ordered by
+    position, the keys' clocks re-inserted in the order of their last advance."""
+    cdef const double* cols[32]
+    cdef const double* where_column = NULL
+    cdef double bound = 0.0
+    cdef list keys = part.keys, groups = [], fired, late
+    cdef object times = part.times, key, group, found, last_key = None
+    cdef dict group_of = {}
+    cdef Py_ssize_t i, j, g = -1, n = len(keys), m = len(channels), groups_n, fired_from
+    cdef Py_ssize_t late_from
+    cdef int code
+    cdef Py_ssize_t* group_at = NULL
+    cdef Py_ssize_t* counts = NULL
+    cdef Py_ssize_t* index = NULL
+    cdef list moved = []
+    if not folder.tumbling or m != len(folder.aggs) or m > 32:
+        return False
+    if type(times) is not array.array or (<array.array>times).ob_descr.typecode != b"q":
+        return False
+    for j in range(m):
+        code = folder.codes[j]
+        if code == GENERIC:
+            return False
+        cols[j] = NULL
+        if code == COUNT or args[j] is None:
+            continue
+        if not _doubles(args[j]):
+            return False
+        cols[j] = (<array.array>args[j]).data.as_doubles
+    if test is not None:
+        if not _doubles(test):
+            return False
+        if type(c) is float:
+            bound = c
+        elif type(c) is int and -EXACT < c < EXACT:
+            bound = <double>(<long long>c)
+        else:
+            return False
+        where_column = (<array.array>test).data.as_doubles
+    group_at = <Py_ssize_t*>malloc(n * sizeof(Py_ssize_t))
+    index = <Py_ssize_t*>malloc(n * sizeof(Py_ssize_t))
+    if group_at == NULL or index == NULL:
+        free(group_at)
+        free(index)
+        raise MemoryError()
+    try:
+        # each reading's window key (-1: not this flow's), the keys in order of appearance
+        for i in range(n):
+            key = <object>PyList_GET_ITEM(keys, i)
+            if key is not last_key:
+                last_key = key
+                found = plans.get(key)
+                if found is None:
+                    g = -1
+                else:
+                    group = (<tuple>key)[0] if by_so else ""
+                    found = group_of.get(group)
+                    if found is None:
+                        found = group_of[group] = len(groups)
+                        groups.append(group)
+                    g = found
+            group_at[i] = g
+        groups_n = len(groups)
+        if len(folder.clocks) + groups_n > folder.clocks_max:
+            return False  # forgetting clocks on the way: reading by reading
+        counts = <Py_ssize_t*>calloc(groups_n + 1, sizeof(Py_ssize_t))
+        if counts == NULL:
+            raise MemoryError()
+        for i in range(n):  # a counting sort of the positions by window key, stable
+            if group_at[i] >= 0:
+                counts[group_at[i] + 1] += 1
+        for g in range(groups_n):
+            counts[g + 1] += counts[g]
+        for i in range(n):
+            g = group_at[i]
+            if g >= 0:
+                index[counts[g]] = i
+                counts[g] += 1
+        fired_from, late_from = len(folder.fired), len(folder.late)
+        j = 0
+        for g in range(groups_n):  # counts[g] is now where group g ends
+            i = folder.run(groups[g], (<array.array>times).data.as_longlongs, counts[g] - j,
+                           index + j, cols, where_column, cmp_op, bound, at, times, channels,
+                           args, row)
+            if i >= 0:
+                moved.append((i, groups[g]))
+            j = counts[g]
+    finally:
+        free(group_at)
+        free(index)
+        free(counts)
+    if len(moved) > 1:  # the clocks' order: by last advance, as reading by reading
+        moved.sort()
+        for _, group in moved:
+            folder.clocks[group] = folder.clocks.pop(group)
+    fired = folder.fired
+    if len(fired) - fired_from > 1:
+        fired[fired_from:] = sorted(fired[fired_from:], key=_position)
+    late = folder.late
+    if len(late) - late_from > 1:
+        late[late_from:] = sorted(late[late_from:], key=_position)
+    return True
 
 
 cdef inline bint _doubles(object column):
@@ -668,8 +792,8 @@ cdef bint _run_folds(_Folder folder, object group, object times, object test, ob
         else:
             return False
         where_column = (<array.array>test).data.as_doubles
-    folder.run(group, (<array.array>times).data.as_longlongs, len(times), cols, where_column,
-               cmp_op, bound, at, times, channels, args, row)
+    folder.run(group, (<array.array>times).data.as_longlongs, len(times), NULL, cols,
+               where_column, cmp_op, bound, at, times, channels, args, row)
     return True
 
 

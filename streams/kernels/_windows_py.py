@@ -203,7 +203,7 @@ def _take_messages(
         if found is not plan:
             return None
         if where is not None:
-            v = None if test is None else test[i]
+            v = None if test is None else _cell(test, i)
             if v is None:
                 continue
             if type(v) is not int and type(v) is not float:
@@ -215,9 +215,15 @@ def _take_messages(
         index.append(i)
         groups.append(key.so if by_so else "")
         times.append(run.times[i])
-        rows.append([True if ch is None else None if col is None else col[i]
+        rows.append([True if ch is None else None if col is None else _cell(col, i)
                      for ch, col in zip(channels, args, strict=True)])  # fmt: skip
     return index, groups, times, rows
+
+
+def _cell(column: Sequence[Any], i: int) -> Any:
+    """A message run's cell as the value it stands for (NaN in doubles: absent, None)."""
+    v = column[i]
+    return None if v != v else v
 
 
 def fold_parts(
