@@ -105,9 +105,9 @@ class MessageRun:
 
     def rows(self) -> list[Row]:
         if len(self.names) == 1:  # the common case: one channel (present: one at least is)
-            name, keys = self.names[0], self.keys
-            return [(keys[i], SensorUpdate({name: v}, t))
-                    for i, (t, v) in enumerate(zip(self.times, self.columns[0], strict=True))]  # fmt: skip
+            name, values = self.names[0], zip(self.times, self.columns[0], strict=True)
+            return [(k, SensorUpdate({name: v}, t))
+                    for k, (t, v) in zip(self.keys, values, strict=True)]  # fmt: skip
         return [self.row(i) for i in range(len(self.times))]
 
     def __repr__(self) -> str:

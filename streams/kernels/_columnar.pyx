@@ -15,6 +15,14 @@ from libc.string cimport memcmp, memcpy, memset
 cdef int NUMBER = 0, STRING = 1, BOOLEAN = 2
 cdef enum:
     DISTINCT_SLOTS = 1024  # a message run's table of its key objects
+    WIDEST = 64  # the most channels of a shape read into a message run
+
+
+cdef struct Reading:
+    # one message's values as they are read: per channel 0 (absent), 1 (a Python value in the
+    # row list) or 2 (a double in `reals`: no object made for it)
+    char state[WIDEST]
+    double reals[WIDEST]
 cdef Py_ssize_t DISTINCT_MAX = 512
 cdef long long SECONDS_BELOW = 100_000_000_000
 cdef long long MAX_LAST_UPDATE = 253_402_300_799_999
@@ -125,34 +133,44 @@ cdef object _row(object doc, dict kind_of, object make):
 cdef object _MessageRun = None, _ColumnRun = None, _columns_of = None
 
 
-cdef object _plain(object doc, object shape, list row):
+cdef long long _plain(object doc, object shape, list row, Reading* reading) except -1:
     """The twin's `_plain`: the time of a plain document whose channels come in the shape's
-    order, its values written into `row`; None for anything else."""
+    order, its values written into `row` and `reading`; 0 for anything else."""
     cdef object t, raw, name, entry, v, j_obj
     cdef dict column_of = shape.column_of
     cdef list kinds = shape.kinds
     cdef Py_ssize_t j, last = -1
     if type(doc) is not dict or len(<dict>doc) != 2:
-        return None
+        return 0
     t = (<dict>doc).get("lastUpdate")
     raw = (<dict>doc).get("channels")
     if type(t) is not int or not SECONDS_BELOW <= t <= MAX_LAST_UPDATE:
-        return None
+        return 0
     if type(raw) is not dict or not raw:
-        return None
+        return 0
     for name, entry in (<dict>raw).items():
         j_obj = column_of.get(name)
         if j_obj is None:
-            return None
+            return 0
         j = j_obj
         if j <= last or type(entry) is not dict or len(<dict>entry) != 1:
-            return None
+            return 0
         v = (<dict>entry).get("current-value")
         if not _fits(v, kinds[j]):
-            return None
+            return 0
         row[j] = v
+        reading.state[j] = 1
         last = j
     return t
+
+
+cdef inline void _clear(list row, Reading* reading, Py_ssize_t m) except *:
+    """The values of the message read so far dropped: the row and the reading empty again."""
+    cdef Py_ssize_t j
+    for j in range(min(m, WIDEST)):
+        if reading.state[j] == 1:
+            row[j] = None
+        reading.state[j] = 0
 
 
 def ingest_rows(object messages, dict routes, Py_ssize_t max_bytes, object horizon,
@@ -163,9 +181,11 @@ def ingest_rows(object messages, dict routes, Py_ssize_t max_bytes, object horiz
     cdef array.array run_times = None
     cdef list encoded = None, kinds = None, distinct = None
     cdef PyObject* seen[DISTINCT_SLOTS]  # the key objects of the run: a set by identity
+    cdef Reading reading
+    cdef long long t
     cdef object key
     cdef Py_ssize_t i = 0, j, m = 0, size
-    cdef object message, route, content_type, payload, doc, update, t, shape = None, run = None
+    cdef object message, route, content_type, payload, doc, update, shape = None, run = None
     cdef bint has_horizon = horizon is not None
     cdef long long limit = horizon if has_horizon else 0
     global _ColumnRun, _columns_of
@@ -175,6 +195,7 @@ def ingest_rows(object messages, dict routes, Py_ssize_t max_bytes, object horiz
         from streams.accepted import ColumnRun, MessageRun
         from streams.kernels._columnar_py import columns_of
         _MessageRun, _ColumnRun, _columns_of = MessageRun, ColumnRun, columns_of
+    memset(&reading, 0, sizeof(reading))
     for message in messages:
         route = routes.get(message.topic)
         content_type = message.content_type
@@ -193,16 +214,15 @@ def ingest_rows(object messages, dict routes, Py_ssize_t max_bytes, object horiz
             encoded, kinds = shape.encoded, shape.kinds
             row = [None] * m
             run = None
-        t = None
-        if type(payload) is bytes:
+        t = 0
+        if type(payload) is bytes and m <= WIDEST:
             try:
-                t = _scan(<bytes>payload, encoded, kinds, row)
+                t = _scan(<bytes>payload, encoded, kinds, row, &reading)
             except UnicodeDecodeError:
-                t = None
+                t = 0
         doc = None
-        if t is None:  # not the plain shape as we read it: the columnar form, or orjson's way
-            for j in range(m):
-                row[j] = None
+        if t == 0:  # not the plain shape as we read it: the columnar form, or orjson's way
+            _clear(row, &reading, m)
             columnar = None
             if type(payload) is bytes:
                 try:
@@ -217,8 +237,9 @@ def ingest_rows(object messages, dict routes, Py_ssize_t max_bytes, object horiz
                     i += 1
                     run = rows = None
                     continue
-                t = _plain(doc, shape, row)
-                if t is None:
+                if m <= WIDEST:
+                    t = _plain(doc, shape, row, &reading)
+                if t == 0:
                     columnar = _columns_of(doc, shape)
                     if columnar is not None:
                         latest = max((<tuple>columnar)[0])
@@ -232,12 +253,11 @@ def ingest_rows(object messages, dict routes, Py_ssize_t max_bytes, object horiz
                 i += 1
                 run = rows = None
                 continue
-        if t is not None:
+        if t != 0:
             if has_horizon and t > limit:
                 slow.append(i)
                 run = rows = None
-                for j in range(m):
-                    row[j] = None
+                _clear(row, &reading, m)
             else:
                 if run is None:
                     run_keys, run_times = [], array.clone(_LONGS, 0, False)
@@ -257,8 +277,8 @@ def ingest_rows(object messages, dict routes, Py_ssize_t max_bytes, object horiz
                         distinct.append(key)
                 _push_long(run_times, t)
                 for j in range(m):
-                    _cell(columns, j, row[j])
-                    row[j] = None
+                    _cell(columns, j, row, &reading)
+                _clear(row, &reading, m)
                 origins.append(message)
             i += 1
             continue
@@ -425,32 +445,39 @@ cdef inline bint _seen(PyObject** slots, PyObject* key) noexcept:
     return False
 
 
-cdef inline int _cell(list columns, Py_ssize_t j, object v) except -1:
-    """`v` (None: the message lacks the channel) onto a message run's column `j`: a number
-    column is doubles (NaN where absent: no JSON value is NaN) until an int comes, and a list
-    (None where absent) from then on."""
-    cdef object column = columns[j]
+cdef inline int _cell(list columns, Py_ssize_t j, list row, Reading* reading) except -1:
+    """The reading's value of channel `j` (absent: state 0) onto a message run's column `j`: a
+    number column is doubles (NaN where absent: no JSON value is NaN) until an int comes, and
+    a list (None where absent) from then on."""
+    cdef object column = columns[j], v
     cdef array.array typed
     cdef list cells
     cdef Py_ssize_t k, size
     cdef double x
+    cdef char state = reading.state[j]
     if type(column) is list:
-        (<list>column).append(v)
+        (<list>column).append(None if state == 0 else row[j] if state == 1 else
+                              reading.reals[j])
         return 0
     typed = <array.array>column
-    if v is None:
+    if state == 0:
         _push_double(typed, NAN)
-    elif type(v) is float:
+        return 0
+    if state == 2:
+        _push_double(typed, reading.reals[j])
+        return 0
+    v = row[j]
+    if type(v) is float:
         _push_double(typed, PyFloat_AS_DOUBLE(v))
-    else:
-        size = Py_SIZE(typed)
-        cells = [None] * size
-        for k in range(size):
-            x = typed.data.as_doubles[k]
-            if x == x:
-                cells[k] = x
-        cells.append(v)
-        columns[j] = cells
+        return 0
+    size = Py_SIZE(typed)
+    cells = [None] * size
+    for k in range(size):
+        x = typed.data.as_doubles[k]
+        if x == x:
+            cells[k] = x
+    cells.append(v)
+    columns[j] = cells
     return 0
 
 
@@ -626,39 +653,41 @@ cdef object _scan_columns(bytes payload, list encoded, list kinds, list names,
     return times, chosen, columns
 
 
-cdef object _scan(bytes payload, list encoded, list kinds, list row):
+cdef long long _scan(bytes payload, list encoded, list kinds, list row,
+                     Reading* reading) except -1:
     """The time of a payload in the plain shape whose channels come in the shape's order, its
-    values written into `row`; None for anything else (`row` then holds garbage)."""
+    values written into `row` and `reading`; 0 for anything else (they then hold garbage)."""
     cdef const char* p = PyBytes_AS_STRING(payload)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(payload), i, end, members = 0
-    cdef object t = None
+    cdef long long t = 0
+    cdef double real
     cdef bint channels = False
     i = _ws(p, 0, n)
     if i >= n or p[i] != 123:
-        return None
+        return 0
     i = _ws(p, i + 1, n)
     while members < 2:
         if i >= n or p[i] != 34:
-            return None
+            return 0
         end = _string_end(p, i + 1, n)
         if end == i + 9 and memcmp(p + i + 1, b"channels", 8) == 0 and not channels:
             i = _ws(p, end + 1, n)
             if i >= n or p[i] != 58:
-                return None
+                return 0
             channels = True
-            i = _channels(p, _ws(p, i + 1, n), n, encoded, kinds, row)
+            i = _channels(p, _ws(p, i + 1, n), n, encoded, kinds, row, reading)
             if i < 0:
-                return None
-        elif end == i + 11 and memcmp(p + i + 1, b"lastUpdate", 10) == 0 and t is None:
+                return 0
+        elif end == i + 11 and memcmp(p + i + 1, b"lastUpdate", 10) == 0 and t == 0:
             i = _ws(p, end + 1, n)
             if i >= n or p[i] != 58:
-                return None
+                return 0
             i = _ws(p, i + 1, n)
-            t = _number(p, &i, n)
-            if type(t) is not int or not SECONDS_BELOW <= t <= MAX_LAST_UPDATE:
-                return None
+            if _read_number(p, &i, n, &t, &real) != AN_INT or not (
+                    SECONDS_BELOW <= t <= MAX_LAST_UPDATE):
+                return 0
         else:
-            return None
+            return 0
         members += 1
         i = _ws(p, i, n)
         if i < n and p[i] == 44 and members < 2:
@@ -666,21 +695,23 @@ cdef object _scan(bytes payload, list encoded, list kinds, list row):
         elif i < n and p[i] == 125 and members == 2:
             i = _ws(p, i + 1, n)
         else:
-            return None
+            return 0
     if i != n:
-        return None
+        return 0
     return t
 
 
 cdef Py_ssize_t _channels(const char* p, Py_ssize_t i, Py_ssize_t n, list encoded, list kinds,
-                          list row) except? -2:
+                          list row, Reading* reading) except? -2:
     """Reads `{"name": {"current-value": v}, ...}` at `i` into `row` (each name one of the
     shape's, after the one before it); the index after it, or -1 (not the plain shape, or a
     value `_fits` refuses)."""
     cdef Py_ssize_t end, j, last = -1, m = len(encoded), length
     cdef object v
     cdef bytes name
-    cdef int code
+    cdef int code, number
+    cdef long long whole
+    cdef double real
     if i >= n or p[i] != 123:
         return -1
     i = _ws(p, i + 1, n)
@@ -716,8 +747,14 @@ cdef Py_ssize_t _channels(const char* p, Py_ssize_t i, Py_ssize_t n, list encode
             return -1
         i = _ws(p, i + 1, n)
         if code == NUMBER:
-            v = _number(p, &i, n)
-            if v is None:
+            number = _read_number(p, &i, n, &whole, &real)
+            if number == A_FLOAT:  # no object: the column's doubles take it as it is
+                reading.reals[j] = real
+                reading.state[j] = 2
+            elif number == AN_INT:
+                row[j] = whole
+                reading.state[j] = 1
+            else:
                 return -1
         elif code == STRING:
             if i >= n or p[i] != 34:
@@ -738,7 +775,9 @@ cdef Py_ssize_t _channels(const char* p, Py_ssize_t i, Py_ssize_t n, list encode
                 return -1
         else:
             return -1
-        row[j] = v
+        if code != NUMBER:
+            row[j] = v
+            reading.state[j] = 1
         i = _ws(p, i, n)
         if i >= n or p[i] != 125:
             return -1

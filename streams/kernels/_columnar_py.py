@@ -16,6 +16,7 @@ from typing import Any
 
 NUMBER, STRING, BOOLEAN, OTHER = 0, 1, 2, 3
 SECONDS_BELOW = 100_000_000_000  # below: seconds, as old devices send
+WIDEST = 64  # the most channels of a shape read into a message run (wider: rows)
 MAX_LAST_UPDATE = 253_402_300_799_999
 
 
@@ -220,7 +221,7 @@ def ingest_rows(
             slow.append(i)
             run = rows = None
             continue
-        plain = _plain(doc, route[1])
+        plain = _plain(doc, route[1]) if len(route[1].names) <= WIDEST else None
         if plain is None and (columns := columns_of(doc, route[1])) is not None:
             if horizon is not None and max(columns[0]) > horizon:  # read row by row
                 slow.append(i)

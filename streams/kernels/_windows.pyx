@@ -7,8 +7,9 @@ from cpython.float cimport PyFloat_AS_DOUBLE
 from cpython.list cimport PyList_GET_ITEM
 from cpython.ref cimport PyObject
 from libc.stdlib cimport calloc, free, malloc
+from libc.string cimport memset
 from cpython.object cimport Py_GE, Py_GT, Py_LE, Py_LT, PyObject_RichCompareBool
-from libc.math cimport fabs
+from libc.math cimport fabs, isfinite
 
 from operator import itemgetter
 
@@ -17,15 +18,18 @@ from streams.kernels._windows_py import fold_windows as _twin
 cdef object _position = itemgetter(0)
 
 cdef object _WindowResult = None, _LateUpdate = None, _heappush = None, _loaded = None
+cdef object _heappop = None
 cdef object _MessageRun = None
 cdef Py_ssize_t _MAX_CLOCKS = 0
 cdef dict _CODES = {}
 cdef double EXACT = 9007199254740992.0  # 2**53: ints below convert to float exactly
 cdef int COUNT = 0, SUM = 1, AVG = 2, MIN = 3, MAX = 4, GENERIC = -1
+cdef enum:
+    GROUP_SLOTS = 2048  # a message run's key objects, by identity, while it is grouped
 
 
 cdef void _load():
-    global _WindowResult, _LateUpdate, _heappush, _MAX_CLOCKS, _loaded, _MessageRun
+    global _WindowResult, _LateUpdate, _heappush, _MAX_CLOCKS, _loaded, _MessageRun, _heappop
     import heapq
     from streams.accepted import MessageRun
     from streams.windows import aggregates, model
@@ -35,6 +39,7 @@ cdef void _load():
     _MAX_CLOCKS = model.MAX_CLOCKS
     _LateUpdate = model.LateUpdate
     _heappush = heapq.heappush
+    _heappop = heapq.heappop
     for name, code in (("count", COUNT), ("sum", SUM), ("avg", AVG), ("min", MIN), ("max", MAX)):
         _CODES[id(aggregates.AGGREGATES[name])] = code
 
@@ -198,6 +203,8 @@ cdef class _Folder:
     cdef object max_time  # the operator's, kept here during the batch (`done` writes it back)
     cdef Py_ssize_t late_count
     cdef unsigned long long epoch
+    cdef list names  # the aggregates' output names
+    cdef bint simple  # every aggregate one the C loop knows (its values made in C too)
 
     def __cinit__(self, object owner):
         global _EPOCH
@@ -217,8 +224,66 @@ cdef class _Folder:
         self.clocks_max = _MAX_CLOCKS
         self.max_time = owner.max_time
         self.late_count = 0
+        self.names = [name for name, _ in owner.aggregates]
+        self.simple = len(self.aggs) <= 32
         for j in range(min(len(self.aggs), 32)):
             self.codes[j] = _CODES.get(id(self.aggs[j]), GENERIC)
+            if self.codes[j] == GENERIC:
+                self.simple = False
+
+    cdef int fire(self, object key, KeyState state, long long watermark,
+                  Py_ssize_t position) except -1:
+        """`owner.fire_key` for tumbling and hopping windows (`_fire_indexed`), in C: the
+        key's windows due at `watermark` fire, those past their lateness go, and a key left
+        with nothing goes too."""
+        cdef object owner = self.owner, undo = owner._undo, end, start, window, accs
+        cdef list due = state.due, expiry = state.expiry
+        cdef long long lateness = self.lateness
+        if not self.simple:
+            for result in owner.fire_key(key, state, watermark):
+                self.fired.append((position, result))
+            return 0
+        if undo is not None and key not in undo:
+            owner.touch((key,))
+        state.c_epoch = 0  # windows go
+        while due and (<tuple>due[0])[0] <= watermark:
+            end, start = <tuple>_heappop(due)
+            window = (start, end)
+            accs = state.windows[window]
+            self.fired.append((position, _WindowResult(key, start, end,
+                                                       self.values(<list>accs, start, end))))
+            state.fired.add(window)
+            _heappush(expiry, (end + lateness, start, end))
+        while expiry and (<tuple>expiry[0])[0] <= watermark:
+            _, start, end = <tuple>_heappop(expiry)
+            window = (start, end)
+            state.fired.discard(window)
+            del state.windows[window]
+        if (not state.windows and not state.buffer and not state.sessions
+                and not state.arrivals and self.keys.get(key) is state):
+            del self.keys[key]
+        return 0
+
+    cdef dict values(self, list accs, object start, object end):
+        """`owner.values` for count, sum, avg, min and max, in C: a value that is None or
+        not finite is left out."""
+        cdef dict out = {}
+        cdef Py_ssize_t j
+        cdef object acc, value
+        cdef double total
+        for j in range(len(accs)):
+            acc = accs[j]
+            code = self.codes[j]
+            if code == COUNT or code == MIN or code == MAX:
+                value = acc
+            elif code == SUM:
+                value = (<list>acc)[0] + (<list>acc)[1]
+            else:  # AVG
+                value = ((<list>acc)[0] + (<list>acc)[1]) / (<list>acc)[2] if (<list>acc)[2] else None
+            if value is not None and (type(value) is not float or isfinite(
+                    PyFloat_AS_DOUBLE(value))):
+                out[self.names[j]] = value
+        return out
 
     cdef int add(self, object key, object py_t, object args, Py_ssize_t i) except -1:
         cdef long long step, t = py_t, watermark = 0, max_time = 0, start, r
@@ -321,8 +386,7 @@ cdef class _Folder:
             if (due and (<tuple>due[0])[0] <= watermark) or (
                     expiry and (<tuple>expiry[0])[0] <= watermark):
                 state.c_epoch = 0  # firing drops windows
-                for result in self.owner.fire_key(key, state, watermark):
-                    self.fired.append((i, result))
+                self.fire(key, state, watermark, i)
         return 0
 
 
@@ -461,8 +525,7 @@ cdef class _Folder:
                     self._sync(key, state, True, max_time)
                     clock_moved = False
                     state.c_epoch = 0
-                    for result in self.owner.fire_key(key, state, t - self.delay):
-                        self.fired.append((at + i, result))
+                    self.fire(key, state, t - self.delay, at + i)
                     state = None
         if loaded:
             _flush(accs_list, self.codes, m, sums, comps, counts, have, extremes, extreme_objs)
@@ -474,8 +537,7 @@ cdef class _Folder:
         if not moved:
             return 0
         py_t = max_time
-        if key in self.clocks:
-            del self.clocks[key]  # re-inserted: the dict's order is by last advance
+        self.clocks.pop(key, None)  # re-inserted: the dict's order is by last advance
         self.clocks[key] = py_t
         if self.max_time is None or py_t > self.max_time:
             self.max_time = py_t
@@ -655,7 +717,7 @@ cdef bint _fold_grouped(_Folder folder, object part, dict plans, object test, ob
     cdef const double* where_column = NULL
     cdef double bound = 0.0
     cdef list keys = part.keys, groups = [], fired, late
-    cdef object times = part.times, key, group, found, last_key = None
+    cdef object times = part.times, key, group, found
     cdef dict group_of = {}
     cdef Py_ssize_t i, j, g = -1, n = len(keys), m = len(channels), groups_n, fired_from
     cdef Py_ssize_t late_from
@@ -664,6 +726,9 @@ cdef bint _fold_grouped(_Folder folder, object part, dict plans, object test, ob
     cdef Py_ssize_t* counts = NULL
     cdef Py_ssize_t* index = NULL
     cdef list moved = []
+    cdef PyObject* slot_keys[GROUP_SLOTS]
+    cdef Py_ssize_t slot_groups[GROUP_SLOTS]
+    cdef Py_ssize_t slot, distinct = 0
     if not folder.tumbling or m != len(folder.aggs) or m > 32:
         return False
     if type(times) is not array.array or (<array.array>times).ob_descr.typecode != b"q":
@@ -695,21 +760,32 @@ cdef bint _fold_grouped(_Folder folder, object part, dict plans, object test, ob
         free(index)
         raise MemoryError()
     try:
-        # each reading's window key (-1: not this flow's), the keys in order of appearance
+        # each reading's window key (-1: not this flow's), the keys in order of appearance;
+        # a key object's window key found once (a table by identity: the run repeats them)
+        memset(slot_keys, 0, sizeof(slot_keys))
         for i in range(n):
             key = <object>PyList_GET_ITEM(keys, i)
-            if key is not last_key:
-                last_key = key
-                found = plans.get(key)
+            slot = (<size_t><PyObject*>key >> 4) & (GROUP_SLOTS - 1)
+            while slot_keys[slot] != NULL and slot_keys[slot] != <PyObject*>key:
+                slot = (slot + 1) & (GROUP_SLOTS - 1)
+            if slot_keys[slot] != NULL:
+                group_at[i] = slot_groups[slot]
+                continue
+            if distinct >= GROUP_SLOTS // 2:
+                return False  # too many key objects for the table: reading by reading
+            distinct += 1
+            found = plans.get(key)
+            if found is None:
+                g = -1
+            else:
+                group = (<tuple>key)[0] if by_so else ""
+                found = group_of.get(group)
                 if found is None:
-                    g = -1
-                else:
-                    group = (<tuple>key)[0] if by_so else ""
-                    found = group_of.get(group)
-                    if found is None:
-                        found = group_of[group] = len(groups)
-                        groups.append(group)
-                    g = found
+                    found = group_of[group] = len(groups)
+                    groups.append(group)
+                g = found
+            slot_keys[slot] = <PyObject*>key
+            slot_groups[slot] = g
             group_at[i] = g
         groups_n = len(groups)
         if len(folder.clocks) + groups_n > folder.clocks_max:

@@ -39,8 +39,11 @@ class Windowing:
         return out
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class WindowResult:
+    """A window's values as it fired. Treat it as immutable (not a frozen dataclass: one is
+    made per window fired, and a frozen one costs four times as much to make)."""
+
     key: str
     start: int
     end: int
