@@ -26,12 +26,13 @@ _first = itemgetter(0)
 
 class ColumnRun:
     """The readings of one columnar message, all valid: times (ms) and one column per channel,
-    every cell present."""
+    every cell present. The ingest kernel types them (times int64; a number channel's values
+    int64 or double when all of one type, a list otherwise); a list of values reads the same."""
 
     __slots__ = ("columns", "key", "names", "times")
 
     def __init__(
-        self, key: StreamKey, times: Sequence[int], names: list[str], columns: list[Sequence[Any]]
+        self, key: StreamKey, times: Sequence[int], names: list[str], columns: list[Any]
     ) -> None:
         self.key = key
         self.times = times
@@ -85,7 +86,7 @@ class MessageRun:
         keys: list[StreamKey],
         times: Sequence[int],
         names: list[str],
-        columns: list[Sequence[Any]],
+        columns: list[Any],
         distinct: list[StreamKey] | None = None,
     ) -> None:
         self.keys = keys

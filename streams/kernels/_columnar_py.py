@@ -199,7 +199,9 @@ def ingest_rows(
     origins: list[Any] = []
     slow: list[int] = []
     run: MessageRun | None = None  # the part being written, while messages continue it
-    shapes: list[tuple[MessageRun, Any]] = []
+    shapes: list[tuple[MessageRun, list[list[Any]], Any]] = []
+    times: array[int] = array("q")
+    cells: list[list[Any]] = []
     shape: Any = None
     rows: list[Any] | None = None
     for i, message in enumerate(messages):
@@ -237,13 +239,14 @@ def ingest_rows(
                 continue
             if run is None or shape is not route[1]:
                 shape = route[1]
-                run = MessageRun([], array("q"), shape.names, [[] for _ in shape.names])
+                times, cells = array("q"), [[] for _ in shape.names]
+                run = MessageRun([], times, shape.names, cells)
                 parts.append(run)
-                shapes.append((run, shape))
+                shapes.append((run, cells, shape))
                 rows = None
             run.keys.append(route[0])
-            run.times.append(plain[0])
-            for column, v in zip(run.columns, plain[1], strict=True):
+            times.append(plain[0])
+            for column, v in zip(cells, plain[1], strict=True):
                 column.append(v)
             origins.append(message)
             continue
@@ -258,8 +261,8 @@ def ingest_rows(
             run = None
         rows.append((route[0], update))
         origins.append(message)
-    for run, shape in shapes:  # the columns typed as the kernel types them
-        run.columns = [message_column(c, k) for c, k in zip(run.columns, shape.kinds, strict=True)]
+    for run, cells, shape in shapes:  # the columns typed as the kernel types them
+        run.columns = [message_column(c, k) for c, k in zip(cells, shape.kinds, strict=True)]
     return parts, origins, slow
 
 
