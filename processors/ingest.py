@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from array import array
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from streams import (
 )
 from streams.accepted import ColumnRun, Part, Shape, Updates
 from streams.codec import DEFAULT_MAX_PAYLOAD
+from streams.kernels._columnar_py import typed
 from streams.rejections import no_updates
 from streams.updates import StreamValidator
 
@@ -213,8 +215,18 @@ class Ingest:
                 try:
                     columns = validator.valid_columns(doc)
                     if columns is not None and (horizon is None or max(columns[0]) <= horizon):
-                        # a columnar batch, all good: kept as columns, no object per reading
-                        out.accepted = Updates.of_run(ColumnRun(key, *columns))
+                        # a columnar batch, all good (msgpack, or JSON the kernel did not
+                        # read): kept as columns, typed as the kernel types them
+                        times, names, cells = columns
+                        kinds = validator.kinds
+                        out.accepted = Updates.of_run(
+                            ColumnRun(
+                                key,
+                                array("q", times),
+                                names,
+                                [typed(c, kinds[n]) for n, c in zip(names, cells, strict=True)],
+                            )
+                        )
                         out.origins = [message] * len(out.accepted)
                         continue
                     accepted, rejections = validator.document(doc)
