@@ -32,13 +32,22 @@ from processors.actuation import ActuationLog
 from processors.chain import Chain
 from processors.config import RepublishSettings
 from processors.engine.flows import FlowEngine
-from processors.ingest import DeadLetter, Ingest, IngestBatch, internal_error
+from processors.ingest import TOPIC_CACHE, DeadLetter, Ingest, IngestBatch, internal_error
 from processors.metrics import UnitMetrics
 from processors.pipeline import Outputs, Pipeline
 from processors.sink import ResultSink
 from processors.state import StateStore
 from processors.wire import WireClient
-from streams import Codec, Rejection, RejectReason, SensorUpdate, StreamKey, encode_update
+from streams import (
+    Codec,
+    Rejection,
+    RejectReason,
+    SensorUpdate,
+    StreamKey,
+    encode_update,
+    kernels,
+)
+from streams.accepted import Updates
 from streams.actuation import ActuationError, StatusReport
 from streams.codec import encode_batch
 from streams.rejections import dead_letter_record
@@ -92,6 +101,7 @@ class UnitRuntime:
     ) -> None:
         self.ingest = ingest
         self.republish = republish or RepublishSettings()
+        self._echo_topics: dict[StreamKey, str] = {}  # each stream's echo topic, made once
         self.engine = engine
         self.chain = chain  # the processors, in the engine's graph: for their state, teardown
         assert chain is None or engine is not None, "the processors run in an engine's graph"
@@ -420,18 +430,29 @@ class UnitRuntime:
         m.publishes_refused.inc(client.refused_publishes - self._seen[1])
         self._seen = (client.metrics_malformed, client.refused_publishes)
 
-    def _echoes(self, updates: Sequence[tuple[StreamKey, SensorUpdate]]) -> list[tuple[str, bytes]]:
-        """The (topic, body) messages echoing a batch's accepted device updates: one per
-        update, or with `republish.batch` one per stream (a list, ServIoTicy's batch form)."""
+    def _echoes(
+        self, updates: Sequence[tuple[StreamKey, SensorUpdate]], start: int, stop: int
+    ) -> list[tuple[str, bytes]]:
+        """The (topic, body) messages echoing updates `start` to `stop` of a batch's accepted
+        device updates: one per update (encoded from the runs' columns by the kernel, rows
+        not made), or with `republish.batch` one per stream (a list, ServIoTicy's batch
+        form)."""
         if not self.republish.updates:
             return []
         topics = self.ingest.topics
         if not self.republish.batch:
-            return [(topics.updates(k.so, k.stream), encode_update(u)) for k, u in updates]
+            if len(self._echo_topics) > TOPIC_CACHE:
+                self._echo_topics.clear()
+            parts = updates.parts if isinstance(updates, Updates) else [list(updates)]
+            return kernels.echo_updates(parts, start, stop, self._echo_topics,  # type: ignore[no-any-return]
+                                        self._update_topic, encode_update)  # fmt: skip
         by_stream: dict[StreamKey, list[SensorUpdate]] = {}
-        for key, update in updates:
+        for key, update in updates[start:stop]:
             by_stream.setdefault(key, []).append(update)
         return [(topics.updates(k.so, k.stream), encode_batch(us)) for k, us in by_stream.items()]
+
+    def _update_topic(self, key: StreamKey) -> str:
+        return self.ingest.topics.updates(key.so, key.stream)
 
     def _unpublishable(self, topic: str, body: bytes) -> tuple[str, bytes]:
         """The `unpublishable` dead letter (with an excerpt) of an output the client refused:
@@ -469,7 +490,7 @@ class UnitRuntime:
         # A publish made while disconnected is queued and sent after reconnecting.
         # Encoded a window at a time: a batch of 100-reading messages echoes 100,000 updates.
         for i in range(0, len(result.updates), PUBLISH_WINDOW):
-            self._send(self._echoes(result.updates[i : i + PUBLISH_WINDOW]), self.republish.qos)
+            self._send(self._echoes(result.updates, i, i + PUBLISH_WINDOW), self.republish.qos)
         for i in range(0, len(result.derived), PUBLISH_WINDOW):
             derived = result.derived[i : i + PUBLISH_WINDOW]
             self._send([(topics.updates(k.so, k.stream), encode_update(u)) for k, u in derived])

@@ -435,3 +435,74 @@ def test_the_kernels_key_state_behaves_as_its_twin() -> None:
         assert not state.idle()
         twin = Twin(state.windows, state.fired, 0, [], 0, [], [(20, 10)], [])
         assert state == twin and twin == state
+
+
+_finite = st.floats(allow_nan=False, allow_infinity=False)
+_echo_values = {
+    "number": st.one_of(st.floats(allow_nan=False, allow_infinity=False),
+                        st.integers(-(2**63), 2**63 - 1)),
+    "string": st.text(st.characters(exclude_categories=("Cs",)), max_size=6),
+    "boolean": st.booleans(),
+}  # fmt: skip
+
+
+@st.composite
+def echo_parts(draw: Any) -> list[Any]:
+    """Parts as the ingest kernel makes them (message runs and column runs, typed or lists,
+    channels missing in message runs) and lists of rows, with any value a channel may hold."""
+    from array import array
+
+    from streams import StreamKey
+    from streams.accepted import ColumnRun, MessageRun
+
+    kinds = draw(st.lists(st.sampled_from(["number", "string", "boolean"]), min_size=1,
+                          max_size=3))  # fmt: skip
+    names = draw(st.lists(st.text(max_size=4), min_size=len(kinds), max_size=len(kinds),
+                          unique=True))  # fmt: skip
+    keys = [StreamKey("s1", "data"), StreamKey("s-2", "x y")]
+    parts: list[Any] = []
+    for _ in range(draw(st.integers(1, 4))):
+        n = draw(st.integers(1, 5))
+        times = [draw(st.integers(T0 - 10, T0 + 10)) for _ in range(n)]
+        form = draw(st.sampled_from(["messages", "columns", "rows"]))
+        columns: list[Any] = []
+        for kind in kinds:
+            floats = kind == "number" and draw(st.booleans())
+            value = _finite if floats else _echo_values[kind]
+            if form == "messages":
+                cells = [draw(st.one_of(st.none(), value)) for _ in range(n)]
+                if floats:
+                    cells = array("d", [float("nan") if c is None else c for c in cells])
+            else:
+                ints = kind == "number" and not floats and draw(st.booleans())
+                if ints:
+                    value = st.integers(-(2**63), 2**63 - 1)
+                cells = [draw(value) for _ in range(n)]
+                if floats or ints:
+                    cells = array("d" if floats else "q", cells)
+            columns.append(cells)
+        if form == "messages":
+            run_keys = [draw(st.sampled_from(keys)) for _ in range(n)]
+            parts.append(MessageRun(run_keys, array("q", times), names, columns))
+        elif form == "columns":
+            parts.append(ColumnRun(keys[0], array("q", times), names, columns))
+        else:
+            parts.append(ColumnRun(keys[1], times, names, columns).rows())
+    return parts
+
+
+@settings(max_examples=600, deadline=None)
+@given(echo_parts(), st.integers(0, 12), st.integers(0, 12))
+def test_the_echo_kernel_writes_what_orjson_writes(parts: list[Any], start: int, n: int) -> None:
+    """The compiled echo writes a run's updates from its columns: byte for byte what
+    `encode_update` (orjson) makes of each row, topics included, for any value."""
+    from streams import encode_update
+
+    def topic_of(key: Any) -> str:
+        return f"{key.so}/streams/{key.stream}/updates"
+
+    args = (parts, start, start + n)
+    compiled = kernels.echo_updates(*args, {}, topic_of, encode_update)
+    twin = _columnar_py.echo_updates(*args, {}, topic_of, encode_update)
+    assert compiled == twin
+    assert len(compiled) == max(0, min(start + n, sum(map(len, parts))) - start)

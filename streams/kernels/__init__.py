@@ -6,9 +6,9 @@ Each kernel has one signature and two implementations: `_<name>.pyx` (Cython, bu
 import says so loudly (a warning on every start, and `COMPILED` is False), and
 `CLOUDLET_REQUIRE_EXTENSIONS=1` turns that into an error (the test command sets it).
 
-- columnar: readings into sensor updates: columnar batches column by column, single-update
-  documents a batch of messages at a time, and whole device messages of the plain shape
-  (topic, content type, size, decoding, values) in one call per batch;
+- columnar: device messages read a batch at a time (topic, content type, size, decoding,
+  values) into message runs and column runs of typed columns, decoded documents validated
+  column by column, and the echo of accepted updates encoded from the runs' columns;
 - frames: MQTT v5 packets cut from the broker's bytes, and PUBLISH/PUBACK packets built in bulk;
 - windows: a batch of updates folded into a tumbling or hopping window operator, and the
   inputs of simple flows (`where: t > 5`, `avg(t)`) read from a batch without expressions;
@@ -55,6 +55,7 @@ columnar_updates = columnar.columnar_updates
 columnar_fits = columnar.columnar_fits
 row_updates = columnar.row_updates
 ingest_rows = columnar.ingest_rows
+echo_updates = columnar.echo_updates
 split_frames = frames.split_frames
 publish_frames = frames.publish_frames
 puback_frames = frames.puback_frames
@@ -74,6 +75,7 @@ __all__ = [
     "column_inputs",
     "columnar_fits",
     "columnar_updates",
+    "echo_updates",
     "fold_parts",
     "fold_windows",
     "ingest_rows",

@@ -8,9 +8,11 @@ from cpython.object cimport Py_SIZE
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from cpython.float cimport PyFloat_AS_DOUBLE
 from libc.math cimport NAN, isfinite
-from libc.stdlib cimport strtod
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.stdio cimport snprintf
+from libc.stdlib cimport atoi, free, realloc, strtod
 from cpython.ref cimport PyObject
-from libc.string cimport memcmp, memcpy, memset
+from libc.string cimport memcmp, memcpy, memset, strlen
 
 cdef int NUMBER = 0, STRING = 1, BOOLEAN = 2
 cdef enum:
@@ -453,7 +455,7 @@ cdef inline int _cell(list columns, Py_ssize_t j, list row, Reading* reading) ex
     cdef array.array typed
     cdef list cells
     cdef Py_ssize_t k, size
-    cdef double x
+    cdef double x = 0.0
     cdef char state = reading.state[j]
     if type(column) is list:
         (<list>column).append(None if state == 0 else row[j] if state == 1 else
@@ -788,3 +790,242 @@ cdef Py_ssize_t _channels(const char* p, Py_ssize_t i, Py_ssize_t n, list encode
         if i < n and p[i] == 125:
             return i + 1
         return -1
+
+
+# The echo: accepted updates encoded as ServIoTicy update documents, byte for byte what
+# `streams.codec.encode_update` (orjson) makes of each row, without making the row.
+
+cdef extern from "Python.h":
+    char* PyOS_double_to_string(double val, char format_code, int precision, int flags,
+                                int* ptype) except NULL
+    int Py_DTSF_ADD_DOT_0
+    const char* PyUnicode_AsUTF8AndSize(object unicode, Py_ssize_t* size) except NULL
+    void PyMem_Free(void* p)
+
+
+cdef struct Text:
+    char* data
+    Py_ssize_t size
+    Py_ssize_t room
+
+
+cdef int _grow(Text* out, Py_ssize_t more) except -1:
+    cdef Py_ssize_t room = out.room * 2 if out.room else 256
+    cdef char* data
+    while room < out.size + more:
+        room *= 2
+    data = <char*>realloc(out.data, room)
+    if data == NULL:
+        raise MemoryError()
+    out.data, out.room = data, room
+    return 0
+
+
+cdef inline int _put(Text* out, const char* text, Py_ssize_t n) except -1:
+    if out.size + n > out.room:
+        _grow(out, n)
+    memcpy(out.data + out.size, text, n)
+    out.size += n
+    return 0
+
+
+cdef int _put_double(Text* out, double x) except -1:
+    """x as orjson writes it: Python's shortest repr, but a negative exponent without zero
+    padding (1e-07: 1e-7), and 1e-05 to 9.99e-05 written out (0.00001)."""
+    cdef char* text = PyOS_double_to_string(x, b"r", 0, Py_DTSF_ADD_DOT_0, NULL)
+    cdef Py_ssize_t n = strlen(text), e = -1, k, digits_end
+    cdef int exponent
+    try:
+        for k in range(n):
+            if text[k] == 101:  # e
+                e = k
+                break
+        if e < 0 or text[e + 1] == 43:  # no exponent, or a positive one: as it is
+            _put(out, text, n)
+            return 0
+        exponent = atoi(text + e + 1)  # negative
+        if exponent == -5:  # 0.0000 then the digits
+            k = 0
+            if text[0] == 45:
+                _put(out, b"-", 1)
+                k = 1
+            _put(out, b"0.0000", 6)
+            while k < e:
+                if text[k] != 46:
+                    _put(out, text + k, 1)
+                k += 1
+            return 0
+        _put(out, text, e + 2)  # the mantissa, "e-"
+        k = e + 2
+        while k < n - 1 and text[k] == 48:  # the exponent's leading zeros
+            k += 1
+        _put(out, text + k, n - k)
+    finally:
+        PyMem_Free(text)
+    return 0
+
+
+cdef char* _HEX = b"0123456789abcdef"
+
+
+cdef int _put_string(Text* out, object value) except -1:
+    """A JSON string as orjson writes it: quotes, backslash and control characters escaped
+    (\\b \\t \\n \\f \\r, else \\u00xx), everything else as UTF-8."""
+    cdef Py_ssize_t n, k, start = 0
+    cdef const char* text = PyUnicode_AsUTF8AndSize(value, &n)
+    cdef unsigned char c
+    cdef char[6] escape
+    _put(out, b'"', 1)
+    for k in range(n):
+        c = <unsigned char>text[k]
+        if c >= 32 and c != 34 and c != 92:
+            continue
+        _put(out, text + start, k - start)
+        start = k + 1
+        if c == 34:
+            _put(out, b'\\"', 2)
+        elif c == 92:
+            _put(out, b"\\\\", 2)
+        elif c == 8:
+            _put(out, b"\\b", 2)
+        elif c == 9:
+            _put(out, b"\\t", 2)
+        elif c == 10:
+            _put(out, b"\\n", 2)
+        elif c == 12:
+            _put(out, b"\\f", 2)
+        elif c == 13:
+            _put(out, b"\\r", 2)
+        else:
+            escape[0], escape[1], escape[2], escape[3] = 92, 117, 48, 48
+            escape[4], escape[5] = _HEX[c >> 4], _HEX[c & 15]
+            _put(out, escape, 6)
+    _put(out, text + start, n - start)
+    _put(out, b'"', 1)
+    return 0
+
+
+cdef int _put_value(Text* out, object v) except -1:
+    cdef bytes digits
+    if type(v) is float:
+        _put_double(out, PyFloat_AS_DOUBLE(v))
+    elif type(v) is bool:
+        if v:
+            _put(out, b"true", 4)
+        else:
+            _put(out, b"false", 5)
+    elif type(v) is int:
+        digits = str(v).encode()
+        _put(out, PyBytes_AS_STRING(digits), PyBytes_GET_SIZE(digits))
+    elif type(v) is str:
+        _put_string(out, v)
+    else:
+        raise TypeError(f"no echo for a value of type {type(v).__name__}")
+    return 0
+
+
+cdef int _put_long(Text* out, long long v) except -1:
+    cdef char[24] digits
+    cdef int n = snprintf(digits, 24, "%lld", v)
+    _put(out, digits, n)
+    return 0
+
+
+def echo_updates(list parts, Py_ssize_t start, Py_ssize_t stop, dict topics, object topic_of,
+                 object encode_row):
+    """The (topic, body) echo of rows `start` to `stop` of `parts` (`streams.accepted`
+    parts): the body of each `encode_row(update)` (`streams.codec.encode_update`), written
+    from a run's columns without making its rows; `topics` caches `topic_of(key)`."""
+    cdef list out = [], names, columns, keys = None, part_names
+    cdef Py_ssize_t at = 0, n, i, j, m, low, high
+    cdef object part, key, topic, column, v, times
+    cdef Text text
+    cdef double x = 0.0
+    cdef bint message_run, first
+    cdef list encoded_names
+    cdef bytes name
+    global _MessageRun
+    if _MessageRun is None:
+        from streams.accepted import MessageRun
+        _MessageRun = MessageRun
+    text.data, text.size, text.room = NULL, 0, 0
+    try:
+        for part in parts:
+            n = len(part)
+            low, high = max(start - at, 0), min(stop - at, n)
+            at += n
+            if low >= high:
+                continue
+            if type(part) is list:
+                for i in range(low, high):
+                    key, v = (<list>part)[i]
+                    topic = topics.get(key)
+                    if topic is None:
+                        topic = topics[key] = topic_of(key)
+                    out.append((topic, encode_row(v)))
+                continue
+            message_run = type(part) is _MessageRun
+            if message_run:
+                keys = part.keys
+            else:
+                key = part.key
+                topic = topics.get(key)
+                if topic is None:
+                    topic = topics[key] = topic_of(key)
+            times = part.times
+            columns = part.columns
+            m = len(columns)
+            encoded_names = []
+            for j in range(m):
+                encoded_names.append(b'"' + _json_name(part.names[j]) + b'":{"current-value":')
+            for i in range(low, high):
+                if message_run:
+                    key = keys[i]
+                    topic = topics.get(key)
+                    if topic is None:
+                        topic = topics[key] = topic_of(key)
+                text.size = 0
+                _put(&text, b'{"channels":{', 13)
+                first = True
+                for j in range(m):
+                    column = columns[j]
+                    if type(column) is array.array:
+                        if (<array.array>column).ob_descr.typecode == b"d":
+                            x = (<array.array>column).data.as_doubles[i]
+                            if x != x:  # NaN: the message lacks it
+                                continue
+                            v = None
+                        else:
+                            v = column[i]
+                    else:
+                        v = column[i]
+                        if v is None:
+                            continue
+                    if not first:
+                        _put(&text, b",", 1)
+                    first = False
+                    name = <bytes>encoded_names[j]
+                    _put(&text, PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name))
+                    if v is None:
+                        _put_double(&text, x)
+                    else:
+                        _put_value(&text, v)
+                    _put(&text, b"}", 1)
+                _put(&text, b'},"lastUpdate":', 15)
+                _put_long(&text, times[i])
+                _put(&text, b"}", 1)
+                out.append((topic, PyBytes_FromStringAndSize(text.data, text.size)))
+    finally:
+        free(text.data)
+    return out
+
+
+cdef bytes _json_name(str name):
+    """A channel name as orjson writes a key, without its quotes."""
+    cdef Text text
+    text.data, text.size, text.room = NULL, 0, 0
+    try:
+        _put_string(&text, name)
+        return PyBytes_FromStringAndSize(text.data + 1, text.size - 2)
+    finally:
+        free(text.data)

@@ -272,3 +272,30 @@ def message_column(cells: list[Any], kind: int) -> Sequence[Any]:
     if kind == NUMBER and all(v is None or type(v) is float for v in cells):
         return array("d", [math.nan if v is None else v for v in cells])
     return cells
+
+
+def echo_updates(
+    parts: Sequence[Any],
+    start: int,
+    stop: int,
+    topics: dict[Any, str],
+    topic_of: Callable[[Any], str],
+    encode_row: Callable[[Any], bytes],
+) -> list[tuple[str, bytes]]:
+    """The (topic, body) echo of rows `start` to `stop` of `parts` (`streams.accepted` parts:
+    lists of rows, column and message runs), each body `encode_row(update)`
+    (`streams.codec.encode_update`); `topics` caches `topic_of(key)`. The compiled kernel
+    writes a run's bodies from its columns, byte for byte the same, without making its rows."""
+    out: list[tuple[str, bytes]] = []
+    at = 0
+    for part in parts:
+        n = len(part)
+        low, high = max(start - at, 0), min(stop - at, n)
+        at += n
+        for i in range(low, high):
+            key, update = part[i] if type(part) is list else part.row(i)
+            topic = topics.get(key)
+            if topic is None:
+                topic = topics[key] = topic_of(key)
+            out.append((topic, encode_row(update)))
+    return out
