@@ -49,7 +49,6 @@ from streams import (
 )
 from streams.accepted import Updates
 from streams.actuation import ActuationError, StatusReport
-from streams.codec import encode_batch
 from streams.rejections import dead_letter_record
 from streams.transport.mqtt import MqttSettings
 
@@ -439,17 +438,20 @@ class UnitRuntime:
         form)."""
         if not self.republish.updates:
             return []
-        topics = self.ingest.topics
+        if len(self._echo_topics) > TOPIC_CACHE:
+            self._echo_topics.clear()
+        parts = updates.parts if isinstance(updates, Updates) else [list(updates)]
+        echoes: list[tuple[str, bytes]] = kernels.echo_updates(
+            parts, start, stop, self._echo_topics, self._update_topic, encode_update
+        )
         if not self.republish.batch:
-            if len(self._echo_topics) > TOPIC_CACHE:
-                self._echo_topics.clear()
-            parts = updates.parts if isinstance(updates, Updates) else [list(updates)]
-            return kernels.echo_updates(parts, start, stop, self._echo_topics,  # type: ignore[no-any-return]
-                                        self._update_topic, encode_update)  # fmt: skip
-        by_stream: dict[StreamKey, list[SensorUpdate]] = {}
-        for key, update in updates[start:stop]:
-            by_stream.setdefault(key, []).append(update)
-        return [(topics.updates(k.so, k.stream), encode_batch(us)) for k, us in by_stream.items()]
+            return echoes
+        # one list per stream (a topic is one stream's), in the order the streams came:
+        # byte for byte `encode_batch` of the stream's updates
+        by_topic: dict[str, list[bytes]] = {}
+        for topic, body in echoes:
+            by_topic.setdefault(topic, []).append(body)
+        return [(topic, b"[" + b",".join(bodies) + b"]") for topic, bodies in by_topic.items()]
 
     def _update_topic(self, key: StreamKey) -> str:
         return self.ingest.topics.updates(key.so, key.stream)

@@ -105,9 +105,9 @@ class MessageRun:
         return self.keys[i], SensorUpdate(channels, self.times[i])
 
     def rows(self) -> list[Row]:
-        if len(self.names) == 1:  # the common case: one channel (present: one at least is)
+        if len(self.names) == 1:  # the common case: one channel
             name, values = self.names[0], zip(self.times, self.columns[0], strict=True)
-            return [(k, SensorUpdate({name: v}, t))
+            return [(k, SensorUpdate({name: v} if v is not None and v == v else {}, t))
                     for k, (t, v) in zip(self.keys, values, strict=True)]  # fmt: skip
         return [self.row(i) for i in range(len(self.times))]
 

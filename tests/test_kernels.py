@@ -506,3 +506,10 @@ def test_the_echo_kernel_writes_what_orjson_writes(parts: list[Any], start: int,
     twin = _columnar_py.echo_updates(*args, {}, topic_of, encode_update)
     assert compiled == twin
     assert len(compiled) == max(0, min(start + n, sum(map(len, parts))) - start)
+    # the batched echo joins a stream's bodies into a list: that is `encode_batch` of them
+    from streams.codec import encode_batch
+
+    rows = _rows_of(parts)[start : start + n]
+    for key in {k for k, _ in rows}:
+        ours = [body for (k, _), (_, body) in zip(rows, compiled, strict=True) if k == key]
+        assert b"[" + b",".join(ours) + b"]" == encode_batch([u for k, u in rows if k == key])
