@@ -40,13 +40,14 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
-
-import paho.mqtt.client as mqtt
 
 from streams.topics import TopicScheme
 from streams.transport.mqtt import MqttSettings, connect, make_client, refused, refused_because
+
+if TYPE_CHECKING:  # paho (and ssl with it) loads where a client is made
+    import paho.mqtt.client as mqtt
 
 CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
 ADMIN_ROLE = "cloudlet-admin"

@@ -3,12 +3,14 @@ cuts and builds the bulk ones: PUBLISH and PUBACK)."""
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from streams.kernels._frames_py import encode_varint
 from streams.transport.mqtt import MqttSettings
+
+if TYPE_CHECKING:
+    import ssl
 
 MQTT_MAX_PACKET = 268_435_455 + 5  # the largest remaining length a varint holds, + header
 
@@ -103,6 +105,8 @@ def publish_packet_id(frame: bytes) -> int:
 
 
 def tls_context(settings: MqttSettings) -> ssl.SSLContext:
+    import ssl  # loaded only where a connection uses TLS (4.6 MB)
+
     ca = str(settings.tls_ca) if settings.tls_ca else None
     context = ssl.create_default_context(cafile=ca)
     if settings.tls_cert is not None and settings.tls_key is not None:

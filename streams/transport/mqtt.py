@@ -4,16 +4,15 @@ they describe (paho-mqtt v2 callbacks, MQTT v5, reconnect with backoff)."""
 from __future__ import annotations
 
 import random
-import ssl
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+if TYPE_CHECKING:  # paho (and ssl with it: 8 MB) is loaded by what makes a paho client only
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.properties import Properties
 
 _PUBLISH_PROPERTIES: dict[str, Properties] = {}
 INSTANCE = "{instance}"
@@ -165,6 +164,11 @@ def refusal(code: int, settings: MqttSettings, client_id: str) -> str:
 
 def make_client(settings: MqttSettings, client_id: str) -> mqtt.Client:
     """A paho client for the broker of `settings`, not yet connected."""
+    import ssl
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
     if settings.username is not None:
         password = settings.password.get_secret_value() if settings.password else None
@@ -195,6 +199,9 @@ def connect(client: mqtt.Client, settings: MqttSettings, *, persistent: bool) ->
     `persistent` keeps the session, and the QoS 1 messages queued for it, on the broker across
     disconnects for `session_expiry` seconds.
     """
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
     properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     properties.SessionExpiryInterval = settings.session_expiry if persistent else 0
     properties.ReceiveMaximum = settings.receive_maximum
@@ -211,6 +218,9 @@ def content_type_properties(content_type: str) -> Properties:
     """PUBLISH properties carrying a content type (cached: they are immutable in practice)."""
     cached = _PUBLISH_PROPERTIES.get(content_type)
     if cached is None:
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
         cached = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         cached.ContentType = content_type
         _PUBLISH_PROPERTIES[content_type] = cached
