@@ -8,6 +8,7 @@ dropped, and every outcome is counted.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from array import array
@@ -16,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import msgpack
 import orjson
 
 from streams import (
@@ -37,6 +39,7 @@ from streams.rejections import no_updates
 from streams.updates import StreamValidator
 
 TOPIC_CACHE = 100_000  # device topics whose parse is kept
+_unpack = functools.partial(msgpack.unpackb, raw=False, strict_map_key=True)  # as decode()
 DEFAULT_MAX_FUTURE_MS = 5 * 60_000
 """How far ahead of the unit's clock an update may be dated before it is refused."""
 log = logging.getLogger(__name__)
@@ -127,10 +130,11 @@ class Ingest:
         self._overflow: dict[tuple[int, RejectReason], tuple[Incoming, list[Any]]] = {}
 
     def batch(self, messages: Sequence[Incoming]) -> IngestBatch:
-        """Decode and validate a batch. Messages of known streams whose body is one update in
-        the plain JSON shape go through one compiled call (`kernels.ingest_rows`); anything
-        else (a list, the columnar form, msgpack, a unit, a bad value, an unknown topic)
-        through the validator, which words the rejections. Accepted updates keep the
+        """Decode and validate a batch. Messages of known streams whose body holds good updates
+        (JSON or msgpack; one update, a list of them, or the columnar form) go through one
+        compiled call (`kernels.ingest_rows`) into runs of typed columns; anything else (a
+        bad value, a unit, seconds, an unknown topic) through the validator, which words the
+        rejections. Accepted updates keep the
         messages' order.
 
         Whatever a message holds, it ends as updates or dead letters: an unexpected exception
@@ -140,18 +144,19 @@ class Ingest:
         )
         self._letters_of, self._overflow = {}, {}
         try:
-            parts, origins, slow = kernels.ingest_rows(
-                messages, self._routes, self.max_payload, horizon, SensorUpdate, orjson.loads
-            )
+            parts, origins, slow, starts = kernels.ingest_rows(
+                messages, self._routes, self.max_payload, horizon, SensorUpdate, orjson.loads,
+                _unpack,
+            )  # fmt: skip
         except Exception:  # the slow path below words every message on its own
             log.exception("ingest kernel failed on a batch; validating its messages one by one")
-            parts, origins, slow = [], [], list(range(len(messages)))
+            parts, origins, slow, starts = [], [], list(range(len(messages))), []
         if not slow:
             out = IngestBatch(Updates(), origins)
             for part in parts:
                 out.accepted.add_part(part)
         else:
-            out = self._merge(messages, parts, origins, slow,
+            out = self._merge(parts, starts, origins, slow,
                               self._slow([messages[i] for i in slow], horizon))  # fmt: skip
         out.dead_letters += self.summaries()
         self.counts.accepted += len(out.accepted)
@@ -160,33 +165,37 @@ class Ingest:
 
     def _merge(
         self,
-        messages: Sequence[Incoming],
         parts: list[Part],
+        starts: list[int],
         origins: list[Incoming],
         slow: list[int],
         slowly: list[IngestBatch],
     ) -> IngestBatch:
-        """The fast and the slow results, in the messages' order (no part of the fast spans
-        a slow message)."""
+        """The fast and the slow results, in the messages' order: each part (whose first
+        message is `starts[k]`; none spans a slow message) after the slow messages before
+        it."""
         out = IngestBatch()
-        by_index = dict(zip(slow, slowly, strict=True))
-        taken = iter(parts)
-        i = at = 0
-        while i < len(messages):
-            one = by_index.get(i)
-            if one is None:
-                part = next(taken)
-                n = len(part)
-                out.accepted.add_part(part)
-                out.origins += origins[at : at + n]
-                at += n
-                i += n
-            else:
-                out.accepted += one.accepted
-                out.origins += one.origins
-                out.dead_letters += one.dead_letters
-                i += 1
+        waiting = iter(zip(slow, slowly, strict=True))
+        pending = next(waiting, None)
+        at = 0
+        for part, start in zip(parts, starts, strict=True):
+            while pending is not None and pending[0] < start:
+                self._splice(out, pending[1])
+                pending = next(waiting, None)
+            n = len(part)
+            out.accepted.add_part(part)
+            out.origins += origins[at : at + n]
+            at += n
+        while pending is not None:
+            self._splice(out, pending[1])
+            pending = next(waiting, None)
         return out
+
+    @staticmethod
+    def _splice(out: IngestBatch, one: IngestBatch) -> None:
+        out.accepted += one.accepted
+        out.origins += one.origins
+        out.dead_letters += one.dead_letters
 
     def _slow(self, messages: list[Incoming], horizon: int | None) -> list[IngestBatch]:
         """Each message the validator's way: its updates and its dead letters."""

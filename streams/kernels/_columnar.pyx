@@ -166,6 +166,22 @@ cdef long long _plain(object doc, object shape, list row, Reading* reading) exce
     return t
 
 
+cdef bint _plain_list(list docs, object shape, list row, Reading* reading, Py_ssize_t m,
+                      bint has_horizon, long long limit) except -1:
+    """Whether every update of a list is in the plain shape (`_plain`), none from the
+    future: then the list is a message run's rows; else the validator reads it."""
+    cdef object doc
+    cdef long long t
+    if not docs or m > WIDEST:
+        return False
+    for doc in docs:
+        t = _plain(doc, shape, row, reading)
+        _clear(row, reading, m)
+        if t == 0 or (has_horizon and t > limit):
+            return False
+    return True
+
+
 cdef inline void _clear(list row, Reading* reading, Py_ssize_t m) except *:
     """The values of the message read so far dropped: the row and the reading empty again."""
     cdef Py_ssize_t j
@@ -175,17 +191,66 @@ cdef inline void _clear(list row, Reading* reading, Py_ssize_t m) except *:
         reading.state[j] = 0
 
 
+cdef class _Run:
+    """The message run being written: its columns, and its key objects counted by identity."""
+    cdef object part  # the MessageRun
+    cdef list keys, columns, distinct
+    cdef array.array times
+    cdef PyObject* seen[DISTINCT_SLOTS]
+
+    def __cinit__(self, object shape, list kinds, Py_ssize_t m):
+        self.keys, self.times = [], array.clone(_LONGS, 0, False)
+        self.columns = [array.clone(_DOUBLES, 0, False) if kinds[j] == NUMBER else []
+                        for j in range(m)]
+        self.distinct = []
+        self.part = _MessageRun(self.keys, self.times, shape.names, self.columns, self.distinct)
+        memset(self.seen, 0, sizeof(self.seen))
+
+    cdef int add(self, object key, long long t, list row, Reading* reading,
+                 Py_ssize_t m) except -1:
+        """One message's reading (then cleared)."""
+        cdef Py_ssize_t j
+        self.keys.append(key)
+        if self.distinct is not None and not _seen(self.seen, <PyObject*>key):
+            if len(self.distinct) >= DISTINCT_MAX:  # too many to count this way
+                self.part.distinct = self.distinct = None
+            else:
+                self.distinct.append(key)
+        _push_long(self.times, t)
+        for j in range(m):
+            _cell(self.columns, j, row, reading)
+        _clear(row, reading, m)
+        return 0
+
+
+cdef inline int _codec(object content_type, object payload, Py_ssize_t size) except -2:
+    """0 for a JSON body the kernel reads (an object or a list), 1 for msgpack (a map or an
+    array), -1 for anything else (the slow path detects and words it)."""
+    cdef unsigned char first = payload[0]
+    if content_type is None:
+        if first == 0x7B or first == 0x5B:
+            return 0
+        if 0x80 <= first <= 0x9F or 0xDC <= first <= 0xDF:
+            return 1
+        return -1
+    if content_type == "application/json":
+        return 0 if first == 0x7B or first == 0x5B else -1
+    if content_type == "application/msgpack":
+        return 1
+    return -1
+
+
 def ingest_rows(object messages, dict routes, Py_ssize_t max_bytes, object horizon,
-                object make, object loads):
+                object make, object loads, object unpack=None):
     global _MessageRun
-    cdef list parts = [], origins = [], slow = []
-    cdef list rows = None, row = None, run_keys = None, columns = None
-    cdef array.array run_times = None
-    cdef list encoded = None, kinds = None, distinct = None
-    cdef PyObject* seen[DISTINCT_SLOTS]  # the key objects of the run: a set by identity
+    cdef list parts = [], origins = [], slow = [], starts = []
+    cdef list rows = None, row = None
+    cdef list encoded = None, kinds = None
+    cdef _Run current = None
     cdef Reading reading
     cdef long long t
-    cdef object key
+    cdef int codec
+    cdef bint text
     cdef Py_ssize_t i = 0, j, m = 0, size
     cdef object message, route, content_type, payload, doc, update, shape = None, run = None
     cdef bint has_horizon = horizon is not None
@@ -203,9 +268,9 @@ def ingest_rows(object messages, dict routes, Py_ssize_t max_bytes, object horiz
         content_type = message.content_type
         payload = message.payload
         size = len(payload) if route is not None else 0
-        if (route is None
-                or (content_type is not None and content_type != "application/json")
-                or size == 0 or size > max_bytes or payload[0] != 0x7B):
+        codec = -1 if route is None or size == 0 or size > max_bytes else _codec(
+            content_type, payload, size)
+        if codec < 0 or (codec == 1 and unpack is None):
             slow.append(i)
             i += 1
             run = rows = None
@@ -217,27 +282,45 @@ def ingest_rows(object messages, dict routes, Py_ssize_t max_bytes, object horiz
             row = [None] * m
             run = None
         t = 0
-        if type(payload) is bytes and m <= WIDEST:
+        text = codec == 0 and type(payload) is bytes and payload[0] == 0x7B
+        if text and m <= WIDEST:
             try:
                 t = _scan(<bytes>payload, encoded, kinds, row, &reading)
             except UnicodeDecodeError:
                 t = 0
         doc = None
-        if t == 0:  # not the plain shape as we read it: the columnar form, or orjson's way
+        if t == 0:  # not the plain shape as we read it: the columnar form, or decoded
             _clear(row, &reading, m)
             columnar = None
-            if type(payload) is bytes:
+            if text:
                 try:
                     columnar = _scan_columns(<bytes>payload, encoded, kinds, shape.names, &latest)
                 except UnicodeDecodeError:
                     columnar = None
             if columnar is None:
                 try:
-                    doc = loads(payload)
+                    doc = loads(payload) if codec == 0 else unpack(payload)
                 except Exception:
                     slow.append(i)
                     i += 1
                     run = rows = None
+                    continue
+                if type(doc) is list:  # a list of updates: each in the plain shape, or slow
+                    if not _plain_list(<list>doc, shape, row, &reading, m, has_horizon, limit):
+                        slow.append(i)
+                        run = rows = None
+                    else:
+                        if run is None:
+                            current = _Run(shape, kinds, m)
+                            run = current.part
+                            parts.append(run)
+                            starts.append(i)
+                            rows = None
+                        for doc in <list>doc:
+                            t = _plain(doc, shape, row, &reading)
+                            current.add((<tuple>route)[0], t, row, &reading, m)
+                            origins.append(message)
+                    i += 1
                     continue
                 if m <= WIDEST:
                     t = _plain(doc, shape, row, &reading)
@@ -251,6 +334,7 @@ def ingest_rows(object messages, dict routes, Py_ssize_t max_bytes, object horiz
                     slow.append(i)
                 else:  # a columnar message: a column run of its own
                     parts.append(_ColumnRun((<tuple>route)[0], *columnar))
+                    starts.append(i)
                     origins.extend([message] * len((<tuple>columnar)[0]))
                 i += 1
                 run = rows = None
@@ -262,25 +346,12 @@ def ingest_rows(object messages, dict routes, Py_ssize_t max_bytes, object horiz
                 _clear(row, &reading, m)
             else:
                 if run is None:
-                    run_keys, run_times = [], array.clone(_LONGS, 0, False)
-                    columns = [array.clone(_DOUBLES, 0, False) if kinds[j] == NUMBER else []
-                               for j in range(m)]
-                    distinct = []
-                    run = _MessageRun(run_keys, run_times, shape.names, columns, distinct)
+                    current = _Run(shape, kinds, m)
+                    run = current.part
                     parts.append(run)
+                    starts.append(i)
                     rows = None
-                    memset(seen, 0, sizeof(seen))
-                key = (<tuple>route)[0]
-                run_keys.append(key)
-                if distinct is not None and not _seen(seen, <PyObject*>key):
-                    if len(distinct) >= DISTINCT_MAX:  # too many to count this way
-                        run.distinct = distinct = None
-                    else:
-                        distinct.append(key)
-                _push_long(run_times, t)
-                for j in range(m):
-                    _cell(columns, j, row, &reading)
-                _clear(row, &reading, m)
+                current.add((<tuple>route)[0], t, row, &reading, m)
                 origins.append(message)
             i += 1
             continue
@@ -295,11 +366,12 @@ def ingest_rows(object messages, dict routes, Py_ssize_t max_bytes, object horiz
         if rows is None:
             rows = []
             parts.append(rows)
+            starts.append(i)
             run = None
         rows.append(((<tuple>route)[0], update))
         origins.append(message)
         i += 1
-    return parts, origins, slow
+    return parts, origins, slow, starts
 
 
 # A reader of the plain single-update JSON shape straight from the bytes: one dict per message

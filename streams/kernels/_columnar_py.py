@@ -180,24 +180,28 @@ def ingest_rows(
     horizon: int | None,
     make: Callable[[dict[str, Any], int], Any],
     loads: Callable[[bytes], Any],
-) -> tuple[list[Any], list[Any], list[int]]:
+    unpack: Callable[[bytes], Any] | None = None,
+) -> tuple[list[Any], list[Any], list[int], list[int]]:
     """A batch of device messages in one call: those whose topic has a route (`routes`: topic
-    -> (its StreamKey, its stream's `streams.accepted.Shape`)), a JSON body (no content type,
-    or exactly application/json) of at most `max_bytes` that is an object, and hold one update
-    in the plain shape with good values no later than `horizon`, are accepted, with the
-    message of each in `origins`; the index of every other message goes to `slow`, for the
+    -> (its StreamKey, its stream's `streams.accepted.Shape`)) and a body of at most
+    `max_bytes` that is a JSON object or list (no content type, or exactly application/json:
+    `loads`) or a msgpack map or array (no content type, or exactly application/msgpack:
+    `unpack`), and hold updates in the plain shape with good values no later than `horizon`
+    (one, a list of them) or a columnar batch of good readings, are accepted, with the message
+    of each update in `origins`; the index of every other message goes to `slow`, for the
     caller's slow path (which words any rejection).
 
     The accepted come as parts (`parts`, in the messages' order, none spanning a slow
-    message): `MessageRun`s of consecutive messages of one shape whose channels come in the
+    message): `MessageRun`s of consecutive updates of one shape whose channels come in the
     shape's order, read into columns without an update object each, a `ColumnRun` per
     message in the columnar form whose every reading is good (`columns_of`), and lists of
-    (key, update) rows for the others."""
+    (key, update) rows for the others; `starts` has the index of each part's first message."""
     from streams.accepted import ColumnRun, MessageRun
 
     parts: list[Any] = []
     origins: list[Any] = []
     slow: list[int] = []
+    starts: list[int] = []  # the index of each part's first message
     run: MessageRun | None = None  # the part being written, while messages continue it
     shapes: list[tuple[MessageRun, list[list[Any]], Any]] = []
     times: array[int] = array("q")
@@ -208,27 +212,33 @@ def ingest_rows(
         route = routes.get(message.topic)
         content_type = message.content_type
         payload = message.payload
-        if (
-            route is None
-            or (content_type is not None and content_type != "application/json")
-            or not 0 < len(payload) <= max_bytes
-            or payload[0] != 0x7B  # "{"
-        ):
+        codec = _codec(content_type, payload) if route and 0 < len(payload) <= max_bytes else -1
+        if route is None or codec < 0 or (codec == 1 and unpack is None):
             slow.append(i)
             run = rows = None
             continue
         try:
-            doc = loads(payload)
+            doc = loads(payload) if codec == 0 else unpack(payload)  # type: ignore[misc]
         except Exception:  # the slow path says what is wrong with it
             slow.append(i)
             run = rows = None
             continue
-        plain = _plain(doc, route[1]) if len(route[1].names) <= WIDEST else None
+        if type(doc) is list:  # a list of updates: all in the plain shape, or the slow path
+            plains = [_plain(d, route[1]) for d in doc] if len(route[1].names) <= WIDEST else []
+            if not plains or any(p is None or (horizon is not None and p[0] > horizon)
+                                 for p in plains):  # fmt: skip
+                slow.append(i)
+                run = rows = None
+                continue
+        else:
+            plains = [_plain(doc, route[1]) if len(route[1].names) <= WIDEST else None]
+        plain = plains[0]
         if plain is None and (columns := columns_of(doc, route[1])) is not None:
             if horizon is not None and max(columns[0]) > horizon:  # read row by row
                 slow.append(i)
             else:  # a columnar message: a column run of its own
                 parts.append(ColumnRun(route[0], *columns))
+                starts.append(i)
                 origins += [message] * len(columns[0])
             run = rows = None
             continue
@@ -242,13 +252,16 @@ def ingest_rows(
                 times, cells = array("q"), [[] for _ in shape.names]
                 run = MessageRun([], times, shape.names, cells)
                 parts.append(run)
+                starts.append(i)
                 shapes.append((run, cells, shape))
                 rows = None
-            run.keys.append(route[0])
-            times.append(plain[0])
-            for column, v in zip(cells, plain[1], strict=True):
-                column.append(v)
-            origins.append(message)
+            for one in plains:
+                assert one is not None
+                run.keys.append(route[0])
+                times.append(one[0])
+                for column, v in zip(cells, one[1], strict=True):
+                    column.append(v)
+                origins.append(message)
             continue
         update = _row(doc, route[1].kind_of, make)
         if update is None or (horizon is not None and update.last_update > horizon):
@@ -258,12 +271,26 @@ def ingest_rows(
         if rows is None:
             rows = []
             parts.append(rows)
+            starts.append(i)
             run = None
         rows.append((route[0], update))
         origins.append(message)
     for run, cells, shape in shapes:  # the columns typed as the kernel types them
         run.columns = [message_column(c, k) for c, k in zip(cells, shape.kinds, strict=True)]
-    return parts, origins, slow
+    return parts, origins, slow, starts
+
+
+def _codec(content_type: str | None, payload: bytes) -> int:
+    """0 for a JSON body the kernel reads (an object or a list), 1 for msgpack (a map or an
+    array), -1 for anything else (the slow path detects and words it)."""
+    first = payload[0]
+    if content_type is None:
+        if first in (0x7B, 0x5B):  # { [
+            return 0
+        return 1 if 0x80 <= first <= 0x9F or 0xDC <= first <= 0xDF else -1
+    if content_type == "application/json":
+        return 0 if first in (0x7B, 0x5B) else -1
+    return 1 if content_type == "application/msgpack" else -1
 
 
 def message_column(cells: list[Any], kind: int) -> Sequence[Any]:
