@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from processors.engine.graph import Graph, Run
 from processors.plugin import (
+    Batch,
     ClosedWindow,
     Output,
     PluginWindow,
@@ -215,7 +216,7 @@ class Stage:
     def _call(self, items: list[Item], result: ChainResult, origin: Any) -> list[Item]:
         out = self.output()
         by_id = {id(it.update): it for it in items}
-        self.processor.process([(it.key, it.update) for it in items], out)
+        self.processor.process(Batch((it.key, it.update) for it in items), out)
         late = self._close_windows(out)
         result.actuations.extend(out.actuations)
         rejected = [*((k, u, m, True) for k, u, m in late), *out.rejected]

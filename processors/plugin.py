@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
+from array import array
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
@@ -66,7 +67,37 @@ from streams.updates import SensorUpdate, StreamKey
 from streams.windows.aggregates import Aggregate
 from streams.windows.model import Windowing
 
-Batch = Sequence[tuple[StreamKey, SensorUpdate]]
+
+class Batch(list[tuple[StreamKey, SensorUpdate]]):
+    """What `Processor.process` receives: the (key, update) rows it reads, in order (a list,
+    as ever), which it may also read as columns (`columns`)."""
+
+    __slots__ = ()
+
+    def columns(self, *channels: str) -> Columns:
+        """The batch by column: each update's stream and time, and the values of `channels`
+        (None where an update lacks one), for a processor that works on whole columns."""
+        rows = list.__iter__(self)
+        keys: list[StreamKey] = []
+        times: array[int] = array("q")
+        cells: list[dict[str, Any]] = []
+        for key, update in rows:
+            keys.append(key)
+            times.append(update.last_update)
+            cells.append(update.channels)
+        return Columns(keys, times, {c: [u.get(c) for u in cells] for c in channels})
+
+
+@dataclass(frozen=True, slots=True)
+class Columns:
+    """A batch read by column (`Batch.columns`): `keys[i]` and `times[i]` are the stream and
+    time (ms) of update i, `values[channel][i]` its value of that channel or None."""
+
+    keys: list[StreamKey]
+    times: array[int]
+    values: dict[str, list[Any]]
+
+
 TYPE_OF_CHANNEL = {v: k for k, v in CHANNEL_TYPES.items()}
 
 

@@ -562,3 +562,44 @@ def test_a_window_processor_undoes_a_failed_batch_through_its_engine(
         (i.key, i.update) for i in expected.derived
     ]
     assert window.engine.snapshot() == reference.stages[0].processor.engine.snapshot()  # type: ignore[attr-defined]
+
+
+class BatchMean(Processor[Any]):
+    """Reads its batch by column: the mean of t over each stream's updates in the batch."""
+
+    def setup(self, ctx: Setup) -> None:
+        ctx.produces({"mean": "number", "n": "number"})
+
+    def process(self, batch: Batch, out: Output) -> None:
+        columns = batch.columns("t", "nope")
+        assert columns.values["nope"] == [None] * len(batch)
+        sums: dict[StreamKey, list[float]] = {}
+        for key, t, value in zip(columns.keys, columns.times, columns.values["t"], strict=True):
+            if value is not None:
+                got = sums.setdefault(key, [0.0, 0, 0])
+                got[0] += value
+                got[1] += 1
+                got[2] = max(got[2], t)
+        for key, (total, n, at) in sums.items():
+            out.emit(key, {"mean": total / n, "n": n}, at)
+
+
+def test_a_processor_may_read_its_batch_by_column(registry: Registry) -> None:
+    """`Batch.columns`: each update's stream and time, and the values of the channels asked
+    for (None where an update lacks one), in the batch's order."""
+    chain, _ = chain_of(
+        registry,
+        """
+        - {use: "tests.test_processors:BatchMean", from: "s*/data", into: mean}
+    """,
+    )
+    batch = [Item(S1, su(T0, t=1.0)), Item(S2, su(T0 + 1, t=10)), Item(S1, su(T0 + 2, t=2.0)),
+             Item(S1, su(T0 + 3, zone="a"))]  # fmt: skip
+    result = chain.process(batch)
+    derived = [(i.key.so, i.key.stream, i.update.last_update, i.update.channels)
+               for i in result.derived]  # fmt: skip
+    assert derived == [("s1", "mean", T0 + 2, {"mean": 1.5, "n": 2}),
+                       ("s2", "mean", T0 + 1, {"mean": 10.0, "n": 1})]  # fmt: skip
+    columns = Batch([(S1, su(T0, t=1.0, zone="a")), (S2, su(T0 + 5, zone="b"))]).columns("zone")
+    assert (columns.keys, list(columns.times), columns.values) == (
+        [S1, S2], [T0, T0 + 5], {"zone": ["a", "b"]})  # fmt: skip

@@ -179,8 +179,8 @@ class FlowEngine:
     def process(self, batch: Iterable[tuple[StreamKey, SensorUpdate]]) -> FlowResult:
         """Run a batch through the graph; results say which input each came from
         (`FlowResult.derived_at`...)."""
-        if not isinstance(batch, Updates | list):  # column runs stay columns for the kernel
-            batch = list(batch)
+        if type(batch) is not list and not isinstance(batch, Updates):
+            batch = list(batch)  # (a list subclass too); column runs stay columns
         return self._run(batch, "batch")
 
     def tick(self) -> FlowResult:
