@@ -205,7 +205,7 @@ def ingest(
             [
                 sys.executable,
                 "-m",
-                "cloudlet.cli",
+                "cloudlet.entry",
                 "unit",
                 "run",
                 str(config),
@@ -355,7 +355,7 @@ def latency(kafka: Kafka, work: Path, rate: int, seconds: float) -> dict[str, An
     # the unit in a process of its own, as deployed (in this one it would share the GIL with
     # the publishing devices and the consumer)
     unit = subprocess.Popen(
-        [sys.executable, "-m", "cloudlet.cli", "unit", "run", str(config)],
+        [sys.executable, "-m", "cloudlet.entry", "unit", "run", str(config)],
         stdout=subprocess.DEVNULL, stderr=(work / f"latency-{rate}.log").open("wb"),
     )  # fmt: skip
     # the consumer in a process of its own too: beside the devices' publisher in this one, it

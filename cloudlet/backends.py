@@ -132,7 +132,7 @@ class LocalBackend:
         folder.mkdir(parents=True, exist_ok=True)
         log = (folder / "unit.log").open("ab")
         child = subprocess.Popen(
-            [sys.executable, "-m", "cloudlet.cli", *unit_command(replica)],
+            [sys.executable, "-m", "cloudlet.entry", *unit_command(replica)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,  # outlives the command that started it; signals its own
             env={**os.environ, "CLOUDLET_SITE": replica.site},

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -21,6 +20,7 @@ from cloudlet.control_cli import register as register_control
 from cloudlet.devices_cli import register as register_devices
 from cloudlet.processor_cli import processor_app
 from cloudlet.rig_cli import register as register_rig
+from cloudlet.unit_run import configure_logging
 from streams import Problem, ServiceObject
 from streams.catalog import Catalog
 
@@ -213,30 +213,6 @@ def _print_problems(problems: list[Problem]) -> None:
 # unit ----------------------------------------------------------------------------------------
 
 
-class _JsonLogFormatter(logging.Formatter):
-    """One JSON object per line: what log collectors (Loki, Elastic, journald) ingest."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "time": round(record.created, 3),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["error"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry).decode()
-
-
-def _configure_logging(log_format: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if log_format == "json":
-        handler.setFormatter(_JsonLogFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
-
-
 @unit_app.command("run")
 def unit_run(
     config_path: Annotated[Path, typer.Argument(metavar="CONFIG", help="The unit's YAML config.")],
@@ -247,30 +223,11 @@ def unit_run(
     log_format: Annotated[str, typer.Option(help="text or json")] = "text",
 ) -> None:
     """Run a processing unit until SIGTERM or Ctrl-C, then drain, checkpoint and stop."""
-    from cloudlet.units import CloudletUnit, UnitFile
-    from processors.config import ConfigError
-    from processors.unit import tune_gc
-    from streams.registry import RegistryError
+    from cloudlet.unit_run import run_unit
 
-    _configure_logging(log_format)
-    try:
-        config = UnitFile.load(config_path)
-        running = CloudletUnit(config, replica=replica)
-        unit = running.unit
-    except (ConfigError, RegistryError) as exc:
-        _print_problems(exc.problems)
-        raise typer.Exit(1) from None
-    stop = _stop_on_signals()
-    tune_gc()  # after building the unit: what it built is frozen out of the collector's scans
-    running.start()
-    if unit.status is not None:
-        out.print(f"metrics on http://{config.http.host}:{unit.status.port}/metrics")  # type: ignore[union-attr]
-    while not stop.wait(0.5):
-        if not unit.alive:
-            dead = ", ".join(unit.dead_threads())
-            running.stop()
-            raise _fail(f"unit {unit.instance}: its {dead} stopped; see the log above")
-    running.stop()
+    code = run_unit(config_path, replica, log_format)
+    if code:
+        raise typer.Exit(code)
 
 
 @cloud_app.command("serve")
@@ -285,7 +242,7 @@ def cloud_serve(
     from cloud_sync.cloud import CloudService, CloudSettings
     from streams.registry import validation_problems
 
-    _configure_logging(log_format)
+    configure_logging(log_format)
     try:
         service = CloudService(CloudSettings.load(config_path))
     except (OSError, yaml.YAMLError) as exc:
@@ -315,7 +272,7 @@ def gateway_run(
     from edge_objects.gateway import Gateway, GatewayConfigError, GatewaySettings
     from streams.registry import RegistryError
 
-    _configure_logging(log_format)
+    configure_logging(log_format)
     try:
         gateway = Gateway(GatewaySettings.load(config_path))
     except (GatewayConfigError, RegistryError) as exc:

@@ -201,7 +201,7 @@ class Demo:
         self.progress("starting the processing unit (cloudlet unit run)")
         log = (self.workdir / "unit.log").open("ab")
         self.unit = subprocess.Popen(
-            [sys.executable, "-m", "cloudlet.cli", "unit", "run",
+            [sys.executable, "-m", "cloudlet.entry", "unit", "run",
              str(self._unit_file(unit_settings)), "--log-format", "json"],
             stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )  # fmt: skip
