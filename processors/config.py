@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -66,7 +66,14 @@ class RepublishSettings(_Strict):
 
     updates: bool = True
     qos: int = Field(default=1, ge=0, le=1)  # of the echoed device updates
-    batch: bool = False  # one message per stream and batch (a list of updates), not per update
+    # one echo per device message (its updates as they came: one update, or a list of them
+    # in ServIoTicy's batch form), per update, or per stream and batch (a list of updates)
+    per: Literal["message", "update", "stream"] = "message"
+    batch: bool = False  # the same as `per: stream` (configs written before `per`)
+
+    @property
+    def mode(self) -> str:
+        return "stream" if self.batch else self.per
 
 
 class HttpSettings(_Strict):

@@ -30,6 +30,7 @@ class Outputs:
     derived: list[tuple[StreamKey, SensorUpdate]] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     actuations: list[Actuation] = field(default_factory=list)
+    origins: Sequence[object] = ()  # the device message of each of `updates`
 
 
 class Pipeline:
@@ -78,7 +79,8 @@ class Pipeline:
 
     def _one_at_a_time(self, batch: list[Message]) -> tuple[IngestBatch, Outputs]:
         result = IngestBatch()
-        outputs = Outputs(updates=result.accepted, dead_letters=result.dead_letters)
+        outputs = Outputs(updates=result.accepted, dead_letters=result.dead_letters,
+                          origins=result.origins)  # fmt: skip
         for message in batch:
             try:
                 one, out = self._attempt([message])
@@ -115,7 +117,7 @@ class Pipeline:
     def _run_flows(self, result: IngestBatch) -> Outputs:
         """The graph over the batch's accepted updates, in one call."""
         if self.engine is None:
-            return Outputs(result.accepted, [], result.dead_letters, [])
+            return Outputs(result.accepted, [], result.dead_letters, [], result.origins)
         return self._outputs(result, self.engine.process(result.accepted))
 
     def _outputs(self, result: IngestBatch, flows: FlowResult) -> Outputs:
@@ -135,7 +137,7 @@ class Pipeline:
                                     encode_update(update), Codec.JSON.content_type,
                                     int(self.clock() * 1000))  # fmt: skip
             letter(origin, rejection, letters)
-        return Outputs(result.accepted, flows.derived, letters, flows.actuations)
+        return Outputs(result.accepted, flows.derived, letters, flows.actuations, result.origins)
 
     def _no_message(self, rejection: Rejection) -> RawMessage:
         """The origin of a rejection no device message caused (a processing-time window

@@ -432,26 +432,53 @@ class UnitRuntime:
     def _echoes(
         self, updates: Sequence[tuple[StreamKey, SensorUpdate]], start: int, stop: int
     ) -> list[tuple[str, bytes]]:
-        """The (topic, body) messages echoing updates `start` to `stop` of a batch's accepted
-        device updates: one per update (encoded from the runs' columns by the kernel, rows
-        not made), or with `republish.batch` one per stream (a list, ServIoTicy's batch
-        form)."""
-        if not self.republish.updates:
-            return []
+        """The (topic, body) echo of updates `start` to `stop` of a batch's accepted device
+        updates, one per update, encoded from the runs' columns by the kernel (rows not
+        made)."""
         if len(self._echo_topics) > TOPIC_CACHE:
             self._echo_topics.clear()
         parts = updates.parts if isinstance(updates, Updates) else [list(updates)]
         echoes: list[tuple[str, bytes]] = kernels.echo_updates(
             parts, start, stop, self._echo_topics, self._update_topic, encode_update
         )
-        if not self.republish.batch:
-            return echoes
-        # one list per stream (a topic is one stream's), in the order the streams came:
-        # byte for byte `encode_batch` of the stream's updates
-        by_topic: dict[str, list[bytes]] = {}
-        for topic, body in echoes:
-            by_topic.setdefault(topic, []).append(body)
-        return [(topic, b"[" + b",".join(bodies) + b"]") for topic, bodies in by_topic.items()]
+        return echoes
+
+    def _echo(self, result: Outputs) -> None:
+        """Publish the echo of a batch's accepted device updates (`republish`): per device
+        message (a message's updates as it carried them: one, or a list of them, byte for
+        byte `encode_batch` of them), per update, or per stream (a list). Encoded a window
+        at a time: a batch of 100-reading messages holds 100,000 updates."""
+        updates, mode = result.updates, self.republish.mode
+        if not self.republish.updates or not updates:
+            return
+        qos = self.republish.qos
+        if mode == "update":
+            for i in range(0, len(updates), PUBLISH_WINDOW):
+                self._send(self._echoes(updates, i, i + PUBLISH_WINDOW), qos)
+            return
+        if mode == "stream":
+            by_topic: dict[str, list[bytes]] = {}  # in the order the streams came
+            for i in range(0, len(updates), PUBLISH_WINDOW):
+                for topic, body in self._echoes(updates, i, i + PUBLISH_WINDOW):
+                    by_topic.setdefault(topic, []).append(body)
+            self._send([(topic, _listed(bodies)) for topic, bodies in by_topic.items()], qos)
+            return
+        origins = result.origins  # per message: a message's updates are consecutive
+        held: list[bytes] = []  # the bodies of the message being put together
+        held_topic, held_origin = "", None
+        for i in range(0, len(updates), PUBLISH_WINDOW):
+            out: list[tuple[str, bytes]] = []
+            echoes = self._echoes(updates, i, i + PUBLISH_WINDOW)
+            for (topic, body), origin in zip(echoes, origins[i : i + PUBLISH_WINDOW], strict=True):
+                if origin is held_origin and topic == held_topic:
+                    held.append(body)
+                    continue
+                if held:
+                    out.append((held_topic, held[0] if len(held) == 1 else _listed(held)))
+                held, held_topic, held_origin = [body], topic, origin
+            self._send(out, qos)
+        if held:
+            self._send([(held_topic, held[0] if len(held) == 1 else _listed(held))], qos)
 
     def _update_topic(self, key: StreamKey) -> str:
         return self.ingest.topics.updates(key.so, key.stream)
@@ -490,9 +517,7 @@ class UnitRuntime:
     def _publish(self, result: Outputs) -> None:
         topics = self.ingest.topics
         # A publish made while disconnected is queued and sent after reconnecting.
-        # Encoded a window at a time: a batch of 100-reading messages echoes 100,000 updates.
-        for i in range(0, len(result.updates), PUBLISH_WINDOW):
-            self._send(self._echoes(result.updates, i, i + PUBLISH_WINDOW), self.republish.qos)
+        self._echo(result)
         for i in range(0, len(result.derived), PUBLISH_WINDOW):
             derived = result.derived[i : i + PUBLISH_WINDOW]
             self._send([(topics.updates(k.so, k.stream), encode_update(u)) for k, u in derived])
@@ -518,3 +543,8 @@ def _disk_full(exc: Exception) -> bool:
 
 def _identity(message: Message) -> tuple[int, str, int]:
     return (message.packet_id, message.topic, zlib.crc32(message.payload))
+
+
+def _listed(bodies: list[bytes]) -> bytes:
+    """Update documents as one list (ServIoTicy's batch form): `encode_batch` of them."""
+    return b"[" + b",".join(bodies) + b"]"

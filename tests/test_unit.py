@@ -539,3 +539,57 @@ def test_without_a_state_store_a_sigkill_loses_no_update(
         assert unit.wait(30) == 0
         collector.close()
     assert not (report := _missing(got, everything, log, alive)), report
+
+
+@pytest.mark.mqtt
+@pytest.mark.parametrize("per", ["message", "update"])
+def test_the_echo_follows_the_device_messages(
+    mosquitto: Mosquitto, tmp_path: Path, per: str
+) -> None:
+    """By default each device message is echoed as one message: a single update as itself, a
+    list or a columnar batch as the list of its updates (ServIoTicy's batch form); `per:
+    update` echoes every update on its own. Either way, every accepted update, in order."""
+    path = _config(tmp_path, mosquitto, name=f"u-echo-{per}", republish={"per": per},
+                   batch_size=100)  # fmt: skip
+    unit = Unit(UnitConfig.load(path)).start()
+    collector = Collector(mosquitto, f"collector-echo-{per}")
+    sender = make_client(MqttSettings(url=mosquitto.url), f"sender-echo-{per}")
+    sent = threading.Event()
+    sender.on_connect = lambda *_: sent.set()
+    connect(sender, MqttSettings(url=mosquitto.url), persistent=False)
+    sender.loop_start()
+    assert sent.wait(10)
+    topic = "rain-gauge-1/streams/rain"
+    docs = [
+        {"lastUpdate": [T0, T0 + 1, T0 + 2], "channels": {"mm": [0.5, 1.0, 0.0]}},
+        [{"channels": {"mm": {"current-value": 2.5}}, "lastUpdate": T0 + 3},
+         {"channels": {"mm": {"current-value": 3}}, "lastUpdate": T0 + 4}],
+        {"channels": {"mm": {"current-value": 0.25}}, "lastUpdate": T0 + 5},
+    ]  # fmt: skip
+    try:
+        assert unit.runtime.connected.wait(10)
+        for doc in docs:
+            sender.publish(topic, orjson.dumps(doc), qos=1).wait_for_publish(10)
+        got = collector.take(lambda g: len(_flat(g, topic)) >= 6)
+    finally:
+        sender.loop_stop()
+        sender.disconnect()
+        collector.close()
+        unit.stop()
+    echoed = [b for t, b in got if t == topic + "/updates"]
+    shapes = [len(b) if isinstance(b, list) else 1 for b in echoed]
+    assert shapes == ([3, 2, 1] if per == "message" else [1] * 6)
+    assert [(u["lastUpdate"], u["channels"]["mm"]["current-value"]) for u in _flat(got, topic)] == [
+        (T0, 0.5),
+        (T0 + 1, 1.0),
+        (T0 + 2, 0.0),
+        (T0 + 3, 2.5),
+        (T0 + 4, 3),
+        (T0 + 5, 0.25),
+    ]
+
+
+def _flat(got: list[tuple[str, Any]], topic: str) -> list[dict[str, Any]]:
+    """The updates echoed on `topic`'s updates, lists unrolled."""
+    bodies = [b for t, b in got if t == topic + "/updates"]
+    return [u for b in bodies for u in (b if isinstance(b, list) else [b])]
