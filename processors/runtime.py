@@ -430,55 +430,43 @@ class UnitRuntime:
         self._seen = (client.metrics_malformed, client.refused_publishes)
 
     def _echoes(
-        self, updates: Sequence[tuple[StreamKey, SensorUpdate]], start: int, stop: int
+        self,
+        updates: Sequence[tuple[StreamKey, SensorUpdate]],
+        start: int,
+        stop: int,
+        origins: Sequence[object] | None = None,
     ) -> list[tuple[str, bytes]]:
         """The (topic, body) echo of updates `start` to `stop` of a batch's accepted device
-        updates, one per update, encoded from the runs' columns by the kernel (rows not
-        made)."""
+        updates, encoded from the runs' columns by the kernel (rows not made): one message
+        per update, or with `origins` one per device message."""
         if len(self._echo_topics) > TOPIC_CACHE:
             self._echo_topics.clear()
         parts = updates.parts if isinstance(updates, Updates) else [list(updates)]
         echoes: list[tuple[str, bytes]] = kernels.echo_updates(
-            parts, start, stop, self._echo_topics, self._update_topic, encode_update
+            parts, start, stop, self._echo_topics, self._update_topic, encode_update, origins
         )
         return echoes
 
     def _echo(self, result: Outputs) -> None:
         """Publish the echo of a batch's accepted device updates (`republish`): per device
         message (a message's updates as it carried them: one, or a list of them, byte for
-        byte `encode_batch` of them), per update, or per stream (a list). Encoded a window
-        at a time: a batch of 100-reading messages holds 100,000 updates."""
+        byte `encode_batch` of them), per update, or per stream (a list)."""
         updates, mode = result.updates, self.republish.mode
         if not self.republish.updates or not updates:
             return
         qos = self.republish.qos
-        if mode == "update":
+        if mode == "message":  # as many echoes as device messages: the batch's in one call
+            self._send(self._echoes(updates, 0, len(updates), result.origins), qos)
+            return
+        if mode == "update":  # a window at a time: 100-reading messages echo 100,000 updates
             for i in range(0, len(updates), PUBLISH_WINDOW):
                 self._send(self._echoes(updates, i, i + PUBLISH_WINDOW), qos)
             return
-        if mode == "stream":
-            by_topic: dict[str, list[bytes]] = {}  # in the order the streams came
-            for i in range(0, len(updates), PUBLISH_WINDOW):
-                for topic, body in self._echoes(updates, i, i + PUBLISH_WINDOW):
-                    by_topic.setdefault(topic, []).append(body)
-            self._send([(topic, _listed(bodies)) for topic, bodies in by_topic.items()], qos)
-            return
-        origins = result.origins  # per message: a message's updates are consecutive
-        held: list[bytes] = []  # the bodies of the message being put together
-        held_topic, held_origin = "", None
+        by_topic: dict[str, list[bytes]] = {}  # per stream, in the order the streams came
         for i in range(0, len(updates), PUBLISH_WINDOW):
-            out: list[tuple[str, bytes]] = []
-            echoes = self._echoes(updates, i, i + PUBLISH_WINDOW)
-            for (topic, body), origin in zip(echoes, origins[i : i + PUBLISH_WINDOW], strict=True):
-                if origin is held_origin and topic == held_topic:
-                    held.append(body)
-                    continue
-                if held:
-                    out.append((held_topic, held[0] if len(held) == 1 else _listed(held)))
-                held, held_topic, held_origin = [body], topic, origin
-            self._send(out, qos)
-        if held:
-            self._send([(held_topic, held[0] if len(held) == 1 else _listed(held))], qos)
+            for topic, body in self._echoes(updates, i, i + PUBLISH_WINDOW):
+                by_topic.setdefault(topic, []).append(body)
+        self._send([(topic, _listed(bodies)) for topic, bodies in by_topic.items()], qos)
 
     def _update_topic(self, key: StreamKey) -> str:
         return self.ingest.topics.updates(key.so, key.stream)

@@ -518,6 +518,20 @@ def test_the_echo_kernel_writes_what_orjson_writes(parts: list[Any], start: int,
     twin = _columnar_py.echo_updates(*args, {}, topic_of, encode_update)
     assert compiled == twin
     assert len(compiled) == max(0, min(start + n, sum(map(len, parts))) - start)
+    # per device message: consecutive rows of one message (and stream) as one list
+    total = sum(map(len, parts))
+    messages = [object() for _ in range(total)]
+    origins = [messages[min(i // 3, total - 1)] for i in range(total)]  # 3 rows a message
+    by_message = kernels.echo_updates(*args, {}, topic_of, encode_update, origins)
+    assert by_message == _columnar_py.echo_updates(*args, {}, topic_of, encode_update, origins)
+    grouped: list[tuple[str, list[bytes], object]] = []
+    for (topic, body), origin in zip(compiled, origins[start : start + n], strict=False):
+        if grouped and grouped[-1][0] == topic and grouped[-1][2] is origin:
+            grouped[-1][1].append(body)
+        else:
+            grouped.append((topic, [body], origin))
+    assert by_message == [(t, b[0] if len(b) == 1 else b"[" + b",".join(b) + b"]")
+                          for t, b, _ in grouped]  # fmt: skip
     # the batched echo joins a stream's bodies into a list: that is `encode_batch` of them
     from streams.codec import encode_batch
 

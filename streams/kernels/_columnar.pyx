@@ -901,7 +901,35 @@ cdef inline int _put(Text* out, const char* text, Py_ssize_t n) except -1:
     return 0
 
 
+cdef struct _Formatted:
+    unsigned long long bits
+    char size  # 0: empty
+    char[31] text
+
+
+cdef _Formatted _FLOATS[256]  # doubles formatted lately: sensors repeat their values
+
+
 cdef int _put_double(Text* out, double x) except -1:
+    """x as orjson writes it (`_format_double`), from a small cache of the doubles formatted
+    lately (readings repeat: a quantised sensor, a steady value)."""
+    cdef unsigned long long bits
+    memcpy(&bits, &x, 8)
+    cdef _Formatted* slot = &_FLOATS[(bits ^ (bits >> 29) ^ (bits >> 47)) & 255]
+    cdef Py_ssize_t start
+    if slot.size and slot.bits == bits:
+        _put(out, slot.text, slot.size)
+        return 0
+    start = out.size
+    _format_double(out, x)
+    if out.size - start <= 31:
+        slot.bits = bits
+        slot.size = <char>(out.size - start)
+        memcpy(slot.text, out.data + start, out.size - start)
+    return 0
+
+
+cdef int _format_double(Text* out, double x) except -1:
     """x as orjson writes it: Python's shortest repr, but a negative exponent without zero
     padding (1e-07: 1e-7), and 1e-05 to 9.99e-05 written out (0.00001)."""
     cdef char* text = PyOS_double_to_string(x, b"r", 0, Py_DTSF_ADD_DOT_0, NULL)
@@ -997,99 +1025,166 @@ cdef int _put_value(Text* out, object v) except -1:
 
 
 cdef int _put_long(Text* out, long long v) except -1:
+    """v in decimal (what snprintf's %lld writes, without its cost)."""
     cdef char[24] digits
-    cdef int n = snprintf(digits, 24, "%lld", v)
-    _put(out, digits, n)
+    cdef int k = 24
+    cdef unsigned long long u = <unsigned long long>(-(v + 1)) + 1 if v < 0 else <unsigned long long>v
+    while True:
+        k -= 1
+        digits[k] = <char>(48 + u % 10)
+        u //= 10
+        if u == 0:
+            break
+    if v < 0:
+        k -= 1
+        digits[k] = 45
+    _put(out, digits + k, 24 - k)
     return 0
 
 
+cdef class _Echoes:
+    """The echo being written: one message per row, or with `grouped` one per run of
+    consecutive rows of one device message (a single update as itself, more as a list)."""
+    cdef Text text  # the current message's documents, from offset 1 (0: room for "[")
+    cdef list out
+    cdef bint grouped
+    cdef object topic
+    cdef PyObject* origin
+    cdef Py_ssize_t count
+
+    def __cinit__(self, bint grouped):
+        self.text.data, self.text.size, self.text.room = NULL, 0, 0
+        self.out = []
+        self.grouped = grouped
+        self.topic = None
+        self.origin = NULL
+        self.count = 0
+
+    def __dealloc__(self):
+        free(self.text.data)
+
+    cdef int row(self, object topic, object origin) except -1:
+        """A row's document comes next (the caller writes it)."""
+        if self.count and self.grouped and <PyObject*>origin == self.origin and (
+                topic is self.topic or topic == self.topic):
+            _put(&self.text, b",", 1)
+            self.count += 1
+            return 0
+        self.flush()
+        self.topic, self.origin, self.count = topic, <PyObject*>origin, 1
+        self.text.size = 0
+        _put(&self.text, b"[", 1)
+        return 0
+
+    cdef int flush(self) except -1:
+        if not self.count:
+            return 0
+        if self.count == 1:
+            self.out.append((self.topic, PyBytes_FromStringAndSize(self.text.data + 1,
+                                                                   self.text.size - 1)))
+        else:
+            _put(&self.text, b"]", 1)
+            self.out.append((self.topic, PyBytes_FromStringAndSize(self.text.data,
+                                                                   self.text.size)))
+        self.count = 0
+        return 0
+
+
 def echo_updates(list parts, Py_ssize_t start, Py_ssize_t stop, dict topics, object topic_of,
-                 object encode_row):
+                 object encode_row, object origins=None):
     """The (topic, body) echo of rows `start` to `stop` of `parts` (`streams.accepted`
     parts): the body of each `encode_row(update)` (`streams.codec.encode_update`), written
-    from a run's columns without making its rows; `topics` caches `topic_of(key)`."""
-    cdef list out = [], names, columns, keys = None, part_names
+    from a run's columns without making its rows; `topics` caches `topic_of(key)`. With
+    `origins` (the device message of each row), one message per device message: the rows
+    of one message and stream that follow each other as one list (byte for byte
+    `encode_batch` of them), a single row as itself."""
+    cdef list names, columns, keys = None, part_names, origin_list = None
     cdef Py_ssize_t at = 0, n, i, j, m, low, high
-    cdef object part, key, topic, column, v, times
-    cdef Text text
+    cdef object part, key, topic, column, v, times, origin = None
+    cdef _Echoes echoes = _Echoes(origins is not None)
+    cdef Text* text = &echoes.text
     cdef double x = 0.0
     cdef bint message_run, first
     cdef list encoded_names
-    cdef bytes name
+    cdef bytes name, body
     global _MessageRun
     if _MessageRun is None:
         from streams.accepted import MessageRun
         _MessageRun = MessageRun
-    text.data, text.size, text.room = NULL, 0, 0
-    try:
-        for part in parts:
-            n = len(part)
-            low, high = max(start - at, 0), min(stop - at, n)
-            at += n
-            if low >= high:
-                continue
-            if type(part) is list:
-                for i in range(low, high):
-                    key, v = (<list>part)[i]
-                    topic = topics.get(key)
-                    if topic is None:
-                        topic = topics[key] = topic_of(key)
-                    out.append((topic, encode_row(v)))
-                continue
-            message_run = type(part) is _MessageRun
-            if message_run:
-                keys = part.keys
-            else:
-                key = part.key
+    if origins is not None:
+        origin_list = list(origins) if type(origins) is not list else origins
+    for part in parts:
+        n = len(part)
+        low, high = max(start - at, 0), min(stop - at, n)
+        at += n
+        if low >= high:
+            continue
+        if type(part) is list:
+            for i in range(low, high):
+                key, v = (<list>part)[i]
                 topic = topics.get(key)
                 if topic is None:
                     topic = topics[key] = topic_of(key)
-            times = part.times
-            columns = part.columns
-            m = len(columns)
-            encoded_names = []
+                if origin_list is not None:
+                    origin = origin_list[at - n + i]
+                echoes.row(topic, origin)
+                body = encode_row(v)
+                _put(text, PyBytes_AS_STRING(body), PyBytes_GET_SIZE(body))
+            continue
+        message_run = type(part) is _MessageRun
+        if message_run:
+            keys = part.keys
+        else:
+            key = part.key
+            topic = topics.get(key)
+            if topic is None:
+                topic = topics[key] = topic_of(key)
+        times = part.times
+        columns = part.columns
+        m = len(columns)
+        encoded_names = []
+        for j in range(m):
+            encoded_names.append(b'"' + _json_name(part.names[j]) + b'":{"current-value":')
+        for i in range(low, high):
+            if message_run:
+                key = keys[i]
+                topic = topics.get(key)
+                if topic is None:
+                    topic = topics[key] = topic_of(key)
+            if origin_list is not None:
+                origin = origin_list[at - n + i]
+            echoes.row(topic, origin)
+            _put(text, b'{"channels":{', 13)
+            first = True
             for j in range(m):
-                encoded_names.append(b'"' + _json_name(part.names[j]) + b'":{"current-value":')
-            for i in range(low, high):
-                if message_run:
-                    key = keys[i]
-                    topic = topics.get(key)
-                    if topic is None:
-                        topic = topics[key] = topic_of(key)
-                text.size = 0
-                _put(&text, b'{"channels":{', 13)
-                first = True
-                for j in range(m):
-                    column = columns[j]
-                    if type(column) is array.array:
-                        if (<array.array>column).ob_descr.typecode == b"d":
-                            x = (<array.array>column).data.as_doubles[i]
-                            if x != x:  # NaN: the message lacks it
-                                continue
-                            v = None
-                        else:
-                            v = column[i]
+                column = columns[j]
+                if type(column) is array.array:
+                    if (<array.array>column).ob_descr.typecode == b"d":
+                        x = (<array.array>column).data.as_doubles[i]
+                        if x != x:  # NaN: the message lacks it
+                            continue
+                        v = None
                     else:
                         v = column[i]
-                        if v is None:
-                            continue
-                    if not first:
-                        _put(&text, b",", 1)
-                    first = False
-                    name = <bytes>encoded_names[j]
-                    _put(&text, PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name))
+                else:
+                    v = column[i]
                     if v is None:
-                        _put_double(&text, x)
-                    else:
-                        _put_value(&text, v)
-                    _put(&text, b"}", 1)
-                _put(&text, b'},"lastUpdate":', 15)
-                _put_long(&text, times[i])
-                _put(&text, b"}", 1)
-                out.append((topic, PyBytes_FromStringAndSize(text.data, text.size)))
-    finally:
-        free(text.data)
-    return out
+                        continue
+                if not first:
+                    _put(text, b",", 1)
+                first = False
+                name = <bytes>encoded_names[j]
+                _put(text, PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name))
+                if v is None:
+                    _put_double(text, x)
+                else:
+                    _put_value(text, v)
+                _put(text, b"}", 1)
+            _put(text, b'},"lastUpdate":', 15)
+            _put_long(text, times[i])
+            _put(text, b"}", 1)
+    echoes.flush()
+    return echoes.out
 
 
 cdef bytes _json_name(str name):

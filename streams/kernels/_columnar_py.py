@@ -308,21 +308,39 @@ def echo_updates(
     topics: dict[Any, str],
     topic_of: Callable[[Any], str],
     encode_row: Callable[[Any], bytes],
+    origins: Sequence[Any] | None = None,
 ) -> list[tuple[str, bytes]]:
     """The (topic, body) echo of rows `start` to `stop` of `parts` (`streams.accepted` parts:
     lists of rows, column and message runs), each body `encode_row(update)`
-    (`streams.codec.encode_update`); `topics` caches `topic_of(key)`. The compiled kernel
-    writes a run's bodies from its columns, byte for byte the same, without making its rows."""
+    (`streams.codec.encode_update`); `topics` caches `topic_of(key)`. With `origins` (the
+    device message of each row), one message per device message: the rows of one message
+    and stream that follow each other as one list (`encode_batch` of them), a single row as
+    itself. The compiled kernel writes a run's bodies from its columns, byte for byte the
+    same, without making its rows."""
     out: list[tuple[str, bytes]] = []
+    held: list[bytes] = []
+    held_topic, held_origin = "", None
+
+    def flush() -> None:
+        if held:
+            out.append((held_topic, held[0] if len(held) == 1 else b"[" + b",".join(held) + b"]"))
+
     at = 0
     for part in parts:
         n = len(part)
         low, high = max(start - at, 0), min(stop - at, n)
-        at += n
         for i in range(low, high):
             key, update = part[i] if type(part) is list else part.row(i)
             topic = topics.get(key)
             if topic is None:
                 topic = topics[key] = topic_of(key)
-            out.append((topic, encode_row(update)))
+            body = encode_row(update)
+            origin = None if origins is None else origins[at + i]
+            if origins is not None and held and origin is held_origin and topic == held_topic:
+                held.append(body)
+                continue
+            flush()
+            held, held_topic, held_origin = [body], topic, origin
+        at += n
+    flush()
     return out
