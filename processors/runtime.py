@@ -435,6 +435,8 @@ class UnitRuntime:
         start: int,
         stop: int,
         origins: Sequence[object] | None = None,
+        *,
+        by_stream: bool = False,
     ) -> list[tuple[str, bytes]]:
         """The (topic, body) echo of updates `start` to `stop` of a batch's accepted device
         updates, encoded from the runs' columns by the kernel (rows not made): one message
@@ -443,8 +445,9 @@ class UnitRuntime:
             self._echo_topics.clear()
         parts = updates.parts if isinstance(updates, Updates) else [list(updates)]
         echoes: list[tuple[str, bytes]] = kernels.echo_updates(
-            parts, start, stop, self._echo_topics, self._update_topic, encode_update, origins
-        )
+            parts, start, stop, self._echo_topics, self._update_topic, encode_update, origins,
+            by_stream,
+        )  # fmt: skip
         return echoes
 
     def _echo(self, result: Outputs) -> None:
@@ -462,10 +465,11 @@ class UnitRuntime:
             for i in range(0, len(updates), PUBLISH_WINDOW):
                 self._send(self._echoes(updates, i, i + PUBLISH_WINDOW), qos)
             return
-        by_topic: dict[str, list[bytes]] = {}  # per stream, in the order the streams came
-        for i in range(0, len(updates), PUBLISH_WINDOW):
-            for topic, body in self._echoes(updates, i, i + PUBLISH_WINDOW):
-                by_topic.setdefault(topic, []).append(body)
+        # per stream, in the order the streams came: the kernel lists each stretch of a
+        # stream's updates, and the stretches of a stream are joined (a list's brackets off)
+        by_topic: dict[str, list[bytes]] = {}
+        for topic, body in self._echoes(updates, 0, len(updates), by_stream=True):
+            by_topic.setdefault(topic, []).append(body[1:-1] if body[:1] == b"[" else body)
         self._send([(topic, _listed(bodies)) for topic, bodies in by_topic.items()], qos)
 
     def _update_topic(self, key: StreamKey) -> str:

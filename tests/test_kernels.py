@@ -532,6 +532,17 @@ def test_the_echo_kernel_writes_what_orjson_writes(parts: list[Any], start: int,
             grouped.append((topic, [body], origin))
     assert by_message == [(t, b[0] if len(b) == 1 else b"[" + b",".join(b) + b"]")
                           for t, b, _ in grouped]  # fmt: skip
+    # by stream: consecutive rows of one stream, whatever their message
+    by_stream = kernels.echo_updates(*args, {}, topic_of, encode_update, None, True)
+    assert by_stream == _columnar_py.echo_updates(*args, {}, topic_of, encode_update, None, True)
+    stretches: list[tuple[str, list[bytes]]] = []
+    for topic, body in compiled:
+        if stretches and stretches[-1][0] == topic:
+            stretches[-1][1].append(body)
+        else:
+            stretches.append((topic, [body]))
+    assert by_stream == [(t, b[0] if len(b) == 1 else b"[" + b",".join(b) + b"]")
+                         for t, b in stretches]  # fmt: skip
     # the batched echo joins a stream's bodies into a list: that is `encode_batch` of them
     from streams.codec import encode_batch
 

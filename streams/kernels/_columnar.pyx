@@ -1047,15 +1047,16 @@ cdef class _Echoes:
     consecutive rows of one device message (a single update as itself, more as a list)."""
     cdef Text text  # the current message's documents, from offset 1 (0: room for "[")
     cdef list out
-    cdef bint grouped
+    cdef bint grouped, by_stream
     cdef object topic
     cdef PyObject* origin
     cdef Py_ssize_t count
 
-    def __cinit__(self, bint grouped):
+    def __cinit__(self, bint grouped, bint by_stream):
         self.text.data, self.text.size, self.text.room = NULL, 0, 0
         self.out = []
-        self.grouped = grouped
+        self.grouped = grouped or by_stream
+        self.by_stream = by_stream
         self.topic = None
         self.origin = NULL
         self.count = 0
@@ -1065,7 +1066,7 @@ cdef class _Echoes:
 
     cdef int row(self, object topic, object origin) except -1:
         """A row's document comes next (the caller writes it)."""
-        if self.count and self.grouped and <PyObject*>origin == self.origin and (
+        if self.count and self.grouped and (self.by_stream or <PyObject*>origin == self.origin) and (
                 topic is self.topic or topic == self.topic):
             _put(&self.text, b",", 1)
             self.count += 1
@@ -1091,17 +1092,18 @@ cdef class _Echoes:
 
 
 def echo_updates(list parts, Py_ssize_t start, Py_ssize_t stop, dict topics, object topic_of,
-                 object encode_row, object origins=None):
+                 object encode_row, object origins=None, bint by_stream=False):
     """The (topic, body) echo of rows `start` to `stop` of `parts` (`streams.accepted`
     parts): the body of each `encode_row(update)` (`streams.codec.encode_update`), written
     from a run's columns without making its rows; `topics` caches `topic_of(key)`. With
     `origins` (the device message of each row), one message per device message: the rows
     of one message and stream that follow each other as one list (byte for byte
-    `encode_batch` of them), a single row as itself."""
+    `encode_batch` of them), a single row as itself; with `by_stream`, the rows of one stream
+    that follow each other, whatever their message."""
     cdef list names, columns, keys = None, part_names, origin_list = None
     cdef Py_ssize_t at = 0, n, i, j, m, low, high
     cdef object part, key, topic, column, v, times, origin = None
-    cdef _Echoes echoes = _Echoes(origins is not None)
+    cdef _Echoes echoes = _Echoes(origins is not None, by_stream)
     cdef Text* text = &echoes.text
     cdef double x = 0.0
     cdef bint message_run, first

@@ -309,13 +309,15 @@ def echo_updates(
     topic_of: Callable[[Any], str],
     encode_row: Callable[[Any], bytes],
     origins: Sequence[Any] | None = None,
+    by_stream: bool = False,
 ) -> list[tuple[str, bytes]]:
     """The (topic, body) echo of rows `start` to `stop` of `parts` (`streams.accepted` parts:
     lists of rows, column and message runs), each body `encode_row(update)`
     (`streams.codec.encode_update`); `topics` caches `topic_of(key)`. With `origins` (the
     device message of each row), one message per device message: the rows of one message
     and stream that follow each other as one list (`encode_batch` of them), a single row as
-    itself. The compiled kernel writes a run's bodies from its columns, byte for byte the
+    itself; with `by_stream`, the rows of one stream that follow each other, whatever their
+    message. The compiled kernel writes a run's bodies from its columns, byte for byte the
     same, without making its rows."""
     out: list[tuple[str, bytes]] = []
     held: list[bytes] = []
@@ -335,8 +337,9 @@ def echo_updates(
             if topic is None:
                 topic = topics[key] = topic_of(key)
             body = encode_row(update)
-            origin = None if origins is None else origins[at + i]
-            if origins is not None and held and origin is held_origin and topic == held_topic:
+            origin = None if origins is None or by_stream else origins[at + i]
+            grouped = by_stream or origins is not None
+            if grouped and held and origin is held_origin and topic == held_topic:
                 held.append(body)
                 continue
             flush()
