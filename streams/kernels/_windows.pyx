@@ -20,6 +20,7 @@ cdef object _position = itemgetter(0)
 cdef object _WindowResult = None, _LateUpdate = None, _heappush = None, _loaded = None
 cdef object _heappop = None
 cdef object _MessageRun = None
+cdef list _NONES = [None] * 32
 cdef Py_ssize_t _MAX_CLOCKS = 0
 cdef dict _CODES = {}
 cdef double EXACT = 9007199254740992.0  # 2**53: ints below convert to float exactly
@@ -419,11 +420,10 @@ cdef class _Folder:
         cdef double[32] sums, comps, extremes
         cdef long long[32] counts
         cdef char[32] have  # min/max: 0 none yet, 1 the Python value kept, 2 a double
-        cdef object clock, accs = None, window, acc, extreme_objs
-        cdef list accs_list = None
+        cdef object clock, accs = None, window, acc
+        cdef list accs_list = None, extreme_objs = _NONES[:m] if m <= 32 else [None] * m
         cdef KeyState state = None
         cdef int code
-        extreme_objs = [None] * m
         # the key's clock and when its next window fires, read once (`sync` writes back)
         clock = self.clocks.get(key)
         has_max = clock is not None
@@ -816,7 +816,9 @@ cdef bint _fold_grouped(_Folder folder, object part, dict plans, object test, ob
         free(group_at)
         free(index)
         free(counts)
-    if len(moved) > 1:  # the clocks' order: by last advance, as reading by reading
+    if len(moved) > 1 and not _ascending(moved):
+        # the clocks' order: by last advance, as reading by reading (`run` left them in the
+        # order of the keys' first appearance: the same when devices report in turn)
         moved.sort()
         for _, group in moved:
             folder.clocks[group] = folder.clocks.pop(group)
@@ -826,6 +828,14 @@ cdef bint _fold_grouped(_Folder folder, object part, dict plans, object test, ob
     late = folder.late
     if len(late) - late_from > 1:
         late[late_from:] = sorted(late[late_from:], key=_position)
+    return True
+
+
+cdef bint _ascending(list moved):
+    cdef Py_ssize_t k
+    for k in range(1, len(moved)):
+        if <Py_ssize_t>(<tuple>moved[k])[0] < <Py_ssize_t>(<tuple>moved[k - 1])[0]:
+            return False
     return True
 
 
