@@ -98,8 +98,9 @@ def twins() -> Iterator[None]:
 
 
 def kernel(work: Path, n: int, per_message: int) -> dict[str, Any]:
-    """The unit's Ingest and FlowEngine over batches of 1000 messages, compiled and twins,
-    with the garbage collector tuned as `cloudlet unit run` tunes it."""
+    """The unit's Ingest and FlowEngine over batches of 1000 messages, compiled and twins
+    (the best of three passes each), with the garbage collector tuned as `cloudlet unit run`
+    tunes it."""
     from processors.unit import tune_gc
     from streams import kernels
 
@@ -115,14 +116,16 @@ def kernel(work: Path, n: int, per_message: int) -> dict[str, Any]:
     derived: dict[str, int] = {}
     for name in ("compiled", "twin"):
         with twins() if name == "twin" else contextlib.nullcontext():
-            ingest = Ingest(catalog.registry)
-            engine = engine_of(catalog, clock=lambda: 0.0)
-            started = time.perf_counter()
-            out = 0
-            for i in range(0, len(messages), 1000):
-                out += len(engine.process(ingest.batch(messages[i : i + 1000]).accepted).derived)
-            rates[name] = n / (time.perf_counter() - started)
-            derived[name] = out
+            for _ in range(3):  # the best of three passes, each from a fresh unit's state
+                ingest = Ingest(catalog.registry)
+                engine = engine_of(catalog, clock=lambda: 0.0)
+                started = time.perf_counter()
+                out = 0
+                for i in range(0, len(messages), 1000):
+                    batch = ingest.batch(messages[i : i + 1000]).accepted
+                    out += len(engine.process(batch).derived)
+                rates[name] = max(rates.get(name, 0.0), n / (time.perf_counter() - started))
+                derived[name] = out
     assert derived["compiled"] == derived["twin"], derived
     return {
         "scenario": f"kernel ({per_message} per message)",
