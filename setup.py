@@ -8,7 +8,7 @@ setup(
     ext_modules=cythonize(
         [
             Extension(f"streams.kernels.{name}", [f"streams/kernels/{name}.pyx"])
-            for name in ("_columnar", "_frames", "_windows")
+            for name in ("_columnar", "_echo", "_frames", "_windows")
         ],
         compiler_directives={"language_level": "3"},
     )

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from streams import InvalidUpdate, SensorUpdate, kernels
 from streams.accepted import MessageRun, Shape, Updates
-from streams.kernels import _columnar_py
+from streams.kernels import _columnar_py, _echo_py
 from streams.objects import Stream
 from streams.updates import StreamValidator
 
@@ -515,7 +515,7 @@ def test_the_echo_kernel_writes_what_orjson_writes(parts: list[Any], start: int,
 
     args = (parts, start, start + n)
     compiled = kernels.echo_updates(*args, {}, topic_of, encode_update)
-    twin = _columnar_py.echo_updates(*args, {}, topic_of, encode_update)
+    twin = _echo_py.echo_updates(*args, {}, topic_of, encode_update)
     assert compiled == twin
     assert len(compiled) == max(0, min(start + n, sum(map(len, parts))) - start)
     # per device message: consecutive rows of one message (and stream) as one list
@@ -523,7 +523,7 @@ def test_the_echo_kernel_writes_what_orjson_writes(parts: list[Any], start: int,
     messages = [object() for _ in range(total)]
     origins = [messages[min(i // 3, total - 1)] for i in range(total)]  # 3 rows a message
     by_message = kernels.echo_updates(*args, {}, topic_of, encode_update, origins)
-    assert by_message == _columnar_py.echo_updates(*args, {}, topic_of, encode_update, origins)
+    assert by_message == _echo_py.echo_updates(*args, {}, topic_of, encode_update, origins)
     grouped: list[tuple[str, list[bytes], object]] = []
     for (topic, body), origin in zip(compiled, origins[start : start + n], strict=False):
         if grouped and grouped[-1][0] == topic and grouped[-1][2] is origin:
@@ -534,7 +534,7 @@ def test_the_echo_kernel_writes_what_orjson_writes(parts: list[Any], start: int,
                           for t, b, _ in grouped]  # fmt: skip
     # by stream: consecutive rows of one stream, whatever their message
     by_stream = kernels.echo_updates(*args, {}, topic_of, encode_update, None, True)
-    assert by_stream == _columnar_py.echo_updates(*args, {}, topic_of, encode_update, None, True)
+    assert by_stream == _echo_py.echo_updates(*args, {}, topic_of, encode_update, None, True)
     stretches: list[tuple[str, list[bytes]]] = []
     for topic, body in compiled:
         if stretches and stretches[-1][0] == topic:

@@ -7,8 +7,9 @@ import says so loudly (a warning on every start, and `COMPILED` is False), and
 `CLOUDLET_REQUIRE_EXTENSIONS=1` turns that into an error (the test command sets it).
 
 - columnar: device messages read a batch at a time (topic, content type, size, decoding,
-  values) into message runs and column runs of typed columns, decoded documents validated
-  column by column, and the echo of accepted updates encoded from the runs' columns;
+  values) into message runs and column runs of typed columns, and decoded documents validated
+  column by column;
+- echo: the echo of accepted updates written from the runs' columns, byte for byte orjson's;
 - frames: MQTT v5 packets cut from the broker's bytes, and PUBLISH/PUBACK packets built in bulk;
 - windows: a batch of updates folded into a tumbling or hopping window operator, and the
   inputs of simple flows (`where: t > 5`, `avg(t)`) read from a batch without expressions;
@@ -21,17 +22,22 @@ import os
 import warnings
 from types import ModuleType
 
-from streams.kernels import _columnar_py, _frames_py, _windows_py
+from streams.kernels import _columnar_py, _echo_py, _frames_py, _windows_py
 
 NO_EXTENSIONS = os.environ.get("CLOUDLET_NO_EXTENSIONS") == "1"
 FrameError = _frames_py.FrameError  # both implementations raise this one
 
 
-def _compiled() -> tuple[ModuleType, ModuleType, ModuleType] | None:
+def _compiled() -> tuple[ModuleType, ModuleType, ModuleType, ModuleType] | None:
     if NO_EXTENSIONS:
         return None
     try:
-        from streams.kernels import _columnar, _frames, _windows  # type: ignore[attr-defined]
+        from streams.kernels import (  # type: ignore[attr-defined]
+            _columnar,
+            _echo,
+            _frames,
+            _windows,
+        )
     except ImportError as exc:
         if os.environ.get("CLOUDLET_REQUIRE_EXTENSIONS") == "1":
             raise ImportError(
@@ -45,17 +51,17 @@ def _compiled() -> tuple[ModuleType, ModuleType, ModuleType] | None:
             stacklevel=3,
         )
         return None
-    return _columnar, _frames, _windows
+    return _columnar, _echo, _frames, _windows
 
 
 _modules = _compiled()
 COMPILED = _modules is not None
-columnar, frames, windows = _modules or (_columnar_py, _frames_py, _windows_py)
+columnar, echo, frames, windows = _modules or (_columnar_py, _echo_py, _frames_py, _windows_py)
 columnar_updates = columnar.columnar_updates
 columnar_fits = columnar.columnar_fits
 row_updates = columnar.row_updates
 ingest_rows = columnar.ingest_rows
-echo_updates = columnar.echo_updates
+echo_updates = echo.echo_updates
 split_frames = frames.split_frames
 publish_frames = frames.publish_frames
 puback_frames = frames.puback_frames
