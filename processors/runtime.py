@@ -444,9 +444,10 @@ class UnitRuntime:
         if len(self._echo_topics) > TOPIC_CACHE:
             self._echo_topics.clear()
         parts = updates.parts if isinstance(updates, Updates) else [list(updates)]
+        limit = self._echo_limit()  # a list ends within the broker's packet size
         echoes: list[tuple[str, bytes]] = kernels.echo_updates(
             parts, start, stop, self._echo_topics, self._update_topic, encode_update, origins,
-            by_stream,
+            by_stream, limit,
         )  # fmt: skip
         return echoes
 
@@ -458,19 +459,36 @@ class UnitRuntime:
         if not self.republish.updates or not updates:
             return
         qos = self.republish.qos
-        if mode == "message":  # as many echoes as device messages: the batch's in one call
+        if mode == "message" and len(result.origins) == len(updates):
+            # as many echoes as device messages (a long one in lists within the packet size)
             self._send(self._echoes(updates, 0, len(updates), result.origins), qos)
             return
-        if mode == "update":  # a window at a time: 100-reading messages echo 100,000 updates
+        if mode != "stream":  # a window at a time: 100-reading messages echo 100,000 updates
             for i in range(0, len(updates), PUBLISH_WINDOW):
                 self._send(self._echoes(updates, i, i + PUBLISH_WINDOW), qos)
             return
         # per stream, in the order the streams came: the kernel lists each stretch of a
-        # stream's updates, and the stretches of a stream are joined (a list's brackets off)
-        by_topic: dict[str, list[bytes]] = {}
+        # stream's updates, and the stretches of a stream are joined (a list's brackets off),
+        # a list at most the packet size allows
+        limit = self._echo_limit()
+        by_topic: dict[str, list[list[bytes]]] = {}
+        room: dict[str, int] = {}
         for topic, body in self._echoes(updates, 0, len(updates), by_stream=True):
-            by_topic.setdefault(topic, []).append(body[1:-1] if body[:1] == b"[" else body)
-        self._send([(topic, _listed(bodies)) for topic, bodies in by_topic.items()], qos)
+            piece = body[1:-1] if body[:1] == b"[" else body
+            lists = by_topic.setdefault(topic, [[]])
+            if lists[-1] and room[topic] + len(piece) + 1 > limit:
+                lists.append([])
+            if not lists[-1]:
+                room[topic] = 1
+            lists[-1].append(piece)
+            room[topic] += len(piece) + 1
+        self._send([(topic, _listed(pieces)) for topic, lists in by_topic.items()
+                    for pieces in lists], qos)  # fmt: skip
+
+    def _echo_limit(self) -> int:
+        """The most bytes an echo list holds: within the broker's packet size and the unit's
+        own payload limit."""
+        return min(self.ingest.max_payload, self._client.max_packet // 2)
 
     def _update_topic(self, key: StreamKey) -> str:
         return self.ingest.topics.updates(key.so, key.stream)

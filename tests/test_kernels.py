@@ -532,6 +532,15 @@ def test_the_echo_kernel_writes_what_orjson_writes(parts: list[Any], start: int,
             grouped.append((topic, [body], origin))
     assert by_message == [(t, b[0] if len(b) == 1 else b"[" + b",".join(b) + b"]")
                           for t, b, _ in grouped]  # fmt: skip
+    # a list ends once it holds max_list bytes: the next row starts another
+    for max_list in (1, 60, 200):
+        capped = kernels.echo_updates(*args, {}, topic_of, encode_update, origins, False, max_list)
+        assert capped == _echo_py.echo_updates(*args, {}, topic_of, encode_update, origins, False,
+                                               max_list)  # fmt: skip
+        longest = max((len(body) for _, body in compiled), default=0)
+        assert all(len(body) <= max_list + longest + 2 for _, body in capped)
+        unrolled = [b for _, body in capped for b in _unlisted(body)]
+        assert unrolled == [body for _, body in compiled]
     # by stream: consecutive rows of one stream, whatever their message
     by_stream = kernels.echo_updates(*args, {}, topic_of, encode_update, None, True)
     assert by_stream == _echo_py.echo_updates(*args, {}, topic_of, encode_update, None, True)
@@ -550,3 +559,11 @@ def test_the_echo_kernel_writes_what_orjson_writes(parts: list[Any], start: int,
     for key in {k for k, _ in rows}:
         ours = [body for (k, _), (_, body) in zip(rows, compiled, strict=True) if k == key]
         assert b"[" + b",".join(ours) + b"]" == encode_batch([u for k, u in rows if k == key])
+
+
+def _unlisted(body: bytes) -> list[bytes]:
+    """The update documents of an echo body (a list of them, or one)."""
+    import orjson
+
+    doc = orjson.loads(body)
+    return [orjson.dumps(d) for d in doc] if isinstance(doc, list) else [body]

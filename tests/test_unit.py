@@ -593,3 +593,36 @@ def _flat(got: list[tuple[str, Any]], topic: str) -> list[dict[str, Any]]:
     """The updates echoed on `topic`'s updates, lists unrolled."""
     bodies = [b for t, b in got if t == topic + "/updates"]
     return [u for b in bodies for u in (b if isinstance(b, list) else [b])]
+
+
+@pytest.mark.mqtt
+def test_a_long_message_is_echoed_in_lists_the_broker_takes(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """The echo of a message of many readings is cut into lists of at most the unit's payload
+    limit (and half the broker's packet size): every reading echoed, in order, none refused."""
+    path = _config(tmp_path, mosquitto, name="u-echo-long", max_payload=3000)
+    unit = Unit(UnitConfig.load(path)).start()
+    collector = Collector(mosquitto, "collector-echo-long")
+    sender = make_client(MqttSettings(url=mosquitto.url), "sender-echo-long")
+    sent = threading.Event()
+    sender.on_connect = lambda *_: sent.set()
+    connect(sender, MqttSettings(url=mosquitto.url), persistent=False)
+    sender.loop_start()
+    topic = "rain-gauge-1/streams/rain"
+    values = [i / 4 for i in range(150)]
+    doc = {"lastUpdate": [T0 + i for i in range(150)], "channels": {"mm": values}}
+    try:
+        assert sent.wait(10) and unit.runtime.connected.wait(10)
+        assert len(orjson.dumps(doc)) <= 3000
+        sender.publish(topic, orjson.dumps(doc), qos=1).wait_for_publish(10)
+        got = collector.take(lambda g: len(_flat(g, topic)) >= 150)
+    finally:
+        sender.loop_stop()
+        sender.disconnect()
+        collector.close()
+        unit.stop()
+    bodies = [orjson.dumps(b) for t, b in got if t == topic + "/updates"]
+    assert len(bodies) > 1 and all(len(b) <= 3000 + 200 for b in bodies)
+    assert [u["channels"]["mm"]["current-value"] for u in _flat(got, topic)] == values
+    assert not [t for t, _ in got if t.startswith("cloudlet/dead-letter")]

@@ -196,15 +196,17 @@ cdef class _Echoes:
     cdef Text text  # the current message's documents, from offset 1 (0: room for "[")
     cdef list out
     cdef bint grouped, by_stream
+    cdef Py_ssize_t limit  # a list is ended once it holds this many bytes (0: never)
     cdef object topic
     cdef PyObject* origin
     cdef Py_ssize_t count
 
-    def __cinit__(self, bint grouped, bint by_stream):
+    def __cinit__(self, bint grouped, bint by_stream, Py_ssize_t limit):
         self.text.data, self.text.size, self.text.room = NULL, 0, 0
         self.out = []
         self.grouped = grouped or by_stream
         self.by_stream = by_stream
+        self.limit = limit
         self.topic = None
         self.origin = NULL
         self.count = 0
@@ -214,8 +216,9 @@ cdef class _Echoes:
 
     cdef int row(self, object topic, object origin) except -1:
         """A row's document comes next (the caller writes it)."""
-        if self.count and self.grouped and (self.by_stream or <PyObject*>origin == self.origin) and (
-                topic is self.topic or topic == self.topic):
+        if (self.count and self.grouped and (self.limit == 0 or self.text.size < self.limit)
+                and (self.by_stream or <PyObject*>origin == self.origin)
+                and (topic is self.topic or topic == self.topic)):
             _put(&self.text, b",", 1)
             self.count += 1
             return 0
@@ -240,18 +243,20 @@ cdef class _Echoes:
 
 
 def echo_updates(list parts, Py_ssize_t start, Py_ssize_t stop, dict topics, object topic_of,
-                 object encode_row, object origins=None, bint by_stream=False):
+                 object encode_row, object origins=None, bint by_stream=False,
+                 Py_ssize_t max_list=0):
     """The (topic, body) echo of rows `start` to `stop` of `parts` (`streams.accepted`
     parts): the body of each `encode_row(update)` (`streams.codec.encode_update`), written
     from a run's columns without making its rows; `topics` caches `topic_of(key)`. With
     `origins` (the device message of each row), one message per device message: the rows
     of one message and stream that follow each other as one list (byte for byte
     `encode_batch` of them), a single row as itself; with `by_stream`, the rows of one stream
-    that follow each other, whatever their message."""
+    that follow each other, whatever their message. A list is ended (the next row starts
+    another) once it holds `max_list` bytes (0: no end): within the broker's packet size."""
     cdef list names, columns, keys = None, part_names, origin_list = None
     cdef Py_ssize_t at = 0, n, i, j, m, low, high
     cdef object part, key, topic, column, v, times, origin = None
-    cdef _Echoes echoes = _Echoes(origins is not None, by_stream)
+    cdef _Echoes echoes = _Echoes(origins is not None, by_stream, max_list)
     cdef Text* text = &echoes.text
     cdef double x = 0.0
     cdef bint message_run, first

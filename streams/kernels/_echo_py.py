@@ -18,6 +18,7 @@ def echo_updates(
     encode_row: Callable[[Any], bytes],
     origins: Sequence[Any] | None = None,
     by_stream: bool = False,
+    max_list: int = 0,
 ) -> list[tuple[str, bytes]]:
     """The (topic, body) echo of rows `start` to `stop` of `parts` (`streams.accepted` parts:
     lists of rows, column and message runs), each body `encode_row(update)`
@@ -25,11 +26,12 @@ def echo_updates(
     device message of each row), one message per device message: the rows of one message
     and stream that follow each other as one list (`encode_batch` of them), a single row as
     itself; with `by_stream`, the rows of one stream that follow each other, whatever their
-    message. The compiled kernel writes a run's bodies from its columns, byte for byte the
-    same, without making its rows."""
+    message. A list is ended (the next row starts another) once it holds `max_list` bytes
+    (0: no end): within the broker's packet size. The compiled kernel writes a run's bodies
+    from its columns, byte for byte the same, without making its rows."""
     out: list[tuple[str, bytes]] = []
     held: list[bytes] = []
-    held_topic, held_origin = "", None
+    held_topic, held_origin, size = "", None, 0
 
     def flush() -> None:
         if held:
@@ -47,11 +49,13 @@ def echo_updates(
             body = encode_row(update)
             origin = None if origins is None or by_stream else origins[at + i]
             grouped = by_stream or origins is not None
-            if grouped and held and origin is held_origin and topic == held_topic:
+            full = max_list > 0 and size >= max_list  # size: "[", the bodies, the commas
+            if grouped and held and not full and origin is held_origin and topic == held_topic:
                 held.append(body)
+                size += len(body) + 1
                 continue
             flush()
-            held, held_topic, held_origin = [body], topic, origin
+            held, held_topic, held_origin, size = [body], topic, origin, 1 + len(body)
         at += n
     flush()
     return out
