@@ -49,6 +49,7 @@ from streams import (
 )
 from streams.accepted import Updates
 from streams.actuation import ActuationError, StatusReport
+from streams.kernels import _echo_py
 from streams.rejections import dead_letter_record
 from streams.transport.mqtt import MqttSettings
 
@@ -101,6 +102,7 @@ class UnitRuntime:
         self.ingest = ingest
         self.republish = republish or RepublishSettings()
         self._echo_topics: dict[StreamKey, str] = {}  # each stream's echo topic, made once
+        self._echo_kernel_failed = False
         self.engine = engine
         self.chain = chain  # the processors, in the engine's graph: for their state, teardown
         assert chain is None or engine is not None, "the processors run in an engine's graph"
@@ -445,10 +447,15 @@ class UnitRuntime:
             self._echo_topics.clear()
         parts = updates.parts if isinstance(updates, Updates) else [list(updates)]
         limit = self._echo_limit()  # a list ends within the broker's packet size
-        echoes: list[tuple[str, bytes]] = kernels.echo_updates(
-            parts, start, stop, self._echo_topics, self._update_topic, encode_update, origins,
-            by_stream, limit,
-        )  # fmt: skip
+        args = (parts, start, stop, self._echo_topics, self._update_topic, encode_update,
+                origins, by_stream, limit)  # fmt: skip
+        try:
+            echoes: list[tuple[str, bytes]] = kernels.echo_updates(*args)
+        except Exception:  # a bug of the kernel's costs speed, not the echo or the worker
+            if not self._echo_kernel_failed:
+                self._echo_kernel_failed = True
+                log.exception("the echo kernel failed; echoing the pure-Python way")
+            echoes = _echo_py.echo_updates(*args)
         return echoes
 
     def _echo(self, result: Outputs) -> None:

@@ -542,13 +542,22 @@ def test_without_a_state_store_a_sigkill_loses_no_update(
 
 
 @pytest.mark.mqtt
-@pytest.mark.parametrize("per", ["message", "update"])
+@pytest.mark.parametrize("per", ["message", "update", "kernel failing"])
 def test_the_echo_follows_the_device_messages(
-    mosquitto: Mosquitto, tmp_path: Path, per: str
+    mosquitto: Mosquitto, tmp_path: Path, per: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """By default each device message is echoed as one message: a single update as itself, a
     list or a columnar batch as the list of its updates (ServIoTicy's batch form); `per:
-    update` echoes every update on its own. Either way, every accepted update, in order."""
+    update` echoes every update on its own. Either way, every accepted update, in order; and
+    so if the echo kernel fails (the pure-Python way then)."""
+    if per == "kernel failing":
+        from streams import kernels
+
+        def broken(*_: Any) -> Any:
+            raise RuntimeError("a bug of the echo kernel")
+
+        monkeypatch.setattr(kernels, "echo_updates", broken)
+        per = "message"
     path = _config(tmp_path, mosquitto, name=f"u-echo-{per}", republish={"per": per},
                    batch_size=100)  # fmt: skip
     unit = Unit(UnitConfig.load(path)).start()
