@@ -134,8 +134,7 @@ class Ingest:
         (JSON or msgpack; one update, a list of them, or the columnar form) go through one
         compiled call (`kernels.ingest_rows`) into runs of typed columns; anything else (a
         bad value, a unit, seconds, an unknown topic) through the validator, which words the
-        rejections. Accepted updates keep the
-        messages' order.
+        rejections. Accepted updates keep the messages' order.
 
         Whatever a message holds, it ends as updates or dead letters: an unexpected exception
         while reading one (a bug of ours) dead-letters that message as `internal_error`."""

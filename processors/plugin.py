@@ -77,11 +77,10 @@ class Batch(list[tuple[StreamKey, SensorUpdate]]):
     def columns(self, *channels: str) -> Columns:
         """The batch by column: each update's stream and time, and the values of `channels`
         (None where an update lacks one), for a processor that works on whole columns."""
-        rows = list.__iter__(self)
         keys: list[StreamKey] = []
         times: array[int] = array("q")
         cells: list[dict[str, Any]] = []
-        for key, update in rows:
+        for key, update in self:
             keys.append(key)
             times.append(update.last_update)
             cells.append(update.channels)
