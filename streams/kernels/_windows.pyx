@@ -729,30 +729,8 @@ cdef bint _fold_grouped(_Folder folder, object part, dict plans, object test, ob
     cdef PyObject* slot_keys[GROUP_SLOTS]
     cdef Py_ssize_t slot_groups[GROUP_SLOTS]
     cdef Py_ssize_t slot, distinct = 0
-    if not folder.tumbling or m != len(folder.aggs) or m > 32:
+    if not _in_c(folder, times, args, test, c, m, cols, &where_column, &bound):
         return False
-    if type(times) is not array.array or (<array.array>times).ob_descr.typecode != b"q":
-        return False
-    for j in range(m):
-        code = folder.codes[j]
-        if code == GENERIC:
-            return False
-        cols[j] = NULL
-        if code == COUNT or args[j] is None:
-            continue
-        if not _doubles(args[j]):
-            return False
-        cols[j] = (<array.array>args[j]).data.as_doubles
-    if test is not None:
-        if not _doubles(test):
-            return False
-        if type(c) is float:
-            bound = c
-        elif type(c) is int and -EXACT < c < EXACT:
-            bound = <double>(<long long>c)
-        else:
-            return False
-        where_column = (<array.array>test).data.as_doubles
     group_at = <Py_ssize_t*>malloc(n * sizeof(Py_ssize_t))
     index = <Py_ssize_t*>malloc(n * sizeof(Py_ssize_t))
     if group_at == NULL or index == NULL:
@@ -843,15 +821,11 @@ cdef inline bint _doubles(object column):
     return type(column) is array.array and (<array.array>column).ob_descr.typecode == b"d"
 
 
-cdef bint _run_folds(_Folder folder, object group, object times, object test, object c,
-                     int cmp_op, tuple channels, list args, list row, Py_ssize_t at,
-                     Py_ssize_t m) except -1:
-    """A column run folded by `_Folder.run` when its columns and the flow allow it (tumbling
-    windows; count, sum, avg, min, max of double columns; a `where` on a double column
-    against an exact number); False, having folded nothing, otherwise."""
-    cdef const double* cols[32]
-    cdef const double* where_column = NULL
-    cdef double bound = 0.0
+cdef bint _in_c(_Folder folder, object times, list args, object test, object c, Py_ssize_t m,
+               const double** cols, const double** where_column, double* bound) except -1:
+    """Whether `_Folder.run` folds a run with these columns: tumbling windows; count, sum,
+    avg, min, max of double columns (`cols[j]`, NULL for count or a column the run lacks);
+    a `where` on a double column (`where_column`) against an exact number (`bound`)."""
     cdef Py_ssize_t j
     cdef int code
     if not folder.tumbling or m != len(folder.aggs) or m > 32:
@@ -872,12 +846,28 @@ cdef bint _run_folds(_Folder folder, object group, object times, object test, ob
         if not _doubles(test):
             return False
         if type(c) is float:
-            bound = c
+            bound[0] = c
         elif type(c) is int and -EXACT < c < EXACT:
-            bound = <double>(<long long>c)
+            bound[0] = <double>(<long long>c)
         else:
             return False
-        where_column = (<array.array>test).data.as_doubles
+        where_column[0] = (<array.array>test).data.as_doubles
+    return True
+
+
+cdef bint _run_folds(_Folder folder, object group, object times, object test, object c,
+                     int cmp_op, tuple channels, list args, list row, Py_ssize_t at,
+                     Py_ssize_t m) except -1:
+    """A column run folded by `_Folder.run` when its columns and the flow allow it (tumbling
+    windows; count, sum, avg, min, max of double columns; a `where` on a double column
+    against an exact number); False, having folded nothing, otherwise."""
+    cdef const double* cols[32]
+    cdef const double* where_column = NULL
+    cdef double bound = 0.0
+    cdef Py_ssize_t j
+    cdef int code
+    if not _in_c(folder, times, args, test, c, m, cols, &where_column, &bound):
+        return False
     folder.run(group, (<array.array>times).data.as_longlongs, len(times), NULL, cols,
                where_column, cmp_op, bound, at, times, channels, args, row)
     return True
