@@ -477,30 +477,6 @@ cdef int _read_number(const char* p, Py_ssize_t* at, Py_ssize_t n, long long* wh
     return A_FLOAT
 
 
-cdef object _string_or_flag(const char* p, Py_ssize_t* at, Py_ssize_t n, int code):
-    """The JSON string (no escape) or boolean at `at[0]` for a channel of `code`, moving
-    `at[0]` past it; None for anything else."""
-    cdef Py_ssize_t i = at[0], end
-    cdef object v
-    if code == STRING:
-        if i >= n or p[i] != 34:
-            return None
-        end = _string_end(p, i + 1, n)
-        if end < 0:
-            return None
-        v = PyUnicode_DecodeUTF8(p + i + 1, end - i - 1, NULL)
-        at[0] = end + 1
-        return v
-    if code == BOOLEAN:
-        if i + 4 <= n and memcmp(p + i, b"true", 4) == 0:
-            at[0] = i + 4
-            return True
-        if i + 5 <= n and memcmp(p + i, b"false", 5) == 0:
-            at[0] = i + 5
-            return False
-    return None
-
-
 cdef object _number(const char* p, Py_ssize_t* at, Py_ssize_t n):
     """`_read_number` as a Python int or float; None for anything else."""
     cdef long long whole
@@ -691,8 +667,24 @@ cdef object _scan_columns(bytes payload, list encoded, list kinds, list names,
                         if cells is None:
                             cells = []
                             column = cells
-                        v = _string_or_flag(p, &i, n, code)
-                        if v is None:
+                        if code == STRING:
+                            if i >= n or p[i] != 34:
+                                return None
+                            end = _string_end(p, i + 1, n)
+                            if end < 0:
+                                return None
+                            v = PyUnicode_DecodeUTF8(p + i + 1, end - i - 1, NULL)
+                            i = end + 1
+                        elif code == BOOLEAN:
+                            if i + 4 <= n and memcmp(p + i, b"true", 4) == 0:
+                                v = True
+                                i += 4
+                            elif i + 5 <= n and memcmp(p + i, b"false", 5) == 0:
+                                v = False
+                                i += 5
+                            else:
+                                return None
+                        else:
                             return None
                         cells.append(v)
                     i = _ws(p, i, n)
@@ -836,10 +828,25 @@ cdef Py_ssize_t _channels(const char* p, Py_ssize_t i, Py_ssize_t n, list encode
                 reading.state[j] = 1
             else:
                 return -1
-        else:
-            v = _string_or_flag(p, &i, n, code)
-            if v is None:
+        elif code == STRING:
+            if i >= n or p[i] != 34:
                 return -1
+            end = _string_end(p, i + 1, n)
+            if end < 0:
+                return -1
+            v = PyUnicode_DecodeUTF8(p + i + 1, end - i - 1, NULL)
+            i = end + 1
+        elif code == BOOLEAN:
+            if i + 4 <= n and memcmp(p + i, b"true", 4) == 0:
+                v = True
+                i += 4
+            elif i + 5 <= n and memcmp(p + i, b"false", 5) == 0:
+                v = False
+                i += 5
+            else:
+                return -1
+        else:
+            return -1
         if code != NUMBER:
             row[j] = v
             reading.state[j] = 1
