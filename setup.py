@@ -7,8 +7,13 @@ from setuptools import Extension, setup
 setup(
     ext_modules=cythonize(
         [
-            Extension(f"streams.kernels.{name}", [f"streams/kernels/{name}.pyx"])
-            for name in ("_columnar", "_echo", "_frames", "_windows")
+            # no fused multiply-add (aarch64 contracts by default): floats round as Python's
+            Extension(
+                f"streams.kernels.{name}",
+                [f"streams/kernels/{name}.pyx"],
+                extra_compile_args=["-ffp-contract=off"],
+            )
+            for name in ("_columnar", "_echo", "_frames", "_vector", "_windows")
         ],
         compiler_directives={"language_level": "3"},
     )

@@ -7,7 +7,8 @@ Writes bench/results/<time>.json and .md (with the machine described) and prints
 Scenarios:
 1. kernel: readings/s per core of decode + validate + filter + 1-minute tumbling average keyed by
    service object (the unit's own Ingest and FlowEngine), compiled kernels beside their
-   pure-Python twins, one reading per message and 100 (columnar);
+   pure-Python twins, one reading per message and 100 (columnar); and the same flow written
+   with expressions (`avg(t * 1.8 + 32)`), columns beside the expressions update by update;
 2. ingest: updates/s from a real Mosquitto into a unit running that flow, beside the C client
    `mosquitto_sub` draining the same backlog; one reading per message, and 100;
 3. forwarder: records/s from the outbox to Kafka, beside Kafka's ProducerPerformance;
@@ -218,7 +219,8 @@ def ingest(
         expected = len(messages)
         processed = letters = 0
         peak = 0
-        first: tuple[float, int] | None = None  # when the unit had started, and its count then
+        # when the unit had started, its count and its CPU seconds then
+        first: tuple[float, int, float] | None = None
         deadline = time.monotonic() + 300
         while processed < expected and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -531,6 +533,10 @@ def table(results: list[dict[str, Any]], about: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _keep(results: list[dict[str, Any]], run: Callable[[], dict[str, Any]]) -> None:
+    results.append(run())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="kernel,columnar,windows,ingest,forwarder,latency")
@@ -551,6 +557,13 @@ def main() -> None:
             steps.append(
                 ("kernel 100", lambda: results.append(kernel(work, int(1_000_000 * scale), 100)))
             )
+
+            def derived(per: int) -> None:  # the flow written with expressions
+                n = int(200_000 * per**0.5 * scale)
+                results.append(kernel(work, n, per, derived_flow=True))
+
+            for per in (1, 100):
+                steps.append((f"kernel derived {per}", functools.partial(derived, per)))
         if "windows" in only:
             steps.append(("windows", lambda: results.append(windows(int(500_000 * scale)))))
         if "columnar" in only:
@@ -573,15 +586,18 @@ def main() -> None:
                 )
             )
         if only & {"forwarder", "latency"}:
-            kafka = Kafka(work / "kafka", heap="1g").start()
-        if "forwarder" in only:
-            steps.append(
-                ("forwarder", lambda: results.append(forwarder(kafka, work, int(100_000 * scale))))
-            )  # type: ignore[arg-type]
-        if "latency" in only:
-            for rate in (1000, 10_000):  # the target is p99 under 50 ms at 10,000/s
-                run = functools.partial(latency, kafka, work, rate, 10 * scale + 2)
-                steps.append((f"latency {rate}/s", lambda run=run: results.append(run())))
+            kafka = cluster = Kafka(work / "kafka", heap="1g").start()
+            if "forwarder" in only:
+                steps.append(
+                    (
+                        "forwarder",
+                        lambda: results.append(forwarder(cluster, work, int(100_000 * scale))),
+                    )
+                )
+            if "latency" in only:
+                for rate in (1000, 10_000):  # the target: p99 under 50 ms at 10,000/s
+                    run = functools.partial(latency, cluster, work, rate, 10 * scale + 2)
+                    steps.append((f"latency {rate}/s", functools.partial(_keep, results, run)))
         for name, step in steps:
             print(f"running {name} ...", flush=True)
             step()

@@ -19,7 +19,7 @@ from processors.engine import engine_of
 from processors.ingest import Ingest, RawMessage
 from streams import SensorUpdate, StreamKey, kernels
 from streams.accepted import ColumnRun, MessageRun, Updates
-from streams.kernels import _columnar_py, _windows_py
+from streams.kernels import _columnar_py, _vector_py, _windows_py
 from tests.test_flows import FOLDED, T0, _catalog, numbers, su
 
 S1, S2 = StreamKey("s1", "data"), StreamKey("s2", "data")
@@ -39,6 +39,30 @@ flows:
     window: {tumbling: 5s}
     aggregates: {n: count(), hi: max(t), last: last(zone)}
     into: "hub/all"
+"""
+
+# expressions over number channels: the column-expression kernel evaluates them over runs
+DERIVED = """\
+flows:
+  fahrenheit:
+    from: "s*/data"
+    where: "t * 2 + 1 > -50 and not (t == 3) or available(t) and t < -90"
+    window: {tumbling: 10s}
+    watermark: {delay: 3s, lateness: 15s}
+    aggregates:
+      f: avg(t * 1.8 + 32)
+      m: avg(max(min(t, 2.5, t / 2), -7.5))
+      a: sum(abs(t - 10) % 7)
+      c: "min(t > 0 ? t : -t)"
+      n: count()
+    into: "{so}/derived"
+  failing:
+    from: "s*/data"
+    key: none
+    where: "available(t) ? t != 1 : false"
+    window: {tumbling: 5s}
+    aggregates: {r: sum(100 / t), q: avg(sqrt(t)), z: avg(t / 1e300 * t), k: max(-t % 3)}
+    into: "hub/failing"
 """
 
 
@@ -82,11 +106,11 @@ def test_a_message_run_reads_as_its_messages() -> None:
 
 @contextlib.contextmanager
 def _twins(on: bool) -> Iterator[None]:
-    names = ["fold_windows", "column_inputs", "take_inputs", "fold_parts"]
+    names = ["fold_windows", "column_inputs", "take_inputs", "fold_parts", "derive_columns"]
     saved = {n: getattr(kernels, n) for n in names}
     if on:
         for n in names:
-            setattr(kernels, n, getattr(_windows_py, n))
+            setattr(kernels, n, getattr(_windows_py if n != "derive_columns" else _vector_py, n))
         kernels.columnar_fits = _columnar_py.columnar_fits
     try:
         yield
@@ -130,7 +154,7 @@ def _message_run(
                        [z for *_, z in readings]])  # fmt: skip
 
 
-@pytest.mark.parametrize("flows", ["columns", "mixed"])
+@pytest.mark.parametrize("flows", ["columns", "mixed", "derived"])
 @pytest.mark.parametrize("twins", [False, True], ids=["compiled", "twins"])
 @settings(max_examples=150, deadline=None)
 @given(messages=st.lists(_message, max_size=12), cut=st.integers(1, 6))
@@ -138,7 +162,8 @@ def test_the_flows_give_the_same_from_column_runs_as_from_rows(
     tmp_path_factory: pytest.TempPathFactory, flows: str, twins: bool,
     messages: list[tuple[StreamKey, list[tuple[int, Any, str]], str]], cut: int,
 ) -> None:  # fmt: skip
-    text = COLUMNS if flows == "columns" else FOLDED % {"delay": "3s", "lateness": "15s"}
+    text = {"columns": COLUMNS, "derived": DERIVED}.get(flows) or FOLDED % {
+        "delay": "3s", "lateness": "15s"}  # fmt: skip
     catalog, problems = _catalog(tmp_path_factory.mktemp("columns"), text)
     assert problems == []
     as_runs, as_rows = engine_of(catalog, clock=lambda: 0.0), engine_of(catalog, clock=lambda: 0.0)
@@ -171,6 +196,27 @@ def test_the_flows_give_the_same_from_column_runs_as_from_rows(
             assert got.late_at == want.late_at
             if flows == "columns" and updates.has_runs:
                 assert updates._rows is None  # the runs were read as columns, never as rows
+    assert as_runs.snapshot() == as_rows.snapshot()
+
+
+@pytest.mark.parametrize("twins", [False, True], ids=["compiled", "twins"])
+def test_a_derived_flow_folds_runs_by_column_and_rejects_by_row(tmp_path: Any, twins: bool) -> None:
+    catalog, problems = _catalog(tmp_path, DERIVED)
+    assert problems == []
+    as_runs, as_rows = engine_of(catalog, clock=lambda: 0.0), engine_of(catalog, clock=lambda: 0.0)
+    with _twins(twins):
+        for batch in ([(0, 4.0, "a"), (1, 9.5, "a"), (14, 1e6, "b")],  # all by column
+                      [(15_000, 2.0, "a"), (16_000, -4.0, "b")]):  # fmt: skip
+            updates = Updates()
+            updates.add_part(_message_run(S1, batch, typed=True))
+            got = as_runs.process(updates)
+            want = as_rows.process(_message_run(S1, batch, typed=True).rows())
+            assert (got.derived, got.rejected) == (want.derived, want.rejected)
+            # the first batch never became rows; the second did (sqrt(-4) is rejected)
+            assert (updates._rows is None) == (batch[0][0] == 0)
+    assert [r.message for r in got.rejected] == [
+        "s1/data: flow 'failing': sqrt() of a negative number (-4.0) (in 'avg(sqrt(t))')"
+    ]
     assert as_runs.snapshot() == as_rows.snapshot()
 
 

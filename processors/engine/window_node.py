@@ -8,11 +8,11 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from processors.engine.columns import ColumnPlan, column_plan
+from processors.engine.columns import ColumnPlan, Derivation, column_plan
 from processors.engine.graph import Row, Run
 from processors.engine.windows import WindowOperator
 from streams import kernels
-from streams.accepted import Updates
+from streams.accepted import ColumnRun, MessageRun, Part, Updates
 from streams.expressions import NOT_AVAILABLE, EvaluationError
 from streams.expressions.functions import to_text
 from streams.flows.compile import CompiledFlow
@@ -123,9 +123,14 @@ class WindowNode:
             groups.add(key.so)
         if not isinstance(plan, ColumnPlan):
             return False
+        parts: list[Part] | None = batch.parts
+        if plan.derive is not None:
+            parts = self._derived(batch.parts, plan.derive)
+            if parts is None:
+                return False
         by_so = self.flow.key_mode == "so"
         self.operator.touch(groups if by_so else [""])
-        folded: Any = kernels.fold_parts(self.operator, batch.parts, plans, plan, plan.where,
+        folded: Any = kernels.fold_parts(self.operator, parts, plans, plan, plan.where,
                                          plan.channels, by_so)  # fmt: skip
         if folded is None:
             return False
@@ -137,6 +142,36 @@ class WindowNode:
             self._emit(run, i, [window])
         return True
 
+    def _derived(self, parts: list[Part], derive: Derivation) -> list[Part] | None:
+        """The batch's runs with the derivation's columns in place of the channels (one kernel
+        call per run), or None when a run cannot be taken that way (values not all floats, an
+        expression that fails on a reading) or rows of the flow's are not in runs: the batch
+        then goes update by update, through the expressions."""
+        plans = self.plans
+        out: list[Part] = []
+        for part in parts:
+            if isinstance(part, list):
+                if any(plans.get(key) is not None for key, _ in part):
+                    return None
+                out.append(part)
+                continue
+            if isinstance(part, ColumnRun) and plans.get(part.key) is None:
+                out.append(part)  # not the flow's: left as it is
+                continue
+            column_of = dict(zip(part.names, part.columns, strict=True))
+            inputs = [column_of.get(channel) for channel in derive.inputs]
+            got = kernels.derive_columns(derive.where, derive.values, inputs, len(part))
+            if got is None:
+                return None
+            mask, values = got
+            columns = ([] if mask is None else [mask]) + [v for v in values if v is not None]
+            names = list(derive.names)
+            if isinstance(part, ColumnRun):
+                out.append(ColumnRun(part.key, part.times, names, columns))
+            else:
+                out.append(MessageRun(part.keys, part.times, names, columns, part.distinct))
+        return out
+
     def _take(self, run: Run, rows: Sequence[Row], origins: list[int] | None) -> Taken | None:
         """(positions in `rows`, window keys, times, argument rows) of the updates the flow
         takes, in order. Inputs with a column plan (usually all, and all with the same plan)
@@ -145,7 +180,7 @@ class WindowNode:
         by_so = flow.key_mode == "so"
         if rows:  # the common case, one kernel call: every key read has the first's plan
             first = plans.get(rows[0][0])
-            if isinstance(first, ColumnPlan):
+            if isinstance(first, ColumnPlan) and first.derive is None:
                 taken = kernels.take_inputs(rows, plans, first, first.where, first.channels,
                                             by_so)  # fmt: skip
                 if taken is not None:
@@ -162,6 +197,8 @@ class WindowNode:
                 plan = plans.get(key, _UNKNOWN)
                 if plan is _UNKNOWN:
                     plan = self._plan(key)
+                if isinstance(plan, ColumnPlan) and plan.derive is not None:
+                    plan = _SLOW  # rows: a derived plan's expressions one by one
                 if plan is not last_plan:  # most keys share one plan
                     last_plan = plan
                     if plan is not None and plan is not _SLOW:

@@ -11,6 +11,8 @@ import says so loudly (a warning on every start, and `COMPILED` is False), and
   column by column;
 - echo: the echo of accepted updates written from the runs' columns, byte for byte orjson's;
 - frames: MQTT v5 packets cut from the broker's bytes, and PUBLISH/PUBACK packets built in bulk;
+- vector: a flow's `where` and arguments (arithmetic, comparisons, logic over number
+  channels) evaluated a column at a time over a run's doubles;
 - windows: a batch of updates folded into a tumbling or hopping window operator, and the
   inputs of simple flows (`where: t > 5`, `avg(t)`) read from a batch without expressions;
   `KeyState`, the state of a window key, is the kernel's own type (a C structure compiled).
@@ -22,13 +24,13 @@ import os
 import warnings
 from types import ModuleType
 
-from streams.kernels import _columnar_py, _echo_py, _frames_py, _windows_py
+from streams.kernels import _columnar_py, _echo_py, _frames_py, _vector_py, _windows_py
 
 NO_EXTENSIONS = os.environ.get("CLOUDLET_NO_EXTENSIONS") == "1"
 FrameError = _frames_py.FrameError  # both implementations raise this one
 
 
-def _compiled() -> tuple[ModuleType, ModuleType, ModuleType, ModuleType] | None:
+def _compiled() -> tuple[ModuleType, ModuleType, ModuleType, ModuleType, ModuleType] | None:
     if NO_EXTENSIONS:
         return None
     try:
@@ -36,6 +38,7 @@ def _compiled() -> tuple[ModuleType, ModuleType, ModuleType, ModuleType] | None:
             _columnar,
             _echo,
             _frames,
+            _vector,
             _windows,
         )
     except ImportError as exc:
@@ -51,12 +54,18 @@ def _compiled() -> tuple[ModuleType, ModuleType, ModuleType, ModuleType] | None:
             stacklevel=3,
         )
         return None
-    return _columnar, _echo, _frames, _windows
+    return _columnar, _echo, _frames, _vector, _windows
 
 
 _modules = _compiled()
 COMPILED = _modules is not None
-columnar, echo, frames, windows = _modules or (_columnar_py, _echo_py, _frames_py, _windows_py)
+columnar, echo, frames, vector, windows = _modules or (
+    _columnar_py,
+    _echo_py,
+    _frames_py,
+    _vector_py,
+    _windows_py,
+)
 columnar_updates = columnar.columnar_updates
 columnar_fits = columnar.columnar_fits
 row_updates = columnar.row_updates
@@ -70,6 +79,7 @@ fold_windows = windows.fold_windows
 column_inputs = windows.column_inputs
 take_inputs = windows.take_inputs
 fold_parts = windows.fold_parts
+derive_columns = vector.derive_columns
 KeyState = windows.KeyState  # a window key's state: the kernel's own type (its twin: keys.py)
 
 __all__ = [
@@ -81,6 +91,7 @@ __all__ = [
     "column_inputs",
     "columnar_fits",
     "columnar_updates",
+    "derive_columns",
     "echo_updates",
     "fold_parts",
     "fold_windows",
