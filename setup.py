@@ -13,7 +13,15 @@ setup(
                 [f"streams/kernels/{name}.pyx"],
                 extra_compile_args=["-ffp-contract=off"],
             )
-            for name in ("_columnar", "_echo", "_frames", "_vector", "_windows")
+            for name in (
+                "_accumulate",
+                "_columnar",
+                "_echo",
+                "_frames",
+                "_inputs",
+                "_vector",
+                "_windows",
+            )
         ],
         compiler_directives={"language_level": "3"},
     )

@@ -85,13 +85,13 @@ def payloads(
 def twins() -> Iterator[None]:
     """Every kernel swapped for its pure-Python twin (what CLOUDLET_NO_EXTENSIONS=1 runs)."""
     from streams import kernels
-    from streams.kernels import _columnar_py, _vector_py, _windows_py
+    from streams.kernels import _columnar_py, _inputs_py, _vector_py, _windows_py
 
     names = {
         "derive_columns": _vector_py.derive_columns,
-        "column_inputs": _windows_py.column_inputs,
-        "take_inputs": _windows_py.take_inputs,
-        "fold_parts": _windows_py.fold_parts,
+        "column_inputs": _inputs_py.column_inputs,
+        "take_inputs": _inputs_py.take_inputs,
+        "fold_parts": _inputs_py.fold_parts,
         "ingest_rows": _columnar_py.ingest_rows,
         "row_updates": _columnar_py.row_updates,
         "columnar_updates": _columnar_py.columnar_updates,

@@ -419,7 +419,7 @@ def test_folding_a_batch_equals_passing_updates_one_by_one(
     """The batch path (kernels.fold_windows, compiled or twin) gives exactly what the update
     by update path gives: the same results, late updates and rejections, from the same inputs."""
     from streams import kernels
-    from streams.kernels import _windows_py
+    from streams.kernels import _inputs_py, _windows_py
 
     catalog, problems = _catalog(tmp_path_factory.mktemp("fold"),
                                  FOLDED % {"delay": delay, "lateness": lateness})  # fmt: skip
@@ -439,8 +439,8 @@ def test_folding_a_batch_equals_passing_updates_one_by_one(
         reader, taker = kernels.column_inputs, kernels.take_inputs
         if mode == "folded by the twin":
             kernels.fold_windows = _windows_py.fold_windows
-            kernels.column_inputs = _windows_py.column_inputs
-            kernels.take_inputs = _windows_py.take_inputs
+            kernels.column_inputs = _inputs_py.column_inputs
+            kernels.take_inputs = _inputs_py.take_inputs
         try:
             results = [engine.process(batch[i : i + cut]) for i in range(0, len(batch), cut)]
         finally:

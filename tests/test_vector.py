@@ -73,7 +73,7 @@ def _booleans(depth: int) -> Any:
 def _row(source: str, a: float | None, b: float | None) -> Any:
     """What the expressions give on one reading: a value, NOT_AVAILABLE, or "error"."""
     expression = compile_expression(source, SCOPE)
-    channels = {k: v for k, v in (("a", a), ("b", b)) if v is not None}
+    channels: dict[str, Any] = {k: v for k, v in (("a", a), ("b", b)) if v is not None}
     try:
         return expression.evaluate({"": SensorUpdate(channels, 0)})
     except EvaluationError:

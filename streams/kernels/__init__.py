@@ -13,8 +13,9 @@ import says so loudly (a warning on every start, and `COMPILED` is False), and
 - frames: MQTT v5 packets cut from the broker's bytes, and PUBLISH/PUBACK packets built in bulk;
 - vector: a flow's `where` and arguments (arithmetic, comparisons, logic over number
   channels) evaluated a column at a time over a run's doubles;
-- windows: a batch of updates folded into a tumbling or hopping window operator, and the
-  inputs of simple flows (`where: t > 5`, `avg(t)`) read from a batch without expressions;
+- windows: a batch of updates folded into a tumbling or hopping window operator;
+- inputs: the inputs of flows with a column plan (`where: t > 5`, `avg(t)`) read from a
+  batch's rows and runs without expressions, and folded;
   `KeyState`, the state of a window key, is the kernel's own type (a C structure compiled).
 """
 
@@ -24,13 +25,20 @@ import os
 import warnings
 from types import ModuleType
 
-from streams.kernels import _columnar_py, _echo_py, _frames_py, _vector_py, _windows_py
+from streams.kernels import (
+    _columnar_py,
+    _echo_py,
+    _frames_py,
+    _inputs_py,
+    _vector_py,
+    _windows_py,
+)
 
 NO_EXTENSIONS = os.environ.get("CLOUDLET_NO_EXTENSIONS") == "1"
 FrameError = _frames_py.FrameError  # both implementations raise this one
 
 
-def _compiled() -> tuple[ModuleType, ModuleType, ModuleType, ModuleType, ModuleType] | None:
+def _compiled() -> tuple[ModuleType, ...] | None:
     if NO_EXTENSIONS:
         return None
     try:
@@ -38,6 +46,7 @@ def _compiled() -> tuple[ModuleType, ModuleType, ModuleType, ModuleType, ModuleT
             _columnar,
             _echo,
             _frames,
+            _inputs,
             _vector,
             _windows,
         )
@@ -54,15 +63,16 @@ def _compiled() -> tuple[ModuleType, ModuleType, ModuleType, ModuleType, ModuleT
             stacklevel=3,
         )
         return None
-    return _columnar, _echo, _frames, _vector, _windows
+    return _columnar, _echo, _frames, _inputs, _vector, _windows
 
 
 _modules = _compiled()
 COMPILED = _modules is not None
-columnar, echo, frames, vector, windows = _modules or (
+columnar, echo, frames, inputs, vector, windows = _modules or (
     _columnar_py,
     _echo_py,
     _frames_py,
+    _inputs_py,
     _vector_py,
     _windows_py,
 )
@@ -76,9 +86,9 @@ publish_frames = frames.publish_frames
 puback_frames = frames.puback_frames
 Publish = frames.Publish
 fold_windows = windows.fold_windows
-column_inputs = windows.column_inputs
-take_inputs = windows.take_inputs
-fold_parts = windows.fold_parts
+column_inputs = inputs.column_inputs
+take_inputs = inputs.take_inputs
+fold_parts = inputs.fold_parts
 derive_columns = vector.derive_columns
 KeyState = windows.KeyState  # a window key's state: the kernel's own type (its twin: keys.py)
 
