@@ -11,7 +11,8 @@ memory stays bounded without blocking the network thread and without dropping an
 
 The MQTT side is `processors.wire.WireClient`: packets are cut from the socket's bytes by the
 compiled frame kernel and reach the worker as lists, not one callback per message. What happens
-to a batch between the broker and the outputs is `processors.pipeline.Pipeline`.
+to a batch between the broker and the outputs is `processors.pipeline.Pipeline`; its echo,
+`processors.echo.Echo`.
 """
 
 from __future__ import annotations
@@ -24,15 +25,16 @@ import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from processors.actuation import ActuationLog
 from processors.chain import Chain
 from processors.config import RepublishSettings
+from processors.echo import Echo
 from processors.engine.flows import FlowEngine
-from processors.ingest import TOPIC_CACHE, DeadLetter, Ingest, IngestBatch, internal_error
+from processors.ingest import DeadLetter, Ingest, IngestBatch, internal_error
 from processors.metrics import UnitMetrics
 from processors.pipeline import Outputs, Pipeline
 from processors.sink import ResultSink
@@ -42,14 +44,9 @@ from streams import (
     Codec,
     Rejection,
     RejectReason,
-    SensorUpdate,
-    StreamKey,
     encode_update,
-    kernels,
 )
-from streams.accepted import Updates
 from streams.actuation import ActuationError, StatusReport
-from streams.kernels import _echo_py
 from streams.rejections import dead_letter_record
 from streams.transport.mqtt import MqttSettings
 
@@ -101,8 +98,6 @@ class UnitRuntime:
     ) -> None:
         self.ingest = ingest
         self.republish = republish or RepublishSettings()
-        self._echo_topics: dict[StreamKey, str] = {}  # each stream's echo topic, made once
-        self._echo_kernel_failed = False
         self.engine = engine
         self.chain = chain  # the processors, in the engine's graph: for their state, teardown
         assert chain is None or engine is not None, "the processors run in an engine's graph"
@@ -150,6 +145,7 @@ class UnitRuntime:
             max_packet=ingest.max_payload + MAX_TOPIC_OVERHEAD,
         )
         self.connected = self._client.connected
+        self.echo = Echo(self.republish, ingest.topics, self._echo_limit, PUBLISH_WINDOW)
         self._seen = (0, 0)  # the client's malformed and refused counts, as last exported
         self._worker = threading.Thread(target=self._run, name="cloudlet-unit", daemon=True)
         if self.state is not None:
@@ -431,74 +427,10 @@ class UnitRuntime:
         m.publishes_refused.inc(client.refused_publishes - self._seen[1])
         self._seen = (client.metrics_malformed, client.refused_publishes)
 
-    def _echoes(
-        self,
-        updates: Sequence[tuple[StreamKey, SensorUpdate]],
-        start: int,
-        stop: int,
-        origins: Sequence[object] | None = None,
-        *,
-        by_stream: bool = False,
-    ) -> list[tuple[str, bytes]]:
-        """The (topic, body) echo of updates `start` to `stop` of a batch's accepted device
-        updates, encoded from the runs' columns by the kernel (rows not made): one message
-        per update, or with `origins` one per device message."""
-        if len(self._echo_topics) > TOPIC_CACHE:
-            self._echo_topics.clear()
-        parts = updates.parts if isinstance(updates, Updates) else [list(updates)]
-        limit = self._echo_limit()  # a list ends within the broker's packet size
-        args = (parts, start, stop, self._echo_topics, self._update_topic, encode_update,
-                origins, by_stream, limit)  # fmt: skip
-        try:
-            echoes: list[tuple[str, bytes]] = kernels.echo_updates(*args)
-        except Exception:  # a bug of the kernel's costs speed, not the echo or the worker
-            if not self._echo_kernel_failed:
-                self._echo_kernel_failed = True
-                log.exception("the echo kernel failed; echoing the pure-Python way")
-            echoes = _echo_py.echo_updates(*args)
-        return echoes
-
-    def _echo(self, result: Outputs) -> None:
-        """Publish the echo of a batch's accepted device updates (`republish`): per device
-        message (a message's updates as it carried them: one, or a list of them, byte for
-        byte `encode_batch` of them), per update, or per stream (a list)."""
-        updates, mode = result.updates, self.republish.mode
-        if not self.republish.updates or not updates:
-            return
-        qos = self.republish.qos
-        if mode == "message" and len(result.origins) == len(updates):
-            # as many echoes as device messages (a long one in lists within the packet size)
-            self._send(self._echoes(updates, 0, len(updates), result.origins), qos)
-            return
-        if mode != "stream":  # a window at a time: 100-reading messages echo 100,000 updates
-            for i in range(0, len(updates), PUBLISH_WINDOW):
-                self._send(self._echoes(updates, i, i + PUBLISH_WINDOW), qos)
-            return
-        # per stream, in the order the streams came: the kernel lists each stretch of a
-        # stream's updates, and the stretches of a stream are joined (a list's brackets off),
-        # a list at most the packet size allows
-        limit = self._echo_limit()
-        by_topic: dict[str, list[list[bytes]]] = {}
-        room: dict[str, int] = {}
-        for topic, body in self._echoes(updates, 0, len(updates), by_stream=True):
-            piece = body[1:-1] if body[:1] == b"[" else body
-            lists = by_topic.setdefault(topic, [[]])
-            if lists[-1] and room[topic] + len(piece) + 1 > limit:
-                lists.append([])
-            if not lists[-1]:
-                room[topic] = 1
-            lists[-1].append(piece)
-            room[topic] += len(piece) + 1
-        self._send([(topic, _listed(pieces)) for topic, lists in by_topic.items()
-                    for pieces in lists], qos)  # fmt: skip
-
     def _echo_limit(self) -> int:
         """The most bytes an echo list holds: within the broker's packet size and the unit's
         own payload limit."""
         return min(self.ingest.max_payload, self._client.max_packet // 2)
-
-    def _update_topic(self, key: StreamKey) -> str:
-        return self.ingest.topics.updates(key.so, key.stream)
 
     def _unpublishable(self, topic: str, body: bytes) -> tuple[str, bytes]:
         """The `unpublishable` dead letter (with an excerpt) of an output the client refused:
@@ -534,7 +466,8 @@ class UnitRuntime:
     def _publish(self, result: Outputs) -> None:
         topics = self.ingest.topics
         # A publish made while disconnected is queued and sent after reconnecting.
-        self._echo(result)
+        for echoes in self.echo.messages(result):
+            self._send(echoes, self.republish.qos)
         for i in range(0, len(result.derived), PUBLISH_WINDOW):
             derived = result.derived[i : i + PUBLISH_WINDOW]
             self._send([(topics.updates(k.so, k.stream), encode_update(u)) for k, u in derived])
@@ -560,8 +493,3 @@ def _disk_full(exc: Exception) -> bool:
 
 def _identity(message: Message) -> tuple[int, str, int]:
     return (message.packet_id, message.topic, zlib.crc32(message.payload))
-
-
-def _listed(bodies: list[bytes]) -> bytes:
-    """Update documents as one list (ServIoTicy's batch form): `encode_batch` of them."""
-    return b"[" + b",".join(bodies) + b"]"
