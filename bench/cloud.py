@@ -1,0 +1,257 @@
+"""The benchmark suite's cloud-side scenarios: 3. forwarder (outbox to Kafka, beside Kafka's
+ProducerPerformance) and 4. latency (device publish to a Kafka consumer, at a fixed rate)."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+from in_process import SENSORS, objects, readings
+from measure import rss_kb
+
+from cloud_sync.forwarder import Forwarder, ForwarderSettings
+from cloud_sync.outbox import Outbox, OutboxSettings
+from cloudlet.demo import unit_metrics
+from cloudlet.rig import Kafka, Mosquitto
+from cloudlet.rig.process import free_port
+from streams import SensorUpdate, encode_update
+from streams.transport.mqtt import MqttSettings, connect, make_client
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# 3. forwarder ----------------------------------------------------------------------------------
+
+
+def forwarder(kafka: Kafka, work: Path, n: int) -> dict[str, Any]:
+    outbox = Outbox(OutboxSettings(path=work / "outbox", fsync="never"))
+    data = readings(n)
+    for i in range(0, n, 1000):
+        outbox.write(data[i : i + 1000])
+    settings = ForwarderSettings.model_validate(
+        {
+            "site": "bench",
+            "batch": 5000,
+            "commands": False,
+            "kafka": {"bootstrap_servers": kafka.bootstrap_servers, "topic": "bench.forwarder"},
+        }
+    )
+    fwd = Forwarder(outbox, settings).start()
+    started = time.perf_counter()
+    while outbox.depth() > 0:
+        time.sleep(0.01)
+    ours = n / (time.perf_counter() - started)
+    fwd.stop()
+    size = len(encode_update(data[0][1])) + 120
+    done = subprocess.run(
+        kafka.java(
+            "org.apache.kafka.tools.ProducerPerformance",
+            "--topic",
+            "bench.java",
+            "--num-records",
+            str(n),
+            "--record-size",
+            str(size),
+            "--throughput",
+            "-1",
+            "--producer-props",
+            f"bootstrap.servers={kafka.bootstrap_servers}",
+            "acks=all",
+            "enable.idempotence=true",
+            "compression.type=lz4",
+            "linger.ms=20",
+            "batch.size=262144",
+        ),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    found = re.search(r"([\d.]+) records/sec", done.stdout.strip().splitlines()[-1])
+    theirs = float(found.group(1)) if found else float("nan")
+    return {
+        "scenario": "forwarder",
+        "ours": ours,
+        "reference": theirs,
+        "reference_is": "Kafka ProducerPerformance (Java)",
+        "unit": "records/s",
+        "ratio": ours / theirs,
+    }
+
+
+# 4. latency ------------------------------------------------------------------------------------
+
+
+def latency(kafka: Kafka, work: Path, rate: int, seconds: float) -> dict[str, Any]:
+
+    broker = Mosquitto(work / f"mosquitto-latency-{rate}", superuser=True, site=True).start()
+    topic = f"bench.latency.{rate}"
+    config = work / f"latency-{rate}.yaml"
+    config.write_bytes(
+        orjson.dumps(
+            {
+                "name": "bench-latency",
+                "objects": [str(objects(work / "objects"))],
+                "mqtt": {"url": broker.url},
+                "http": {"port": (port := free_port())},
+                "outbox": {"path": str(work / f"latency-outbox-{rate}")},
+                "forward": {
+                    "site": "bench",
+                    "commands": False,
+                    "batch": 2000,
+                    "kafka": {
+                        "bootstrap_servers": kafka.bootstrap_servers,
+                        "topic": topic,
+                        "linger_ms": 1,
+                    },
+                },
+            }
+        )
+    )
+    # the unit in a process of its own, as deployed (in this one it would share the GIL with
+    # the publishing devices and the consumer)
+    unit = subprocess.Popen(
+        [sys.executable, "-m", "cloudlet.entry", "unit", "run", str(config)],
+        stdout=subprocess.DEVNULL, stderr=(work / f"latency-{rate}.log").open("wb"),
+    )  # fmt: skip
+    # the consumer in a process of its own too: beside the devices' publisher in this one, it
+    # starved paho's network thread, and the devices' own queue became what was measured
+    ctx = multiprocessing.get_context("fork")
+    since = ctx.Value("d", float("inf"))  # ms: the updates measured are those from then on
+    seen, counted, stop = ctx.Value("q", 0), ctx.Value("q", 0), ctx.Event()
+    lags_out, lags_in = ctx.Pipe(duplex=False)
+    consumer = ctx.Process(
+        target=_latency_consumer,
+        args=(kafka.bootstrap_servers, topic, since, seen, counted, stop, lags_in),
+    )
+    consumer.start()
+    settings = MqttSettings(url=broker.url)
+    pub = make_client(settings, "bench-latency-devices")
+    # one client stands in for many devices: paho's default of 20 QoS 1 messages in flight
+    # would make the devices' own queue the latency measured
+    pub.max_inflight_messages_set(1000)
+    connect(pub, settings, persistent=False)
+    pub.loop_start()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # up: it serves its metrics once connected
+            try:
+                unit_metrics(f"http://127.0.0.1:{port}/metrics")
+                break
+            except OSError:
+                time.sleep(0.1)
+        time.sleep(1.0)
+        rest = rss_kb(unit.pid) / 1024  # connected, forwarder up, nothing received yet
+        # warm-up: the forwarder and the consumer find the topic (Kafka creates it on first
+        # use, which takes seconds), and the first updates are not what is measured
+        for i in range(50):
+            u = SensorUpdate({"t": 20.0}, int(time.time() * 1000))
+            pub.publish(f"sensor-{i % SENSORS}/streams/data", encode_update(u), qos=1)
+        deadline = time.monotonic() + 60
+        while seen.value < 50 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        since.value = time.time() * 1000
+        # the devices: several clients, each in a process of its own (one paho client in this
+        # process could not send 10,000 QoS 1 messages/s here, and its queue was measured)
+        counts = [ctx.Value("q", 0) for _ in range(DEVICE_PROCESSES)]
+        devices = [ctx.Process(target=_latency_devices,
+                               args=(broker.url, i, rate / DEVICE_PROCESSES, seconds,
+                                     counts[i]))
+                   for i in range(DEVICE_PROCESSES)]  # fmt: skip
+        for d in devices:
+            d.start()
+        for d in devices:
+            d.join(seconds + 60)
+        sent = sum(c.value for c in counts)
+        deadline = time.monotonic() + 30
+        while counted.value < sent and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        arrivals: list[float] = lags_out.recv() if lags_out.poll(15) else []
+        consumer.join(10)
+        pub.loop_stop()
+        unit.terminate()
+        unit.wait(30)
+        broker.stop()
+    ordered = sorted(arrivals)
+    return {
+        "scenario": f"latency at {rate}/s",
+        "p50_ms": statistics.median(ordered),
+        "p99_ms": ordered[int(len(ordered) * 0.99) - 1],
+        "sent": sent,
+        "arrived": len(arrivals),
+        "unit": "ms, device publish to Kafka consumer",
+        "note": f"ms clock resolution; no window waits (raw updates); the unit at rest"
+        f" {rest:.0f} MB RSS",
+    }
+
+
+DEVICE_PROCESSES = 4
+
+
+def _latency_devices(url: str, index: int, rate: float, seconds: float, count: Any) -> None:
+    """Devices of the latency scenario: one MQTT client publishing `rate` updates/s, each
+    dated when it is published."""
+    settings = MqttSettings(url=url)
+    pub = make_client(settings, f"bench-latency-devices-{index}")
+    pub.max_inflight_messages_set(1000)  # one client stands in for many devices
+    connect(pub, settings, persistent=False)
+    pub.loop_start()
+    sent = 0
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        due = int((time.monotonic() - started) * rate)
+        while sent < due:
+            u = SensorUpdate({"t": 20.0}, int(time.time() * 1000))
+            pub.publish(f"sensor-{(sent * DEVICE_PROCESSES + index) % SENSORS}/streams/data",
+                        encode_update(u), qos=1)  # fmt: skip
+            sent += 1
+        time.sleep(0.001)
+    count.value = sent
+    deadline = time.monotonic() + 30
+    while len(pub._out_messages) and time.monotonic() < deadline:  # all handed to the broker
+        time.sleep(0.05)
+    pub.loop_stop()
+
+
+def _latency_consumer(
+    bootstrap: str, topic: str, since: Any, seen: Any, counted: Any, stop: Any, out: Any
+) -> None:
+    """Kafka consumer of the latency scenario (a process of its own): device publish to
+    arrival here, in ms, for the raw updates dated `since` or later."""
+    from aiokafka import AIOKafkaConsumer
+
+    lags: list[float] = []
+
+    async def consume() -> None:
+        consumer = AIOKafkaConsumer(
+            topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+            metadata_max_age_ms=1000,
+        )  # fmt: skip
+        await consumer.start()
+        try:
+            while not stop.is_set():
+                for records in (await consumer.getmany(timeout_ms=100)).values():
+                    now = time.time() * 1000
+                    for r in records:
+                        doc = orjson.loads(r.value)
+                        if doc["stream"] != "data":
+                            continue
+                        seen.value += 1
+                        if doc["update"]["lastUpdate"] >= since.value:
+                            lags.append(now - doc["update"]["lastUpdate"])
+                            counted.value += 1
+        finally:
+            await consumer.stop()
+
+    asyncio.run(consume())
+    out.send(lags)

@@ -1,0 +1,34 @@
+"""What the benchmarks read of a process from /proc: its memory (now and at its peak) and the
+CPU it has used."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+
+def status_kb(pid: int, field: str) -> int:
+    """A memory figure of /proc/<pid>/status (VmHWM: peak RSS, VmRSS: now), in kB."""
+    try:
+        found = re.search(rf"{field}:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
+        return int(found.group(1)) if found else 0
+    except OSError:
+        return 0
+
+
+def peak_rss_kb(pid: int) -> int:
+    return status_kb(pid, "VmHWM")
+
+
+def rss_kb(pid: int) -> int:
+    return status_kb(pid, "VmRSS")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU a process has used so far (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
