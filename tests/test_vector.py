@@ -11,7 +11,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from processors.engine.columns import _BOOL, _FLOAT, _program
+from processors.engine.columns import _BOOL, _FLOAT, Refs, _program
 from streams import SensorUpdate
 from streams.expressions import NOT_AVAILABLE, EvaluationError, Type, compile_expression, parse
 from streams.expressions.scopes import StreamScope
@@ -101,7 +101,7 @@ def _same(x: Any, y: Any) -> bool:
 def test_a_number_program_gives_what_the_expressions_give(
     source: str, readings: list[tuple[float | None, float | None]]
 ) -> None:
-    refs: dict[str, int] = {}
+    refs = Refs()
     got = _program(parse(source), refs)
     if got is None or got[1] != _FLOAT:
         return  # not a column program (a whole-number result, say): the expressions' way
@@ -129,7 +129,7 @@ def test_a_number_program_gives_what_the_expressions_give(
 def test_a_where_program_keeps_what_the_expressions_keep(
     source: str, readings: list[tuple[float | None, float | None]]
 ) -> None:
-    refs: dict[str, int] = {}
+    refs = Refs()
     got = _program(parse(source), refs)
     if got is None:
         return
@@ -149,7 +149,7 @@ def test_a_where_program_keeps_what_the_expressions_keep(
 
 def test_programs_are_made_only_where_the_columns_give_the_same() -> None:
     def kind(source: str) -> str | None:
-        got = _program(parse(source), {})
+        got = _program(parse(source), Refs())
         return None if got is None else got[1]
 
     assert kind("a * 1.8 + 32") == _FLOAT and kind("a > 5 and b < 80") == _BOOL

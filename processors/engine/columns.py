@@ -120,12 +120,38 @@ def _plain_plan(flow: CompiledFlow, program: InputProgram) -> ColumnPlan | None:
 
 _WHERE = "\x00where"  # a derived column's name: no channel's (names are checked at registration)
 _FLOAT, _INT, _BOOL = "float", "int", "bool"  # static kinds: _INT is a whole-number literal
+FLOAT, BOOL = _FLOAT, _BOOL
 _ARITHMETIC = {"+": vec.ADD, "-": vec.SUB, "*": vec.MUL, "/": vec.DIV, "%": vec.MOD}
 _COMPARE = {"<": vec.LT, "<=": vec.LE, ">": vec.GT, ">=": vec.GE, "==": vec.EQ, "!=": vec.NE}
 
 
+class Refs(dict[str, int]):
+    """The channels a program reads, numbered in the order it reads them first. A flow's
+    expressions name channels bare (`t`); a composite stream's name them through its input
+    (`data.t`): `input` is that name, and a reference to anything else (another input, a
+    group) is not read by columns. `lastUpdate` never is."""
+
+    def __init__(self, input_name: str = "") -> None:
+        super().__init__()
+        self.input = input_name
+
+    def channel(self, path: tuple[str, ...]) -> str | None:
+        if self.input:
+            if len(path) != 2 or path[0] != self.input:
+                return None
+        elif len(path) != 1:
+            return None
+        return None if path[-1] == "lastUpdate" else path[-1]
+
+
+def program_of(source: str, refs: Refs, kind: str) -> Program | None:
+    """The program of an expression's text when it is one of `kind` (`FLOAT` or `BOOL`)."""
+    got = _program(parse(source), refs)
+    return got[0] if got is not None and got[1] == kind else None
+
+
 def _derived_plan(flow: CompiledFlow, program: InputProgram) -> ColumnPlan | None:
-    refs: dict[str, int] = {}
+    refs = Refs()
     where = None
     if program.where is not None:
         got = _program(parse(program.where.source), refs)
@@ -152,7 +178,7 @@ def _derived_plan(flow: CompiledFlow, program: InputProgram) -> ColumnPlan | Non
     return ColumnPlan((_WHERE, _OPS[">"], 0) if where is not None else None, channels, derive)
 
 
-def _program(node: Node, refs: dict[str, int]) -> tuple[Program, str] | None:
+def _program(node: Node, refs: Refs) -> tuple[Program, str] | None:
     """`node` as a program and its kind, or None when the columns cannot evaluate it exactly
     as the expressions do. A channel is taken to hold floats: the kernel checks that each run's
     columns are doubles, and takes none that are not. Every arithmetic or comparison has a
@@ -169,9 +195,10 @@ def _program(node: Node, refs: dict[str, int]) -> tuple[Program, str] | None:
             return (vec.NUM, float(v)), _INT
         return None
     if isinstance(node, Ref):
-        if len(node.path) != 1 or node.path[0] == "lastUpdate":
+        channel = refs.channel(node.path)
+        if channel is None:
             return None
-        return (vec.REF, refs.setdefault(node.path[0], len(refs))), _FLOAT
+        return (vec.REF, refs.setdefault(channel, len(refs))), _FLOAT
     if isinstance(node, Unary):
         got = _program(node.operand, refs)
         if got is None or (got[1] == _BOOL) != (node.op == "not"):
@@ -210,7 +237,7 @@ def _program(node: Node, refs: dict[str, int]) -> tuple[Program, str] | None:
     return None if op is None else ((op, a, b), _FLOAT)
 
 
-def _call(node: Call, refs: dict[str, int]) -> tuple[Program, str] | None:
+def _call(node: Call, refs: Refs) -> tuple[Program, str] | None:
     args = [_program(n, refs) for n in node.args]
     if None in args or not args:
         return None

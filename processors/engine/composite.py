@@ -25,6 +25,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from processors.engine import composite_columns
 from streams.accepted import Updates
 from streams.composite_plan import CompositePlan, DerivedStream, GroupKey
 from streams.expressions import (
@@ -98,27 +99,67 @@ def merge(previous: SensorUpdate | None, update: SensorUpdate) -> SensorUpdate:
 
 class _Log:
     """The values a stream (or a group) takes over one run of the graph, each with the order
-    (origin, rank, sequence) at which it took it: `at(origin)` is the as-of join."""
+    (origin, rank, sequence) at which it took it: `at(origin)` is the as-of join.
 
-    __slots__ = ("base", "orders", "origins", "values")
+    A stream read by columns (`composite_columns`) has a lazy log: its first order and its
+    last value are known, the rest is worked out from the run's rows only if asked for."""
+
+    __slots__ = ("_first", "_last", "_pending", "base", "orders", "origins", "values")
 
     def __init__(self, base: SensorUpdate | None) -> None:
         self.base = base  # the value before the run
         self.orders: list[tuple[int, int, int]] = []
         self.origins: list[int] = []
         self.values: list[SensorUpdate] = []
+        self._pending: tuple[Run, StreamKey] | None = None
+        self._first: tuple[int, int, int] | None = None
+        self._last: SensorUpdate | None = None
+
+    @classmethod
+    def lazy(cls, base: SensorUpdate | None, run: Run, key: StreamKey,
+             first: tuple[int, int, int] | None, last: SensorUpdate | None) -> _Log:  # fmt: skip
+        log = cls(base)
+        log._pending, log._first, log._last = (run, key), first, last
+        return log
+
+    def fill(self, run: Run, key: StreamKey) -> None:
+        """`key`'s updates in the run, merged one after the other."""
+        value = self.base
+        for entry in run.inputs((key,)):
+            value = merge(value, entry[4])
+            self.add(entry[:3], value)
+
+    def _materialize(self) -> None:
+        if self._pending is not None:
+            run, key = self._pending
+            self._pending = None
+            self.fill(run, key)
 
     def add(self, order: tuple[int, int, int], value: SensorUpdate) -> None:
+        self._materialize()
         self.orders.append(order)
         self.origins.append(order[0])
         self.values.append(value)
 
     def at(self, origin: int) -> SensorUpdate | None:
         """The value once every update up to and including `origin` has been seen."""
+        self._materialize()
         i = bisect_right(self.origins, origin)
         return self.values[i - 1] if i else self.base
 
+    def changes(self) -> list[tuple[tuple[int, int, int], SensorUpdate]]:
+        self._materialize()
+        return list(zip(self.orders, self.values, strict=True))
+
+    def first(self) -> tuple[int, int, int] | None:
+        """The order of the first update of the run (None: none)."""
+        if self._pending is not None:
+            return self._first
+        return self.orders[0] if self.orders else None
+
     def last(self) -> SensorUpdate | None:
+        if self._pending is not None:
+            return self._last
         return self.values[-1] if self.values else self.base
 
 
@@ -182,12 +223,15 @@ class CompositeEngine:
         plan = self.plan
         ordered = sorted(plan.derived.values(), key=lambda d: (plan.rank.get(d.key, 0), d.key))
         out = []
+        interned: dict[composite_columns.Programs, composite_columns.Programs] = {}
         for d in ordered:
             triggers = {k for k in d.streams.values() if k != d.key}
             for group in d.groups.values():
                 triggers.update(self._members.get(group, ()))
             triggers.discard(d.key)  # reading itself is state, not a trigger
-            out.append(DerivedNode(self, d, triggers))
+            node = DerivedNode(self, d, triggers)
+            node.columns = composite_columns.derivation(d, plan, interned)
+            out.append(node)
         return out
 
     def process(self, updates: Iterable[tuple[StreamKey, SensorUpdate]]) -> CompositeResult:
@@ -211,10 +255,7 @@ class CompositeEngine:
         got = logs.get(key)
         if got is None:
             got = logs[key] = _Log(self.latest.get(key))
-            value = got.base
-            for entry in run.inputs((key,)):
-                value = merge(value, entry[4])
-                got.add(entry[:3], value)
+            got.fill(run, key)
         return got
 
     def group_log(self, run: Run, group: GroupKey) -> _Log:
@@ -225,8 +266,7 @@ class CompositeEngine:
             got = logs[group] = _Log(self.group_latest.get(group))
             changes: list[tuple[tuple[int, int, int], SensorUpdate]] = []
             for member in self._members.get(group, ()):
-                log = self.log(run, member)
-                changes.extend(zip(log.orders, log.values, strict=True))
+                changes.extend(self.log(run, member).changes())
             changes.sort(key=lambda c: c[0])
             current = got.base
             for order, value in changes:
@@ -242,8 +282,8 @@ class CompositeEngine:
             return
         batch = run.batch
         raw = batch.keys() if isinstance(batch, Updates) else {k for k, _ in batch}
-        touched = [(log.orders[0], key, log) for key in {*raw, *run.produced} if key in watched
-                   for log in (self.log(run, key),) if log.orders]  # fmt: skip
+        touched = [(first, key, log) for key in {*raw, *run.produced} if key in watched
+                   for log in (self.log(run, key),) if (first := log.first())]  # fmt: skip
         touched.sort(key=lambda t: t[0])  # new keys are kept in the order they came
         groups: dict[GroupKey, None] = {}
         undo = self._undo
@@ -255,7 +295,7 @@ class CompositeEngine:
                 undo[key] = self.latest.get(key)
             self.latest[key] = value
             groups.update(dict.fromkeys(self.plan.groups_of.get(key, ())))
-        for group in sorted(groups, key=lambda g: self.group_log(run, g).orders[:1]):
+        for group in sorted(groups, key=lambda g: self.group_log(run, g).first() or ()):
             value = self.group_log(run, group).last()
             if value is None:
                 continue
@@ -349,6 +389,8 @@ class DerivedNode:
         self.triggers = triggers
         self.name = f"derived stream {d.key.so}/{d.key.stream}"
         self.rank = 0
+        # how it is computed by columns, when it can be (`composite_columns`)
+        self.columns: composite_columns.ColumnDerivation | None = None
 
     def reads(self) -> Collection[StreamKey]:
         return self.triggers
@@ -360,6 +402,8 @@ class DerivedNode:
         return False
 
     def run(self, run: Run) -> None:
+        if self.columns is not None and composite_columns.run_columns(self, run):
+            return
         entries = run.inputs(self.triggers)
         if not entries:
             return

@@ -123,6 +123,21 @@ class Run:
         else:
             got.append(entry)
 
+    def produce_all(
+        self, origins: Sequence[int], rank: int, key: StreamKey, updates: Sequence[SensorUpdate]
+    ) -> None:
+        """`produce` for each of `updates` (of one key, in order) at once."""
+        seq = self._seq
+        pairs = enumerate(zip(origins, updates, strict=True), seq + 1)
+        entries = [(origin, rank, k, key, update) for k, (origin, update) in pairs]
+        self._seq = seq + len(entries)
+        self.derived.extend(entries)
+        got = self.produced.get(key)
+        if got is None:
+            self.produced[key] = entries[:]
+        else:
+            got.extend(entries)
+
     def reject(self, origin: int, rank: int, rejection: Rejection) -> None:
         self.rejected.append((origin, rank, self.next(), rejection))
 
