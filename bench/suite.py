@@ -8,9 +8,11 @@ Scenarios:
 1. kernel: readings/s per core of decode + validate + filter + 1-minute tumbling average keyed by
    service object (the unit's own Ingest and FlowEngine), compiled kernels beside their
    pure-Python twins, one reading per message and 100 (columnar); and the same flow written
-   with expressions (`avg(t * 1.8 + 32)`), columns beside the expressions update by update;
+   with expressions (`avg(t * 1.8 + 32)`), and with a composite stream per object besides
+   (`data.t * 1.8 + 32`), columns beside the expressions update by update;
 2. ingest: updates/s from a real Mosquitto into a unit running that flow, beside the C client
-   `mosquitto_sub` draining the same backlog; one reading per message, and 100;
+   `mosquitto_sub` draining the same backlog; one reading per message, and 100; the CPU per
+   message of each client and of the broker while it serves each;
 3. forwarder: records/s from the outbox to Kafka, beside Kafka's ProducerPerformance;
 4. latency: device publish to a Kafka consumer on the cloud side, p50 and p99, at a fixed rate;
 5. memory: peak RSS of the unit process during the ingest scenario.
@@ -124,6 +126,9 @@ def ingest(
         # the C client, draining its backlog
         _queue(broker, "bench-c", messages)
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        assert broker.process is not None
+        broker_pid = broker.process.pid
+        broker_before = cpu_seconds(broker_pid)
         started = time.perf_counter()
         subprocess.run(
             [
@@ -148,6 +153,7 @@ def ingest(
             timeout=300,
         )
         c_rate = n / (time.perf_counter() - started)
+        c_broker = (cpu_seconds(broker_pid) - broker_before) / len(messages)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         c_cpu = (after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime) / len(
             messages
@@ -188,8 +194,8 @@ def ingest(
         expected = len(messages)
         processed = letters = 0
         peak = 0
-        # when the unit had started, its count and its CPU seconds then
-        first: tuple[float, int, float] | None = None
+        # when the unit had started, its count, its CPU seconds and the broker's then
+        first: tuple[float, int, float, float] | None = None
         deadline = time.monotonic() + 300
         while processed < expected and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -204,13 +210,16 @@ def ingest(
             processed = int(metrics.get("cloudlet_messages_received_total", 0))
             letters = int(metrics.get("cloudlet_dead_letters_total", 0))
             if first is None and processed:
-                first = (time.perf_counter(), processed, cpu_seconds(unit.pid))
+                first = (time.perf_counter(), processed, cpu_seconds(unit.pid),
+                         cpu_seconds(broker_pid))  # fmt: skip
         assert first is not None and processed == expected, f"{processed} of {expected}"
         # a reading dead-lettered (late, say) is not a reading ingested: the row would lie
         assert letters == 0, f"the unit dead-lettered {letters} readings"
         start_up = first[0] - started
         timed = expected - first[1]  # the messages after the first poll that saw any
         cpu = (cpu_seconds(unit.pid) - first[2]) / timed if timed else float("nan")
+        # the broker's too: taking the unit's echo and acknowledgements is its work
+        broker_cpu = (cpu_seconds(broker_pid) - first[3]) / timed if timed else float("nan")
         if timed < expected // 2:  # drained before we could time it: a count too small
             ours = float("nan")
         else:
@@ -228,6 +237,8 @@ def ingest(
             "peak_rss_mb": peak / 1024,
             "cpu_us_per_message": cpu * 1e6,
             "reference_cpu_us_per_message": c_cpu * 1e6,
+            "broker_cpu_us_per_message": broker_cpu * 1e6,
+            "reference_broker_cpu_us_per_message": c_broker * 1e6,
             "note": "drained before the first poll: too few messages to time (leave out --quick)"
             if ours != ours  # NaN
             else f"from its first message; start-up {start_up:.1f} s not counted",
@@ -257,6 +268,8 @@ def table(results: list[dict[str, Any]], about: dict[str, Any]) -> str:
                     "rest_rss_mb",
                     "cpu_us_per_message",
                     "reference_cpu_us_per_message",
+                    "broker_cpu_us_per_message",
+                    "reference_broker_cpu_us_per_message",
                     "derived",
                     "note",
                 )
@@ -298,12 +311,15 @@ def main() -> None:
                 ("kernel 100", lambda: results.append(kernel(work, int(1_000_000 * scale), 100)))
             )
 
-            def derived(per: int) -> None:  # the flow written with expressions
+            def derived(per: int, variant: str) -> None:  # written with expressions
                 n = int(200_000 * per**0.5 * scale)
-                results.append(kernel(work, n, per, derived_flow=True))
+                results.append(kernel(work, n, per, variant))
 
             for per in (1, 100):
-                steps.append((f"kernel derived {per}", functools.partial(derived, per)))
+                for variant in ("derived flow", "composite"):
+                    steps.append(
+                        (f"kernel {variant} {per}", functools.partial(derived, per, variant))
+                    )
         if "windows" in only:
             steps.append(("windows", lambda: results.append(windows(int(500_000 * scale)))))
         if "columnar" in only:

@@ -88,6 +88,14 @@ class UnitMetrics:
             registry=r,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
         ).labels(unit)
+        self.batch_messages = Histogram(
+            "cloudlet_batch_messages",
+            "Messages in a batch: what arrived while the last batch was processed (few when"
+            " traffic is light, up to batch_size under load)",
+            ["unit"],
+            registry=r,
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000),
+        ).labels(unit)
         self.inbox = gauge("cloudlet_inbox_depth", "Messages received, not yet processed")
         self.unacknowledged = gauge(
             "cloudlet_unacknowledged", "Messages processed, waiting for a checkpoint"

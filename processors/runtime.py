@@ -241,6 +241,11 @@ class UnitRuntime:
     # worker ----------------------------------------------------------------------------------
 
     def _take_batch(self) -> list[Message]:
+        """What has arrived, up to `batch_size` messages and `batch_bytes` of payload, without
+        waiting for more: the batching adapts to the traffic. When it is light, a batch is the
+        message that just came (no latency added to fill a batch); under load, the messages
+        that arrived while the last batch was processed, so the fixed cost of a batch is
+        shared by more of them."""
         batch, self._carry = self._carry, []
         if not batch:
             try:
@@ -279,6 +284,7 @@ class UnitRuntime:
                     self._commit()
                 continue
             started = time.perf_counter()
+            self.metrics.batch_messages.observe(len(batch))
             batch = self._take_status_reports(self._skip_redelivered(batch))
             result, outputs = self._process(batch)
             self._publish(outputs)

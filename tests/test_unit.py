@@ -501,6 +501,50 @@ def test_a_qos_0_echo_is_not_waited_for(mosquitto: Mosquitto, tmp_path: Path) ->
     assert waiting == 0  # QoS 0 echoes never count as waiting for the broker
 
 
+def _batches(unit: Unit, name: str, at_most: float) -> tuple[float, float]:
+    """(batches, those of at most `at_most` messages) the unit has processed."""
+    registry = unit.runtime.metrics.registry
+    count = registry.get_sample_value("cloudlet_batch_messages_count", {"unit": name}) or 0.0
+    small = registry.get_sample_value(
+        "cloudlet_batch_messages_bucket", {"unit": name, "le": str(float(at_most))}
+    )
+    return count, small or 0.0
+
+
+@pytest.mark.mqtt
+def test_batches_follow_the_traffic(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    """Batching adapts: while traffic is light each message is a batch of its own, processed
+    as soon as it comes (nothing waits to fill a batch); a backlog goes in full batches."""
+    path = _config(tmp_path, mosquitto, name="u-adaptive", batch_size=100)
+    readings = _readings(30)  # 300 device messages
+    fleet = DeviceFleet(MqttSettings(url=mosquitto.url), client_id="fleet-adaptive").start()
+    unit = Unit(UnitConfig.load(path)).start()
+    try:
+        assert unit.runtime.connected.wait(10)
+        for i, (key, update) in enumerate(readings[:5]):  # light: one message at a time
+            fleet.publish(key, update)
+            deadline = time.monotonic() + 10
+            while unit.runtime.published.messages <= i and time.monotonic() < deadline:
+                time.sleep(0.01)
+        assert _batches(unit, "u-adaptive", 1) == (5.0, 5.0)
+        unit.stop()
+        for key, update in readings[5:]:  # heavy: a backlog waits for the unit
+            fleet.publish(key, update)
+        assert fleet.flush(30)
+        unit = Unit(UnitConfig.load(path)).start()
+        deadline = time.monotonic() + 30
+        while unit.runtime.published.messages < 295 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert unit.runtime.published.messages == 295
+        batches, up_to_50 = _batches(unit, "u-adaptive", 50)
+        assert _batches(unit, "u-adaptive", 100) == (batches, batches)  # none over batch_size
+        assert batches - up_to_50 >= 2  # full batches: 295 messages in a handful of batches
+        assert batches <= 20
+    finally:
+        fleet.stop()
+        unit.stop()
+
+
 @pytest.mark.mqtt
 def test_without_a_state_store_a_sigkill_loses_no_update(
     mosquitto: Mosquitto, tmp_path: Path
