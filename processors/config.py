@@ -106,7 +106,20 @@ class UnitConfig(_Strict):
     http: HttpSettings | None = None
     processors: list[ProcessorSpec] = []
     republish: RepublishSettings = RepublishSettings()
+    # how often the objects folders are looked at for changes, taken without a restart
+    # (hot reload); null: only at start
+    reload: int | None = 2_000
     source: str = Field(default="<memory>", exclude=True)  # the file it was read from
+
+    @field_validator("reload", mode="before")
+    @classmethod
+    def _reload(cls, value: Any) -> int | None:
+        if value is None:
+            return None
+        ms = duration_ms(value)
+        if ms < 100:
+            raise ValueError(f"reload {value!r} is too often: at least 100ms (or null: off)")
+        return ms
 
     @field_validator("max_future", mode="before")
     @classmethod

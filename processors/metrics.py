@@ -43,6 +43,7 @@ class UnitMetrics:
             return Gauge(name, doc, ["unit"], registry=r).labels(unit)
 
         self.unit = unit
+        self._processors: _ProcessorCollector | None = None
         self.received = counter("cloudlet_messages_received", "Device messages received")
         self.accepted = counter("cloudlet_updates_accepted", "Sensor updates accepted")
         self.rejected = Counter(
@@ -96,6 +97,13 @@ class UnitMetrics:
             registry=r,
             buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000),
         ).labels(unit)
+        self.reloads = counter(
+            "cloudlet_registry_reloads", "Changes of the registry taken without a restart"
+        )
+        self.reload_failures = counter(
+            "cloudlet_registry_reload_failures",
+            "Changes of the registry not taken (a problem in a file: the unit runs what it had)",
+        )
         self.inbox = gauge("cloudlet_inbox_depth", "Messages received, not yet processed")
         self.unacknowledged = gauge(
             "cloudlet_unacknowledged", "Messages processed, waiting for a checkpoint"
@@ -108,8 +116,12 @@ class UnitMetrics:
         )  # fmt: skip
 
     def watch(self, chain: Chain) -> None:
-        """Export each processor's counts (read when scraped, so nothing is counted twice)."""
-        self.registry.register(_ProcessorCollector(self.unit, chain))
+        """Export each processor's counts (read when scraped, so nothing is counted twice);
+        called again with the chain a reload made, it exports that one's."""
+        if self._processors is None:
+            self._processors = _ProcessorCollector(self.unit, chain)
+            self.registry.register(self._processors)
+        self._processors.chain = chain
 
     def reject(self, reason: str, count: int = 1) -> None:
         self.rejected.labels(self.unit, reason).inc(count)

@@ -37,6 +37,7 @@ from processors.engine.flows import FlowEngine
 from processors.ingest import DeadLetter, Ingest, IngestBatch, internal_error
 from processors.metrics import UnitMetrics
 from processors.pipeline import Outputs, Pipeline
+from processors.reload import Rebuilt
 from processors.sink import ResultSink
 from processors.state import StateStore
 from processors.wire import WireClient
@@ -130,6 +131,7 @@ class UnitRuntime:
         # bounded by the 65,535 packet ids
         self._acked: dict[int, tuple[str, int]] = {}
         self._letters: list[DeadLetter] = []  # from status reports, published with the batch
+        self._rebuilt: queue.SimpleQueue[Rebuilt] = queue.SimpleQueue()  # changes, to swap in
         self.disk_full = False  # waiting for space: not acknowledging, not ready
         self._commits = 0
         self._last_checkpoint = clock()
@@ -268,9 +270,30 @@ class UnitRuntime:
         self.metrics.inbox.dec(len(batch))
         return batch
 
+    def replace(self, rebuilt: Rebuilt) -> None:
+        """Swap in what a change of the registry gave (`processors.reload`), between two
+        batches: any thread may call it; the worker does it."""
+        self._rebuilt.put(rebuilt)
+        self._inbox.put([])  # wake the worker
+
+    def _swap(self) -> None:
+        r = self._rebuilt.get_nowait()
+        while not self._rebuilt.empty():  # the latest change is what the files say now
+            r = self._rebuilt.get_nowait()
+        r.adopt(self.engine, self.chain)
+        self.ingest, self.engine = r.ingest, r.engine
+        self.chain = r.chain if len(r.chain) else None
+        self.pipeline = Pipeline(r.ingest, r.engine, self.clock)
+        self.metrics.watch(r.chain)
+        self.metrics.reloads.inc()
+        log.info("registry reloaded: %d objects, %d flows", len(r.catalog.registry),
+                 len(r.catalog.flows))  # fmt: skip
+
     def _run(self) -> None:
         last_tick = 0.0
         while True:
+            if not self._rebuilt.empty():
+                self._swap()
             batch = self._take_batch()
             if not batch:
                 if self._stopping.is_set():

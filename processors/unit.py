@@ -13,6 +13,7 @@ from processors.config import ConfigError, UnitConfig
 from processors.engine import engine_of
 from processors.ingest import Ingest
 from processors.metrics import StatusServer, UnitMetrics
+from processors.reload import Rebuilt, RegistryWatcher
 from processors.runtime import CheckpointPolicy, UnitRuntime
 from processors.sink import ResultSink, SQLiteSink
 from processors.state import StateStore
@@ -34,24 +35,15 @@ class Unit:
         self.config = config
         # Each replica has its own persistent session and its own state.
         self.instance = f"{config.name}-{replica}" if replica else config.name
-        self.catalog = Catalog.load(config.objects)
-        self.chain, registry, problems = build_chain(
-            self.catalog.registry, config.processors, config.source
-        )
-        if problems:
-            raise ConfigError(problems)
+        self.clock = clock
+        built = self._build(Catalog.load(config.objects))
+        self.catalog, self.chain = built.catalog, built.chain
         self.metrics = UnitMetrics(self.instance)
         self.metrics.watch(self.chain)
         self.runtime = UnitRuntime(
-            Ingest(
-                registry,
-                config.topics,
-                max_payload=config.max_payload,
-                max_future_ms=config.max_future,
-                clock=clock,
-            ),
+            built.ingest,
             config.mqtt.for_instance(self.instance),
-            engine=engine_of(self.catalog, clock=clock, chain=self.chain),
+            engine=built.engine,
             chain=self.chain if len(self.chain) else None,
             client_id=self.instance,
             subscription=config.subscription,
@@ -80,6 +72,25 @@ class Unit:
 
         # the unit's background threads, by name: /healthz is 503 as soon as one has died
         self.threads: dict[str, Callable[[], bool]] = {"worker": lambda: self.runtime.alive}
+        self.watcher: RegistryWatcher | None = None
+        if config.reload:  # hot reload: changes of the objects folders taken as they come
+            watcher = self.watcher = RegistryWatcher(
+                config.objects, self._build, self.runtime.replace, config.reload / 1000,
+                self.metrics.reload_failures.inc,
+            )  # fmt: skip
+            self.threads["registry watcher"] = lambda: watcher.alive
+
+    def _build(self, catalog: Catalog) -> Rebuilt:
+        """The ingest, graph and processors of a catalog (at start, and on a reload)."""
+        config = self.config
+        chain, registry, problems = build_chain(catalog.registry, config.processors,
+                                                config.source)  # fmt: skip
+        if problems:
+            raise ConfigError(problems)
+        ingest = Ingest(registry, config.topics, max_payload=config.max_payload,
+                        max_future_ms=config.max_future, clock=self.clock)  # fmt: skip
+        engine = engine_of(catalog, clock=self.clock, chain=chain)
+        return Rebuilt(catalog, ingest, engine, chain)
 
     @property
     def alive(self) -> bool:
@@ -92,6 +103,8 @@ class Unit:
         if self.status is not None:
             self.status.start()
         self.runtime.start()
+        if self.watcher is not None:
+            self.watcher.start()
         log.info(
             "unit %s: broker %s, subscription %s, %d objects, %d flows, %d processors",
             self.instance, self.config.mqtt.url, self.config.subscription,
@@ -101,6 +114,8 @@ class Unit:
 
     def stop(self) -> None:
         """Drain what was received, checkpoint, acknowledge, disconnect."""
+        if self.watcher is not None:
+            self.watcher.stop()
         self.runtime.stop()
         if self.status is not None:
             self.status.stop()

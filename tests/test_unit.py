@@ -545,6 +545,95 @@ def test_batches_follow_the_traffic(mosquitto: Mosquitto, tmp_path: Path) -> Non
         unit.stop()
 
 
+RELOAD_OBJECTS = """\
+id: s%d
+streams: {data: {channels: {t: {type: number}}}}
+"""
+RELOAD_FLOW = """\
+flows:
+  minute:
+    from: "s*/data"
+    window: {tumbling: 1m}
+    aggregates: {avg: avg(t), n: count()}
+    into: "{so}/t_1m"
+"""
+
+
+def _reloads(unit: Unit, name: str, metric: str = "cloudlet_registry_reloads_total") -> float:
+    return unit.runtime.metrics.registry.get_sample_value(metric, {"unit": name}) or 0.0
+
+
+@pytest.mark.mqtt
+def test_a_running_unit_takes_registry_changes_without_a_restart(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """Hot reload: an object added to the folder is accepted within seconds, one removed is
+    refused `unknown_object`, a changed stream takes its new channels, a file with a problem
+    is not taken (the unit runs what it had), and the windows of the flow, whose definition
+    did not change, carry on as if nothing happened."""
+    objects = tmp_path / "objects"
+    objects.mkdir()
+    (objects / "s1.yaml").write_text(RELOAD_OBJECTS % 1)
+    (objects / "minute.flows.yaml").write_text(RELOAD_FLOW)
+    path = _config(tmp_path, mosquitto, name="u-reload", objects=objects, reload="200ms")
+    unit = Unit(UnitConfig.load(path)).start()
+    collector = Collector(mosquitto, "collector-reload")
+    fleet = DeviceFleet(MqttSettings(url=mosquitto.url), client_id="fleet-reload").start()
+    s1, s3 = StreamKey("s1", "data"), StreamKey("s3", "data")
+
+    def wait_for(what: Any) -> None:
+        deadline = time.monotonic() + 5  # "within seconds"
+        while not what() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert what()
+
+    def letter(got: list[tuple[str, dict[str, Any]]]) -> list[str]:
+        return [body["reason"] for topic, body in got if topic.startswith("cloudlet/dead")]
+
+    try:
+        assert unit.runtime.connected.wait(10)
+        for i in range(3):  # s1's first minute, before any change
+            fleet.publish(s1, SensorUpdate({"t": float(i)}, T0 + i * 1000))
+        fleet.publish(s3, SensorUpdate({"t": 5.0}, T0 + 3000))
+        assert letter(collector.take(lambda g: letter(g))) == ["unknown_object"]
+
+        (objects / "s3.yaml").write_text(RELOAD_OBJECTS % 3)  # added
+        wait_for(lambda: _reloads(unit, "u-reload") == 1)
+        fleet.publish(s3, SensorUpdate({"t": 5.0}, T0 + 4000))
+        got = collector.take(lambda g: any(t == "s3/streams/data/updates" for t, _ in g))
+        assert [b["channels"] for t, b in got if t == "s3/streams/data/updates"] == [
+            {"t": {"current-value": 5.0}}]  # fmt: skip
+        fleet.publish(s1, SensorUpdate({"t": 1.0, "h": 2.0}, T0 + 2500))
+        assert letter(collector.take(lambda g: letter(g))) == ["unknown_channel"]
+        (objects / "s1.yaml").write_text(  # changed: a channel more
+            "id: s1\nstreams: {data: {channels: {t: {type: number}, h: {type: number}}}}\n"
+        )
+        wait_for(lambda: _reloads(unit, "u-reload") == 2)
+        for i in range(3, 6):  # s1's minute goes on in the windows it had
+            fleet.publish(s1, SensorUpdate({"t": float(i), "h": 1.0}, T0 + i * 1000))
+        got = collector.take(lambda g: len([t for t, _ in g if t.startswith("s1/")]) >= 3)
+        assert [b["channels"]["h"] for t, b in got if t == "s1/streams/data/updates"] == [
+            {"current-value": 1.0}] * 3  # fmt: skip
+
+        (objects / "s3.yaml").write_text("id: s3\nstreams: {data: {channels: {t: {type: bogus}}}}")
+        wait_for(lambda: _reloads(unit, "u-reload", "cloudlet_registry_reload_failures_total"))
+        (objects / "s3.yaml").unlink()  # removed
+        wait_for(lambda: _reloads(unit, "u-reload") == 3)
+        fleet.publish(s3, SensorUpdate({"t": 6.0}, T0 + 7000))
+        assert letter(collector.take(lambda g: letter(g))) == ["unknown_object"]
+
+        fleet.publish(s1, SensorUpdate({"t": 0.0}, T0 + 120_000))  # the minute closes
+        got = collector.take(lambda g: any(t == "s1/streams/t_1m/updates" for t, _ in g))
+        minute = [b["channels"] for t, b in got if t == "s1/streams/t_1m/updates"]
+        assert minute == [{"avg": {"current-value": 2.5}, "n": {"current-value": 6}}]
+        assert not [t for t, _ in got if t.startswith("s3/")]  # its window went with it
+        assert unit.alive
+    finally:
+        fleet.stop()
+        collector.close()
+        unit.stop()
+
+
 @pytest.mark.mqtt
 def test_without_a_state_store_a_sigkill_loses_no_update(
     mosquitto: Mosquitto, tmp_path: Path
