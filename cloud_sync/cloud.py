@@ -39,6 +39,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cloud_sync.commands import CommandTopics, command_record
 from cloud_sync.dashboard import PAGE, Dashboard, chart_data, page_policy, unit_health
+from cloud_sync.registry import FleetRegistry
+from cloud_sync.registry_api import install
 from cloud_sync.store import CloudMessage, CloudStore, open_store
 from streams.actuation import Actuation
 from streams.transport.web import BackgroundServer, Token, bearer
@@ -54,6 +56,8 @@ class _Strict(BaseModel):
 class ReadToken(Token):
     objects: list[str] = Field(min_length=1)  # glob patterns of the objects it may read
     actuate: list[str] = Field(default_factory=list)  # and those it may send commands to
+    register: list[str] = Field(default_factory=list)  # and register, change, remove
+    name: str | None = None  # who it is, in the registry's history
 
 
 class ConsumerSettings(_Strict):
@@ -235,6 +239,7 @@ class CloudService:
         self.store = store or open_store(settings.store)
         self.metrics = _Metrics()
         self.grants = [(t.secret().encode(), t.objects, t.actuate) for t in settings.tokens]
+        self.registry = FleetRegistry(self.store)
         self._producer: Any = None
         self.materializer = (
             Materializer(self.store, settings.kafka, self.metrics) if settings.kafka else None
@@ -398,7 +403,10 @@ class CloudService:
         dashboard = Dashboard.load(self.settings.dashboard)
 
         @app.get("/", include_in_schema=False)
-        def page() -> HTMLResponse:
+        def page(request: Request) -> Response:
+            if "text/html" not in request.headers.get("accept", ""):  # ServIoTicy's `GET /`
+                readable = self._readable(request)
+                return JSONResponse([so for so in self.registry.ids() if self._may(readable, so)])
             # Only our own script runs (a nonce per answer); device-provided strings are text
             # anyway (dashboard.esc), this is the second line.
             nonce = secrets.token_urlsafe(16)
@@ -437,6 +445,8 @@ class CloudService:
         def metrics(request: Request) -> Response:
             self._operator(request)
             return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+        install(app, self, self.registry)  # `/{soId}`: after every other path
 
         @app.exception_handler(HTTPException)
         async def error(_request: Request, exc: HTTPException) -> JSONResponse:

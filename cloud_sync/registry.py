@@ -1,0 +1,210 @@
+"""The fleet's registry in the cloud: service objects created, changed and removed at run time
+through the REST API (`registry_api`), ServIoTicy's way, each change checked as `cloudlet so
+validate` checks files and kept with who made it and when.
+
+A change is checked against the whole registry: the object's own problems refuse it (422,
+with the same messages as `cloudlet so validate`), and so does a change that would break
+another object (a group or a composite stream that reads it: 409, naming what breaks). Every
+change is a new version of the object; its history (`GET /{soId}/history`) keeps each version's
+descriptor, who made it and when, deletions included.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import tempfile
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from cloud_sync.store import CloudStore
+from streams.catalog import Catalog
+from streams.registry import Problem
+
+SCHEMA = [
+    """CREATE TABLE IF NOT EXISTS registry (
+        so TEXT PRIMARY KEY, site TEXT, descriptor TEXT NOT NULL, version BIGINT NOT NULL,
+        token_hash TEXT NOT NULL, updated_at BIGINT NOT NULL, updated_by TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS registry_by_token ON registry (token_hash)",
+    """CREATE TABLE IF NOT EXISTS registry_audit (
+        so TEXT NOT NULL, version BIGINT NOT NULL, at BIGINT NOT NULL, who TEXT NOT NULL,
+        action TEXT NOT NULL, descriptor TEXT, PRIMARY KEY (so, version))""",
+]
+
+
+class Refused(Exception):
+    """A change the registry does not take: `status` (422 or 409) and every reason."""
+
+    def __init__(self, status: int, problems: list[str]) -> None:
+        self.status = status
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+@dataclass(frozen=True, slots=True)
+class Created:
+    id: str
+    version: int
+    api_token: str  # given once: only its hash is kept
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _said(problem: Problem) -> str:
+    """A problem as `cloudlet so validate` says it, without the file (the API has none)."""
+    parts = [f"so {problem.object_id!r}"] if problem.object_id is not None else []
+    if problem.field:
+        parts.append(problem.field)
+    return ": ".join([*parts, problem.message])
+
+
+def check(descriptors: Mapping[str, dict[str, Any]]) -> list[Problem]:
+    """Every problem of a registry made of these descriptors, as the files would have them."""
+    with tempfile.TemporaryDirectory(prefix="cloudlet-registry-") as folder:
+        for i, doc in enumerate(descriptors.values()):
+            (Path(folder) / f"{i}.json").write_bytes(orjson.dumps(doc))
+        _, problems = Catalog.check([folder])
+    return problems
+
+
+class FleetRegistry:
+    """The registry's tables in the cloud store, and the rules of a change."""
+
+    def __init__(self, store: CloudStore) -> None:
+        self.store = store
+        with store._transaction() as cur:
+            for statement in SCHEMA:
+                cur.execute(statement)
+
+    # reads -------------------------------------------------------------------------------
+
+    def ids(self) -> list[str]:
+        return [r[0] for r in self.store._query("SELECT so FROM registry ORDER BY so")]
+
+    def get(self, so: str) -> dict[str, Any] | None:
+        rows = self.store._query(
+            "SELECT descriptor, version, site, updated_at, updated_by FROM registry WHERE so = ?",
+            (so,),
+        )
+        if not rows:
+            return None
+        descriptor, version, site, at, who = rows[0]
+        return {"descriptor": orjson.loads(descriptor), "version": version, "site": site,
+                "updatedAt": at, "updatedBy": who}  # fmt: skip
+
+    def by_token(self, token: str) -> str | None:
+        """The object whose API token this is."""
+        rows = self.store._query("SELECT so FROM registry WHERE token_hash = ?",
+                                 (token_hash(token),))  # fmt: skip
+        return rows[0][0] if rows else None
+
+    def history(self, so: str) -> list[dict[str, Any]]:
+        rows = self.store._query(
+            "SELECT version, at, who, action, descriptor FROM registry_audit WHERE so = ?"
+            " ORDER BY version",
+            (so,),
+        )
+        return [{"version": v, "at": at, "by": who, "action": action,
+                 "descriptor": orjson.loads(d) if d is not None else None}
+                for v, at, who, action, d in rows]  # fmt: skip
+
+    def _all(self) -> dict[str, dict[str, Any]]:
+        rows = self.store._query("SELECT so, descriptor FROM registry ORDER BY so")
+        return {so: orjson.loads(d) for so, d in rows}
+
+    # changes -----------------------------------------------------------------------------
+
+    def _checked(self, current: dict[str, dict[str, Any]], so: str,
+                 descriptor: dict[str, Any] | None) -> None:  # fmt: skip
+        """Refused unless the registry with this change has no problem of the object's and no
+        new problem of another's."""
+        before = {(p.object_id, p.field, p.message) for p in check(current)}
+        changed = dict(current)
+        if descriptor is None:
+            changed.pop(so, None)
+        else:
+            changed[so] = descriptor
+        after = check(changed)
+        own = [_said(p) for p in after if p.object_id == so]
+        if own:
+            raise Refused(422, own)
+        broken = [_said(p) for p in after
+                  if (p.object_id, p.field, p.message) not in before]  # fmt: skip
+        if broken:
+            raise Refused(409, [f"this change would break another object: {b}" for b in broken])
+
+    def create(self, descriptor: dict[str, Any], who: str, at: int,
+               site: str | None = None) -> Created:  # fmt: skip
+        """A new object (an id made when the descriptor has none), with its API token."""
+        if not isinstance(descriptor, dict):
+            raise Refused(422, ["a service object descriptor is a JSON object"])
+        so = descriptor.get("id")
+        if so is None:
+            so = uuid.uuid4().hex
+            descriptor = {"id": so, **descriptor}
+        if not isinstance(so, str):
+            raise Refused(422, ["id must be a string"])
+        current = self._all()
+        if so in current:
+            raise Refused(409, [f"service object {so!r} exists: PUT /{so} changes it"])
+        self._checked(current, so, descriptor)
+        token = secrets.token_urlsafe(24)
+        # a removed object's history goes on under the same id
+        last = self.store._query("SELECT MAX(version) FROM registry_audit WHERE so = ?", (so,))
+        version = (last[0][0] or 0) + 1
+        self._write(so, descriptor, version, who, at, "create", site, token_hash(token))
+        return Created(so, version, token)
+
+    def update(self, so: str, descriptor: dict[str, Any], who: str, at: int) -> int:
+        """A new version of an object (its id is the path's); the version number."""
+        if not isinstance(descriptor, dict):
+            raise Refused(422, ["a service object descriptor is a JSON object"])
+        if descriptor.get("id", so) != so:
+            raise Refused(422, [f"id {descriptor.get('id')!r} is not the object's ({so!r})"])
+        current = self._all()
+        found = self.get(so)
+        if found is None:
+            raise KeyError(so)
+        descriptor = {"id": so, **{k: v for k, v in descriptor.items() if k != "id"}}
+        self._checked(current, so, descriptor)
+        version: int = found["version"] + 1
+        self._write(so, descriptor, version, who, at, "update", found["site"], None)
+        return version
+
+    def delete(self, so: str, who: str, at: int) -> int:
+        found = self.get(so)
+        if found is None:
+            raise KeyError(so)
+        self._checked(self._all(), so, None)
+        version: int = found["version"] + 1
+        with self.store._transaction() as cur:
+            cur.execute(self.store._q("DELETE FROM registry WHERE so = ?"), (so,))
+            cur.execute(self.store._q(
+                "INSERT INTO registry_audit (so, version, at, who, action, descriptor)"
+                " VALUES (?, ?, ?, ?, ?, ?)"), (so, version, at, who, "delete", None))  # fmt: skip
+        return version
+
+    def _write(self, so: str, descriptor: dict[str, Any], version: int, who: str, at: int,
+               action: str, site: str | None, token: str | None) -> None:  # fmt: skip
+        body = orjson.dumps(descriptor).decode()
+        q = self.store._q
+        with self.store._transaction() as cur:
+            if token is not None:
+                cur.execute(q(
+                    "INSERT INTO registry (so, site, descriptor, version, token_hash,"
+                    " updated_at, updated_by) VALUES (?, ?, ?, ?, ?, ?, ?)"),
+                    (so, site, body, version, token, at, who))  # fmt: skip
+            else:
+                cur.execute(q(
+                    "UPDATE registry SET descriptor = ?, version = ?, updated_at = ?,"
+                    " updated_by = ? WHERE so = ?"), (body, version, at, who, so))  # fmt: skip
+            cur.execute(q(
+                "INSERT INTO registry_audit (so, version, at, who, action, descriptor)"
+                " VALUES (?, ?, ?, ?, ?, ?)"), (so, version, at, who, action, body))  # fmt: skip

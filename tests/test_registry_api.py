@@ -1,0 +1,138 @@
+"""The fleet's registry over the cloud's REST API, ServIoTicy's way, on SQLite and on the real
+PostgreSQL: a client registers an object (its id made when absent) and gets its API token,
+reads, changes and removes it; a bad descriptor is refused with the words of `cloudlet so
+validate`, a change that would break another object is refused naming it, and every change is
+kept with who made it and when."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from cloud_sync.cloud import CloudService, CloudSettings
+from cloud_sync.registry import FleetRegistry
+from cloud_sync.store import CloudStore, PostgresStore, SQLiteStore
+from cloudlet.rig import Postgres
+from streams.catalog import Catalog
+
+PROBE = {"name": "soil probe", "streams": {"soil": {"channels": {"moisture": {"type": "number"}}}}}
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def cloud(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CloudService]:
+    if request.param == "sqlite":
+        store: CloudStore = SQLiteStore(tmp_path / "cloud.db")
+    else:
+        server: Postgres = request.getfixturevalue("postgres")
+        store = PostgresStore(server.url)
+        FleetRegistry(store)
+        with store._transaction() as cur:  # a clean slate per test
+            cur.execute("TRUNCATE registry, registry_audit")
+    settings = CloudSettings.model_validate({"port": 0, "tokens": [
+        {"token": "ops-secret", "objects": ["*"], "register": ["*"], "name": "ops"},
+        {"token": "field-secret", "objects": ["field-*"], "register": ["field-*"]},
+        {"token": "reader", "objects": ["*"]},
+    ]})  # fmt: skip
+    service = CloudService(settings, store=store).start()
+    yield service
+    service.stop()
+    store.close()
+
+
+def call(method: str, url: str, token: str | None = None, body: Any = None) -> tuple[int, Any]:
+    headers = {"Accept": "application/json", "Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    data = orjson.dumps(body) if body is not None else None
+    request = urllib.request.Request(url, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            raw = response.read()
+            return response.status, orjson.loads(raw) if raw else None
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        return exc.code, orjson.loads(raw) if raw else None
+
+
+def test_a_client_registers_reads_changes_and_removes_an_object(cloud: CloudService) -> None:
+    base = cloud.url
+    assert call("POST", f"{base}/", None, PROBE)[0] == 401
+    assert call("POST", f"{base}/", "reader", PROBE)[0] == 403
+    assert call("POST", f"{base}/", "field-secret", PROBE)[0] == 403  # an id yet to be made
+
+    status, made = call("POST", f"{base}/", "ops-secret", PROBE)  # ServIoTicy's create
+    assert status == 201 and made["version"] == 1 and len(made["id"]) == 32
+    so, token = made["id"], made["api_token"]
+    status, descriptor = call("GET", f"{base}/{so}", token)  # its own token reads it
+    assert (status, descriptor) == (200, {"id": so, **PROBE})
+    assert call("GET", f"{base}/", "reader") == (200, [so])
+    assert call("GET", f"{base}/", None) == (200, [])  # nothing public
+
+    changed = {
+        **PROBE,
+        "streams": {
+            "soil": {
+                "channels": {"moisture": {"type": "number"}, "temperature": {"type": "number"}}
+            }
+        },
+    }
+    assert call("PUT", f"{base}/{so}", token, changed) == (200, {"id": so, "version": 2})
+    assert call("PUT", f"{base}/{so}", "reader", changed)[0] == 403
+    assert call("GET", f"{base}/{so}", "reader")[1]["streams"] == changed["streams"]
+
+    assert call("DELETE", f"{base}/{so}", "ops-secret") == (204, None)
+    assert call("GET", f"{base}/{so}", "ops-secret")[0] == 404
+    status, history = call("GET", f"{base}/{so}/history", "ops-secret")
+    assert status == 200
+    assert [(h["version"], h["action"], h["by"]) for h in history] == [
+        (1, "create", "ops"),
+        (2, "update", f"so {so}"),
+        (3, "delete", "ops"),
+    ]
+    assert all(isinstance(h["at"], int) for h in history)
+    assert history[1]["descriptor"] == {"id": so, **changed} and history[2]["descriptor"] is None
+
+
+def test_a_bad_descriptor_is_refused_with_the_validators_words(
+    cloud: CloudService, tmp_path: Path
+) -> None:
+    bad = {"id": "field-9", "streams": {"soil": {"channels": {"moisture": {"type": "bogus"}}}}}
+    status, body = call("POST", f"{cloud.url}/", "field-secret", bad)
+    (tmp_path / "field-9.json").write_bytes(orjson.dumps(bad))  # what the files would say
+    _, problems = Catalog.check([tmp_path])
+    said = [str(p).split(": ", 1)[1] for p in problems]  # `cloudlet so validate`, no file
+    assert (status, body["problems"]) == (422, said) and said
+    assert call("GET", f"{cloud.url}/field-9", "ops-secret")[0] == 404
+    assert call("POST", f"{cloud.url}/", "ops-secret", [1, 2])[0] == 422
+    assert call("POST", f"{cloud.url}/", "field-secret", {**PROBE, "id": "air-1"})[0] == 403
+
+
+def test_a_change_that_breaks_another_object_is_refused(cloud: CloudService) -> None:
+    base = cloud.url
+    assert call("POST", f"{base}/", "ops-secret", {"id": "gauge", **{"streams": {
+        "rain": {"channels": {"mm": {"type": "number"}}}}}})[0] == 201  # fmt: skip
+    reader = {
+        "id": "field-1",
+        "groups": {"rain": {"soIds": ["gauge"], "stream": "rain"}},
+        "streams": {
+            "wet": {"channels": {"now": {"type": "boolean", "current-value": "rain.mm > 0"}}}
+        },
+    }
+    assert call("POST", f"{base}/", "ops-secret", reader)[0] == 201
+    assert call("POST", f"{base}/", "ops-secret", {"id": "gauge", **PROBE})[0] == 409
+    status, body = call("DELETE", f"{base}/gauge", "ops-secret")
+    assert status == 409 and body["problems"]
+    assert all(
+        p.startswith("this change would break another object: so 'field-1'")
+        for p in body["problems"]
+    ), body
+    renamed = {"id": "gauge", "streams": {"rainfall": {"channels": {"mm": {"type": "number"}}}}}
+    assert call("PUT", f"{base}/gauge", "ops-secret", renamed)[0] == 409
+    assert call("GET", f"{base}/gauge", "reader")[1]["streams"] == {
+        "rain": {"channels": {"mm": {"type": "number"}}}}  # fmt: skip
