@@ -19,6 +19,7 @@ from cloudlet.cli_common import wait as _wait
 from cloudlet.control_cli import register as register_control
 from cloudlet.devices_cli import register as register_devices
 from cloudlet.processor_cli import processor_app
+from cloudlet.registry_cli import register as register_registry
 from cloudlet.rig_cli import register as register_rig
 from cloudlet.unit_run import configure_logging
 from streams import Problem, ServiceObject
@@ -31,7 +32,8 @@ app = typer.Typer(
     add_completion=False,
 )
 so_app = typer.Typer(
-    help="Service objects: validate and inspect descriptors.", no_args_is_help=True
+    help="Service objects: validate and inspect descriptors; register them in the cloud.",
+    no_args_is_help=True,
 )
 unit_app = typer.Typer(help="Processing units: run one from its config.", no_args_is_help=True)
 flow_app = typer.Typer(
@@ -48,6 +50,7 @@ register_control(app)
 register_access(app)
 register_rig(app)
 register_devices(app)
+register_registry(so_app)
 
 # so ------------------------------------------------------------------------------------------
 

@@ -6,6 +6,8 @@ kept with who made it and when."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -20,6 +22,7 @@ from cloud_sync.registry import FleetRegistry
 from cloud_sync.store import CloudStore, PostgresStore, SQLiteStore
 from cloudlet.rig import Postgres
 from streams.catalog import Catalog
+from tests.test_cli import CLOUDLET
 
 PROBE = {"name": "soil probe", "streams": {"soil": {"channels": {"moisture": {"type": "number"}}}}}
 
@@ -136,3 +139,26 @@ def test_a_change_that_breaks_another_object_is_refused(cloud: CloudService) -> 
     assert call("PUT", f"{base}/gauge", "ops-secret", renamed)[0] == 409
     assert call("GET", f"{base}/gauge", "reader")[1]["streams"] == {
         "rain": {"channels": {"mm": {"type": "number"}}}}  # fmt: skip
+
+
+def test_cloudlet_so_add_update_rm_use_the_api(cloud: CloudService, tmp_path: Path) -> None:
+    env = {**os.environ, "CLOUDLET_CLOUD": cloud.url, "OPS": "ops-secret"}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([CLOUDLET, "so", *args, "--token-env", "OPS"], env=env,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+
+    probe = tmp_path / "field-7.yaml"
+    probe.write_text("id: field-7\nstreams: {soil: {channels: {moisture: {type: number}}}}\n")
+    added = cli("add", str(probe))
+    assert added.returncode == 0, added.stderr
+    assert added.stdout.splitlines()[0] == "registered field-7 (version 1)"
+    assert added.stdout.splitlines()[1].startswith("api token: ")
+    probe.write_text("id: field-7\nstreams: {soil: {channels: {moisture: {type: bogus}}}}\n")
+    refused = cli("update", str(probe))
+    assert refused.returncode == 1
+    assert "so 'field-7': streams.soil.channels.moisture.type: channel type 'bogus'" in (
+        refused.stderr)  # fmt: skip
+    assert cli("rm", "field-7").stdout == "removed field-7\n"
+    history = cli("history", "field-7").stdout.split()
+    assert history[2::4] == ["create", "delete"] and history[3::4] == ["ops", "ops"]
