@@ -1,7 +1,9 @@
 """The registry's REST API, ServIoTicy's paths and bodies: `POST /` (a descriptor; the id is
 made when absent) answers the object's id and its API token; `GET /` lists the objects you may
 read, `GET /{soId}` gives a descriptor, `PUT /{soId}` changes it, `DELETE /{soId}` removes it,
-and `GET /{soId}/history` lists every version with who made it and when.
+and `GET /{soId}/history` lists every version with who made it and when. ServIoTicy's data
+paths read the cloud's store: `GET /{soId}/streams/{streamId}`, `.../lastUpdate` and
+`POST .../search`.
 
 Who may: a token grant's `register` patterns name the objects it may create, change and
 remove; an object's own API token may read, change and remove that object. Reading follows the
@@ -95,6 +97,42 @@ def install(app: FastAPI, service: CloudService, registry: FleetRegistry) -> Non
             return _refused(exc)
         return {"id": created.id, "version": created.version, "api_token": created.api_token}
 
+    store = service.store
+
+    @app.get("/{so}/streams/{stream}/lastUpdate")
+    def last_update(so: str, stream: str, request: Request) -> Any:
+        """ServIoTicy's newest update of a stream."""
+        may_read(request, so)
+        found = store.last(so, stream)
+        if found is None:
+            raise HTTPException(404, f"{so}/{stream} has no update yet")
+        return found
+
+    @app.get("/{so}/streams/{stream}")
+    def updates(so: str, stream: str, request: Request, cursor: str | None = None) -> Any:
+        """ServIoTicy's updates of a stream, oldest first (`{"data": [...]}`), a page of 1,000
+        at a time (follow `next`: ServIoTicy gave all at once)."""
+        may_read(request, so)
+        try:
+            page = store.history(so, stream, limit=1000, cursor=cursor)
+        except ValueError as exc:
+            raise HTTPException(400, str(exc)) from None
+        return {"data": page.updates, "next": page.next}
+
+    @app.post("/{so}/streams/{stream}/search")
+    async def search(so: str, stream: str, request: Request) -> Any:
+        """ServIoTicy's search of a stream: `timerange` (`rangefrom`, `rangeto`, ms),
+        `numericrange` (and `numericrangefield`: `channels.<ch>.current-value`),
+        `geodistance` (`pointlat`, `pointlon`, `geodistancevalue`, `geodistanceunit`: m or km)
+        or `geoboundingbox` (`geoboxupperleftlat`, ...lon, `geoboxbottomrightlat`, ...lon)."""
+        may_read(request, so)
+        body = await _body(request)
+        try:
+            query = servioticy_search(body)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise HTTPException(400, f"not a search this API knows: {exc}") from None
+        return {"data": [e["update"] for e in store.search(stream, objects=[so], **query)]}
+
     @app.get("/{so}")
     def read(so: str, request: Request) -> Any:
         """A service object's descriptor."""
@@ -136,3 +174,38 @@ def install(app: FastAPI, service: CloudService, registry: FleetRegistry) -> Non
         if not found:
             raise HTTPException(404, f"no service object {so!r} (or not yours to read)")
         return found
+
+
+def _channel(field: str) -> str:
+    """`channels.<ch>.current-value` (ServIoTicy's field path) or a bare channel name."""
+    parts = field.split(".")
+    if len(parts) == 3 and parts[0] == "channels" and parts[2] == "current-value":
+        return parts[1]
+    if len(parts) == 1 and field:
+        return field
+    raise ValueError(f"field {field!r} is not channels.<channel>.current-value")
+
+
+def servioticy_search(body: Any) -> dict[str, Any]:
+    """A ServIoTicy search body as the store's search arguments."""
+    if not isinstance(body, dict):
+        raise TypeError("the body is a JSON object")
+    query: dict[str, Any] = {}
+    if body.get("timerange"):
+        query["start"] = int(body["rangefrom"])
+        query["end"] = int(body["rangeto"]) + 1  # ServIoTicy's range is inclusive
+    if body.get("numericrange"):
+        query["channel"] = _channel(body["numericrangefield"])
+        query["minimum"] = float(body["rangefrom"])
+        query["maximum"] = float(body["rangeto"])
+    if body.get("geodistance"):
+        scale = {"m": 1.0, "km": 1000.0}[body.get("geodistanceunit", "km")]
+        query["near"] = (float(body["pointlat"]), float(body["pointlon"]),
+                         float(body["geodistancevalue"]) * scale)  # fmt: skip
+    if body.get("geoboundingbox"):
+        top, left = float(body["geoboxupperleftlat"]), float(body["geoboxupperleftlon"])
+        bottom, right = float(body["geoboxbottomrightlat"]), float(body["geoboxbottomrightlon"])
+        query["bbox"] = (bottom, left, top, right)
+    if not query:
+        raise ValueError("none of timerange, numericrange, geodistance, geoboundingbox")
+    return query

@@ -23,6 +23,7 @@ from cloud_sync.store import CloudStore, PostgresStore, SQLiteStore
 from cloudlet.rig import Postgres
 from streams.catalog import Catalog
 from tests.test_cli import CLOUDLET
+from tests.test_cloud import T0, message
 
 PROBE = {"name": "soil probe", "streams": {"soil": {"channels": {"moisture": {"type": "number"}}}}}
 
@@ -162,3 +163,44 @@ def test_cloudlet_so_add_update_rm_use_the_api(cloud: CloudService, tmp_path: Pa
     assert cli("rm", "field-7").stdout == "removed field-7\n"
     history = cli("history", "field-7").stdout.split()
     assert history[2::4] == ["create", "delete"] and history[3::4] == ["ops", "ops"]
+
+
+def test_servioticy_data_paths_read_what_the_cloudlets_forwarded(cloud: CloudService) -> None:
+    """A ServIoTicy client, in its order: create, (its updates reach the cloud from its site),
+    read the last update, read the stream, search it, with the object's own bare token."""
+    base = cloud.url
+    station = {"id": "air-7", "streams": {"air": {"channels": {
+        "pm25": {"type": "number"}, "location": {"type": "geo_point"}}}}}  # fmt: skip
+    token = call("POST", f"{base}/", "ops-secret", station)[1]["api_token"]
+    cloud.store.write([message("air-7", "air", T0 + i, pm25=10.0 + i, location="41.3851,2.1734")
+                       for i in range(5)])  # fmt: skip
+
+    def servioticy(method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        data = orjson.dumps(body) if body is not None else None
+        request = urllib.request.Request(
+            f"{base}{path}", data=data, method=method, headers={"Authorization": token}
+        )  # ServIoTicy's form
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, orjson.loads(response.read())
+
+    status, last = servioticy("GET", "/air-7/streams/air/lastUpdate")
+    assert (status, last["lastUpdate"], last["channels"]["pm25"]) == (
+        200, T0 + 4, {"current-value": 14.0})  # fmt: skip
+    assert [u["lastUpdate"] for u in servioticy("GET", "/air-7/streams/air")[1]["data"]] == [
+        T0 + i for i in range(5)]  # fmt: skip
+    searches = [
+        ({"numericrange": True, "numericrangefield": "channels.pm25.current-value",
+          "rangefrom": 11, "rangeto": 12}, [T0 + 2, T0 + 1]),
+        ({"timerange": True, "rangefrom": T0 + 3, "rangeto": T0 + 4}, [T0 + 4, T0 + 3]),
+        ({"geodistance": True, "pointlat": 41.39, "pointlon": 2.17, "geodistancevalue": 2,
+          "geodistanceunit": "km"}, [T0 + i for i in range(4, -1, -1)]),
+        ({"geodistance": True, "pointlat": 41.6, "pointlon": 2.5, "geodistancevalue": 2}, []),
+        ({"geoboundingbox": True, "geoboxupperleftlat": 41.4, "geoboxupperleftlon": 2.1,
+          "geoboxbottomrightlat": 41.3, "geoboxbottomrightlon": 2.2},
+         [T0 + i for i in range(4, -1, -1)]),
+    ]  # fmt: skip
+    for body, want in searches:
+        status, found = servioticy("POST", "/air-7/streams/air/search", body)
+        assert [u["lastUpdate"] for u in found["data"]] == want, body
+    assert call("POST", f"{base}/air-7/streams/air/search", "reader", {"match": True})[0] == 400
+    assert call("GET", f"{base}/air-7/streams/air/lastUpdate", None)[0] == 404  # not public
