@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from cloud_sync.store import CloudStore, PostgresStore, SQLiteStore
 from cloudlet.rig import Kafka, Mosquitto, Postgres
 from processors.packets import mqtt_string, packet, property_block
 from streams.transport.mqtt import MqttSettings
@@ -128,3 +129,17 @@ def _end_session(settings: MqttSettings, client_id: str) -> None:
             s.sendall(b"\xe0\x00")  # DISCONNECT
     except OSError:
         pass  # a test that left the broker stopped or unreachable: nothing to forget
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CloudStore]:
+    """The cloud store on SQLite, and on the real PostgreSQL (emptied for each test)."""
+    if request.param == "sqlite":
+        s: CloudStore = SQLiteStore(tmp_path / "cloud.db")
+    else:
+        server: Postgres = request.getfixturevalue("postgres")
+        s = PostgresStore(server.url)
+        with s._transaction() as cur:  # a clean slate per test
+            cur.execute("TRUNCATE updates, channel_values, latest")
+    yield s
+    s.close()

@@ -21,8 +21,8 @@ from aiokafka import AIOKafkaProducer
 from cloud_sync.cloud import CloudService, CloudSettings
 from cloud_sync.forwarder import Forwarder, ForwarderSettings
 from cloud_sync.outbox import Outbox, OutboxSettings
-from cloud_sync.store import CloudMessage, CloudStore, PostgresStore, SQLiteStore, distance_m
-from cloudlet.rig import Kafka, Postgres
+from cloud_sync.store import CloudMessage, CloudStore, SQLiteStore, distance_m
+from cloudlet.rig import Kafka
 from streams import SensorUpdate, StreamKey
 
 T0 = 1_700_006_400_000
@@ -34,19 +34,6 @@ STATIONS = {"air-centre": (41.3851, 2.1734), "air-north": (41.4200, 2.1800),
 def message(so: str, stream: str, at: int, /, **channels: Any) -> CloudMessage:
     update = {"channels": {c: {"current-value": v} for c, v in channels.items()}, "lastUpdate": at}
     return CloudMessage(f"x-5-{so}-{at}", "site-1", so, stream, at + 5, update)
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CloudStore]:
-    if request.param == "sqlite":
-        s: CloudStore = SQLiteStore(tmp_path / "cloud.db")
-    else:
-        server: Postgres = request.getfixturevalue("postgres")
-        s = PostgresStore(server.url)
-        with s._transaction() as cur:  # a clean slate per test
-            cur.execute("TRUNCATE updates, channel_values, latest")
-    yield s
-    s.close()
 
 
 def test_writes_are_idempotent_and_latest_is_by_event_time(store: CloudStore) -> None:

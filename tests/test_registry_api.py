@@ -19,8 +19,7 @@ import pytest
 
 from cloud_sync.cloud import CloudService, CloudSettings
 from cloud_sync.registry import FleetRegistry
-from cloud_sync.store import CloudStore, PostgresStore, SQLiteStore
-from cloudlet.rig import Postgres
+from cloud_sync.store import CloudStore
 from streams.catalog import Catalog
 from tests.test_cli import CLOUDLET
 from tests.test_cloud import T0, message
@@ -28,16 +27,13 @@ from tests.test_cloud import T0, message
 PROBE = {"name": "soil probe", "streams": {"soil": {"channels": {"moisture": {"type": "number"}}}}}
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def cloud(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CloudService]:
-    if request.param == "sqlite":
-        store: CloudStore = SQLiteStore(tmp_path / "cloud.db")
-    else:
-        server: Postgres = request.getfixturevalue("postgres")
-        store = PostgresStore(server.url)
-        FleetRegistry(store)
-        with store._transaction() as cur:  # a clean slate per test
-            cur.execute("TRUNCATE registry, registry_audit")
+@pytest.fixture
+def cloud(store: CloudStore) -> Iterator[CloudService]:
+    """The API over each store (`store`: SQLite, and the real PostgreSQL), registry empty."""
+    FleetRegistry(store)
+    with store._transaction() as cur:  # a clean slate per test
+        cur.execute("DELETE FROM registry")
+        cur.execute("DELETE FROM registry_audit")
     settings = CloudSettings.model_validate({"port": 0, "tokens": [
         {"token": "ops-secret", "objects": ["*"], "register": ["*"], "name": "ops"},
         {"token": "field-secret", "objects": ["field-*"], "register": ["field-*"]},
@@ -46,7 +42,6 @@ def cloud(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CloudServi
     service = CloudService(settings, store=store).start()
     yield service
     service.stop()
-    store.close()
 
 
 def call(method: str, url: str, token: str | None = None, body: Any = None) -> tuple[int, Any]:
