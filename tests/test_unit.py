@@ -683,6 +683,8 @@ def test_the_echo_follows_the_device_messages(
     list or a columnar batch as the list of its updates (ServIoTicy's batch form); `per:
     update` echoes every update on its own. Either way, every accepted update, in order; and
     so if the echo kernel fails (the pure-Python way then)."""
+    # each variant its own clients: a unit's persistent session must not meet another's
+    name = per.replace(" ", "-")
     if per == "kernel failing":
         from streams import kernels
 
@@ -691,11 +693,11 @@ def test_the_echo_follows_the_device_messages(
 
         monkeypatch.setattr(kernels, "echo_updates", broken)
         per = "message"
-    path = _config(tmp_path, mosquitto, name=f"u-echo-{per}", republish={"per": per},
+    path = _config(tmp_path, mosquitto, name=f"u-echo-{name}", republish={"per": per},
                    batch_size=100)  # fmt: skip
     unit = Unit(UnitConfig.load(path)).start()
-    collector = Collector(mosquitto, f"collector-echo-{per}")
-    sender = make_client(MqttSettings(url=mosquitto.url), f"sender-echo-{per}")
+    collector = Collector(mosquitto, f"collector-echo-{name}")
+    sender = make_client(MqttSettings(url=mosquitto.url), f"sender-echo-{name}")
     sent = threading.Event()
     sender.on_connect = lambda *_: sent.set()
     connect(sender, MqttSettings(url=mosquitto.url), persistent=False)
