@@ -56,7 +56,8 @@ class _Strict(BaseModel):
 class ReadToken(Token):
     objects: list[str] = Field(min_length=1)  # glob patterns of the objects it may read
     actuate: list[str] = Field(default_factory=list)  # and those it may send commands to
-    register: list[str] = Field(default_factory=list)  # and register, change, remove
+    # and register, change, remove (`register` in the file: a name pydantic's models have)
+    may_register: list[str] = Field(default_factory=list, alias="register")
     name: str | None = None  # who it is, in the registry's history
 
 

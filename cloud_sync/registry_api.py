@@ -47,7 +47,7 @@ def install(app: FastAPI, service: CloudService, registry: FleetRegistry) -> Non
     """The registry's routes, after every other route of the app (their paths are catch-alls
     of one segment)."""
 
-    registrars = [(t.secret().encode(), t.register, t.name) for t in service.settings.tokens]
+    registrars = [(t.secret().encode(), t.may_register, t.name) for t in service.settings.tokens]
 
     def now() -> int:
         return int(time.time() * 1000)
