@@ -15,6 +15,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -84,12 +85,14 @@ class CommandRelay:
         self,
         settings: RelaySettings,
         mqtt_settings: MqttSettings,
-        registry: Registry,
+        registry: Registry | Callable[[], Registry],
         topics: TopicScheme | None = None,
         client_id: str | None = None,
     ) -> None:
+        """`registry`: the site's, or what gives the one in force (a unit's, which a hot
+        reload replaces)."""
         self.settings = settings
-        self.registry = registry
+        self._registry = registry
         self.topics = topics or TopicScheme()
         self.ready = threading.Event()
         self.relayed = 0
@@ -226,6 +229,10 @@ class CommandRelay:
         self.relayed += 1
         log.info("command %s from the cloud: %s %s %s", command.id, command.so, command.action,
                  command.parameters)  # fmt: skip
+
+    @property
+    def registry(self) -> Registry:
+        return self._registry if isinstance(self._registry, Registry) else self._registry()
 
     def _problem(self, command: Actuation) -> str | None:
         so = self.registry.objects.get(command.so)

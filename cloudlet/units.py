@@ -83,7 +83,7 @@ class CloudletUnit:
             CommandRelay(
                 RelaySettings(site=forward.site, bootstrap_servers=forward.kafka.bootstrap_servers,
                               topics=forward.command_topics, max_age=forward.command_max_age),
-                relay_mqtt, self.unit.catalog.registry, config.topics,
+                relay_mqtt, lambda: self.unit.runtime.ingest.registry, config.topics,
                 client_id=(forward.command_mqtt and relay_mqtt.username)
                 or f"{self.unit.instance}-relay",
             )

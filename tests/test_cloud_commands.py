@@ -19,6 +19,7 @@ from cloudlet.demo import scenario_dir
 from cloudlet.rig import Kafka, Mosquitto
 from cloudlet.units import CloudletUnit, UnitFile
 from edge_objects.sdk import EdgeObject
+from streams.actuation import Actuation
 from streams.transport.mqtt import MqttSettings, connect, make_client
 
 IRRIGATION = scenario_dir("irrigation") / "objects"
@@ -184,3 +185,32 @@ def _until(condition: Any, timeout: float = 30) -> None:
     while not condition():
         assert time.monotonic() < end, "timed out"
         time.sleep(0.1)
+
+
+def test_the_relay_checks_commands_against_the_registry_in_force(tmp_path: Path) -> None:
+    """After a hot reload the relay knows the objects the unit has now (not those it started
+    with): a command to an object added since is carried out, one removed since refused."""
+    objects = tmp_path / "objects"
+    objects.mkdir()
+    valve = "id: %s\nstreams: {state: {channels: {open: {type: boolean}}}}\nactions: [name: open]\n"
+    (objects / "v1.yaml").write_text(valve % "v1")
+    path = tmp_path / "unit.yaml"
+    path.write_bytes(orjson.dumps({
+        "name": "u-relay-reload", "objects": ["objects"], "mqtt": {"url": "mqtt://127.0.0.1:9"},
+        "outbox": {"path": "outbox"},
+        "forward": {"site": "farm-1", "kafka": {"bootstrap_servers": "127.0.0.1:9"}},
+    }))  # fmt: skip
+    unit = CloudletUnit(UnitFile.load(path))  # not started: nothing connects
+    assert unit.relay is not None and unit.unit.watcher is not None
+    now = int(time.time() * 1000)
+    open_v2 = Actuation("v2", "open", {}, issued_at=now)
+    assert unit.relay._problem(open_v2) == "this cloudlet has no service object 'v2'"
+    (objects / "v2.yaml").write_text(valve % "v2")
+    (objects / "v1.yaml").unlink()
+    assert unit.unit.watcher.check()
+    unit.unit.runtime._swap()  # what the worker does between two batches
+    assert unit.relay._problem(open_v2) is None
+    assert unit.relay._problem(Actuation("v1", "open", {}, issued_at=now)) == (
+        "this cloudlet has no service object 'v1'")  # fmt: skip
+    if unit.outbox is not None:
+        unit.outbox.close()
