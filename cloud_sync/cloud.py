@@ -41,6 +41,7 @@ from cloud_sync.commands import CommandTopics, command_record
 from cloud_sync.dashboard import PAGE, Dashboard, chart_data, page_policy, unit_health
 from cloud_sync.registry import FleetRegistry
 from cloud_sync.registry_api import install
+from cloud_sync.registry_sync import RegistryPublisher
 from cloud_sync.store import CloudMessage, CloudStore, open_store
 from streams.actuation import Actuation
 from streams.transport.web import BackgroundServer, Token, bearer
@@ -69,6 +70,7 @@ class ConsumerSettings(_Strict):
     # committed past: one bad record never stops the cloud
     dead_letter_topic: str = "cloudlet.updates.dead-letter"
     commands: CommandTopics = CommandTopics()
+    registry_topic: str = "cloudlet.registry"  # the registry's changes, to the cloudlets
 
 
 class CloudSettings(_Strict):
@@ -241,6 +243,9 @@ class CloudService:
         self.metrics = _Metrics()
         self.grants = [(t.secret().encode(), t.objects, t.actuate) for t in settings.tokens]
         self.registry = FleetRegistry(self.store)
+        kafka = settings.kafka  # the registry's changes go to the cloudlets through it
+        self.publisher = RegistryPublisher(self.registry, kafka.bootstrap_servers,
+                                           kafka.registry_topic) if kafka else None  # fmt: skip
         self._producer: Any = None
         self.materializer = (
             Materializer(self.store, settings.kafka, self.metrics) if settings.kafka else None
@@ -472,6 +477,8 @@ class CloudService:
     def start(self) -> CloudService:
         if self.materializer is not None:
             self.materializer.start()
+        if self.publisher is not None:
+            self.publisher.start()
         self._server = BackgroundServer(
             self.app, self.settings.host, self.settings.port, "cloudlet-cloud-api"
         ).start()
@@ -485,11 +492,13 @@ class CloudService:
     @property
     def alive(self) -> bool:
         """Every background thread runs (`cloudlet cloud serve` exits non-zero otherwise)."""
-        return self.materializer is None or self.materializer.alive
+        return all(w is None or w.alive for w in (self.materializer, self.publisher))
 
     def stop(self) -> None:
         if self._server is not None:
             self._server.stop()
+        if self.publisher is not None:
+            self.publisher.stop()
         if self.materializer is not None:
             self.materializer.stop()
         self.store.close()

@@ -114,6 +114,10 @@ class ForwarderSettings(BaseModel):
     # with kafka: relay the cloud's commands to this site's devices (cloud_sync/commands.py)
     commands: bool = True
     command_topics: CommandTopics = CommandTopics()
+    # a folder kept as the local copy of the fleet's registry (the site's objects), from Kafka;
+    # the unit reads it among its objects (hot reload takes each change)
+    registry: Path | None = None
+    registry_topic: str = "cloudlet.registry"
     command_max_age: int = 600_000  # ms: an older command is refused, not carried out
     # the relay's own MQTT identity (role relay; its username is its client id); default: the
     # unit's settings, which works only on a broker without identities

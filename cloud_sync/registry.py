@@ -33,7 +33,9 @@ SCHEMA = [
     "CREATE INDEX IF NOT EXISTS registry_by_token ON registry (token_hash)",
     """CREATE TABLE IF NOT EXISTS registry_audit (
         so TEXT NOT NULL, version BIGINT NOT NULL, at BIGINT NOT NULL, who TEXT NOT NULL,
-        action TEXT NOT NULL, descriptor TEXT, PRIMARY KEY (so, version))""",
+        action TEXT NOT NULL, descriptor TEXT, site TEXT, sent INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (so, version))""",
+    "CREATE INDEX IF NOT EXISTS registry_unsent ON registry_audit (sent, at)",
 ]
 
 
@@ -115,6 +117,22 @@ class FleetRegistry:
                  "descriptor": orjson.loads(d) if d is not None else None}
                 for v, at, who, action, d in rows]  # fmt: skip
 
+    def pending(self) -> list[tuple[str, int, str | None, dict[str, Any] | None]]:
+        """The changes not sent to the cloudlets yet, oldest first: (id, version, site,
+        descriptor or None when removed)."""
+        rows = self.store._query(
+            "SELECT so, version, site, descriptor FROM registry_audit WHERE sent = 0"
+            " ORDER BY at, so, version"
+        )
+        return [(so, v, site, orjson.loads(d) if d is not None else None)
+                for so, v, site, d in rows]  # fmt: skip
+
+    def mark_sent(self, so: str, version: int) -> None:
+        with self.store._transaction() as cur:
+            cur.execute(self.store._q(
+                "UPDATE registry_audit SET sent = 1 WHERE so = ? AND version = ?"),
+                (so, version))  # fmt: skip
+
     def _all(self) -> dict[str, dict[str, Any]]:
         rows = self.store._query("SELECT so, descriptor FROM registry ORDER BY so")
         return {so: orjson.loads(d) for so, d in rows}
@@ -187,8 +205,9 @@ class FleetRegistry:
         with self.store._transaction() as cur:
             cur.execute(self.store._q("DELETE FROM registry WHERE so = ?"), (so,))
             cur.execute(self.store._q(
-                "INSERT INTO registry_audit (so, version, at, who, action, descriptor)"
-                " VALUES (?, ?, ?, ?, ?, ?)"), (so, version, at, who, "delete", None))  # fmt: skip
+                "INSERT INTO registry_audit (so, version, at, who, action, descriptor, site)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)"),
+                (so, version, at, who, "delete", None, found["site"]))  # fmt: skip
         return version
 
     def _write(self, so: str, descriptor: dict[str, Any], version: int, who: str, at: int,
@@ -206,5 +225,6 @@ class FleetRegistry:
                     "UPDATE registry SET descriptor = ?, version = ?, updated_at = ?,"
                     " updated_by = ? WHERE so = ?"), (body, version, at, who, so))  # fmt: skip
             cur.execute(q(
-                "INSERT INTO registry_audit (so, version, at, who, action, descriptor)"
-                " VALUES (?, ?, ?, ?, ?, ?)"), (so, version, at, who, action, body))  # fmt: skip
+                "INSERT INTO registry_audit (so, version, at, who, action, descriptor, site)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)"),
+                (so, version, at, who, action, body, site))  # fmt: skip

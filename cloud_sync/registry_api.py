@@ -83,18 +83,24 @@ def install(app: FastAPI, service: CloudService, registry: FleetRegistry) -> Non
             raise HTTPException(403, f"this token may not register or change {so!r}")
         return who
 
+    def changed() -> None:  # send it to the cloudlets now
+        if service.publisher is not None:
+            service.publisher.wake.set()
+
     @app.post("/", status_code=201)
-    async def create(request: Request) -> Any:
-        """Register a service object (ServIoTicy's `POST /`): its id and API token."""
+    async def create(request: Request, site: str | None = None) -> Any:
+        """Register a service object (ServIoTicy's `POST /`): its id and API token. `site`:
+        the cloudlet it belongs to (none: every cloudlet has it)."""
         descriptor = await _body(request)
         so = descriptor.get("id") if isinstance(descriptor, dict) else None
         who = registrar(request, so if isinstance(so, str) else None)
         if who is None:
             raise HTTPException(403, "this token may not register service objects")
         try:
-            created = registry.create(descriptor, who, now())
+            created = registry.create(descriptor, who, now(), site)
         except Refused as exc:
             return _refused(exc)
+        changed()
         return {"id": created.id, "version": created.version, "api_token": created.api_token}
 
     store = service.store
@@ -152,6 +158,7 @@ def install(app: FastAPI, service: CloudService, registry: FleetRegistry) -> Non
             raise HTTPException(404, f"no service object {so!r}") from None
         except Refused as exc:
             return _refused(exc)
+        changed()
         return {"id": so, "version": version}
 
     @app.delete("/{so}", status_code=204)
@@ -164,6 +171,7 @@ def install(app: FastAPI, service: CloudService, registry: FleetRegistry) -> Non
             raise HTTPException(404, f"no service object {so!r}") from None
         except Refused as exc:
             return _refused(exc)
+        changed()
         return Response(status_code=204)
 
     @app.get("/{so}/history")

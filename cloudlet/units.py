@@ -25,6 +25,7 @@ from pydantic import model_validator
 from cloud_sync.commands import CommandRelay, RelaySettings
 from cloud_sync.forwarder import Forwarder, ForwarderSettings
 from cloud_sync.outbox import Outbox, OutboxSettings
+from cloud_sync.registry_sync import RegistryFollower
 from processors.config import UnitConfig
 from processors.unit import Unit
 
@@ -48,6 +49,13 @@ class UnitFile(UnitConfig):
         if config.outbox is not None and not config.outbox.path.is_absolute():
             outbox = config.outbox.model_copy(update={"path": path.parent / config.outbox.path})
             config = config.model_copy(update={"outbox": outbox})
+        forward = config.forward
+        if forward is not None and forward.registry is not None:  # read among the objects
+            folder = path.parent / forward.registry
+            folder.mkdir(parents=True, exist_ok=True)
+            forward = forward.model_copy(update={"registry": folder})
+            objects = [*config.objects, folder] if folder not in config.objects else config.objects
+            config = config.model_copy(update={"forward": forward, "objects": objects})
         return config
 
 
@@ -90,6 +98,15 @@ class CloudletUnit:
             if forward is not None and forward.kafka is not None and forward.commands
             else None
         )  # fmt: skip
+        self.follower = (
+            RegistryFollower(forward.registry, forward.site, forward.kafka.bootstrap_servers,
+                             f"cloudlet-registry-{self.unit.instance}", forward.registry_topic)
+            if forward is not None and forward.kafka is not None and forward.registry is not None
+            else None
+        )  # fmt: skip
+        if self.follower is not None:
+            follower = self.follower
+            self.unit.threads["registry follower"] = lambda: follower.alive
         if self.forwarder is not None:
             self.unit.threads["forwarder"] = lambda: self.forwarder is None or self.forwarder.alive
         if self.relay is not None:
@@ -104,6 +121,8 @@ class CloudletUnit:
             self.forwarder.start()
         if self.relay is not None:
             self.relay.start()
+        if self.follower is not None:
+            self.follower.start()
         self.unit.start()
         return self
 
@@ -113,6 +132,8 @@ class CloudletUnit:
             self.forwarder.stop()
         if self.relay is not None:
             self.relay.stop()
+        if self.follower is not None:
+            self.follower.stop()
 
 
 class _CloudSyncCollector(Collector):

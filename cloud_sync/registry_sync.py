@@ -1,0 +1,187 @@
+"""The fleet's registry from the cloud to the cloudlets, over Kafka.
+
+The cloud (`RegistryPublisher`) sends every change of its registry (`cloud_sync.registry`) to
+the topic `cloudlet.registry`, compacted and keyed by object id: the last record of each object
+is its current descriptor, or that it was removed. A change is marked sent only once Kafka has
+it, so one made while Kafka is down goes when it returns, in order.
+
+A cloudlet (`RegistryFollower`, started with its forwarder when `forward.registry` names a
+folder) reads that topic from the start, in a consumer group of its own, and keeps a local copy:
+one file per object of its site (or of every site: an object registered without one), written
+whole or removed. Its units read that folder among their `objects` and take each change within
+seconds (hot reload), and the copy stays when the link is down: a cloudlet starts and works
+offline with what it last had. A record it cannot read is logged, counted and skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+if TYPE_CHECKING:  # a cloudlet's follower loads nothing of the cloud's
+    from cloud_sync.registry import FleetRegistry
+
+log = logging.getLogger(__name__)
+TOPIC = "cloudlet.registry"
+_SAFE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")  # what may become a file name
+
+
+def record(so: str, version: int, site: str | None, descriptor: dict[str, Any] | None) -> bytes:
+    """A registry change as the topic carries it (descriptor None: removed)."""
+    doc: dict[str, Any] = {"id": so, "version": version, "site": site}
+    if descriptor is None:
+        doc["deleted"] = True
+    else:
+        doc["descriptor"] = descriptor
+    return orjson.dumps(doc)
+
+
+class _Worker:
+    """A thread running one asyncio task until stopped."""
+
+    def __init__(self, name: str) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), name=name,
+                                        daemon=True)  # fmt: skip
+
+    def start(self) -> _Worker:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(15)
+
+    @property
+    def alive(self) -> bool:
+        return self._stop.is_set() or self._thread.is_alive() or not self._thread.ident
+
+    async def _run(self) -> None:
+        raise NotImplementedError
+
+
+class RegistryPublisher(_Worker):
+    """The cloud's side: what the registry has not sent yet, to the topic, in order."""
+
+    def __init__(self, registry: FleetRegistry, bootstrap_servers: str, topic: str = TOPIC):
+        super().__init__("cloudlet-registry-publisher")
+        self.registry = registry
+        self.bootstrap_servers = bootstrap_servers
+        self.topic = topic
+        self.sent = 0
+        self.wake = threading.Event()  # a change was made: send it now
+
+    async def _run(self) -> None:
+        from aiokafka import AIOKafkaProducer
+        from aiokafka.errors import KafkaError
+
+        await self._create_topic()
+        delay = 0.5
+        while not self._stop.is_set():
+            producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap_servers, acks="all",
+                                        enable_idempotence=True)  # fmt: skip
+            try:
+                await producer.start()
+                while not self._stop.is_set():
+                    for so, version, site, descriptor in self.registry.pending():
+                        await producer.send_and_wait(self.topic, record(so, version, site,
+                                                     descriptor), key=so.encode())  # fmt: skip
+                        self.registry.mark_sent(so, version)
+                        self.sent += 1
+                    delay = 0.5
+                    await asyncio.to_thread(self.wake.wait, 0.5)
+                    self.wake.clear()
+            except KafkaError as exc:  # down: what is not sent stays pending, and goes later
+                log.warning("registry changes wait for Kafka (%s)", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+            finally:
+                await producer.stop()
+
+    async def _create_topic(self) -> None:
+        """The topic, compacted: the last record of each object is what a new site reads."""
+        from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+        from aiokafka.errors import KafkaError
+
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap_servers)
+        try:
+            await admin.start()
+            if self.topic not in await admin.list_topics():
+                await admin.create_topics([NewTopic(self.topic, 1, 1, topic_configs={
+                    "cleanup.policy": "compact"})])  # fmt: skip
+        except KafkaError as exc:  # made by the first send instead, with the broker's defaults
+            log.warning("registry topic %s not created compacted (%s)", self.topic, exc)
+        finally:
+            await admin.close()
+
+
+class RegistryFollower(_Worker):
+    """A cloudlet's side: its local copy of the registry, a file per object."""
+
+    def __init__(self, folder: Path, site: str, bootstrap_servers: str, group: str,
+                 topic: str = TOPIC) -> None:  # fmt: skip
+        super().__init__("cloudlet-registry-follower")
+        self.folder = folder
+        self.site = site
+        self.bootstrap_servers = bootstrap_servers
+        self.group = group
+        self.topic = topic
+        self.applied = 0
+        self.refused = 0
+        self.ready = threading.Event()  # reading the topic (its partitions assigned)
+        folder.mkdir(parents=True, exist_ok=True)
+
+    async def _run(self) -> None:
+        from aiokafka import AIOKafkaConsumer
+        from aiokafka.errors import KafkaError
+
+        delay = 0.5
+        while not self._stop.is_set():
+            consumer = AIOKafkaConsumer(
+                self.topic, bootstrap_servers=self.bootstrap_servers, group_id=self.group,
+                auto_offset_reset="earliest", enable_auto_commit=False,
+            )  # fmt: skip
+            try:
+                await consumer.start()
+                while not self._stop.is_set():
+                    batches = await consumer.getmany(timeout_ms=300, max_records=500)
+                    if consumer.assignment():
+                        self.ready.set()
+                    for records in batches.values():
+                        for r in records:
+                            self.apply(r.value)
+                    if batches:
+                        await consumer.commit()
+                    delay = 0.5
+            except KafkaError as exc:  # the local copy stays as it is meanwhile
+                log.warning("registry updates wait for Kafka (%s)", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+            finally:
+                await consumer.stop()
+
+    def apply(self, value: bytes | None) -> None:
+        """One record into the local copy; one that cannot be read is logged and skipped."""
+        try:
+            doc = orjson.loads(value or b"")
+            so, site = doc["id"], doc.get("site")
+            if not isinstance(so, str) or not _SAFE_ID.match(so):
+                raise ValueError(f"id {so!r} is not one a file can be named after")
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            self.refused += 1
+            log.error("a registry record that cannot be read, skipped: %s", exc)
+            return
+        path = self.folder / f"{so}.json"
+        if doc.get("deleted") or site not in (None, self.site):  # removed, or another site's
+            path.unlink(missing_ok=True)
+        else:
+            temporary = self.folder / f".{so}.json.partial"  # not a descriptor's name
+            temporary.write_bytes(orjson.dumps(doc.get("descriptor"), option=orjson.OPT_INDENT_2))
+            temporary.replace(path)  # whole, never half written
+        self.applied += 1

@@ -1,0 +1,164 @@
+"""The fleet's registry from the cloud to a running cloudlet, over the real Kafka and Mosquitto:
+an object registered through the cloud's API while a site's unit runs has its updates accepted
+there within 5 s, one of another site's is not, and a removed one is refused again; the local
+copy is what a cloudlet starts from when the link is down."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from cloud_sync.cloud import CloudService, CloudSettings
+from cloud_sync.registry_sync import RegistryFollower
+from cloudlet.rig import Kafka, Mosquitto
+from cloudlet.units import CloudletUnit, UnitFile
+from streams import SensorUpdate, StreamKey
+from streams.transport.mqtt import MqttSettings
+from tests.test_registry_api import call
+from tests.test_unit import Collector, DeviceFleet
+
+T0 = int(time.time() * 1000)
+PROBE = {"streams": {"data": {"channels": {"t": {"type": "number"}}}}}
+
+
+def _letters(got: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    return [b["reason"] for t, b in got if t.startswith("cloudlet/dead-letter")]
+
+
+def _cloud_and_site(kafka: Kafka, mosquitto: Mosquitto, tmp_path: Path,
+                    n: str) -> tuple[CloudService, CloudletUnit]:  # fmt: skip
+    """The cloud (its API, its registry's publisher) and a site's unit following the
+    registry (topics of their own), both started."""
+    registry_topic, updates = f"registry-{n}", f"updates-{n}"
+    cloud = CloudService(CloudSettings.model_validate({
+        "port": 0, "store": f"sqlite:///{tmp_path / 'cloud.db'}",
+        "kafka": {"bootstrap_servers": kafka.bootstrap_servers, "topic": updates,
+                  "group": f"cloud-{n}", "registry_topic": registry_topic},
+        "tokens": [{"token": "ops-secret", "objects": ["*"], "register": ["*"], "name": "ops"}],
+    })).start()  # fmt: skip
+    objects = tmp_path / "objects"
+    objects.mkdir()
+    (objects / "s1.yaml").write_text("id: s1\nstreams: {data: {channels: {t: {type: number}}}}\n")
+    path = tmp_path / "unit.yaml"
+    path.write_bytes(orjson.dumps({
+        "name": f"u-sync-{n}", "objects": ["objects"], "mqtt": {"url": mosquitto.url},
+        "reload": "200ms", "outbox": {"path": "outbox"},
+        "forward": {"site": "farm-1", "commands": False, "registry": "registry",
+                    "registry_topic": registry_topic,
+                    "kafka": {"bootstrap_servers": kafka.bootstrap_servers, "topic": updates}},
+    }))  # fmt: skip
+    return cloud, CloudletUnit(UnitFile.load(path)).start()
+
+
+@pytest.mark.kafka
+@pytest.mark.mqtt
+def test_an_object_registered_in_the_cloud_is_taken_by_a_running_site(
+    kafka: Kafka, mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    n = uuid.uuid4().hex[:8]
+    cloud, site = _cloud_and_site(kafka, mosquitto, tmp_path, n)
+    collector = Collector(mosquitto, f"collector-sync-{n}")
+    fleet = DeviceFleet(MqttSettings(url=mosquitto.url), client_id=f"fleet-sync-{n}").start()
+    sent = [0]
+
+    def accepted(so: str, within: float) -> float | None:
+        """Publish `so`'s updates until one is echoed: how long it took, or None."""
+        started = time.monotonic()
+        while time.monotonic() - started < within:
+            sent[0] += 1
+            fleet.publish(StreamKey(so, "data"), SensorUpdate({"t": 1.0}, T0 + sent[0]))
+            got = collector.take(lambda g: bool(g), timeout=0.25)
+            if any(t == f"{so}/streams/data/updates" for t, _ in got):
+                return time.monotonic() - started
+        return None
+
+    try:
+        assert site.unit.runtime.connected.wait(10)
+        assert site.follower is not None and site.follower.ready.wait(30)
+        fleet.publish(StreamKey("probe", "data"), SensorUpdate({"t": 1.0}, T0))
+        assert _letters(collector.take(_letters)) == ["unknown_object"]
+
+        status, made = call("POST", f"{cloud.url}/?site=farm-1", "ops-secret",
+                            {"id": "probe", **PROBE})  # fmt: skip
+        assert status == 201, made
+        took = accepted("probe", 10)
+        assert took is not None and took < 5, took  # within 5 s of its registration
+        assert (tmp_path / "registry" / "probe.json").exists()  # the site's local copy
+
+        assert call("POST", f"{cloud.url}/?site=farm-2", "ops-secret",
+                    {"id": "elsewhere", **PROBE})[0] == 201  # fmt: skip
+        assert call("POST", f"{cloud.url}/", "ops-secret", {"id": "everywhere", **PROBE})[0] == 201
+        assert accepted("everywhere", 10) is not None  # no site: every cloudlet has it
+        assert not (tmp_path / "registry" / "elsewhere.json").exists()
+
+        assert call("DELETE", f"{cloud.url}/probe", "ops-secret")[0] == 204
+        deadline = time.monotonic() + 10
+        while (tmp_path / "registry" / "probe.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1)  # the unit's reload
+        collector.take(lambda g: False, timeout=0.3)  # what was in flight
+        fleet.publish(StreamKey("probe", "data"), SensorUpdate({"t": 2.0}, T0 + 10_000))
+        assert _letters(collector.take(_letters)) == ["unknown_object"]
+        assert site.unit.alive and cloud.alive
+    finally:
+        fleet.stop()
+        collector.close()
+        site.stop()
+        cloud.stop()
+
+
+def test_a_record_that_cannot_be_read_is_skipped_and_counted(tmp_path: Path) -> None:
+    follower = RegistryFollower(tmp_path / "registry", "farm-1", "127.0.0.1:9", "g")
+    for bad in (b"", b"{", b'{"no": "id"}', b'{"id": "../etc/passwd", "descriptor": {}}',
+                b'{"id": 7}'):  # fmt: skip
+        follower.apply(bad)
+    follower.apply(b'{"id": "ok", "version": 1, "site": null, "descriptor": {"id": "ok"}}')
+    assert (follower.refused, follower.applied) == (5, 1)
+    assert sorted(p.name for p in (tmp_path / "registry").iterdir()) == ["ok.json"]
+
+
+@pytest.fixture(scope="module")
+def own_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kafka]:
+    broker = Kafka(tmp_path_factory.mktemp("kafka-registry")).start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.mark.kafka
+@pytest.mark.mqtt
+def test_a_registration_made_while_kafka_is_down_reaches_the_site_when_it_returns(
+    own_kafka: Kafka, mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    n = uuid.uuid4().hex[:8]
+    cloud, site = _cloud_and_site(own_kafka, mosquitto, tmp_path, n)
+    copy = tmp_path / "registry"
+    try:
+        assert site.follower is not None and site.follower.ready.wait(30)
+        assert call("POST", f"{cloud.url}/", "ops-secret", {"id": "before", **PROBE})[0] == 201
+        deadline = time.monotonic() + 10
+        while not (copy / "before.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert (copy / "before.json").exists()
+        own_kafka.stop()  # the link drops: the cloud's API still takes registrations
+        assert call("POST", f"{cloud.url}/", "ops-secret", {"id": "during", **PROBE})[0] == 201
+        time.sleep(2)
+        assert not (copy / "during.json").exists()  # the site has what it had
+        assert (copy / "before.json").exists()
+        own_kafka.resume()  # the link is back: what waited goes
+        deadline = time.monotonic() + 60
+        while not (copy / "during.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (copy / "during.json").exists()
+        assert orjson.loads((copy / "during.json").read_bytes()) == {"id": "during", **PROBE}
+        assert site.unit.alive and cloud.alive
+    finally:
+        site.stop()
+        cloud.stop()
