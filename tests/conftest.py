@@ -143,3 +143,13 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CloudStore
             cur.execute("TRUNCATE updates, channel_values, latest")
     yield s
     s.close()
+
+
+@pytest.fixture(scope="module")
+def own_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kafka]:
+    """A Kafka of the module's own, for tests that stop it (an outage) while others run."""
+    broker = Kafka(tmp_path_factory.mktemp("kafka-own")).start()
+    try:
+        yield broker
+    finally:
+        broker.stop()

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -136,15 +135,6 @@ def test_every_update_reaches_kafka_across_a_sigkill(
     assert first["site"] == "test-site" and first["key"] == first["so"].encode()
     # lean headers by default: what a consumer needs to pick a decoder; the rest is the value's
     assert first["headers"] == {"content-type": b"application/json", "site": b"test-site"}
-
-
-@pytest.fixture(scope="module")
-def own_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kafka]:
-    broker = Kafka(tmp_path_factory.mktemp("kafka-outage")).start()
-    try:
-        yield broker
-    finally:
-        broker.stop()
 
 
 @pytest.mark.kafka

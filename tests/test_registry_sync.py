@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -121,15 +120,6 @@ def test_a_record_that_cannot_be_read_is_skipped_and_counted(tmp_path: Path) -> 
     follower.apply(b'{"id": "ok", "version": 1, "site": null, "descriptor": {"id": "ok"}}')
     assert (follower.refused, follower.applied) == (5, 1)
     assert sorted(p.name for p in (tmp_path / "registry").iterdir()) == ["ok.json"]
-
-
-@pytest.fixture(scope="module")
-def own_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kafka]:
-    broker = Kafka(tmp_path_factory.mktemp("kafka-registry")).start()
-    try:
-        yield broker
-    finally:
-        broker.stop()
 
 
 @pytest.mark.kafka
