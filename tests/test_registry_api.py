@@ -199,3 +199,11 @@ def test_servioticy_data_paths_read_what_the_cloudlets_forwarded(cloud: CloudSer
         assert [u["lastUpdate"] for u in found["data"]] == want, body
     assert call("POST", f"{base}/air-7/streams/air/search", "reader", {"match": True})[0] == 400
     assert call("GET", f"{base}/air-7/streams/air/lastUpdate", None)[0] == 404  # not public
+
+
+def test_a_body_too_large_is_refused_before_it_is_read(cloud: CloudService) -> None:
+    huge = {"id": "field-big", "description": "x" * (1 << 20), **PROBE}
+    assert call("POST", f"{cloud.url}/", None, huge)[0] == 401  # nobody: not even read
+    status, body = call("POST", f"{cloud.url}/", "ops-secret", huge)
+    assert (status, body["error"]) == (413, "the body is over 1048576 bytes")
+    assert call("GET", f"{cloud.url}/field-big", "ops-secret")[0] == 404
