@@ -410,7 +410,10 @@ class CloudService:
 
         @app.get("/", include_in_schema=False)
         def page(request: Request) -> Response:
-            if "text/html" not in request.headers.get("accept", ""):  # ServIoTicy's `GET /`
+            accept, headers = request.headers.get("accept", ""), request.headers
+            if "text/html" not in accept and ("application/json" in accept
+                                              or "authorization" in headers):  # fmt: skip
+                # ServIoTicy's `GET /` (its clients send their token); a browser: the page
                 readable = self._readable(request)
                 return JSONResponse([so for so in self.registry.ids() if self._may(readable, so)])
             # Only our own script runs (a nonce per answer); device-provided strings are text
