@@ -34,22 +34,23 @@ def _refused(exc: Refused) -> JSONResponse:
                         status_code=exc.status)  # fmt: skip
 
 
-MAX_BODY = 1 << 20  # bytes of a descriptor or a search: memory stays bounded
+MAX_BODY = 1 << 20  # bytes of a descriptor or a search kept: memory stays bounded
+DRAIN_MAX = 16 << 20  # past MAX_BODY, read and dropped up to this, so the client reads the 413
 
 
 async def _body(request: Request) -> Any:
-    """The JSON body, read up to MAX_BODY (413 past it, before reading the rest)."""
+    """The JSON body, at most MAX_BODY bytes of it kept (413 past it)."""
     import orjson
 
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY:
-        raise HTTPException(413, f"the body is over {MAX_BODY} bytes")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > MAX_BODY:
-            raise HTTPException(413, f"the body is over {MAX_BODY} bytes")
-        chunks.append(chunk)
+        if size <= MAX_BODY:
+            chunks.append(chunk)
+        elif size > DRAIN_MAX:  # the connection is dropped on the rest
+            break
+    if size > MAX_BODY:
+        raise HTTPException(413, f"the body is over {MAX_BODY} bytes")
     try:
         return orjson.loads(b"".join(chunks))
     except orjson.JSONDecodeError as exc:
@@ -104,7 +105,6 @@ def install(app: FastAPI, service: CloudService, registry: FleetRegistry) -> Non
     async def create(request: Request, site: str | None = None) -> Any:
         """Register a service object (ServIoTicy's `POST /`): its id and API token. `site`:
         the cloudlet it belongs to (none: every cloudlet has it)."""
-        registrar(request, "")  # a known token first (401), before reading anything
         descriptor = await _body(request)
         so = descriptor.get("id") if isinstance(descriptor, dict) else None
         who = registrar(request, so if isinstance(so, str) else None)
