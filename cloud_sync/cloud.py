@@ -41,7 +41,7 @@ from cloud_sync.commands import CommandTopics, command_record
 from cloud_sync.dashboard import PAGE, Dashboard, chart_data, page_policy, unit_health
 from cloud_sync.registry import FleetRegistry
 from cloud_sync.registry_api import install
-from cloud_sync.registry_sync import RegistryPublisher
+from cloud_sync.registry_sync import RegistryPublisher, Worker
 from cloud_sync.store import CloudMessage, CloudStore, open_store
 from streams.actuation import Actuation
 from streams.transport.web import BackgroundServer, Token, bearer
@@ -110,27 +110,13 @@ class _Metrics:
                                 registry=r)  # fmt: skip
 
 
-class Materializer:
+class Materializer(Worker):
     """The consumer group: Kafka records into the store, exactly once by message id."""
 
     def __init__(self, store: CloudStore, settings: ConsumerSettings, metrics: _Metrics) -> None:
+        super().__init__("cloudlet-materializer")
         self.store, self.settings, self.metrics = store, settings, metrics
         self.ready = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()),
-                                        name="cloudlet-materializer", daemon=True)  # fmt: skip
-
-    def start(self) -> Materializer:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(15)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive() or not self._thread.ident
 
     async def _run(self) -> None:
         from aiokafka import AIOKafkaConsumer, AIOKafkaProducer

@@ -42,15 +42,16 @@ def record(so: str, version: int, site: str | None, descriptor: dict[str, Any] |
     return orjson.dumps(doc)
 
 
-class _Worker:
-    """A thread running one asyncio task until stopped."""
+class Worker:
+    """A thread running one asyncio task (`_run`) until stopped; alive until it dies on its
+    own (a stopped one counts as alive: it ended because it was asked to)."""
 
     def __init__(self, name: str) -> None:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), name=name,
                                         daemon=True)  # fmt: skip
 
-    def start(self) -> _Worker:
+    def start(self) -> Worker:
         self._thread.start()
         return self
 
@@ -66,7 +67,7 @@ class _Worker:
         raise NotImplementedError
 
 
-class RegistryPublisher(_Worker):
+class RegistryPublisher(Worker):
     """The cloud's side: what the registry has not sent yet, to the topic, in order."""
 
     def __init__(self, registry: FleetRegistry, bootstrap_servers: str, topic: str = TOPIC):
@@ -121,7 +122,7 @@ class RegistryPublisher(_Worker):
             await admin.close()
 
 
-class RegistryFollower(_Worker):
+class RegistryFollower(Worker):
     """A cloudlet's side: its local copy of the registry, a file per object."""
 
     def __init__(self, folder: Path, site: str, bootstrap_servers: str, group: str,
