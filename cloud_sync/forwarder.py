@@ -20,6 +20,7 @@ JSON by default, so any Kafka consumer can read it; msgpack with `codec: msgpack
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import sqlite3
@@ -229,7 +230,15 @@ class Forwarder:
         producer: AIOKafkaProducer | None = None
         store: CloudStore | None = None
         in_flight: deque[tuple[Sequence[Record], asyncio.Future[Any], int]] = deque()
-        reading: asyncio.Future[list[Record]] | None = None  # a read of the outbox under way
+        # Woken by the unit's write, on this loop (no thread between them), not polling
+        loop, wake = asyncio.get_running_loop(), asyncio.Event()
+
+        def written() -> None:  # in the unit's thread
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody to wake
+                loop.call_soon_threadsafe(wake.set)
+
+        unwatch = self.outbox.watch(written)
+        woken: asyncio.Task[Any] | None = None
         while not self._stop.is_set():
             try:
                 if self.settings.store is not None:  # the embedded default: no Kafka
@@ -250,26 +259,28 @@ class Forwarder:
                     await producer.start()
                     self.connected.set()
                     log.info("forwarder connected to %s", self.settings.kafka.bootstrap_servers)
-                # Woken by the unit's write, not polling: a record waits for no timer. Up to
-                # IN_FLIGHT reads are in Kafka's hands at once (the next one is read and built
-                # while the last is sent); they are acknowledged in the outbox in order.
-                if reading is None:
-                    reading = self._read(0.0 if in_flight else 0.25)
-                records = await reading
-                reading = None
-                if records:
-                    reading = self._read(0.0)  # the next read, while this one is sent
-                    in_flight.append((records, *await self._send(producer, records)))
-                if in_flight and (len(in_flight) >= IN_FLIGHT or not records):
+                # A record waits for no timer, nor for Kafka's acknowledgement of the records
+                # before it: up to IN_FLIGHT reads are in Kafka's hands at once, acknowledged
+                # in the outbox in order. Reads wait for nothing (a read under the outbox's
+                # lock is a file read and a parse of what it returns).
+                if in_flight and (len(in_flight) >= IN_FLIGHT or in_flight[0][1].done()):
                     await self._delivered(*in_flight.popleft())
+                    delay = self.settings.retry_min
+                    continue
+                wake.clear()
+                records = self.outbox.read(self.settings.batch)
+                if records:
+                    in_flight.append((records, *await self._send(producer, records)))
+                else:  # a write, the oldest read delivered, or a look at the stop flag
+                    if woken is None or woken.done():
+                        woken = asyncio.ensure_future(wake.wait())
+                    pending = (woken, in_flight[0][1]) if in_flight else (woken,)
+                    await asyncio.wait(pending, timeout=0.25, return_when=asyncio.FIRST_COMPLETED)
                 delay = self.settings.retry_min
             except Exception as exc:  # Kafka or the store away, or a bug: retry in order
                 for _, delivered, _ in in_flight:  # resent from the outbox, in order
                     delivered.cancel()
                 in_flight.clear()
-                if reading is not None:  # let it finish before the rewind, or it skips records
-                    await asyncio.gather(reading, return_exceptions=True)
-                    reading = None
                 if not isinstance(exc, transient):
                     log.exception("forwarder failed unexpectedly; retrying")
                 self.connected.clear()
@@ -283,8 +294,9 @@ class Forwarder:
                     producer = None
                 await asyncio.sleep(wait)
                 delay = min(self.settings.retry_max, delay * 2)
-        if reading is not None:
-            await asyncio.gather(reading, return_exceptions=True)
+        unwatch()
+        if woken is not None:
+            woken.cancel()
         try:  # stopping: what is in flight is acknowledged if it arrives soon (else resent)
             while in_flight:
                 await asyncio.wait_for(self._delivered(*in_flight.popleft()), 10)
@@ -354,10 +366,6 @@ class Forwarder:
             if batch.record_count():
                 futures.append(await producer.send_batch(batch, topic, partition=partition))
         return asyncio.gather(*futures), size
-
-    def _read(self, wait: float) -> asyncio.Future[list[Record]]:
-        """The next records of the outbox, read in a thread (waiting up to `wait` s for some)."""
-        return asyncio.ensure_future(asyncio.to_thread(self.outbox.read, self.settings.batch, wait))
 
     async def _too_large(
         self, producer: AIOKafkaProducer, r: Record, message_id: str, key: bytes, size: int

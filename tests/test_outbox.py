@@ -205,6 +205,44 @@ def test_acknowledged_segments_are_deleted(tmp_path: Path) -> None:
     assert outbox.depth() == 0 and outbox.oldest_age() == 0.0
 
 
+def test_a_write_waits_for_no_acknowledgement_and_wakes_its_watchers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An acknowledgement makes its position durable (fsyncs) without the lock the unit's
+    writes take; a reader on an event loop is woken by every write (`watch`)."""
+    import cloud_sync.outbox as module
+
+    outbox = Outbox(settings(tmp_path))
+    outbox.write(updates(SOIL, 10))
+    records = outbox.read(100)
+    durable, release = threading.Event(), threading.Event()
+    real = module.atomic_write
+
+    def slow_atomic_write(path: Path, data: bytes) -> None:
+        durable.set()
+        assert release.wait(10)  # the acknowledgement's fsync, held up
+        real(path, data)
+
+    monkeypatch.setattr(module, "atomic_write", slow_atomic_write)
+    acking = threading.Thread(target=outbox.ack, args=(records,))
+    acking.start()
+    assert durable.wait(10)
+    woken: list[int] = []
+    unwatch = outbox.watch(lambda: woken.append(outbox.depth()))
+    outbox.write(updates(SOIL, 5, start=10))  # not blocked by the acknowledgement under way
+    assert woken == [15] and outbox.counts.acked == 0
+    release.set()
+    acking.join(10)
+    assert outbox.counts.acked == 10 and outbox.depth() == 5
+    unwatch()
+    outbox.write(updates(SOIL, 1, start=15))
+    assert woken == [15]
+    assert (tmp_path / "p5" / "acked").read_bytes() == (10).to_bytes(8, "little")
+    monkeypatch.undo()
+    reopened = Outbox(settings(tmp_path))  # after a restart: from the durable position
+    assert [r.last_update for r in drain(reopened)] == [T0 + i for i in range(10, 16)]
+
+
 WRITER = """
 import sys
 from pathlib import Path
