@@ -211,12 +211,12 @@ def test_a_write_waits_for_no_acknowledgement_and_wakes_its_watchers(
     """An acknowledgement makes its position durable (fsyncs) without the lock the unit's
     writes take; a reader on an event loop is woken by every write (`watch`)."""
     import cloud_sync.outbox as module
+    from cloud_sync.segments import atomic_write as real
 
     outbox = Outbox(settings(tmp_path))
     outbox.write(updates(SOIL, 10))
     records = outbox.read(100)
     durable, release = threading.Event(), threading.Event()
-    real = module.atomic_write
 
     def slow_atomic_write(path: Path, data: bytes) -> None:
         durable.set()
