@@ -71,6 +71,7 @@ class ConsumerSettings(_Strict):
     dead_letter_topic: str = "cloudlet.updates.dead-letter"
     commands: CommandTopics = CommandTopics()
     registry_topic: str = "cloudlet.registry"  # the registry's changes, to the cloudlets
+    registry_changes_topic: str = "cloudlet.registry.changes"  # and those the sites made
 
 
 class CloudSettings(_Strict):
@@ -230,8 +231,9 @@ class CloudService:
         self.grants = [(t.secret().encode(), t.objects, t.actuate) for t in settings.tokens]
         self.registry = FleetRegistry(self.store)
         kafka = settings.kafka  # the registry's changes go to the cloudlets through it
-        self.publisher = RegistryPublisher(self.registry, kafka.bootstrap_servers,
-                                           kafka.registry_topic) if kafka else None  # fmt: skip
+        self.publisher = RegistryPublisher(
+            self.registry, kafka.bootstrap_servers, kafka.registry_topic,
+            kafka.registry_changes_topic) if kafka else None  # fmt: skip
         self._producer: Any = None
         self.materializer = (
             Materializer(self.store, settings.kafka, self.metrics) if settings.kafka else None

@@ -119,6 +119,8 @@ class ForwarderSettings(BaseModel):
     # the unit reads it among its objects (hot reload takes each change)
     registry: Path | None = None
     registry_topic: str = "cloudlet.registry"
+    # changes made at this site (`cloudlet so add --local`), to the cloud
+    registry_changes_topic: str = "cloudlet.registry.changes"
     command_max_age: int = 600_000  # ms: an older command is refused, not carried out
     # the relay's own MQTT identity (role relay; its username is its client id); default: the
     # unit's settings, which works only on a broker without identities

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import tempfile
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import Any
 
 import orjson
 
+from cloud_sync.local_registry import said
 from cloud_sync.store import CloudStore
 from streams.catalog import Catalog
 from streams.registry import Problem
@@ -36,6 +38,12 @@ SCHEMA = [
         action TEXT NOT NULL, descriptor TEXT, site TEXT, sent INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (so, version))""",
     "CREATE INDEX IF NOT EXISTS registry_unsent ON registry_audit (sent, at)",
+    # every change a site made (`cloud_sync.local_registry`), with how it was settled; one not
+    # taken sends the cloud's version of the object back to the sites (`sent` 0 until done)
+    """CREATE TABLE IF NOT EXISTS registry_site_changes (
+        change TEXT PRIMARY KEY, so TEXT NOT NULL, site TEXT, who TEXT NOT NULL,
+        at BIGINT NOT NULL, settled BIGINT NOT NULL, base BIGINT NOT NULL, descriptor TEXT,
+        outcome TEXT NOT NULL, reason TEXT, sent INTEGER NOT NULL DEFAULT 1)""",
 ]
 
 
@@ -57,14 +65,6 @@ class Created:
 
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-def _said(problem: Problem) -> str:
-    """A problem as `cloudlet so validate` says it, without the file (the API has none)."""
-    parts = [f"so {problem.object_id!r}"] if problem.object_id is not None else []
-    if problem.field:
-        parts.append(problem.field)
-    return ": ".join([*parts, problem.message])
 
 
 def check(descriptors: Mapping[str, dict[str, Any]]) -> list[Problem]:
@@ -108,30 +108,108 @@ class FleetRegistry:
         return rows[0][0] if rows else None
 
     def history(self, so: str) -> list[dict[str, Any]]:
+        """Every version (with who made it and when), then every change a site made that was
+        not taken (`conflict`, `refused`: version None, with the reason and the version it was
+        made on), in the order the cloud settled them (`at`: when the site made it, by its
+        clock)."""
         rows = self.store._query(
             "SELECT version, at, who, action, descriptor FROM registry_audit WHERE so = ?"
             " ORDER BY version",
             (so,),
         )
-        return [{"version": v, "at": at, "by": who, "action": action,
-                 "descriptor": orjson.loads(d) if d is not None else None}
-                for v, at, who, action, d in rows]  # fmt: skip
+        out = [{"version": v, "at": at, "by": who, "action": action,
+                "descriptor": orjson.loads(d) if d is not None else None}
+               for v, at, who, action, d in rows]  # fmt: skip
+        refused = self.store._query(
+            "SELECT at, who, outcome, descriptor, reason, base FROM registry_site_changes"
+            " WHERE so = ? AND outcome != 'accepted' ORDER BY settled, change",
+            (so,),
+        )
+        out += [{"version": None, "at": at, "by": who, "action": outcome, "reason": reason,
+                 "base": base, "descriptor": orjson.loads(d) if d is not None else None}
+                for at, who, outcome, d, reason, base in refused]  # fmt: skip
+        return out
 
     def pending(self) -> list[tuple[str, int, str | None, dict[str, Any] | None]]:
         """The changes not sent to the cloudlets yet, oldest first: (id, version, site,
-        descriptor or None when removed)."""
+        descriptor or None when removed). A site's change that was not taken stands for the
+        object as the cloud has it now (its copy at the site is set back)."""
         rows = self.store._query(
             "SELECT so, version, site, descriptor FROM registry_audit WHERE sent = 0"
             " ORDER BY at, so, version"
         )
-        return [(so, v, site, orjson.loads(d) if d is not None else None)
-                for so, v, site, d in rows]  # fmt: skip
+        out = [(so, v, site, orjson.loads(d) if d is not None else None)
+               for so, v, site, d in rows]  # fmt: skip
+        for (so,) in self.store._query(
+            "SELECT DISTINCT so FROM registry_site_changes WHERE sent = 0 ORDER BY so"
+        ):
+            found = self.get(so)
+            if found is not None:
+                out.append((so, found["version"], found["site"], found["descriptor"]))
+            else:
+                out.append((so, self._last_version(so), None, None))
+        return out
 
     def mark_sent(self, so: str, version: int) -> None:
         with self.store._transaction() as cur:
             cur.execute(self.store._q(
                 "UPDATE registry_audit SET sent = 1 WHERE so = ? AND version = ?"),
                 (so, version))  # fmt: skip
+            cur.execute(
+                self.store._q(
+                    "UPDATE registry_site_changes SET sent = 1 WHERE so = ? AND sent = 0"
+                ),
+                (so,),
+            )
+
+    def _last_version(self, so: str) -> int:
+        last = self.store._query("SELECT MAX(version) FROM registry_audit WHERE so = ?", (so,))
+        return int(last[0][0] or 0)
+
+    # changes made at the sites -------------------------------------------------------------
+
+    def from_site(self, change: Mapping[str, Any]) -> str:
+        """A change a site made while it was cut off (or not), settled by the rule of
+        `cloud_sync.local_registry`: taken only if made on the cloud's current version of
+        the object, and checked as any change; else kept as a `conflict` or `refused`, and the
+        cloud's version goes back to the sites. The outcome; a change seen before (sent again
+        after a restart) is not settled twice."""
+        cid, so, base = str(change["change"]), str(change["id"]), int(change["base"])
+        site = change.get("site")
+        seen = self.store._query(
+            "SELECT outcome FROM registry_site_changes WHERE change = ?", (cid,)
+        )
+        if seen:
+            return str(seen[0][0])
+        who = f"{change.get('by', 'unknown')}@{site}"
+        at = int(time.time() * 1000)  # when the cloud took it: versions go out in this order
+        descriptor = None if change.get("deleted") else change.get("descriptor")
+        found = self.get(so)
+        current = found["version"] if found is not None else self._last_version(so)
+        outcome, reason = "accepted", None
+        if base != current:
+            outcome = "conflict"
+            reason = (f"made at site {site} on version {base}; the cloud had version"
+                      f" {current} (the cloud's stands)")  # fmt: skip
+        else:
+            try:
+                if descriptor is None:
+                    if found is not None:
+                        self.delete(so, who, at)
+                elif found is not None:
+                    self.update(so, descriptor, who, at)
+                else:
+                    self.create({"id": so, **descriptor}, who, at, site=site)
+            except Refused as exc:
+                outcome, reason = "refused", "; ".join(exc.problems)
+        with self.store._transaction() as cur:
+            cur.execute(self.store._q(
+                "INSERT INTO registry_site_changes (change, so, site, who, at, settled, base,"
+                " descriptor, outcome, reason, sent) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
+                (cid, so, site, who, int(change.get("at") or 0), at, base,
+                 orjson.dumps(descriptor).decode() if descriptor is not None else None,
+                 outcome, reason, int(outcome == "accepted")))  # fmt: skip
+        return outcome
 
     def _all(self) -> dict[str, dict[str, Any]]:
         rows = self.store._query("SELECT so, descriptor FROM registry ORDER BY so")
@@ -150,10 +228,10 @@ class FleetRegistry:
         else:
             changed[so] = descriptor
         after = check(changed)
-        own = [_said(p) for p in after if p.object_id == so]
+        own = [said(p) for p in after if p.object_id == so]
         if own:
             raise Refused(422, own)
-        broken = [_said(p) for p in after
+        broken = [said(p) for p in after
                   if (p.object_id, p.field, p.message) not in before]  # fmt: skip
         if broken:
             raise Refused(409, [f"this change would break another object: {b}" for b in broken])

@@ -6,30 +6,37 @@ is its current descriptor, or that it was removed. A change is marked sent only 
 it, so one made while Kafka is down goes when it returns, in order.
 
 A cloudlet (`RegistryFollower`, started with its forwarder when `forward.registry` names a
-folder) reads that topic from the start, in a consumer group of its own, and keeps a local copy:
-one file per object of its site (or of every site: an object registered without one), written
-whole or removed. Its units read that folder among their `objects` and take each change within
-seconds (hot reload), and the copy stays when the link is down: a cloudlet starts and works
-offline with what it last had. A record it cannot read is logged, counted and skipped.
+folder) reads that topic from the start, in a consumer group of its own, and keeps a local copy
+(`cloud_sync.local_registry`): one file per object of its site (or of every site: an object
+registered without one), written whole or removed. Its units read that folder among their
+`objects` and take each change within seconds (hot reload), and the copy stays when the link is
+down: a cloudlet starts and works offline with what it last had. A record it cannot read is
+logged, counted and skipped.
+
+Changes made at a site (`cloudlet so add --local FOLDER`, `LocalRegistry.change`) are in its
+copy at once and go to the cloud on `cloudlet.registry.changes` when the link is up; the cloud
+settles each by the rule in `cloud_sync.local_registry` (made on the cloud's current version:
+taken; else the cloud's version stands and goes back to the site).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from cloud_sync.local_registry import SAFE_ID, LocalRegistry
+
 if TYPE_CHECKING:  # a cloudlet's follower loads nothing of the cloud's
     from cloud_sync.registry import FleetRegistry
 
 log = logging.getLogger(__name__)
 TOPIC = "cloudlet.registry"
-_SAFE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")  # what may become a file name
+CHANGES = "cloudlet.registry.changes"  # changes made at the sites, to the cloud
 
 
 def record(so: str, version: int, site: str | None, descriptor: dict[str, Any] | None) -> bytes:
@@ -68,17 +75,25 @@ class Worker:
 
 
 class RegistryPublisher(Worker):
-    """The cloud's side: what the registry has not sent yet, to the topic, in order."""
+    """The cloud's side: what the registry has not sent yet, to the topic, in order; and the
+    changes made at the sites, settled."""
 
-    def __init__(self, registry: FleetRegistry, bootstrap_servers: str, topic: str = TOPIC):
+    def __init__(self, registry: FleetRegistry, bootstrap_servers: str, topic: str = TOPIC,
+                 changes: str = CHANGES) -> None:  # fmt: skip
         super().__init__("cloudlet-registry-publisher")
         self.registry = registry
         self.bootstrap_servers = bootstrap_servers
         self.topic = topic
+        self.changes = changes
         self.sent = 0
+        self.settled: dict[str, int] = {}  # the sites' changes: accepted, conflict, refused
+        self.unreadable = 0
         self.wake = threading.Event()  # a change was made: send it now
 
     async def _run(self) -> None:
+        await asyncio.gather(self._publish(), self._receive())
+
+    async def _publish(self) -> None:
         from aiokafka import AIOKafkaProducer
         from aiokafka.errors import KafkaError
 
@@ -105,6 +120,50 @@ class RegistryPublisher(Worker):
             finally:
                 await producer.stop()
 
+    async def _receive(self) -> None:
+        """The changes made at the sites, settled in the registry (`FleetRegistry.from_site`)
+        in the order each site made them; one that cannot be read is logged and skipped."""
+        from aiokafka import AIOKafkaConsumer
+        from aiokafka.errors import KafkaError
+
+        delay = 0.5
+        while not self._stop.is_set():
+            consumer = AIOKafkaConsumer(
+                self.changes, bootstrap_servers=self.bootstrap_servers,
+                group_id="cloudlet-cloud-registry", auto_offset_reset="earliest",
+                enable_auto_commit=False, metadata_max_age_ms=2000,
+            )  # fmt: skip
+            try:
+                await consumer.start()
+                while not self._stop.is_set():
+                    batches = await consumer.getmany(timeout_ms=300, max_records=200)
+                    for records in batches.values():
+                        for r in records:
+                            await asyncio.to_thread(self._settle, r.value)
+                    if batches:
+                        await consumer.commit()
+                        self.wake.set()  # what was not taken goes back to the sites now
+                    delay = 0.5
+            except KafkaError as exc:
+                log.warning("changes from the sites wait for Kafka (%s)", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+            finally:
+                await consumer.stop()
+
+    def _settle(self, value: bytes | None) -> None:
+        try:
+            change = orjson.loads(value or b"")
+            outcome = self.registry.from_site(change)
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            self.unreadable += 1
+            log.error("a site's registry change that cannot be read, skipped: %s", exc)
+            return
+        self.settled[outcome] = self.settled.get(outcome, 0) + 1
+        if outcome != "accepted":
+            log.warning("registry change to %s from site %s %s", change.get("id"),
+                        change.get("site"), outcome)  # fmt: skip
+
     async def _create_topic(self) -> None:
         """The topic, compacted: the last record of each object is what a new site reads."""
         from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -113,9 +172,12 @@ class RegistryPublisher(Worker):
         admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap_servers)
         try:
             await admin.start()
-            if self.topic not in await admin.list_topics():
+            topics = await admin.list_topics()
+            if self.topic not in topics:
                 await admin.create_topics([NewTopic(self.topic, 1, 1, topic_configs={
                     "cleanup.policy": "compact"})])  # fmt: skip
+            if self.changes not in topics:  # one partition: the sites' changes in one order
+                await admin.create_topics([NewTopic(self.changes, 1, 1)])
         except KafkaError as exc:  # made by the first send instead, with the broker's defaults
             log.warning("registry topic %s not created compacted (%s)", self.topic, exc)
         finally:
@@ -123,23 +185,27 @@ class RegistryPublisher(Worker):
 
 
 class RegistryFollower(Worker):
-    """A cloudlet's side: its local copy of the registry, a file per object."""
+    """A cloudlet's side: its local copy of the registry (`LocalRegistry`), kept from the
+    topic; and the changes made at the site, sent to the cloud (`CHANGES`) when the link is up,
+    in the order they were made."""
 
     def __init__(self, folder: Path, site: str, bootstrap_servers: str, group: str,
-                 topic: str = TOPIC) -> None:  # fmt: skip
+                 topic: str = TOPIC, changes: str = CHANGES) -> None:  # fmt: skip
         super().__init__("cloudlet-registry-follower")
+        self.copy = LocalRegistry(folder)
         self.folder = folder
         self.site = site
         self.bootstrap_servers = bootstrap_servers
         self.group = group
         self.topic = topic
+        self.changes = changes
         self.applied = 0
         self.refused = 0
+        self.sent = 0
         self.ready = threading.Event()  # reading the topic (its partitions assigned)
-        folder.mkdir(parents=True, exist_ok=True)
 
     async def _run(self) -> None:
-        from aiokafka import AIOKafkaConsumer
+        from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
         from aiokafka.errors import KafkaError
 
         delay = 0.5
@@ -148,9 +214,18 @@ class RegistryFollower(Worker):
                 self.topic, bootstrap_servers=self.bootstrap_servers, group_id=self.group,
                 auto_offset_reset="earliest", enable_auto_commit=False,
             )  # fmt: skip
+            producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap_servers, acks="all",
+                                        enable_idempotence=True)  # fmt: skip
             try:
                 await consumer.start()
+                await producer.start()
                 while not self._stop.is_set():
+                    for change in self.copy.pending():  # made here: to the cloud, in order
+                        await producer.send_and_wait(
+                            self.changes, orjson.dumps({**change, "site": self.site}),
+                            key=change["id"].encode())  # fmt: skip
+                        self.copy.sent(change)
+                        self.sent += 1
                     batches = await consumer.getmany(timeout_ms=300, max_records=500)
                     if consumer.assignment():
                         self.ready.set()
@@ -166,23 +241,19 @@ class RegistryFollower(Worker):
                 delay = min(delay * 2, 10.0)
             finally:
                 await consumer.stop()
+                await producer.stop()
 
     def apply(self, value: bytes | None) -> None:
         """One record into the local copy; one that cannot be read is logged and skipped."""
         try:
             doc = orjson.loads(value or b"")
-            so, site = doc["id"], doc.get("site")
-            if not isinstance(so, str) or not _SAFE_ID.match(so):
+            so, site, version = doc["id"], doc.get("site"), int(doc.get("version", 0))
+            if not isinstance(so, str) or not SAFE_ID.match(so):
                 raise ValueError(f"id {so!r} is not one a file can be named after")
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             self.refused += 1
             log.error("a registry record that cannot be read, skipped: %s", exc)
             return
-        path = self.folder / f"{so}.json"
-        if doc.get("deleted") or site not in (None, self.site):  # removed, or another site's
-            path.unlink(missing_ok=True)
-        else:
-            temporary = self.folder / f".{so}.json.partial"  # not a descriptor's name
-            temporary.write_bytes(orjson.dumps(doc.get("descriptor"), option=orjson.OPT_INDENT_2))
-            temporary.replace(path)  # whole, never half written
+        mine = not doc.get("deleted") and site in (None, self.site)  # else removed here
+        self.copy.from_cloud(so, version, doc.get("descriptor") if mine else None)
         self.applied += 1

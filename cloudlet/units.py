@@ -100,7 +100,8 @@ class CloudletUnit:
         )  # fmt: skip
         self.follower = (
             RegistryFollower(forward.registry, forward.site, forward.kafka.bootstrap_servers,
-                             f"cloudlet-registry-{self.unit.instance}", forward.registry_topic)
+                             f"cloudlet-registry-{self.unit.instance}", forward.registry_topic,
+                             forward.registry_changes_topic)
             if forward is not None and forward.kafka is not None and forward.registry is not None
             else None
         )  # fmt: skip

@@ -67,7 +67,14 @@ class Rebuilt:
 def _files(paths: Iterable[Path]) -> Iterator[Path]:
     for path in paths:
         if path.is_dir():
-            yield from (p for p in sorted(path.rglob("*")) if p.is_file())
+            # what the loader reads: not dot-named files or folders (a copy's bookkeeping,
+            # files being written)
+            yield from (
+                p
+                for p in sorted(path.rglob("*"))
+                if p.is_file()
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
         elif path.exists():
             yield path
 

@@ -110,7 +110,7 @@ def _expand(paths: Iterable[Path | str]) -> Iterator[Path]:
                 if (
                     path.is_file()
                     and path.name.endswith(DESCRIPTOR_SUFFIXES)
-                    and not path.name.startswith(".")
+                    and not any(part.startswith(".") for part in path.relative_to(entry).parts)
                 ):
                     yield path
         else:

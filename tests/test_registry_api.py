@@ -34,6 +34,7 @@ def cloud(store: CloudStore) -> Iterator[CloudService]:
     with store._transaction() as cur:  # a clean slate per test
         cur.execute("DELETE FROM registry")
         cur.execute("DELETE FROM registry_audit")
+        cur.execute("DELETE FROM registry_site_changes")
     settings = CloudSettings.model_validate({"port": 0, "tokens": [
         {"token": "ops-secret", "objects": ["*"], "register": ["*"], "name": "ops"},
         {"token": "field-secret", "objects": ["field-*"], "register": ["field-*"]},

@@ -1,7 +1,8 @@
 """The fleet's registry from the cloud to a running cloudlet, over the real Kafka and Mosquitto:
 an object registered through the cloud's API while a site's unit runs has its updates accepted
 there within 5 s, one of another site's is not, and a removed one is refused again; the local
-copy is what a cloudlet starts from when the link is down."""
+copy is what a cloudlet starts from when the link is down; changes made at a site cut off
+reach the cloud when the link returns, settled by the rule of `cloud_sync.local_registry`."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import orjson
 import pytest
 
 from cloud_sync.cloud import CloudService, CloudSettings
+from cloud_sync.local_registry import LocalRegistry
 from cloud_sync.registry_sync import RegistryFollower
 from cloudlet.rig import Kafka, Mosquitto
 from cloudlet.units import CloudletUnit, UnitFile
@@ -38,7 +40,8 @@ def _cloud_and_site(kafka: Kafka, mosquitto: Mosquitto, tmp_path: Path,
     cloud = CloudService(CloudSettings.model_validate({
         "port": 0, "store": f"sqlite:///{tmp_path / 'cloud.db'}",
         "kafka": {"bootstrap_servers": kafka.bootstrap_servers, "topic": updates,
-                  "group": f"cloud-{n}", "registry_topic": registry_topic},
+                  "group": f"cloud-{n}", "registry_topic": registry_topic,
+                  "registry_changes_topic": f"changes-{n}"},
         "tokens": [{"token": "ops-secret", "objects": ["*"], "register": ["*"], "name": "ops"}],
     })).start()  # fmt: skip
     objects = tmp_path / "objects"
@@ -49,7 +52,7 @@ def _cloud_and_site(kafka: Kafka, mosquitto: Mosquitto, tmp_path: Path,
         "name": f"u-sync-{n}", "objects": ["objects"], "mqtt": {"url": mosquitto.url},
         "reload": "200ms", "outbox": {"path": "outbox"},
         "forward": {"site": "farm-1", "commands": False, "registry": "registry",
-                    "registry_topic": registry_topic,
+                    "registry_topic": registry_topic, "registry_changes_topic": f"changes-{n}",
                     "kafka": {"bootstrap_servers": kafka.bootstrap_servers, "topic": updates}},
     }))  # fmt: skip
     return cloud, CloudletUnit(UnitFile.load(path)).start()
@@ -119,7 +122,8 @@ def test_a_record_that_cannot_be_read_is_skipped_and_counted(tmp_path: Path) -> 
         follower.apply(bad)
     follower.apply(b'{"id": "ok", "version": 1, "site": null, "descriptor": {"id": "ok"}}')
     assert (follower.refused, follower.applied) == (5, 1)
-    assert sorted(p.name for p in (tmp_path / "registry").iterdir()) == ["ok.json"]
+    copy = tmp_path / "registry"
+    assert sorted(p.name for p in copy.iterdir() if not p.name.startswith(".")) == ["ok.json"]
 
 
 @pytest.mark.kafka
@@ -150,5 +154,85 @@ def test_a_registration_made_while_kafka_is_down_reaches_the_site_when_it_return
         assert orjson.loads((copy / "during.json").read_bytes()) == {"id": "during", **PROBE}
         assert site.unit.alive and cloud.alive
     finally:
+        site.stop()
+        cloud.stop()
+
+
+def _until(condition: Any, within: float = 60) -> bool:
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+@pytest.mark.kafka
+@pytest.mark.mqtt
+def test_changes_made_at_a_site_cut_off_reach_the_cloud_and_conflicts_are_settled(
+    own_kafka: Kafka, mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """Cut off, the site registers an object, changes one the cloud changes too, and removes
+    a third; the cloud changes the shared one. When the link returns: the site's new object
+    and removal are the fleet's; for the shared one the cloud's version stands (it was changed
+    there since the version the site changed), is back in the site's copy, and the site's
+    change is in the object's history as a conflict."""
+    n = uuid.uuid4().hex[:8]
+    cloud, site = _cloud_and_site(own_kafka, mosquitto, tmp_path, n)
+    copy = LocalRegistry(tmp_path / "registry")
+    with_h = {"streams": {"data": {"channels": {"t": {"type": "number"},
+                                                "h": {"type": "number"}}}}}  # fmt: skip
+    with_p = {"streams": {"data": {"channels": {"t": {"type": "number"},
+                                                "p": {"type": "number"}}}}}  # fmt: skip
+    collector = Collector(mosquitto, f"collector-offline-{n}")
+    fleet = DeviceFleet(MqttSettings(url=mosquitto.url), client_id=f"fleet-offline-{n}").start()
+    try:
+        assert site.follower is not None and site.follower.ready.wait(30)
+        for so in ("shared", "old"):
+            assert call("POST", f"{cloud.url}/?site=farm-1", "ops-secret",
+                        {"id": so, **PROBE})[0] == 201  # fmt: skip
+        assert _until(lambda: copy.version("shared") == 1 and copy.version("old") == 1)
+
+        own_kafka.stop()  # the site is cut off
+        copy.change("local-new", PROBE, by="tech")
+        copy.change("shared", with_h, by="tech")
+        copy.change("old", None, by="tech")
+        changed = call("PUT", f"{cloud.url}/shared", "ops-secret", {"id": "shared", **with_p})
+        assert changed[0] == 200
+        # offline, the site's unit takes its own registration (hot reload of its copy)
+        deadline, echoed = time.monotonic() + 10, False
+        while not echoed and time.monotonic() < deadline:
+            fleet.publish(StreamKey("local-new", "data"), SensorUpdate({"t": 1.0}, T0))
+            echoed = any(t == "local-new/streams/data/updates"
+                         for t, _ in collector.take(lambda g: bool(g), timeout=0.5))  # fmt: skip
+        assert echoed
+
+        own_kafka.resume()  # the link returns
+        assert _until(lambda: call("GET", f"{cloud.url}/local-new", "ops-secret")[0] == 200)
+        _, made = call("GET", f"{cloud.url}/local-new", "ops-secret")
+        assert made["streams"] == PROBE["streams"]
+        assert _until(lambda: call("GET", f"{cloud.url}/old", "ops-secret")[0] == 404)
+        _, shared = call("GET", f"{cloud.url}/shared", "ops-secret")
+        assert shared["streams"] == with_p["streams"]  # the cloud's version stands ...
+        assert _until(lambda: copy.descriptor("shared") == {"id": "shared", **with_p})
+        assert copy.version("shared") == 2 and copy.pending() == []  # ... and is the site's
+        _, history = call("GET", f"{cloud.url}/shared/history", "ops-secret")
+        assert [(h["version"], h["action"], h["by"]) for h in history] == [
+            (1, "create", "ops"),
+            (2, "update", "ops"),
+            (None, "conflict", "tech@farm-1"),
+        ]
+        assert history[-1]["descriptor"] == {"id": "shared", **with_h}  # kept, not lost
+        _, history = call("GET", f"{cloud.url}/local-new/history", "ops-secret")
+        assert [(h["version"], h["action"], h["by"]) for h in history] == [
+            (1, "create", "tech@farm-1")
+        ]
+        assert _until(lambda: copy.version("local-new") == 1)  # the cloud's answer came back
+        assert cloud.publisher is not None
+        assert cloud.publisher.settled == {"accepted": 2, "conflict": 1}
+        assert site.unit.alive and cloud.alive
+    finally:
+        fleet.stop()
+        collector.close()
         site.stop()
         cloud.stop()

@@ -1,0 +1,172 @@
+"""A cloudlet's copy of the fleet's registry, and the changes made at the site.
+
+The copy is a folder of descriptors, one `<id>.json` per object, that the site's units read
+among their `objects` (and reload within seconds of a change). Beside the descriptors, in
+folders the registry loader skips:
+- `.versions/<id>`: the cloud's version of the object this copy holds (0: none);
+- `.pending/<id>.change`: a change made here, not yet in Kafka's hands, with the version it
+  was made on (`base`): the follower (`registry_sync.RegistryFollower`) sends it to the cloud
+  when the link is up.
+
+A change made at the site is in the copy at once (the units take it, offline or not), and the
+cloud settles it when it arrives: **the cloud's registry is the record, and a site's change is
+taken only if it was made on the cloud's current version of the object** (optimistic
+concurrency, no clocks compared). One made on an older version (the object was changed in the
+cloud meanwhile, or created there under the same id) is refused as a conflict, kept in the
+object's history with its descriptor, and the site's copy is set back to the cloud's.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from streams.catalog import Catalog
+from streams.registry import Problem
+
+SAFE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")  # what may become a file name
+
+
+class LocalRefused(Exception):
+    """A change this site's copy does not take (the messages of `cloudlet so validate`)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+def said(problem: Problem) -> str:
+    """A problem as `cloudlet so validate` says it, without the file (a change has none)."""
+    parts = [f"so {problem.object_id!r}"] if problem.object_id is not None else []
+    if problem.field:
+        parts.append(problem.field)
+    return ": ".join([*parts, problem.message])
+
+
+class LocalRegistry:
+    """One cloudlet's copy (see the module). Changes from the cloud and from the site may
+    come from different processes: each file is replaced whole, never half written."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        for sub in (folder, folder / ".versions", folder / ".pending"):
+            sub.mkdir(parents=True, exist_ok=True)
+
+    # the copy --------------------------------------------------------------------------------
+
+    def path(self, so: str) -> Path:
+        if not SAFE_ID.match(so):
+            raise ValueError(f"id {so!r} is not one a file can be named after")
+        return self.folder / f"{so}.json"
+
+    def descriptor(self, so: str) -> dict[str, Any] | None:
+        try:
+            doc: dict[str, Any] = orjson.loads(self.path(so).read_bytes())
+        except FileNotFoundError:
+            return None
+        return doc
+
+    def version(self, so: str) -> int:
+        """The cloud's version of the object this copy holds (0: none)."""
+        try:
+            return int((self.folder / ".versions" / so).read_text())
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    def from_cloud(self, so: str, version: int, descriptor: dict[str, Any] | None) -> bool:
+        """The cloud's version of an object into the copy; False when the copy has a later
+        one, or a change made here on this version waits for the cloud's answer."""
+        pending = self.pending_change(so)
+        if version < self.version(so) or (pending is not None and version <= pending["base"]):
+            return False  # older than what the copy has, or than what it made
+        self._put(so, descriptor)
+        _replace(self.folder / ".versions" / so, str(version).encode())
+        return True
+
+    # changes made here -------------------------------------------------------------------------
+
+    def change(self, so: str, descriptor: dict[str, Any] | None, by: str) -> dict[str, Any]:
+        """Create, change (a descriptor) or remove (None) an object here: checked against the
+        copy as `cloudlet so validate` checks files, in the copy at once, and queued for the
+        cloud; the change as it will be sent."""
+        path = self.path(so)
+        if descriptor is not None:
+            descriptor = {"id": so, **{k: v for k, v in descriptor.items() if k != "id"}}
+            self._check(so, descriptor)
+        elif not path.exists():
+            raise LocalRefused([f"so {so!r}: not in this cloudlet's registry"])
+        earlier = self.pending_change(so)
+        change: dict[str, Any] = {
+            "change": uuid.uuid4().hex,
+            "id": so,
+            # the version it was made on: the first unsent change's, when changed again
+            "base": earlier["base"] if earlier is not None else self.version(so),
+            "by": by,
+            "at": int(time.time() * 1000),
+        }
+        if descriptor is None:
+            change["deleted"] = True
+        else:
+            change["descriptor"] = descriptor
+        self._put(so, descriptor)
+        _replace(self._pending_path(so), orjson.dumps(change))
+        return change
+
+    def pending(self) -> list[dict[str, Any]]:
+        """The changes made here and not yet sent, oldest first."""
+        out = []
+        for path in (self.folder / ".pending").glob("*.change"):
+            try:
+                out.append(orjson.loads(path.read_bytes()))
+            except (OSError, orjson.JSONDecodeError):
+                continue  # being replaced: read at the next look
+        return sorted(out, key=lambda c: (c["at"], c["id"]))
+
+    def pending_change(self, so: str) -> dict[str, Any] | None:
+        try:
+            doc: dict[str, Any] = orjson.loads(self._pending_path(so).read_bytes())
+        except (FileNotFoundError, orjson.JSONDecodeError):
+            return None
+        return doc
+
+    def sent(self, change: dict[str, Any]) -> None:
+        """Kafka has this change: no longer pending (unless changed again meanwhile)."""
+        path = self._pending_path(change["id"])
+        current = self.pending_change(change["id"])
+        if current is not None and current["change"] == change["change"]:
+            path.unlink(missing_ok=True)
+
+    # ---------------------------------------------------------------------------------------
+
+    def _pending_path(self, so: str) -> Path:
+        return self.folder / ".pending" / f"{so}.change"
+
+    def _put(self, so: str, descriptor: dict[str, Any] | None) -> None:
+        if descriptor is None:
+            self.path(so).unlink(missing_ok=True)
+        else:
+            _replace(self.path(so), orjson.dumps(descriptor, option=orjson.OPT_INDENT_2))
+
+    def _check(self, so: str, descriptor: dict[str, Any]) -> None:
+        """Refused when the object has a problem in the copy with this change."""
+        others = [p for p in sorted(self.folder.glob("*.json")) if p.name != f"{so}.json"]
+        with tempfile.TemporaryDirectory(prefix="cloudlet-local-") as folder:
+            changed = Path(folder) / f"{so}.json"
+            changed.write_bytes(orjson.dumps(descriptor))
+            _, problems = Catalog.check([*others, changed])
+        own = [said(p) for p in problems if p.object_id == so]
+        if own:
+            raise LocalRefused(own)
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """Written whole under a name no reader takes (a leading dot), then renamed over."""
+    temporary = path.with_name(f".{path.name}.partial")
+    temporary.write_bytes(data)
+    temporary.replace(path)
