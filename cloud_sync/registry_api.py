@@ -2,8 +2,8 @@
 made when absent) answers the object's id and its API token; `GET /` lists the objects you may
 read, `GET /{soId}` gives a descriptor, `PUT /{soId}` changes it, `DELETE /{soId}` removes it,
 and `GET /{soId}/history` lists every version with who made it and when. ServIoTicy's data
-paths read the cloud's store: `GET /{soId}/streams/{streamId}`, `.../lastUpdate` and
-`POST .../search`.
+paths: `PUT /{soId}/streams/{streamId}` posts updates (checked, stored in the cloud),
+`GET /{soId}/streams/{streamId}`, `.../lastUpdate` and `POST .../search` read the store.
 
 Who may: a token grant's `register` patterns name the objects it may create, change and
 remove; an object's own API token may read, change and remove that object. Reading follows the
@@ -18,11 +18,18 @@ import hmac
 import time
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
 from cloud_sync.registry import FleetRegistry, Refused
+from cloud_sync.store import CloudMessage
+from streams import encode_update
+from streams.objects import ServiceObject
+from streams.rejections import InvalidUpdate, no_updates
 from streams.transport.web import bearer
+from streams.updates import StreamValidator
 
 if TYPE_CHECKING:
     from cloud_sync.cloud import CloudService
@@ -40,8 +47,6 @@ DRAIN_MAX = 16 << 20  # past MAX_BODY, read and dropped up to this, so the clien
 
 async def _body(request: Request) -> Any:
     """The JSON body, at most MAX_BODY bytes of it kept (413 past it)."""
-    import orjson
-
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -139,6 +144,27 @@ def install(app: FastAPI, service: CloudService, registry: FleetRegistry) -> Non
             raise HTTPException(400, str(exc)) from None
         return {"data": page.updates, "next": page.next}
 
+    @app.put("/{so}/streams/{stream}", status_code=202)
+    async def post_updates(so: str, stream: str, request: Request) -> Any:
+        """ServIoTicy's sensor update (one, or a list): checked against the stream's channels
+        as a cloudlet checks it, and stored in the cloud at once (what a web object posting
+        to the cloud, ServIoTicy's way, then reads back). The object's own token, or a token
+        that may register it. The same reading sent twice is stored once."""
+        if not own(request, so) and registrar(request, so) is None:
+            raise HTTPException(403, f"this token may not post updates of {so!r}")
+        found = registry.get(so)
+        if found is None:
+            raise HTTPException(404, f"no service object {so!r}")
+        body = await _body(request)
+        try:
+            messages = cloud_messages(so, stream, found, body, now())
+        except InvalidUpdate as exc:
+            return JSONResponse({"error": exc.rejection.reason.value,
+                                 "problems": [exc.rejection.message]}, status_code=422)  # fmt: skip
+        except LookupError as exc:
+            raise HTTPException(404, str(exc.args[0])) from None
+        return {"stored": await run_in_threadpool(store.write, messages)}
+
     @app.post("/{so}/streams/{stream}/search")
     async def search(so: str, stream: str, request: Request) -> Any:
         """ServIoTicy's search of a stream: `timerange` (`rangefrom`, `rangeto`, ms),
@@ -196,6 +222,31 @@ def install(app: FastAPI, service: CloudService, registry: FleetRegistry) -> Non
         if not found:
             raise HTTPException(404, f"no service object {so!r} (or not yours to read)")
         return found
+
+
+def cloud_messages(so: str, stream: str, found: dict[str, Any], body: Any,
+                   received: int) -> list[CloudMessage]:  # fmt: skip
+    """Updates posted to the cloud as the store keeps what the cloudlets forward (their
+    message id made from the content: a resend is stored once). InvalidUpdate names what is
+    wrong (as a cloudlet's dead letter would); LookupError: no such stream to post to."""
+    described = ServiceObject.model_validate(found["descriptor"])
+    definition = described.streams.get(stream)
+    if definition is None:
+        raise LookupError(f"{so} has no stream {stream!r}")
+    if definition.derived:
+        raise LookupError(f"{so}/{stream} is a composite stream: computed, not posted")
+    check = StreamValidator(so, stream, definition)
+    docs = body if isinstance(body, list) else [body]
+    if not docs:
+        raise InvalidUpdate(no_updates(so, stream))
+    out = []
+    for i, doc in enumerate(docs):
+        update = check.update(doc, i if isinstance(body, list) else None)
+        encoded = encode_update(update)
+        digest = hashlib.sha256(b"\0".join((so.encode(), stream.encode(), encoded)))
+        out.append(CloudMessage(f"api-{digest.hexdigest()[:32]}", found["site"] or "cloud", so,
+                                stream, received, orjson.loads(encoded)))  # fmt: skip
+    return out
 
 
 def _channel(field: str) -> str:

@@ -208,3 +208,52 @@ def test_a_body_too_large_is_refused_and_never_held(cloud: CloudService) -> None
     status, body = call("POST", f"{cloud.url}/", "ops-secret", huge)
     assert (status, body["error"]) == (413, "the body is over 1048576 bytes")
     assert call("GET", f"{cloud.url}/field-big", "ops-secret")[0] == 404
+
+
+def test_a_servioticy_client_works_unchanged_create_post_read_search(
+    cloud: CloudService,
+) -> None:
+    """ServIoTicy's calls in its order, its bodies and its bare Authorization header: create
+    (no id: one is made), post sensor updates (PUT, one and a batch), read the last update,
+    search; a bad update is refused naming the channel, and a resend is stored once."""
+    base = cloud.url
+
+    def servioticy(method: str, path: str, key: str, body: Any = None) -> tuple[int, Any]:
+        request = urllib.request.Request(
+            f"{base}{path}", data=orjson.dumps(body) if body is not None else None,
+            method=method, headers={"Authorization": key, "Content-Type": "application/json"},
+        )  # fmt: skip
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                raw = response.read()
+                return response.status, orjson.loads(raw) if raw else None
+        except urllib.error.HTTPError as exc:
+            return exc.code, orjson.loads(exc.read() or b"null")
+
+    channels = {"temperature": {"type": "number", "unit": "C"}, "sky": {"type": "string"}}
+    status, made = servioticy("POST", "/", "ops-secret", {
+        "name": "weather", "streams": {"weather": {"channels": channels}}})  # fmt: skip
+    assert status == 201 and len(made["id"]) == 32
+    so, key = made["id"], made["api_token"]
+    one = {"channels": {"temperature": {"current-value": 21.5}}, "lastUpdate": T0}
+    assert servioticy("PUT", f"/{so}/streams/weather", key, one) == (202, {"stored": 1})
+    batch = [{"channels": {"temperature": {"current-value": 22.0 + i},
+                           "sky": {"current-value": "clear"}}, "lastUpdate": T0 + 1000 * i}
+             for i in (1, 2)]  # fmt: skip
+    assert servioticy("PUT", f"/{so}/streams/weather", key, batch) == (202, {"stored": 2})
+    assert servioticy("PUT", f"/{so}/streams/weather", key, one) == (202, {"stored": 0})
+    status, last = servioticy("GET", f"/{so}/streams/weather/lastUpdate", key)
+    assert (status, last) == (200, {"channels": {"temperature": {"current-value": 24.0},
+                                                 "sky": {"current-value": "clear"}},
+                                    "lastUpdate": T0 + 2000})  # fmt: skip
+    status, found = servioticy("POST", f"/{so}/streams/weather/search", key, {
+        "numericrange": True, "numericrangefield": "channels.temperature.current-value",
+        "rangefrom": 21, "rangeto": 23})  # fmt: skip
+    assert [u["lastUpdate"] for u in found["data"]] == [T0 + 1000, T0]
+    status, refused = servioticy("PUT", f"/{so}/streams/weather", key, {
+        "channels": {"temperature": {"current-value": "warm"}}, "lastUpdate": T0 + 5})  # fmt: skip
+    assert status == 422 and "temperature" in refused["problems"][0]
+    assert servioticy("PUT", f"/{so}/streams/nope", key, one)[0] == 404
+    assert servioticy("PUT", f"/{so}/streams/weather", "reader", one)[0] == 403
+    assert servioticy("PUT", f"/{so}/streams/weather", "nobody", one)[0] == 401
+    assert servioticy("GET", f"/{so}/streams/weather", key)[1]["data"][0] == one
