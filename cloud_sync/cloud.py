@@ -62,6 +62,13 @@ class ReadToken(Token):
     name: str | None = None  # who it is, in the registry's history
 
 
+class SiteKey(Token):
+    """A site's key (`token` or `token_env`): the MQTT secrets of the devices registered for
+    the site are derived from it, and the site holds the same key (`forward.provision`)."""
+
+    name: str  # the site
+
+
 class ConsumerSettings(_Strict):
     bootstrap_servers: str
     topic: str = "cloudlet.updates"
@@ -81,6 +88,7 @@ class CloudSettings(_Strict):
     port: int = Field(default=8000, ge=0, le=65535)
     public: list[str] = []
     tokens: list[ReadToken] = []
+    site_keys: list[SiteKey] = []  # a create for one of these sites answers MQTT credentials
     dashboard: Path | None = None  # the charts (a scenario's dashboard.yaml)
     units: list[str] = []  # the units' /metrics, for the dashboard's health table
 
@@ -229,7 +237,9 @@ class CloudService:
         self.store = store or open_store(settings.store)
         self.metrics = _Metrics()
         self.grants = [(t.secret().encode(), t.objects, t.actuate) for t in settings.tokens]
-        self.registry = FleetRegistry(self.store)
+        self.registry = FleetRegistry(
+            self.store, {k.name: k.secret().encode() for k in settings.site_keys}
+        )
         kafka = settings.kafka  # the registry's changes go to the cloudlets through it
         self.publisher = RegistryPublisher(
             self.registry, kafka.bootstrap_servers, kafka.registry_topic,

@@ -39,6 +39,7 @@ from cloud_sync.outbox import Outbox, Record
 from cloud_sync.store import CloudMessage, CloudStore, open_store
 from streams.flows.model import duration_ms
 from streams.transport.mqtt import MqttSettings
+from streams.transport.web import Token
 
 if TYPE_CHECKING:  # imported where used: a unit forwarding to a store does not load aiokafka
     from aiokafka import AIOKafkaProducer
@@ -99,6 +100,17 @@ class KafkaSettings(BaseModel):
         return options
 
 
+class ProvisionSettings(BaseModel):
+    """Device identities for the objects the cloud registers for this site: each one's MQTT
+    secret derived from the site's key (the cloud holds the same key, `site_keys`) and created
+    on the site's broker by its administrator (`admin`: the dynamic security plugin's)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    site_key: Token
+    admin: MqttSettings
+
+
 class ForwarderSettings(BaseModel):
     """Where the outbox drains: Kafka, or (the embedded default, one machine running the whole
     chain) straight into a cloud-object store (`store: sqlite:///cloud.db`)."""
@@ -121,6 +133,7 @@ class ForwarderSettings(BaseModel):
     registry_topic: str = "cloudlet.registry"
     # changes made at this site (`cloudlet so add --local`), to the cloud
     registry_changes_topic: str = "cloudlet.registry.changes"
+    provision: ProvisionSettings | None = None  # MQTT identities of the registered objects
     command_max_age: int = 600_000  # ms: an older command is refused, not carried out
     # the relay's own MQTT identity (role relay; its username is its client id); default: the
     # unit's settings, which works only on a broker without identities

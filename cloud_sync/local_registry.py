@@ -6,7 +6,10 @@ folders the registry loader skips:
 - `.versions/<id>`: the cloud's version of the object this copy holds (0: none);
 - `.pending/<id>.change`: a change made here, not yet in Kafka's hands, with the version it
   was made on (`base`): the follower (`registry_sync.RegistryFollower`) sends it to the cloud
-  when the link is up.
+  when the link is up;
+- `.mqtt/<id>`: the nonce of the device identity made on the site's broker for the object
+  (`device_secret`), and `.mqtt/<id>.want` what it should become (made, changed or removed
+  when the broker's administrator answers: retried until then).
 
 A change made at the site is in the copy at once (the units take it, offline or not), and the
 cloud settles it when it arrives: **the cloud's registry is the record, and a site's change is
@@ -18,6 +21,9 @@ object's history with its descriptor, and the site's copy is set back to the clo
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import re
 import tempfile
 import time
@@ -31,6 +37,16 @@ from streams.catalog import Catalog
 from streams.registry import Problem
 
 SAFE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")  # what may become a file name
+
+
+def device_secret(site_key: bytes, so: str, nonce: str) -> str:
+    """A device's MQTT secret at a site: HMAC-SHA256 of its id and a nonce under the site's
+    key, 256 bits, URL-safe. The cloud gives it once in the answer to a create; the registry's
+    records carry only the nonce, and the site (which holds the same key) derives the secret
+    to create the identity on its broker: no secret travels over Kafka."""
+    mac = hmac.new(site_key, b"cloudlet-mqtt\0" + so.encode() + b"\0" + nonce.encode(),
+                   hashlib.sha256)  # fmt: skip
+    return base64.urlsafe_b64encode(mac.digest()).rstrip(b"=").decode()
 
 
 class LocalRefused(Exception):
@@ -55,7 +71,7 @@ class LocalRegistry:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        for sub in (folder, folder / ".versions", folder / ".pending"):
+        for sub in (folder, folder / ".versions", folder / ".pending", folder / ".mqtt"):
             sub.mkdir(parents=True, exist_ok=True)
 
     # the copy --------------------------------------------------------------------------------
@@ -141,6 +157,46 @@ class LocalRegistry:
         current = self.pending_change(change["id"])
         if current is not None and current["change"] == change["change"]:
             path.unlink(missing_ok=True)
+
+    # device identities on the site's broker ---------------------------------------------------
+
+    def identity(self, so: str) -> str | None:
+        """The nonce of the identity made for the object (None: none made)."""
+        try:
+            return (self.folder / ".mqtt" / so).read_text() or None
+        except FileNotFoundError:
+            return None
+
+    def want_identity(self, so: str, nonce: str | None) -> None:
+        """The object's identity should be the one of `nonce` (None: removed)."""
+        want = self.folder / ".mqtt" / f"{so}.want"
+        if nonce == self.identity(so):
+            want.unlink(missing_ok=True)
+        else:
+            _replace(want, (nonce or "").encode())
+
+    def identity_wanted(self) -> list[tuple[str, str | None]]:
+        out = []
+        for path in sorted((self.folder / ".mqtt").glob("*.want")):
+            try:
+                out.append((path.name.removesuffix(".want"), path.read_text() or None))
+            except FileNotFoundError:
+                continue
+        return out
+
+    def identity_made(self, so: str, nonce: str | None) -> None:
+        """The broker has the identity of `nonce` for the object (None: removed)."""
+        applied = self.folder / ".mqtt" / so
+        if nonce is None:
+            applied.unlink(missing_ok=True)
+        else:
+            _replace(applied, nonce.encode())
+        want = self.folder / ".mqtt" / f"{so}.want"
+        try:
+            if (want.read_text() or None) == nonce:
+                want.unlink()
+        except FileNotFoundError:
+            pass
 
     # ---------------------------------------------------------------------------------------
 

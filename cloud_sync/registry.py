@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from cloud_sync.local_registry import said
+from cloud_sync.local_registry import device_secret, said
 from cloud_sync.store import CloudStore
 from streams.catalog import Catalog
 from streams.registry import Problem
@@ -44,6 +44,9 @@ SCHEMA = [
         change TEXT PRIMARY KEY, so TEXT NOT NULL, site TEXT, who TEXT NOT NULL,
         at BIGINT NOT NULL, settled BIGINT NOT NULL, base BIGINT NOT NULL, descriptor TEXT,
         outcome TEXT NOT NULL, reason TEXT, sent INTEGER NOT NULL DEFAULT 1)""",
+    # an object's MQTT identity at its site: the nonce its secret is derived from
+    # (`local_registry.device_secret`); the secret itself is never kept
+    "CREATE TABLE IF NOT EXISTS registry_mqtt (so TEXT PRIMARY KEY, nonce TEXT NOT NULL)",
 ]
 
 
@@ -61,6 +64,7 @@ class Created:
     id: str
     version: int
     api_token: str  # given once: only its hash is kept
+    mqtt_secret: str | None = None  # its device identity's at its site, given once
 
 
 def token_hash(token: str) -> str:
@@ -79,8 +83,11 @@ def check(descriptors: Mapping[str, dict[str, Any]]) -> list[Problem]:
 class FleetRegistry:
     """The registry's tables in the cloud store, and the rules of a change."""
 
-    def __init__(self, store: CloudStore) -> None:
+    def __init__(self, store: CloudStore, site_keys: Mapping[str, bytes] | None = None) -> None:
+        """`site_keys`: each site's key, from which the MQTT secrets of the devices created
+        for it are derived (`local_registry.device_secret`)."""
         self.store = store
+        self.site_keys = dict(site_keys or {})
         with store._transaction() as cur:
             for statement in SCHEMA:
                 cur.execute(statement)
@@ -236,9 +243,15 @@ class FleetRegistry:
         if broken:
             raise Refused(409, [f"this change would break another object: {b}" for b in broken])
 
+    def nonce(self, so: str) -> str | None:
+        """The nonce of the object's MQTT secret at its site (None: no identity made)."""
+        rows = self.store._query("SELECT nonce FROM registry_mqtt WHERE so = ?", (so,))
+        return str(rows[0][0]) if rows else None
+
     def create(self, descriptor: dict[str, Any], who: str, at: int,
-               site: str | None = None) -> Created:  # fmt: skip
-        """A new object (an id made when the descriptor has none), with its API token."""
+               site: str | None = None, credentials: bool = False) -> Created:  # fmt: skip
+        """A new object (an id made when the descriptor has none), with its API token; with
+        `credentials`, and the site's key known, its MQTT secret at that site too."""
         if not isinstance(descriptor, dict):
             raise Refused(422, ["a service object descriptor is a JSON object"])
         so = descriptor.get("id")
@@ -255,8 +268,11 @@ class FleetRegistry:
         # a removed object's history goes on under the same id
         last = self.store._query("SELECT MAX(version) FROM registry_audit WHERE so = ?", (so,))
         version = (last[0][0] or 0) + 1
-        self._write(so, descriptor, version, who, at, "create", site, token_hash(token))
-        return Created(so, version, token)
+        key = self.site_keys.get(site) if credentials and site is not None else None
+        nonce = secrets.token_hex(12) if key is not None else None
+        self._write(so, descriptor, version, who, at, "create", site, token_hash(token), nonce)
+        return Created(so, version, token,
+                       device_secret(key, so, nonce) if key and nonce else None)  # fmt: skip
 
     def update(self, so: str, descriptor: dict[str, Any], who: str, at: int) -> int:
         """A new version of an object (its id is the path's); the version number."""
@@ -282,6 +298,7 @@ class FleetRegistry:
         version: int = found["version"] + 1
         with self.store._transaction() as cur:
             cur.execute(self.store._q("DELETE FROM registry WHERE so = ?"), (so,))
+            cur.execute(self.store._q("DELETE FROM registry_mqtt WHERE so = ?"), (so,))
             cur.execute(self.store._q(
                 "INSERT INTO registry_audit (so, version, at, who, action, descriptor, site)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)"),
@@ -289,10 +306,14 @@ class FleetRegistry:
         return version
 
     def _write(self, so: str, descriptor: dict[str, Any], version: int, who: str, at: int,
-               action: str, site: str | None, token: str | None) -> None:  # fmt: skip
+               action: str, site: str | None, token: str | None,
+               nonce: str | None = None) -> None:  # fmt: skip
         body = orjson.dumps(descriptor).decode()
         q = self.store._q
         with self.store._transaction() as cur:
+            if nonce is not None:
+                cur.execute(q("DELETE FROM registry_mqtt WHERE so = ?"), (so,))
+                cur.execute(q("INSERT INTO registry_mqtt (so, nonce) VALUES (?, ?)"), (so, nonce))
             if token is not None:
                 cur.execute(q(
                     "INSERT INTO registry (so, site, descriptor, version, token_hash,"

@@ -108,19 +108,26 @@ def install(app: FastAPI, service: CloudService, registry: FleetRegistry) -> Non
 
     @app.post("/", status_code=201)
     async def create(request: Request, site: str | None = None) -> Any:
-        """Register a service object (ServIoTicy's `POST /`): its id and API token. `site`:
-        the cloudlet it belongs to (none: every cloudlet has it)."""
+        """Register a service object (ServIoTicy's `POST /`): its id, its API token, and its
+        MQTT credentials at its site (`mqtt`: username, password, client id; given once; null
+        unless `site` is one whose key the cloud holds, `site_keys`). `site`: the cloudlet it
+        belongs to (none: every cloudlet has it)."""
         descriptor = await _body(request)
         so = descriptor.get("id") if isinstance(descriptor, dict) else None
         who = registrar(request, so if isinstance(so, str) else None)
         if who is None:
             raise HTTPException(403, "this token may not register service objects")
         try:
-            created = registry.create(descriptor, who, now(), site)
+            created = registry.create(descriptor, who, now(), site, credentials=True)
         except Refused as exc:
             return _refused(exc)
         changed()
-        return {"id": created.id, "version": created.version, "api_token": created.api_token}
+        mqtt = None  # without a site whose key the cloud holds: `cloudlet device add` there
+        if created.mqtt_secret is not None:
+            mqtt = {"username": created.id, "password": created.mqtt_secret,
+                    "client_id": created.id, "site": site}  # fmt: skip
+        return {"id": created.id, "version": created.version, "api_token": created.api_token,
+                "mqtt": mqtt}  # fmt: skip
 
     store = service.store
 

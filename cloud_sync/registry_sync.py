@@ -24,28 +24,35 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from cloud_sync.local_registry import SAFE_ID, LocalRegistry
+from cloud_sync.local_registry import SAFE_ID, LocalRegistry, device_secret
 
 if TYPE_CHECKING:  # a cloudlet's follower loads nothing of the cloud's
     from cloud_sync.registry import FleetRegistry
 
 log = logging.getLogger(__name__)
+Identities = Callable[[str, "str | None"], None]  # (id, secret; None: remove) on the broker
 TOPIC = "cloudlet.registry"
 CHANGES = "cloudlet.registry.changes"  # changes made at the sites, to the cloud
 
 
-def record(so: str, version: int, site: str | None, descriptor: dict[str, Any] | None) -> bytes:
-    """A registry change as the topic carries it (descriptor None: removed)."""
+def record(so: str, version: int, site: str | None, descriptor: dict[str, Any] | None,
+           nonce: str | None = None) -> bytes:  # fmt: skip
+    """A registry change as the topic carries it (descriptor None: removed; `nonce`: the
+    object's MQTT secret at its site is derived from it, `local_registry.device_secret`)."""
     doc: dict[str, Any] = {"id": so, "version": version, "site": site}
     if descriptor is None:
         doc["deleted"] = True
     else:
         doc["descriptor"] = descriptor
+        if nonce is not None:
+            doc["mqtt"] = {"nonce": nonce}
     return orjson.dumps(doc)
 
 
@@ -106,8 +113,9 @@ class RegistryPublisher(Worker):
                 await producer.start()
                 while not self._stop.is_set():
                     for so, version, site, descriptor in self.registry.pending():
-                        await producer.send_and_wait(self.topic, record(so, version, site,
-                                                     descriptor), key=so.encode())  # fmt: skip
+                        nonce = self.registry.nonce(so) if descriptor is not None else None
+                        await producer.send_and_wait(self.topic, record(
+                            so, version, site, descriptor, nonce), key=so.encode())  # fmt: skip
                         self.registry.mark_sent(so, version)
                         self.sent += 1
                     delay = 0.5
@@ -190,8 +198,16 @@ class RegistryFollower(Worker):
     in the order they were made."""
 
     def __init__(self, folder: Path, site: str, bootstrap_servers: str, group: str,
-                 topic: str = TOPIC, changes: str = CHANGES) -> None:  # fmt: skip
+                 topic: str = TOPIC, changes: str = CHANGES, site_key: bytes | None = None,
+                 identities: Identities | None = None) -> None:  # fmt: skip
+        """`site_key` and `identities`: the registered objects' device identities made on
+        the site's broker (`identities(id, secret)`; secret None: removed), their secrets
+        derived from the key and the records' nonces (`local_registry.device_secret`)."""
         super().__init__("cloudlet-registry-follower")
+        self.site_key = site_key
+        self.identities = identities
+        self.identity_failures = 0
+        self._retry_at = 0.0  # the broker's administrator failed: not before then
         self.copy = LocalRegistry(folder)
         self.folder = folder
         self.site = site
@@ -234,6 +250,7 @@ class RegistryFollower(Worker):
                             self.apply(r.value)
                     if batches:
                         await consumer.commit()
+                    await self._provision()
                     delay = 0.5
             except KafkaError as exc:  # the local copy stays as it is meanwhile
                 log.warning("registry updates wait for Kafka (%s)", exc)
@@ -255,5 +272,28 @@ class RegistryFollower(Worker):
             log.error("a registry record that cannot be read, skipped: %s", exc)
             return
         mine = not doc.get("deleted") and site in (None, self.site)  # else removed here
-        self.copy.from_cloud(so, version, doc.get("descriptor") if mine else None)
+        if self.copy.from_cloud(so, version, doc.get("descriptor") if mine else None):
+            mqtt = doc.get("mqtt")
+            nonce = mqtt.get("nonce") if mine and isinstance(mqtt, dict) else None
+            if not mine or isinstance(nonce, str):  # made, changed or removed; else left
+                self.copy.want_identity(so, nonce)
         self.applied += 1
+
+    async def _provision(self) -> None:
+        """The device identities the copy wants, made on the site's broker; what fails (the
+        broker away, say) is logged, counted and tried again 5 s later."""
+        if self.identities is None or self.site_key is None or time.monotonic() < self._retry_at:
+            return
+        for so, nonce in self.copy.identity_wanted():
+            secret = device_secret(self.site_key, so, nonce) if nonce is not None else None
+            try:
+                await asyncio.to_thread(self.identities, so, secret)
+            except Exception as exc:  # the broker's answer, whatever it is: never the thread
+                self.identity_failures += 1
+                self._retry_at = time.monotonic() + 5.0
+                log.warning("the identity of %s waits for the broker's administrator: %s", so,
+                            exc)  # fmt: skip
+                return
+            self.copy.identity_made(so, nonce)
+            log.info("identity of %s %s on the site's broker", so,
+                     "removed" if nonce is None else "made")  # fmt: skip

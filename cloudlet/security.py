@@ -356,6 +356,31 @@ class Identities:
         self.audit.write(self.actor, "add", name, kind=kind)
         return Credentials(name, secret, name)
 
+    def set_device(self, so: str, secret: str) -> None:
+        """The object's identity with this secret: made, or its secret changed (connections
+        made with another closed). What the registry follower does for the cloud's objects."""
+        try:
+            identity = self.show(so)
+        except AccessError:
+            self.add_device(so, secret=secret)
+            return
+        if identity.kind != DEVICE:
+            raise AccessError(f"{so!r} is a {identity.kind} account on this broker, not a device")
+        self.admin.run(
+            {"command": "setClientPassword", "username": so, "password": secret},
+            {"command": "disableClient", "username": so},
+            {"command": "enableClient", "username": so},
+        )
+        self.audit.write(self.actor, "rotate", so, kind=DEVICE)
+
+    def remove_device(self, so: str) -> None:
+        """`revoke`, for an object removed from the registry: nothing to do if it has none."""
+        try:
+            self.revoke(so)
+        except AccessError as exc:
+            if not str(exc).startswith("no identity"):
+                raise
+
     def rotate(self, name: str) -> Credentials:
         """A new secret; connections made with the old one are closed."""
         identity = self.show(name)

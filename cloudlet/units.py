@@ -23,7 +23,7 @@ from prometheus_client.registry import Collector
 from pydantic import model_validator
 
 from cloud_sync.commands import CommandRelay, RelaySettings
-from cloud_sync.forwarder import Forwarder, ForwarderSettings
+from cloud_sync.forwarder import Forwarder, ForwarderSettings, ProvisionSettings
 from cloud_sync.outbox import Outbox, OutboxSettings
 from cloud_sync.registry_sync import RegistryFollower
 from processors.config import UnitConfig
@@ -101,7 +101,9 @@ class CloudletUnit:
         self.follower = (
             RegistryFollower(forward.registry, forward.site, forward.kafka.bootstrap_servers,
                              f"cloudlet-registry-{self.unit.instance}", forward.registry_topic,
-                             forward.registry_changes_topic)
+                             forward.registry_changes_topic,
+                             *_provisioning(forward.provision, forward.registry,
+                                            self.unit.instance))
             if forward is not None and forward.kafka is not None and forward.registry is not None
             else None
         )  # fmt: skip
@@ -174,3 +176,26 @@ class _CloudSyncCollector(Collector):
                 ),
             ):
                 yield CounterMetricFamily(name, doc, value=value)
+
+
+def _provisioning(
+    settings: ProvisionSettings | None, folder: Path, instance: str
+) -> tuple[bytes | None, Callable[[str, str | None], None] | None]:
+    """The site key and what makes or removes a registered object's device identity on the
+    site's broker (as its administrator; each change in the copy's `.audit.jsonl`)."""
+    if settings is None:
+        return None, None
+    from cloudlet.security import AuditLog, BrokerAdmin, Identities  # only when used
+
+    admin_settings = settings.admin
+    audit = AuditLog(folder / ".audit.jsonl")
+
+    def identities(so: str, secret: str | None) -> None:
+        with BrokerAdmin(admin_settings) as admin:
+            ids = Identities(admin, audit=audit, actor=f"registry follower of {instance}")
+            if secret is None:
+                ids.remove_device(so)
+            else:
+                ids.set_device(so, secret)
+
+    return settings.site_key.secret().encode(), identities

@@ -32,10 +32,11 @@ def _letters(got: list[tuple[str, dict[str, Any]]]) -> list[str]:
     return [b["reason"] for t, b in got if t.startswith("cloudlet/dead-letter")]
 
 
-def _cloud_and_site(kafka: Kafka, mosquitto: Mosquitto, tmp_path: Path,
-                    n: str) -> tuple[CloudService, CloudletUnit]:  # fmt: skip
+def _cloud_and_site(kafka: Kafka, mosquitto: Mosquitto, tmp_path: Path, n: str,
+                    provision: bool = False) -> tuple[CloudService, CloudletUnit]:  # fmt: skip
     """The cloud (its API, its registry's publisher) and a site's unit following the
-    registry (topics of their own), both started."""
+    registry (topics of their own), both started; `provision`: the site's key on both sides,
+    and the follower making the objects' device identities on the site's broker."""
     registry_topic, updates = f"registry-{n}", f"updates-{n}"
     cloud = CloudService(CloudSettings.model_validate({
         "port": 0, "store": f"sqlite:///{tmp_path / 'cloud.db'}",
@@ -43,7 +44,13 @@ def _cloud_and_site(kafka: Kafka, mosquitto: Mosquitto, tmp_path: Path,
                   "group": f"cloud-{n}", "registry_topic": registry_topic,
                   "registry_changes_topic": f"changes-{n}"},
         "tokens": [{"token": "ops-secret", "objects": ["*"], "register": ["*"], "name": "ops"}],
+        "site_keys": [{"name": "farm-1", "token": f"farm-1-key-{n}"}] if provision else [],
     })).start()  # fmt: skip
+    admin = mosquitto.admin_settings()
+    provisioning = {"site_key": {"token": f"farm-1-key-{n}"},
+                    "admin": {"url": admin.url, "username": admin.username,
+                              "password": admin.password.get_secret_value()
+                              if admin.password else None}}  # fmt: skip
     objects = tmp_path / "objects"
     objects.mkdir()
     (objects / "s1.yaml").write_text("id: s1\nstreams: {data: {channels: {t: {type: number}}}}\n")
@@ -53,6 +60,7 @@ def _cloud_and_site(kafka: Kafka, mosquitto: Mosquitto, tmp_path: Path,
         "reload": "200ms", "outbox": {"path": "outbox"},
         "forward": {"site": "farm-1", "commands": False, "registry": "registry",
                     "registry_topic": registry_topic, "registry_changes_topic": f"changes-{n}",
+                    **({"provision": provisioning} if provision else {}),
                     "kafka": {"bootstrap_servers": kafka.bootstrap_servers, "topic": updates}},
     }))  # fmt: skip
     return cloud, CloudletUnit(UnitFile.load(path)).start()
@@ -236,3 +244,102 @@ def test_changes_made_at_a_site_cut_off_reach_the_cloud_and_conflicts_are_settle
         collector.close()
         site.stop()
         cloud.stop()
+
+
+@pytest.mark.kafka
+@pytest.mark.mqtt
+def test_the_mqtt_credentials_of_a_create_let_the_device_post_at_its_site_until_removed(
+    kafka: Kafka, mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """The answer to a create carries the object's MQTT credentials at its site; the site's
+    follower makes the identity on its broker (from the site's key: no secret on Kafka); the
+    device connects with them and its updates are accepted; removed, it is cut off."""
+    from tests.test_security import DENIED, probe
+
+    n = uuid.uuid4().hex[:8]
+    cloud, site = _cloud_and_site(kafka, mosquitto, tmp_path, n, provision=True)
+    collector = Collector(mosquitto, f"collector-creds-{n}")
+    so = f"probe-{n}"
+    try:
+        assert site.follower is not None and site.follower.ready.wait(30)
+        started = time.monotonic()
+        status, made = call("POST", f"{cloud.url}/?site=farm-1", "ops-secret", {"id": so, **PROBE})
+        assert status == 201, made
+        mqtt = made["mqtt"]
+        assert (mqtt["username"], mqtt["client_id"], mqtt["site"]) == (so, so, "farm-1")
+        assert len(mqtt["password"]) == 43  # 256 bits
+        raw = (tmp_path / "cloud.db").read_bytes()
+        assert mqtt["password"].encode() not in raw  # never kept in the cloud
+        device_settings = MqttSettings(url=mosquitto.plain_url, username=so,
+                                       password=mqtt["password"])  # fmt: skip
+        device = None
+        while time.monotonic() - started < 10:  # the identity is made within seconds
+            device = probe(device_settings, so, timeout=2)
+            if device.connack == 0:
+                break
+            device.stop()
+            time.sleep(0.3)
+        assert device is not None and device.connack == 0, "the identity was never made"
+        took = time.monotonic() - started
+        try:
+            echoed = False
+            while not echoed and time.monotonic() - started < 15:
+                device.publish(f"{so}/streams/data",
+                               orjson.dumps({"channels": {"t": {"current-value": 1.5}},
+                                             "lastUpdate": T0}))  # fmt: skip
+                got = collector.take(lambda g: bool(g), timeout=0.5)
+                echoed = any(t == f"{so}/streams/data/updates" for t, _ in got)
+            assert echoed and took < 5, took  # posting within 5 s of the create
+            assert device.publish("other/streams/data") == DENIED  # only its own streams
+            assert call("DELETE", f"{cloud.url}/{so}", "ops-secret")[0] == 204
+            assert device.disconnected.wait(10)  # cut off once the site has the removal
+        finally:
+            device.stop()
+        assert probe(device_settings, so, timeout=5).connack == DENIED
+        # another site's object, or one without a site: no credentials the cloud could give
+        _, other = call(
+            "POST", f"{cloud.url}/?site=farm-2", "ops-secret", {"id": f"o-{n}", **PROBE}
+        )
+        assert other["mqtt"] is None
+        assert site.follower.identity_failures == 0 and site.unit.alive and cloud.alive
+    finally:
+        collector.close()
+        site.stop()
+        cloud.stop()
+
+
+def test_an_identity_the_broker_did_not_make_is_tried_again(tmp_path: Path) -> None:
+    """The follower's identities: derived from the site key and the record's nonce, made
+    once, tried again after a failure (never the thread's end), removed with the object."""
+    import asyncio
+
+    from cloud_sync.local_registry import device_secret
+    from cloud_sync.registry_sync import record
+
+    calls: list[tuple[str, str | None]] = []
+    broker_up = [False]
+
+    def identities(so: str, secret: str | None) -> None:
+        calls.append((so, secret))
+        if not broker_up[0]:
+            raise ConnectionRefusedError("the broker is away")
+
+    follower = RegistryFollower(tmp_path / "registry", "farm-1", "127.0.0.1:9", "g",
+                                site_key=b"k", identities=identities)  # fmt: skip
+    follower.apply(record("p1", 1, "farm-1", {"id": "p1", **PROBE}, "n1"))
+    follower.apply(record("p2", 1, "farm-2", {"id": "p2", **PROBE}, "n2"))  # another site's
+    asyncio.run(follower._provision())
+    assert calls == [("p1", device_secret(b"k", "p1", "n1"))]
+    assert follower.identity_failures == 1
+    asyncio.run(follower._provision())  # not before 5 s
+    assert len(calls) == 1
+    broker_up[0], follower._retry_at = True, 0.0
+    asyncio.run(follower._provision())
+    asyncio.run(follower._provision())  # made once
+    assert calls[1:] == [("p1", device_secret(b"k", "p1", "n1"))]
+    follower.apply(record("p1", 2, "farm-1", {"id": "p1", **PROBE}, "n1"))  # same identity
+    asyncio.run(follower._provision())
+    assert len(calls) == 2
+    follower.apply(record("p1", 3, "farm-1", None))
+    asyncio.run(follower._provision())
+    assert calls[2:] == [("p1", None)] and follower.copy.identity("p1") is None
