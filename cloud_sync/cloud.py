@@ -89,6 +89,9 @@ class CloudSettings(_Strict):
     public: list[str] = []
     tokens: list[ReadToken] = []
     site_keys: list[SiteKey] = []  # a create for one of these sites answers MQTT credentials
+    # the fleet's flow files (as deployed to the sites): registry changes that would break
+    # their flows or rules are refused (409, naming what breaks)
+    flows: list[Path] = []
     dashboard: Path | None = None  # the charts (a scenario's dashboard.yaml)
     units: list[str] = []  # the units' /metrics, for the dashboard's health table
 
@@ -238,7 +241,7 @@ class CloudService:
         self.metrics = _Metrics()
         self.grants = [(t.secret().encode(), t.objects, t.actuate) for t in settings.tokens]
         self.registry = FleetRegistry(
-            self.store, {k.name: k.secret().encode() for k in settings.site_keys}
+            self.store, {k.name: k.secret().encode() for k in settings.site_keys}, settings.flows
         )
         kafka = settings.kafka  # the registry's changes go to the cloudlets through it
         self.publisher = RegistryPublisher(

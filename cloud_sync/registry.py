@@ -16,7 +16,7 @@ import secrets
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,23 +71,36 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def check(descriptors: Mapping[str, dict[str, Any]]) -> list[Problem]:
-    """Every problem of a registry made of these descriptors, as the files would have them."""
+def check(descriptors: Mapping[str, dict[str, Any]], flows: Sequence[Path] = ()) -> list[Problem]:
+    """Every problem of a registry made of these descriptors, as the files would have them,
+    with these flow files (`*.flows.yaml`: their flows and rules) over it."""
     with tempfile.TemporaryDirectory(prefix="cloudlet-registry-") as folder:
         for i, doc in enumerate(descriptors.values()):
             (Path(folder) / f"{i}.json").write_bytes(orjson.dumps(doc))
-        _, problems = Catalog.check([folder])
+        _, problems = Catalog.check([folder, *flows])
     return problems
+
+
+def _broken(problem: Problem) -> str:
+    """A problem a change would make elsewhere, saying where: a flow, a rule, an object."""
+    field = problem.field or ""
+    what = ("a flow" if field.startswith("flows.") else "a rule" if field.startswith("rules.")
+            else "another object")  # fmt: skip
+    return f"this change would break {what}: {said(problem)}"
 
 
 class FleetRegistry:
     """The registry's tables in the cloud store, and the rules of a change."""
 
-    def __init__(self, store: CloudStore, site_keys: Mapping[str, bytes] | None = None) -> None:
+    def __init__(self, store: CloudStore, site_keys: Mapping[str, bytes] | None = None,
+                 flows: Sequence[Path] = ()) -> None:  # fmt: skip
         """`site_keys`: each site's key, from which the MQTT secrets of the devices created
-        for it are derived (`local_registry.device_secret`)."""
+        for it are derived (`local_registry.device_secret`). `flows`: the fleet's flow files
+        (as deployed to the sites): a change that would break one of their flows or rules
+        is refused like one that would break another object."""
         self.store = store
         self.site_keys = dict(site_keys or {})
+        self.flows = list(flows)
         with store._transaction() as cur:
             for statement in SCHEMA:
                 cur.execute(statement)
@@ -228,20 +241,18 @@ class FleetRegistry:
                  descriptor: dict[str, Any] | None) -> None:  # fmt: skip
         """Refused unless the registry with this change has no problem of the object's and no
         new problem of another's."""
-        before = {(p.object_id, p.field, p.message) for p in check(current)}
+        before = {(p.object_id, p.field, p.message) for p in check(current, self.flows)}
         changed = dict(current)
         if descriptor is None:
             changed.pop(so, None)
         else:
             changed[so] = descriptor
-        after = check(changed)
+        after = check(changed, self.flows)
         own = [said(p) for p in after if p.object_id == so]
-        if own:
-            raise Refused(422, own)
-        broken = [said(p) for p in after
-                  if (p.object_id, p.field, p.message) not in before]  # fmt: skip
-        if broken:
-            raise Refused(409, [f"this change would break another object: {b}" for b in broken])
+        broken = [_broken(p) for p in after if p.object_id != so
+                  and (p.object_id, p.field, p.message) not in before]  # fmt: skip
+        if own or broken:  # 422: the object's own problems (and what else breaks); else 409
+            raise Refused(422 if own else 409, own + broken)
 
     def nonce(self, so: str) -> str | None:
         """The nonce of the object's MQTT secret at its site (None: no identity made)."""

@@ -23,15 +23,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from cloud_sync.local_registry import SAFE_ID, LocalRegistry, device_secret
+from cloud_sync.local_registry import SAFE_ID, LocalRegistry, device_secret, said
 
 if TYPE_CHECKING:  # a cloudlet's follower loads nothing of the cloud's
     from cloud_sync.registry import FleetRegistry
@@ -199,11 +200,14 @@ class RegistryFollower(Worker):
 
     def __init__(self, folder: Path, site: str, bootstrap_servers: str, group: str,
                  topic: str = TOPIC, changes: str = CHANGES, site_key: bytes | None = None,
-                 identities: Identities | None = None) -> None:  # fmt: skip
+                 identities: Identities | None = None,
+                 checked: Sequence[Path] = ()) -> None:  # fmt: skip
         """`site_key` and `identities`: the registered objects' device identities made on
         the site's broker (`identities(id, secret)`; secret None: removed), their secrets
-        derived from the key and the records' nonces (`local_registry.device_secret`)."""
+        derived from the key and the records' nonces (`local_registry.device_secret`).
+        `checked`: the unit's objects paths (see `apply_all`)."""
         super().__init__("cloudlet-registry-follower")
+        self.checked = list(checked)  # the unit's objects (with this copy) and flows
         self.site_key = site_key
         self.identities = identities
         self.identity_failures = 0
@@ -245,9 +249,9 @@ class RegistryFollower(Worker):
                     batches = await consumer.getmany(timeout_ms=300, max_records=500)
                     if consumer.assignment():
                         self.ready.set()
-                    for records in batches.values():
-                        for r in records:
-                            self.apply(r.value)
+                    values = [r.value for records in batches.values() for r in records]
+                    if values:
+                        await asyncio.to_thread(self.apply_all, values)
                     if batches:
                         await consumer.commit()
                     await self._provision()
@@ -260,18 +264,70 @@ class RegistryFollower(Worker):
                 await consumer.stop()
                 await producer.stop()
 
+    def apply_all(self, values: list[bytes | None]) -> None:
+        """Records into the local copy, in order. With `checked` (the unit's objects and
+        flows), a record that would give them a problem is refused, logged and counted, and
+        the copy keeps what it had: a change the site cannot run never reaches its units,
+        nor stops one that restarts (checked once for the batch, then one by one if any
+        breaks)."""
+        docs = [doc for doc in map(self._read, values) if doc is not None]
+        if not self.checked or not self._breaks(docs):
+            for doc in docs:
+                self._apply(doc)
+            return
+        for doc in docs:
+            problems = self._breaks([doc])
+            if problems:
+                self.refused += 1
+                log.error("registry change to %s not taken at this site: %s", doc["id"],
+                          "; ".join(problems))  # fmt: skip
+            else:
+                self._apply(doc)
+
     def apply(self, value: bytes | None) -> None:
-        """One record into the local copy; one that cannot be read is logged and skipped."""
+        """One record (`apply_all`)."""
+        self.apply_all([value])
+
+    def _read(self, value: bytes | None) -> dict[str, Any] | None:
+        """A record, or None (logged and counted) when it cannot be read."""
         try:
             doc = orjson.loads(value or b"")
-            so, site, version = doc["id"], doc.get("site"), int(doc.get("version", 0))
+            so, version = doc["id"], int(doc.get("version", 0))
             if not isinstance(so, str) or not SAFE_ID.match(so):
                 raise ValueError(f"id {so!r} is not one a file can be named after")
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             self.refused += 1
             log.error("a registry record that cannot be read, skipped: %s", exc)
-            return
-        mine = not doc.get("deleted") and site in (None, self.site)  # else removed here
+            return None
+        return {**doc, "version": version}
+
+    def _mine(self, doc: dict[str, Any]) -> bool:
+        return not doc.get("deleted") and doc.get("site") in (None, self.site)
+
+    def _breaks(self, docs: list[dict[str, Any]]) -> list[str]:
+        """The problems these records would add to the unit's objects and flows."""
+        from streams.catalog import Catalog
+
+        if not docs:
+            return []
+        before = {(p.object_id, p.field, p.message) for p in Catalog.check(self.checked)[1]}
+        changed = {doc["id"] for doc in docs}
+        with tempfile.TemporaryDirectory(prefix="cloudlet-copy-") as folder:
+            for path in self.folder.glob("*.json"):
+                if path.stem not in changed:
+                    (Path(folder) / path.name).write_bytes(path.read_bytes())
+            for doc in docs:  # the last record of each object is what it becomes
+                target = Path(folder) / f"{doc['id']}.json"
+                if self._mine(doc):
+                    target.write_bytes(orjson.dumps(doc.get("descriptor")))
+                else:
+                    target.unlink(missing_ok=True)
+            others = [p for p in self.checked if p.resolve() != self.folder.resolve()]
+            after = Catalog.check([*others, folder])[1]
+        return [said(p) for p in after if (p.object_id, p.field, p.message) not in before]
+
+    def _apply(self, doc: dict[str, Any]) -> None:
+        so, version, mine = doc["id"], doc["version"], self._mine(doc)
         if self.copy.from_cloud(so, version, doc.get("descriptor") if mine else None):
             mqtt = doc.get("mqtt")
             nonce = mqtt.get("nonce") if mine and isinstance(mqtt, dict) else None

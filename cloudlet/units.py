@@ -103,7 +103,7 @@ class CloudletUnit:
                              f"cloudlet-registry-{self.unit.instance}", forward.registry_topic,
                              forward.registry_changes_topic,
                              *_provisioning(forward.provision, forward.registry,
-                                            self.unit.instance))
+                                            self.unit.instance), checked=config.objects)
             if forward is not None and forward.kafka is not None and forward.registry is not None
             else None
         )  # fmt: skip

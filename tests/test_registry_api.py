@@ -257,3 +257,61 @@ def test_a_servioticy_client_works_unchanged_create_post_read_search(
     assert servioticy("PUT", f"/{so}/streams/weather", "reader", one)[0] == 403
     assert servioticy("PUT", f"/{so}/streams/weather", "nobody", one)[0] == 401
     assert servioticy("GET", f"/{so}/streams/weather", key)[1]["data"][0] == one
+
+
+def test_a_change_that_would_break_a_flow_or_a_rule_is_refused_naming_it(
+    store: CloudStore,
+) -> None:
+    """With the fleet's flow files (`flows`), the irrigation site's objects registered: what
+    would break a flow's aggregates, its `from`, or a group reading the object is refused."""
+    import yaml
+
+    irrigation = Path(__file__).resolve().parent.parent / "cloudlet/scenarios/irrigation/objects"
+    FleetRegistry(store)
+    with store._transaction() as cur:
+        for table in ("registry", "registry_audit", "registry_site_changes", "registry_mqtt"):
+            cur.execute(f"DELETE FROM {table}")
+    settings = CloudSettings.model_validate({"port": 0, "flows": [
+        str(irrigation / "irrigation.flows.yaml")], "tokens": [
+        {"token": "ops-secret", "objects": ["*"], "register": ["*"], "name": "ops"}]})  # fmt: skip
+    service = CloudService(settings, store=store).start()
+    try:
+        docs = [
+            d
+            for f in sorted(irrigation.glob("*.yaml"))
+            if not f.name.endswith(".flows.yaml")
+            for d in yaml.safe_load_all(f.read_text())
+        ]
+        # what the fields' groups and the rule read, first
+        docs.sort(key=lambda d: (d["id"].endswith("-soil"), d["id"]))
+        for doc in docs:
+            status, made = call("POST", f"{service.url}/", "ops-secret", doc)
+            assert status == 201, (doc["id"], made["problems"])
+        soil = call("GET", f"{service.url}/field-1-soil", "ops-secret")[1]
+        dry = {**soil, "streams": {**soil["streams"], "soil": {"channels": {
+            "temperature": {"type": "number"}}}}}  # fmt: skip
+        status, refused = call("PUT", f"{service.url}/field-1-soil", "ops-secret", dry)
+        assert status == 422
+        assert ("this change would break a flow: flows.soil-moisture-10min.aggregates.moisture:"
+                " on field-1-soil/soil: unknown channel 'moisture'") in " ".join(
+                    refused["problems"])  # fmt: skip
+        status, refused = call("DELETE", f"{service.url}/rain-gauge-1", "ops-secret")
+        assert status == 409
+        assert refused["problems"][0] == (
+            "this change would break a flow: flows.rain-last-hour"
+            ".from: from rain-gauge-1/rain matches no stream"
+        )
+        assert (
+            "this change would break another object: so 'field-2-soil': groups.rain.soIds[0]:"
+            " unknown service object 'rain-gauge-1'"
+        ) in refused["problems"]
+        assert call("GET", f"{service.url}/rain-gauge-1", "ops-secret")[0] == 200  # still there
+        status, refused = call("DELETE", f"{service.url}/field-1-valve", "ops-secret")
+        assert (status, refused["problems"]) == (409, [
+            "this change would break a rule: rules.water-dry-fields.act: on field-1-soil/irrigate:"
+            " unknown service object 'field-1-valve'"])  # fmt: skip
+        # a change that breaks nothing is taken
+        wetter = {**soil, "name": "Field 1 soil probe (moved)"}
+        assert call("PUT", f"{service.url}/field-1-soil", "ops-secret", wetter)[0] == 200
+    finally:
+        service.stop()

@@ -343,3 +343,33 @@ def test_an_identity_the_broker_did_not_make_is_tried_again(tmp_path: Path) -> N
     follower.apply(record("p1", 3, "farm-1", None))
     asyncio.run(follower._provision())
     assert calls[2:] == [("p1", None)] and follower.copy.identity("p1") is None
+
+
+def test_a_record_the_sites_flows_cannot_run_is_not_taken(tmp_path: Path) -> None:
+    """The follower checks each change against the unit's objects and flows: one that would
+    break a flow is refused (the copy keeps the object as it was: a unit restarting still
+    starts); the rest of the batch is taken."""
+    from cloud_sync.registry_sync import record
+
+    site_objects = tmp_path / "objects"
+    site_objects.mkdir()
+    (site_objects / "avg.flows.yaml").write_text(
+        "flows:\n  t-avg:\n    from: probe/data\n    key: none\n    window: {tumbling: 1m}\n"
+        "    aggregates: {t: avg(t)}\n    into: probe/t_1m\n"
+    )
+    copy = tmp_path / "registry"
+    follower = RegistryFollower(copy, "farm-1", "127.0.0.1:9", "g",
+                                checked=[site_objects, copy])  # fmt: skip
+    follower.apply(record("probe", 1, "farm-1", {"id": "probe", **PROBE}))
+    assert (follower.applied, follower.refused) == (1, 0)
+    no_t = {"id": "probe", "streams": {"data": {"channels": {"h": {"type": "number"}}}}}
+    follower.apply_all([record("probe", 2, "farm-1", no_t),
+                        record("other", 1, "farm-1", {"id": "other", **PROBE})])  # fmt: skip
+    assert (follower.applied, follower.refused) == (2, 1)
+    assert orjson.loads((copy / "probe.json").read_bytes()) == {"id": "probe", **PROBE}
+    assert (copy / "other.json").exists()
+    follower.apply(record("probe", 3, "farm-1", None))  # removing it breaks the flow too
+    assert (copy / "probe.json").exists() and follower.refused == 2
+    from streams.catalog import Catalog
+
+    assert Catalog.check([site_objects, copy])[1] == []  # what a restarting unit reads
