@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import queue
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -632,6 +633,68 @@ def test_a_running_unit_takes_registry_changes_without_a_restart(
         fleet.stop()
         collector.close()
         unit.stop()
+
+
+@pytest.mark.mqtt
+def test_the_windows_are_identical_with_and_without_a_hot_reload_of_an_unrelated_object(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """The irrigation site's readings through a unit twice: once as they are, once with an
+    unrelated object added and then removed mid-stream (two hot reloads). Every window the
+    flows close, every composite stream computed from them: the same, value for value."""
+    readings = _readings(70)
+    half = len(readings) // 2
+    derived = ("moisture_10min", "rain_1h", "irrigate")
+
+    def run(name: str, reload: bool) -> list[tuple[str, str]]:
+        objects = tmp_path / name / "objects"
+        shutil.copytree(IRRIGATION / "objects", objects)
+        unit = Unit(UnitConfig.load(_config(tmp_path / name, mosquitto, name=name,
+                                            objects=objects, reload="200ms"))).start()  # fmt: skip
+        collector = Collector(mosquitto, f"collector-{name}")
+        fleet = DeviceFleet(MqttSettings(url=mosquitto.url), client_id=f"fleet-{name}").start()
+
+        def echoed(key: StreamKey, update: SensorUpdate) -> Any:
+            topic = f"{key.so}/streams/{key.stream}/updates"
+            return lambda g: any(t == topic and b["lastUpdate"] == update.last_update
+                                 for t, b in g)  # fmt: skip
+
+        try:
+            assert unit.runtime.connected.wait(10)
+            for key, update in readings[:half]:
+                fleet.publish(key, update)
+            got = collector.take(echoed(*readings[half - 1]))
+            if reload:
+                (objects / "hive-7.yaml").write_text(
+                    "id: hive-7\nstreams: {weight: {channels: {kg: {type: number}}}}\n"
+                )
+                deadline = time.monotonic() + 10
+                while _reloads(unit, name) < 1 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                fleet.publish(StreamKey("hive-7", "weight"), SensorUpdate({"kg": 41.0}, T0))
+            for key, update in readings[half : half + 100]:
+                fleet.publish(key, update)
+            got += collector.take(echoed(*readings[half + 99]))
+            if reload:
+                (objects / "hive-7.yaml").unlink()
+                deadline = time.monotonic() + 10
+                while _reloads(unit, name) < 2 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert _reloads(unit, name) == 2
+            for key, update in readings[half + 100 :]:
+                fleet.publish(key, update)
+            got += collector.take(echoed(*readings[-1]))
+            got += collector.take(lambda g: False, timeout=1.0)  # what the last ones derived
+        finally:
+            fleet.stop()
+            collector.close()
+            unit.stop()
+        return sorted((t, orjson.dumps(b, option=orjson.OPT_SORT_KEYS).decode())
+                      for t, b in got if t.split("/")[2] in derived)  # fmt: skip
+
+    plain, reloaded = run("u-windows-plain", False), run("u-windows-reloaded", True)
+    assert len({t for t, _ in plain if "/moisture_10min/" in t}) == 4  # every field's windows
+    assert len(plain) > 100 and reloaded == plain
 
 
 @pytest.mark.mqtt
