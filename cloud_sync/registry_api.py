@@ -176,8 +176,10 @@ def install(app: FastAPI, service: CloudService, registry: FleetRegistry) -> Non
     async def search(so: str, stream: str, request: Request) -> Any:
         """ServIoTicy's search of a stream: `timerange` (`rangefrom`, `rangeto`, ms),
         `numericrange` (and `numericrangefield`: `channels.<ch>.current-value`),
-        `geodistance` (`pointlat`, `pointlon`, `geodistancevalue`, `geodistanceunit`: m or km)
-        or `geoboundingbox` (`geoboxupperleftlat`, ...lon, `geoboxbottomrightlat`, ...lon)."""
+        `geodistance` (`pointlat`, `pointlon`, `geodistancevalue`, `geodistanceunit`: m or km),
+        `geoboundingbox` (`geoboxupperleftlat`, ...lon, `geoboxbottomrightlat`, ...lon) or
+        `match` (`matchfield`: `channels.<ch>.current-value`, `matchstring`: the channel's
+        text contains it, in any case); `limit` with `limitcount` (at most 1,000)."""
         may_read(request, so)
         body = await _body(request)
         try:
@@ -286,6 +288,11 @@ def servioticy_search(body: Any) -> dict[str, Any]:
         top, left = float(body["geoboxupperleftlat"]), float(body["geoboxupperleftlon"])
         bottom, right = float(body["geoboxbottomrightlat"]), float(body["geoboxbottomrightlon"])
         query["bbox"] = (bottom, left, top, right)
+    if body.get("match"):  # ServIoTicy's term filter on a text channel
+        query["channel"] = _channel(body["matchfield"])
+        query["match"] = str(body["matchstring"])
     if not query:
-        raise ValueError("none of timerange, numericrange, geodistance, geoboundingbox")
+        raise ValueError("none of timerange, numericrange, geodistance, geoboundingbox, match")
+    if body.get("limit"):
+        query["limit"] = max(1, min(1000, int(body["limitcount"])))
     return query

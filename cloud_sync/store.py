@@ -5,7 +5,8 @@ Writes are idempotent on the message id, so the at-least-once transport (a recor
 after a crash or an outage) becomes exactly-once here. Tables:
 
 - `updates`: every update (message id, site, object, stream, lastUpdate, document).
-- `channel_values`: each channel's value, numeric or geo, for range and geo searches.
+- `channel_values`: each channel's value, numeric, geo or text, for range, geo and match
+  searches.
 - `latest`: the newest update per object and stream (by lastUpdate: a late replay never
   overwrites a newer value).
 """
@@ -34,7 +35,7 @@ SCHEMA = [
     """CREATE TABLE IF NOT EXISTS channel_values (
         message_id TEXT NOT NULL, so TEXT NOT NULL, stream TEXT NOT NULL,
         channel TEXT NOT NULL, last_update BIGINT NOT NULL,
-        num DOUBLE PRECISION, lat DOUBLE PRECISION, lon DOUBLE PRECISION,
+        num DOUBLE PRECISION, lat DOUBLE PRECISION, lon DOUBLE PRECISION, txt TEXT,
         PRIMARY KEY (message_id, channel))""",
     "CREATE INDEX IF NOT EXISTS values_by_num ON channel_values (stream, channel, num)",
     "CREATE INDEX IF NOT EXISTS values_by_geo ON channel_values (stream, channel, lat, lon)",
@@ -90,6 +91,9 @@ class CloudMessage:
         return int(self.update["lastUpdate"])
 
 
+MAX_TEXT = 1000  # characters of a string channel kept for match searches
+
+
 def _channel_rows(m: CloudMessage) -> list[tuple[Any, ...]]:
     rows = []
     for name, channel in (m.update.get("channels") or {}).items():
@@ -104,8 +108,9 @@ def _channel_rows(m: CloudMessage) -> list[tuple[Any, ...]]:
                 lat, lon = (float(x) for x in value.split(","))
             except ValueError:
                 pass
-        if num is not None or lat is not None:
-            rows.append((m.message_id, m.so, m.stream, name, m.last_update, num, lat, lon))
+        txt = value[:MAX_TEXT] if isinstance(value, str) and lat is None else None
+        if num is not None or lat is not None or txt is not None:
+            rows.append((m.message_id, m.so, m.stream, name, m.last_update, num, lat, lon, txt))
     return rows
 
 
@@ -161,6 +166,12 @@ class CloudStore:
         with self._transaction() as cur:
             for statement in SCHEMA:
                 cur.execute(statement)
+        if "txt" not in self._columns("channel_values"):  # a store made before match search
+            with self._transaction() as cur:
+                cur.execute("ALTER TABLE channel_values ADD COLUMN txt TEXT")
+
+    def _columns(self, table: str) -> set[str]:
+        raise NotImplementedError
 
     def write(self, messages: Sequence[CloudMessage]) -> int:
         """Store what is new (by message id); how many were new."""
@@ -181,7 +192,7 @@ class CloudStore:
                 if rows:
                     cur.executemany(self._q(
                         "INSERT INTO channel_values (message_id, so, stream, channel,"
-                        " last_update, num, lat, lon) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                        " last_update, num, lat, lon, txt) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
                         " ON CONFLICT DO NOTHING"), rows)  # fmt: skip
                 cur.execute(self._q(
                     "INSERT INTO latest (so, stream, message_id, last_update, site)"
@@ -302,12 +313,17 @@ class CloudStore:
         maximum: float | None = None, near: tuple[float, float, float] | None = None,
         bbox: tuple[float, float, float, float] | None = None, start: int | None = None,
         end: int | None = None, objects: Sequence[str] | None = None, limit: int = 1000,
+        match: str | None = None,
     ) -> list[dict[str, Any]]:  # fmt: skip
         """Updates of `stream` whose `channel` is within [minimum, maximum], or whose geo
         channel lies within `near` (lat, lon, metres) or `bbox` (min lat, min lon, max lat,
-        max lon); newest first."""
+        max lon), or whose text channel contains `match` (case-insensitive); newest first."""
         where: list[str] = ["v.stream = ?"]
         args: list[Any] = [stream]
+        if match is not None:  # LIKE's own characters are matched as themselves
+            escaped = match.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            where.append("LOWER(v.txt) LIKE ? ESCAPE '\\'")
+            args.append(f"%{escaped}%")
         if channel is not None:
             where.append("v.channel = ?")
             args.append(channel)
@@ -385,6 +401,9 @@ class SQLiteStore(CloudStore):
                 raise
             cur.execute("COMMIT")
 
+    def _columns(self, table: str) -> set[str]:
+        return {str(row[1]) for row in self._query(f"PRAGMA table_info({table})")}
+
     def close(self) -> None:
         self._db.close()
 
@@ -407,6 +426,11 @@ class PostgresStore(CloudStore):
     def _transaction(self) -> Iterator[Any]:
         with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
             yield cur
+
+    def _columns(self, table: str) -> set[str]:
+        rows = self._query("SELECT column_name FROM information_schema.columns"
+                           " WHERE table_name = ?", (table,))  # fmt: skip
+        return {str(row[0]) for row in rows}
 
     def close(self) -> None:
         self._pool.close()

@@ -21,7 +21,7 @@ from aiokafka import AIOKafkaProducer
 from cloud_sync.cloud import CloudService, CloudSettings
 from cloud_sync.forwarder import Forwarder, ForwarderSettings
 from cloud_sync.outbox import Outbox, OutboxSettings
-from cloud_sync.store import CloudMessage, CloudStore, SQLiteStore, distance_m
+from cloud_sync.store import CloudMessage, CloudStore, SQLiteStore, distance_m, open_store
 from cloudlet.rig import Kafka
 from streams import SensorUpdate, StreamKey
 
@@ -285,3 +285,23 @@ def test_one_machine_runs_the_whole_chain_without_kafka(mosquitto: Any, tmp_path
         running.stop()
         cloud.stop()
     assert (status, last["lastUpdate"]) == (200, T0 + 19)
+
+
+def test_a_store_made_before_text_search_gains_it(tmp_path: Path) -> None:
+    """A store whose channel_values predate match searches: opened, the column is added,
+    and the updates stored from then on are found by their text."""
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "CREATE TABLE channel_values (message_id TEXT NOT NULL, so TEXT NOT NULL, stream"
+            " TEXT NOT NULL, channel TEXT NOT NULL, last_update BIGINT NOT NULL, num DOUBLE"
+            " PRECISION, lat DOUBLE PRECISION, lon DOUBLE PRECISION)"
+        )
+    store = open_store(f"sqlite:///{path}")
+    store.write([message("w1", "weather", T0, sky="Partly cloudy")])
+    found = store.search("weather", channel="sky", match="cloudy")
+    assert [f["update"]["lastUpdate"] for f in found] == [T0]
+    assert store.search("weather", channel="sky", match="rain") == []
+    store.close()

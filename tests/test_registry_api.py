@@ -198,6 +198,7 @@ def test_servioticy_data_paths_read_what_the_cloudlets_forwarded(cloud: CloudSer
     for body, want in searches:
         status, found = servioticy("POST", "/air-7/streams/air/search", body)
         assert [u["lastUpdate"] for u in found["data"]] == want, body
+    assert call("POST", f"{base}/air-7/streams/air/search", "reader", {"bogus": True})[0] == 400
     assert call("POST", f"{base}/air-7/streams/air/search", "reader", {"match": True})[0] == 400
     assert call("GET", f"{base}/air-7/streams/air/lastUpdate", None)[0] == 404  # not public
 
@@ -250,6 +251,16 @@ def test_a_servioticy_client_works_unchanged_create_post_read_search(
         "numericrange": True, "numericrangefield": "channels.temperature.current-value",
         "rangefrom": 21, "rangeto": 23})  # fmt: skip
     assert [u["lastUpdate"] for u in found["data"]] == [T0 + 1000, T0]
+    match = {"match": True, "matchfield": "channels.sky.current-value", "matchstring": "CLEAR"}
+    status, found = servioticy("POST", f"/{so}/streams/weather/search", key, match)
+    assert [u["lastUpdate"] for u in found["data"]] == [T0 + 2000, T0 + 1000]
+    status, found = servioticy("POST", f"/{so}/streams/weather/search", key,
+                               {**match, "limit": True, "limitcount": 1})  # fmt: skip
+    assert [u["lastUpdate"] for u in found["data"]] == [T0 + 2000]
+    for literal in ("%", "_", "cl_ar"):  # LIKE's characters are matched as themselves
+        status, found = servioticy("POST", f"/{so}/streams/weather/search", key,
+                                   {**match, "matchstring": literal})  # fmt: skip
+        assert (status, found["data"]) == (200, [])
     status, refused = servioticy("PUT", f"/{so}/streams/weather", key, {
         "channels": {"temperature": {"current-value": "warm"}}, "lastUpdate": T0 + 5})  # fmt: skip
     assert status == 422 and "temperature" in refused["problems"][0]
