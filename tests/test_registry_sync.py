@@ -97,8 +97,12 @@ def test_an_object_registered_in_the_cloud_is_taken_by_a_running_site(
         status, made = call("POST", f"{cloud.url}/?site=farm-1", "ops-secret",
                             {"id": "probe", **PROBE})  # fmt: skip
         assert status == 201, made
+        registered = time.monotonic()
         took = accepted("probe", 10)
         assert took is not None and took < 5, took  # within 5 s of its registration
+        while call("GET", f"{cloud.url}/probe/streams/data/lastUpdate", "ops-secret")[0] != 200:
+            assert time.monotonic() - registered < 5, "not stored in the cloud within 5 s"
+            time.sleep(0.05)
         assert (tmp_path / "registry" / "probe.json").exists()  # the site's local copy
 
         assert call("POST", f"{cloud.url}/?site=farm-2", "ops-secret",
