@@ -221,7 +221,10 @@ def unit_run(
     config_path: Annotated[Path, typer.Argument(metavar="CONFIG", help="The unit's YAML config.")],
     replica: Annotated[
         str | None,
-        typer.Option(help="Replica id: its own MQTT session and state (with share_group)."),
+        typer.Option(
+            help="Replica id: its own MQTT session and state (with share_group);"
+            " the instance is UNIT-REPLICA, or REPLICA when it starts with UNIT-."
+        ),
     ] = None,
     log_format: Annotated[str, typer.Option(help="text or json")] = "text",
 ) -> None:

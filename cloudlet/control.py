@@ -10,11 +10,14 @@ can be run one after another from any shell.
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import orjson
 import yaml
@@ -32,6 +35,19 @@ from cloudlet.control_model import (
 from cloudlet.placement import Plan, place
 from cloudlet.topology import DockerEngine, Topology, UnitSpec
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _exclusive(method: F) -> F:
+    """The method runs under the state folder's lock (`Controller.locked`)."""
+
+    @functools.wraps(method)
+    def locked(self: Controller, *args: Any, **kwargs: Any) -> Any:
+        with self.locked():
+            return method(self, *args, **kwargs)
+
+    return cast(F, locked)
+
 
 class Controller:
     def __init__(
@@ -45,6 +61,7 @@ class Controller:
         self.state = state.absolute()
         self.clock, self.sleep, self.say = clock, sleep, say
         self.control = self._read()
+        self._holding = 0  # how deep in `locked` this controller is
         self._backends: dict[str, Backend] = {}
         self._failures: dict[str, tuple[int, float]] = {}  # replica -> (restarts, next allowed)
         self._since_healthy: dict[str, float] = {}
@@ -56,6 +73,35 @@ class Controller:
         if not path.exists():
             return Control()
         return Control(**orjson.loads(path.read_bytes()))
+
+    @contextmanager
+    def locked(self) -> Iterator[Control]:
+        """The state folder's lock, held for the whole of a command that changes anything
+        (deploy, patch, evacuate, rebalance, shutdown, a reconcile pass), with control.json
+        read afresh once it is held: commands from several shells (and a reconcile loop)
+        take turns, each on what the one before it left, so none undoes another. Reentrant
+        in one controller; a command that must wait says so."""
+        if self._holding:
+            self._holding += 1
+            try:
+                yield self.control
+            finally:
+                self._holding -= 1
+            return
+        self.state.mkdir(parents=True, exist_ok=True)
+        with (self.state / "control.lock").open("a+b") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.say(f"waiting for another cloudlet command working on {self.state} ...")
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                self._holding = 1
+                self.control = self._read()
+                yield self.control
+            finally:
+                self._holding = 0
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _save(self) -> None:
         self.state.mkdir(parents=True, exist_ok=True)
@@ -216,6 +262,7 @@ class Controller:
                 out.append(Step("start", name, want.site, f"it has {have.state}"))
         return out
 
+    @_exclusive
     def apply(self, topology: Topology, plan: Plan, *, timeout: float = 60.0) -> bool:
         """Bring what runs to `plan`: strays stopped, replicas started and moved (stopped
         where they were first: one MQTT session each), new versions rolled one replica at a
@@ -273,6 +320,7 @@ class Controller:
 
     # patch -------------------------------------------------------------------------------
 
+    @_exclusive
     def patch(
         self, unit: str, *, image: str | None = None, config: Path | None = None,
         timeout: float = 60.0,
@@ -351,6 +399,7 @@ class Controller:
 
     # reconcile ---------------------------------------------------------------------------
 
+    @_exclusive
     def reconcile(self) -> list[Step]:
         """One pass: restart what exited or stopped answering, start what is missing, stop
         strays; restarts of one replica back off (1 s doubling to 60 s) until it stays
@@ -425,6 +474,7 @@ class Controller:
                 r.rates = {k: (now[k] - before.get(k, 0.0)) / sample for k in now}
         return topology, rows
 
+    @_exclusive
     def shutdown(self, timeout: float = 30.0) -> list[str]:
         """Stop every replica (each drains, checkpoints and acknowledges); the reconcile loop
         leaves them stopped until the next deploy."""
@@ -438,6 +488,7 @@ class Controller:
             stopped.append(name)
         return stopped
 
+    @_exclusive
     def evacuate(self, site: str, *, dry_run: bool = False, timeout: float = 60.0) -> bool:
         topology = self.topology()
         if site not in topology.sites:
@@ -448,6 +499,7 @@ class Controller:
         plan = self.plan(topology, excluded=excluded)
         return self._rearrange(f"evacuating {site}", topology, plan, excluded, dry_run, timeout)
 
+    @_exclusive
     def rebalance(self, *, keep_evacuated: bool = False, dry_run: bool = False,
                   timeout: float = 60.0) -> bool:  # fmt: skip
         """Place every replica afresh (evacuated sites welcome again unless kept out)."""

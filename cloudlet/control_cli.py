@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import yaml
 from rich.console import Console
 from rich.table import Column, Table
 
@@ -277,16 +276,26 @@ def export_k8s(
         Path | None, typer.Option("--output", "-o", help="A file (default: stdout).")
     ] = None,
     state: StateOption = Path(".cloudlet"),
+    mqtt_url: Annotated[
+        str, typer.Option(help="The broker as the pods reach it (a Service in the cluster).")
+    ] = "mqtt://mosquitto:1883",
+    registry: Annotated[
+        str | None, typer.Option(help="Pull the images from this registry (host[/path]).")
+    ] = None,
+    storage: Annotated[str, typer.Option(help="Each replica's volume (state, outbox).")] = "1Gi",
 ) -> None:
-    """Kubernetes manifests: a ConfigMap per unit, a Deployment per unit and site with the
-    site's node selector (nodes labelled cloudlet.io/site=SITE)."""
-    from cloudlet.export import kubernetes
+    """Kubernetes manifests: a ConfigMap per unit; per unit and site a headless Service and a
+    StatefulSet on the site's nodes (labelled cloudlet.io/site=SITE), a volume per replica,
+    each pod's name its replica id; its MQTT secret from the Secret `UNIT-mqtt` (a key per
+    pod name)."""
+    from cloudlet.export import dump_all, kubernetes
     from cloudlet.topology import Topology
 
     with _errors():
         topology = Topology.load(topology_path)
-        text = yaml.safe_dump_all(kubernetes(topology, _controller(state).plan(topology)),
-                                  sort_keys=False)  # fmt: skip
+        placed = _controller(state).plan(topology)
+        text = dump_all(kubernetes(topology, placed, mqtt_url=mqtt_url, registry=registry,
+                                   storage=storage))  # fmt: skip
     if output is None:
         out.print(text, markup=False, highlight=False, soft_wrap=True)
     else:

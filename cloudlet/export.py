@@ -1,8 +1,9 @@
 """The topology and its placement as files for sites run by other tools:
 - docker-compose: one file per site, one service per replica placed there;
 - Kubernetes (k3s on a cloudlet): per unit a ConfigMap (its unit file and descriptor files)
-  and per unit and site a Deployment whose node selector is the placement's site (and the
-  site's architecture), with CPU and memory limits and probes on /healthz and /readyz.
+  and per unit and site a StatefulSet whose node selector is the placement's site (and the
+  site's architecture): a volume per replica for state and outbox, the pod's name as the
+  replica's identity, CPU and memory, probes on /healthz and /readyz.
 
 The unit file inside is rewritten for the container: its descriptors under /etc/cloudlet/,
 state under /var/lib/cloudlet/. Its HTTP endpoints stay private: on the host's loopback in
@@ -12,16 +13,19 @@ Kubernetes, where no Service publishes them.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from cloudlet.placement import Plan
-from cloudlet.topology import Topology, UnitSpec
+from cloudlet.topology import Topology, UnitSpec, show_memory
 
 SITE_LABEL = "cloudlet.io/site"  # the node label a site's Kubernetes nodes carry
 PORT = 9400
+MQTT_SECRETS = "/etc/cloudlet/mqtt"  # each replica's MQTT secret, a file named as the pod
 
 
 def _unit_files(spec: UnitSpec, replicas: int) -> tuple[dict[str, Any], dict[str, str]]:
@@ -53,87 +57,130 @@ def _probe(path: str) -> dict[str, Any]:
     return {"httpGet": {"path": path, "port": PORT}, "periodSeconds": 5, "failureThreshold": 3}
 
 
-def kubernetes(topology: Topology, plan: Plan) -> list[dict[str, Any]]:
-    """Manifests: a ConfigMap per unit, a Deployment per unit and site."""
+class _Plain(yaml.SafeDumper):
+    """YAML without anchors and aliases (a value used twice is written twice): what
+    `kubectl`, Helm and a reviewer all read the same way."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def dump_all(docs: list[dict[str, Any]]) -> str:
+    return yaml.dump_all(docs, Dumper=_Plain, sort_keys=False)
+
+
+def _for_cluster(doc: dict[str, Any], mqtt_url: str) -> dict[str, Any]:
+    """The unit file as a pod reads it: the cluster's broker, and each replica logging in as
+    itself (`{instance}`: the pod's name) with its secret from the `<unit>-mqtt` Secret."""
+    mqtt = {k: v for k, v in (doc.get("mqtt") or {}).items() if k not in ("password", "url")}
+    mqtt.update({"url": mqtt_url, "username": "{instance}",
+                 "password_file": MQTT_SECRETS + "/{instance}"})  # fmt: skip
+    return {**doc, "mqtt": mqtt}
+
+
+def _image(image: str, registry: str | None) -> str:
+    """`image` from `registry` (a host, or host/path) unless it names a registry itself."""
+    if registry is None:
+        return image
+    first = image.split("/", 1)[0]
+    if "/" in image and ("." in first or ":" in first or first == "localhost"):
+        return image
+    return f"{registry.rstrip('/')}/{image}"
+
+
+def kubernetes(
+    topology: Topology, plan: Plan, *, mqtt_url: str = "mqtt://mosquitto:1883",
+    registry: str | None = None, storage: str = "1Gi",
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Manifests: per unit a ConfigMap (its unit file and descriptors); per unit and site a
+    headless Service and a StatefulSet whose pods run on the site's nodes, each with a volume
+    of its own for state and outbox (`storage`), a stable name that is its replica id (MQTT
+    client id and identity, state), the cluster's broker (`mqtt_url`) and images from
+    `registry`; a checksum of the unit's files on the pods rolls them when those change."""
     out: list[dict[str, Any]] = []
     for name, spec in topology.units.items():
         assignments = plan.of(name)
         doc, files = _unit_files(spec, len(assignments))
-        out.append(
-            {
-                "apiVersion": "v1",
-                "kind": "ConfigMap",
-                "metadata": {"name": f"{name}-config", "labels": {"app.kubernetes.io/name": name}},
-                "data": {"unit.yaml": yaml.safe_dump(doc, sort_keys=False), **files},
-            }
-        )
+        data = {"unit.yaml": yaml.dump(_for_cluster(doc, mqtt_url), Dumper=_Plain,
+                                       sort_keys=False), **files}  # fmt: skip
+        checksum = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+        out.append({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": f"{name}-config", "labels": {"app.kubernetes.io/name": name}},
+            "data": data,
+        })  # fmt: skip
         items = [{"key": k, "path": _rel(k)} for k in files]
         for site in sorted({a.site for a in assignments}):
             count = sum(1 for a in assignments if a.site == site)
             labels = {"app.kubernetes.io/name": name, SITE_LABEL: site}
-            out.append(
-                {
-                    "apiVersion": "apps/v1",
-                    "kind": "Deployment",
-                    "metadata": {"name": f"{name}-{site}", "labels": labels},
-                    "spec": {
-                        "replicas": count,
-                        "selector": {"matchLabels": labels},
-                        "template": {
-                            "metadata": {"labels": labels},
-                            "spec": {
-                                "nodeSelector": {
-                                    SITE_LABEL: site,
-                                    "kubernetes.io/arch": _k8s_arch(topology.sites[site].arch),
-                                },
-                                "containers": [
-                                    {
-                                        "name": "unit",
-                                        "image": spec.image,
-                                        "args": [
-                                            "unit",
-                                            "run",
-                                            "/etc/cloudlet/unit.yaml",
-                                            "--log-format",
-                                            "json",
-                                        ],
-                                        "ports": [{"name": "http", "containerPort": PORT}],
-                                        "resources": {
-                                            "limits": {
-                                                "cpu": f"{int(spec.resources.cpu * 1000)}m",
-                                                "memory": str(spec.resources.memory),
-                                            }
-                                        },
-                                        "livenessProbe": _probe("/healthz"),
-                                        "readinessProbe": _probe("/readyz"),
-                                        "volumeMounts": [
-                                            {
-                                                "name": "config",
-                                                "mountPath": "/etc/cloudlet/unit.yaml",
-                                                "subPath": "unit.yaml",
-                                            },
-                                            {
-                                                "name": "objects",
-                                                "mountPath": "/etc/cloudlet/objects",
-                                            },
-                                            {"name": "state", "mountPath": "/var/lib/cloudlet"},
-                                        ],
-                                    }
-                                ],
-                                "volumes": [
-                                    {"name": "config", "configMap": {"name": f"{name}-config"}},
-                                    {
-                                        "name": "objects",
-                                        "configMap": {"name": f"{name}-config", "items": items},
-                                    },
-                                    {"name": "state", "emptyDir": {}},
-                                ],
+            set_name = f"{name}-{site}"
+            out.append({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": set_name, "labels": labels},
+                "spec": {"clusterIP": "None", "selector": labels},  # the pods' stable names
+            })  # fmt: skip
+            container = {
+                "name": "unit",
+                "image": _image(spec.image, registry),
+                "args": ["unit", "run", "/etc/cloudlet/unit.yaml", "--replica", "$(POD_NAME)",
+                         "--log-format", "json"],
+                "env": [{"name": "POD_NAME",
+                         "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                "ports": [{"name": "http", "containerPort": PORT}],
+                "resources": {
+                    "requests": {"cpu": _cpu(spec.resources.cpu),
+                                 "memory": show_memory(spec.resources.memory)},
+                    "limits": {"cpu": _cpu(spec.resources.cpu),
+                               "memory": show_memory(spec.resources.memory)},
+                },
+                "livenessProbe": _probe("/healthz"),
+                "readinessProbe": _probe("/readyz"),
+                "volumeMounts": [
+                    {"name": "config", "mountPath": "/etc/cloudlet/unit.yaml",
+                     "subPath": "unit.yaml"},
+                    {"name": "objects", "mountPath": "/etc/cloudlet/objects"},
+                    {"name": "mqtt", "mountPath": MQTT_SECRETS, "readOnly": True},
+                    {"name": "state", "mountPath": "/var/lib/cloudlet"},
+                ],
+            }  # fmt: skip
+            out.append({
+                "apiVersion": "apps/v1", "kind": "StatefulSet",
+                "metadata": {"name": set_name, "labels": labels},
+                "spec": {
+                    "serviceName": set_name,
+                    "replicas": count,
+                    "selector": {"matchLabels": labels},
+                    "template": {
+                        "metadata": {"labels": labels,
+                                     "annotations": {"cloudlet.io/config-checksum": checksum}},
+                        "spec": {
+                            "nodeSelector": {
+                                SITE_LABEL: site,
+                                "kubernetes.io/arch": _k8s_arch(topology.sites[site].arch),
                             },
+                            "terminationGracePeriodSeconds": 60,  # drain and checkpoint
+                            "containers": [container],
+                            "volumes": [
+                                {"name": "config", "configMap": {"name": f"{name}-config"}},
+                                {"name": "objects",
+                                 "configMap": {"name": f"{name}-config", "items": items}},
+                                {"name": "mqtt",
+                                 "secret": {"secretName": f"{name}-mqtt", "optional": True}},
+                            ],
                         },
                     },
-                }
-            )
+                    "volumeClaimTemplates": [{
+                        "metadata": {"name": "state", "labels": labels},
+                        "spec": {"accessModes": ["ReadWriteOnce"],
+                                 "resources": {"requests": {"storage": storage}}},
+                    }],
+                },
+            })  # fmt: skip
     return out
+
+
+def _cpu(cores: float) -> str:
+    return f"{round(cores * 1000)}m"
 
 
 def _rel(key: str) -> str:

@@ -78,7 +78,9 @@ def main(argv: list[str]) -> int:
     """`cloudlet unit run` from its arguments (those after `unit run`)."""
     parser = argparse.ArgumentParser(prog="cloudlet unit run")
     parser.add_argument("config", metavar="CONFIG", type=Path)
-    parser.add_argument("--replica", default=None)
+    parser.add_argument("--replica", default=None, help="this replica's id: the instance is"
+                        " UNIT-REPLICA, or REPLICA itself when it starts with UNIT- (a pod's"
+                        " name)")  # fmt: skip
     parser.add_argument("--log-format", default="text", choices=["text", "json"])
     args = parser.parse_args(argv)
     return run_unit(args.config, args.replica, args.log_format)

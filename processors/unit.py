@@ -22,6 +22,14 @@ from streams.catalog import Catalog
 log = logging.getLogger(__name__)
 
 
+def instance_name(unit: str, replica: str | None) -> str:
+    """A replica's instance name: `unit-replica`, or the replica's id itself when it starts
+    with `unit-` (a Kubernetes pod's name, `irrigation-field-0`)."""
+    if not replica:
+        return unit
+    return replica if replica.startswith(f"{unit}-") else f"{unit}-{replica}"
+
+
 class Unit:
     def __init__(
         self,
@@ -34,7 +42,7 @@ class Unit:
         """`sink` (the cloud-sync outbox, say) takes the place of the config's."""
         self.config = config
         # Each replica has its own persistent session and its own state.
-        self.instance = f"{config.name}-{replica}" if replica else config.name
+        self.instance = instance_name(config.name, replica)
         self.clock = clock
         built = self._build(Catalog.load(config.objects))
         self.catalog, self.chain = built.catalog, built.chain

@@ -219,3 +219,48 @@ def test_logs_and_a_clean_shutdown(site: Path) -> None:
         assert (state / f"irrigation-{replica[-1]}.state").exists()
         assert "stopped after" in (site / "state" / "local" / replica / "unit.log").read_text()
     assert Controller(site / "state").reconcile() == []  # shut down: nothing to heal
+
+
+def test_a_running_reconcile_never_undoes_a_shutdown_or_an_evacuation(site: Path) -> None:
+    """`cloudlet reconcile` runs (a process of its own, a pass every 0.2 s) while `deploy`,
+    `evacuate` and `shutdown` come from other processes: each command holds the state's lock
+    and works on what the one before left, so both stay in effect."""
+    import json
+    import subprocess
+
+    from tests.test_cli import CLOUDLET
+
+    state = str(site / "state")
+
+    def cloudlet(*args: str) -> str:
+        done = subprocess.run([CLOUDLET, *args, "--state", state], capture_output=True,
+                              text=True, timeout=180)  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    def control_json() -> dict[str, object]:
+        loaded: dict[str, object] = json.loads((site / "state" / "control.json").read_text())
+        return loaded
+
+    cloudlet("deploy", str(site / "topology.yaml"))
+    loop = subprocess.Popen(
+        [CLOUDLET, "reconcile", "--interval", "0.2", "--state", state],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        time.sleep(1.0)  # a few passes
+        cloudlet("evacuate", "field")
+        time.sleep(1.5)  # passes after it: each reads what evacuate left
+        assert control_json()["evacuated"] == ["field"]
+        control = Controller(site / "state", say=lambda _: None)
+        assert {r.replica: r.site for r in control.actual(control.topology()).values()} == {
+            "irrigation-0": "town", "irrigation-1": "town"}  # fmt: skip
+        cloudlet("shutdown")
+        time.sleep(1.5)
+        assert control_json()["stopped"] is True
+        assert control.actual(control.topology()) == {}  # nothing restarted
+        assert loop.poll() is None  # the loop still runs, and leaves it all alone
+    finally:
+        loop.send_signal(signal.SIGTERM)
+        output, _ = loop.communicate(timeout=30)
+    assert "restart" not in output, output

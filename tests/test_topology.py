@@ -139,27 +139,65 @@ def test_placed_replicas_stay_and_evacuated_sites_get_nothing(tmp_path: Path) ->
     assert fresh.where() == {"u-0": "near", "u-1": "far"}
 
 
-def test_kubernetes_manifests_follow_the_placement() -> None:
+def test_kubernetes_manifests_follow_the_placement_and_validate() -> None:
+    """A StatefulSet per unit and site, pods on the site's nodes, a volume per replica, the
+    pod's name as the replica id, the cluster's broker and registry as parameters, a checksum
+    that rolls the pods when the unit's files change; plain YAML that the Kubernetes schemas
+    (bundled by kubernetes-validate: offline) accept."""
+    import kubernetes_validate
+
+    from cloudlet.export import dump_all
+
     topology = Topology.load(EXAMPLE)
-    docs = kubernetes(topology, place(topology))
+    docs = kubernetes(topology, place(topology), mqtt_url="mqtts://mqtt.farm.svc:8883",
+                      registry="registry.farm.example:5000/cloudlet")  # fmt: skip
     kinds = [(d["kind"], d["metadata"]["name"]) for d in docs]
     assert kinds == [
-        ("ConfigMap", "irrigation-config"), ("Deployment", "irrigation-field"),
-        ("Deployment", "irrigation-town"), ("ConfigMap", "archive-config"),
-        ("Deployment", "archive-town"),
+        ("ConfigMap", "irrigation-config"), ("Service", "irrigation-field"),
+        ("StatefulSet", "irrigation-field"), ("Service", "irrigation-town"),
+        ("StatefulSet", "irrigation-town"), ("ConfigMap", "archive-config"),
+        ("Service", "archive-town"), ("StatefulSet", "archive-town"),
     ]  # fmt: skip
-    field = docs[1]["spec"]
-    assert field["replicas"] == 1
+    text = dump_all(docs)
+    assert "&id" not in text and "*id" not in text  # no anchors, no aliases
+    for doc in yaml.safe_load_all(text):
+        kubernetes_validate.validate(doc, "1.30", strict=True)  # raises on any error
+    field = docs[2]["spec"]
+    assert (field["replicas"], field["serviceName"]) == (1, "irrigation-field")
+    assert field["volumeClaimTemplates"][0]["spec"]["resources"]["requests"] == {
+        "storage": "1Gi"}  # fmt: skip
     pod = field["template"]["spec"]
     assert pod["nodeSelector"] == {"cloudlet.io/site": "field", "kubernetes.io/arch": "arm64"}
     container = pod["containers"][0]
-    assert container["resources"]["limits"] == {"cpu": "500m", "memory": str(256 * 2**20)}
+    assert container["image"].startswith("registry.farm.example:5000/cloudlet/")
+    assert container["resources"]["limits"] == {"cpu": "500m", "memory": "256Mi"}
+    assert container["args"][3:5] == ["--replica", "$(POD_NAME)"]
+    assert {"name": "state", "mountPath": "/var/lib/cloudlet"} in container["volumeMounts"]
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     unit = yaml.safe_load(docs[0]["data"]["unit.yaml"])
     assert unit["objects"] == ["/etc/cloudlet/objects"] and unit["share_group"] == "irrigation"
+    assert unit["mqtt"]["url"] == "mqtts://mqtt.farm.svc:8883"
+    assert (unit["mqtt"]["username"], unit["mqtt"]["password_file"]) == (
+        "{instance}", "/etc/cloudlet/mqtt/{instance}")  # fmt: skip
     assert "objects__field-1.yaml" in docs[0]["data"]
     items = pod["volumes"][1]["configMap"]["items"]
     assert {"key": "objects__field-1.yaml", "path": "field-1.yaml"} in items
+    # the unit's files change: the pods' checksum does, so they roll
+    checksum = field["template"]["metadata"]["annotations"]["cloudlet.io/config-checksum"]
+    again = kubernetes(topology, place(topology), mqtt_url="mqtt://other:1883")
+    assert again[2]["spec"]["template"]["metadata"]["annotations"][
+        "cloudlet.io/config-checksum"] != checksum  # fmt: skip
+    same = kubernetes(topology, place(topology), mqtt_url="mqtts://mqtt.farm.svc:8883")
+    assert same[2]["spec"]["template"]["metadata"]["annotations"][
+        "cloudlet.io/config-checksum"] == checksum  # fmt: skip
+
+
+def test_a_pods_name_is_its_replicas_instance() -> None:
+    from processors.unit import instance_name
+
+    assert instance_name("irrigation", "irrigation-field-0") == "irrigation-field-0"
+    assert instance_name("irrigation", "1") == "irrigation-1"
+    assert instance_name("irrigation", None) == "irrigation"
 
 
 def test_compose_files_per_site(tmp_path: Path) -> None:
