@@ -191,27 +191,67 @@ def _k8s_arch(arch: str) -> str:
     return "arm" if arch == "armv7" else arch
 
 
+BROKER_CONF = """\
+# The site's broker (from `cloudlet export compose`): identities and ACLs on, deny by default;
+# the `site` service provisions them before it first starts. Host networking: on the host's
+# port 1883, where the site's devices reach it.
+listener 1883
+allow_anonymous false
+plugin /usr/lib/mosquitto_dynamic_security.so
+plugin_opt_config_file /mosquitto/security/dynamic-security.json
+persistence true
+persistence_location /mosquitto/data/
+max_queued_messages 1000000
+max_inflight_messages 1000
+max_packet_size 4194304
+"""
+
+
+def _build(image: str) -> dict[str, str] | None:
+    """How `docker compose up` builds the project's image, when this is the project's
+    checkout (its Dockerfile beside): else the image is pulled."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "compose" / "Dockerfile").is_file():
+        return None
+    return {"context": str(root), "dockerfile": "compose/Dockerfile"}
+
+
 def compose(topology: Topology, plan: Plan, site: str, folder: Path) -> Path:
-    """`folder/docker-compose.yaml` for `site`, with each unit's files written beside it."""
+    """`folder/docker-compose.yaml` for `site`, with each unit's files written beside it: the
+    site's broker (secure by default: an identity per device and per replica, provisioned by
+    a one-shot `site` service before it starts), and a service per replica placed there."""
     services: dict[str, Any] = {}
-    for name, spec in topology.units.items():
+    roles: list[str] = []
+    units_here = [n for n in topology.units if any(a.site == site for a in plan.of(n))]
+    images = {topology.units[n].image for n in units_here}
+    image = sorted(images)[0] if images else "cloudlet:dev"
+    for name in units_here:
+        spec = topology.units[name]
         here = [a for a in plan.of(name) if a.site == site]
-        if not here:
-            continue
         doc, files = _unit_files(spec, len(plan.of(name)))
         unit_dir = folder / name
         for key, text in files.items():
             target = unit_dir / "objects" / _rel(key)
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text)
+        for key, text in files.items():  # the site's devices: every unit's, once each
+            shared = folder / "site-objects" / _rel(key)
+            if not shared.exists():
+                shared.parent.mkdir(parents=True, exist_ok=True)
+                shared.write_text(text)
         for a in here:
             index = a.replica.rsplit("-", 1)[1]
+            roles += ["--role", f"unit:{name}-{index}"]
             port = PORT + len(services)
             # host networking: the unit's HTTP on the host's loopback only, not the site network
-            replica_doc = {**doc, "http": {**doc["http"], "host": "127.0.0.1", "port": port}}
+            mqtt = {k: v for k, v in (doc.get("mqtt") or {}).items() if k not in ("password",)}
+            mqtt.update({"url": "mqtt://127.0.0.1:1883", "username": "{instance}",
+                         "password_file": "/site/secrets/{instance}"})  # fmt: skip
+            replica_doc = {**doc, "mqtt": mqtt,
+                           "http": {**doc["http"], "host": "127.0.0.1", "port": port}}  # fmt: skip
             config = unit_dir / f"{a.replica}.yaml"
             config.parent.mkdir(parents=True, exist_ok=True)
-            config.write_text(yaml.safe_dump(replica_doc, sort_keys=False))
+            config.write_text(yaml.dump(replica_doc, Dumper=_Plain, sort_keys=False))
             probe = (f"import sys, urllib.request; sys.exit(urllib.request.urlopen("
                      f"'http://127.0.0.1:{port}/healthz', timeout=2).status != 200)")  # fmt: skip
             services[a.replica] = {
@@ -221,21 +261,48 @@ def compose(topology: Topology, plan: Plan, site: str, folder: Path) -> Path:
                 "network_mode": "host",
                 "restart": "on-failure",
                 "cpus": spec.resources.cpu,
-                "mem_limit": spec.resources.memory,
+                "mem_limit": show_memory(spec.resources.memory),
                 "labels": {"io.cloudlet.topology": topology.name, "io.cloudlet.unit": name,
                            "io.cloudlet.replica": a.replica, "io.cloudlet.site": site},
                 "volumes": [f"./{name}/{a.replica}.yaml:/etc/cloudlet/unit.yaml:ro",
                             f"./{name}/objects:/etc/cloudlet/objects:ro",
-                            f"{a.replica}-state:/var/lib/cloudlet"],
+                            f"{a.replica}-state:/var/lib/cloudlet", "site:/site:ro"],
+                "depends_on": {"mosquitto": {"condition": "service_healthy"}},
                 "healthcheck": {"test": ["CMD", "python3", "-c", probe], "interval": "5s",
                                 "timeout": "3s", "retries": 3},
             }  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / "mosquitto.conf").write_text(BROKER_CONF)
+    provision: dict[str, Any] = {
+        "image": image,
+        "user": "root",
+        "command": ["site", "init", "/site", "--objects", "/etc/cloudlet/site-objects", *roles,
+                    "--owner", "1883:1883", "--secrets-owner", "cloudlet"],
+        "volumes": ["site:/site", "./site-objects:/etc/cloudlet/site-objects:ro"],
+        "restart": "no",
+    }  # fmt: skip
+    build = _build(image)
+    if build is not None:  # `docker compose up --build` on a checkout; else pulled
+        provision["build"] = build
+    admin = ("mosquitto_pub -h 127.0.0.1 -q 1 -u cloudlet-admin -P"
+             " \"$$(cat /mosquitto/security/secrets/cloudlet-admin)\""
+             " -t '$$CONTROL/dynamic-security/v1' -m '{\"commands\": []}'")  # fmt: skip
+    broker = {
+        "image": "eclipse-mosquitto:2",
+        "network_mode": "host",
+        "volumes": ["./mosquitto.conf:/mosquitto/config/mosquitto.conf:ro",
+                    "mosquitto-data:/mosquitto/data", "site:/mosquitto/security"],
+        "depends_on": {"site": {"condition": "service_completed_successfully"}},
+        "healthcheck": {"test": ["CMD-SHELL", admin], "interval": "5s", "timeout": "5s",
+                        "retries": 12},
+        "restart": "unless-stopped",
+    }  # fmt: skip
     out = {  # the project is named after the folder: the site
-        "services": services,
-        "volumes": {f"{r}-state": {} for r in services},
+        "services": {"site": provision, "mosquitto": broker, **services},
+        "volumes": {"site": {}, "mosquitto-data": {}, **{f"{r}-state": {} for r in services}},
     }
     path = folder / "docker-compose.yaml"
-    path.write_text(f"# site {site} of topology {topology.name}, from `cloudlet export compose`\n"
-                    + yaml.safe_dump(out, sort_keys=False))  # fmt: skip
+    path.write_text(f"# site {site} of topology {topology.name}, from `cloudlet export compose`:\n"
+                    f"#   docker compose -f {path.name} up --build\n"
+                    + yaml.dump(out, Dumper=_Plain, sort_keys=False))  # fmt: skip
     return path

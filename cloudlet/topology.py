@@ -252,9 +252,40 @@ class Topology(_Strict):
             for name, unit in units.items()
             if not unit.config.is_file()
         ]
+        problems += [
+            Problem(source, why, field=f"units.{name}.replicas")
+            for name, unit in units.items()
+            if unit.replicas > 1 and (why := _split_state(unit.config, unit.replicas))
+        ]
         if problems:
             raise TopologyError(problems)
         return topology.model_copy(update={"units": units, "source": source})
+
+
+def _split_state(config: Path, replicas: int) -> str | None:
+    """Why `replicas` replicas of this unit would compute wrong results, if they would:
+    replicas share the devices' messages (an MQTT shared subscription), so each sees part of
+    every device's readings, and windows, composite streams and rules need them all."""
+    from processors.config import ConfigError, UnitConfig
+    from streams.catalog import Catalog
+
+    try:
+        unit = UnitConfig.load(config)
+    except ConfigError:
+        return None  # said when it is deployed, with every problem
+    if not unit.derive:
+        return None
+    catalog, _ = Catalog.check(unit.objects)
+    what = [w for w, n in (("flows", len(catalog.flows)), ("rules", len(catalog.rules)),
+                           ("composite streams", len(catalog.plan.derived))) if n]  # fmt: skip
+    if not what:
+        return None
+    return (
+        f"{replicas} replicas of a unit that computes {', '.join(what)} would each see"
+        " part of every device's readings (replicas share the messages) and compute"
+        " wrong windows, composites and commands: run 1 replica, or give a unit that only"
+        " validates, stores and forwards `derive: false`"
+    )
 
 
 def _problems(exc: ValidationError, source: str) -> list[Problem]:

@@ -106,6 +106,10 @@ class UnitConfig(_Strict):
     http: HttpSettings | None = None
     processors: list[ProcessorSpec] = []
     republish: RepublishSettings = RepublishSettings()
+    # false: validate, store and forward what devices send, and compute nothing of the
+    # objects' composite streams, the flow files' flows and rules (an archive beside the unit
+    # that derives and acts: it would compute every window and send every command again)
+    derive: bool = True
     # how often the objects folders are looked at for changes, taken without a restart
     # (hot reload); null: only at start
     reload: int | None = 2_000

@@ -3,6 +3,7 @@ metrics and status endpoints. `cloudlet unit run CONFIG` runs one."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import time
@@ -18,8 +19,12 @@ from processors.runtime import CheckpointPolicy, UnitRuntime
 from processors.sink import ResultSink, SQLiteSink
 from processors.state import StateStore
 from streams.catalog import Catalog
+from streams.composite_plan import CompositePlan
 
 log = logging.getLogger(__name__)
+
+
+EMPTY_PLAN = CompositePlan(derived={}, rank={}, readers={}, group_readers={}, groups_of={})
 
 
 def instance_name(unit: str, replica: str | None) -> str:
@@ -97,6 +102,8 @@ class Unit:
             raise ConfigError(problems)
         ingest = Ingest(registry, config.topics, max_payload=config.max_payload,
                         max_future_ms=config.max_future, clock=self.clock)  # fmt: skip
+        if not config.derive:  # validate, store, forward: nothing computed, nothing sent
+            catalog = dataclasses.replace(catalog, plan=EMPTY_PLAN, flows=(), rules=())
         engine = engine_of(catalog, clock=self.clock, chain=chain)
         return Rebuilt(catalog, ingest, engine, chain)
 

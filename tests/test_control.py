@@ -50,6 +50,7 @@ def _unit(path: Path, mosquitto: Mosquitto, **extra: object) -> Path:
         "mqtt": {"url": mosquitto.url},
         "checkpoint": {"every": "1s", "messages": 100},
         "http": {"host": "127.0.0.1"},
+        "derive": False,  # replicas that share the devices' messages: nothing keyed to split
         **extra,
     }
     path.write_text(yaml.safe_dump(doc))

@@ -34,10 +34,9 @@ def test_the_example_topology_loads_and_places_near_the_fields() -> None:
     assert list(topology.sites) == ["field", "town"]
     assert topology.order() == ["irrigation", "archive"]  # irrigation feeds archive
     plan = place(topology)
-    assert plan.where() == {"irrigation-0": "field", "irrigation-1": "town", "archive-0": "town"}
+    assert plan.where() == {"irrigation-0": "field", "archive-0": "town"}
     first = plan.of("irrigation")[0].why
     assert "0.2 km from its 10 sources" in first and "arm64" in first
-    assert "spread: the unit is on field already" in plan.of("irrigation")[1].why
     assert "not field: label zone='farm' (needs 'town')" in plan.of("archive")[0].why
 
 
@@ -154,8 +153,7 @@ def test_kubernetes_manifests_follow_the_placement_and_validate() -> None:
     kinds = [(d["kind"], d["metadata"]["name"]) for d in docs]
     assert kinds == [
         ("ConfigMap", "irrigation-config"), ("Service", "irrigation-field"),
-        ("StatefulSet", "irrigation-field"), ("Service", "irrigation-town"),
-        ("StatefulSet", "irrigation-town"), ("ConfigMap", "archive-config"),
+        ("StatefulSet", "irrigation-field"), ("ConfigMap", "archive-config"),
         ("Service", "archive-town"), ("StatefulSet", "archive-town"),
     ]  # fmt: skip
     text = dump_all(docs)
@@ -175,7 +173,7 @@ def test_kubernetes_manifests_follow_the_placement_and_validate() -> None:
     assert {"name": "state", "mountPath": "/var/lib/cloudlet"} in container["volumeMounts"]
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     unit = yaml.safe_load(docs[0]["data"]["unit.yaml"])
-    assert unit["objects"] == ["/etc/cloudlet/objects"] and unit["share_group"] == "irrigation"
+    assert unit["objects"] == ["/etc/cloudlet/objects"] and "share_group" not in unit
     assert unit["mqtt"]["url"] == "mqtts://mqtt.farm.svc:8883"
     assert (unit["mqtt"]["username"], unit["mqtt"]["password_file"]) == (
         "{instance}", "/etc/cloudlet/mqtt/{instance}")  # fmt: skip
@@ -208,15 +206,43 @@ def test_compose_files_per_site(tmp_path: Path) -> None:
                           capture_output=True, text=True, check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr  # docker-compose itself accepts it
     doc = yaml.safe_load(path.read_text())
-    assert sorted(doc["services"]) == ["archive-0", "irrigation-1"]
-    service = doc["services"]["irrigation-1"]
-    assert service["command"][:5] == ["unit", "run", "/etc/cloudlet/unit.yaml", "--replica", "1"]
-    assert service["network_mode"] == "host" and service["cpus"] == 0.5
-    assert (tmp_path / "town" / "irrigation" / "objects" / "field-1.yaml").exists()
-    config = yaml.safe_load((tmp_path / "town" / "irrigation" / "irrigation-1.yaml").read_text())
+    assert list(doc["services"]) == ["site", "mosquitto", "archive-0"]
+    service = doc["services"]["archive-0"]
+    assert service["command"][:5] == ["unit", "run", "/etc/cloudlet/unit.yaml", "--replica", "0"]
+    assert service["network_mode"] == "host" and service["cpus"] == 1.0
+    assert service["mem_limit"] == "512Mi"
+    assert service["depends_on"] == {"mosquitto": {"condition": "service_healthy"}}
+    site = doc["services"]["site"]  # provisions the broker's identities: one per replica
+    assert site["build"]["dockerfile"] == "compose/Dockerfile"  # `up --build` on a checkout
+    assert site["command"][:5] == ["site", "init", "/site", "--objects",
+                                   "/etc/cloudlet/site-objects"]  # fmt: skip
+    assert "unit:archive-0" in site["command"]
+    assert (tmp_path / "town" / "site-objects" / "field-1.yaml").exists()
+    assert doc["services"]["mosquitto"]["depends_on"] == {
+        "site": {"condition": "service_completed_successfully"}}  # fmt: skip
+    assert "allow_anonymous false" in (tmp_path / "town" / "mosquitto.conf").read_text()
+    config = yaml.safe_load((tmp_path / "town" / "archive" / "archive-0.yaml").read_text())
+    assert config["mqtt"] == {"url": "mqtt://127.0.0.1:1883", "username": "{instance}",
+                              "password_file": "/site/secrets/{instance}"}  # fmt: skip
+    assert config["derive"] is False and config["http"]["host"] == "127.0.0.1"
+    assert "&id" not in path.read_text()
+
+
+def test_replicas_of_a_unit_that_derives_are_refused_with_the_reason(tmp_path: Path) -> None:
+    """Replicas share the devices' messages: a unit with windows, composite streams or
+    rules would compute each from part of the readings. `plan` refuses it, saying why and what
+    to do; a unit that derives nothing (`derive: false`) may have replicas."""
+    units = EXAMPLE.parent / "units"
+    path = _write(tmp_path, {
+        "sites": {"a": {"capacity": {"cpu": 4, "memory": "4Gi"}}},
+        "units": {"irrigation": {"config": str(units / "irrigation.yaml"), "replicas": 2},
+                  "archive": {"config": str(units / "archive.yaml"), "replicas": 3}},
+    })  # fmt: skip
+    with pytest.raises(TopologyError) as caught:
+        Topology.load(path)
+    text = str(caught.value)
     assert (
-        config["http"]["port"]
-        != yaml.safe_load((tmp_path / "town" / "archive" / "archive-0.yaml").read_text())["http"][
-            "port"
-        ]
-    )
+        f"{path}: units.irrigation.replicas: 2 replicas of a unit that computes flows, rules,"
+        " composite streams would each see part of every device's readings"
+    ) in text
+    assert "archive" not in text
