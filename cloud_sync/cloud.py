@@ -77,6 +77,9 @@ class ConsumerSettings(_Strict):
     # committed past: one bad record never stops the cloud
     dead_letter_topic: str = "cloudlet.updates.dead-letter"
     commands: CommandTopics = CommandTopics()
+    # more topics of the same records: the derived updates of cloud-tier units
+    # (`processors.kafka_source`, their `outputs`: `cloudlet.derived`)
+    topics: list[str] = []
     registry_topic: str = "cloudlet.registry"  # the registry's changes, to the cloudlets
     registry_changes_topic: str = "cloudlet.registry.changes"  # and those the sites made
 
@@ -137,10 +140,12 @@ class Materializer(Worker):
         delay = 1.0
         while not self._stop.is_set():
             consumer = AIOKafkaConsumer(
-                self.settings.topic, self.settings.commands.status,
+                self.settings.topic, self.settings.commands.status, *self.settings.topics,
                 bootstrap_servers=self.settings.bootstrap_servers,
                 group_id=self.settings.group, enable_auto_commit=False,
                 auto_offset_reset="earliest", metadata_max_age_ms=5_000,
+                # cloud-tier units write in transactions: what a fenced one aborted is not read
+                isolation_level="read_committed",
             )  # fmt: skip
             producer = AIOKafkaProducer(
                 bootstrap_servers=self.settings.bootstrap_servers, acks="all"

@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -50,6 +51,8 @@ def run_unit(config_path: Path, replica: str | None = None, log_format: str = "t
     configure_logging(log_format)
     try:
         config = UnitFile.load(config_path)
+        if config.input is not None:  # the cloud tier: Kafka in, Kafka out
+            return _run_kafka_unit(config)
         running = CloudletUnit(config, replica=replica)
         unit = running.unit
     except (ConfigError, RegistryError) as exc:
@@ -71,6 +74,24 @@ def run_unit(config_path: Path, replica: str | None = None, log_format: str = "t
                   file=sys.stderr)  # fmt: skip
             return 1
     running.stop()
+    return 0
+
+
+def _run_kafka_unit(config: Any) -> int:
+    """A unit reading Kafka (`processors.kafka_source`) until SIGTERM or Ctrl-C; 1 when its
+    input stopped on its own."""
+    from processors.kafka_source import KafkaUnit
+
+    unit = KafkaUnit(config).start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        if not unit.alive:
+            print(f"error: unit {config.name}: its Kafka input stopped; see the log above",
+                  file=sys.stderr)  # fmt: skip
+            return 1
+    unit.stop()
     return 0
 
 

@@ -86,6 +86,32 @@ class HttpSettings(_Strict):
     token: Token | None = None
 
 
+class KafkaSource(_Strict):
+    """A unit's input from Kafka instead of MQTT (see `processors.kafka_source`): the
+    cloudlets' forwarded records (`cloudlet.updates`, keyed by object id) in a consumer group,
+    state per partition, derived updates to `outputs`."""
+
+    bootstrap_servers: str
+    topic: str = "cloudlet.updates"
+    group: str | None = None  # the consumer group: the unit's name by default
+    outputs: str | None = "cloudlet.derived"  # derived updates, as the forwarders write them
+    # how often each partition's state is checkpointed with its offset (a compacted topic)
+    checkpoint_every: int = 1_000
+    # what a flow or a group joins goes through a topic keyed by its group first (exactly
+    # once: Kafka transactions); null: when the flows and groups join objects
+    repartition: bool | None = None
+    transaction_timeout: int = 10_000  # ms: how long a dead instance's transaction holds
+
+    @field_validator("checkpoint_every", "transaction_timeout", mode="before")
+    @classmethod
+    def _ms(cls, value: Any) -> int:
+        return duration_ms(value)
+
+
+class Source(_Strict):
+    kafka: KafkaSource
+
+
 class UnitConfig(_Strict):
     name: str
     objects: list[Path] = Field(min_length=1)
@@ -110,6 +136,8 @@ class UnitConfig(_Strict):
     # objects' composite streams, the flow files' flows and rules (an archive beside the unit
     # that derives and acts: it would compute every window and send every command again)
     derive: bool = True
+    # where the input comes from: the MQTT broker (`mqtt`, the default), or Kafka
+    input: Source | None = None
     # how often the objects folders are looked at for changes, taken without a restart
     # (hot reload); null: only at start
     reload: int | None = 2_000

@@ -126,6 +126,7 @@ class Kafka(Service):
         *,
         version: str = KAFKA_VERSION,
         heap: str = "512m",
+        node_id: int = 1,
     ) -> None:
         super().__init__(workdir)
         self.host = "127.0.0.1"
@@ -133,8 +134,13 @@ class Kafka(Service):
         self.controller_port = free_port()
         self.version = version
         self.heap = heap
+        self.node_id = node_id
         self.libs: Path | None = None
         self._argv: list[str] = []
+        # a node of a cluster (`KafkaCluster`): its voters and the replication it asks for
+        self.voters = f"{node_id}@{self.host}:{self.controller_port}"
+        self.replication = 1
+        self.cluster_id: str | None = None
 
     @property
     def bootstrap_servers(self) -> str:
@@ -151,10 +157,12 @@ class Kafka(Service):
         if data.exists():
             shutil.rmtree(data)
         config = self.workdir / "server.properties"
+        rf = str(self.replication)
+        isr = str(min(2, self.replication))
         settings = {
             "process.roles": "broker,controller",
-            "node.id": "1",
-            "controller.quorum.voters": f"1@{self.host}:{self.controller_port}",
+            "node.id": str(self.node_id),
+            "controller.quorum.voters": self.voters,
             "listeners": f"PLAINTEXT://{self.host}:{self.port},"
             f"CONTROLLER://{self.host}:{self.controller_port}",
             "advertised.listeners": f"PLAINTEXT://{self.host}:{self.port}",
@@ -164,12 +172,14 @@ class Kafka(Service):
             "log.dirs": str(data),
             "num.partitions": "1",
             "auto.create.topics.enable": "true",
-            "offsets.topic.replication.factor": "1",
+            "default.replication.factor": rf,
+            "min.insync.replicas": isr,
+            "offsets.topic.replication.factor": rf,
             "offsets.topic.num.partitions": "4",
-            "transaction.state.log.replication.factor": "1",
-            "transaction.state.log.min.isr": "1",
-            "share.coordinator.state.topic.replication.factor": "1",
-            "share.coordinator.state.topic.min.isr": "1",
+            "transaction.state.log.replication.factor": rf,
+            "transaction.state.log.min.isr": isr,
+            "share.coordinator.state.topic.replication.factor": rf,
+            "share.coordinator.state.topic.min.isr": isr,
             "group.initial.rebalance.delay.ms": "0",
         }
         config.write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
@@ -179,6 +189,11 @@ class Kafka(Service):
         return config
 
     def start(self, timeout: float = 120.0) -> Kafka:
+        self._prepare()
+        return self.resume(timeout)
+
+    def _prepare(self) -> None:
+        """Configured, its storage formatted, its command line ready (not started)."""
         self.libs = ensure_kafka(self.version)
         config = self._configure()
         log4j = f"-Dlog4j2.configurationFile={self.workdir / 'log4j2.properties'}"
@@ -191,7 +206,7 @@ class Kafka(Service):
                 "kafka.tools.StorageTool",
                 "format",
                 "-t",
-                _cluster_id(),
+                self.cluster_id or _cluster_id(),
                 "-c",
                 str(config),
             ],
@@ -214,7 +229,6 @@ class Kafka(Service):
             "kafka.Kafka",
             str(config),
         ]
-        return self.resume(timeout)
 
     def resume(self, timeout: float = 120.0) -> Kafka:
         """Start the broker again after `stop`, with its data (an outage, not a new cluster)."""
@@ -229,3 +243,65 @@ class Kafka(Service):
         except Exception:
             return False
         return True
+
+
+class KafkaCluster:
+    """`nodes` Kafka nodes in KRaft mode (each a broker and a controller voter) on loopback,
+    as a production cluster is replicated: topics with `nodes` replicas (at most 3) and
+    `min.insync.replicas` 2, so a write acknowledged by all in-sync replicas survives the
+    loss of one node. `kill(i)` and `resume(i)` take one node away and bring it back."""
+
+    def __init__(self, workdir: Path, nodes: int = 3, *, heap: str = "384m",
+                 version: str = KAFKA_VERSION) -> None:  # fmt: skip
+        if nodes < 1:
+            raise RigError("a cluster has at least one node")
+        self.nodes = [Kafka(Path(workdir) / f"node-{i + 1}", heap=heap, version=version,
+                            node_id=i + 1) for i in range(nodes)]  # fmt: skip
+        voters = ",".join(f"{n.node_id}@{n.host}:{n.controller_port}" for n in self.nodes)
+        cluster_id = _cluster_id()
+        for node in self.nodes:
+            node.voters, node.cluster_id = voters, cluster_id
+            node.replication = min(3, nodes)
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return ",".join(n.bootstrap_servers for n in self.nodes)
+
+    def java(self, main_class: str, *args: str) -> list[str]:
+        return self.nodes[0].java(main_class, *args)
+
+    def start(self, timeout: float = 180.0) -> KafkaCluster:
+        for node in self.nodes:
+            node._prepare()
+        for node in self.nodes:  # the quorum needs a majority up before any node is ready
+            node._spawn(node._argv)
+        for node in self.nodes:
+            node._wait(lambda n=node: port_open(n.host, n.port), timeout, "listening")  # type: ignore[misc]
+        self.nodes[0]._wait(self._accepts_produce, timeout, "accepting a replicated produce")
+        return self
+
+    def _accepts_produce(self) -> bool:
+        try:
+            asyncio.run(_produce_once(self.bootstrap_servers))
+        except Exception:
+            return False
+        return True
+
+    def kill(self, index: int) -> None:
+        """SIGKILL one node, as a crash would."""
+        self.nodes[index].kill()
+
+    def resume(self, index: int, timeout: float = 120.0) -> None:
+        node = self.nodes[index]
+        node._spawn(node._argv)
+        node._wait(lambda: port_open(node.host, node.port), timeout, "listening")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> KafkaCluster:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()

@@ -1,0 +1,422 @@
+"""A unit whose input is Kafka instead of MQTT: the cloud tier, beyond one site.
+
+It reads the cloudlets' forwarded records (`cloudlet.updates`, keyed by object id) in a
+consumer group and runs the same engine as a site's unit, one engine per partition it owns:
+
+- **State per partition, checkpointed with its offset.** Every `checkpoint_every` (and when
+  a partition is taken away in a rebalance) a partition's engine state is written with the
+  offset of the next record to a compacted topic (`<group>.checkpoints`, keyed by partition).
+  A partition assigned to an instance (at start, or in a rebalance after another died) is
+  restored from its last checkpoint and read from that offset, before anything else: what an
+  instance computed after its last checkpoint is computed again, from the same state and the
+  same records, so the same derived updates come out (Kafka Streams' and quix-streams' recipe).
+- **Outputs exactly once in the store.** A derived update's message id is made from its
+  content (object, stream, time, values): computed again, it is the same update, and the cloud
+  store (`cloud_sync.store`, by message id) keeps it once. Outputs are acknowledged by Kafka
+  before the checkpoint that follows them is written.
+- **What one flow joins stays together.** The forwarders key records by object; a flow keyed
+  otherwise (a city-wide average), or a composite stream reading a group, needs objects that
+  may lie in different partitions. Such units repartition first: each record goes to
+  `<group>.by-key`, keyed by its object's group (`streams.colocation`), in a Kafka transaction
+  with the consumed offsets (exactly once), and the engines read that topic
+  (`read_committed`).
+
+Rules are not run here: they command devices through a site's broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import orjson
+
+from processors.chain import build_chain
+from processors.config import ConfigError, KafkaSource, UnitConfig
+from processors.engine import engine_of
+from processors.engine.flows import FlowEngine
+from processors.ingest import Ingest, RawMessage
+from processors.pipeline import Pipeline
+from streams import Problem, SensorUpdate, StreamKey, encode_update
+from streams.catalog import Catalog
+from streams.colocation import colocated
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Partition:
+    """One partition's engine and where it is in its topic."""
+
+    pipeline: Pipeline
+    engine: FlowEngine
+    producer: Any  # transactional: outputs and checkpoints of this partition, fenced
+    offset: int = 0  # the next record to process
+    checkpointed: float = 0.0  # monotonic time of the last checkpoint
+    dirty: bool = False  # processed records since the last checkpoint
+
+
+@dataclass
+class KafkaCounts:
+    consumed: int = 0
+    routed: int = 0
+    derived: int = 0
+    unreadable: int = 0
+    rejected: int = 0  # updates the objects' descriptors refuse (as a site's unit would)
+    checkpoints: int = 0
+    restored: int = 0
+    assigned: list[int] = field(default_factory=list)
+
+
+def derived_id(key: StreamKey, body: bytes) -> str:
+    """A derived update's message id: its content's (computed again, the same id)."""
+    digest = hashlib.sha256(b"\0".join((key.so.encode(), key.stream.encode(), body)))
+    return f"derived-{digest.hexdigest()[:32]}"
+
+
+class KafkaUnit:
+    """A unit reading Kafka (see the module); `start`, `stop`, `alive` as a `Unit`'s."""
+
+    def __init__(self, config: UnitConfig, *, clock: Callable[[], float] = time.time) -> None:
+        if config.input is None:
+            raise ConfigError([Problem(config.source, "no input.kafka", field="input")])
+        self.config = config
+        self.settings: KafkaSource = config.input.kafka
+        self.group = self.settings.group or config.name
+        self.clock = clock
+        self.catalog = Catalog.load(config.objects)
+        if self.catalog.rules:
+            raise ConfigError([Problem(
+                config.source, "rules command devices through a site's broker: run them in a"
+                " site's unit, not one reading Kafka", field="input.kafka")])  # fmt: skip
+        self.groups = colocated(self.catalog)
+        joins = any(group != so for so, group in self.groups.items())
+        self.repartition = joins if self.settings.repartition is None else self.settings.repartition
+        self.by_key = f"{self.group}.by-key"
+        self.checkpoints = f"{self.group}.checkpoints"
+        self.counts = KafkaCounts()
+        self.parts: dict[int, Partition] = {}
+        self.ready = threading.Event()  # partitions assigned and restored
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="cloudlet-kafka-unit",
+                                        daemon=True)  # fmt: skip
+
+    # lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> KafkaUnit:
+        self._thread.start()
+        log.info("unit %s: Kafka %s, topic %s (group %s%s), %d objects, %d flows",
+                 self.config.name, self.settings.bootstrap_servers, self.settings.topic,
+                 self.group, ", repartitioned by group" if self.repartition else "",
+                 len(self.catalog.registry), len(self.catalog.flows))  # fmt: skip
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Checkpoint every partition it owns, leave the group."""
+        self._stop.set()
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._stop.is_set() or self._thread.is_alive() or not self._thread.ident
+
+    def _main(self) -> None:
+        try:
+            asyncio.run(self._run())
+        except BaseException as exc:  # said; `alive` turns false and the process exits 1
+            self._error = exc
+            log.exception("the Kafka input stopped")
+
+    async def _run(self) -> None:
+        await self._create_topics()
+        tasks = [self._process()]
+        if self.repartition:
+            tasks.append(self._route())
+        await asyncio.gather(*tasks)
+
+    async def _create_topics(self) -> None:
+        from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+        from aiokafka.errors import KafkaError
+
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.bootstrap_servers)
+        try:
+            await admin.start()
+            have = set(await admin.list_topics())
+            brokers = len((await admin.describe_cluster()).get("brokers") or []) or 1
+            replicas = min(3, brokers)  # as a production cluster's topics are
+            wanted = []
+            if self.checkpoints not in have:
+                wanted.append(NewTopic(self.checkpoints, 1, replicas, topic_configs={
+                    "cleanup.policy": "compact"}))  # fmt: skip
+            if self.repartition and self.by_key not in have:
+                described = await admin.describe_topics([self.settings.topic])
+                count = len(described[0].get("partitions") or []) if described else 0
+                wanted.append(NewTopic(self.by_key, max(1, count), replicas))
+            if wanted:
+                await admin.create_topics(wanted)
+        except KafkaError as exc:  # made by their first use instead, with the broker's defaults
+            log.warning("topics of unit %s not created (%s)", self.config.name, exc)
+        finally:
+            await admin.close()
+
+    # the engines ---------------------------------------------------------------------------
+
+    def _partition(self, producer: Any) -> Partition:
+        config = self.config
+        chain, registry, problems = build_chain(self.catalog.registry, config.processors,
+                                                config.source)  # fmt: skip
+        if problems:
+            raise ConfigError(problems)
+        ingest = Ingest(registry, config.topics, max_payload=config.max_payload,
+                        max_future_ms=config.max_future, clock=self.clock)  # fmt: skip
+        engine = engine_of(self.catalog, clock=self.clock, chain=chain)
+        return Partition(Pipeline(ingest, engine, self.clock), engine, producer)
+
+    def _message(self, value: bytes | None) -> RawMessage | None:
+        """A forwarded record as a device message of its object's stream."""
+        try:
+            doc = orjson.loads(value or b"")
+            so, stream, update = doc["so"], doc["stream"], doc["update"]
+            if not isinstance(so, str) or not isinstance(stream, str):
+                raise TypeError("so and stream are strings")
+        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            self.counts.unreadable += 1
+            log.error("a record that is not a cloudlet record, skipped: %s", exc)
+            return None
+        topic = self.config.topics.device_update(so, stream)
+        return RawMessage(topic, orjson.dumps(update), "application/json",
+                          int(self.clock() * 1000))  # fmt: skip
+
+    async def _process(self) -> None:
+        from aiokafka import AIOKafkaConsumer
+        from aiokafka.abc import ConsumerRebalanceListener
+
+        topic = self.by_key if self.repartition else self.settings.topic
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.bootstrap_servers, group_id=self.group,
+            enable_auto_commit=False, auto_offset_reset="earliest",
+            isolation_level="read_committed", metadata_max_age_ms=5_000,
+        )  # fmt: skip
+        unit = self
+
+        class Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+            async def on_partitions_revoked(self, revoked: Any) -> None:
+                for tp in revoked:
+                    part = unit.parts.pop(tp.partition, None)
+                    if part is not None:
+                        await unit._release(tp, part)
+                unit.counts.assigned = sorted(unit.parts)
+
+            async def on_partitions_assigned(self, assigned: Any) -> None:
+                for tp in assigned:
+                    part = await unit._take(tp)
+                    if part.offset:
+                        consumer.seek(tp, part.offset)
+                    else:
+                        await consumer.seek_to_beginning(tp)
+                    unit.parts[tp.partition] = part
+                unit.counts.assigned = sorted(unit.parts)
+                unit.ready.set()
+
+        consumer.subscribe([topic], listener=Rebalance())
+        await consumer.start()
+        try:
+            while not self._stop.is_set():
+                batches = await consumer.getmany(timeout_ms=200, max_records=2000)
+                for tp, records in batches.items():
+                    part = self.parts.get(tp.partition)
+                    if part is None:
+                        continue  # taken away meanwhile: its new owner reads them again
+                    # what the partition's state already holds (fetched before a restore)
+                    records = [r for r in records if r.offset >= part.offset]
+                    if records and not await self._handle(tp, part, records):
+                        self.parts.pop(tp.partition, None)  # fenced: another instance has it
+                every = self.settings.checkpoint_every / 1000
+                for tp_number, part in list(self.parts.items()):
+                    if part.dirty and time.monotonic() - part.checkpointed >= every:
+                        if not await self._commit(part, tp_number, [], checkpoint=True):
+                            self.parts.pop(tp_number, None)
+            for number, part in list(self.parts.items()):  # stopping: nothing to compute again
+                await self._commit(part, number, [], checkpoint=part.dirty)
+                await part.producer.stop()
+        finally:
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+
+    async def _take(self, tp: Any) -> Partition:
+        """A partition given to this instance: its transactional producer first (which fences
+        the instance that had it, if it still runs, and aborts what it had not committed),
+        then its last committed checkpoint."""
+        from aiokafka import AIOKafkaProducer
+
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.settings.bootstrap_servers,
+            transactional_id=f"{self.group}.{tp.topic}.{tp.partition}",
+            transaction_timeout_ms=self.settings.transaction_timeout, linger_ms=5,
+        )  # fmt: skip
+        await producer.start()
+        part = self._partition(producer)
+        found = (await self._saved()).get(tp.partition)
+        if found is not None:
+            part.engine.restore(found["state"])
+            part.offset = int(found["offset"])
+            self.counts.restored += 1
+            log.info("partition %d restored at offset %d (checkpointed by %s)", tp.partition,
+                     part.offset, found.get("by"))  # fmt: skip
+        else:
+            log.info("partition %d: no checkpoint, from its beginning", tp.partition)
+        part.checkpointed = time.monotonic()
+        return part
+
+    async def _release(self, tp: Any, part: Partition) -> None:
+        """A partition taken away: its state checkpointed (if it still may), its producer
+        closed."""
+        with contextlib.suppress(Exception):
+            await self._commit(part, tp.partition, [], checkpoint=part.dirty)
+        await part.producer.stop()
+
+    async def _handle(self, tp: Any, part: Partition, records: list[Any]) -> bool:
+        """A batch of one partition through its engine, its outputs (and a checkpoint when
+        due) in one transaction; False when this instance no longer has the partition."""
+        messages = [m for m in map(self._message, (r.value for r in records)) if m is not None]
+        self.counts.consumed += len(records)
+        part.offset = records[-1].offset + 1
+        part.dirty = True
+        derived: list[tuple[StreamKey, SensorUpdate]] = []
+        if messages:
+            _, outputs = part.pipeline.process(messages)
+            if outputs.dead_letters:
+                self.counts.rejected += sum(d.count for d in outputs.dead_letters)
+                log.warning("%d forwarded updates refused, the first: %s", self.counts.rejected,
+                            outputs.dead_letters[0].rejection.message)  # fmt: skip
+            derived = outputs.derived
+        due = time.monotonic() - part.checkpointed >= self.settings.checkpoint_every / 1000
+        return await self._commit(part, tp.partition, derived, checkpoint=due)
+
+    async def _commit(self, part: Partition, number: int,
+                      derived: list[tuple[StreamKey, SensorUpdate]], *,
+                      checkpoint: bool) -> bool:  # fmt: skip
+        """Outputs and (with `checkpoint`) the state and its offset, in one transaction of
+        the partition's producer: all or nothing. False when fenced (another instance has
+        the partition now)."""
+        from aiokafka.errors import ProducerFenced
+
+        if not derived and not checkpoint:
+            return True
+        try:
+            async with part.producer.transaction():
+                if derived and self.settings.outputs is not None:
+                    await self._emit(part.producer, derived)
+                if checkpoint:
+                    state = msgpack.packb({"offset": part.offset, "by": self.config.name,
+                                           "state": part.engine.snapshot()},
+                                          use_bin_type=True)  # fmt: skip
+                    await part.producer.send(self.checkpoints, state, key=str(number).encode())
+        except ProducerFenced:
+            log.warning("partition %d was given to another instance: left to it", number)
+            return False
+        if checkpoint:
+            part.checkpointed, part.dirty = time.monotonic(), False
+            self.counts.checkpoints += 1
+        return True
+
+    async def _emit(self, producer: Any, derived: list[tuple[StreamKey, SensorUpdate]]) -> None:
+        """Derived updates to `outputs`, as the forwarders write records (their ids made from
+        their content)."""
+        assert self.settings.outputs is not None
+        now = int(self.clock() * 1000)
+        site = f"cloud:{self.group}"
+        for key, update in derived:
+            body = encode_update(update)
+            value = orjson.dumps({"messageId": derived_id(key, body), "site": site,
+                                  "so": key.so, "stream": key.stream, "enqueued": now,
+                                  "update": orjson.Fragment(body)})  # fmt: skip
+            await producer.send(self.settings.outputs, value, key=key.so.encode())
+        self.counts.derived += len(derived)
+
+    async def _saved(self) -> dict[int, dict[str, Any]]:
+        """The last checkpoint of every partition (the compacted topic, read to its end)."""
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        reader = AIOKafkaConsumer(bootstrap_servers=self.settings.bootstrap_servers,
+                                  enable_auto_commit=False,
+                                  isolation_level="read_committed")  # fmt: skip
+        await reader.start()
+        try:
+            tps = [TopicPartition(self.checkpoints, 0)]  # made with one partition
+            reader.assign(tps)
+            await reader.seek_to_beginning(*tps)
+            ends = await reader.end_offsets(tps)
+            saved: dict[int, dict[str, Any]] = {}
+            deadline = time.monotonic() + 60  # transactions still open: committed by then
+            while [tp for tp in tps if await reader.position(tp) < ends[tp]]:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.checkpoints} could not be read to its end")
+                for records in (await reader.getmany(timeout_ms=500)).values():
+                    for r in records:
+                        try:
+                            saved[int(r.key)] = msgpack.unpackb(r.value, raw=False,
+                                                                strict_map_key=False)  # fmt: skip
+                        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+                            log.error("checkpoint %s unreadable, skipped: %s", r.key, exc)
+            return saved
+        finally:
+            await reader.stop()
+
+    # repartitioning ------------------------------------------------------------------------
+
+    async def _route(self) -> None:
+        """Records to `<group>.by-key`, keyed by their object's group, in transactions with
+        the offsets they were read at: each record there exactly once."""
+        from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+        consumer = AIOKafkaConsumer(
+            self.settings.topic, bootstrap_servers=self.settings.bootstrap_servers,
+            group_id=f"{self.group}.router", enable_auto_commit=False,
+            auto_offset_reset="earliest", isolation_level="read_committed",
+            metadata_max_age_ms=5_000,
+        )  # fmt: skip
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self.settings.bootstrap_servers,
+            transactional_id=f"{self.group}.router.{uuid.uuid4().hex[:12]}",
+            transaction_timeout_ms=self.settings.transaction_timeout, linger_ms=5,
+        )  # fmt: skip
+        await producer.start()
+        await consumer.start()
+        try:
+            while not self._stop.is_set():
+                batches = await consumer.getmany(timeout_ms=200, max_records=2000)
+                if not batches:
+                    continue
+                async with producer.transaction():
+                    offsets = {}
+                    for tp, records in batches.items():
+                        for r in records:
+                            so = _object_of(r.value)
+                            key = self.groups.get(so, so) if so is not None else "unreadable"
+                            await producer.send(self.by_key, r.value, key=key.encode())
+                        offsets[TopicPartition(tp.topic, tp.partition)] = records[-1].offset + 1
+                        self.counts.routed += len(records)
+                    await producer.send_offsets_to_transaction(offsets, f"{self.group}.router")
+        finally:
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+            await producer.stop()
+
+
+def _object_of(value: bytes | None) -> str | None:
+    try:
+        so = orjson.loads(value or b"").get("so")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return so if isinstance(so, str) else None

@@ -1,0 +1,300 @@
+"""Units reading Kafka (the cloud tier): a cross-site flow computed from many sites'
+forwarders, its windows stored exactly once, through a rebalance; on a three-broker KRaft
+cluster, with one instance and then one broker killed mid-stream."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from cloud_sync.cloud import CloudService, CloudSettings
+from cloud_sync.forwarder import Forwarder, ForwarderSettings
+from cloud_sync.outbox import Outbox, OutboxSettings
+from cloudlet.rig import Kafka, KafkaCluster
+from processors.config import UnitConfig
+from processors.kafka_source import KafkaUnit
+from streams import SensorUpdate, StreamKey
+from streams.catalog import Catalog
+from streams.colocation import colocated, groups
+
+pytestmark = pytest.mark.kafka
+MINUTE = 60_000
+T0 = (int(time.time() * 1000) // MINUTE - 24 * 60) * MINUTE  # a day ago, on a minute
+FLOWS = """\
+flows:
+  city-pm25:
+    from: "air-*/air"
+    key: none
+    window: {tumbling: 1m}
+    watermark: {delay: 2m, idle: null}
+    aggregates: {avg: avg(pm25), n: count()}
+    into: city/pm25_1m
+"""
+
+
+def _objects(folder: Path, sites: int, stations: int) -> Path:
+    folder.mkdir(parents=True)
+    for s in range(sites):
+        for j in range(stations):
+            so = f"air-s{s:02d}-{j}"
+            (folder / f"{so}.yaml").write_text(
+                f"id: {so}\nstreams: {{air: {{channels: {{pm25: {{type: number}}}}}}}}\n"
+            )
+    (folder / "city.yaml").write_text(
+        "id: city\nstreams: {info: {channels: {note: {type: string}}}}\n"
+    )
+    (folder / "city.flows.yaml").write_text(FLOWS)
+    return folder
+
+
+def _reading(site: int, station: int, minute: int, k: int) -> tuple[StreamKey, SensorUpdate]:
+    """Whole numbers: their sums are exact in any order, so the averages are too."""
+    value = float((site * 7 + station * 3 + minute * 11 + k) % 50)
+    return (StreamKey(f"air-s{site:02d}-{station}", "air"),
+            SensorUpdate({"pm25": value}, T0 + minute * MINUTE + k * 10_000))  # fmt: skip
+
+
+def _expected(sites: int, stations: int, minutes: int) -> dict[int, dict[str, Any]]:
+    out = {}
+    for m in range(minutes):
+        values = [_reading(s, j, m, k)[1].channels["pm25"] for s in range(sites)
+                  for j in range(stations) for k in range(6)]  # fmt: skip
+        # a window's update is dated its last millisecond
+        out[T0 + (m + 1) * MINUTE - 1] = {"avg": sum(values) / len(values), "n": len(values)}
+    return out
+
+
+def test_what_flows_and_groups_join_stays_together() -> None:
+    irrigation = Path(__file__).resolve().parent.parent / "cloudlet/scenarios/irrigation/objects"
+    of = colocated(Catalog.load([irrigation]))
+    # the fields' composite streams read the rain gauge and the weather station (groups);
+    # the valves are commanded by a rule, which joins nothing
+    assert groups(of)["field-1-soil"] == ["field-1-soil", "field-2-soil", "field-3-soil",
+                                          "field-4-soil", "rain-gauge-1", "weather-1"]  # fmt: skip
+    assert of["field-1-valve"] == "field-1-valve"
+
+
+class Sites:
+    """`count` cloudlets' outboxes and forwarders (each its own site), to one topic."""
+
+    def __init__(self, work: Path, bootstrap: str, topic: str, count: int) -> None:
+        self.outboxes = [Outbox(OutboxSettings(path=work / f"outbox-{i}", fsync="never"))
+                         for i in range(count)]  # fmt: skip
+        self.forwarders = [
+            Forwarder(o, ForwarderSettings.model_validate({
+                "site": f"s{i:02d}", "commands": False, "batch": 500,
+                "kafka": {"bootstrap_servers": bootstrap, "topic": topic, "linger_ms": 5},
+            })).start()
+            for i, o in enumerate(self.outboxes)
+        ]  # fmt: skip
+
+    def write(self, site: int, readings: list[tuple[StreamKey, SensorUpdate]]) -> None:
+        self.outboxes[site].write(readings)
+
+    def drain(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while any(o.depth() for o in self.outboxes):
+            assert time.monotonic() < deadline, "the forwarders did not drain"
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        for f in self.forwarders:
+            f.stop()
+
+
+async def _committed(bootstrap: str, topic: str) -> int:
+    """How many records of `topic` a `read_committed` reader sees."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        described = await admin.describe_topics([topic])
+        count = len(described[0].get("partitions") or []) if described else 0
+    finally:
+        await admin.close()
+    reader = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                              isolation_level="read_committed")  # fmt: skip
+    await reader.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(count)]
+        if not tps:
+            return 0
+        reader.assign(tps)
+        await reader.seek_to_beginning(*tps)
+        ends = await reader.end_offsets(tps)
+        seen = 0
+        deadline = time.monotonic() + 30
+        while [tp for tp in tps if await reader.position(tp) < ends[tp]]:
+            if time.monotonic() > deadline:
+                break  # a transaction still open: counted next time
+            seen += sum(len(rs) for rs in (await reader.getmany(timeout_ms=500)).values())
+        return seen
+    finally:
+        await reader.stop()
+
+
+def _routed(bootstrap: str, total: int, timeout: float = 120) -> None:
+    """Wait until `total` records are in the units' by-key topic, committed (event time moves
+    across sites only as fast as the slowest partition is read: the test keeps the sites'
+    minutes in order, as a watermark delay would in the field)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if asyncio.run(_committed(bootstrap, "city.by-key")) >= total:
+                return
+        except (Exception, asyncio.CancelledError):  # a broker going away mid-read: again
+            pass
+        assert time.monotonic() < deadline, "the router did not take every record"
+        time.sleep(0.3)
+
+
+async def _create_topic(bootstrap: str, name: str, partitions: int, replicas: int) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, partitions, replicas)])
+    finally:
+        await admin.close()
+
+
+def _windows(cloud: CloudService) -> list[dict[str, Any]]:
+    return cloud.store.history("city", "pm25_1m", limit=1000).updates
+
+
+def _check(cloud: CloudService, expected: dict[int, dict[str, Any]], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while len(_windows(cloud)) < len(expected) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    got = {u["lastUpdate"]: {c: v["current-value"] for c, v in u["channels"].items()}
+           for u in _windows(cloud)}  # fmt: skip
+    assert got == expected
+    assert len(_windows(cloud)) == len(expected)  # each window once
+
+
+def _cloud(work: Path, bootstrap: str, updates: str, derived: str) -> CloudService:
+    return CloudService(CloudSettings.model_validate({
+        "port": 0, "store": f"sqlite:///{work / 'cloud.db'}", "public": ["*"],
+        "kafka": {"bootstrap_servers": bootstrap, "topic": updates, "topics": [derived],
+                  "group": f"cloud-{updates}"},
+    })).start()  # fmt: skip
+
+
+def _unit_config(work: Path, objects: Path, bootstrap: str, updates: str, name: str) -> Path:
+    path = work / f"{name}.yaml"
+    path.write_bytes(orjson.dumps({
+        "name": name, "objects": [str(objects)],
+        "input": {"kafka": {"bootstrap_servers": bootstrap, "topic": updates, "group": "city",
+                            "outputs": f"{updates}.derived", "checkpoint_every": "300ms",
+                            "transaction_timeout": "8s"}},
+    }))  # fmt: skip
+    return path
+
+
+def test_two_instances_compute_a_cross_site_flow_once(kafka: Kafka, tmp_path: Path) -> None:
+    """Ten sites' forwarders; two instances of a unit whose flow averages every station of
+    the city (key none: repartitioned by group). Every window once, exactly the average."""
+    sites, stations, minutes = 10, 2, 4
+    updates = "air-2i"
+    asyncio.run(_create_topic(kafka.bootstrap_servers, updates, 4, 1))
+    objects = _objects(tmp_path / "objects", sites, stations)
+    cloud = _cloud(tmp_path, kafka.bootstrap_servers, updates, f"{updates}.derived")
+    units = [KafkaUnit(UnitConfig.load(_unit_config(tmp_path, objects, kafka.bootstrap_servers,
+                                                    updates, name))).start()
+             for name in ("city-a", "city-b")]  # fmt: skip
+    feed = Sites(tmp_path, kafka.bootstrap_servers, updates, sites)
+    try:
+        assert units[0].repartition and units[0].ready.wait(60) and units[1].ready.wait(60)
+        for m in range(minutes):
+            for s in range(sites):
+                feed.write(s, [_reading(s, j, m, k) for j in range(stations) for k in range(6)])
+            feed.drain()
+            _routed(kafka.bootstrap_servers, (m + 1) * sites * stations * 6)
+        feed.write(0, [_reading(0, 0, minutes + 4, 0)])  # closes the windows before it
+        feed.drain()
+        _check(cloud, _expected(sites, stations, minutes), 60)
+        assert sum(u.counts.derived for u in units) >= minutes
+        assert all(u.alive for u in units) and cloud.alive
+    finally:
+        feed.stop()
+        for u in units:
+            u.stop()
+        cloud.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaCluster]:
+    """Three Kafka nodes in KRaft mode: replication factor 3, min.insync.replicas 2."""
+    nodes = KafkaCluster(tmp_path_factory.mktemp("kafka-cluster"), 3).start()
+    try:
+        yield nodes
+    finally:
+        nodes.stop()
+
+
+def _instance(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "cloudlet.entry", "unit", "run", str(config)],
+                            stdout=log.open("ab"), stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
+
+
+def test_a_cross_site_flow_survives_a_killed_instance_and_a_killed_broker(
+    cluster: KafkaCluster, tmp_path: Path
+) -> None:
+    """Twenty sites' forwarders into a replicated topic; two instances (processes) of the
+    cloud-tier unit. One instance is SIGKILLed mid-stream (its partitions and their state go
+    to the other), a third joins, then one of the three Kafka nodes is killed: every window is
+    stored once, with exactly the average of every station's readings."""
+    sites, stations, minutes = 20, 2, 6
+    bootstrap = cluster.bootstrap_servers
+    updates = "air-cluster"
+    asyncio.run(_create_topic(bootstrap, updates, 6, 3))
+    objects = _objects(tmp_path / "objects", sites, stations)
+    cloud = _cloud(tmp_path, bootstrap, updates, f"{updates}.derived")
+    logs = tmp_path / "instances.log"
+    configs = [_unit_config(tmp_path, objects, bootstrap, updates, f"city-{n}") for n in "abc"]
+    instances = [_instance(configs[0], logs), _instance(configs[1], logs)]
+    feed = Sites(tmp_path, bootstrap, updates, sites)
+    try:
+        for m in range(minutes):
+            for s in range(sites):
+                feed.write(s, [_reading(s, j, m, k) for j in range(stations) for k in range(6)])
+            feed.drain()
+            _routed(bootstrap, (m + 1) * sites * stations * 6)
+            if m == 1:
+                instances[0].send_signal(signal.SIGKILL)  # mid-stream, no goodbye
+                instances[0].wait(10)
+            if m == 2:
+                instances.append(_instance(configs[2], logs))  # a rebalance again
+            if m == 3:
+                cluster.kill(2)  # one broker of three: min.insync.replicas 2 still met
+            time.sleep(1.0)
+        feed.write(0, [_reading(0, 0, minutes + 4, 0)])
+        feed.drain()
+        _check(cloud, _expected(sites, stations, minutes), 180)
+        assert all(p.poll() is None for p in instances[1:]), logs.read_text()[-3000:]
+    except AssertionError:
+        print(logs.read_text()[-5000:])
+        raise
+    finally:
+        feed.stop()
+        for p in instances:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+                p.wait(30)
+        cloud.stop()
+        if not cluster.nodes[2].running:
+            cluster.resume(2)
