@@ -257,13 +257,8 @@ class KafkaUnit:
         """A partition given to this instance: its transactional producer first (which fences
         the instance that had it, if it still runs, and aborts what it had not committed),
         then its last committed checkpoint."""
-        from aiokafka import AIOKafkaProducer
 
-        producer = AIOKafkaProducer(
-            bootstrap_servers=self.settings.bootstrap_servers,
-            transactional_id=f"{self.group}.{tp.topic}.{tp.partition}",
-            transaction_timeout_ms=self.settings.transaction_timeout, linger_ms=5,
-        )  # fmt: skip
+        producer = self._transactional(f"{self.group}.{tp.topic}.{tp.partition}")
         await producer.start()
         part = self._partition(producer)
         found = (await self._saved()).get(tp.partition)
@@ -277,6 +272,14 @@ class KafkaUnit:
             log.info("partition %d: no checkpoint, from its beginning", tp.partition)
         part.checkpointed = time.monotonic()
         return part
+
+    def _transactional(self, transactional_id: str) -> Any:
+        from aiokafka import AIOKafkaProducer
+
+        return AIOKafkaProducer(
+            bootstrap_servers=self.settings.bootstrap_servers, transactional_id=transactional_id,
+            transaction_timeout_ms=self.settings.transaction_timeout, linger_ms=5,
+        )  # fmt: skip
 
     async def _release(self, tp: Any, part: Partition) -> None:
         """A partition taken away: its state checkpointed (if it still may), its producer
@@ -378,7 +381,7 @@ class KafkaUnit:
     async def _route(self) -> None:
         """Records to `<group>.by-key`, keyed by their object's group, in transactions with
         the offsets they were read at: each record there exactly once."""
-        from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+        from aiokafka import AIOKafkaConsumer, TopicPartition
 
         consumer = AIOKafkaConsumer(
             self.settings.topic, bootstrap_servers=self.settings.bootstrap_servers,
@@ -386,11 +389,7 @@ class KafkaUnit:
             auto_offset_reset="earliest", isolation_level="read_committed",
             metadata_max_age_ms=5_000,
         )  # fmt: skip
-        producer = AIOKafkaProducer(
-            bootstrap_servers=self.settings.bootstrap_servers,
-            transactional_id=f"{self.group}.router.{uuid.uuid4().hex[:12]}",
-            transaction_timeout_ms=self.settings.transaction_timeout, linger_ms=5,
-        )  # fmt: skip
+        producer = self._transactional(f"{self.group}.router.{uuid.uuid4().hex[:12]}")
         await producer.start()
         await consumer.start()
         try:

@@ -114,6 +114,14 @@ async def _produce_once(bootstrap: str) -> None:
         await producer.stop()
 
 
+def _accepts_produce(bootstrap: str) -> bool:
+    try:
+        asyncio.run(_produce_once(bootstrap))
+    except Exception:
+        return False
+    return True
+
+
 class Kafka(Service):
     """Kafka (broker + controller in one JVM) on 127.0.0.1:`port`."""
 
@@ -238,11 +246,7 @@ class Kafka(Service):
         return self
 
     def _accepts_produce(self) -> bool:
-        try:
-            asyncio.run(_produce_once(self.bootstrap_servers))
-        except Exception:
-            return False
-        return True
+        return _accepts_produce(self.bootstrap_servers)
 
 
 class KafkaCluster:
@@ -281,11 +285,7 @@ class KafkaCluster:
         return self
 
     def _accepts_produce(self) -> bool:
-        try:
-            asyncio.run(_produce_once(self.bootstrap_servers))
-        except Exception:
-            return False
-        return True
+        return _accepts_produce(self.bootstrap_servers)
 
     def kill(self, index: int) -> None:
         """SIGKILL one node, as a crash would."""
