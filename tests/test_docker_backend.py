@@ -60,7 +60,8 @@ def site(
 ) -> Iterator[Path]:  # fmt: skip
     work = tmp_path_factory.mktemp("docker-control")
     unit = {"name": "irrigation", "objects": [str(OBJECTS)], "mqtt": {"url": mosquitto.url},
-            "checkpoint": {"every": "1s"}, "http": {"host": "127.0.0.1"}}  # fmt: skip
+            "checkpoint": {"every": "1s"}, "http": {"host": "127.0.0.1"},
+            "derive": False}  # replicas sharing the messages: nothing keyed  # fmt: skip
     (work / "irrigation.yaml").write_text(yaml.safe_dump(unit))
     docker = {"docker": engine.url}
     topology = {

@@ -698,7 +698,7 @@ def test_the_control_plane_deploys_replicas_that_log_in_as_themselves(
         "name": "farm-unit", "objects": [str(IRRIGATION / "objects")],
         "mqtt": {"url": broker.plain_url, "username": "{instance}",
                  "password_file": "secrets/{instance}"},
-        "http": {"host": "127.0.0.1"},
+        "http": {"host": "127.0.0.1"}, "derive": False,  # replicas sharing the messages
     }))  # fmt: skip
     (tmp_path / "topology.yaml").write_text(yaml.safe_dump({
         "name": "secure-farm",
