@@ -5,6 +5,7 @@ name: irrigation-unit            # also the MQTT client id and the state file's 
 objects: [objects/]              # descriptors and flow files, relative to this file
 mqtt: {url: mqtt://127.0.0.1:1883, username: unit, password: secret}
 share_group: irrigation          # replicas with the same group split the device traffic
+partitions: {count: 16}          # or: replicas split the objects by key, state and all
 state_dir: state/                # snapshots of windows and latest values (msgpack)
 checkpoint: {every: 5s, messages: 500}
 max_future: 5m                   # updates dated later than now + this are dead letters
@@ -24,7 +25,14 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from processors.chain import ProcessorSpec
 from streams.codec import DEFAULT_MAX_PAYLOAD
@@ -112,6 +120,18 @@ class Source(_Strict):
     kafka: KafkaSource
 
 
+class Partitioning(_Strict):
+    count: int = Field(default=16, ge=1, le=256)
+    # how long a replica waits for the previous owner to hand a partition over (its last
+    # snapshot, its acknowledgements) before taking its session anyway, fencing it off
+    handover_timeout: int = 15_000
+
+    @field_validator("handover_timeout", mode="before")
+    @classmethod
+    def _timeout(cls, value: Any) -> int:
+        return duration_ms(value)
+
+
 class UnitConfig(_Strict):
     name: str
     objects: list[Path] = Field(min_length=1)
@@ -136,6 +156,10 @@ class UnitConfig(_Strict):
     # objects' composite streams, the flow files' flows and rules (an archive beside the unit
     # that derives and acts: it would compute every window and send every command again)
     derive: bool = True
+    # keyed scale-out: the objects split into `count` partitions by group
+    # (`streams.colocation`), each with its own MQTT session and state; the live replicas
+    # share them out and hand them over with their state (`processors.partitions`)
+    partitions: Partitioning | None = None
     # where the input comes from: the MQTT broker (`mqtt`, the default), or Kafka
     input: Source | None = None
     # how often the objects folders are looked at for changes, taken without a restart
@@ -174,6 +198,16 @@ class UnitConfig(_Strict):
         if value is not None and not _NAME.match(value):
             raise ValueError(f"share_group {value!r} must be 1-64 letters, digits, '_', '.' or '-'")
         return value
+
+    @model_validator(mode="after")
+    def _one_way_to_split(self) -> UnitConfig:
+        if self.partitions is not None and self.share_group is not None:
+            raise ValueError(
+                "partitions and share_group both split the devices' traffic between replicas:"
+                " keep partitions for a unit with windows, composite streams or rules (each"
+                " object's readings stay together), share_group for one without"
+            )
+        return self
 
     @classmethod
     def load(cls, path: Path) -> UnitConfig:

@@ -65,11 +65,20 @@ def read_properties(body: bytes, i: int) -> tuple[dict[int, Any], int]:
 
 
 def connect_packet(
-    s: MqttSettings, client_id: str, persistent: bool, max_receive_packet: int | None
+    s: MqttSettings,
+    client_id: str,
+    persistent: bool,
+    max_receive_packet: int | None,
+    will: tuple[str, bytes] | None = None,
 ) -> bytes:
-    """CONNECT: a persistent session (or a clean start), credentials, our receive maximum."""
+    """CONNECT: a persistent session (or a clean start), credentials, our receive maximum;
+    with `will` (topic, payload), a retained will message, QoS 1 (published by the broker when
+    the connection ends without a DISCONNECT: a membership that a dead process leaves)."""
     flags = 0 if persistent else 0x02
     payload = mqtt_string(client_id)
+    if will is not None:
+        flags |= 0x04 | 0x08 | 0x20  # will, QoS 1, retained
+        payload += property_block(b"") + mqtt_string(will[0]) + mqtt_string(will[1])
     if s.username is not None:
         flags |= 0x80
         payload += mqtt_string(s.username)
@@ -91,6 +100,13 @@ def subscribe_packet(subscriptions: Sequence[tuple[str, int]]) -> bytes:
     for topic, qos in subscriptions:
         body += mqtt_string(topic) + bytes([qos])
     return packet(0x82, body)
+
+
+def unsubscribe_packet(topics: Sequence[str], packet_id: int) -> bytes:
+    body = packet_id.to_bytes(2, "big") + property_block(b"")
+    for topic in topics:
+        body += mqtt_string(topic)
+    return packet(0xA2, body)
 
 
 def publish_packet_id(frame: bytes) -> int:

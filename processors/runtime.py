@@ -39,7 +39,7 @@ from processors.metrics import UnitMetrics
 from processors.pipeline import Outputs, Pipeline
 from processors.reload import Rebuilt
 from processors.sink import ResultSink
-from processors.state import StateStore
+from processors.state import BrokerState, StateStore
 from processors.wire import WireClient
 from streams import (
     Codec,
@@ -90,13 +90,20 @@ class UnitRuntime:
         subscription: str | None = None,
         batch_size: int = 500,
         batch_bytes: int = 256 * 1024,
-        state: StateStore | None = None,
+        state: StateStore | BrokerState | None = None,
         checkpoint: CheckpointPolicy = CheckpointPolicy(),
         sink: ResultSink | None = None,
         metrics: UnitMetrics | None = None,
         clock: Clock = time.time,
         republish: RepublishSettings | None = None,
+        subscriptions: list[tuple[str, int]] | None = None,
+        actuations: ActuationLog | None = None,
+        still_ours: Callable[[], bool] = lambda: True,
     ) -> None:
+        """`subscriptions` (a partition's objects' topics) take the place of the device and
+        status-report filters; `actuations` is the log of commands and reports, when several
+        runtimes share one (a replica's partitions); `still_ours`, asked before reconnecting,
+        whether the session is still this runtime's (a partition another replica took is not)."""
         self.ingest = ingest
         self.republish = republish or RepublishSettings()
         self.engine = engine
@@ -113,10 +120,13 @@ class UnitRuntime:
         self.metrics = metrics or UnitMetrics(client_id)
         self.clock = clock
         self.published = PublishCounts()
-        self.actuations = ActuationLog()
+        self.actuations = actuations or ActuationLog()
         self._inbox: queue.SimpleQueue[list[Message]] = queue.SimpleQueue()
         self._carry: list[Message] = []  # the rest of a list larger than a batch
         self._stopping = threading.Event()
+        # Another replica took this runtime's session (a partition moved): stop at once, commit
+        # nothing; the new owner has the session and its unacknowledged messages.
+        self._fenced = threading.Event()
         self._unacked: list[Message] = []  # processed, waiting for a checkpoint
         # Without a state store, inputs are acknowledged once the broker has everything they
         # produced, while the next batches go on: (how many of `_unacked` a batch ends at, the
@@ -139,18 +149,24 @@ class UnitRuntime:
         self._client = WireClient(
             mqtt_settings,
             client_id,
-            subscriptions=[(self.subscription, 1), (ingest.topics.action_status_filter, 1)],
+            subscriptions=subscriptions
+            or [(self.subscription, 1), (ingest.topics.action_status_filter, 1)],
             on_messages=self._on_messages,
             on_connection=self._on_connection,
             on_confirmed=lambda: self._inbox.put([]),  # wake the worker: inputs to acknowledge
             clock=clock,
             max_packet=ingest.max_payload + MAX_TOPIC_OVERHEAD,
+            on_taken_over=self._on_taken_over,
+            may_reconnect=still_ours,
         )
         self.connected = self._client.connected
         self.echo = Echo(self.republish, ingest.topics, self._echo_limit, PUBLISH_WINDOW)
         self._seen = (0, 0)  # the client's malformed and refused counts, as last exported
         self._worker = threading.Thread(target=self._run, name="cloudlet-unit", daemon=True)
-        if self.state is not None:
+        if isinstance(self.state, BrokerState):  # loaded once connected, by the worker
+            self.state.client = self._client
+            self._client.subscriptions += self.state.subscriptions
+        elif self.state is not None:
             saved = self.state.load()
             if saved is not None:
                 self._restore(saved)
@@ -208,11 +224,17 @@ class UnitRuntime:
     # network thread: never block here -----------------------------------------------------
 
     def _on_messages(self, messages: list[Message]) -> None:
+        if isinstance(self.state, BrokerState):
+            messages = self.state.take(messages)
         self._inbox.put(messages)
         self.metrics.inbox.inc(len(messages))
 
     def _on_connection(self, up: bool) -> None:
         self.metrics.connected.set(1 if up else 0)
+
+    def _on_taken_over(self) -> None:
+        self._fenced.set()
+        self._inbox.put([])  # wake the worker
 
     # lifecycle -------------------------------------------------------------------------------
 
@@ -230,10 +252,18 @@ class UnitRuntime:
         """Connected, subscribed, and able to make progress (not waiting for disk space)."""
         return self.connected.is_set() and not self.disk_full and self.alive
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Finish the messages already received, checkpoint, acknowledge, disconnect."""
+    @property
+    def fenced(self) -> bool:
+        return self._fenced.is_set()
+
+    def stop(self, timeout: float = 10.0, farewell: list[tuple[str, bytes]] | None = None) -> None:
+        """Finish the messages already received, checkpoint, acknowledge, publish `farewell`
+        (retained: a partition's owner cleared), disconnect."""
         self._stopping.set()
         self._worker.join(timeout)
+        if farewell and not self.fenced:
+            self._client.publish(farewell, 1, retain=True)
+            self._client.flush(5.0)
         self._client.stop()
         if self.sink is not None:
             self.sink.close()
@@ -290,8 +320,21 @@ class UnitRuntime:
                  len(r.catalog.flows))  # fmt: skip
 
     def _run(self) -> None:
+        try:
+            if isinstance(self.state, BrokerState):
+                saved = self.state.load(self._stopping, self._fenced.is_set)
+                if saved is not None:
+                    self._restore(saved)
+                    log.info("restored state from %s", self.state.path)
+            self._loop()
+        except _Fenced:
+            log.info("%s: taken over by another replica; stopped", self._client.client_id)
+
+    def _loop(self) -> None:
         last_tick = 0.0
         while True:
+            if self._fenced.is_set():
+                raise _Fenced
             if not self._rebuilt.empty():
                 self._swap()
             batch = self._take_batch()
@@ -398,6 +441,8 @@ class UnitRuntime:
         """Wait until the broker has every output so far, snapshot the state (when there is
         a store), then acknowledge the inputs that covers."""
         while not self._client.flush(FLUSH_PATIENCE):  # said, so that a wedged unit shows
+            if self._fenced.is_set():
+                raise _Fenced
             log.warning("the broker has not acknowledged %d publishes in %.0f s (%s)",
                         self._client.outstanding, FLUSH_PATIENCE,
                         "connected" if self.connected.is_set() else "not connected")  # fmt: skip
@@ -485,8 +530,11 @@ class UnitRuntime:
         may carry thousands of readings, and what waits for the broker is held in memory."""
         content_type = Codec.JSON.content_type
         for i in range(0, len(messages), PUBLISH_WINDOW):
-            if self._client.outstanding >= PUBLISH_WINDOW:  # a bounded window in flight
-                self._client.wait_below(PUBLISH_WINDOW // 2)
+            while self._client.outstanding >= PUBLISH_WINDOW:  # a bounded window in flight
+                if self._client.wait_below(PUBLISH_WINDOW // 2, 1.0):
+                    break
+                if self._fenced.is_set():
+                    raise _Fenced
             refused = self._client.publish(messages[i : i + PUBLISH_WINDOW], qos, content_type)
             if refused:  # over MQTT's limits: a dead letter that fits instead
                 letters = [self._unpublishable(t, b) for t, b in refused]
@@ -512,6 +560,10 @@ class UnitRuntime:
         self.published.updates += len(result.updates)
         self.published.derived += len(result.derived)
         self.published.dead_letters += len(result.dead_letters)
+
+
+class _Fenced(Exception):
+    """This runtime's session was taken over: it stops where it is."""
 
 
 def _disk_full(exc: Exception) -> bool:

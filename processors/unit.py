@@ -14,10 +14,11 @@ from processors.config import ConfigError, UnitConfig
 from processors.engine import engine_of
 from processors.ingest import Ingest
 from processors.metrics import StatusServer, UnitMetrics
+from processors.partitions import Partitions, partition_client, partition_subscriptions
 from processors.reload import Rebuilt, RegistryWatcher
 from processors.runtime import CheckpointPolicy, UnitRuntime
 from processors.sink import ResultSink, SQLiteSink
-from processors.state import StateStore
+from processors.state import BrokerState, StateStore
 from streams.catalog import Catalog
 from streams.composite_plan import CompositePlan
 
@@ -53,22 +54,11 @@ class Unit:
         self.catalog, self.chain = built.catalog, built.chain
         self.metrics = UnitMetrics(self.instance)
         self.metrics.watch(self.chain)
-        self.runtime = UnitRuntime(
-            built.ingest,
-            config.mqtt.for_instance(self.instance),
-            engine=built.engine,
-            chain=self.chain if len(self.chain) else None,
-            client_id=self.instance,
-            subscription=config.subscription,
-            batch_size=config.batch_size,
-            batch_bytes=config.batch_bytes,
-            state=StateStore(config.state_dir, self.instance) if config.state_dir else None,
-            checkpoint=CheckpointPolicy(config.checkpoint.every, config.checkpoint.messages),
-            sink=sink or (SQLiteSink(config.sink.sqlite) if config.sink else None),
-            metrics=self.metrics,
-            clock=clock,
-            republish=config.republish,
-        )
+        self.runtime: UnitRuntime | Partitions
+        if config.partitions is not None:
+            self.runtime = self._partitioned(built, sink)
+        else:
+            self.runtime = self._runtime(built, sink)
         self.status = (
             StatusServer(
                 self.metrics,
@@ -92,6 +82,70 @@ class Unit:
                 self.metrics.reload_failures.inc,
             )  # fmt: skip
             self.threads["registry watcher"] = lambda: watcher.alive
+
+    def _runtime(self, built: Rebuilt, sink: ResultSink | None) -> UnitRuntime:
+        config = self.config
+        return UnitRuntime(
+            built.ingest,
+            config.mqtt.for_instance(self.instance),
+            engine=built.engine,
+            chain=self.chain if len(self.chain) else None,
+            client_id=self.instance,
+            subscription=config.subscription,
+            batch_size=config.batch_size,
+            batch_bytes=config.batch_bytes,
+            state=StateStore(config.state_dir, self.instance) if config.state_dir else None,
+            checkpoint=CheckpointPolicy(config.checkpoint.every, config.checkpoint.messages),
+            sink=sink or (SQLiteSink(config.sink.sqlite) if config.sink else None),
+            metrics=self.metrics,
+            clock=self.clock,
+            republish=config.republish,
+        )
+
+    def _partitioned(self, built: Rebuilt, sink: ResultSink | None) -> Partitions:
+        """This replica's share of the unit's partitions (`processors.partitions`)."""
+        config = self.config
+        assert config.partitions is not None
+
+        def make(
+            p: int, objects: list[str], catalog: Catalog, state: BrokerState,
+            still_ours: Callable[[], bool],
+        ) -> UnitRuntime:  # fmt: skip
+            client = partition_client(config.name, p)
+            part = self._build(catalog)
+            return UnitRuntime(
+                part.ingest,
+                config.mqtt.for_instance(client),
+                engine=part.engine,
+                chain=part.chain if len(part.chain) else None,
+                client_id=client,
+                subscriptions=partition_subscriptions(config.topics, objects),
+                batch_size=config.batch_size,
+                batch_bytes=config.batch_bytes,
+                state=state,
+                checkpoint=CheckpointPolicy(config.checkpoint.every, config.checkpoint.messages),
+                sink=partitioned.shared_sink,
+                metrics=self.metrics,
+                clock=self.clock,
+                republish=config.republish,
+                actuations=partitioned.actuations,
+                still_ours=still_ours,
+            )
+
+        partitioned = Partitions(
+            unit=config.name,
+            instance=self.instance,
+            count=config.partitions.count,
+            catalog=built.catalog,
+            ingest=built.ingest,
+            topics=config.topics,
+            settings=config.mqtt.for_instance(self.instance),
+            make=make,
+            metrics=self.metrics,
+            sink=sink or (SQLiteSink(config.sink.sqlite) if config.sink else None),
+            handover_timeout=config.partitions.handover_timeout / 1000,
+        )
+        return partitioned
 
     def _build(self, catalog: Catalog) -> Rebuilt:
         """The ingest, graph and processors of a catalog (at start, and on a reload)."""

@@ -33,6 +33,7 @@ from processors.packets import (
     read_properties,
     subscribe_packet,
     tls_context,
+    unsubscribe_packet,
 )
 from streams import kernels
 from streams.kernels import FrameError
@@ -40,7 +41,8 @@ from streams.transport.mqtt import MqttSettings, refusal
 
 log = logging.getLogger(__name__)
 
-CONNACK, PUBACK, SUBACK, PINGRESP, DISCONNECT = 2, 4, 9, 13, 14
+CONNACK, PUBACK, SUBACK, UNSUBACK, PINGRESP, DISCONNECT = 2, 4, 9, 11, 13, 14
+SESSION_TAKEN_OVER = 0x8E  # DISCONNECT reason: a connection with our client id came
 PINGREQ = b"\xc0\x00"
 CONNECT_TIMEOUT = 10.0
 MAX_TOPIC = 65_535  # bytes: a topic's length is a 16-bit field
@@ -122,6 +124,9 @@ class WireClient:
         clock: Callable[[], float] = time.time,
         persistent: bool = True,
         max_packet: int = 0,
+        will: tuple[str, bytes] | None = None,
+        on_taken_over: Callable[[], None] = lambda: None,
+        may_reconnect: Callable[[], bool] = lambda: True,
     ) -> None:
         """`max_packet` (bytes, 0 for none) is told to the broker (MQTT v5's Maximum Packet
         Size): it does not send us anything larger, so no client can make us hold a huge body."""
@@ -134,6 +139,15 @@ class WireClient:
         self.on_confirmed = on_confirmed
         self.clock = clock
         self.persistent = persistent
+        self.will = will
+        # Another connection took our client id (a replica taking over a partition's session):
+        # we do not reconnect, or the two would take it from each other in turn.
+        self.taken_over = False
+        self.on_taken_over = on_taken_over
+        # Asked before each reconnect: a partition's session is not taken back from the
+        # replica that owns it now (Mosquitto 2.0 closes the old connection of a taken-over
+        # session without always telling it why).
+        self.may_reconnect = may_reconnect
         self.connected = threading.Event()  # connected and subscribed
         self.metrics_malformed = 0  # malformed packets from the broker (each a reconnect)
         self.refused_publishes = 0  # PUBACKs with a failure reason code
@@ -147,7 +161,7 @@ class WireClient:
         self._server_max_packet = 0
         self._keepalive = settings.keepalive
         # Outgoing: queued batches, then at most `receive maximum` QoS 1 packets in flight.
-        self._pending: deque[tuple[list[tuple[str, bytes]], int, bytes, int]] = deque()
+        self._pending: deque[tuple[list[tuple[str, bytes]], int, bytes, int, bool]] = deque()
         self._inflight: dict[int, bytes] = {}
         self._next_id = 0
         self._outstanding = 0  # QoS 1 publishes not yet acknowledged (guarded by _acked)
@@ -172,7 +186,12 @@ class WireClient:
         return self
 
     def publish(
-        self, messages: list[tuple[str, bytes]], qos: int = 1, content_type: str | None = None
+        self,
+        messages: list[tuple[str, bytes]],
+        qos: int = 1,
+        content_type: str | None = None,
+        *,
+        retain: bool = False,
     ) -> list[tuple[str, bytes]]:
         """Queue `messages` (topic, payload); QoS 1 ones count for `flush` until the broker
         acknowledges them. Queued while disconnected, sent after reconnecting. Returns those
@@ -197,7 +216,7 @@ class WireClient:
                 first = self._published + 1
                 self._published += len(messages)
         self._loop.call_soon_threadsafe(
-            self._queue, messages, qos, content_type_property(content_type), first
+            self._queue, messages, qos, content_type_property(content_type), first, retain
         )
         return refused
 
@@ -263,6 +282,14 @@ class WireClient:
         if packet_ids:
             self._loop.call_soon_threadsafe(self._write, kernels.puback_frames(packet_ids))
 
+    def unsubscribe(self, topics: list[str]) -> None:
+        """Stop receiving these (and leave them out of the subscriptions of later connects)."""
+        self.subscriptions = [(t, q) for t, q in self.subscriptions if t not in topics]
+        if topics:
+            self._loop.call_soon_threadsafe(
+                lambda: self._write(unsubscribe_packet(topics, self._packet_id()))
+            )
+
     def stop(self, timeout: float = 10.0) -> None:
         """Disconnect cleanly (the persistent session stays on the broker) and end the thread."""
         if not self._thread.is_alive():
@@ -302,6 +329,12 @@ class WireClient:
                 if self._stopping:
                     break
                 await asyncio.sleep(delay)
+                if not self.may_reconnect():
+                    log.info("%s: this session belongs to another connection now; not"
+                             " reconnecting", self.client_id)  # fmt: skip
+                    self.taken_over = self._stopping = True
+                    self.on_taken_over()
+                    break
                 delay = min(delay * 2, self.settings.reconnect_max_delay)
         finally:
             keepalive.cancel()
@@ -329,7 +362,9 @@ class WireClient:
         self._protocol = protocol
         self._handshake = loop.create_future()
         self._write(
-            connect_packet(self.settings, self.client_id, self.persistent, self.max_receive_packet)
+            connect_packet(
+                self.settings, self.client_id, self.persistent, self.max_receive_packet, self.will
+            )
         )
         present, props = await self._answer(self._handshake, protocol, "CONNACK")
         self._server_receive_max = props.get(0x21, 65535)
@@ -373,7 +408,7 @@ class WireClient:
         """A packet other than PUBLISH, from the protocol."""
         if kind == PUBACK:
             self._puback(body)
-        elif kind == PINGRESP:
+        elif kind in (PINGRESP, UNSUBACK):
             return
         elif kind == CONNACK and self._handshake is not None and not self._handshake.done():
             if len(body) < 2:
@@ -393,7 +428,12 @@ class WireClient:
             self._suback.set_result(body[i:])
         elif kind == DISCONNECT:
             reason = body[0] if body else 0
-            log.warning("broker disconnected us: reason 0x%02x", reason)
+            if reason == SESSION_TAKEN_OVER:
+                log.info("%s: another connection took over this session", self.client_id)
+                self.taken_over = self._stopping = True
+                self.on_taken_over()
+            else:
+                log.warning("broker disconnected us: reason 0x%02x", reason)
             self._abort()
         else:
             log.error("unexpected packet type %d from the broker, reconnecting", kind)
@@ -452,8 +492,10 @@ class WireClient:
             protocol.transport.write(data)
             self._last_write = time.monotonic()
 
-    def _queue(self, messages: list[tuple[str, bytes]], qos: int, props: bytes, first: int) -> None:
-        self._pending.append((messages, qos, props, first))
+    def _queue(
+        self, messages: list[tuple[str, bytes]], qos: int, props: bytes, first: int, retain: bool
+    ) -> None:
+        self._pending.append((messages, qos, props, first, retain))
         if self.connected.is_set():
             self._drain()
 
@@ -463,7 +505,7 @@ class WireClient:
             return
         out: list[bytes] = []
         while self._pending:
-            messages, qos, props, first = self._pending[0]
+            messages, qos, props, first, retain = self._pending[0]
             if qos:
                 room = self._server_receive_max - len(self._inflight)
                 if room <= 0:
@@ -476,9 +518,13 @@ class WireClient:
             else:
                 take, keep = messages, []
                 frames = kernels.publish_frames(take, 0, [], props)
+            if retain:  # the RETAIN flag, bit 0 of the fixed header
+                frames = [bytes([f[0] | 0x01]) + f[1:] for f in frames]
+                if qos:
+                    self._inflight.update(zip(ids, frames, strict=True))
             out.extend(self._fits(frames, take))
             if keep:
-                self._pending[0] = (keep, qos, props, first + len(take))
+                self._pending[0] = (keep, qos, props, first + len(take), retain)
             else:
                 self._pending.popleft()
         if out:

@@ -12,6 +12,7 @@ group, never a group.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping
 
 from streams.catalog import Catalog
@@ -52,4 +53,18 @@ def groups(of: Mapping[str, str]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for so, group in sorted(of.items()):
         out.setdefault(group, []).append(so)
+    return out
+
+
+def partition_of(group: str, count: int) -> int:
+    """The partition of a group among `count`: CRC-32 of its name, stable across processes,
+    machines and Python versions (the built-in hash is salted per process)."""
+    return zlib.crc32(group.encode()) % count
+
+
+def partitions(of: Mapping[str, str], count: int) -> dict[int, list[str]]:
+    """The objects of each partition (those with any), sorted: every group whole."""
+    out: dict[int, list[str]] = {}
+    for so, group in sorted(of.items()):
+        out.setdefault(partition_of(group, count), []).append(so)
     return out

@@ -1,0 +1,210 @@
+"""Keyed scale-out at a site (`processors.partitions`) on the real Mosquitto: replicas of a
+unit with windows, composite streams and rules split the objects by group, and partitions
+move between replicas with their state when replicas come and go, mid-stream."""
+
+from __future__ import annotations
+
+import queue
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from cloudlet.rig import Mosquitto
+from edge_objects.fleet import DeviceFleet
+from processors.config import ConfigError, UnitConfig
+from processors.partitions import Partitions
+from processors.unit import Unit
+from streams import SensorUpdate, StreamKey
+from streams.catalog import Catalog
+from streams.colocation import colocated, partition_of, partitions
+from streams.transport.mqtt import MqttSettings, connect, make_client
+from tests.test_unit import IRRIGATION, _readings
+
+DERIVED = ("moisture_10min", "rain_1h", "irrigate")
+Got = list[tuple[str, dict[str, Any]]]
+
+
+class Outputs:
+    """Every update, dead letter and command the units publish."""
+
+    def __init__(self, broker: Mosquitto, name: str) -> None:
+        self.messages: queue.SimpleQueue[tuple[str, dict[str, Any]]] = queue.SimpleQueue()
+        settings = MqttSettings(url=broker.url)
+        self.client = make_client(settings, name)
+        subscribed = queue.SimpleQueue[bool]()
+        self.client.on_connect = lambda c, *_: c.subscribe(
+            [("+/streams/+/updates", 1), ("cloudlet/dead-letter/#", 1), ("+/actions", 1)]
+        )
+        self.client.on_subscribe = lambda *_: subscribed.put(True)
+        self.client.on_message = lambda _c, _u, m: self.messages.put(
+            (m.topic, orjson.loads(m.payload))
+        )
+        connect(self.client, settings, persistent=False)
+        self.client.loop_start()
+        assert subscribed.get(timeout=10)
+
+    def take(self, until: Callable[[Got], bool], timeout: float = 60) -> Got:
+        got: Got = []
+        deadline = time.monotonic() + timeout
+        while not until(got) and time.monotonic() < deadline:
+            try:
+                got.append(self.messages.get(timeout=0.2))
+            except queue.Empty:
+                pass
+        return got
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def _results(got: Got) -> list[tuple[str, str]]:
+    """The windows, composite streams and commands, comparable between runs (a command's
+    id and time are its own)."""
+    out = []
+    for topic, body in got:
+        if topic.endswith("/actions"):
+            what = {"action": body.get("action"), "parameters": body.get("parameters")}
+            out.append((topic, orjson.dumps(what, option=orjson.OPT_SORT_KEYS).decode()))
+        elif topic.endswith("/updates") and topic.split("/")[2] in DERIVED:
+            out.append((topic, orjson.dumps(body, option=orjson.OPT_SORT_KEYS).decode()))
+    return sorted(out)
+
+
+def _config(work: Path, broker: Mosquitto, name: str, **extra: Any) -> UnitConfig:
+    objects = work / "objects"
+    if not objects.exists():
+        shutil.copytree(IRRIGATION / "objects", objects)
+    doc = {"name": name, "objects": [str(objects)], "mqtt": {"url": broker.url},
+           "checkpoint": {"every": "200ms"}, **extra}  # fmt: skip
+    path = work / f"{name}.yaml"
+    path.write_bytes(orjson.dumps(doc))
+    return UnitConfig.load(path)
+
+
+def _echoed(key: StreamKey, update: SensorUpdate) -> Callable[[Got], bool]:
+    topic = f"{key.so}/streams/{key.stream}/updates"
+    return lambda g: any(t == topic and b["lastUpdate"] == update.last_update for t, b in g)
+
+
+def _wait(what: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not what() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert what()
+
+
+def _owned(unit: Unit) -> set[int]:
+    assert isinstance(unit.runtime, Partitions)
+    return set(unit.runtime.owned)
+
+
+def test_partitions_keep_what_a_flow_joins_together() -> None:
+    """The irrigation site's soil probes read the rain gauge and the weather station (their
+    composite streams' groups), and one flow reads the rain gauge: one group, one partition.
+    Each valve is alone (a rule commands it; a rule joins nothing)."""
+    catalog = Catalog.load([IRRIGATION / "objects"])
+    by_group = colocated(catalog)
+    parts = partitions(by_group, 8)
+    site = ["field-1-soil", "field-2-soil", "field-3-soil", "field-4-soil", "rain-gauge-1",
+            "weather-1"]  # fmt: skip
+    assert parts[partition_of("field-1-soil", 8)] == site
+    assert sorted(so for objects in parts.values() for so in objects) == sorted(by_group)
+    assert partition_of("field-1-soil", 8) == partition_of("field-1-soil", 8) == 4  # stable
+
+
+def test_a_unit_splits_by_partitions_or_by_messages_not_both(tmp_path: Path) -> None:
+    path = tmp_path / "u.yaml"
+    path.write_text(f"name: u\nobjects: [{IRRIGATION / 'objects'}]\nshare_group: g\n"
+                    "partitions: {count: 8}\n")  # fmt: skip
+    with pytest.raises(ConfigError, match="keep partitions for a unit with windows"):
+        UnitConfig.load(path)
+
+
+@pytest.mark.mqtt
+def test_two_then_three_then_two_replicas_give_exactly_the_single_units_results(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """The irrigation site's readings through one unit, and through replicas of it with
+    partitions: two, a third joining mid-stream (its group's partition moves, state and
+    session, while devices keep sending), then one stopping mid-stream (moved again). Every
+    window, composite stream and valve command: the same, value for value, none twice."""
+    readings = _readings(90)
+    cuts = [len(readings) // 3, 2 * len(readings) // 3]
+    phases = [readings[: cuts[0]], readings[cuts[0] : cuts[1]], readings[cuts[1] :]]
+
+    def single() -> list[tuple[str, str]]:
+        unit = Unit(_config(tmp_path / "single", mosquitto, "irr-single")).start()
+        outputs = Outputs(mosquitto, "outputs-single")
+        fleet = DeviceFleet(MqttSettings(url=mosquitto.url), client_id="fleet-single").start()
+        try:
+            _wait(lambda: unit.runtime.ready)
+            for key, update in readings:
+                fleet.publish(key, update)
+            got = outputs.take(_echoed(*readings[-1]))
+            got += outputs.take(lambda g: False, timeout=1.5)
+        finally:
+            fleet.stop()
+            outputs.close()
+            unit.stop()
+        return _results(got)
+
+    def replicated() -> tuple[list[tuple[str, str]], list[set[int]]]:
+        work = tmp_path / "replicas"
+        config = _config(work, mosquitto, "irr", partitions={"count": 8})
+        a = Unit(config, replica="a").start()
+        b = Unit(config, replica="b").start()
+        outputs = Outputs(mosquitto, "outputs-replicas")
+        fleet = DeviceFleet(MqttSettings(url=mosquitto.url), client_id="fleet-replicas").start()
+        site = partition_of("field-1-soil", 8)
+        c: Unit | None = None
+        owners = []
+        live = [a, b]
+        try:
+            _wait(lambda: a.runtime.ready and b.runtime.ready)
+            owners.append(_owned(a))
+            assert _owned(a) | _owned(b) == {0, 2, 4, 6, 7} and not _owned(a) & _owned(b)
+            assert site in _owned(a)  # sorted members [irr-a, irr-b]: 4 mod 2 = 0
+            for key, update in phases[0]:
+                fleet.publish(key, update)
+            got = outputs.take(_echoed(*phases[0][-1]))
+            c = Unit(config, replica="c").start()  # joins while the devices go on
+            live.append(c)
+            for key, update in phases[1][: len(phases[1]) // 2]:
+                fleet.publish(key, update)
+            _wait(lambda: c is not None and site in _owned(b) and a.runtime.ready
+                  and b.runtime.ready and c.runtime.ready)  # fmt: skip
+            owners.append(_owned(b))
+            for key, update in phases[1][len(phases[1]) // 2 :]:
+                fleet.publish(key, update)
+            got += outputs.take(_echoed(*phases[1][-1]))
+            live.remove(b)
+            b.stop()  # leaves mid-stream: [irr-a, irr-c], the site's partition back to a
+            for key, update in phases[2]:
+                fleet.publish(key, update)
+            _wait(lambda: site in _owned(a) and a.runtime.ready and c is not None
+                  and c.runtime.ready)  # fmt: skip
+            owners.append(_owned(a))
+            got += outputs.take(_echoed(*phases[2][-1]))
+            got += outputs.take(lambda g: False, timeout=1.5)
+            assert a.alive and c.alive
+        finally:
+            fleet.stop()
+            outputs.close()
+            for unit in live:
+                unit.stop()
+        return _results(got), owners
+
+    expected = single()
+    got, owners = replicated()
+    assert len({t for t, _ in expected if "/moisture_10min/" in t}) == 4  # every field's
+    assert any(t.endswith("/actions") for t, _ in expected)  # valves were commanded
+    assert len(expected) > 100
+    missing = sorted(set(expected) - set(got))[:5]
+    extra = sorted(set(got) - set(expected))[:5]
+    assert got == expected, f"missing {missing}, extra {extra}, owners {owners}"
