@@ -33,7 +33,7 @@ from cloudlet.control_model import (
     counters,
 )
 from cloudlet.placement import Plan, place
-from cloudlet.topology import DockerEngine, Topology, UnitSpec
+from cloudlet.topology import DEFAULT_PARTITIONS, DockerEngine, Topology, UnitSpec, keyed
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -198,7 +198,8 @@ class Controller:
         self, spec: UnitSpec, unit: str, folder: Path, port: int
     ) -> tuple[Path, tuple[str, ...]]:
         """The unit file as this replica runs it: paths made absolute, its own HTTP port,
-        state folder, outbox and sink, and a share group when there are several replicas."""
+        state folder, outbox and sink; partitions for a unit that keeps state per object, a
+        share group for the replicas of one that does not."""
         doc = yaml.safe_load(spec.config.read_text())
         if not isinstance(doc, dict):
             raise ControlError(f"{spec.config}: a unit config must be a mapping")
@@ -224,8 +225,10 @@ class Controller:
                 if isinstance(settings.get(key), str):
                     settings[key] = str((base / settings[key]).absolute())
                     credential_folders.add(str(Path(settings[key]).parent))
-        if spec.replicas > 1 and not doc.get("share_group"):
-            doc["share_group"] = unit  # replicas split the device traffic
+        if keyed(spec.config):  # state per object: partitions, at any count, so that
+            doc.setdefault("partitions", {"count": DEFAULT_PARTITIONS})  # scaling keeps it
+        elif spec.replicas > 1 and not doc.get("share_group"):
+            doc["share_group"] = unit  # stateless: replicas share the device traffic
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"unit-{spec.version()}.yaml"
         path.write_text(yaml.safe_dump(doc, sort_keys=False))

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from cloudlet.placement import Plan
-from cloudlet.topology import Topology, UnitSpec, show_memory
+from cloudlet.topology import DEFAULT_PARTITIONS, Topology, UnitSpec, keyed, show_memory
 
 SITE_LABEL = "cloudlet.io/site"  # the node label a site's Kubernetes nodes carry
 PORT = 9400
@@ -48,7 +48,9 @@ def _unit_files(spec: UnitSpec, replicas: int) -> tuple[dict[str, Any], dict[str
         doc["outbox"] = {**doc["outbox"], "path": "/var/lib/cloudlet/outbox"}
     if isinstance(doc.get("sink"), dict):
         doc["sink"] = {"sqlite": "/var/lib/cloudlet/results.db"}
-    if replicas > 1 and not doc.get("share_group"):
+    if keyed(spec.config):  # state per object: replicas own partitions (and scale with it)
+        doc.setdefault("partitions", {"count": DEFAULT_PARTITIONS})
+    elif replicas > 1 and not doc.get("share_group"):
         doc["share_group"] = doc.get("name", "unit")
     return doc, files
 
@@ -239,6 +241,9 @@ def compose(topology: Topology, plan: Plan, site: str, folder: Path) -> Path:
             if not shared.exists():
                 shared.parent.mkdir(parents=True, exist_ok=True)
                 shared.write_text(text)
+        if "partitions" in doc and here:  # each partition's session logs in as itself
+            count = int((doc["partitions"] or {}).get("count", DEFAULT_PARTITIONS))
+            roles += [x for p in range(count) for x in ("--role", f"unit:{name}-p{p:02d}")]
         for a in here:
             index = a.replica.rsplit("-", 1)[1]
             roles += ["--role", f"unit:{name}-{index}"]

@@ -114,9 +114,10 @@ def role_acls(kind: str, topics: TopicScheme) -> list[dict[str, Any]]:
         f"{r}+/actions/+/status",
     )
     commands, letters, everything = f"{r}+/actions", f"{r}cloudlet/dead-letter/#", f"{r}#"
-    if kind == "unit":
-        return [*_send(derived, letters, commands), *_read(devices, derived, status),
-                *_read(f"$share/+/{devices}")]  # fmt: skip
+    if kind == "unit":  # and its replicas' coordination (`processors.partitions`)
+        units = f"{r}cloudlet/units/#"
+        return [*_send(derived, letters, commands, units), *_read(devices, derived, status),
+                *_read(f"$share/+/{devices}", units)]  # fmt: skip
     if kind == "gateway":
         return [*_send(devices, status, letters), *_read(commands)]
     if kind == "relay":

@@ -262,29 +262,47 @@ class Topology(_Strict):
         return topology.model_copy(update={"units": units, "source": source})
 
 
-def _split_state(config: Path, replicas: int) -> str | None:
-    """Why `replicas` replicas of this unit would compute wrong results, if they would:
-    replicas share the devices' messages (an MQTT shared subscription), so each sees part of
-    every device's readings, and windows, composite streams and rules need them all."""
+DEFAULT_PARTITIONS = 16  # of a keyed unit: more replicas than this would have none to own
+
+
+def keyed(config: Path) -> bool:
+    """Whether this unit keeps state per object or group (windows, composite streams, rules):
+    its replicas then split the objects by partition (`processors.partitions`), each object's
+    readings all to one replica; the others share the messages (an MQTT shared
+    subscription)."""
     from processors.config import ConfigError, UnitConfig
     from streams.catalog import Catalog
 
     try:
         unit = UnitConfig.load(config)
     except ConfigError:
-        return None  # said when it is deployed, with every problem
+        return False  # said when it is deployed, with every problem
+    if unit.partitions is not None:
+        return True
     if not unit.derive:
-        return None
+        return False
     catalog, _ = Catalog.check(unit.objects)
-    what = [w for w, n in (("flows", len(catalog.flows)), ("rules", len(catalog.rules)),
-                           ("composite streams", len(catalog.plan.derived))) if n]  # fmt: skip
-    if not what:
+    return bool(catalog.flows or catalog.rules or catalog.plan.derived)
+
+
+def _split_state(config: Path, replicas: int) -> str | None:
+    """Why `replicas` replicas of this unit would compute wrong results, if they would: a
+    unit that keeps state split by message (its own `share_group`) sees part of every
+    device's readings."""
+    from processors.config import ConfigError, UnitConfig
+
+    try:
+        unit = UnitConfig.load(config)
+    except ConfigError:
+        return None
+    if unit.share_group is None or not keyed(config):
         return None
     return (
-        f"{replicas} replicas of a unit that computes {', '.join(what)} would each see"
-        " part of every device's readings (replicas share the messages) and compute"
-        " wrong windows, composites and commands: run 1 replica, or give a unit that only"
-        " validates, stores and forwards `derive: false`"
+        f"{replicas} replicas sharing the messages (share_group: {unit.share_group}) of a"
+        " unit with windows, composite streams or rules would each see part of every"
+        " device's readings and compute wrong results: remove share_group (its replicas are"
+        " then partitioned by key), or give a unit that only validates, stores and forwards"
+        " `derive: false`"
     )
 
 

@@ -30,8 +30,11 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from processors.actuation import ActuationLog
 from processors.ingest import Ingest
@@ -226,6 +229,7 @@ class Partitions:
         self._waiting: dict[int, float] = {}  # partition -> since when we wait for it
         self._lost: dict[int, tuple[str, ...]] = {}  # fenced: not taken back in that view
         self.membership = Membership(settings, self.topics, instance, self._changed.set)
+        metrics.registry.register(_PartitionCollector(self))
         self._thread = threading.Thread(target=self._run, name="cloudlet-partitions",
                                         daemon=True)  # fmt: skip
 
@@ -383,3 +387,24 @@ def partition_subscriptions(topics: TopicScheme, objects: list[str]) -> list[tup
         subs.append((topics.device_update(so, "+"), 1))
         subs.append((f"{topics.root}{so}/actions/+/status", 1))
     return subs
+
+
+class _PartitionCollector(Collector):
+    def __init__(self, partitions: Partitions) -> None:
+        self.p = partitions
+
+    def collect(self) -> Iterator[Metric]:
+        p, unit = self.p, self.p.metrics.unit
+        members = p.membership.view()[0]
+        owned = GaugeMetricFamily("cloudlet_partitions_owned", "Partitions this replica runs",
+                                  labels=["unit"])  # fmt: skip
+        owned.add_metric([unit], len(p.owned))
+        yield owned
+        live = GaugeMetricFamily("cloudlet_partition_members", "Live replicas sharing them",
+                                 labels=["unit"])  # fmt: skip
+        live.add_metric([unit], len(members))
+        yield live
+        moves = CounterMetricFamily("cloudlet_partition_moves", "Partitions taken or handed over",
+                                    labels=["unit"])  # fmt: skip
+        moves.add_metric([unit], p.moves)
+        yield moves

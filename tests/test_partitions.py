@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import queue
 import shutil
+import subprocess
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ import orjson
 import pytest
 
 from cloudlet.rig import Mosquitto
+from cloudlet.rig.process import free_port
 from edge_objects.fleet import DeviceFleet
 from processors.config import ConfigError, UnitConfig
 from processors.partitions import Partitions
@@ -23,6 +26,7 @@ from streams import SensorUpdate, StreamKey
 from streams.catalog import Catalog
 from streams.colocation import colocated, partition_of, partitions
 from streams.transport.mqtt import MqttSettings, connect, make_client
+from tests.test_cli import CLOUDLET
 from tests.test_unit import IRRIGATION, _readings
 
 DERIVED = ("moisture_10min", "rain_1h", "irrigate")
@@ -76,13 +80,15 @@ def _results(got: Got) -> list[tuple[str, str]]:
     return sorted(out)
 
 
-def _config(work: Path, broker: Mosquitto, name: str, **extra: Any) -> UnitConfig:
+def _config(
+    work: Path, broker: Mosquitto, name: str, file: str | None = None, **extra: Any
+) -> UnitConfig:
     objects = work / "objects"
     if not objects.exists():
         shutil.copytree(IRRIGATION / "objects", objects)
     doc = {"name": name, "objects": [str(objects)], "mqtt": {"url": broker.url},
            "checkpoint": {"every": "200ms"}, **extra}  # fmt: skip
-    path = work / f"{name}.yaml"
+    path = work / f"{file or name}.yaml"
     path.write_bytes(orjson.dumps(doc))
     return UnitConfig.load(path)
 
@@ -97,6 +103,25 @@ def _wait(what: Callable[[], bool], timeout: float = 30) -> None:
     while not what() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert what()
+
+
+def _single(broker: Mosquitto, work: Path, readings: list[tuple[StreamKey, SensorUpdate]],
+            name: str) -> list[tuple[str, str]]:  # fmt: skip
+    """What one unit (no partitions) makes of the readings."""
+    unit = Unit(_config(work, broker, name)).start()
+    outputs = Outputs(broker, f"outputs-{name}")
+    fleet = DeviceFleet(MqttSettings(url=broker.url), client_id=f"fleet-{name}").start()
+    try:
+        _wait(lambda: unit.runtime.ready)
+        for key, update in readings:
+            fleet.publish(key, update)
+        got = outputs.take(_echoed(*readings[-1]))
+        got += outputs.take(lambda g: False, timeout=1.5)
+    finally:
+        fleet.stop()
+        outputs.close()
+        unit.stop()
+    return _results(got)
 
 
 def _owned(unit: Unit) -> set[int]:
@@ -138,22 +163,6 @@ def test_two_then_three_then_two_replicas_give_exactly_the_single_units_results(
     cuts = [len(readings) // 3, 2 * len(readings) // 3]
     phases = [readings[: cuts[0]], readings[cuts[0] : cuts[1]], readings[cuts[1] :]]
 
-    def single() -> list[tuple[str, str]]:
-        unit = Unit(_config(tmp_path / "single", mosquitto, "irr-single")).start()
-        outputs = Outputs(mosquitto, "outputs-single")
-        fleet = DeviceFleet(MqttSettings(url=mosquitto.url), client_id="fleet-single").start()
-        try:
-            _wait(lambda: unit.runtime.ready)
-            for key, update in readings:
-                fleet.publish(key, update)
-            got = outputs.take(_echoed(*readings[-1]))
-            got += outputs.take(lambda g: False, timeout=1.5)
-        finally:
-            fleet.stop()
-            outputs.close()
-            unit.stop()
-        return _results(got)
-
     def replicated() -> tuple[list[tuple[str, str]], list[set[int]]]:
         work = tmp_path / "replicas"
         config = _config(work, mosquitto, "irr", partitions={"count": 8})
@@ -169,6 +178,9 @@ def test_two_then_three_then_two_replicas_give_exactly_the_single_units_results(
             _wait(lambda: a.runtime.ready and b.runtime.ready)
             owners.append(_owned(a))
             assert _owned(a) | _owned(b) == {0, 2, 4, 6, 7} and not _owned(a) & _owned(b)
+            gauge = a.metrics.registry.get_sample_value
+            assert gauge("cloudlet_partitions_owned", {"unit": "irr-a"}) == len(_owned(a))
+            assert gauge("cloudlet_partition_members", {"unit": "irr-a"}) == 2
             assert site in _owned(a)  # sorted members [irr-a, irr-b]: 4 mod 2 = 0
             for key, update in phases[0]:
                 fleet.publish(key, update)
@@ -200,7 +212,7 @@ def test_two_then_three_then_two_replicas_give_exactly_the_single_units_results(
                 unit.stop()
         return _results(got), owners
 
-    expected = single()
+    expected = _single(mosquitto, tmp_path / "single", readings, "irr-single")
     got, owners = replicated()
     assert len({t for t, _ in expected if "/moisture_10min/" in t}) == 4  # every field's
     assert any(t.endswith("/actions") for t, _ in expected)  # valves were commanded
@@ -208,3 +220,82 @@ def test_two_then_three_then_two_replicas_give_exactly_the_single_units_results(
     missing = sorted(set(expected) - set(got))[:5]
     extra = sorted(set(got) - set(expected))[:5]
     assert got == expected, f"missing {missing}, extra {extra}, owners {owners}"
+
+
+def _ready(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as answer:
+            return bool(answer.status == 200)
+    except OSError:
+        return False
+
+
+def _owners(broker: Mosquitto, unit: str) -> dict[int, str]:
+    """Each partition's owner, as the retained messages say."""
+    found: dict[int, str] = {}
+    settings = MqttSettings(url=broker.url)
+    client = make_client(settings, f"owners-{time.monotonic_ns()}")
+    client.on_connect = lambda c, *_: c.subscribe(f"cloudlet/units/{unit}/partitions/+/owner")
+    client.on_message = lambda _c, _u, m: found.__setitem__(int(m.topic.split("/")[4]),
+                                                            m.payload.decode())  # fmt: skip
+    connect(client, settings, persistent=False)
+    client.loop_start()
+    time.sleep(0.5)
+    client.loop_stop()
+    client.disconnect()
+    return {p: owner for p, owner in found.items() if owner}
+
+
+@pytest.mark.mqtt
+def test_a_replica_killed_mid_stream_loses_nothing_and_counts_nothing_twice(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """Two replica processes; the one running the site's partition is SIGKILLed mid-stream,
+    its snapshot a moment old and messages in flight. The broker fires its will, the other
+    takes the partition's session (what was not acknowledged comes again) and its snapshot:
+    the windows, composites and commands are the single unit's, value for value (outputs the
+    killed one published without acknowledging may come twice, identical)."""
+    readings = _readings(60)
+    half = len(readings) // 2
+    expected = _single(mosquitto, tmp_path / "single", readings, "irk-single")
+    work = tmp_path / "replicas"
+    ports = {"a": free_port(), "b": free_port()}
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    for replica, port in ports.items():
+        config = _config(work, mosquitto, "irk", f"irk-{replica}", partitions={"count": 8},
+                         mqtt={"url": mosquitto.url, "keepalive": 5},
+                         http={"host": "127.0.0.1", "port": port})  # fmt: skip
+        procs[replica] = subprocess.Popen(
+            [CLOUDLET, "unit", "run", config.source, "--replica", replica],
+            stdout=subprocess.DEVNULL, stderr=(work / f"{replica}.log").open("ab"),
+        )  # fmt: skip
+    outputs = Outputs(mosquitto, "outputs-kill")
+    fleet = DeviceFleet(MqttSettings(url=mosquitto.url), client_id="fleet-kill").start()
+    site = partition_of("field-1-soil", 8)
+    try:
+        _wait(lambda: all(_ready(p) for p in ports.values()), timeout=60)
+        _wait(lambda: len(_owners(mosquitto, "irk")) == 5)
+        assert _owners(mosquitto, "irk")[site] == "irk-a"
+        for key, update in readings[:half]:
+            fleet.publish(key, update)
+        got = outputs.take(lambda g: len([t for t, _ in g if "/moisture_10min/" in t]) >= 8)
+        procs["a"].kill()  # SIGKILL: no snapshot, no acknowledgement, no goodbye
+        procs["a"].wait(10)
+        for key, update in readings[half:]:
+            fleet.publish(key, update)
+        got += outputs.take(_echoed(*readings[-1]), timeout=90)
+        got += outputs.take(lambda g: False, timeout=1.5)
+        assert _owners(mosquitto, "irk")[site] == "irk-b"
+        assert procs["b"].poll() is None
+    finally:
+        fleet.stop()
+        outputs.close()
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+                assert proc.wait(30) == 0
+    results = _results(got)
+    assert len(results) > len(set(expected)) // 2
+    missing = sorted(set(expected) - set(results))[:5]
+    extra = sorted(set(results) - set(expected))[:5]
+    assert set(results) == set(expected), f"missing {missing}, extra {extra}"

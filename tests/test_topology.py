@@ -228,21 +228,49 @@ def test_compose_files_per_site(tmp_path: Path) -> None:
     assert "&id" not in path.read_text()
 
 
-def test_replicas_of_a_unit_that_derives_are_refused_with_the_reason(tmp_path: Path) -> None:
-    """Replicas share the devices' messages: a unit with windows, composite streams or
-    rules would compute each from part of the readings. `plan` refuses it, saying why and what
-    to do; a unit that derives nothing (`derive: false`) may have replicas."""
+def test_replicas_of_a_unit_that_derives_are_partitioned_and_sharing_messages_is_refused(
+    tmp_path: Path,
+) -> None:
+    """A unit with windows, composite streams or rules is deployed with partitions (at any
+    replica count, so that scaling keeps its state); one that derives nothing shares the
+    messages. A unit that keeps state and says `share_group` itself is refused, with why and
+    what to do: each replica would see part of every device's readings."""
+    from cloudlet.control import Controller
+
     units = EXAMPLE.parent / "units"
     path = _write(tmp_path, {
         "sites": {"a": {"capacity": {"cpu": 4, "memory": "4Gi"}}},
         "units": {"irrigation": {"config": str(units / "irrigation.yaml"), "replicas": 2},
                   "archive": {"config": str(units / "archive.yaml"), "replicas": 3}},
     })  # fmt: skip
+    topology = Topology.load(path)
+    control = Controller(tmp_path / "state", say=lambda _: None)
+    rendered = {}
+    for unit in ("irrigation", "archive"):
+        config, _ = control._render(topology.units[unit], unit, tmp_path / unit, 9400)
+        rendered[unit] = yaml.safe_load(config.read_text())
+    assert rendered["irrigation"]["partitions"] == {"count": 16}
+    assert "share_group" not in rendered["irrigation"]
+    assert rendered["archive"]["share_group"] == "archive"
+    assert "partitions" not in rendered["archive"]
+
+    sharing = tmp_path / "sharing.yaml"
+    sharing.write_text(
+        (units / "irrigation.yaml").read_text().replace("objects: [../objects]",
+                                                         f"objects: [{units.parent / 'objects'}]")
+        + "share_group: irrigation\n"
+    )  # fmt: skip
+    path = _write(tmp_path, {
+        "sites": {"a": {"capacity": {"cpu": 4, "memory": "4Gi"}}},
+        "units": {"irrigation": {"config": str(sharing), "replicas": 2},
+                  "archive": {"config": str(units / "archive.yaml"), "replicas": 3}},
+    })  # fmt: skip
     with pytest.raises(TopologyError) as caught:
         Topology.load(path)
     text = str(caught.value)
     assert (
-        f"{path}: units.irrigation.replicas: 2 replicas of a unit that computes flows, rules,"
-        " composite streams would each see part of every device's readings"
+        f"{path}: units.irrigation.replicas: 2 replicas sharing the messages (share_group:"
+        " irrigation) of a unit with windows, composite streams or rules would each see part"
+        " of every device's readings"
     ) in text
     assert "archive" not in text
