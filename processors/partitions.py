@@ -101,6 +101,7 @@ class Membership:
         self.leaving: set[str] = set()  # still handing theirs over
         self.owners: dict[int, str] = {}
         self.synced = threading.Event()  # every retained message read since connecting
+        self.status = ACTIVE  # said again on every connect
         self._nonce = b""
         self._sync = topics.sync(instance)
         self._lock = threading.Lock()
@@ -120,6 +121,7 @@ class Membership:
 
     def leave(self) -> None:
         """Say we are going: the others take our partitions as we hand them over."""
+        self.status = LEAVING
         self.client.publish([(self.topics.member(self.instance), LEAVING)], 1, retain=True)
         self.client.flush(5.0)
 
@@ -144,7 +146,8 @@ class Membership:
         self.synced.clear()
         if up:
             self._nonce = os.urandom(8).hex().encode()
-            self.client.publish([(self.topics.member(self.instance), b"1")], 1, retain=True)
+            self.client.publish([(self.topics.member(self.instance), self.status)], 1,
+                                retain=True)  # fmt: skip
             self.client.publish([(self._sync, self._nonce)], 0)
 
     def _on_messages(self, messages: list[Any]) -> None:

@@ -27,7 +27,7 @@ from streams.catalog import Catalog
 from streams.colocation import colocated, partition_of, partitions
 from streams.transport.mqtt import MqttSettings, connect, make_client
 from tests.test_cli import CLOUDLET
-from tests.test_unit import IRRIGATION, _readings
+from tests.test_unit import IRRIGATION, T0, _readings
 
 DERIVED = ("moisture_10min", "rain_1h", "irrigate")
 Got = list[tuple[str, dict[str, Any]]]
@@ -299,3 +299,56 @@ def test_a_replica_killed_mid_stream_loses_nothing_and_counts_nothing_twice(
     missing = sorted(set(expected) - set(results))[:5]
     extra = sorted(set(results) - set(expected))[:5]
     assert set(results) == set(expected), f"missing {missing}, extra {extra}"
+
+
+@pytest.mark.mqtt
+def test_a_registry_change_reaches_every_partition_and_keeps_the_windows(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """Hot reload with partitions: an object added mid-stream gets a partition (someone
+    subscribes to it and its readings are accepted), and the windows, composite streams and
+    commands of the others are the single unit's, value for value: each partition was
+    snapshotted and restored into engines built from the new registry."""
+    readings = _readings(60)
+    half = len(readings) // 2
+    expected = _single(mosquitto, tmp_path / "single", readings, "irh-single")
+    work = tmp_path / "replicas"
+    config = _config(work, mosquitto, "irh", partitions={"count": 8}, reload="200ms")
+    units = [Unit(config, replica=r).start() for r in ("a", "b")]
+    outputs = Outputs(mosquitto, "outputs-reload")
+    fleet = DeviceFleet(MqttSettings(url=mosquitto.url), client_id="fleet-reload").start()
+    hive = StreamKey("hive-7", "weight")
+    try:
+        _wait(lambda: all(u.runtime.ready for u in units))
+        for key, update in readings[:half]:
+            fleet.publish(key, update)
+        got = outputs.take(_echoed(*readings[half - 1]))
+        (work / "objects" / "hive-7.yaml").write_text(
+            "id: hive-7\nstreams: {weight: {channels: {kg: {type: number}}}}\n"
+        )
+        heard: Got = []
+        deadline = time.monotonic() + 30
+        while not heard and time.monotonic() < deadline:  # until its partition runs
+            fleet.publish(hive, SensorUpdate({"kg": 41.0}, T0))
+            took = outputs.take(lambda g: any(t.startswith("hive-7/") for t, _ in g), 1.0)
+            heard = [m for m in took if m[0].startswith("hive-7/")]
+            got += took
+        assert heard and heard[0][1]["channels"] == {"kg": {"current-value": 41.0}}
+        owner = [u for u in units if partition_of("hive-7", 8) in _owned(u)]
+        assert len(owner) == 1
+        for key, update in readings[half:]:
+            fleet.publish(key, update)
+        got += outputs.take(_echoed(*readings[-1]))
+        got += outputs.take(lambda g: False, timeout=1.5)
+        sample = "cloudlet_registry_reloads_total"
+        reloads = [u.metrics.registry.get_sample_value(sample, {"unit": u.instance})
+                   for u in units]  # fmt: skip
+        assert reloads == [1.0, 1.0]
+    finally:
+        fleet.stop()
+        outputs.close()
+        for unit in units:
+            unit.stop()
+    results = _results(got)
+    missing, extra = sorted(set(expected) - set(results)), sorted(set(results) - set(expected))
+    assert results == expected, f"missing {missing[:5]}, extra {extra[:5]}"

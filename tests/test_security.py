@@ -678,6 +678,40 @@ def test_each_replica_of_a_unit_logs_in_as_itself(
             unit.stop()
 
 
+def test_the_partitions_of_a_unit_log_in_as_themselves(
+    broker: Mosquitto, site: Any, tmp_path: Path
+) -> None:
+    """A unit with windows, composites and a rule, two replicas sharing its partitions on the
+    secured broker: each replica and each partition with an identity of its own, the unit
+    role enough to coordinate (members, owners, snapshots under cloudlet/units/)."""
+    from processors.config import UnitConfig
+    from processors.partitions import Partitions
+    from processors.unit import Unit
+    from tests.test_gateway import IRRIGATION
+
+    ids, _ = site
+    names = ["keyed-unit-0", "keyed-unit-1", *(f"keyed-unit-p{p:02d}" for p in range(8))]
+    for name in names:
+        (tmp_path / name).write_text(ids.add_role("unit", name).secret + "\n")
+    config = UnitConfig.model_validate({
+        "name": "keyed-unit", "objects": [IRRIGATION / "objects"], "http": None,
+        "partitions": {"count": 8},
+        "mqtt": {"url": broker.plain_url, "username": "{instance}",
+                 "password_file": str(tmp_path / "{instance}")},
+    })  # fmt: skip
+    units = [Unit(config, replica=r).start() for r in ("0", "1")]
+    try:
+        deadline = time.monotonic() + 20
+        while not all(u.runtime.ready for u in units) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all(u.runtime.ready for u in units)
+        owned = [set(u.runtime.owned) for u in units if isinstance(u.runtime, Partitions)]
+        assert owned[0] | owned[1] == {0, 2, 4, 6, 7} and not owned[0] & owned[1]
+    finally:
+        for unit in units:
+            unit.stop()
+
+
 def test_the_control_plane_deploys_replicas_that_log_in_as_themselves(
     broker: Mosquitto, site: Any, tmp_path: Path
 ) -> None:
