@@ -110,10 +110,27 @@ class KafkaUnit:
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._main, name="cloudlet-kafka-unit",
                                         daemon=True)  # fmt: skip
+        self.status = self._status() if config.http is not None else None
 
     # lifecycle -----------------------------------------------------------------------------
 
+    def _status(self) -> Any:
+        """/metrics (its counts), /healthz (its input alive), /readyz (partitions restored)."""
+        from processors.metrics import StatusServer, UnitMetrics
+
+        http = self.config.http
+        assert http is not None
+        metrics = UnitMetrics(self.config.name)
+        metrics.registry.register(_KafkaCollector(self))
+        return StatusServer(
+            metrics, http.host, http.port, healthy=lambda: self.alive,
+            ready=self.ready.is_set,
+            token=http.token.secret().encode() if http.token else None,
+        )  # fmt: skip
+
     def start(self) -> KafkaUnit:
+        if self.status is not None:
+            self.status.start()
         self._thread.start()
         log.info("unit %s: Kafka %s, topic %s (group %s%s), %d objects, %d flows",
                  self.config.name, self.settings.bootstrap_servers, self.settings.topic,
@@ -125,6 +142,8 @@ class KafkaUnit:
         """Checkpoint every partition it owns, leave the group."""
         self._stop.set()
         self._thread.join(timeout)
+        if self.status is not None:
+            self.status.stop()
 
     @property
     def alive(self) -> bool:
@@ -419,3 +438,31 @@ def _object_of(value: bytes | None) -> str | None:
     except (orjson.JSONDecodeError, AttributeError):
         return None
     return so if isinstance(so, str) else None
+
+
+class _KafkaCollector:
+    """A Kafka-reading unit's counts, as Prometheus metrics."""
+
+    def __init__(self, unit: KafkaUnit) -> None:
+        self.unit = unit
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        c, name = self.unit.counts, self.unit.config.name
+        for metric, value, doc in (
+            ("cloudlet_kafka_records", c.consumed, "Forwarded records processed"),
+            ("cloudlet_kafka_routed", c.routed, "Records repartitioned by group"),
+            ("cloudlet_kafka_derived", c.derived, "Derived updates written"),
+            ("cloudlet_kafka_unreadable", c.unreadable, "Records that are not cloudlet records"),
+            ("cloudlet_kafka_rejected", c.rejected, "Updates the descriptors refuse"),
+            ("cloudlet_kafka_checkpoints", c.checkpoints, "Partition checkpoints written"),
+            ("cloudlet_kafka_restored", c.restored, "Partitions restored from a checkpoint"),
+        ):
+            family = CounterMetricFamily(metric, doc, labels=["unit"])
+            family.add_metric([name], value)
+            yield family
+        owned = GaugeMetricFamily("cloudlet_partitions_owned", "Partitions this instance runs",
+                                  labels=["unit"])  # fmt: skip
+        owned.add_metric([name], len(self.unit.parts))
+        yield owned

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -193,10 +194,12 @@ def _cloud(work: Path, bootstrap: str, updates: str, derived: str) -> CloudServi
     })).start()  # fmt: skip
 
 
-def _unit_config(work: Path, objects: Path, bootstrap: str, updates: str, name: str) -> Path:
+def _unit_config(
+    work: Path, objects: Path, bootstrap: str, updates: str, name: str, **extra: Any
+) -> Path:
     path = work / f"{name}.yaml"
     path.write_bytes(orjson.dumps({
-        "name": name, "objects": [str(objects)],
+        "name": name, "objects": [str(objects)], **extra,
         "input": {"kafka": {"bootstrap_servers": bootstrap, "topic": updates, "group": "city",
                             "outputs": f"{updates}.derived", "checkpoint_every": "300ms",
                             "transaction_timeout": "8s"}},
@@ -213,7 +216,7 @@ def test_two_instances_compute_a_cross_site_flow_once(kafka: Kafka, tmp_path: Pa
     objects = _objects(tmp_path / "objects", sites, stations)
     cloud = _cloud(tmp_path, kafka.bootstrap_servers, updates, f"{updates}.derived")
     units = [KafkaUnit(UnitConfig.load(_unit_config(tmp_path, objects, kafka.bootstrap_servers,
-                                                    updates, name))).start()
+                                                    updates, name, http={"port": 0}))).start()
              for name in ("city-a", "city-b")]  # fmt: skip
     feed = Sites(tmp_path, kafka.bootstrap_servers, updates, sites)
     try:
@@ -228,6 +231,17 @@ def test_two_instances_compute_a_cross_site_flow_once(kafka: Kafka, tmp_path: Pa
         _check(cloud, _expected(sites, stations, minutes), 60)
         assert sum(u.counts.derived for u in units) >= minutes
         assert all(u.alive for u in units) and cloud.alive
+        for u in units:  # its counts on /metrics, ready on /readyz
+            assert u.status is not None
+            base = f"http://127.0.0.1:{u.status.port}"
+            with urllib.request.urlopen(f"{base}/readyz", timeout=5) as ready:
+                assert ready.status == 200
+            with urllib.request.urlopen(f"{base}/metrics", timeout=5) as answer:
+                text = answer.read().decode()
+            counted = (
+                f'cloudlet_kafka_records_total{{unit="{u.config.name}"}} {u.counts.consumed}.0'
+            )
+            assert counted in text and "cloudlet_partitions_owned" in text
     finally:
         feed.stop()
         for u in units:
