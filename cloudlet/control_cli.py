@@ -52,10 +52,16 @@ def _controller(state: Path) -> Any:
 
 
 def _print_plan(topology: Any, plan: Any) -> None:
+    from cloudlet.topology import partitioning
+
     table = Table("replica", "site", "why", title=f"placement of {topology.name}")
     for a in plan.assignments:
         table.add_row(a.replica, a.site, a.why)
     out.print(table)
+    for spec in topology.units.values():
+        said = partitioning(spec.config, spec.replicas)
+        if said:
+            out.print(said, highlight=False)
 
 
 def _planned(state: Path, topology_path: Path) -> tuple[Any, Any, Any]:

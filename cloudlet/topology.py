@@ -285,6 +285,34 @@ def keyed(config: Path) -> bool:
     return bool(catalog.flows or catalog.rules or catalog.plan.derived)
 
 
+def partitioning(config: Path, replicas: int) -> str | None:
+    """What `plan` says of a keyed unit: how its objects fall into partitions (what one flow
+    or composite joins stays together) and what its replicas can share."""
+    from processors.config import ConfigError, UnitConfig
+    from streams.catalog import Catalog
+    from streams.colocation import colocated, groups, partitions
+
+    if not keyed(config):
+        return None
+    try:
+        unit = UnitConfig.load(config)
+    except ConfigError:
+        return None
+    count = unit.partitions.count if unit.partitions is not None else DEFAULT_PARTITIONS
+    catalog, _ = Catalog.check(unit.objects)
+    of = colocated(catalog)
+    used = partitions(of, count)
+    largest = max(groups(of).values(), key=len, default=[])
+    text = (
+        f"{unit.name}: keyed (windows, composite streams or rules): {len(of)} objects in"
+        f" {len(groups(of))} groups, {len(used)} of {count} partitions in use; the largest"
+        f" group, kept together: {', '.join(largest[:6])}{' ...' if len(largest) > 6 else ''}"
+    )
+    if replicas > len(used):
+        text += f" ({replicas} replicas: {replicas - len(used)} will have no partition)"
+    return text
+
+
 def _split_state(config: Path, replicas: int) -> str | None:
     """Why `replicas` replicas of this unit would compute wrong results, if they would: a
     unit that keeps state split by message (its own `share_group`) sees part of every

@@ -11,7 +11,7 @@ import yaml
 from cloudlet.export import compose, kubernetes
 from cloudlet.placement import PlacementError, place
 from cloudlet.rig.apt import compose_command
-from cloudlet.topology import Location, Topology, TopologyError, memory_bytes
+from cloudlet.topology import Location, Topology, TopologyError, memory_bytes, partitioning
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "cloudlet" / "scenarios" / "irrigation" / "topology.yaml"
@@ -253,6 +253,13 @@ def test_replicas_of_a_unit_that_derives_are_partitioned_and_sharing_messages_is
     assert "share_group" not in rendered["irrigation"]
     assert rendered["archive"]["share_group"] == "archive"
     assert "partitions" not in rendered["archive"]
+    assert partitioning(units / "irrigation.yaml", 8) == (  # what `plan` says of it
+        "irrigation: keyed (windows, composite streams or rules): 10 objects in 5 groups, 5 of"
+        " 16 partitions in use; the largest group, kept together: field-1-soil, field-2-soil,"
+        " field-3-soil, field-4-soil, rain-gauge-1, weather-1 (8 replicas: 3 will have no"
+        " partition)"
+    )
+    assert partitioning(units / "archive.yaml", 3) is None
 
     sharing = tmp_path / "sharing.yaml"
     sharing.write_text(
