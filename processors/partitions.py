@@ -55,6 +55,10 @@ Clock = Callable[[], float]
 # A partition's runtime, made for its objects from a catalog (the unit's build, its config).
 MakeRuntime = Callable[[int, list[str], Catalog, BrokerState, Callable[[], bool]], UnitRuntime]
 ACTIVE, LEAVING = b"1", b"leaving"  # a member's retained status; none: gone (or dead)
+# After first seeing the members, how long a replica waits before taking partitions: replicas
+# started together then see each other first (as Kafka's group.initial.rebalance.delay.ms),
+# instead of the first taking everything and handing most of it over at once.
+SETTLE = 1.0
 
 
 def partition_client(unit: str, p: int) -> str:
@@ -231,6 +235,7 @@ class Partitions:
         self._rebuilt: Rebuilt | None = None
         self._waiting: dict[int, float] = {}  # partition -> since when we wait for it
         self._lost: dict[int, tuple[str, ...]] = {}  # fenced: not taken back in that view
+        self._settled: float | None = None  # when the first view may be acted on
         self.membership = Membership(settings, self.topics, instance, self._changed.set)
         metrics.registry.register(_PartitionCollector(self))
         self._thread = threading.Thread(target=self._run, name="cloudlet-partitions",
@@ -245,8 +250,8 @@ class Partitions:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and all(
-            rt.alive or rt.fenced for rt in list(self.owned.values())
+        return self._thread.is_alive() and all(  # a partition being handed over is not dead
+            rt.alive or rt.fenced or rt.stopping for rt in list(self.owned.values())
         )
 
     @property
@@ -326,6 +331,12 @@ class Partitions:
         members, owners = self.membership.view()
         if self.instance not in members:
             return  # our own announcement is on its way
+        if self._settled is None:
+            self._settled = self.clock() + SETTLE
+        if self.clock() < self._settled:
+            self._changed.set()
+            time.sleep(0.05)
+            return
         wanted = {p for p in self._objects if members[p % len(members)] == self.instance}
         for p in sorted(set(self.owned) - wanted):
             self._release(p)

@@ -256,6 +256,11 @@ class UnitRuntime:
     def fenced(self) -> bool:
         return self._fenced.is_set()
 
+    @property
+    def stopping(self) -> bool:
+        """Told to stop (its worker ends once it has drained): not a dead worker."""
+        return self._stopping.is_set()
+
     def stop(self, timeout: float = 10.0, farewell: list[tuple[str, bytes]] | None = None) -> None:
         """Finish the messages already received, checkpoint, acknowledge, publish `farewell`
         (retained: a partition's owner cleared), disconnect."""
