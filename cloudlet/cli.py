@@ -52,6 +52,30 @@ register_rig(app)
 register_devices(app)
 register_registry(so_app)
 
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            found = version("cloudlet")
+        except PackageNotFoundError:  # run from a checkout that was never installed
+            found = "unknown (not installed)"
+        out.print(f"cloudlet {found}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    show_version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True,
+                     help="Print the version and exit."),
+    ] = False,
+) -> None:  # fmt: skip
+    """cloudlet: IoT edge data streams, from devices through the cloudlet to the cloud."""
+
+
 # so ------------------------------------------------------------------------------------------
 
 
@@ -199,6 +223,11 @@ def flow_test(
     _print_problems(problems)
     if problems:
         raise typer.Exit(1)
+    if str(input_path) == "-" and sys.stdin.isatty():  # nothing piped: say so, do not wait
+        raise _fail(
+            "no input: pipe JSON lines in (cloudlet flow test ... < updates.jsonl) or give"
+            ' --input FILE; each line {"so": ..., "stream": ..., "update": {...}}'
+        )
     try:
         source = sys.stdin.buffer if str(input_path) == "-" else input_path.open("rb")
     except OSError as exc:

@@ -12,7 +12,9 @@ right reason, and that the cloud store holds what the unit forwarded.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -64,7 +66,8 @@ class DemoSettings:
     steps: int | None = None  # stop after this many simulation steps
     kafka: str | None = None  # bootstrap servers: forward through Kafka instead of directly
     port: int = 8000  # the dashboard's; 0 picks a free one
-    workdir: Path | None = None
+    workdir: Path | None = None  # kept; a temporary one is removed at the end unless `keep`
+    keep: bool = False
     fault_kinds: list[str] | None = None  # default: every kind
 
 
@@ -76,6 +79,7 @@ class Observed:
     derived: Counter[str] = field(default_factory=Counter)  # by stream id
     dead_letters: Counter[str] = field(default_factory=Counter)
     latest: dict[str, dict[str, Any]] = field(default_factory=dict)
+    heard: dict[str, float] = field(default_factory=dict)  # object -> when it last posted
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def on_message(self, topics: TopicScheme, registry: Registry, msg: mqtt.MQTTMessage) -> None:
@@ -92,7 +96,14 @@ class Observed:
                 self.derived[stream] += 1
             else:
                 self.updates += 1
+                self.heard[so] = time.monotonic()
             self.latest[f"{so} / {stream}"] = body
+
+    def online(self, within: float) -> int:
+        """The devices whose updates came out in the last `within` seconds."""
+        since = time.monotonic() - within
+        with self.lock:
+            return sum(1 for at in self.heard.values() if at >= since)
 
     @property
     def total(self) -> int:
@@ -129,6 +140,7 @@ class Demo:
         self.observed = Observed()
         self.started = time.monotonic()
         self.home = scenario_dir(settings.scenario)
+        self.temporary = settings.workdir is None and not settings.keep
         self.workdir = settings.workdir or Path(tempfile.mkdtemp(prefix="cloudlet-demo-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.catalog = Catalog.load([self.home / "objects"])
@@ -218,7 +230,15 @@ class Demo:
             cloud["kafka"] = {"bootstrap_servers": self.settings.kafka,
                               "topic": f"cloudlet.demo.{self.settings.scenario}",
                               "group": f"cloudlet-demo-{os.getpid()}"}  # fmt: skip
-        self.cloud = CloudService(CloudSettings.model_validate(cloud)).start()
+        try:
+            self.cloud = CloudService(CloudSettings.model_validate(cloud)).start()
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise RuntimeError(
+                    f"port {self.settings.port} (the dashboard's) is in use: choose another"
+                    " with --port, or --port 0 for a free one"
+                ) from None
+            raise
         self.progress("starting the simulated devices")
         # yesterday morning, replayed fast until the simulated clock meets the real one
         start = (datetime.now(UTC) - timedelta(days=1)).replace(
@@ -344,6 +364,8 @@ class Demo:
             self._observer.disconnect()
         if self.broker is not None:
             self.broker.stop()
+        if self.temporary:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     # results -----------------------------------------------------------------------------
 

@@ -251,6 +251,9 @@ def demo(
     summary_path: Annotated[
         Path | None, typer.Option("--summary", help="Also write the summary as JSON here.")
     ] = None,
+    keep: Annotated[
+        bool, typer.Option(help="Keep the work directory (logs, outbox, cloud store) at the end.")
+    ] = False,
 ) -> None:
     """Run simulated devices through a real broker, the cloudlet and the cloud; watch it live
     in the terminal and on the dashboard."""
@@ -262,7 +265,7 @@ def demo(
     if speed is None:
         speed = 120.0 if scenario == "smart-city" else 600.0
     settings = DemoSettings(scenario, mqtt_url, duration, rate, speed, faults, seed, steps,
-                            kafka, port, fault_kinds=fault_kind)  # fmt: skip
+                            kafka, port, keep=keep, fault_kinds=fault_kind)  # fmt: skip
     runner: Demo | None = None
     try:
         with err.status("starting") as status:
@@ -273,7 +276,8 @@ def demo(
             runner.stop()
         raise _fail(str(exc)) from None
     assert runner.cloud is not None
-    out.print(f"dashboard: {runner.cloud.url}/   (work directory: {runner.workdir})")
+    kept = "kept" if keep else "removed at the end; --keep keeps it"
+    out.print(f"dashboard: {runner.cloud.url}/   (work directory: {runner.workdir}, {kept})")
     stop = _stop_on_signals(interrupt=False)  # Ctrl-C interrupts the live view instead
     try:
         if out.is_terminal:

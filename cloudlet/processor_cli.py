@@ -26,6 +26,8 @@ def _describe(schema: dict[str, Any]) -> str:
             str(p.get("type") or p.get("$ref", "").rsplit("/", 1)[-1])
             for p in prop.get("anyOf", [])
         )
+        if prop.get("format") == "duration":  # milliseconds in the schema, "10m" in a file
+            kind = "duration"
         fields.append(f"{name}{'' if name in required else '?'}: {kind or 'object'}")
     return ", ".join(fields) or "-"
 

@@ -50,6 +50,13 @@ class UnitFile(UnitConfig):
             outbox = config.outbox.model_copy(update={"path": path.parent / config.outbox.path})
             config = config.model_copy(update={"outbox": outbox})
         forward = config.forward
+        store = forward.store if forward is not None else None
+        if forward is not None and store is not None and store.startswith("sqlite:///"):
+            # a SQLite store's file, like every other path of the file: relative to it
+            file = Path(store.removeprefix("sqlite:///"))
+            if not file.is_absolute():
+                forward = forward.model_copy(update={"store": f"sqlite:///{path.parent / file}"})
+                config = config.model_copy(update={"forward": forward})
         if forward is not None and forward.registry is not None:  # read among the objects
             folder = path.parent / forward.registry
             folder.mkdir(parents=True, exist_ok=True)

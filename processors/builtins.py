@@ -41,6 +41,10 @@ class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+# A config field holding a duration ("10m", "500ms" or milliseconds), said so in its schema
+DURATION: dict[str, Any] = {"format": "duration", "description": 'milliseconds, or "10s", "5m"'}
+
+
 def _duration(value: Any) -> int:
     return duration_ms(value)
 
@@ -197,7 +201,7 @@ class Actuate(_OnAnEngine, Processor["Actuate.Config"]):
         so: str
         action: str
         parameters: dict[str, Any] = {}
-        min_interval: int = 0
+        min_interval: int = Field(0, json_schema_extra=DURATION)
 
         _interval = field_validator("min_interval", mode="before")(lambda cls, v: _duration(v))
 

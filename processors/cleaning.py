@@ -11,7 +11,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import Field, field_validator
 
-from processors.builtins import _Config, _duration, _number
+from processors.builtins import DURATION, _Config, _duration, _number
 from processors.plugin import Batch, Output, Processor, ProcessorError, Setup
 from processors.undo import TransactionalDict
 from streams.codec import update_document
@@ -27,7 +27,7 @@ class Dedupe(Processor["Dedupe.Config"]):
 
     class Config(_Config):
         by: list[str] | None = None
-        within: int = 3_600_000
+        within: int = Field(3_600_000, json_schema_extra=DURATION)
         max_entries: int = Field(default=10_000, ge=1)
 
         _within = field_validator("within", mode="before")(lambda cls, v: _duration(v))
@@ -156,7 +156,7 @@ class Downsample(Processor["Downsample.Config"]):
     (align: false, a rate limit)."""
 
     class Config(_Config):
-        every: int
+        every: int = Field(json_schema_extra=DURATION)
         align: bool = True
 
         _every = field_validator("every", mode="before")(lambda cls, v: _duration(v))

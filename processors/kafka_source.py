@@ -32,7 +32,6 @@ import hashlib
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -399,37 +398,78 @@ class KafkaUnit:
 
     async def _route(self) -> None:
         """Records to `<group>.by-key`, keyed by their object's group, in transactions with
-        the offsets they were read at: each record there exactly once."""
-        from aiokafka import AIOKafkaConsumer, TopicPartition
+        the offsets they were read at: each record there exactly once. Each input partition
+        has its own transactional producer (`<group>.router.<topic>.<partition>`): the
+        instance given a partition fences a router that had it and still runs (cut off from
+        the group), and aborts what that one had not committed."""
+        from aiokafka import AIOKafkaConsumer
+        from aiokafka.abc import ConsumerRebalanceListener
+        from aiokafka.errors import ProducerFenced
 
         consumer = AIOKafkaConsumer(
-            self.settings.topic, bootstrap_servers=self.settings.bootstrap_servers,
+            bootstrap_servers=self.settings.bootstrap_servers,
             group_id=f"{self.group}.router", enable_auto_commit=False,
             auto_offset_reset="earliest", isolation_level="read_committed",
             metadata_max_age_ms=5_000,
         )  # fmt: skip
-        producer = self._transactional(f"{self.group}.router.{uuid.uuid4().hex[:12]}")
-        await producer.start()
+        producers: dict[int, Any] = {}
+        unit = self
+
+        class Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+            async def on_partitions_revoked(self, revoked: Any) -> None:
+                for tp in revoked:
+                    producer = producers.pop(tp.partition, None)
+                    if producer is not None:
+                        with contextlib.suppress(Exception):
+                            await producer.stop()
+
+            async def on_partitions_assigned(self, assigned: Any) -> None:
+                for tp in assigned:
+                    if tp.partition not in producers:
+                        producer = unit._transactional(
+                            f"{unit.group}.router.{tp.topic}.{tp.partition}"
+                        )
+                        await producer.start()
+                        producers[tp.partition] = producer
+
+        consumer.subscribe([self.settings.topic], listener=Rebalance())
         await consumer.start()
         try:
             while not self._stop.is_set():
                 batches = await consumer.getmany(timeout_ms=200, max_records=2000)
-                if not batches:
-                    continue
-                async with producer.transaction():
-                    offsets = {}
-                    for tp, records in batches.items():
-                        for r in records:
-                            so = _object_of(r.value)
-                            key = self.groups.get(so, so) if so is not None else "unreadable"
-                            await producer.send(self.by_key, r.value, key=key.encode())
-                        offsets[TopicPartition(tp.topic, tp.partition)] = records[-1].offset + 1
-                        self.counts.routed += len(records)
-                    await producer.send_offsets_to_transaction(offsets, f"{self.group}.router")
+                for tp, records in batches.items():
+                    producer = producers.get(tp.partition)
+                    if producer is None:
+                        continue  # not ours (any more): its router reads them
+                    try:
+                        await _send_routed(self, producer, tp, records)
+                    except ProducerFenced:
+                        log.warning("routing of partition %d was given to another instance: left"
+                                    " to it", tp.partition)  # fmt: skip
+                        producers.pop(tp.partition, None)
+                        with contextlib.suppress(Exception):
+                            await producer.stop()
+                        continue
+                    self.counts.routed += len(records)
         finally:
             with contextlib.suppress(Exception):
                 await consumer.stop()
-            await producer.stop()
+            for producer in producers.values():
+                with contextlib.suppress(Exception):
+                    await producer.stop()
+
+
+async def _send_routed(unit: KafkaUnit, producer: Any, tp: Any, records: list[Any]) -> None:
+    """One input partition's records to `<group>.by-key` with their offsets, one transaction."""
+    from aiokafka import TopicPartition
+
+    async with producer.transaction():
+        for r in records:
+            so = _object_of(r.value)
+            key = unit.groups.get(so, so) if so is not None else "unreadable"
+            await producer.send(unit.by_key, r.value, key=key.encode())
+        offsets = {TopicPartition(tp.topic, tp.partition): records[-1].offset + 1}
+        await producer.send_offsets_to_transaction(offsets, f"{unit.group}.router")
 
 
 def _object_of(value: bytes | None) -> str | None:

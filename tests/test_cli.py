@@ -31,6 +31,25 @@ def test_help_lists_the_commands() -> None:
     assert "so" in done.stdout and "rig" in done.stdout
 
 
+def test_version_and_what_a_newcomer_hits() -> None:
+    """`--version`; `processor list` says a duration is one; `flow test` on the shipped
+    example input gives the windows the README shows."""
+    from importlib.metadata import version
+
+    done = run("--version")
+    assert (done.returncode, done.stdout) == (0, f"cloudlet {version('cloudlet')}\n")
+    listed = run("processor", "list").stdout
+    assert "min_interval?: duration" in listed and "every: duration" in listed
+    scenario = Path(__file__).resolve().parent.parent / "cloudlet" / "scenarios" / "irrigation"
+    done = run("flow", "test", str(scenario / "objects"), "--input",
+               str(scenario / "updates.jsonl"))  # fmt: skip
+    lines = [orjson.loads(line) for line in done.stdout.splitlines()]
+    assert [(r["kind"], r["stream"]) for r in lines[:4]] == [
+        ("derived", "moisture_10min"), ("late", "soil"), ("rejected", "soil"),
+        ("derived", "moisture_10min")]  # fmt: skip
+    assert lines[0]["update"]["channels"]["moisture"] == {"current-value": 19.0}
+
+
 def test_validate_accepts_the_servioticy_demo_descriptors() -> None:
     done = run("so", "validate", str(SERVIOTICY))
     assert (done.returncode, done.stdout, done.stderr) == (

@@ -98,3 +98,63 @@ def test_the_demo_on_a_broker_of_your_own(mosquitto: Mosquitto, tmp_path: Path) 
                        "--rate", "25", "--speed", "1500", "--faults", "0")  # fmt: skip
     assert summary["sent"]["refused_by_broker"] == {}
     assert summary["lossless"] is True
+
+
+@pytest.mark.mqtt
+def test_a_busy_port_is_named_and_the_work_directory_goes(tmp_path: Path) -> None:
+    """The dashboard's port taken: the error names it and says what to do; the demo's
+    temporary work directory (broker, unit, outbox) is removed, as after every run."""
+    import socket
+    import subprocess
+
+    from tests.test_cli import CLOUDLET
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [CLOUDLET, "demo", "irrigation", "--steps", "1", "--port", str(port)],
+            capture_output=True, text=True, timeout=120,
+            env={"COLUMNS": "200", "PATH": "/usr/bin:/bin", "TMPDIR": str(tmp_path)},
+        )  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert (f"port {port} (the dashboard's) is in use: choose another with --port, or --port 0"
+            " for a free one") in " ".join(done.stderr.split())  # fmt: skip
+    assert not list(tmp_path.glob("cloudlet-demo-*"))
+
+
+def test_the_live_view_shows_every_stream_devices_heard_from_and_late_apart() -> None:
+    """Every object's streams (not the last 18), grouped by object; devices online are those
+    heard from lately, not the configured count; late updates are not rejections."""
+    import time
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from cloudlet.demo import Observed
+    from cloudlet.demo_view import live_view
+
+    observed = Observed()
+    for i in range(30):
+        observed.latest[f"field-{i:02d}-soil / soil"] = {
+            "channels": {"moisture": {"current-value": float(i)}},
+            "lastUpdate": 1_700_000_000_000,
+        }
+    observed.heard = {"field-00-soil": time.monotonic(), "field-01-soil": time.monotonic() - 60}
+    demo = SimpleNamespace(
+        observed=observed, simulator=None, started=time.monotonic() - 5, cloud=None,
+        settings=SimpleNamespace(scenario="irrigation"), _stored=lambda: 0,
+        metrics={"cloudlet_updates_rejected_total:late": 3.0,
+                 "cloudlet_updates_rejected_total:wrong_type": 2.0,
+                 "cloudlet_updates_late_total": 3.0},
+    )  # fmt: skip
+    console = Console(record=True, width=200, height=200)
+    console.print(live_view(demo))  # type: ignore[arg-type]
+    text = console.export_text()
+    assert all(f"field-{i:02d}-soil" in text for i in range(30))
+    assert "1 of 0 simulated" in text  # heard from in the last 10 s: one
+    rows = [line.strip("│ ").split() for line in text.splitlines()]
+    lines = {row[0]: " ".join(row) for row in rows if row}
+    assert "wrong_type=2" in lines["rejected"] and "late" not in lines["rejected"]
+    assert "3 updates accepted after their window closed" in lines["late"]

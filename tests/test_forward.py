@@ -382,3 +382,23 @@ def test_a_record_too_large_for_kafka_is_dead_lettered_and_the_rest_go_on(
     assert letter["messageId"].startswith(f"farm/s1/data/{T0 + 3}/")
     assert len(letter["excerpt"]) == 1000
     assert forwarder.counts.dead_letters == 1 and outbox.depth() == 0
+
+
+def test_a_relative_sqlite_store_is_beside_the_unit_file(tmp_path: Path) -> None:
+    """Like every other path of a unit file: not the directory the command ran in."""
+    from cloudlet.units import UnitFile
+
+    folder = tmp_path / "site"
+    folder.mkdir()
+    (folder / "unit.yaml").write_text(
+        f"name: u\nobjects: [{tmp_path}]\noutbox: {{path: outbox}}\n"
+        "forward: {site: s, store: 'sqlite:///cloud.db'}\n"
+    )
+    config = UnitFile.load(folder / "unit.yaml")
+    assert config.forward is not None and config.forward.store == f"sqlite:///{folder}/cloud.db"
+    (folder / "abs.yaml").write_text(
+        f"name: u\nobjects: [{tmp_path}]\noutbox: {{path: outbox}}\n"
+        f"forward: {{site: s, store: 'sqlite:///{tmp_path}/x.db'}}\n"
+    )
+    config = UnitFile.load(folder / "abs.yaml")
+    assert config.forward is not None and config.forward.store == f"sqlite:///{tmp_path}/x.db"
