@@ -155,6 +155,12 @@ def simulate(
             " init's devices.json, or cloudlet device sync --secret-file)."
         ),
     ] = None,
+    write_only: Annotated[
+        bool,
+        typer.Option(
+            "--write-only", help="With --devices: write the scaled descriptors, and stop."
+        ),
+    ] = False,
 ) -> None:
     """Simulated devices of a scenario publishing over MQTT, with faults on demand."""
     from datetime import UTC, datetime, timedelta
@@ -176,6 +182,10 @@ def simulate(
         except (OSError, ValueError) as exc:
             raise _fail(f"cannot write the scaled scenario: {exc}") from None
         out.print(f"descriptors for {devices} devices in {objects} (give them to the unit)")
+        if write_only:
+            return
+    elif write_only:
+        raise _fail("--write-only writes a scaled scenario: give --devices N")
     try:
         begin = datetime.fromisoformat(start) if start else (
             datetime.now(UTC) - timedelta(days=1)).replace(

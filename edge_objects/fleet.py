@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import SecretStr
 
+from edge_objects.netloop import SharedLoop
 from edge_objects.publisher import OrderedPublisher
 from streams import Codec, SensorUpdate, StreamKey, TopicScheme, encode_update
 from streams.transport.mqtt import (
@@ -35,8 +36,12 @@ log = logging.getLogger(__name__)
 class _Link:
     """One MQTT connection, counting what the broker acknowledged and what it refused."""
 
-    def __init__(self, fleet: DeviceFleet, settings: MqttSettings, client_id: str) -> None:
+    def __init__(
+        self, fleet: DeviceFleet, settings: MqttSettings, client_id: str,
+        loop: SharedLoop | None = None,
+    ) -> None:  # fmt: skip
         self.fleet = fleet
+        self.loop = loop
         self.settings = settings
         self.client_id = client_id
         self.connected = threading.Event()
@@ -68,11 +73,17 @@ class _Link:
 
     def start(self) -> None:
         connect(self.client, self.settings, persistent=False)
-        self.client.loop_start()
+        if self.loop is not None:
+            self.loop.add(self.client)
+        else:
+            self.client.loop_start()
 
     def stop(self) -> None:
         self.client.disconnect()
-        self.client.loop_stop()
+        if self.loop is not None:
+            self.loop.remove(self.client)
+        else:
+            self.client.loop_stop()
 
 
 class DeviceFleet:
@@ -85,7 +96,10 @@ class DeviceFleet:
         client_id: str = "cloudlet-simulator",
         topics: TopicScheme | None = None,
         credentials: Mapping[str, str] | None = None,
+        loop: SharedLoop | None = None,
     ) -> None:
+        """`credentials`: each device logs in as itself (a connection each, all served by
+        `loop`, one network thread, when given)."""
         self.topics = topics or TopicScheme()
         self.sent: Counter[str] = Counter()  # by kind: "update" or a fault's name
         self.refused: Counter[str] = Counter()  # by kind: publishes the broker refused
@@ -95,11 +109,12 @@ class DeviceFleet:
         if credentials:
             self._links = {
                 so: _Link(self, settings.model_copy(update={"username": so,
-                                                            "password": SecretStr(secret)}), so)
+                                                            "password": SecretStr(secret)}), so,
+                          loop)
                 for so, secret in sorted(credentials.items())
             }  # fmt: skip
         else:
-            self._links = {"": _Link(self, settings, client_id)}
+            self._links = {"": _Link(self, settings, client_id, loop)}
         self._any = next(iter(self._links.values()))
 
     @property

@@ -36,6 +36,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
+from edge_objects.netloop import SharedLoop
 from edge_objects.publisher import BufferFull, OrderedPublisher
 from streams import Codec, SensorUpdate, TopicScheme, encode_batch, encode_update
 from streams.actuation import Actuation, ActuationError, ActuationStatus, StatusReport
@@ -67,8 +68,12 @@ class EdgeObject:
         buffer_limit: int = 10_000,
         codec: Codec = Codec.JSON,
         clock: Callable[[], float] = time.time,
+        loop: SharedLoop | None = None,
     ) -> None:
+        """`loop`: a network thread shared with other clients (many devices in one process)
+        instead of one of its own."""
         self.so_id = so_id
+        self._loop = loop
         self.topics = topics or TopicScheme()
         self.codec = codec
         self.clock = clock
@@ -91,6 +96,7 @@ class EdgeObject:
         self._client.on_message = self._on_message
         self._properties = content_type_properties(codec.content_type)
         self._commands: queue.SimpleQueue[Actuation | None] = queue.SimpleQueue()
+        self._starting = threading.Lock()
         self._worker = threading.Thread(
             target=self._run_actions, name=f"{so_id}-actions", daemon=True
         )
@@ -108,14 +114,19 @@ class EdgeObject:
 
     def start(self) -> EdgeObject:
         connect(self._client, self._settings, persistent=True)
-        self._client.loop_start()
-        self._worker.start()
+        if self._loop is not None:
+            self._loop.add(self._client)
+        else:
+            self._client.loop_start()
         return self
 
     def stop(self) -> None:
         self._commands.put(None)
         self._client.disconnect()
-        self._client.loop_stop()
+        if self._loop is not None:
+            self._loop.remove(self._client)
+        else:
+            self._client.loop_stop()
 
     def publish(
         self,
@@ -194,6 +205,10 @@ class EdgeObject:
             self.ignored += 1
             log.exception("%s: ignoring a command that cannot be read", self.so_id)
             return
+        if not self._worker.ident:  # its first command: a thread only for devices that get one
+            with self._starting:
+                if not self._worker.ident:
+                    self._worker.start()
         self._commands.put(command)  # handlers may be slow: never run them on this thread
 
     def _run_actions(self) -> None:

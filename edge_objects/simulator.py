@@ -25,6 +25,7 @@ from pydantic import SecretStr
 from edge_objects.faults import FaultInjector
 from edge_objects.fleet import DeviceFleet
 from edge_objects.irrigation import FieldDevices, IrrigationModel, IrrigationSite
+from edge_objects.netloop import SharedLoop
 from edge_objects.sdk import EdgeObject
 from edge_objects.smart_city import SmartCityModel
 from streams import SensorUpdate, StreamKey, TopicScheme
@@ -131,6 +132,22 @@ def _zone_name(i: int) -> str:
 # running -----------------------------------------------------------------------------------
 
 
+def _enough_descriptors(needed: int) -> None:
+    """Raise this process's open-file limit (its soft one, up to the hard one) to `needed`:
+    a connection per device."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        top = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (top, hard))
+        if top < needed:
+            raise RuntimeError(
+                f"{needed} open files are needed (a connection per simulated device) and this"
+                f" process may open {hard}: raise the limit (ulimit -n) or simulate fewer"
+            )
+
+
 class Simulator:
     """Steps the model, applies faults and publishes; valves take commands between steps."""
 
@@ -151,8 +168,11 @@ class Simulator:
         self.simulation = simulation
         self.topics = topics or TopicScheme()
         self.credentials = dict(credentials or {})
+        # every device's connection on one network thread (thousands of devices: no thread
+        # and no select() each; see edge_objects.netloop)
+        self.loop = SharedLoop(f"{client_id}-network")
         self.fleet = DeviceFleet(settings, client_id=client_id, topics=self.topics,
-                                 credentials=self.credentials)  # fmt: skip
+                                 credentials=self.credentials, loop=self.loop)  # fmt: skip
         self.injector = FaultInjector(random.Random(seed + 1), faults, self.topics, fault_kinds)
         self.commands: queue.SimpleQueue[tuple[str, float]] = queue.SimpleQueue()
         self.valve_openings: Counter[str] = Counter()
@@ -163,9 +183,10 @@ class Simulator:
         secret = self.credentials.get(valve_id)
         if secret is not None:  # the valve logs in as itself: its id is its client id
             own = settings.model_copy(update={"username": valve_id, "password": SecretStr(secret)})
-            valve = EdgeObject(valve_id, own)
+            valve = EdgeObject(valve_id, own, loop=self.loop)
         else:
-            valve = EdgeObject(valve_id, settings, client_id=f"{prefix}-{valve_id}")
+            valve = EdgeObject(valve_id, settings, client_id=f"{prefix}-{valve_id}",
+                               loop=self.loop)  # fmt: skip
 
         @valve.action("open")
         def open_(parameters: dict[str, Any]) -> str:
@@ -181,6 +202,7 @@ class Simulator:
         return valve
 
     def start(self, timeout: float = 15.0) -> Simulator:
+        _enough_descriptors(len(self.valves) + len(self.credentials) + 64)
         self.fleet.start()
         for v in self.valves:
             v.start()
@@ -240,6 +262,7 @@ class Simulator:
         for v in self.valves:
             v.stop()
         self.fleet.stop()
+        self.loop.stop()
 
     def summary(self) -> dict[str, Any]:
         return {

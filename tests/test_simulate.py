@@ -212,3 +212,41 @@ def test_simulated_valves_obey_the_irrigation_rule(mosquitto: Mosquitto, tmp_pat
     assert sum(simulator.valve_openings.values()) >= 1
     commands = unit.runtime.actuations.recent(100)
     assert any(c["status"] == "done" and c["so"].endswith("-valve") for c in commands)
+
+
+@pytest.mark.mqtt
+def test_ten_thousand_simulated_devices(tmp_path: Path) -> None:
+    """`cloudlet simulate irrigation --devices 10000`: about 5,000 valves, a connection each
+    (they take commands), all on one network thread polling with epoll: paho's select() could
+    not watch a descriptor above 1023 (the simulation failed at about 700 devices). Every
+    reading of two steps acknowledged by the broker. And `--write-only` writes the
+    descriptors only."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = 12_000  # the broker's connections and ours (it inherits the limit)
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        pytest.skip(f"this machine allows {hard} open files; the test needs {needed}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, needed), hard))
+    written = subprocess.run(
+        [CLOUDLET, "simulate", "irrigation", "--devices", "10000", "--write-only",
+         "--objects-dir", str(tmp_path / "only")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert written.returncode == 0, written.stderr
+    assert "descriptors for 10000 devices" in written.stdout
+    assert len(Catalog.load([tmp_path / "only" / "objects"]).registry) >= 10_000
+    broker = Mosquitto(tmp_path / "broker", superuser=True).start()
+    try:
+        done = subprocess.run(
+            [CLOUDLET, "simulate", "irrigation", "--devices", "10000", "--objects-dir",
+             str(tmp_path / "objects"), "--mqtt", broker.url, "--steps", "2", "--rate", "4"],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    finally:
+        broker.stop()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = orjson.loads(done.stdout[done.stdout.index("{") :])
+    assert summary["devices"] >= 10_000 and summary["delivered"] is True
+    assert summary["sent"]["update"] == 2 * summary["devices"]
