@@ -8,13 +8,18 @@ ARGS   ?=
 
 .PHONY: demo test install services lint clean bench
 
+# the project (what the demo needs), then the tests' extras
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard streams/kernels/*.pyx)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed-test
 
 # Mosquitto from Debian's packages, Kafka's jars from Maven Central (cached in ~/.cache/cloudlet)
 services: install
@@ -31,7 +36,9 @@ test: services lint
 	CLOUDLET_REQUIRE_EXTENSIONS=1 $(PY) -m pytest $(ARGS)
 	CLOUDLET_NO_EXTENSIONS=1 $(PY) -m pytest -q -m "not docker" $(ARGS)
 
-demo: services
+# only what the demo uses: the project and Mosquitto (no browser, database, Docker or Kafka)
+demo: $(VENV)/.installed
+	$(VENV)/bin/cloudlet rig install --demo
 	$(VENV)/bin/cloudlet demo $(ARGS)
 
 bench: services

@@ -30,9 +30,13 @@ def register(app: typer.Typer) -> None:
 
 
 @rig_app.command("install")
-def rig_install() -> None:
+def rig_install(
+    demo: Annotated[
+        bool, typer.Option("--demo", help="Only what `cloudlet demo` uses: Mosquitto.")
+    ] = False,
+) -> None:
     """Install Mosquitto, PostgreSQL, Chromium, docker-compose, dockerd and debootstrap (Debian
-    packages) and resolve Kafka's jars (Maven Central)."""
+    packages) and resolve Kafka's jars (Maven Central); with --demo, Mosquitto only."""
     from cloudlet.rig import ensure_postgres
     from cloudlet.rig.apt import compose_command
     from cloudlet.rig.browser import ensure_chromium
@@ -40,6 +44,8 @@ def rig_install() -> None:
 
     try:
         out.print(f"mosquitto: {ensure_mosquitto()}")
+        if demo:
+            return
         out.print(f"postgresql: {ensure_postgres()}")
         out.print(f"chromium (the dashboard's tests): {ensure_chromium()}")
         out.print(f"compose (validates compose/): {' '.join(compose_command())}")
