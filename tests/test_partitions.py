@@ -27,14 +27,15 @@ from streams.catalog import Catalog
 from streams.colocation import colocated, partition_of, partitions
 from streams.transport.mqtt import MqttSettings, connect, make_client
 from tests.test_cli import CLOUDLET
-from tests.test_unit import IRRIGATION, T0, _readings
+from tests.test_unit import IRRIGATION, T0, Collector, _readings
 
 DERIVED = ("moisture_10min", "rain_1h", "irrigate")
 Got = list[tuple[str, dict[str, Any]]]
 
 
-class Outputs:
-    """Every update, dead letter and command the units publish."""
+class Outputs(Collector):
+    """Every update, dead letter and command the units publish (`take`, `close`: a
+    Collector's)."""
 
     def __init__(self, broker: Mosquitto, name: str) -> None:
         self.messages: queue.SimpleQueue[tuple[str, dict[str, Any]]] = queue.SimpleQueue()
@@ -51,20 +52,6 @@ class Outputs:
         connect(self.client, settings, persistent=False)
         self.client.loop_start()
         assert subscribed.get(timeout=10)
-
-    def take(self, until: Callable[[Got], bool], timeout: float = 60) -> Got:
-        got: Got = []
-        deadline = time.monotonic() + timeout
-        while not until(got) and time.monotonic() < deadline:
-            try:
-                got.append(self.messages.get(timeout=0.2))
-            except queue.Empty:
-                pass
-        return got
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
 
 
 def _results(got: Got) -> list[tuple[str, str]]:
