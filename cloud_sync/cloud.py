@@ -44,7 +44,7 @@ from cloud_sync.registry_api import install
 from cloud_sync.registry_sync import RegistryPublisher, Worker
 from cloud_sync.store import CloudMessage, CloudStore, open_store
 from streams.actuation import Actuation
-from streams.transport.web import BackgroundServer, Token, bearer
+from streams.transport.web import BackgroundServer, Token, bearer, local_docs
 
 log = logging.getLogger(__name__)
 MIN_MS, MAX_MS = -(2**63), 2**63 - 1  # times in the store are signed 64-bit milliseconds
@@ -305,10 +305,13 @@ class CloudService:
     # API -------------------------------------------------------------------------------------
 
     def _app(self) -> FastAPI:
-        app = FastAPI(
+        app = FastAPI(  # /docs served with local assets (local_docs), no ReDoc (a CDN's)
+            docs_url=None,
+            redoc_url=None,
             title="cloudlet cloud objects",
             description="What the cloudlets forwarded, per service object and stream.",
         )
+        local_docs(app, app.title)
         store = self.store
 
         @app.middleware("http")

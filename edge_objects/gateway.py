@@ -50,7 +50,7 @@ from streams.transport.mqtt import (
     refused,
     refused_because,
 )
-from streams.transport.web import BackgroundServer, Token, bearer
+from streams.transport.web import BackgroundServer, Token, bearer, local_docs
 
 log = logging.getLogger(__name__)
 MAX_UNCONFIRMED = 10_000  # 503'd publishes remembered so that a retry does not double them
@@ -206,10 +206,13 @@ class Gateway:
     # HTTP --------------------------------------------------------------------------------
 
     def _app(self) -> FastAPI:
-        app = FastAPI(
+        app = FastAPI(  # /docs served with local assets (local_docs), no ReDoc (a CDN's)
+            docs_url=None,
+            redoc_url=None,
             title="cloudlet ingest gateway",
             description="Sensor updates from HTTP-only web objects, onto the cloudlet's broker.",
         )
+        local_docs(app, app.title)
 
         @app.put("/{so_id}/streams/{stream_id}", status_code=202)
         async def put_update(so_id: str, stream_id: str, request: Request) -> Response:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,23 @@ def test_device_strings_are_text_in_the_operators_browser(tmp_path: Path) -> Non
     assert "data-refreshed" in dom and "data-error" not in dom
     assert "data-owned" not in dom and "<img" not in dom
     assert "&lt;img src=x onerror=" in dom  # shown, as text
+
+
+def test_the_api_pages_work_offline(tmp_path: Path) -> None:
+    """/docs draws the OpenAPI operations with Swagger UI served by the API itself: with
+    every other host unreachable (a site with no way out), the page still lists them."""
+    from cloud_sync.cloud import CloudService, CloudSettings
+    from cloudlet.rig.browser import _run
+
+    store = f"sqlite:///{tmp_path / 'cloud.db'}"
+    cloud = CloudService(CloudSettings.model_validate({"store": store, "port": 0})).start()
+    try:
+        html = urllib.request.urlopen(f"{cloud.url}/docs", timeout=10).read().decode()
+        offline = "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"
+        done = _run(f"{cloud.url}/docs", "--dump-dom", offline, wait_ms=8000)
+    finally:
+        cloud.stop()
+    assert "/_docs/swagger-ui-bundle.js" in html and "cdn" not in html
+    assert 'class="swagger-ui"' in done.stdout, done.stdout[:1500]
+    paths = re.findall(r'data-path="([^"]+)"', done.stdout)
+    assert "/objects" in paths and "/objects/{so}/streams/{stream}/lastUpdate" in paths

@@ -8,6 +8,7 @@ import os
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, SecretStr, model_validator
@@ -71,3 +72,28 @@ class BackgroundServer:
     def stop(self) -> None:
         self._server.should_exit = True
         self._thread.join(10)
+
+
+# Swagger UI for the APIs' /docs, vendored from npm (swagger-ui-dist, pinned: the version in
+# its package.json) and served by the API itself: FastAPI's default page loads it from a CDN,
+# and a site often has no way out, so /docs would be blank there.
+SWAGGER_UI = Path(__file__).parent / "swagger_ui"
+
+
+def local_docs(app: Any, title: str) -> None:
+    """`/docs` for a FastAPI app made with `docs_url=None, redoc_url=None`, every asset from
+    the app itself."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.responses import HTMLResponse
+    from fastapi.staticfiles import StaticFiles
+
+    app.mount("/_docs", StaticFiles(directory=SWAGGER_UI), name="docs-assets")
+
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url, title=f"{title}: API",
+            swagger_js_url="/_docs/swagger-ui-bundle.js", swagger_css_url="/_docs/swagger-ui.css",
+            swagger_favicon_url="/_docs/favicon-32x32.png",
+        )  # fmt: skip
+
+    app.add_api_route("/docs", docs, methods=["GET"], include_in_schema=False)
