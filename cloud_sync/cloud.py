@@ -28,7 +28,7 @@ import secrets
 import threading
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import orjson
 import yaml
@@ -37,6 +37,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
+from cloud_sync.alarms import AlarmRule, AlarmWatcher, Notifier, NotifySettings
 from cloud_sync.commands import CommandTopics, command_record
 from cloud_sync.dashboard import PAGE, Dashboard, chart_data, page_policy, unit_health
 from cloud_sync.registry import FleetRegistry
@@ -96,6 +97,8 @@ class CloudSettings(_Strict):
     # their flows or rules are refused (409, naming what breaks)
     flows: list[Path] = []
     dashboard: Path | None = None  # the charts (a scenario's dashboard.yaml)
+    alarms: list[AlarmRule] = []  # what alert streams raise (cloud_sync.alarms)
+    notify: NotifySettings | None = None  # each alarm transition: a webhook, an MQTT topic
     units: list[str] = []  # the units' /metrics, for the dashboard's health table
 
     @classmethod
@@ -256,6 +259,13 @@ class CloudService:
         self.materializer = (
             Materializer(self.store, settings.kafka, self.metrics) if settings.kafka else None
         )
+        self.notifier = Notifier(settings.notify) if settings.notify and settings.alarms else None
+        self.alarms = (
+            AlarmWatcher(self.store, settings.alarms, self.notifier) if settings.alarms else None
+        )
+        # who each token is, in the alarms' history
+        self.names = [(t.secret().encode(), t.name or f"token {i + 1}")
+                      for i, t in enumerate(settings.tokens)]  # fmt: skip
         self.app = self._app()
         self.port = settings.port
         self._server: BackgroundServer | None = None
@@ -296,6 +306,14 @@ class CloudService:
                     return
                 raise HTTPException(403, f"this token may not send commands to {so!r}")
         raise HTTPException(401, "commands need a token that grants them")
+
+    def _who(self, request: Request) -> str:
+        """The name of the caller's token: acknowledging and clearing need one."""
+        token = bearer(request.headers.get("authorization", ""))
+        for secret, name in self.names:
+            if token and hmac.compare_digest(token, secret):
+                return name
+        raise HTTPException(401, "acknowledging or clearing an alarm needs a token")
 
     def _check(self, request: Request, so: str) -> None:
         if not self._may(self._readable(request), so):
@@ -464,6 +482,7 @@ class CloudService:
             self._operator(request)
             return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+        self._alarm_api(app)
         install(app, self, self.registry)  # `/{soId}`: after every other path
 
         @app.exception_handler(HTTPException)
@@ -471,6 +490,52 @@ class CloudService:
             return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
 
         return app
+
+    def _alarm_api(self, app: FastAPI) -> None:
+        store = self.store
+
+        @app.get("/alarms")
+        def alarms(
+            request: Request, state: Literal["active", "cleared", "all"] = "active",
+            limit: int = Query(100, ge=1, le=10_000),
+        ) -> list[dict[str, Any]]:  # fmt: skip
+            """Alarms of the objects you may read, newest first: active ones (by default),
+            cleared ones, or all, each with its history (raised, acknowledged, cleared: when
+            and by whom)."""
+            readable = self._readable(request)
+            active = {"active": True, "cleared": False, "all": None}[state]
+            return [a for a in store.alarms(active, limit) if self._may(readable, a["so"])]
+
+        @app.get("/alarms/{id}")
+        def alarm(id: str, request: Request) -> dict[str, Any]:
+            """One alarm, with its history."""
+            found = store.alarm(id)
+            if found is None or not self._may(self._readable(request), found["so"]):
+                raise HTTPException(404, f"no alarm {id!r} (or not yours to read)")
+            return found
+
+        def step(id: str, request: Request, to: str) -> dict[str, Any]:
+            who = self._who(request)
+            found = store.alarm(id)
+            if found is None or not self._may(self._readable(request), found["so"]):
+                raise HTTPException(404, f"no alarm {id!r} (or not yours to read)")
+            done = store.alarm_step(id, to, int(time.time() * 1000), who)
+            assert done is not None
+            changed, result = done
+            if changed and self.notifier is not None:
+                self.notifier.notify(to, result)
+            return result
+
+        @app.post("/alarms/{id}/ack")
+        def acknowledge(id: str, request: Request) -> dict[str, Any]:
+            """Acknowledge an alarm (a token that may read its object); again: no change."""
+            return step(id, request, "acknowledged")
+
+        @app.post("/alarms/{id}/clear")
+        def clear(id: str, request: Request) -> dict[str, Any]:
+            """Clear an alarm by hand; it comes again only when its condition goes away and
+            comes back."""
+            return step(id, request, "cleared")
 
     async def _send_command(self, command: Actuation, site: str) -> None:
         from aiokafka import AIOKafkaProducer
@@ -487,6 +552,10 @@ class CloudService:
     # lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> CloudService:
+        if self.notifier is not None:
+            self.notifier.start()
+        if self.alarms is not None:
+            self.alarms.start()
         if self.materializer is not None:
             self.materializer.start()
         if self.publisher is not None:
@@ -504,7 +573,7 @@ class CloudService:
     @property
     def alive(self) -> bool:
         """Every background thread runs (`cloudlet cloud serve` exits non-zero otherwise)."""
-        return all(w is None or w.alive for w in (self.materializer, self.publisher))
+        return all(w is None or w.alive for w in (self.materializer, self.publisher, self.alarms))
 
     def stop(self) -> None:
         if self._server is not None:
@@ -513,6 +582,10 @@ class CloudService:
             self.publisher.stop()
         if self.materializer is not None:
             self.materializer.stop()
+        if self.alarms is not None:
+            self.alarms.stop()
+        if self.notifier is not None:
+            self.notifier.stop()
         self.store.close()
 
 

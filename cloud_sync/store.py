@@ -46,7 +46,24 @@ SCHEMA = [
         id TEXT PRIMARY KEY, site TEXT NOT NULL, so TEXT NOT NULL, action TEXT NOT NULL,
         parameters TEXT NOT NULL, issued_at BIGINT NOT NULL, status TEXT NOT NULL,
         history TEXT NOT NULL)""",
+    # alarms (cloud_sync.alarms): each with its lifecycle; each rule's condition per object;
+    # how far each rule has read its alert stream
+    """CREATE TABLE IF NOT EXISTS alarms (
+        id TEXT PRIMARY KEY, rule TEXT NOT NULL, so TEXT NOT NULL, stream TEXT NOT NULL,
+        severity TEXT NOT NULL, active INTEGER NOT NULL, acknowledged INTEGER NOT NULL,
+        raised_at BIGINT NOT NULL, cleared_at BIGINT, body TEXT NOT NULL,
+        history TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS alarms_by_time ON alarms (raised_at)",
+    # at most one open alarm per rule and object, whoever evaluates (two clouds on one store)
+    "CREATE UNIQUE INDEX IF NOT EXISTS alarms_one_open ON alarms (rule, so) WHERE active = 1",
+    """CREATE TABLE IF NOT EXISTS alarm_state (
+        rule TEXT NOT NULL, so TEXT NOT NULL, last_update BIGINT NOT NULL,
+        alerting INTEGER NOT NULL, PRIMARY KEY (rule, so))""",
+    """CREATE TABLE IF NOT EXISTS alarm_cursors (
+        rule TEXT PRIMARY KEY, last_update BIGINT NOT NULL)""",
 ]
+ALARM_COLUMNS = ("id, rule, so, stream, severity, active, acknowledged, raised_at, cleared_at,"
+                 " body, history")  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +109,17 @@ class CloudMessage:
 
 
 MAX_TEXT = 1000  # characters of a string channel kept for match searches
+
+
+def _alarm(r: Sequence[Any]) -> dict[str, Any]:
+    active, acknowledged = bool(r[5]), bool(r[6])
+    return {
+        "id": r[0], "rule": r[1], "so": r[2], "stream": r[3], "severity": r[4],
+        "state": f"{'active' if active else 'cleared'}_{'ack' if acknowledged else 'unack'}",
+        "active": active, "acknowledged": acknowledged, "raisedAt": int(r[7]),
+        "clearedAt": None if r[8] is None else int(r[8]), "update": orjson.loads(r[9]),
+        "history": orjson.loads(r[10]),
+    }  # fmt: skip
 
 
 def _channel_rows(m: CloudMessage) -> list[tuple[Any, ...]]:
@@ -149,6 +177,7 @@ class CloudStore:
     """The SQL both databases share; subclasses give the connection and the placeholder."""
 
     placeholder = "?"
+    row_lock = ""  # PostgreSQL locks the rows read for a change (SQLite: one writer anyway)
 
     def _q(self, sql: str) -> str:
         return sql if self.placeholder == "?" else sql.replace("?", self.placeholder)
@@ -263,6 +292,116 @@ class CloudStore:
 
     def count(self) -> int:
         return int(self._query("SELECT count(*) FROM updates")[0][0])
+
+    # alarms (cloud_sync.alarms) --------------------------------------------------------------
+
+    def updates_after(self, stream: str, since: int, limit: int) -> list[tuple[str, int, str]]:
+        """(object, lastUpdate, document) of a stream's updates at `since` or later, in event
+        time."""
+        rows = self._query(
+            "SELECT so, last_update, body FROM updates WHERE stream = ? AND last_update >= ?"
+            " ORDER BY last_update, so, message_id LIMIT ?",
+            (stream, since, limit),
+        )
+        return [(r[0], int(r[1]), r[2]) for r in rows]
+
+    def alarm_cursor(self, rule: str) -> int:
+        rows = self._query("SELECT last_update FROM alarm_cursors WHERE rule = ?", (rule,))
+        return int(rows[0][0]) if rows else 0
+
+    def set_alarm_cursor(self, rule: str, at: int) -> None:
+        with self._transaction() as cur:
+            cur.execute(self._q(
+                "INSERT INTO alarm_cursors (rule, last_update) VALUES (?, ?) ON CONFLICT (rule)"
+                " DO UPDATE SET last_update = excluded.last_update"), (rule, at))  # fmt: skip
+
+    def alarm_condition(
+        self, rule: str, so: str, stream: str, severity: str, alerting: bool, at: int,
+        body: str, new_id: str,
+    ) -> tuple[str, dict[str, Any]] | None:  # fmt: skip
+        """An alert stream's update for a rule and an object: the transition it makes
+        ("raised", "cleared" by the condition, with the alarm), or None. An update not later
+        than the last one seen for the object changes nothing."""
+        with self._transaction() as cur:
+            cur.execute(self._q("SELECT last_update, alerting FROM alarm_state WHERE rule = ?"
+                                f" AND so = ?{self.row_lock}"), (rule, so))  # fmt: skip
+            state = cur.fetchone()
+            if state is not None and at <= int(state[0]):
+                return None
+            was = bool(state[1]) if state is not None else False
+            cur.execute(self._q(
+                "INSERT INTO alarm_state (rule, so, last_update, alerting) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (rule, so) DO UPDATE SET last_update = excluded.last_update,"
+                " alerting = excluded.alerting WHERE excluded.last_update >"
+                " alarm_state.last_update"), (rule, so, at, int(alerting)))  # fmt: skip
+            if cur.rowcount != 1:  # another evaluator took a later update meanwhile
+                return None
+            if alerting and not was:
+                history = [{"status": "raised", "at": at, "by": "condition"}]
+                cur.execute(self._q(
+                    f"INSERT INTO alarms ({ALARM_COLUMNS}) VALUES (?, ?, ?, ?, ?, 1, 0, ?, NULL,"
+                    " ?, ?) ON CONFLICT (rule, so) WHERE active = 1 DO NOTHING"),
+                    (new_id, rule, so, stream, severity, at, body,
+                     orjson.dumps(history).decode()))  # fmt: skip
+                if cur.rowcount != 1:  # one is open already
+                    return None
+                transition, found = "raised", new_id
+            elif was and not alerting:
+                cur.execute(self._q("SELECT id FROM alarms WHERE rule = ? AND so = ? AND"
+                                    f" active = 1{self.row_lock}"), (rule, so))  # fmt: skip
+                row = cur.fetchone()
+                if row is None:  # cleared by hand already
+                    return None
+                self._alarm_step(cur, row[0], "cleared", at, "condition")
+                transition, found = "cleared", row[0]
+            else:
+                return None
+            changed = self._alarm_row(cur, found)
+            assert changed is not None
+            return transition, changed
+
+    def alarm_step(
+        self, id: str, step: str, at: int, by: str
+    ) -> tuple[bool, dict[str, Any]] | None:
+        """Acknowledge or clear an alarm by hand: (whether it changed, the alarm), or None for
+        an unknown alarm. Acknowledging an acknowledged alarm, or clearing a cleared one,
+        changes nothing."""
+        with self._transaction() as cur:
+            alarm = self._alarm_row(cur, id, lock=True)
+            if alarm is None:
+                return None
+            done = alarm["acknowledged"] if step == "acknowledged" else not alarm["active"]
+            if done:
+                return False, alarm
+            self._alarm_step(cur, id, step, at, by)
+            stepped = self._alarm_row(cur, id)
+            assert stepped is not None
+            return True, stepped
+
+    def _alarm_step(self, cur: Any, id: str, step: str, at: int, by: str) -> None:
+        cur.execute(self._q("SELECT history FROM alarms WHERE id = ?"), (id,))
+        history = orjson.loads(cur.fetchone()[0])
+        history.append({"status": step, "at": at, "by": by})
+        sets = "acknowledged = 1" if step == "acknowledged" else "active = 0, cleared_at = ?"
+        args = (() if step == "acknowledged" else (at,)) + (orjson.dumps(history).decode(), id)
+        cur.execute(self._q(f"UPDATE alarms SET {sets}, history = ? WHERE id = ?"), args)
+
+    def _alarm_row(self, cur: Any, id: str, lock: bool = False) -> dict[str, Any] | None:
+        suffix = self.row_lock if lock else ""
+        cur.execute(self._q(f"SELECT {ALARM_COLUMNS} FROM alarms WHERE id = ?{suffix}"), (id,))
+        row = cur.fetchone()
+        return _alarm(row) if row is not None else None
+
+    def alarm(self, id: str) -> dict[str, Any] | None:
+        rows = self._query(f"SELECT {ALARM_COLUMNS} FROM alarms WHERE id = ?", (id,))
+        return _alarm(rows[0]) if rows else None
+
+    def alarms(self, active: bool | None, limit: int) -> list[dict[str, Any]]:
+        """The alarms (active ones, cleared ones, or all), newest first."""
+        where = "" if active is None else f" WHERE active = {int(active)}"
+        rows = self._query(f"SELECT {ALARM_COLUMNS} FROM alarms{where} ORDER BY raised_at DESC,"
+                           " id LIMIT ?", (limit,))  # fmt: skip
+        return [_alarm(r) for r in rows]
 
     def last(self, so: str, stream: str) -> dict[str, Any] | None:
         rows = self._query(
@@ -413,6 +552,7 @@ class SQLiteStore(CloudStore):
 
 class PostgresStore(CloudStore):
     placeholder = "%s"
+    row_lock = " FOR UPDATE"
 
     def __init__(self, dsn: str) -> None:
         import psycopg
