@@ -140,8 +140,9 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CloudStore
         server: Postgres = request.getfixturevalue("postgres")
         s = PostgresStore(server.url)
         with s._transaction() as cur:  # a clean slate per test
-            cur.execute("TRUNCATE updates, channel_values, latest, alarms, alarm_state,"
-                        " alarm_cursors")
+            cur.execute(
+                "TRUNCATE updates, channel_values, latest, alarms, alarm_state, alarm_cursors"
+            )
     yield s
     s.close()
 
