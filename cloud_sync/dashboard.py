@@ -149,9 +149,11 @@ PAGE = """<!doctype html>
  .card h2{font-size:14px;margin:0 0 6px} canvas{width:100%;height:220px}
  .legend span{margin-right:10px;font-size:12px} table{border-collapse:collapse;width:100%}
  td,th{padding:2px 6px;border-bottom:1px solid #eee;text-align:left;font-size:12px}
+ tr.critical td,tr.major td{color:#b00} tr.minor td,tr.warning td{color:#a60}
 </style></head><body>
 <h1 id="title">cloudlet</h1>
 <div class="card" id="health"><h2>cloudlet health</h2><table id="units"></table></div>
+<div class="card" id="alarms"><h2>active alarms</h2><table id="alarm-rows"></table></div>
 <div class="grid" id="charts"></div>
 <script>
 const COLORS=["#1f77b4","#ff7f0e","#2ca02c","#d62728","#9467bd","#8c564b","#e377c2","#17becf"];
@@ -200,6 +202,16 @@ async function refresh(){
       `<td>${esc(u.received||0)}</td><td>${esc(u.accepted||0)}</td><td>${esc(u.derived||0)}</td>`+
       `<td>${esc(Object.entries(u.rejected).map(([k,v])=>k+"="+v).join(", ")||"none")}</td>`+
       `<td>${esc(u.actuations||0)}</td><td>${esc(u.outbox_depth||0)}</td></tr>`).join("");
+    const alarms=await fetch("alarms");  // the alarms of the objects this page may read
+    const active=alarms.ok?await alarms.json():[];
+    const rows=document.getElementById("alarm-rows");
+    rows.dataset.alarms=active.length;
+    rows.innerHTML=active.length?"<tr><th>severity</th><th>object</th><th>alarm</th>"+
+      "<th>since</th><th>state</th></tr>"+active.map(a=>`<tr class="alarm ${esc(a.severity)}">`+
+      `<td>${esc(a.severity)}</td><td>${esc(a.so)}</td><td>${esc(a.rule)}</td>`+
+      `<td>${esc(new Date(a.raisedAt).toISOString().slice(0,16).replace("T"," "))}</td>`+
+      `<td>${a.acknowledged?"acknowledged":"unacknowledged"}</td></tr>`).join("")
+      :"<tr><td>none</td></tr>";
     document.body.dataset.refreshed=Date.now();
   }catch(e){document.body.dataset.error=String(e);}
 }

@@ -126,6 +126,16 @@ def unit_metrics(url: str) -> dict[str, float]:
     return out
 
 
+# What the scenarios' alert streams raise in the cloud (cloud_sync.alarms)
+ALARMS: dict[str, list[dict[str, str]]] = {
+    "smart-city": [
+        {"name": "congestion", "from": "junction-*/congestion", "when": "congested",
+         "severity": "minor"},
+        {"name": "pm25", "from": "air-*/pm25_alert", "when": "alert", "severity": "major"},
+    ],
+}  # fmt: skip
+
+
 class Demo:
     """Starts the pieces, runs the simulation, and stops everything in reverse order."""
 
@@ -225,6 +235,7 @@ class Demo:
             "port": self.settings.port, "public": ["*"],
             "dashboard": str(self.home / "dashboard.yaml"),
             "units": [f"http://127.0.0.1:{self.unit_port}/metrics"],
+            "alarms": ALARMS.get(self.settings.scenario, []),
         }  # fmt: skip
         if self.settings.kafka:
             cloud["kafka"] = {"bootstrap_servers": self.settings.kafka,

@@ -90,3 +90,34 @@ def test_the_api_pages_work_offline(tmp_path: Path) -> None:
     assert 'class="swagger-ui"' in done.stdout, done.stdout[:1500]
     paths = re.findall(r'data-path="([^"]+)"', done.stdout)
     assert "/objects" in paths and "/objects/{so}/streams/{stream}/lastUpdate" in paths
+
+
+def test_the_dashboard_lists_the_active_alarms(tmp_path: Path) -> None:
+    """An alert stream's alarm, as the page shows it: severity, object, rule, since, state."""
+    from cloud_sync.cloud import CloudService, CloudSettings
+    from cloud_sync.store import CloudMessage
+    from cloudlet.demo import ALARMS, scenario_dir
+
+    settings = CloudSettings.model_validate({
+        "store": f"sqlite:///{tmp_path / 'cloud.db'}", "port": 0, "public": ["*"],
+        "dashboard": scenario_dir("smart-city") / "dashboard.yaml",
+        "alarms": ALARMS["smart-city"],
+    })  # fmt: skip
+    cloud = CloudService(settings).start()
+    try:
+        at = 1_700_000_000_000
+        update = {"channels": {"alert": {"current-value": True}, "pm25": {"current-value": 22.5}},
+                  "lastUpdate": at}  # fmt: skip
+        cloud.store.write([CloudMessage("a1", "s", "air-north", "pm25_alert", 1, update)])
+        assert cloud.alarms is not None
+        deadline = time.monotonic() + 10
+        while not cloud.store.alarms(True, 10) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        dom = rendered_dom(f"{cloud.url}/")
+    finally:
+        cloud.stop()
+    assert 'data-alarms="1"' in dom
+    row = re.search(r'<tr class="alarm major">(.*?)</tr>', dom)
+    assert row is not None, dom[-3000:]
+    cells = re.findall(r"<td>(.*?)</td>", row.group(1))
+    assert cells == ["major", "air-north", "pm25", "2023-11-14 22:13", "unacknowledged"]
