@@ -11,8 +11,9 @@ charts:
   - title: Soil moisture, 10-minute average (%)
     stream: moisture_10min          # one line per object with this stream
     channel: moisture
-    marks:                           # times when a channel was true (or > 0), as ticks
-      - {stream: state, channel: open, label: valve open}
+    marks:                           # ticks, labelled, a colour per kind
+      - {stream: state, channel: open, label: valve open}   # when a channel is true (or > 0)
+      - {stream: irrigate, when: update, label: irrigate}   # whenever the stream has an update
   - {title: Free bays per zone, stream: free_1m, channel: free, series: key}  # lines by a channel
 ```
 """
@@ -21,20 +22,31 @@ from __future__ import annotations
 
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cloud_sync.store import CloudStore
 
 
 class Mark(BaseModel):
+    """A tick on a chart, labelled, coloured by its kind: when `channel` is true (or > 0), or
+    (`when: update`) whenever the stream has an update (an alert stream that only speaks
+    when alerting, as `full` with its post-filter `free == 0`)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
     stream: str
-    channel: str
+    channel: str | None = None
     label: str
+    when: Literal["true", "update"] = "true"
+
+    @model_validator(mode="after")
+    def _what(self) -> Mark:
+        if self.when == "true" and self.channel is None:
+            raise ValueError(f"mark {self.label!r}: name its channel, or say when: update")
+        return self
 
 
 class Chart(BaseModel):
@@ -64,31 +76,37 @@ def _value(update: dict[str, Any], channel: str) -> Any:
     return found.get("current-value") if isinstance(found, dict) else None
 
 
+def _fires(mark: Mark, update: dict[str, Any]) -> bool:
+    if mark.when == "update":
+        return True
+    assert mark.channel is not None
+    v = _value(update, mark.channel)
+    return v is True or (not isinstance(v, bool) and isinstance(v, int | float) and v > 0)
+
+
 def chart_data(store: CloudStore, dashboard: Dashboard, readable: Any) -> dict[str, Any]:
-    """Every chart's lines and marks, from the objects the caller may read."""
-    objects = [o for o in store.objects() if readable(o["id"])]
+    """Every chart's lines and marks, from the objects the caller may read: one query per
+    stream a chart shows (its line, each mark), whatever the number of objects."""
     charts = []
     for chart in dashboard.charts:
         lines: dict[str, list[list[float]]] = {}
-        for o in objects:
-            if chart.stream not in o["streams"]:
+        for so, updates in store.recent_of_stream(chart.stream, chart.points).items():
+            if not readable(so):
                 continue
-            for u in store.recent(o["id"], chart.stream, chart.points):
+            for u in updates:
                 v = _value(u, chart.channel)
                 if isinstance(v, bool) or not isinstance(v, int | float):
                     continue
-                name = str(_value(u, chart.series)) if chart.series else o["id"]
+                name = str(_value(u, chart.series)) if chart.series else so
                 lines.setdefault(name, []).append([u["lastUpdate"], v])
-        marks = []
+        marks: list[dict[str, Any]] = []
         for mark in chart.marks:
-            for o in objects:
-                if mark.stream not in o["streams"]:
-                    continue
-                for u in store.recent(o["id"], mark.stream, chart.points):
-                    v = _value(u, mark.channel)
-                    if v is True or (not isinstance(v, bool) and isinstance(v, int | float)
-                                     and v > 0):  # fmt: skip
-                        marks.append({"t": u["lastUpdate"], "label": f"{mark.label}: {o['id']}"})
+            for so, updates in store.recent_of_stream(mark.stream, chart.points).items():
+                if readable(so):
+                    marks += [{"t": u["lastUpdate"], "kind": mark.label, "so": so,
+                               "label": f"{mark.label}: {so}"}
+                              for u in updates if _fires(mark, u)]  # fmt: skip
+        marks.sort(key=lambda m: int(m["t"]))
         charts.append({"title": chart.title, "lines": [{"name": n, "points": sorted(p)}
                                                        for n, p in sorted(lines.items())],
                        "marks": marks})  # fmt: skip
@@ -157,6 +175,7 @@ PAGE = """<!doctype html>
 <div class="grid" id="charts"></div>
 <script>
 const COLORS=["#1f77b4","#ff7f0e","#2ca02c","#d62728","#9467bd","#8c564b","#e377c2","#17becf"];
+const MARKS=["#d62728","#9467bd","#8c564b","#e377c2"];
 function draw(card, chart){
   const canvas=card.querySelector("canvas"), ctx=canvas.getContext("2d");
   const w=canvas.width=canvas.clientWidth*2, h=canvas.height=canvas.clientHeight*2;
@@ -174,14 +193,21 @@ function draw(card, chart){
   for(const v of [v0,(v0+v1)/2,v1])ctx.fillText(v.toFixed(1),4,y(v)+6);
   [t0,t1].forEach((t,i)=>{ctx.textAlign=i?"right":"left";
     ctx.fillText(new Date(t).toISOString().slice(11,16),x(t),h-12);});ctx.textAlign="left";
-  ctx.fillStyle="rgba(31,119,180,0.25)";
-  for(const m of chart.marks){if(m.t>=t0&&m.t<=t1)ctx.fillRect(x(m.t)-2,5,4,h-B-5);}
+  // marks: a colour per kind (the mark's label), a tick per object's firing, its object
+  // named beside it when there is room
+  const kinds=[...new Set(chart.marks.map(m=>m.kind))];
+  const markColor=k=>MARKS[kinds.indexOf(k)%MARKS.length];
+  let lastLabel=-1e9;ctx.font="16px sans-serif";
+  for(const m of chart.marks){if(m.t<t0||m.t>t1)continue;
+    ctx.fillStyle=markColor(m.kind);ctx.globalAlpha=0.45;ctx.fillRect(x(m.t)-2,5,4,h-B-5);
+    ctx.globalAlpha=1;if(x(m.t)-lastLabel>120){ctx.fillText(m.so,x(m.t)+4,22);lastLabel=x(m.t);}}
   chart.lines.forEach((l,i)=>{ctx.strokeStyle=COLORS[i%COLORS.length];ctx.lineWidth=3;
     ctx.beginPath();l.points.forEach((p,j)=>j?ctx.lineTo(x(p[0]),y(p[1])):ctx.moveTo(x(p[0]),y(p[1])));
     ctx.stroke();});
   card.querySelector(".legend").innerHTML=chart.lines.map((l,i)=>
     `<span style="color:${COLORS[i%COLORS.length]}">&#9632; ${esc(l.name)}</span>`).join("")+
-    (chart.marks.length?`<span>&#9646; ${chart.marks.length} marks</span>`:"");
+    kinds.map(k=>`<span class="mark" style="color:${markColor(k)}">&#9646; ${esc(k)}`+
+      ` (${chart.marks.filter(m=>m.kind===k).length})</span>`).join("");
 }
 // Names and values come from devices: shown as text, never parsed as markup.
 function esc(v){return String(v).replace(/[&<>"']/g,c=>"&#"+c.charCodeAt(0)+";");}

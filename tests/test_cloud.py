@@ -305,3 +305,19 @@ def test_a_store_made_before_text_search_gains_it(tmp_path: Path) -> None:
     assert [f["update"]["lastUpdate"] for f in found] == [T0]
     assert store.search("weather", channel="sky", match="rain") == []
     store.close()
+
+
+def test_the_newest_updates_of_a_stream_for_every_object_in_one_query(store: CloudStore) -> None:
+    """What a dashboard chart reads (one query per chart, not one per object): each object's
+    newest `limit` updates of the stream, oldest first."""
+    t = 1_700_000_000_000
+    store.write([
+        CloudMessage(f"{so}-{i}", "s", so, "air", 1,
+                     {"channels": {"pm25": {"current-value": i}}, "lastUpdate": t + i * 1000})
+        for so in ("air-north", "air-south") for i in range(5)
+    ] + [CloudMessage("other", "s", "air-north", "traffic", 1,
+                      {"channels": {"n": {"current-value": 1}}, "lastUpdate": t})])  # fmt: skip
+    got = store.recent_of_stream("air", 3)
+    assert sorted(got) == ["air-north", "air-south"]
+    assert [u["lastUpdate"] - t for u in got["air-north"]] == [2000, 3000, 4000]
+    assert got["air-south"] == store.recent("air-south", "air", 3)

@@ -121,3 +121,36 @@ def test_the_dashboard_lists_the_active_alarms(tmp_path: Path) -> None:
     assert row is not None, dom[-3000:]
     cells = re.findall(r"<td>(.*?)</td>", row.group(1))
     assert cells == ["major", "air-north", "pm25", "2023-11-14 22:13", "unacknowledged"]
+
+
+def test_marks_are_labelled_and_fire_on_an_update(tmp_path: Path) -> None:
+    """Smart city's `zone full` mark (its stream speaks only when free == 0: `when: update`)
+    is drawn, and the legend names each kind of mark with its count."""
+    from cloud_sync.cloud import CloudService, CloudSettings
+    from cloud_sync.store import CloudMessage
+    from cloudlet.demo import scenario_dir
+
+    settings = CloudSettings.model_validate({
+        "store": f"sqlite:///{tmp_path / 'cloud.db'}", "port": 0, "public": ["*"],
+        "dashboard": scenario_dir("smart-city") / "dashboard.yaml",
+    })  # fmt: skip
+    cloud = CloudService(settings).start()
+    t = 1_700_000_000_000
+    try:
+        writes = []
+        for i, free in enumerate([3, 1, 0, 2]):
+            at = t + i * 60_000
+            body = {"channels": {"free": {"current-value": free}, "key": {"current-value": "a"}},
+                    "lastUpdate": at}  # fmt: skip
+            writes.append(CloudMessage(f"f{i}", "s", "parking-zones", "free_1m", 1, body))
+            if free == 0:
+                writes.append(CloudMessage(f"full{i}", "s", "parking-zones", "full", 1, body))
+        cloud.store.write(writes)
+        dom = rendered_dom(f"{cloud.url}/")
+    finally:
+        cloud.stop()
+    charts = re.findall(r'<div class="card chart" data-points="(\d+)" data-marks="(\d+)">', dom)
+    assert charts[1] == ("4", "1")  # the free bays: four points, one zone-full mark
+    assert re.search(r'<span class="mark" style="color:[^"]+">▮ zone full \(1\)</span>', dom), dom[
+        -3000:
+    ]
