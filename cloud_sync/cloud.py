@@ -454,8 +454,11 @@ class CloudService:
 
         @app.get("/api/dashboard")
         def dashboard_data(request: Request) -> dict[str, Any]:
-            """The dashboard's charts: lines per object (or per a channel's value) and marks."""
+            """The dashboard's charts: lines per object (or per a channel's value) and marks
+            (401 when nothing is public and no token was sent: the page asks to sign in)."""
             readable = self._readable(request)
+            if not readable:
+                raise HTTPException(401, "sign in with a token: nothing here is public")
             return chart_data(store, dashboard, lambda so: self._may(readable, so))
 
         @app.get("/api/health")

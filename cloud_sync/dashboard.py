@@ -168,8 +168,12 @@ PAGE = """<!doctype html>
  .legend span{margin-right:10px;font-size:12px} table{border-collapse:collapse;width:100%}
  td,th{padding:2px 6px;border-bottom:1px solid #eee;text-align:left;font-size:12px}
  tr.critical td,tr.major td{color:#b00} tr.minor td,tr.warning td{color:#a60}
+ #signin{margin:0 0 12px} #who{font-size:12px;color:#666}
 </style></head><body>
 <h1 id="title">cloudlet</h1>
+<form id="signin"><input id="token" type="password" placeholder="token" autocomplete="off">
+<button>sign in</button> <span id="who"></span> <button type="button" id="signout">sign out</button>
+</form>
 <div class="card" id="health"><h2>cloudlet health</h2><table id="units"></table></div>
 <div class="card" id="alarms"><h2>active alarms</h2><table id="alarm-rows"></table></div>
 <div class="grid" id="charts"></div>
@@ -209,11 +213,31 @@ function draw(card, chart){
     kinds.map(k=>`<span class="mark" style="color:${markColor(k)}">&#9646; ${esc(k)}`+
       ` (${chart.marks.filter(m=>m.kind===k).length})</span>`).join("");
 }
+// Signing in: a token kept for the browser session (sessionStorage), sent with every request;
+// `#token=...` in the address does the same, and is taken out of the address at once.
+let token=sessionStorage.getItem("cloudlet-token")||"";
+if(location.hash.startsWith("#token=")){
+  token=decodeURIComponent(location.hash.slice(7));sessionStorage.setItem("cloudlet-token",token);
+  history.replaceState(null,"",location.pathname+location.search);}
+function get(path){return fetch(path,{headers:token?{"Authorization":"Bearer "+token}:{}});}
+function signedIn(){document.getElementById("who").textContent=token?"signed in":"not signed in";}
+document.getElementById("signin").addEventListener("submit",e=>{e.preventDefault();
+  token=document.getElementById("token").value.trim();
+  sessionStorage.setItem("cloudlet-token",token);document.getElementById("token").value="";
+  signedIn();refresh();});
+document.getElementById("signout").addEventListener("click",()=>{token="";
+  sessionStorage.removeItem("cloudlet-token");signedIn();refresh();});
+signedIn();
 // Names and values come from devices: shown as text, never parsed as markup.
 function esc(v){return String(v).replace(/[&<>"']/g,c=>"&#"+c.charCodeAt(0)+";");}
 async function refresh(){
   try{
-    const d=await (await fetch("api/dashboard")).json();
+    const answer=await get("api/dashboard");
+    if(answer.status===401){document.body.dataset.signin="needed";
+      document.getElementById("who").textContent=token?"that token is not known here":
+        "sign in with a token to see the charts";return;}
+    delete document.body.dataset.signin;
+    const d=await answer.json();
     document.getElementById("title").textContent=d.title;
     const box=document.getElementById("charts");
     d.charts.forEach((c,i)=>{let card=box.children[i];
@@ -221,14 +245,15 @@ async function refresh(){
         card.innerHTML=`<h2></h2><canvas></canvas><div class="legend"></div>`;
         box.appendChild(card);}
       card.querySelector("h2").textContent=c.title;draw(card,c);});
-    const units=await (await fetch("api/health")).json();
+    const health=await get("api/health");
+    const units=health.ok?await health.json():[];
     document.getElementById("units").innerHTML="<tr><th>unit</th><th>up</th><th>received</th>"+
       "<th>accepted</th><th>derived</th><th>rejected</th><th>commands</th><th>outbox</th></tr>"+
       units.map(u=>`<tr><td>${esc(u.unit||u.url)}</td><td>${u.up?"yes":"no"}</td>`+
       `<td>${esc(u.received||0)}</td><td>${esc(u.accepted||0)}</td><td>${esc(u.derived||0)}</td>`+
       `<td>${esc(Object.entries(u.rejected).map(([k,v])=>k+"="+v).join(", ")||"none")}</td>`+
       `<td>${esc(u.actuations||0)}</td><td>${esc(u.outbox_depth||0)}</td></tr>`).join("");
-    const alarms=await fetch("alarms");  // the alarms of the objects this page may read
+    const alarms=await get("alarms");  // the alarms of the objects this page may read
     const active=alarms.ok?await alarms.json():[];
     const rows=document.getElementById("alarm-rows");
     rows.dataset.alarms=active.length;

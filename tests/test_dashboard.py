@@ -154,3 +154,37 @@ def test_marks_are_labelled_and_fire_on_an_update(tmp_path: Path) -> None:
     assert re.search(r'<span class="mark" style="color:[^"]+">▮ zone full \(1\)</span>', dom), dom[
         -3000:
     ]
+
+
+def test_the_page_follows_the_token_it_is_signed_in_with(tmp_path: Path) -> None:
+    """A cloud with nothing public (the README's cloud.yaml): without a token the page asks
+    to sign in; signed in (`#token=` in the address, then kept for the browser session) it
+    shows what that token may read, and the token leaves the address."""
+    from cloud_sync.cloud import CloudService, CloudSettings
+    from cloud_sync.store import CloudMessage
+    from cloudlet.demo import scenario_dir
+
+    secret = "reader-secret-0123456789"
+    settings = CloudSettings.model_validate({
+        "store": f"sqlite:///{tmp_path / 'cloud.db'}", "port": 0,
+        "tokens": [{"token": secret, "objects": ["junction-*"], "name": "reader"}],
+        "dashboard": scenario_dir("smart-city") / "dashboard.yaml",
+    })  # fmt: skip
+    cloud = CloudService(settings).start()
+    try:
+        t = 1_700_000_000_000
+        cloud.store.write([
+            CloudMessage(f"{so}-{i}", "s", so, "vehicles_1m", 1,
+                         {"channels": {"vehicles": {"current-value": 10 + i}}, "lastUpdate": t + i})
+            for so in ("junction-1", "junction-2") for i in range(3)])  # fmt: skip
+        anonymous = rendered_dom(f"{cloud.url}/")
+        signed = rendered_dom(f"{cloud.url}/#token={secret}")
+        wrong = rendered_dom(f"{cloud.url}/#token=not-a-token")
+    finally:
+        cloud.stop()
+    assert 'data-signin="needed"' in anonymous and "data-error" not in anonymous
+    assert "sign in with a token to see the charts" in anonymous
+    charts = re.findall(r'<div class="card chart" data-points="(\d+)" data-marks="(\d+)">', signed)
+    assert charts[0] == ("6", "0") and "data-signin" not in signed and "signed in" in signed
+    assert secret not in signed  # out of the address (and never in the page)
+    assert 'data-signin="needed"' in wrong and "that token is not known here" in wrong
