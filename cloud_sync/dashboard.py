@@ -228,6 +228,14 @@ document.getElementById("signin").addEventListener("submit",e=>{e.preventDefault
 document.getElementById("signout").addEventListener("click",()=>{token="";
   sessionStorage.removeItem("cloudlet-token");signedIn();refresh();});
 signedIn();
+// Acknowledge or clear an alarm (signed in: the API says who, with the token's name).
+document.getElementById("alarm-rows").addEventListener("click",async e=>{
+  const b=e.target.closest("button[data-alarm]");if(!b)return;b.disabled=true;
+  const r=await fetch(`alarms/${encodeURIComponent(b.dataset.alarm)}/${b.dataset.step}`,
+    {method:"POST",headers:{"Authorization":"Bearer "+token}});
+  if(!r.ok)document.getElementById("who").textContent=
+    `the alarm could not be changed (${r.status})`;
+  refresh();});
 // Names and values come from devices: shown as text, never parsed as markup.
 function esc(v){return String(v).replace(/[&<>"']/g,c=>"&#"+c.charCodeAt(0)+";");}
 async function refresh(){
@@ -258,10 +266,14 @@ async function refresh(){
     const rows=document.getElementById("alarm-rows");
     rows.dataset.alarms=active.length;
     rows.innerHTML=active.length?"<tr><th>severity</th><th>object</th><th>alarm</th>"+
-      "<th>since</th><th>state</th></tr>"+active.map(a=>`<tr class="alarm ${esc(a.severity)}">`+
+      "<th>since</th><th>state</th><th></th></tr>"+
+      active.map(a=>`<tr class="alarm ${esc(a.severity)}">`+
       `<td>${esc(a.severity)}</td><td>${esc(a.so)}</td><td>${esc(a.rule)}</td>`+
       `<td>${esc(new Date(a.raisedAt).toISOString().slice(0,16).replace("T"," "))}</td>`+
-      `<td>${a.acknowledged?"acknowledged":"unacknowledged"}</td></tr>`).join("")
+      `<td>${a.acknowledged?"acknowledged":"unacknowledged"}</td><td>`+(token?
+      (a.acknowledged?"":`<button data-step="ack" data-alarm="${esc(a.id)}">acknowledge</button> `)+
+      `<button data-step="clear" data-alarm="${esc(a.id)}">clear</button>`:"")+
+      `</td></tr>`).join("")
       :"<tr><td>none</td></tr>";
     document.body.dataset.refreshed=Date.now();
   }catch(e){document.body.dataset.error=String(e);}

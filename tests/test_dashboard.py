@@ -102,6 +102,7 @@ def test_the_dashboard_lists_the_active_alarms(tmp_path: Path) -> None:
         "store": f"sqlite:///{tmp_path / 'cloud.db'}", "port": 0, "public": ["*"],
         "dashboard": scenario_dir("smart-city") / "dashboard.yaml",
         "alarms": ALARMS["smart-city"],
+        "tokens": [{"token": "operator-secret-0123456789", "objects": ["*"], "name": "ops"}],
     })  # fmt: skip
     cloud = CloudService(settings).start()
     try:
@@ -114,13 +115,17 @@ def test_the_dashboard_lists_the_active_alarms(tmp_path: Path) -> None:
         while not cloud.store.alarms(True, 10) and time.monotonic() < deadline:
             time.sleep(0.1)
         dom = rendered_dom(f"{cloud.url}/")
+        signed = rendered_dom(f"{cloud.url}/#token=operator-secret-0123456789")
+        (alarm,) = cloud.store.alarms(True, 10)
     finally:
         cloud.stop()
+    buttons = re.findall(r'<button data-step="(\w+)" data-alarm="([0-9a-f]+)">', signed)
+    assert buttons == [("ack", alarm["id"]), ("clear", alarm["id"])]  # signed in: the steps
     assert 'data-alarms="1"' in dom
     row = re.search(r'<tr class="alarm major">(.*?)</tr>', dom)
     assert row is not None, dom[-3000:]
     cells = re.findall(r"<td>(.*?)</td>", row.group(1))
-    assert cells == ["major", "air-north", "pm25", "2023-11-14 22:13", "unacknowledged"]
+    assert cells == ["major", "air-north", "pm25", "2023-11-14 22:13", "unacknowledged", ""]
 
 
 def test_marks_are_labelled_and_fire_on_an_update(tmp_path: Path) -> None:
