@@ -291,6 +291,18 @@ class KafkaUnit:
         part.checkpointed = time.monotonic()
         return part
 
+    async def _router_producer(self, tp: Any) -> Any:
+        """The transactional producer routing one input partition (started: a router that
+        had the partition and still runs is fenced, what it had not committed aborted)."""
+        producer = self._transactional(f"{self.group}.router.{tp.topic}.{tp.partition}")
+        try:
+            await producer.start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            raise
+        return producer
+
     def _transactional(self, transactional_id: str) -> Any:
         from aiokafka import AIOKafkaProducer
 
@@ -404,7 +416,7 @@ class KafkaUnit:
         the group), and aborts what that one had not committed."""
         from aiokafka import AIOKafkaConsumer
         from aiokafka.abc import ConsumerRebalanceListener
-        from aiokafka.errors import ProducerFenced
+        from aiokafka.errors import KafkaError, ProducerFenced
 
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.bootstrap_servers,
@@ -426,11 +438,8 @@ class KafkaUnit:
             async def on_partitions_assigned(self, assigned: Any) -> None:
                 for tp in assigned:
                     if tp.partition not in producers:
-                        producer = unit._transactional(
-                            f"{unit.group}.router.{tp.topic}.{tp.partition}"
-                        )
-                        await producer.start()
-                        producers[tp.partition] = producer
+                        with contextlib.suppress(Exception):  # made when its records come
+                            producers[tp.partition] = await unit._router_producer(tp)
 
         consumer.subscribe([self.settings.topic], listener=Rebalance())
         await consumer.start()
@@ -438,17 +447,30 @@ class KafkaUnit:
             while not self._stop.is_set():
                 batches = await consumer.getmany(timeout_ms=200, max_records=2000)
                 for tp, records in batches.items():
-                    producer = producers.get(tp.partition)
-                    if producer is None:
-                        continue  # not ours (any more): its router reads them
                     try:
+                        producer = producers.get(tp.partition)
+                        if producer is None:  # its producer could not be made at assignment
+                            producer = producers[tp.partition] = await self._router_producer(tp)
                         await _send_routed(self, producer, tp, records)
-                    except ProducerFenced:
-                        log.warning("routing of partition %d was given to another instance: left"
-                                    " to it", tp.partition)  # fmt: skip
-                        producers.pop(tp.partition, None)
-                        with contextlib.suppress(Exception):
-                            await producer.stop()
+                    except ProducerFenced:  # another instance's producer for it started
+                        await _drop(producers, tp.partition)
+                        if tp not in consumer.assignment():
+                            log.info("routing of partition %d is another instance's now",
+                                     tp.partition)  # fmt: skip
+                            continue
+                        # still ours (the other had it in an earlier assignment): a producer
+                        # made anew fences it in turn, and these records go again
+                        first = records[0].offset
+                        log.warning("routing partition %d: fenced while still assigned here;"
+                                    " again from offset %d", tp.partition, first)  # fmt: skip
+                        consumer.seek(tp, records[0].offset)
+                        continue
+                    except KafkaError as exc:  # a broker or coordinator away: these again
+                        log.warning("routing partition %d: %s; again from offset %d",
+                                    tp.partition, exc, records[0].offset)  # fmt: skip
+                        await _drop(producers, tp.partition)  # aborted, made anew
+                        consumer.seek(tp, records[0].offset)
+                        await asyncio.sleep(1.0)
                         continue
                     self.counts.routed += len(records)
         finally:
@@ -457,6 +479,13 @@ class KafkaUnit:
             for producer in producers.values():
                 with contextlib.suppress(Exception):
                     await producer.stop()
+
+
+async def _drop(producers: dict[int, Any], partition: int) -> None:
+    producer = producers.pop(partition, None)
+    if producer is not None:
+        with contextlib.suppress(Exception):
+            await producer.stop()
 
 
 async def _send_routed(unit: KafkaUnit, producer: Any, tp: Any, records: list[Any]) -> None:
