@@ -172,7 +172,11 @@ class Membership:
                     elif payload:
                         self.members.add(name)
                 elif topic.startswith(owner_prefix) and topic.endswith("/owner"):
-                    p = int(topic[len(owner_prefix) : -len("/owner")])
+                    number = topic[len(owner_prefix) : -len("/owner")]
+                    if not number.isdigit():  # not ours to read: a message costs itself only
+                        log.warning("ignoring %s: not a partition's owner", topic[:200])
+                        continue
+                    p = int(number)
                     if payload:
                         self.owners[p] = payload.decode(errors="replace")
                     else:

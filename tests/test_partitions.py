@@ -339,3 +339,24 @@ def test_a_registry_change_reaches_every_partition_and_keeps_the_windows(
     results = _results(got)
     missing, extra = sorted(set(expected) - set(results)), sorted(set(results) - set(expected))
     assert results == expected, f"missing {missing[:5]}, extra {extra[:5]}"
+
+
+def test_membership_reads_only_what_is_its_own() -> None:
+    """A stray message on the coordination topics (a partition named otherwise) costs itself
+    only: the view goes on."""
+    from types import SimpleNamespace
+
+    from processors.partitions import Membership, PartitionTopics
+    from streams.topics import TopicScheme
+
+    changes: list[int] = []
+    m = Membership(MqttSettings(url="mqtt://127.0.0.1:1"), PartitionTopics(TopicScheme(), "u"),
+                   "u-a", lambda: changes.append(1))  # fmt: skip
+
+    def msg(topic: str, payload: bytes) -> Any:
+        return SimpleNamespace(topic=topic, payload=payload)
+
+    m._on_messages([msg("cloudlet/units/u/partitions/x/owner", b"u-b"),
+                    msg("cloudlet/units/u/partitions/3/owner", b"u-b"),
+                    msg("cloudlet/units/u/members/u-b", b"1")])  # fmt: skip
+    assert m.view() == (["u-b"], {3: "u-b"}) and changes == [1]
