@@ -215,6 +215,7 @@ class Partitions:
         topics: TopicScheme,
         settings: MqttSettings,
         make: MakeRuntime,
+        partition_settings: Callable[[str], MqttSettings] | None = None,
         metrics: UnitMetrics,
         sink: ResultSink | None,
         handover_timeout: float = 15.0,
@@ -222,6 +223,8 @@ class Partitions:
     ) -> None:
         self.unit, self.instance, self.count = unit, instance, count
         self.catalog, self.ingest, self.make = catalog, ingest, make
+        # a partition session's settings, from its client id (its `{instance}` credentials)
+        self.partition_settings = partition_settings or (lambda _client: settings)
         self.metrics = metrics
         self.actuations = ActuationLog()
         self.sink = sink
@@ -325,10 +328,14 @@ class Partitions:
                 self._lost[p] = tuple(self.membership.view()[0])
         if self._rebuilt is not None:
             rebuilt, self._rebuilt = self._rebuilt, None
-            for p in list(self.owned):
+            released = list(self.owned)
+            for p in released:
                 self._release(p)
             self.catalog, self.ingest = rebuilt.catalog, rebuilt.ingest
             self._objects = partitions(colocated(rebuilt.catalog), self.count)
+            for p in released:
+                if p not in self._objects:  # no object of it left: its session goes
+                    self._forget(p)
             self.metrics.reloads.inc()
         if not self.membership.synced.is_set():
             return
@@ -374,6 +381,23 @@ class Partitions:
         rt._client.publish([(self.topics.owner(p), self.instance.encode())], 1, retain=True)
         log.info("partition %d of %s taken by %s: %d objects", p, self.unit, self.instance,
                  len(self._objects[p]))  # fmt: skip
+
+    def _forget(self, p: int) -> None:
+        """End partition p's session on the broker (a clean start, then away) and clear its
+        snapshot: what it queued or held for objects that are another partition's now must
+        never be processed late."""
+        client_id = partition_client(self.unit, p)
+        client = WireClient(self.partition_settings(client_id), client_id, subscriptions=[],
+                            on_messages=lambda _m: None, persistent=False)  # fmt: skip
+        client.start()
+        if client.connected.wait(10):  # and its snapshot and owner with it
+            client.publish([(self.topics.state(p), b""), (self.topics.owner(p), b"")], 1,
+                           retain=True)  # fmt: skip
+            client.flush(5.0)
+            log.info("partition %d of %s has no object left: its session ended", p, self.unit)
+        else:
+            log.warning("partition %d of %s: its session could not be ended", p, self.unit)
+        client.stop()
 
     def _ours(self, p: int) -> bool:
         """Whether partition p's session is still ours to reconnect: no other live replica

@@ -180,6 +180,9 @@ class UnitRuntime:
             # the unit dies in between, the broker redelivers them, and they must not count
             # twice (see _skip_redelivered).
             "covered": [_identity(m) for m in self._unacked if m.qos > 0],
+            # what the session is subscribed to: whoever resumes it with other objects (a
+            # partition after a registry change) leaves the rest
+            "subscriptions": [topic for topic, _ in self._client.subscriptions],
         }
 
     def _restore(self, saved: dict[str, object]) -> None:
@@ -331,6 +334,13 @@ class UnitRuntime:
                 if saved is not None:
                     self._restore(saved)
                     log.info("restored state from %s", self.state.path)
+                    now = {topic for topic, _ in self._client.subscriptions}
+                    stale = [
+                        t
+                        for t in saved.get("subscriptions") or []
+                        if isinstance(t, str) and t not in now
+                    ]
+                    self._client.unsubscribe(stale)  # the session's, of objects not ours now
             self._loop()
         except _Fenced:
             log.info("%s: taken over by another replica; stopped", self._client.client_id)

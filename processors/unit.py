@@ -141,6 +141,7 @@ class Unit:
             topics=config.topics,
             settings=config.mqtt.for_instance(self.instance),
             make=make,
+            partition_settings=config.mqtt.for_instance,
             metrics=self.metrics,
             sink=sink or (SQLiteSink(config.sink.sqlite) if config.sink else None),
             handover_timeout=config.partitions.handover_timeout / 1000,

@@ -370,15 +370,17 @@ class WireClient:
         self._server_receive_max = props.get(0x21, 65535)
         self._server_max_packet = props.get(0x27, 0)
         self._keepalive = props.get(0x13, self.settings.keepalive)
-        self._suback = loop.create_future()
-        self._write(subscribe_packet(self.subscriptions))
-        codes = await self._answer(self._suback, protocol, "SUBACK")
-        subscribed = zip(self.subscriptions, codes, strict=False)
-        refused = [(t, c) for (t, _), c in subscribed if c >= 0x80]
-        if refused:
-            raise WireError(
-                "subscription refused: " + ", ".join(f"{t} (reason 0x{c:02x})" for t, c in refused)
-            )
+        if self.subscriptions:  # (a client that only publishes, or ends a session: none)
+            self._suback = loop.create_future()
+            self._write(subscribe_packet(self.subscriptions))
+            codes = await self._answer(self._suback, protocol, "SUBACK")
+            subscribed = zip(self.subscriptions, codes, strict=False)
+            refused = [(t, c) for (t, _), c in subscribed if c >= 0x80]
+            if refused:
+                raise WireError(
+                    "subscription refused: "
+                    + ", ".join(f"{t} (reason 0x{c:02x})" for t, c in refused)
+                )
         # What was in flight when the connection dropped goes again, flagged DUP.
         for frame in self._inflight.values():
             self._write(bytes([frame[0] | 0x08]) + frame[1:])

@@ -360,3 +360,49 @@ def test_membership_reads_only_what_is_its_own() -> None:
                     msg("cloudlet/units/u/partitions/3/owner", b"u-b"),
                     msg("cloudlet/units/u/members/u-b", b"1")])  # fmt: skip
     assert m.view() == (["u-b"], {3: "u-b"}) and changes == [1]
+
+
+@pytest.mark.mqtt
+def test_an_object_regrouped_by_a_reload_is_processed_by_its_new_partition_only(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """s1 and s2 in partitions 0 and 2; a flow added that averages across both puts s2 in
+    s1's partition. Its old partition's session leaves s2's topics (the subscriptions are in
+    the snapshot): a reading of s2 is echoed once, not once per partition."""
+    objects = tmp_path / "objects"
+    objects.mkdir()
+    for so in ("s1", "s2"):
+        (objects / f"{so}.yaml").write_text(
+            f"id: {so}\nstreams: {{data: {{channels: {{t: {{type: number}}}}}}}}\n"
+        )
+    doc = {"name": "rg", "objects": [str(objects)], "mqtt": {"url": mosquitto.url},
+           "partitions": {"count": 4}, "reload": "200ms"}  # fmt: skip
+    (tmp_path / "rg.yaml").write_bytes(orjson.dumps(doc))
+    unit = Unit(UnitConfig.load(tmp_path / "rg.yaml"), replica="a").start()
+    outputs = Outputs(mosquitto, "outputs-regroup")
+    fleet = DeviceFleet(MqttSettings(url=mosquitto.url), client_id="fleet-regroup").start()
+    s2 = StreamKey("s2", "data")
+    try:
+        _wait(lambda: unit.runtime.ready and _owned(unit) == {0, 2})
+        (objects / "all.flows.yaml").write_text(
+            "flows:\n  both:\n    from: 's*/data'\n    key: none\n    window: {tumbling: 1m}\n"
+            "    aggregates: {n: count()}\n    into: s1/n_1m\n"
+        )
+        _wait(lambda: _owned(unit) == {0} and unit.runtime.ready)
+        fleet.publish(s2, SensorUpdate({"t": 1.0}, T0))
+        got = outputs.take(lambda g: False, timeout=2.0)
+        present: queue.SimpleQueue[bool] = queue.SimpleQueue()
+        probe = make_client(MqttSettings(url=mosquitto.url), "rg-p02")  # s2's old partition
+        probe.on_connect = lambda _c, _u, flags, *_: present.put(flags.session_present)
+        connect(probe, MqttSettings(url=mosquitto.url), persistent=True)
+        probe.loop_start()
+        old_session = present.get(timeout=10)
+        probe.loop_stop()
+        probe.disconnect()
+    finally:
+        fleet.stop()
+        outputs.close()
+        unit.stop()
+    echoes = [b for t, b in got if t == "s2/streams/data/updates"]
+    assert [e["lastUpdate"] for e in echoes] == [T0]
+    assert old_session is False  # ended: nothing of s2 queued there, to come out late
