@@ -39,6 +39,9 @@ from streams.transport.mqtt import MqttSettings
 log = logging.getLogger(__name__)
 Severity = Literal["critical", "major", "minor", "warning", "indeterminate"]
 POLL = 0.5  # seconds between looks at the alert streams
+# transitions waiting for their notification, at most: with a receiver away and an alert
+# flapping, the oldest wait and the newest are counted as failed (the store has them all)
+BACKLOG = 10_000
 
 
 class AlarmRule(BaseModel):
@@ -105,7 +108,8 @@ class Notifier:
         self.settings = settings
         self.sent = 0
         self.failed = 0
-        self._queue: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(BACKLOG)
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cloudlet-alarm-notifier",
                                         daemon=True)  # fmt: skip
         self._mqtt: Any = None
@@ -115,17 +119,25 @@ class Notifier:
         return self
 
     def stop(self) -> None:
-        self._queue.put(None)
+        try:
+            self._queue.put_nowait(None)  # after what waits: sent first
+        except queue.Full:  # a receiver away for long: leave after the one being sent
+            self._stop.set()
         self._thread.join(15)
         if self._mqtt is not None:
             self._mqtt.loop_stop()
             self._mqtt.disconnect()
 
     def notify(self, transition: str, alarm: dict[str, Any]) -> None:
-        self._queue.put({"transition": transition, "alarm": alarm})
+        try:
+            self._queue.put_nowait({"transition": transition, "alarm": alarm})
+        except queue.Full:
+            self.failed += 1
+            log.warning("alarm %s %s: not notified, %d notifications wait already",
+                        alarm["id"], transition, BACKLOG)  # fmt: skip
 
     def _run(self) -> None:
-        while (event := self._queue.get()) is not None:
+        while (event := self._queue.get()) is not None and not self._stop.is_set():
             body = orjson.dumps(event)
             targets: list[tuple[Callable[[dict[str, Any], bytes], None], bool]] = [
                 (self._post, self.settings.webhook is not None),

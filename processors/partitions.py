@@ -271,19 +271,11 @@ class Partitions:
 
     @property
     def published(self) -> PublishCounts:
-        d = self._done
-        total = PublishCounts(d.messages, d.updates, d.derived, d.dead_letters)
+        total = PublishCounts()
+        total.add(self._done)
         for rt in list(self.owned.values()):
-            p = rt.published
-            total.messages += p.messages
-            total.updates += p.updates
-            total.derived += p.derived
-            total.dead_letters += p.dead_letters
+            total.add(rt.published)
         return total
-
-    def assignment(self) -> dict[int, list[str]]:
-        """The objects of each partition this replica owns now."""
-        return {p: self._objects[p] for p in sorted(self.owned)}
 
     def replace(self, rebuilt: Rebuilt) -> None:
         """A registry change: every partition of ours is handed over to ourselves (its state
@@ -413,12 +405,7 @@ class Partitions:
         log.info("partition %d of %s handed over by %s", p, self.unit, self.instance)
 
     def _retire(self, p: int) -> None:
-        rt = self.owned.pop(p)
-        done, d = self._done, rt.published
-        done.messages += d.messages
-        done.updates += d.updates
-        done.derived += d.derived
-        done.dead_letters += d.dead_letters
+        self._done.add(self.owned.pop(p).published)
         self.connected.clear()
 
 

@@ -69,6 +69,12 @@ class PublishCounts:
     derived: int = 0  # from composite streams and windows
     dead_letters: int = 0
 
+    def add(self, other: PublishCounts) -> None:
+        self.messages += other.messages
+        self.updates += other.updates
+        self.derived += other.derived
+        self.dead_letters += other.dead_letters
+
 
 @dataclass(frozen=True)
 class CheckpointPolicy:
