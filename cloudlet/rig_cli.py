@@ -168,3 +168,23 @@ def rig_image(
         out.print(project_image(engine.client(), tag, say=out.print))
     except RigError as exc:
         raise _fail(str(exc)) from None
+
+
+@rig_app.command("standins")
+def rig_standins() -> None:
+    """Build local stand-ins for the official images the compose demos run
+    (eclipse-mosquitto, apache/kafka) and the project's image, on the engine at DOCKER_HOST,
+    for machines with no registry; prints the variables that select them."""
+    from cloudlet.rig.docker import DockerEngine, project_image, standin_images
+
+    try:
+        if not os.environ.get("DOCKER_HOST"):
+            raise RigError("set DOCKER_HOST to an engine (`cloudlet rig docker` starts one)")
+        engine = DockerEngine(Path(tempfile.mkdtemp(prefix="cloudlet-docker-"))).start()
+        client = engine.client()
+        images = {"CLOUDLET_IMAGE": project_image(client, say=err.print),
+                  **standin_images(client, say=err.print)}  # fmt: skip
+        for variable, tag in images.items():
+            out.print(f"export {variable}={tag}")
+    except RigError as exc:
+        raise _fail(str(exc)) from None

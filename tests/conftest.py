@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from cloud_sync.store import CloudStore, PostgresStore, SQLiteStore
-from cloudlet.rig import Kafka, Mosquitto, Postgres
+from cloudlet.rig import Kafka, Mosquitto, Postgres, RigError
+from cloudlet.rig.docker import DockerEngine
 from processors.packets import mqtt_string, packet, property_block
 from streams.transport.mqtt import MqttSettings
 
@@ -155,3 +156,14 @@ def own_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kafka]:
         yield broker
     finally:
         broker.stop()
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerEngine]:
+    """A Docker Engine: the one at DOCKER_HOST, or Debian's dockerd started by the rig."""
+    try:
+        running = DockerEngine(tmp_path_factory.mktemp("docker")).start()
+    except RigError as exc:  # the one case the tests may not run: no engine can run here
+        pytest.skip(f"no Docker Engine can run on this machine: {exc}")
+    yield running
+    running.stop()

@@ -1,6 +1,6 @@
 """The docker-compose demos: both files validate (`docker compose config`), the configs they
 mount are valid and name the scenario files the native demo uses, and the image's Dockerfile
-copies what the package needs. (No Docker engine runs here, so the stacks are not started.)"""
+copies what the package needs. tests/test_compose_up.py starts them."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ import yaml
 from cloudlet.control import Controller
 from cloudlet.control_model import ControlError
 from cloudlet.placement import Plan
-from cloudlet.rig import Mosquitto, RigError
+from cloudlet.rig import Mosquitto
 from cloudlet.rig.docker import DockerEngine, project_image
 
 pytestmark = [pytest.mark.docker, pytest.mark.mqtt, pytest.mark.timeout(1800)]
@@ -29,16 +29,6 @@ pytestmark = [pytest.mark.docker, pytest.mark.mqtt, pytest.mark.timeout(1800)]
 OBJECTS = (
     Path(__file__).resolve().parent.parent / "cloudlet" / "scenarios" / "irrigation" / "objects"
 )
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerEngine]:
-    try:
-        running = DockerEngine(tmp_path_factory.mktemp("docker")).start()
-    except RigError as exc:  # the one case the tests may not run: no engine can run here
-        pytest.skip(f"no Docker Engine can run on this machine: {exc}")
-    yield running
-    running.stop()
 
 
 @pytest.fixture(scope="module")

@@ -188,3 +188,52 @@ def _sources() -> list[Path]:
                 if p.is_file() and p.suffix in (".py", ".pyx", ".yaml", ".json", ".html", ".js",
                                                 ".css", ".toml", ".conf")]  # fmt: skip
     return out
+
+
+STANDINS = ROOT / "compose" / "standins"
+MOSQUITTO_STANDIN = "cloudlet-standin/mosquitto"
+KAFKA_STANDIN = "cloudlet-standin/kafka"
+
+
+def standin_images(client: Any, *, say: Any = print) -> dict[str, str]:
+    """Local stand-ins for the official images the compose demos run (eclipse-mosquitto,
+    apache/kafka), for machines with no registry: the variables that select them
+    (MOSQUITTO_IMAGE, KAFKA_IMAGE) and their tags. Built on the local base from
+    compose/standins/ (Mosquitto and Java from Debian's packages, Kafka from the jars the rig
+    resolved with Maven); tagged by what they are built from, so built once."""
+    from cloudlet.rig.kafka import KAFKA_VERSION, ensure_kafka
+
+    base = base_image(client, say=say)
+    libs = ensure_kafka()
+    images = {}
+    for variable, name, folder, version in (
+        ("MOSQUITTO_IMAGE", MOSQUITTO_STANDIN, STANDINS / "mosquitto", "2"),
+        ("KAFKA_IMAGE", KAFKA_STANDIN, STANDINS / "kafka", KAFKA_VERSION),
+    ):
+        digest = hashlib.sha256(base.encode())
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            digest.update(str(path.relative_to(folder)).encode() + path.read_bytes())
+        tag = f"{name}:{version}-{digest.hexdigest()[:12]}"
+        images[variable] = tag
+        with contextlib.suppress(Exception):
+            client.images.get(tag)
+            continue
+        say(f"docker build {tag} (a stand-in for the official image; apt in the build)")
+        with tempfile.TemporaryDirectory() as tmp:
+            context = Path(tmp) / "context"
+            shutil.copytree(folder, context)
+            if name == KAFKA_STANDIN:
+                shutil.copytree(libs, context / "libs")
+            _build(client, context, tag, base)
+    return images
+
+
+def _build(client: Any, context: Path, tag: str, base: str) -> None:
+    from docker.errors import BuildError
+
+    try:
+        client.images.build(path=str(context), tag=tag, rm=True, buildargs={"BASE": base},
+                            network_mode="host")  # fmt: skip
+    except BuildError as exc:
+        lines = "".join(str(chunk.get("stream", chunk.get("error", ""))) for chunk in exc.build_log)
+        raise RigError(f"docker build {tag} failed: {exc.msg}\n{lines[-3000:]}") from None
