@@ -34,12 +34,21 @@ import orjson
 import yaml
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
 from cloud_sync.alarms import AlarmRule, AlarmWatcher, Notifier, NotifySettings
 from cloud_sync.commands import CommandTopics, command_record
-from cloud_sync.dashboard import PAGE, Dashboard, chart_data, page_policy, unit_health
+from cloud_sync.dashboard import (
+    ASSETS,
+    PAGE,
+    Dashboard,
+    chart_data,
+    page_policy,
+    site_data,
+    unit_health,
+)
 from cloud_sync.registry import FleetRegistry
 from cloud_sync.registry_api import install
 from cloud_sync.registry_sync import RegistryPublisher, Worker
@@ -307,6 +316,14 @@ class CloudService:
                 raise HTTPException(403, f"this token may not send commands to {so!r}")
         raise HTTPException(401, "commands need a token that grants them")
 
+    def _actuations(self, request: Request) -> list[str]:
+        """The object patterns the caller's token may send commands to (none without one)."""
+        token = bearer(request.headers.get("authorization", ""))
+        for secret, _objects, actuate in self.grants:
+            if token and hmac.compare_digest(token, secret):
+                return list(actuate)
+        return []
+
     def _who(self, request: Request) -> str:
         """The name of the caller's token: acknowledging and clearing need one."""
         token = bearer(request.headers.get("authorization", ""))
@@ -330,6 +347,7 @@ class CloudService:
             description="What the cloudlets forwarded, per service object and stream.",
         )
         local_docs(app, app.title)
+        app.mount("/assets", StaticFiles(directory=ASSETS), name="assets")  # the page's charts
         store = self.store
 
         @app.middleware("http")
@@ -447,7 +465,7 @@ class CloudService:
             # anyway (dashboard.esc), this is the second line.
             nonce = secrets.token_urlsafe(16)
             return HTMLResponse(
-                PAGE.replace("<script>", f'<script nonce="{nonce}">', 1),
+                PAGE.replace("<script", f'<script nonce="{nonce}"'),
                 headers={"Content-Security-Policy": page_policy(nonce),
                          "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"},
             )  # fmt: skip
@@ -460,6 +478,17 @@ class CloudService:
             if not readable:
                 raise HTTPException(401, "sign in with a token: nothing here is public")
             return chart_data(store, dashboard, lambda so: self._may(readable, so))
+
+        @app.get("/api/site")
+        def site(request: Request) -> dict[str, Any]:
+            """The page's other panels: latest values per object and stream, the actuators
+            with their state and buttons, and the plan (objects by their geo_point)."""
+            readable = self._readable(request)
+            if not readable:
+                raise HTTPException(401, "sign in with a token: nothing here is public")
+            grants = self._actuations(request)
+            return site_data(store, dashboard, lambda so: self._may(readable, so),
+                             lambda so: self._may(grants, so))  # fmt: skip
 
         @app.get("/api/health")
         def health(request: Request) -> list[dict[str, Any]]:

@@ -461,6 +461,26 @@ class CloudStore:
             out.setdefault(so, []).append(orjson.loads(body))
         return out
 
+    def latest_updates(self) -> list[tuple[str, str, dict[str, Any]]]:
+        """(object, stream, its newest update) for every object and stream: one query."""
+        rows = self._query(
+            "SELECT l.so, l.stream, u.body FROM latest l JOIN updates u"
+            " ON u.message_id = l.message_id ORDER BY l.so, l.stream"
+        )
+        return [(so, stream, orjson.loads(body)) for so, stream, body in rows]
+
+    def places(self) -> list[tuple[str, str, str, float, float, int]]:
+        """(object, stream, channel, lat, lon, lastUpdate): the geo_point values of each
+        object's newest updates (one per stream), newest first per object; one query, through
+        `latest` and the values' primary key (not a scan of every value ever stored)."""
+        rows = self._query(
+            "SELECT l.so, l.stream, v.channel, v.lat, v.lon, l.last_update FROM latest l"
+            " JOIN channel_values v ON v.message_id = l.message_id"
+            " WHERE v.lat IS NOT NULL AND v.lon IS NOT NULL"
+            " ORDER BY l.so, l.last_update DESC, l.stream, v.channel"
+        )
+        return [(r[0], r[1], r[2], float(r[3]), float(r[4]), int(r[5])) for r in rows]
+
     def search(
         self, stream: str, *, channel: str | None = None, minimum: float | None = None,
         maximum: float | None = None, near: tuple[float, float, float] | None = None,

@@ -1,20 +1,41 @@
-"""The dashboard in headless Chromium during a demo run: the charts show data, the health
-table shows the unit, and a screenshot is saved (test-logs/screenshots/)."""
+"""The dashboard in headless Chromium: during a demo run the charts show data (as the charting
+library holds it: series, marks and their labels), the health table and its rates show the
+unit, the actuators, the plan and the latest values are there, and a screenshot is saved
+(test-logs/screenshots/); alarms and their buttons; a command sent with a button, followed to
+its final status; the token the page is signed in with."""
 
 from __future__ import annotations
 
+import html
+import json
 import re
 import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from cloudlet.demo import Demo, DemoSettings
-from cloudlet.rig import Mosquitto
-from cloudlet.rig.browser import rendered_dom, screenshot
+from cloudlet.rig import Kafka, Mosquitto
+from cloudlet.rig.browser import browser_page, rendered_dom, screenshot
+from edge_objects.sdk import EdgeObject
+from streams.transport.mqtt import MqttSettings
 from tests.conftest import ROOT
+
+
+def _charts(dom: str) -> list[tuple[int, int, list[dict[str, object]]]]:
+    """Each chart card: its points, its marks, and the series the chart library holds."""
+    cards = re.findall(r'<div class="card chart" data-points="(\d+)" data-marks="(\d+)"'
+                       r' data-drawn="([^"]*)">', dom)  # fmt: skip
+    return [(int(p), int(m), json.loads(html.unescape(d))) for p, m, d in cards]
+
+
+def _attribute(dom: str, element: str, name: str) -> str:
+    found = re.search(rf'id="{element}"[^>]* data-{name}="([^"]*)"', dom)
+    assert found is not None, f"no data-{name} on #{element}"
+    return html.unescape(found.group(1))
 
 
 @pytest.mark.mqtt
@@ -39,11 +60,20 @@ def test_the_dashboard_draws_live_charts(
     finally:
         runner.join(60)
         demo.stop()
-    charts = re.findall(r'<div class="card chart" data-points="(\d+)" data-marks="(\d+)">', dom)
+    charts = _charts(dom)
     assert len(charts) == 4, dom[:2000]
-    assert int(charts[0][0]) > 0 and int(charts[1][0]) > 0  # the first charts have lines
+    assert charts[0][0] > 0 and charts[1][0] > 0  # the first charts have lines
+    lines = [s for s in charts[0][2] if s["points"]]
+    assert len(lines) >= 2 and all(isinstance(s["name"], str) for s in lines), charts[0][2]
     assert "data-refreshed" in dom and "data-error" not in dom
     assert re.search(rf"<td>{scenario}-unit-[0-9-]+</td><td>yes</td>", dom)
+    rates = json.loads(_attribute(dom, "rates", "series"))
+    assert any(name.endswith(" received/s") for name in rates), rates
+    assert int(_attribute(dom, "latest-rows", "rows")) >= 4
+    if scenario == "irrigation":  # its valves have buttons; its weather station a geo_point
+        assert _attribute(dom, "actuator-rows", "actuators") == "4"
+        assert json.loads(_attribute(dom, "plan-plot", "places")) == ["weather-1"]
+        assert len(re.findall(r'<tr class="actuator"><td>field-\d-valve</td>', dom)) == 4
     assert shot.stat().st_size > 20_000  # a picture with something drawn, not a blank page
 
 
@@ -154,11 +184,12 @@ def test_marks_are_labelled_and_fire_on_an_update(tmp_path: Path) -> None:
         dom = rendered_dom(f"{cloud.url}/")
     finally:
         cloud.stop()
-    charts = re.findall(r'<div class="card chart" data-points="(\d+)" data-marks="(\d+)">', dom)
-    assert charts[1] == ("4", "1")  # the free bays: four points, one zone-full mark
-    assert re.search(r'<span class="mark" style="color:[^"]+">▮ zone full \(1\)</span>', dom), dom[
-        -3000:
-    ]
+    charts = _charts(dom)
+    assert charts[1][:2] == (4, 1)  # the free bays: four points, one zone-full mark
+    # the chart holds a series per kind of mark, named with its count, its marks labelled
+    # with their object; the line of zone `a`
+    assert {"name": "zone full (1)", "points": 0, "marks": ["parking-zones"]} in charts[1][2]
+    assert {"name": "a", "points": 4, "marks": []} in charts[1][2], charts[1][2]
 
 
 def test_the_page_follows_the_token_it_is_signed_in_with(tmp_path: Path) -> None:
@@ -189,7 +220,72 @@ def test_the_page_follows_the_token_it_is_signed_in_with(tmp_path: Path) -> None
         cloud.stop()
     assert 'data-signin="needed"' in anonymous and "data-error" not in anonymous
     assert "sign in with a token to see the charts" in anonymous
-    charts = re.findall(r'<div class="card chart" data-points="(\d+)" data-marks="(\d+)">', signed)
-    assert charts[0] == ("6", "0") and "data-signin" not in signed and "signed in" in signed
+    charts = _charts(signed)
+    assert charts[0][:2] == (6, 0) and "data-signin" not in signed and "signed in" in signed
     assert secret not in signed  # out of the address (and never in the page)
     assert 'data-signin="needed"' in wrong and "that token is not known here" in wrong
+
+
+@pytest.mark.kafka
+@pytest.mark.mqtt
+def test_a_command_button_sends_the_command_and_shows_its_final_status(
+    mosquitto: Mosquitto, kafka: Kafka, tmp_path: Path
+) -> None:
+    """Irrigation's valves as an operator sees them: signed in with a token that may actuate,
+    each valve has its buttons; `open 10 min` goes through Kafka, the cloudlet's relay and the
+    broker to the valve, and the row follows it to `done` with the valve's message; `close`,
+    which this valve does not handle, ends `failed` with its reason. A token that may only
+    read gets no buttons."""
+    from cloud_sync.cloud import CloudService, CloudSettings
+    from cloudlet.demo import scenario_dir
+    from tests.test_cloud_commands import _unit_with_relay
+
+    topics = {"commands": "dash.commands", "status": "dash.command-status"}
+    cloud = CloudService(CloudSettings.model_validate({
+        "store": f"sqlite:///{tmp_path / 'cloud.db'}", "port": 0,
+        "kafka": {"bootstrap_servers": kafka.bootstrap_servers, "topic": "dash.updates",
+                  "group": "cloud-dashboard", "commands": topics},
+        "dashboard": scenario_dir("irrigation") / "dashboard.yaml",
+        "tokens": [{"token": "farmer-0123456789", "objects": ["*"], "actuate": ["field-*-valve"]},
+                   {"token": "viewer-0123456789", "objects": ["*"]}],
+    })).start()  # fmt: skip
+    unit = _unit_with_relay(tmp_path, mosquitto, kafka, topics, "u-dash", "dash.updates")
+    opened: list[dict[str, Any]] = []
+    valve = EdgeObject("field-2-valve", MqttSettings(url=mosquitto.url), client_id="valve-dash")
+
+    @valve.action("open")
+    def open_(parameters: dict[str, Any]) -> str:
+        opened.append(parameters)
+        return f"open for {parameters['minutes']} minutes"
+
+    valve.start()
+    try:
+        assert unit.relay is not None and unit.relay.ready.wait(30)
+        assert valve.connected.wait(10) and unit.unit.runtime.connected.wait(10)
+        valve.publish("state", {"open": False})  # the cloud learns which cloudlet has it
+        deadline = time.monotonic() + 30
+        while cloud.store.site_of("field-2-valve") is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with browser_page() as page:
+            page.goto(f"{cloud.url}/#token=viewer-0123456789")
+            page.wait_for_selector('#actuator-rows[data-actuators="1"]')
+            assert page.locator("button[data-action]").count() == 0  # may read, not actuate
+            page.evaluate("sessionStorage.clear()")
+            page.goto("about:blank")  # a new document: a change of hash alone would not load it
+            page.goto(f"{cloud.url}/#token=farmer-0123456789")
+            row = page.locator("tr.actuator", has_text="field-2-valve")
+            assert row.locator("td.state").inner_text(timeout=15_000) == "open: false"
+            row.locator('button[data-action="open"]').click()
+            status = row.locator("td.command")
+            page.wait_for_selector('td.command[data-status="done"]', timeout=45_000)
+            done = status.inner_text()
+            row.locator('button[data-action="close"]').click()
+            page.wait_for_selector('td.command[data-status="failed"]', timeout=45_000)
+            failed = status.inner_text()
+    finally:
+        valve.stop()
+        unit.stop()
+        cloud.stop()
+    assert done == "open: done (open for 10 minutes)"
+    assert opened == [{"minutes": 10}]
+    assert failed == "close: failed (no handler for action 'close' (handled: open))"

@@ -3,10 +3,13 @@ the page as the browser rendered it, and a screenshot."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from cloudlet.rig.apt import apt_install
 from cloudlet.rig.process import RigError
@@ -55,3 +58,20 @@ def screenshot(url: str, path: Path, wait_ms: int = 6000) -> Path:
             f"chromium --screenshot {url} failed ({done.returncode}): {done.stderr[-1500:]}"
         )
     return path
+
+
+@contextlib.contextmanager
+def browser_page(width: int = 1400, height: int = 1100) -> Iterator[Any]:
+    """A page of the rig's Chromium driven by Playwright (clicks, waiting for what the page
+    draws): Debian's browser, not a downloaded one. Playwright is a test dependency."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as driver:
+        browser = driver.chromium.launch(
+            executable_path=ensure_chromium(),
+            args=[f for f in FLAGS if f != "--headless"],
+        )
+        try:
+            yield browser.new_page(viewport={"width": width, "height": height})
+        finally:
+            browser.close()
