@@ -28,8 +28,9 @@ from edge_objects.irrigation import FieldDevices, IrrigationModel, IrrigationSit
 from edge_objects.netloop import SharedLoop
 from edge_objects.sdk import EdgeObject
 from edge_objects.smart_city import SmartCityModel
-from streams import SensorUpdate, StreamKey, TopicScheme
+from streams import GeoPoint, SensorUpdate, StreamKey, TopicScheme
 from streams.catalog import Catalog
+from streams.registry import Registry
 from streams.transport.mqtt import MqttSettings
 
 SCENARIOS = ("irrigation", "smart-city")
@@ -56,12 +57,59 @@ def load(scenario: str, objects: Path, *, seed: int, start_ms: int) -> Simulatio
     """The model of `scenario` over the descriptors in `objects` (and its site.yaml)."""
     if scenario not in SCENARIOS:
         raise ValueError(f"unknown scenario {scenario!r} (available: {', '.join(SCENARIOS)})")
+    registry = Catalog.load([objects]).registry
     if scenario == "irrigation":
         site = IrrigationSite.load(objects.parent / "site.yaml")
         model: Model = IrrigationModel(site, seed=seed, start_ms=start_ms)
-        return Simulation(scenario, objects, model, [f.valve for f in site.fields])
-    registry = Catalog.load([objects]).registry
-    return Simulation(scenario, objects, SmartCityModel(registry, seed=seed, start_ms=start_ms))
+        return Simulation(scenario, objects, Located(model, registry),
+                          [f.valve for f in site.fields])  # fmt: skip
+    model = SmartCityModel(registry, seed=seed, start_ms=start_ms)
+    return Simulation(scenario, objects, Located(model, registry))
+
+
+class Located:
+    """A model whose devices also say where they stand, as an installed sensor does: each
+    stream's `geo_point` channels that the model leaves out are filled from the object's
+    `customFields.location` ("lat,lon")."""
+
+    def __init__(self, model: Model, registry: Registry) -> None:
+        self.model = model
+        self.places: dict[StreamKey, dict[str, GeoPoint]] = {}
+        for so_id, so in registry.objects.items():
+            where = so.custom_fields.get("location")
+            try:
+                lat, lon = (float(x) for x in str(where).split(","))
+            except ValueError:
+                continue
+            for stream_id, stream in so.streams.items():
+                channels = [name for name, ch in stream.channels.items()
+                            if ch.type == "geo_point" and ch.current_value is None]  # fmt: skip
+                if channels:
+                    self.places[StreamKey(so_id, stream_id)] = dict.fromkeys(
+                        channels, GeoPoint(lat, lon)
+                    )
+
+    @property
+    def now_ms(self) -> int:
+        return self.model.now_ms
+
+    @now_ms.setter
+    def now_ms(self, value: int) -> None:
+        self.model.now_ms = value
+
+    @property
+    def device_ids(self) -> list[str]:
+        return self.model.device_ids
+
+    def step(self, dt_s: float) -> list[tuple[StreamKey, SensorUpdate]]:
+        out = self.model.step(dt_s)
+        for i, (key, update) in enumerate(out):
+            place = self.places.get(key)
+            if place is not None and any(c not in update.channels for c in place):
+                missing = {c: g for c, g in place.items() if c not in update.channels}
+                channels = {**update.channels, **missing}  # the model's own channels first
+                out[i] = (key, SensorUpdate(channels, update.last_update))
+        return out
 
 
 # scaling -----------------------------------------------------------------------------------
@@ -220,10 +268,11 @@ class Simulator:
 
     def step(self, dt_s: float) -> None:
         model = self.simulation.model
+        site = model.model if isinstance(model, Located) else model
         while not self.commands.empty():
             valve_id, minutes = self.commands.get()
-            if isinstance(model, IrrigationModel):
-                model.set_valve(valve_id, minutes > 0, minutes=minutes or None)
+            if isinstance(site, IrrigationModel):
+                site.set_valve(valve_id, minutes > 0, minutes=minutes or None)
                 self.valve_openings[valve_id] += minutes > 0
         for send in self.injector.apply(model.step(dt_s)):
             self.fleet.publish_raw(send.topic, send.payload, send.kind)

@@ -68,11 +68,12 @@ def test_the_dashboard_draws_live_charts(
     assert "data-refreshed" in dom and "data-error" not in dom
     assert re.search(rf"<td>{scenario}-unit-[0-9-]+</td><td>yes</td>", dom)
     rates = json.loads(_attribute(dom, "rates", "series"))
-    assert any(name.endswith(" received/s") for name in rates), rates
+    assert rates == ["received/s", "accepted/s", "forwarded/s"], rates  # one unit
     assert int(_attribute(dom, "latest-rows", "rows")) >= 4
     if scenario == "irrigation":  # its valves have buttons; its weather station a geo_point
         assert _attribute(dom, "actuator-rows", "actuators") == "4"
-        assert json.loads(_attribute(dom, "plan-plot", "places")) == ["weather-1"]
+        places = json.loads(_attribute(dom, "plan-plot", "places"))
+        assert places == [*(f"field-{i}-soil" for i in range(1, 5)), "weather-1"], places
         assert len(re.findall(r'<tr class="actuator"><td>field-\d-valve</td>', dom)) == 4
     assert shot.stat().st_size > 20_000  # a picture with something drawn, not a blank page
 
