@@ -325,7 +325,30 @@ def gateway_run(
 
 
 def main() -> None:
-    app()
+    """The command line. A usage error (an unknown option, a bad value) comes as one line,
+    `error: ...` naming where the help is, as the commands' own errors do; typer would draw
+    it in a box."""
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(prog_name="cloudlet", standalone_mode=False)
+    except typer.Abort:
+        print("aborted", file=sys.stderr)
+        sys.exit(1)
+    except Exception as exc:
+        # typer's click exceptions (its own copy of click's, not importable as such): a
+        # message and an exit code; a usage error also carries the command's context
+        code = getattr(exc, "exit_code", None)
+        if not (hasattr(exc, "format_message") and isinstance(code, int)):
+            raise
+        message = exc.format_message()
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `cloudlet` alone: its help
+            print(message, file=sys.stderr)
+        else:
+            ctx = getattr(exc, "ctx", None)
+            where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            print(f"error: {message}{where}", file=sys.stderr)
+        sys.exit(code)
+    sys.exit(result if isinstance(result, int) else 0)
 
 
 if __name__ == "__main__":

@@ -135,3 +135,20 @@ def test_show_an_object_fed_by_flows_and_validate_paths_named_twice() -> None:
         0,
         "ok: 10 service object(s), 19 stream(s) (4 derived, 5 by flows), 8 group(s), 2 flow(s)\n",
     )
+
+
+def test_usage_errors_are_one_line_naming_the_help() -> None:
+    """As the commands' own errors are: `error: ...`, exit status 2, no box."""
+    cases = {
+        ("demo", "--bogus"): "error: No such option: --bogus (see `cloudlet demo --help`)\n",
+        ("nosuch",): "error: No such command 'nosuch'. (see `cloudlet --help`)\n",
+        (
+            "so",
+            "validate",
+        ): "error: Missing argument 'paths'. (see `cloudlet so validate --help`)\n",
+    }
+    for args, said in cases.items():
+        done = run(*args)
+        assert (done.returncode, done.stdout, done.stderr) == (2, "", said), args
+    done = run("demo", "--help")
+    assert done.returncode == 0 and "--port" in done.stdout
