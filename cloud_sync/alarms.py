@@ -229,8 +229,11 @@ class AlarmWatcher:
         while not self._stop.is_set():
             try:
                 self.evaluate()
-            except Exception:  # the store away, or a bug of ours: said, and tried again
-                log.exception("alarms: evaluation failed; trying again")
+            except Exception as exc:  # the store away, or a bug of ours: said, and tried again
+                if self.store.transient(exc):  # busy (SQLite locked by a writer) or away
+                    log.warning("alarms: the store is busy or away (%s); trying again", exc)
+                else:
+                    log.exception("alarms: evaluation failed; trying again")
             self._wake.wait(POLL)
             self._wake.clear()
 

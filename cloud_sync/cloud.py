@@ -44,10 +44,10 @@ from cloud_sync.dashboard import (
     ASSETS,
     PAGE,
     Dashboard,
+    HealthHistory,
     chart_data,
     page_policy,
     site_data,
-    unit_health,
 )
 from cloud_sync.registry import FleetRegistry
 from cloud_sync.registry_api import install
@@ -269,6 +269,7 @@ class CloudService:
             Materializer(self.store, settings.kafka, self.metrics) if settings.kafka else None
         )
         self.notifier = Notifier(settings.notify) if settings.notify and settings.alarms else None
+        self.health = HealthHistory(settings.units)  # the units' rates over time
         self.alarms = (
             AlarmWatcher(self.store, settings.alarms, self.notifier) if settings.alarms else None
         )
@@ -495,7 +496,7 @@ class CloudService:
             """The cloudlet units' counters, from their /metrics (a token, unless every
             object is public)."""
             self._operator(request)
-            return unit_health(self.settings.units)
+            return self.health.health()
 
         @app.get("/healthz", include_in_schema=False)
         def healthz() -> PlainTextResponse:
@@ -584,6 +585,8 @@ class CloudService:
     # lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> CloudService:
+        if self.settings.units:
+            self.health.start()
         if self.notifier is not None:
             self.notifier.start()
         if self.alarms is not None:
@@ -605,7 +608,10 @@ class CloudService:
     @property
     def alive(self) -> bool:
         """Every background thread runs (`cloudlet cloud serve` exits non-zero otherwise)."""
-        return all(w is None or w.alive for w in (self.materializer, self.publisher, self.alarms))
+        threads = (self.materializer, self.publisher, self.alarms)
+        return all(w is None or w.alive for w in threads) and (
+            not self.settings.units or self.health.alive
+        )
 
     def stop(self) -> None:
         if self._server is not None:
@@ -618,6 +624,7 @@ class CloudService:
             self.alarms.stop()
         if self.notifier is not None:
             self.notifier.stop()
+        self.health.stop()
         self.store.close()
 
 

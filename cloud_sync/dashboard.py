@@ -28,7 +28,13 @@ The plan places every object by the newest value of its `geo_point` channels."""
 from __future__ import annotations
 
 import fnmatch
+import itertools
+import logging
+import threading
+import time
 import urllib.request
+from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,6 +43,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from cloud_sync.store import CloudStore
+
+log = logging.getLogger(__name__)
 
 
 class Mark(BaseModel):
@@ -222,6 +230,81 @@ def unit_health(urls: list[str]) -> list[dict[str, Any]]:
                         entry["unit"] = s.labels["unit"]
         out.append(entry)
     return out
+
+
+class HealthHistory:
+    """The units' counters, sampled by a thread of its own every `every` seconds and kept for
+    `keep` samples: the rates over time the page draws from its first load (not only from
+    the samples it took itself). A sample that fails is logged and the next one taken."""
+
+    RATES = ("received", "accepted", "forwarded")
+
+    def __init__(
+        self,
+        urls: list[str],
+        *,
+        every: float = 5.0,
+        keep: int = 120,
+        clock: Callable[[], float] = time.time,
+        fetch: Callable[[list[str]], list[dict[str, Any]]] = unit_health,
+    ) -> None:
+        self.urls, self.every, self.clock, self.fetch = urls, every, clock, fetch
+        self._samples: dict[str, deque[tuple[float, dict[str, Any]]]] = {
+            url: deque(maxlen=keep) for url in urls
+        }
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sample(self) -> list[dict[str, Any]]:
+        """The units' counters now, kept."""
+        entries = self.fetch(self.urls)
+        at = self.clock()
+        with self._lock:
+            for entry in entries:
+                if entry["up"] and entry["url"] in self._samples:
+                    self._samples[entry["url"]].append((at, entry))
+        return entries
+
+    def rates(self, url: str) -> list[list[float]]:
+        """[time ms, received/s, accepted/s, forwarded/s] between successive samples (a
+        counter that went back, a unit restarted: 0 for that step)."""
+        with self._lock:
+            kept = list(self._samples.get(url, ()))
+        out = []
+        for (t0, a), (t1, b) in itertools.pairwise(kept):
+            dt = t1 - t0
+            if dt > 0:
+                out.append([round(t1 * 1000), *(max(0.0, (b.get(k, 0) - a.get(k, 0)) / dt)
+                                                for k in self.RATES)])  # fmt: skip
+        return out
+
+    def health(self) -> list[dict[str, Any]]:
+        """Each unit's counters now, with its rates over the kept samples (only the thread's
+        samples are kept: evenly spaced, whoever asks how often)."""
+        entries = self.fetch(self.urls)
+        return [{**e, "rates": self.rates(e["url"])} for e in entries]
+
+    def start(self) -> HealthHistory:
+        self._thread = threading.Thread(target=self._run, name="cloudlet-health", daemon=True)
+        self._thread.start()
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                self.sample()
+            except Exception:  # a unit answering garbage, or a bug of ours: said, next one
+                log.exception("health: sampling the units failed; trying again")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
 
 
 def page_policy(nonce: str) -> str:

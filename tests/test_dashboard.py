@@ -290,3 +290,47 @@ def test_a_command_button_sends_the_command_and_shows_its_final_status(
     assert done == "open: done (open for 10 minutes)"
     assert opened == [{"minutes": 10}]
     assert failed == "close: failed (no handler for action 'close' (handled: open))"
+
+
+def test_the_units_rates_over_time_are_kept_by_the_service() -> None:
+    """Sampled every few seconds by a thread of its own: rates per second between samples, a
+    counter that went back (the unit restarted) is 0 for that step, a unit that does not
+    answer keeps no sample, and a sample that fails costs that sample, not the thread."""
+    from cloud_sync.dashboard import HealthHistory
+
+    now = [1_000.0]
+    answers: list[Any] = [
+        [{"url": "u", "up": True, "received": 100, "accepted": 90, "forwarded": 80}],
+        [{"url": "u", "up": True, "received": 150, "accepted": 140, "forwarded": 80}],
+        [{"url": "u", "up": False}],
+        [{"url": "u", "up": True, "received": 10, "accepted": 10, "forwarded": 5}],
+    ]
+
+    def fetch(_urls: list[str]) -> list[dict[str, Any]]:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return list(answer)
+
+    history = HealthHistory(["u"], every=0.01, clock=lambda: now[0], fetch=fetch)
+    for _ in range(4):  # at 1000, 1005, 1010 (down) and 1015 s
+        history.sample()
+        now[0] += 5
+    answers.append([{"url": "u", "up": True, "received": 12, "accepted": 11, "forwarded": 6}])
+    (entry,) = history.health()  # the counters now, not kept: the thread's samples are
+    assert entry["received"] == 12
+    assert entry["rates"] == [[1_005_000, 10.0, 10.0, 0.0], [1_015_000, 0.0, 0.0, 0.0]]
+    # the thread: a unit answering garbage costs that sample, not the thread
+    up = {"url": "u", "up": True, "received": 30, "accepted": 30, "forwarded": 30}
+    answers.extend([ValueError("not the exposition format"), [up]])
+    now[0] = 1_020.0
+    history.start()
+    try:
+        deadline = time.monotonic() + 10
+        while answers and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)
+        assert history.alive and not answers
+    finally:
+        history.stop()
+    assert history.rates("u")[-1] == [1_020_000, 4.0, 4.0, 5.0]
