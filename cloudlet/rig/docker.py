@@ -163,16 +163,7 @@ def project_image(client: Any, tag: str | None = None, *, say: Any = print) -> s
         return tag
     base = base_image(client, say=say)
     say(f"docker build {tag} on {base} (pip installs the project in the image)")
-    from docker.errors import BuildError
-
-    try:
-        client.images.build(
-            path=str(ROOT), dockerfile="compose/Dockerfile", tag=tag, rm=True,
-            buildargs={"BASE": base}, network_mode="host",
-        )  # fmt: skip
-    except BuildError as exc:
-        lines = "".join(str(chunk.get("stream", chunk.get("error", ""))) for chunk in exc.build_log)
-        raise RigError(f"docker build failed: {exc.msg}\n{lines[-3000:]}") from None
+    _build(client, ROOT, tag, base, dockerfile="compose/Dockerfile")
     for image in client.images.list(name="cloudlet"):  # earlier trees' images: vfs is not small
         if tag not in image.tags and all(t.startswith("cloudlet:") for t in image.tags):
             with contextlib.suppress(Exception):
@@ -228,12 +219,15 @@ def standin_images(client: Any, *, say: Any = print) -> dict[str, str]:
     return images
 
 
-def _build(client: Any, context: Path, tag: str, base: str) -> None:
+def _build(client: Any, context: Path, tag: str, base: str,
+           dockerfile: str = "Dockerfile") -> None:  # fmt: skip
+    """`docker build` of `context` on `base` (host network: apt and pip reach what the host
+    reaches); a failure says the build log's last lines."""
     from docker.errors import BuildError
 
     try:
-        client.images.build(path=str(context), tag=tag, rm=True, buildargs={"BASE": base},
-                            network_mode="host")  # fmt: skip
+        client.images.build(path=str(context), dockerfile=dockerfile, tag=tag, rm=True,
+                            buildargs={"BASE": base}, network_mode="host")  # fmt: skip
     except BuildError as exc:
         lines = "".join(str(chunk.get("stream", chunk.get("error", ""))) for chunk in exc.build_log)
         raise RigError(f"docker build {tag} failed: {exc.msg}\n{lines[-3000:]}") from None
