@@ -109,8 +109,11 @@ class KafkaSource(_Strict):
     # once: Kafka transactions); null: when the flows and groups join objects
     repartition: bool | None = None
     transaction_timeout: int = 10_000  # ms: how long a dead instance's transaction holds
+    # how long stopping may take (last checkpoints, leaving the group); past it, a partition
+    # resumes from its previous checkpoint and computes the same outputs again
+    stop_timeout: int = Field(default=10_000, ge=0)
 
-    @field_validator("checkpoint_every", "transaction_timeout", mode="before")
+    @field_validator("checkpoint_every", "transaction_timeout", "stop_timeout", mode="before")
     @classmethod
     def _ms(cls, value: Any) -> int:
         return duration_ms(value)

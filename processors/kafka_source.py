@@ -137,10 +137,17 @@ class KafkaUnit:
                  len(self.catalog.registry), len(self.catalog.flows))  # fmt: skip
         return self
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Checkpoint every partition it owns, leave the group."""
+    def stop(self, timeout: float | None = None) -> None:
+        """Checkpoint every partition it owns, leave the group: within `stop_timeout` (and a
+        margin), whatever the brokers do. Past it, what was not checkpointed is computed again
+        by the partitions' next owners, to the same outputs (their ids are their content's)."""
         self._stop.set()
-        self._thread.join(timeout)
+        budget = self.settings.stop_timeout / 1000
+        self._thread.join(budget + 2.0 if timeout is None else timeout)
+        if self._thread.is_alive():
+            log.warning("unit %s: not stopped cleanly within %.0f s (a Kafka broker away?);"
+                        " its partitions resume from their previous checkpoints",
+                        self.config.name, budget)  # fmt: skip
         if self.status is not None:
             self.status.stop()
 
@@ -257,19 +264,61 @@ class KafkaUnit:
                         continue  # taken away meanwhile: its new owner reads them again
                     # what the partition's state already holds (fetched before a restore)
                     records = [r for r in records if r.offset >= part.offset]
-                    if records and not await self._handle(tp, part, records):
-                        self.parts.pop(tp.partition, None)  # fenced: another instance has it
+                    if records:
+                        await self._guarded(consumer, tp, self._handle(tp, part, records))
                 every = self.settings.checkpoint_every / 1000
-                for tp_number, part in list(self.parts.items()):
-                    if part.dirty and time.monotonic() - part.checkpointed >= every:
-                        if not await self._commit(part, tp_number, [], checkpoint=True):
-                            self.parts.pop(tp_number, None)
-            for number, part in list(self.parts.items()):  # stopping: nothing to compute again
-                await self._commit(part, number, [], checkpoint=part.dirty)
-                await part.producer.stop()
+                for tp in list(consumer.assignment()):
+                    part = self.parts.get(tp.partition)
+                    if part and part.dirty and time.monotonic() - part.checkpointed >= every:
+                        due = self._commit(part, tp.partition, [], checkpoint=True)
+                        await self._guarded(consumer, tp, due)
+            await self._bounded(self._last_checkpoints(), "the last checkpoints")
         finally:
-            with contextlib.suppress(Exception):
-                await consumer.stop()
+            await self._bounded(consumer.stop(), "leaving the group")
+
+    async def _guarded(self, consumer: Any, tp: Any, work: Any) -> None:
+        """One partition's transaction (`_handle` or `_commit`), within `transaction_timeout`.
+        Fenced: the partition is another instance's now. Stuck past it (a coordinator that
+        died while its successor is not known to the client, which otherwise waits for it
+        forever): the partition is taken again, as a new owner would take it, its open
+        transaction aborted by the fencing, from its last checkpoint."""
+        budget = self.settings.transaction_timeout / 1000
+        try:
+            async with asyncio.timeout(budget):
+                done = await work
+        except TimeoutError:
+            log.warning("partition %d: a transaction did not finish in %.0f s (a Kafka broker"
+                        " away?); taken again from its last checkpoint", tp.partition,
+                        budget)  # fmt: skip
+            done = False
+            old = self.parts.pop(tp.partition, None)
+            if old is not None:
+                await self._bounded(old.producer.stop(), "closing a stuck producer")
+            if tp in consumer.assignment():
+                part = await self._take(tp)
+                if part.offset:
+                    consumer.seek(tp, part.offset)
+                else:
+                    await consumer.seek_to_beginning(tp)
+                self.parts[tp.partition] = part
+                return
+        if not done:
+            self.parts.pop(tp.partition, None)  # fenced: another instance has it
+
+    async def _last_checkpoints(self) -> None:
+        """Stopping: every partition checkpointed, so that nothing is computed again."""
+        for number, part in list(self.parts.items()):
+            await self._commit(part, number, [], checkpoint=part.dirty)
+            await part.producer.stop()
+
+    async def _bounded(self, step: Any, what: str) -> None:
+        """One step of stopping, within half of `stop_timeout` whatever the brokers do."""
+        try:
+            await asyncio.wait_for(step, self.settings.stop_timeout / 2000)
+        except TimeoutError:
+            log.warning("unit %s stopping: %s did not finish in time", self.config.name, what)
+        except Exception as exc:  # a broker away: said, and the next step runs
+            log.warning("unit %s stopping: %s failed: %s", self.config.name, what, exc)
 
     async def _take(self, tp: Any) -> Partition:
         """A partition given to this instance: its transactional producer first (which fences
@@ -451,7 +500,15 @@ class KafkaUnit:
                         producer = producers.get(tp.partition)
                         if producer is None:  # its producer could not be made at assignment
                             producer = producers[tp.partition] = await self._router_producer(tp)
-                        await _send_routed(self, producer, tp, records)
+                        async with asyncio.timeout(self.settings.transaction_timeout / 1000):
+                            await _send_routed(self, producer, tp, records)
+                    except TimeoutError:  # stuck on a coordinator that died: made anew
+                        log.warning("routing partition %d: a transaction did not finish in"
+                                    " time (a Kafka broker away?); again from offset %d",
+                                    tp.partition, records[0].offset)  # fmt: skip
+                        await self._bounded(_drop(producers, tp.partition), "a stuck router")
+                        consumer.seek(tp, records[0].offset)
+                        continue
                     except ProducerFenced:  # another instance's producer for it started
                         await _drop(producers, tp.partition)
                         if tp not in consumer.assignment():
@@ -474,11 +531,14 @@ class KafkaUnit:
                         continue
                     self.counts.routed += len(records)
         finally:
-            with contextlib.suppress(Exception):
-                await consumer.stop()
-            for producer in producers.values():
-                with contextlib.suppress(Exception):
-                    await producer.stop()
+            await self._bounded(consumer.stop(), "leaving the router's group")
+            await self._bounded(_stop_all(producers), "closing the routers' producers")
+
+
+async def _stop_all(producers: dict[int, Any]) -> None:
+    for producer in producers.values():
+        with contextlib.suppress(Exception):
+            await producer.stop()
 
 
 async def _drop(producers: dict[int, Any], partition: int) -> None:

@@ -249,6 +249,42 @@ def test_two_instances_compute_a_cross_site_flow_once(kafka: Kafka, tmp_path: Pa
         cloud.stop()
 
 
+def test_a_unit_stops_within_its_budget_while_the_broker_is_frozen(
+    kafka: Kafka, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGTERM while the only broker is frozen (SIGSTOP: requests hang, nothing refuses):
+    the unit stops within `stop_timeout` and a margin and says what it could not finish."""
+    updates = "air-frozen"
+    asyncio.run(_create_topic(kafka.bootstrap_servers, updates, 2, 1))
+    objects = _objects(tmp_path / "objects", 2, 1)
+    config = _unit_config(tmp_path, objects, kafka.bootstrap_servers, updates, "city-f")
+    doc = orjson.loads(config.read_bytes())
+    doc["input"]["kafka"].update(group="frozen", stop_timeout="2s")
+    config.write_bytes(orjson.dumps(doc))
+    unit = KafkaUnit(UnitConfig.load(config)).start()
+    feed = Sites(tmp_path, kafka.bootstrap_servers, updates, 2)
+    assert kafka.process is not None
+    try:
+        assert unit.ready.wait(60)
+        feed.write(0, [_reading(0, 0, 0, k) for k in range(6)])
+        feed.drain()
+        deadline = time.monotonic() + 30
+        while unit.counts.consumed < 6 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert unit.counts.consumed == 6
+        kafka.process.send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        unit.stop()
+        took = time.monotonic() - started
+        assert took < 2 + 2 + 1.0, took
+        said = caplog.text
+        assert "did not finish in time" in said or "not stopped cleanly" in said, said[-2000:]
+    finally:
+        kafka.process.send_signal(signal.SIGCONT)
+        feed.stop()
+        unit.stop()
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaCluster]:
     """Three Kafka nodes in KRaft mode: replication factor 3, min.insync.replicas 2."""

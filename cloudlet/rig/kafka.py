@@ -11,7 +11,9 @@ import asyncio
 import base64
 import os
 import shutil
+import signal
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -296,9 +298,21 @@ class KafkaCluster:
         node._spawn(node._argv)
         node._wait(lambda: port_open(node.host, node.port), timeout, "listening")
 
-    def stop(self) -> None:
-        for node in self.nodes:
-            node.stop()
+    def stop(self, timeout: float = 15.0) -> None:
+        """Every node at once: stopped one after another, the last ones wait for a quorum
+        that is gone (a controlled shutdown asks the controllers), 30 s each."""
+        running = [n for n in self.nodes if n.process is not None and n.running]
+        for node in running:
+            assert node.process is not None
+            node.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for node in running:
+            assert node.process is not None
+            try:
+                node.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                node.kill()
+                node.process.wait(10)
 
     def __enter__(self) -> KafkaCluster:
         return self.start()
