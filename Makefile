@@ -34,7 +34,7 @@ lint: install
 # pure-Python twins (less the Docker-backend tests, whose units run in the image, not here).
 test: services lint
 	CLOUDLET_REQUIRE_EXTENSIONS=1 $(PY) -m pytest $(ARGS)
-	CLOUDLET_NO_EXTENSIONS=1 $(PY) -m pytest -q -m "not docker" $(ARGS)
+	CLOUDLET_NO_EXTENSIONS=1 $(PY) -m pytest -q -m "not docker and not infra" $(ARGS)
 
 # only what the demo uses: the project and Mosquitto (no browser, database, Docker or Kafka)
 demo: $(VENV)/.installed

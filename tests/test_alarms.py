@@ -25,6 +25,8 @@ from cloud_sync.store import CloudMessage, CloudStore, PostgresStore, open_store
 from cloudlet.rig import Mosquitto
 from streams.transport.mqtt import MqttSettings, connect, make_client
 
+pytestmark = pytest.mark.infra  # not the kernels: the compiled pass only
+
 T = 1_700_000_000_000
 OPS, VIEWER = "ops-secret-0123456789", "viewer-secret-0123456789"
 

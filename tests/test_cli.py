@@ -8,8 +8,11 @@ import sys
 from pathlib import Path
 
 import orjson
+import pytest
 
 from tests.conftest import SERVIOTICY
+
+pytestmark = pytest.mark.infra  # not the kernels: the compiled pass only
 
 COMPOSITE = "1398788346015aa59fe5f854b4bda89647b969c51d8a4"
 CLOUDLET = shutil.which("cloudlet", path=str(Path(sys.executable).parent)) or "cloudlet"

@@ -25,6 +25,8 @@ from cloud_sync.store import CloudMessage, CloudStore, SQLiteStore, distance_m, 
 from cloudlet.rig import Kafka
 from streams import SensorUpdate, StreamKey
 
+pytestmark = pytest.mark.infra  # not the kernels: the compiled pass only
+
 T0 = 1_700_006_400_000
 # air stations around Barcelona's centre (41.3851, 2.1734)
 STATIONS = {"air-centre": (41.3851, 2.1734), "air-north": (41.4200, 2.1800),

@@ -22,6 +22,8 @@ from edge_objects.sdk import EdgeObject
 from streams.actuation import Actuation
 from streams.transport.mqtt import MqttSettings, connect, make_client
 
+pytestmark = pytest.mark.infra  # not the kernels: the compiled pass only
+
 IRRIGATION = scenario_dir("irrigation") / "objects"
 
 

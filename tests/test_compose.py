@@ -21,6 +21,8 @@ from streams.catalog import Catalog
 from streams.transport.mqtt import MqttSettings, make_client
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.infra  # not the kernels: the compiled pass only
+
 COMPOSE = ROOT / "compose"
 
 

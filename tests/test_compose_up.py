@@ -22,7 +22,9 @@ from cloudlet.rig.docker import DockerEngine, project_image, standin_images
 from cloudlet.rig.process import free_port
 from tests.conftest import ROOT
 
-pytestmark = pytest.mark.docker
+# the first test's budget holds the images' builds (on a clean machine: a Debian base with
+# debootstrap, the project's image and the stand-ins; about five minutes on two cores)
+pytestmark = [pytest.mark.docker, pytest.mark.timeout(1800)]
 
 # what each demo's dashboard must chart once devices have posted for a while: its first chart,
 # a window the unit derives (the data went through the unit's flows, not only past it)

@@ -28,7 +28,7 @@ from edge_objects.fleet import DeviceFleet
 from streams import SensorUpdate, StreamKey
 from streams.transport.mqtt import MqttSettings
 
-pytestmark = pytest.mark.mqtt
+pytestmark = [pytest.mark.mqtt, pytest.mark.infra]  # infra: the compiled pass only
 
 OBJECTS = (
     Path(__file__).resolve().parent.parent / "cloudlet" / "scenarios" / "irrigation" / "objects"

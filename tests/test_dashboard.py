@@ -24,6 +24,8 @@ from edge_objects.sdk import EdgeObject
 from streams.transport.mqtt import MqttSettings
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.infra  # not the kernels: the compiled pass only
+
 
 def _charts(dom: str) -> list[tuple[int, int, list[dict[str, object]]]]:
     """Each chart card: its points, its marks, and the series the chart library holds."""

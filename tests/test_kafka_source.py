@@ -249,6 +249,7 @@ def test_two_instances_compute_a_cross_site_flow_once(kafka: Kafka, tmp_path: Pa
         cloud.stop()
 
 
+@pytest.mark.infra
 def test_a_unit_stops_within_its_budget_while_the_broker_is_frozen(
     kafka: Kafka, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -301,6 +302,7 @@ def _instance(config: Path, log: Path) -> subprocess.Popen[bytes]:
                             start_new_session=True)  # fmt: skip
 
 
+@pytest.mark.infra  # brokers and processes dying: the compiled pass only
 def test_a_cross_site_flow_survives_a_killed_instance_and_a_killed_broker(
     cluster: KafkaCluster, tmp_path: Path
 ) -> None:

@@ -20,6 +20,8 @@ from cloudlet.rig import Mosquitto
 from cloudlet.rig.process import free_port
 from tests.test_cli import CLOUDLET
 
+pytestmark = pytest.mark.infra  # not the kernels: the compiled pass only
+
 IRRIGATION = scenario_dir("irrigation")
 RATE = 40_000  # messages per second, all devices together
 # the whole suite also runs on the pure-Python twins: a shorter load there

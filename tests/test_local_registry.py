@@ -16,6 +16,8 @@ from cloud_sync.local_registry import LocalRefused, LocalRegistry
 from cloud_sync.registry import FleetRegistry
 from cloud_sync.store import CloudStore
 
+pytestmark = pytest.mark.infra  # not the kernels: the compiled pass only
+
 PROBE = {"streams": {"data": {"channels": {"t": {"type": "number"}}}}}
 WITH_H = {"streams": {"data": {"channels": {"t": {"type": "number"}, "h": {"type": "number"}}}}}
 WITH_P = {"streams": {"data": {"channels": {"t": {"type": "number"}, "p": {"type": "number"}}}}}

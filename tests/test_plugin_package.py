@@ -21,6 +21,8 @@ from streams.transport.mqtt import MqttSettings
 from tests.test_cli import CLOUDLET
 from tests.test_unit import Collector
 
+pytestmark = pytest.mark.infra  # not the kernels: the compiled pass only
+
 
 def _run(*args: str, cwd: Path, site: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(

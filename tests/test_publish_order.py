@@ -19,6 +19,8 @@ from edge_objects.sdk import EdgeObject
 from streams import SensorUpdate, StreamKey
 from streams.transport.mqtt import MqttSettings, connect, make_client
 
+pytestmark = pytest.mark.infra  # not the kernels: the compiled pass only
+
 T0 = 1_700_000_000_000
 
 

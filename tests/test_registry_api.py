@@ -24,6 +24,8 @@ from streams.catalog import Catalog
 from tests.test_cli import CLOUDLET
 from tests.test_cloud import T0, message
 
+pytestmark = pytest.mark.infra  # not the kernels: the compiled pass only
+
 PROBE = {"name": "soil probe", "streams": {"soil": {"channels": {"moisture": {"type": "number"}}}}}
 
 

@@ -24,6 +24,8 @@ from streams.transport.mqtt import MqttSettings
 from tests.test_registry_api import call
 from tests.test_unit import Collector, DeviceFleet
 
+pytestmark = pytest.mark.infra  # not the kernels: the compiled pass only
+
 T0 = int(time.time() * 1000)
 PROBE = {"streams": {"data": {"channels": {"t": {"type": "number"}}}}}
 

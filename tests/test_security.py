@@ -19,6 +19,8 @@ from cloudlet.security import AccessError, Identities
 from processors.wire import WireClient
 from streams.transport.mqtt import MqttSettings, make_client
 
+pytestmark = pytest.mark.infra  # not the kernels: the compiled pass only
+
 OK = (0x00, 0x10)  # success, or "no matching subscribers"
 DENIED = 0x87
 

@@ -20,6 +20,8 @@ from cloudlet.rig.mosquitto import find_mosquitto
 from streams import Codec, GeoPoint, Registry, SensorUpdate, TopicScheme, decode, encode_update
 from tests.conftest import SERVIOTICY
 
+pytestmark = pytest.mark.infra  # not the kernels: the compiled pass only
+
 DEVICE = "1396461657731411aa73c28444ecf9a8c803e62312fd1"
 SERVIOTICY_UPDATE = {
     "channels": {

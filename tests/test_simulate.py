@@ -215,18 +215,15 @@ def test_simulated_valves_obey_the_irrigation_rule(mosquitto: Mosquitto, tmp_pat
 
 
 @pytest.mark.mqtt
+@pytest.mark.infra  # descriptors and the network thread, not the kernels: the compiled pass only
 def test_ten_thousand_simulated_devices(tmp_path: Path) -> None:
     """`cloudlet simulate irrigation --devices 10000`: about 5,000 valves, a connection each
     (they take commands), all on one network thread polling with epoll: paho's select() could
     not watch a descriptor above 1023 (the simulation failed at about 700 devices). Every
     reading of two steps acknowledged by the broker. And `--write-only` writes the
     descriptors only."""
-    import os
     import resource
 
-    if os.environ.get("CLOUDLET_NO_EXTENSIONS"):  # make test's second pass, on the twins
-        pytest.skip("about descriptors and the network thread, not the kernels: run once, in"
-                    " the compiled pass (three minutes each)")  # fmt: skip
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     needed = 12_000  # the broker's connections and ours (it inherits the limit)
     if hard != resource.RLIM_INFINITY and hard < needed:

@@ -22,6 +22,8 @@ from processors.unit import Unit
 from streams import SensorUpdate, StreamKey
 from streams.transport.mqtt import MqttSettings, connect, make_client
 
+pytestmark = pytest.mark.infra  # not the kernels: the compiled pass only
+
 IRRIGATION = scenario_dir("irrigation") / "objects"
 T0 = 1_700_006_400_000
 USERS = {"unit": "unit-secret", "device": "device-secret", "reader": "reader-secret"}
