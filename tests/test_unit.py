@@ -836,8 +836,8 @@ def test_a_long_message_is_echoed_in_lists_the_broker_takes(
 
 
 def test_a_unit_process_bounds_its_malloc_arenas(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two glibc arenas in a unit process (a peak of 82-91 MB instead of 109-124 with
-    100-reading messages); the operator's `MALLOC_ARENA_MAX` wins; nothing to do elsewhere."""
+    """Two glibc arenas in a unit process (a lower peak with 100-reading messages); the
+    operator's `MALLOC_ARENA_MAX` wins; nothing to do where the C library is not glibc."""
     import platform
 
     from cloudlet.unit_run import bound_malloc_arenas
