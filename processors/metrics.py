@@ -108,6 +108,11 @@ class UnitMetrics:
         self.unacknowledged = gauge(
             "cloudlet_unacknowledged", "Messages processed, waiting for a checkpoint"
         )
+        self.overrun = counter(
+            "cloudlet_receive_maximum_overrun",
+            "Messages the broker sent while this unit already held its receive maximum"
+            " unacknowledged (MQTT v5 flow control broken by the broker: memory grows with it)",
+        )
         self.connected = gauge("cloudlet_mqtt_connected", "1 while connected to the broker")
         self.actuations = counter("cloudlet_actuations_sent", "Commands sent to devices")
         self.actuation_reports = Counter(

@@ -134,6 +134,7 @@ class UnitRuntime:
         # nothing; the new owner has the session and its unacknowledged messages.
         self._fenced = threading.Event()
         self._unacked: list[Message] = []  # processed, waiting for a checkpoint
+        self._overrun_said = -60.0  # when an overrun of our receive maximum was last logged
         # Without a state store, inputs are acknowledged once the broker has everything they
         # produced, while the next batches go on: (how many of `_unacked` a batch ends at, the
         # number of its last output, in the client's count).
@@ -378,7 +379,7 @@ class UnitRuntime:
             if self.sink is not None:
                 self._durably(self.sink.write, [*outputs.updates, *outputs.derived])
             self._unacked.extend(batch)
-            self._held.update(m.packet_id for m in batch if m.qos > 0)
+            self._hold(batch)
             self._count(batch, result, outputs)
             if self.state is None:
                 self._marks.append((len(self._unacked), self._client.published))
@@ -386,6 +387,25 @@ class UnitRuntime:
             elif self._checkpoint_due():
                 self._commit()
             self.metrics.batch_seconds.observe(time.perf_counter() - started)
+
+    def _hold(self, batch: list[Message]) -> None:
+        """Processed, held until acknowledged; and what the broker sent beyond our receive
+        maximum counted (and said, once a minute): Mosquitto 2.0.11 does while it drains a
+        backlog and our acknowledgements come in bulk, and memory grows with it."""
+        held = self._held
+        before = len(held)
+        held.update(m.packet_id for m in batch if m.qos > 0)
+        limit = self.settings.receive_maximum
+        beyond = len(held) - max(before, limit)
+        if beyond > 0:
+            self.metrics.overrun.inc(beyond)
+            now = time.monotonic()
+            if now - self._overrun_said >= 60.0:
+                self._overrun_said = now
+                log.warning("the broker sent messages beyond this unit's receive maximum (%d):"
+                            " %d held unacknowledged; memory grows with what it sends (a"
+                            " broker bug: Mosquitto 2.0.11 does while draining a backlog)",
+                            limit, len(held))  # fmt: skip
 
     def _process(self, batch: list[Message]) -> tuple[IngestBatch, Outputs]:
         letters, self._letters = self._letters, []
