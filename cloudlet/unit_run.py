@@ -101,7 +101,7 @@ def bound_malloc_arenas(arenas: int = 2) -> bool:
     otherwise). glibc gives each thread that allocates an arena of its own, up to 8 per core,
     and an arena keeps its high-water mark (the network thread allocates what the worker
     frees). Draining 100-reading messages with the batched echo (bench/suite.py's ingest), the
-    peak was 109 and 124 MB in two runs with glibc's default, 66-107 MB in eight with two
+    peak was 109 and 124 MB in two runs with glibc's default, 66-107 MB in nine with two
     arenas, throughput within the runs' noise. Called before any thread starts. False where
     the C library is not glibc (nothing to do)."""
     if os.environ.get("MALLOC_ARENA_MAX"):

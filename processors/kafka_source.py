@@ -312,13 +312,14 @@ class KafkaUnit:
             await part.producer.stop()
 
     async def _bounded(self, step: Any, what: str) -> None:
-        """One step of stopping, within half of `stop_timeout` whatever the brokers do."""
+        """A step that must not hang whatever the brokers do (stopping, closing a stuck
+        producer): within half of `stop_timeout`, said if it did not finish or failed."""
         try:
             await asyncio.wait_for(step, self.settings.stop_timeout / 2000)
         except TimeoutError:
-            log.warning("unit %s stopping: %s did not finish in time", self.config.name, what)
+            log.warning("unit %s: %s did not finish in time", self.config.name, what)
         except Exception as exc:  # a broker away: said, and the next step runs
-            log.warning("unit %s stopping: %s failed: %s", self.config.name, what, exc)
+            log.warning("unit %s: %s failed: %s", self.config.name, what, exc)
 
     async def _take(self, tp: Any) -> Partition:
         """A partition given to this instance: its transactional producer first (which fences
@@ -339,6 +340,29 @@ class KafkaUnit:
             log.info("partition %d: no checkpoint, from its beginning", tp.partition)
         part.checkpointed = time.monotonic()
         return part
+
+    async def _resync(self, consumer: Any, producers: dict[int, Any], tp: Any) -> None:
+        """The router of `tp` made anew, then read from the offset its committed transactions
+        reached. Making it fences any other producer of the partition's transactional id and
+        has Kafka finish or abort that one's open transaction first, so what this instance or
+        another routed meanwhile is read past, not routed twice (seeking back to the records
+        in hand would route again those another instance committed). A broker away: the
+        records stay where they are, tried again at the next fetch."""
+        from aiokafka.errors import KafkaError
+
+        try:
+            producers[tp.partition] = await self._router_producer(tp)
+            committed = await consumer.committed(tp)
+        except KafkaError as exc:
+            await _drop(producers, tp.partition)
+            log.warning("routing partition %d: %s; its router is made again at the next"
+                        " fetch", tp.partition, exc)  # fmt: skip
+            await asyncio.sleep(1.0)
+            return
+        if committed is None:
+            await consumer.seek_to_beginning(tp)
+        else:
+            consumer.seek(tp, committed)
 
     async def _router_producer(self, tp: Any) -> Any:
         """The transactional producer routing one input partition (started: a router that
@@ -496,38 +520,32 @@ class KafkaUnit:
             while not self._stop.is_set():
                 batches = await consumer.getmany(timeout_ms=200, max_records=2000)
                 for tp, records in batches.items():
+                    producer = producers.get(tp.partition)
                     try:
-                        producer = producers.get(tp.partition)
-                        if producer is None:  # its producer could not be made at assignment
-                            producer = producers[tp.partition] = await self._router_producer(tp)
+                        if producer is None:  # not made at assignment, or given up: first
+                            await self._resync(consumer, producers, tp)  # what is committed
+                            continue
                         async with asyncio.timeout(self.settings.transaction_timeout / 1000):
                             await _send_routed(self, producer, tp, records)
-                    except TimeoutError:  # stuck on a coordinator that died: made anew
-                        log.warning("routing partition %d: a transaction did not finish in"
-                                    " time (a Kafka broker away?); again from offset %d",
-                                    tp.partition, records[0].offset)  # fmt: skip
+                    except (TimeoutError, KafkaError) as exc:
+                        # The transaction's outcome is unknown (stuck on a coordinator that
+                        # died, a broker away), or another instance's producer for this
+                        # partition started and may have routed some of these meanwhile.
                         await self._bounded(_drop(producers, tp.partition), "a stuck router")
-                        consumer.seek(tp, records[0].offset)
-                        continue
-                    except ProducerFenced:  # another instance's producer for it started
-                        await _drop(producers, tp.partition)
                         if tp not in consumer.assignment():
                             log.info("routing of partition %d is another instance's now",
                                      tp.partition)  # fmt: skip
                             continue
-                        # still ours (the other had it in an earlier assignment): a producer
-                        # made anew fences it in turn, and these records go again
-                        first = records[0].offset
-                        log.warning("routing partition %d: fenced while still assigned here;"
-                                    " again from offset %d", tp.partition, first)  # fmt: skip
-                        consumer.seek(tp, records[0].offset)
-                        continue
-                    except KafkaError as exc:  # a broker or coordinator away: these again
-                        log.warning("routing partition %d: %s; again from offset %d",
-                                    tp.partition, exc, records[0].offset)  # fmt: skip
-                        await _drop(producers, tp.partition)  # aborted, made anew
-                        consumer.seek(tp, records[0].offset)
-                        await asyncio.sleep(1.0)
+                        why = (
+                            "fenced while still assigned here"
+                            if isinstance(exc, ProducerFenced)
+                            else f"{type(exc).__name__} {exc}".strip()
+                        )
+                        log.warning("routing partition %d: %s; again from what is committed",
+                                    tp.partition, why)  # fmt: skip
+                        consumer.seek(tp, records[0].offset)  # at least these, again
+                        if not isinstance(exc, ProducerFenced):
+                            await asyncio.sleep(1.0)
                         continue
                     self.counts.routed += len(records)
         finally:
@@ -536,9 +554,8 @@ class KafkaUnit:
 
 
 async def _stop_all(producers: dict[int, Any]) -> None:
-    for producer in producers.values():
-        with contextlib.suppress(Exception):
-            await producer.stop()
+    for partition in list(producers):
+        await _drop(producers, partition)
 
 
 async def _drop(producers: dict[int, Any], partition: int) -> None:

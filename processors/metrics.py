@@ -110,8 +110,8 @@ class UnitMetrics:
         )
         self.overrun = counter(
             "cloudlet_receive_maximum_overrun",
-            "Messages the broker sent while this unit already held its receive maximum"
-            " unacknowledged (MQTT v5 flow control broken by the broker: memory grows with it)",
+            "Messages processed while this unit already held its receive maximum"
+            " unacknowledged: the broker broke MQTT v5 flow control, and memory grows with it",
         )
         self.connected = gauge("cloudlet_mqtt_connected", "1 while connected to the broker")
         self.actuations = counter("cloudlet_actuations_sent", "Commands sent to devices")
