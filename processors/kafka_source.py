@@ -244,12 +244,7 @@ class KafkaUnit:
 
             async def on_partitions_assigned(self, assigned: Any) -> None:
                 for tp in assigned:
-                    part = await unit._take(tp)
-                    if part.offset:
-                        consumer.seek(tp, part.offset)
-                    else:
-                        await consumer.seek_to_beginning(tp)
-                    unit.parts[tp.partition] = part
+                    await unit._own(consumer, tp)
                 unit.counts.assigned = sorted(unit.parts)
                 unit.ready.set()
 
@@ -295,12 +290,7 @@ class KafkaUnit:
             if old is not None:
                 await self._bounded(old.producer.stop(), "closing a stuck producer")
             if tp in consumer.assignment():
-                part = await self._take(tp)
-                if part.offset:
-                    consumer.seek(tp, part.offset)
-                else:
-                    await consumer.seek_to_beginning(tp)
-                self.parts[tp.partition] = part
+                await self._own(consumer, tp)
                 return
         if not done:
             self.parts.pop(tp.partition, None)  # fenced: another instance has it
@@ -320,6 +310,15 @@ class KafkaUnit:
             log.warning("unit %s: %s did not finish in time", self.config.name, what)
         except Exception as exc:  # a broker away: said, and the next step runs
             log.warning("unit %s: %s failed: %s", self.config.name, what, exc)
+
+    async def _own(self, consumer: Any, tp: Any) -> None:
+        """A partition taken (`_take`) and read from the offset its state is at."""
+        part = await self._take(tp)
+        if part.offset:
+            consumer.seek(tp, part.offset)
+        else:
+            await consumer.seek_to_beginning(tp)
+        self.parts[tp.partition] = part
 
     async def _take(self, tp: Any) -> Partition:
         """A partition given to this instance: its transactional producer first (which fences
