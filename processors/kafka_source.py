@@ -285,13 +285,12 @@ class KafkaUnit:
             log.warning("partition %d: a transaction did not finish in %.0f s (a Kafka broker"
                         " away?); taken again from its last checkpoint", tp.partition,
                         budget)  # fmt: skip
-            done = False
             old = self.parts.pop(tp.partition, None)
             if old is not None:
                 await self._bounded(old.producer.stop(), "closing a stuck producer")
             if tp in consumer.assignment():
                 await self._own(consumer, tp)
-                return
+            return
         if not done:
             self.parts.pop(tp.partition, None)  # fenced: another instance has it
 
@@ -345,8 +344,8 @@ class KafkaUnit:
         reached. Making it fences any other producer of the partition's transactional id and
         has Kafka finish or abort that one's open transaction first, so what this instance or
         another routed meanwhile is read past, not routed twice (seeking back to the records
-        in hand would route again those another instance committed). A broker away: the
-        records stay where they are, tried again at the next fetch."""
+        in hand would route again those another instance committed). A broker away: nothing
+        of the partition is routed until this succeeds, tried again at its next fetch."""
         from aiokafka.errors import KafkaError
 
         try:
@@ -542,9 +541,9 @@ class KafkaUnit:
                         )
                         log.warning("routing partition %d: %s; again from what is committed",
                                     tp.partition, why)  # fmt: skip
-                        consumer.seek(tp, records[0].offset)  # at least these, again
                         if not isinstance(exc, ProducerFenced):
                             await asyncio.sleep(1.0)
+                        await self._resync(consumer, producers, tp)
                         continue
                     self.counts.routed += len(records)
         finally:

@@ -301,7 +301,7 @@ class KafkaCluster:
     def stop(self, timeout: float = 15.0) -> None:
         """Every node at once: stopped one after another, the last ones wait for a quorum
         that is gone (a controlled shutdown asks the controllers), 30 s each."""
-        running = [n for n in self.nodes if n.process is not None and n.running]
+        running = [n for n in self.nodes if n.running]
         for node in running:
             assert node.process is not None
             node.process.send_signal(signal.SIGTERM)
