@@ -262,6 +262,8 @@ class Forwarder:
                         self.connected.set()
                     records = await asyncio.to_thread(self.outbox.read, self.settings.batch, 0.25)
                     if not records:
+                        if self.outbox.acks_due():  # acknowledgements stopped: made durable
+                            await asyncio.to_thread(self.outbox.sync_acks)
                         continue
                     await asyncio.to_thread(self._store, store, records)
                     await asyncio.to_thread(self.outbox.ack, records)
@@ -287,6 +289,8 @@ class Forwarder:
                 if records:
                     in_flight.append((records, *await self._send(producer, records)))
                 else:  # a write, the oldest read delivered, or a look at the stop flag
+                    if self.outbox.acks_due():  # acknowledgements stopped: made durable
+                        await asyncio.to_thread(self.outbox.sync_acks)
                     if woken is None or woken.done():
                         woken = asyncio.ensure_future(wake.wait())
                     pending = (woken, in_flight[0][1]) if in_flight else (woken,)

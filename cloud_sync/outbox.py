@@ -20,6 +20,13 @@ Durability (`fsync`):
 A torn last record (power lost mid-write) fails its checksum on start-up, is truncated and
 logged; everything before it is intact.
 
+The acknowledged position is made durable at most every `ack_sync_interval` (and always before
+a segment is deleted, and on close): a crash resends up to that much of what the cloud had
+already confirmed, under the same message ids, which the cloud stores once. Written at every
+acknowledgement, its two fsyncs (file and directory) several hundred times a second competed
+with the writes' own fsyncs for the file system's journal: measured, the device-to-Kafka p99
+at 10,000 updates/s went from 47-63 ms to 32-47 ms without them.
+
 Full (`max_bytes` of segments) is a per-stream choice: `block` makes `write` wait for the
 forwarder to free space (the unit then stops acknowledging, and devices' updates wait on the
 broker instead of vanishing) and `reject` refuses new records, counted and logged. Records
@@ -83,9 +90,11 @@ class OutboxSettings(BaseModel):
     ttl: int | None = 7 * 86_400_000  # ms; None keeps records until sent
     fsync: Literal["batch", "interval", "never"] = "batch"
     fsync_interval: int = 1_000  # ms
+    # ms: how often the acknowledged position is made durable (0: at every acknowledgement)
+    ack_sync_interval: int = Field(default=1_000, ge=0)
     streams: list[StreamPolicy] = []  # first match wins; otherwise priority 5, block
 
-    @field_validator("ttl", "fsync_interval", mode="before")
+    @field_validator("ttl", "fsync_interval", "ack_sync_interval", mode="before")
     @classmethod
     def _durations(cls, value: Any) -> Any:
         return None if value is None else duration_ms(value)
@@ -144,6 +153,7 @@ class Outbox:
         self._watchers: list[Callable[[], None]] = []
         self._closed = False
         self._last_fsync = 0.0
+        self._acks_synced_at = float("-inf")  # when the positions were last made durable
         settings.path.mkdir(parents=True, exist_ok=True)
         id_file = settings.path / "id"
         if not id_file.exists():
@@ -160,7 +170,7 @@ class Outbox:
         lg = Log(directory)
         acked_file = directory / "acked"
         if acked_file.exists():
-            lg.acked = struct.unpack("<Q", acked_file.read_bytes()[:8])[0]
+            lg.acked = lg.synced = struct.unpack("<Q", acked_file.read_bytes()[:8])[0]
         paths = sorted(directory.glob("*.seg"), key=lambda p: int(p.stem))
         for i, path in enumerate(paths):
             first = int(path.stem)
@@ -441,48 +451,73 @@ class Outbox:
     def ack(self, records: Sequence[Record]) -> None:
         """The cloud has these (in order per priority): free what is no longer needed.
 
-        The new position is made durable (a file, fsynced) without holding the lock the
-        unit's writes take: at low rates an acknowledgement follows every few records, and
-        its fsyncs under that lock were the unit's longest wait (measured: a third of the
+        The new position counts at once (reads, depth) and is made durable when
+        `ack_sync_interval` has passed since it last was, or when a segment can be deleted
+        (a segment is deleted only once the durable position is past it); otherwise by the
+        next acknowledgement, `sync_acks` or `close`. Made durable without holding the lock
+        the unit's writes take: at low rates an acknowledgement follows every few records,
+        and fsyncs under that lock were the unit's longest wait (measured: a third of the
         device-to-Kafka latency at 1,000 updates/s). Acknowledgements are serialised among
-        themselves; a segment is deleted only once the position past it is durable."""
+        themselves."""
         through: dict[int, int] = {}
         for r in records:
             through[r.priority] = max(through.get(r.priority, 0), r.seq)
         with self._acking:
             with self._lock:
-                advanced = [(self._logs[p], seq) for p, seq in through.items()
-                            if seq > self._logs[p].acked]  # fmt: skip
-            for lg, seq in advanced:
-                atomic_write(lg.directory / "acked", struct.pack("<Q", seq))
-            with self._lock:
-                released = []
-                for lg, seq in advanced:
-                    if seq <= lg.acked:  # passed meanwhile by skipped expired records
-                        continue
-                    self.counts.acked += seq - lg.acked
-                    lg.acked = seq
-                    if self._release(lg):
-                        released.append(lg)
-                self._lock.notify_all()
-            for lg in released:
-                fsync_dir(lg.directory)
+                for p, seq in through.items():
+                    lg = self._logs[p]
+                    if seq > lg.acked:
+                        self.counts.acked += seq - lg.acked
+                        lg.acked = seq
+                release = any(len(lg.segments) > 1 and lg.segments[0].last <= lg.acked
+                              for lg in self._logs.values())  # fmt: skip
+            if release or self.acks_due():
+                self._sync_acks()
+
+    def acks_due(self) -> bool:
+        """Whether a position acknowledged is not durable yet and `ack_sync_interval` has
+        passed since the last time positions were made durable (a look, without a lock)."""
+        waited = (self.clock() - self._acks_synced_at) * 1000
+        behind = any(lg.acked > lg.synced for lg in list(self._logs.values()))
+        return behind and waited >= self.settings.ack_sync_interval
+
+    def sync_acks(self) -> None:
+        """Make the acknowledged positions durable now (the forwarder calls this when idle,
+        so a position is not left behind when acknowledgements stop)."""
+        with self._acking:
+            self._sync_acks()
+
+    def _sync_acks(self) -> None:  # holding _acking
+        with self._lock:
+            behind = [(lg, lg.acked) for lg in self._logs.values() if lg.acked > lg.synced]
+        self._acks_synced_at = self.clock()
+        for lg, seq in behind:
+            atomic_write(lg.directory / "acked", struct.pack("<Q", seq))
+        with self._lock:
+            released = []
+            for lg, seq in behind:
+                lg.synced = max(lg.synced, seq)
+                if self._release(lg):
+                    released.append(lg)
+            self._lock.notify_all()
+        for lg in released:
+            fsync_dir(lg.directory)
 
     def _acknowledge(self, lg: Log, seq: int) -> None:
         """`ack` under the lock (records skipped as expired, while reading)."""
         if seq <= lg.acked:
             return
         self.counts.acked += seq - lg.acked
-        lg.acked = seq
+        lg.acked = lg.synced = seq
         atomic_write(lg.directory / "acked", struct.pack("<Q", seq))
         if self._release(lg):
             fsync_dir(lg.directory)
 
     def _release(self, lg: Log) -> bool:
-        """Delete fully acknowledged segments (never the one being written); whether any
+        """Delete segments acknowledged durably (never the one being written); whether any
         was (the caller makes the deletion durable: `fsync_dir`)."""
         released = False
-        while len(lg.segments) > 1 and lg.segments[0].last <= lg.acked:
+        while len(lg.segments) > 1 and lg.segments[0].last <= lg.synced:
             seg = lg.segments.pop(0)
             seg.path.unlink()
             self._size -= seg.size
@@ -538,6 +573,7 @@ class Outbox:
             return 0.0 if oldest is None else max(0.0, self.clock() - oldest / 1000)
 
     def close(self) -> None:
+        self.sync_acks()
         with self._lock:
             self._closed = True
             for lg in self._logs.values():

@@ -30,6 +30,7 @@ class Log:
     directory: Path
     segments: list[Segment] = field(default_factory=list)
     acked: int = 0
+    synced: int = 0  # the acknowledged position on disk (`acked` may be ahead of it)
     next_seq: int = 1
     cursor: tuple[int, int] = (0, 0)  # (segment index, byte offset) of the next record to read
     tail: Any = None  # the open file of the last segment

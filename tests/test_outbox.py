@@ -195,6 +195,58 @@ def test_old_records_expire_counted_and_freed(tmp_path: Path) -> None:
     assert len(list((tmp_path / "p5").glob("*.seg"))) == 1  # the rest released
 
 
+def test_the_acknowledged_position_is_made_durable_at_most_every_interval(
+    tmp_path: Path,
+) -> None:
+    """Within `ack_sync_interval` an acknowledgement counts but leaves the file alone; a crash
+    then resends what was acknowledged since (the cloud stores each once by message id).
+    The next acknowledgement after the interval, `sync_acks`, `close` and a segment that can be
+    deleted make it durable; a segment is deleted only once the durable position is past it."""
+    now = [1000.0]
+    outbox = Outbox(settings(tmp_path, ack_sync_interval="2s", segment_bytes=4_096),
+                    clock=lambda: now[0])  # fmt: skip
+    position = tmp_path / "p5" / "acked"
+
+    def durable() -> int:
+        return int.from_bytes(position.read_bytes(), "little") if position.exists() else 0
+
+    outbox.write(updates(SOIL, 10))
+    outbox.ack(outbox.read(4))
+    assert durable() == 4  # the first acknowledgement: nothing made durable for 2 s before
+    outbox.ack(outbox.read(3))
+    assert durable() == 4 and outbox.counts.acked == 7 and outbox.depth() == 3
+    assert not outbox.acks_due()
+    now[0] += 1.9
+    outbox.ack(outbox.read(1))
+    assert durable() == 4 and not outbox.acks_due()
+    now[0] += 0.1
+    assert outbox.acks_due()  # what the forwarder looks at when idle
+    outbox.sync_acks()
+    assert durable() == 8 and not outbox.acks_due()
+    outbox.ack(outbox.read(1))
+    assert durable() == 8
+    # a crash now: from the durable position
+    crashed = Outbox(settings(tmp_path), clock=lambda: now[0])
+    assert [r.last_update - T0 for r in crashed.read(100)] == [8, 9]
+    now[0] += 2
+    outbox.ack(outbox.read(1))  # after the interval: at once
+    assert durable() == 10
+    # a segment that can be deleted makes the position durable first, whatever the interval
+    for i in range(10):
+        outbox.write(updates(SOIL, 50, start=10 + 50 * i))
+    segments = len(list((tmp_path / "p5").glob("*.seg")))
+    assert segments > 3
+    outbox.ack(outbox.read(60))
+    assert durable() == 70
+    assert len(list((tmp_path / "p5").glob("*.seg"))) < segments
+    now[0] += 1
+    outbox.ack(outbox.read(5))
+    outbox.close()  # and close, whatever the interval
+    assert durable() == 75
+    reopened = Outbox(settings(tmp_path), clock=lambda: now[0])
+    assert [r.last_update - T0 for r in reopened.read(1)] == [75]
+
+
 def test_acknowledged_segments_are_deleted(tmp_path: Path) -> None:
     outbox = Outbox(settings(tmp_path, segment_bytes=4_096))
     for i in range(20):
@@ -209,7 +261,8 @@ def test_a_write_waits_for_no_acknowledgement_and_wakes_its_watchers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An acknowledgement makes its position durable (fsyncs) without the lock the unit's
-    writes take; a reader on an event loop is woken by every write (`watch`)."""
+    writes take (it counts at once); a reader on an event loop is woken by every write
+    (`watch`)."""
     import cloud_sync.outbox as module
     from cloud_sync.segments import atomic_write as real
 
@@ -230,13 +283,14 @@ def test_a_write_waits_for_no_acknowledgement_and_wakes_its_watchers(
     woken: list[int] = []
     unwatch = outbox.watch(lambda: woken.append(outbox.depth()))
     outbox.write(updates(SOIL, 5, start=10))  # not blocked by the acknowledgement under way
-    assert woken == [15] and outbox.counts.acked == 0
+    assert woken == [5] and outbox.counts.acked == 10
+    assert not (tmp_path / "p5" / "acked").exists()  # not durable yet
     release.set()
     acking.join(10)
     assert outbox.counts.acked == 10 and outbox.depth() == 5
     unwatch()
     outbox.write(updates(SOIL, 1, start=15))
-    assert woken == [15]
+    assert woken == [5]
     assert (tmp_path / "p5" / "acked").read_bytes() == (10).to_bytes(8, "little")
     monkeypatch.undo()
     reopened = Outbox(settings(tmp_path))  # after a restart: from the durable position
