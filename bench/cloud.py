@@ -159,8 +159,8 @@ def latency(kafka: Kafka, work: Path, rate: int, seconds: float) -> dict[str, An
             time.sleep(0.05)
         time.sleep(0.5)
         since.value = time.time() * 1000
-        # the devices: several clients, each in a process of its own (one paho client in this
-        # process could not send 10,000 QoS 1 messages/s here, and its queue was measured)
+        # the devices in a process of their own (beside the publisher of the warm-up here,
+        # their own queue would be what is measured); DEVICE_PROCESSES connections
         counts = [ctx.Value("q", 0) for _ in range(DEVICE_PROCESSES)]
         devices = [ctx.Process(target=_latency_devices,
                                args=(broker.url, i, rate / DEVICE_PROCESSES, seconds,

@@ -210,6 +210,8 @@ class Forwarder:
         self._content_type = (
             b"application/msgpack" if settings.codec == "msgpack" else b"application/json"
         )
+        self._of_so: dict[str, tuple[bytes, int]] = {}  # object -> (key, partition)
+        self._partition_count = 0
 
     def start(self) -> Forwarder:
         self._thread.start()
@@ -342,8 +344,9 @@ class Forwarder:
         self, producer: AIOKafkaProducer, records: Sequence[Record]
     ) -> tuple[asyncio.Future[Any], int]:
         """The records in Kafka's own batches, one per partition (the object id decides it,
-        as the default partitioner would for each record): a record costs its encoding, one
-        hash for its message id and an append, not a send of its own."""
+        as the default partitioner would for each record; its murmur2 in Python is computed
+        once per object, not once per record): a record costs its encoding, one hash for its
+        message id and an append, not a send of its own."""
         from aiokafka.partitioner import murmur2
 
         assert self.settings.kafka is not None
@@ -351,9 +354,11 @@ class Forwarder:
         site, codec = self.settings.site, self.settings.codec
         kafka = self.settings.kafka
         partitions = sorted(await producer.partitions_for(topic))
+        if len(partitions) != self._partition_count or len(self._of_so) > 100_000:
+            self._of_so, self._partition_count = {}, len(partitions)  # (or bounded anew)
+        of_so = self._of_so  # object -> (key, partition), kept between reads: one hash each
         fixed = [("content-type", self._content_type), ("site", site.encode())]
         lean = self.settings.kafka.headers == "lean"
-        of_so: dict[str, tuple[bytes, int]] = {}  # object -> (key, partition)
         batches: dict[int, Any] = {}
         futures = []
         size = 0
