@@ -110,6 +110,9 @@ class OutboxSettings(BaseModel):
 _DEFAULT = StreamPolicy(match="*")
 
 
+_SEQ = struct.Struct("<Q")
+
+
 class OutboxFull(Exception):
     """Raised by `write` for streams whose policy is reject, when the outbox is full."""
 
@@ -154,6 +157,7 @@ class Outbox:
         self._closed = False
         self._last_fsync = 0.0
         self._acks_synced_at = float("-inf")  # when the positions were last made durable
+        self._policies: dict[StreamKey, StreamPolicy] = {}
         settings.path.mkdir(parents=True, exist_ok=True)
         id_file = settings.path / "id"
         if not id_file.exists():
@@ -240,7 +244,11 @@ class Outbox:
             marks: dict[int, tuple[int, int, int, int, int]] = {}
             try:
                 for key, update, body in items:
-                    policy = self.settings.policy(key)
+                    policy = self._policies.get(key)
+                    if policy is None:  # the patterns matched once per stream, not per record
+                        if len(self._policies) > 100_000:
+                            self._policies.clear()
+                        policy = self._policies[key] = self.settings.policy(key)
                     frame_body = msgpack.packb([key.so, key.stream, now, update.last_update, body])
                     size = HEADER.size + len(frame_body)
                     while self._size + size > self.settings.max_bytes:
@@ -341,10 +349,12 @@ class Outbox:
         seg = lg.segments[-1]
         if lg.tail is None:
             lg.tail = seg.path.open("ab")
-        frame = HEADER.pack(len(body), zlib.crc32(struct.pack("<Q", seq) + body), seq) + body
-        lg.tail.write(frame)
-        seg.size += len(frame)
-        self._size += len(frame)
+        crc = zlib.crc32(body, zlib.crc32(_SEQ.pack(seq)))  # the sequence number, then the body
+        lg.tail.write(HEADER.pack(len(body), crc, seq))
+        lg.tail.write(body)
+        size = HEADER.size + len(body)
+        seg.size += size
+        self._size += size
         seg.last = seq
         lg.next_seq = seq + 1
 
