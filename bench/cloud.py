@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 from in_process import SENSORS, objects, readings
-from measure import rss_kb
+from measure import private_kb, rss_kb
 
 from cloud_sync.forwarder import Forwarder, ForwarderSettings
 from cloud_sync.outbox import Outbox, OutboxSettings
@@ -148,7 +148,8 @@ def latency(kafka: Kafka, work: Path, rate: int, seconds: float) -> dict[str, An
             except OSError:
                 time.sleep(0.1)
         time.sleep(1.0)
-        rest = rss_kb(unit.pid) / 1024  # connected, forwarder up, nothing received yet
+        # connected, forwarder up, nothing received yet
+        rest, rest_private = rss_kb(unit.pid) / 1024, private_kb(unit.pid) / 1024
         # warm-up: the forwarder and the consumer find the topic (Kafka creates it on first
         # use, which takes seconds), and the first updates are not what is measured
         for i in range(50):
@@ -195,7 +196,8 @@ def latency(kafka: Kafka, work: Path, rate: int, seconds: float) -> dict[str, An
         "arrived": len(arrivals),
         "unit": "ms, device publish to Kafka consumer",
         "note": f"ms clock resolution; no window waits (raw updates); the unit at rest"
-        f" {rest:.0f} MB RSS; device to the forwarder's send p50 {statistics.median(sending):.0f}"
+        f" {rest:.0f} MB RSS ({rest_private:.0f} MB its own, USS); device to the forwarder's"
+        f" send p50 {statistics.median(sending):.0f}"
         f" p99 {_p99(sending):.0f} ms, then to the consumer p50 {statistics.median(after):.0f}"
         f" p99 {_p99(after):.0f} ms",
     }

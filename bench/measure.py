@@ -25,6 +25,17 @@ def rss_kb(pid: int) -> int:
     return status_kb(pid, "VmRSS")
 
 
+def private_kb(pid: int) -> int:
+    """What the process alone holds (USS: its private pages, /proc/<pid>/smaps_rollup), in kB.
+    RSS also counts the pages of shared libraries (libpython, pydantic-core, OpenSSL), which
+    every unit on a machine shares: USS is what one more unit costs."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0
+    return sum(int(n) for n in re.findall(r"^Private_(?:Clean|Dirty):\s+(\d+) kB", text, re.M))
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU a process has used so far (Linux /proc)."""
     try:
