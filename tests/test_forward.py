@@ -402,3 +402,36 @@ def test_a_relative_sqlite_store_is_beside_the_unit_file(tmp_path: Path) -> None
     )
     config = UnitFile.load(folder / "abs.yaml")
     assert config.forward is not None and config.forward.store == f"sqlite:///{tmp_path}/x.db"
+
+
+def test_an_idle_forwarder_makes_the_acknowledged_position_durable(tmp_path: Path) -> None:
+    """Acknowledgements within `ack_sync_interval` leave the position on disk behind; when
+    they stop, the forwarder, idle, makes it durable (not only the next acknowledgement or a
+    clean stop), so a crash then resends nothing the cloud already has. Through the embedded
+    store (Kafka's loop does the same when idle)."""
+    outbox = Outbox(OutboxSettings.model_validate({"path": tmp_path / "outbox",
+                                                   "ack_sync_interval": "400ms"}))  # fmt: skip
+    key = StreamKey("field-1-soil", "soil")
+    forwarder = Forwarder(
+        outbox, ForwarderSettings(site="s", store=f"sqlite:///{tmp_path / 'cloud.db'}")
+    ).start()
+    position = tmp_path / "outbox" / "p5" / "acked"
+    try:
+        acked_at = []
+        for start in (0, 10):  # the second batch acknowledged within the interval of the first
+            outbox.write([(key, SensorUpdate({"x": i}, T0 + i)) for i in range(start, start + 10)])
+            deadline = time.monotonic() + 10
+            while outbox.counts.acked < start + 10 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert outbox.counts.acked == start + 10
+            acked_at.append(time.monotonic())
+        if acked_at[1] - acked_at[0] < 0.3:  # (a slow machine may take longer than the interval)
+            assert position.read_bytes() == (10).to_bytes(8, "little")  # behind, for now
+        deadline = time.monotonic() + 5
+        while position.read_bytes() != (20).to_bytes(8, "little") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert position.read_bytes() == (20).to_bytes(8, "little")
+        assert forwarder.alive
+    finally:
+        forwarder.stop()
+        outbox.close()
