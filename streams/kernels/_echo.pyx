@@ -6,7 +6,7 @@ from cpython cimport array
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.float cimport PyFloat_AS_DOUBLE
 from cpython.ref cimport PyObject
-from libc.stdlib cimport atoi, free, realloc
+from libc.stdlib cimport atoi, free, malloc, realloc
 from libc.string cimport memcpy, strlen
 
 cdef object _MessageRun = None
@@ -262,6 +262,14 @@ def echo_updates(list parts, Py_ssize_t start, Py_ssize_t stop, dict topics, obj
     cdef bint message_run, first
     cdef list encoded_names
     cdef bytes name, body
+    # per run: its times as int64 when typed so, and each column's doubles when typed so (read
+    # in C, not indexed through Python per cell); the last time written, reused while it
+    # repeats (a columnar message's readings of one instant)
+    cdef long long* typed_times
+    cdef double** doubles = NULL
+    cdef long long t, last_t = 0
+    cdef char[24] t_digits
+    cdef Py_ssize_t t_size = 0, t_at
     global _MessageRun
     if _MessageRun is None:
         from streams.accepted import MessageRun
@@ -300,44 +308,64 @@ def echo_updates(list parts, Py_ssize_t start, Py_ssize_t stop, dict topics, obj
         encoded_names = []
         for j in range(m):
             encoded_names.append(b'"' + _json_name(part.names[j]) + b'":{"current-value":')
-        for i in range(low, high):
-            if message_run:
-                key = keys[i]
-                topic = topics.get(key)
-                if topic is None:
-                    topic = topics[key] = topic_of(key)
-            if origin_list is not None:
-                origin = origin_list[at - n + i]
-            echoes.row(topic, origin)
-            _put(text, b'{"channels":{', 13)
-            first = True
-            for j in range(m):
-                column = columns[j]
-                if type(column) is array.array:
-                    if (<array.array>column).ob_descr.typecode == b"d":
-                        x = (<array.array>column).data.as_doubles[i]
+        typed_times = NULL
+        if type(times) is array.array and (<array.array>times).ob_descr.typecode == b"q":
+            typed_times = (<array.array>times).data.as_longlongs
+        free(doubles)
+        doubles = <double**>malloc((m + 1) * sizeof(double*))
+        if doubles == NULL:
+            raise MemoryError()
+        for j in range(m):
+            column = columns[j]
+            doubles[j] = NULL
+            if type(column) is array.array and (<array.array>column).ob_descr.typecode == b"d":
+                doubles[j] = (<array.array>column).data.as_doubles
+        try:
+            for i in range(low, high):
+                if message_run:
+                    key = keys[i]
+                    topic = topics.get(key)
+                    if topic is None:
+                        topic = topics[key] = topic_of(key)
+                if origin_list is not None:
+                    origin = origin_list[at - n + i]
+                echoes.row(topic, origin)
+                _put(text, b'{"channels":{', 13)
+                first = True
+                for j in range(m):
+                    if doubles[j] != NULL:
+                        x = doubles[j][i]
                         if x != x:  # NaN: the message lacks it
                             continue
                         v = None
                     else:
-                        v = column[i]
-                else:
-                    v = column[i]
+                        v = columns[j][i]
+                        if v is None:
+                            continue
+                    if not first:
+                        _put(text, b",", 1)
+                    first = False
+                    name = <bytes>encoded_names[j]
+                    _put(text, PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name))
                     if v is None:
-                        continue
-                if not first:
-                    _put(text, b",", 1)
-                first = False
-                name = <bytes>encoded_names[j]
-                _put(text, PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name))
-                if v is None:
-                    _put_double(text, x)
+                        _put_double(text, x)
+                    else:
+                        _put_value(text, v)
+                    _put(text, b"}", 1)
+                _put(text, b'},"lastUpdate":', 15)
+                t = typed_times[i] if typed_times != NULL else times[i]
+                if t_size == 0 or t != last_t:
+                    t_at = text.size
+                    _put_long(text, t)
+                    t_size = text.size - t_at
+                    memcpy(t_digits, text.data + t_at, t_size)
+                    last_t = t
                 else:
-                    _put_value(text, v)
+                    _put(text, t_digits, t_size)
                 _put(text, b"}", 1)
-            _put(text, b'},"lastUpdate":', 15)
-            _put_long(text, times[i])
-            _put(text, b"}", 1)
+        finally:
+            free(doubles)
+            doubles = NULL
     echoes.flush()
     return echoes.out
 
