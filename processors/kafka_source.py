@@ -62,6 +62,8 @@ class Partition:
     offset: int = 0  # the next record to process
     checkpointed: float = 0.0  # monotonic time of the last checkpoint
     dirty: bool = False  # processed records since the last checkpoint
+    # routed records: the highest input offset applied, per input partition (`_fresh`)
+    sources: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -73,6 +75,7 @@ class KafkaCounts:
     rejected: int = 0  # updates the objects' descriptors refuse (as a site's unit would)
     checkpoints: int = 0
     restored: int = 0
+    routed_again: int = 0  # routed records seen before (a router re-read its input), skipped
     assigned: list[int] = field(default_factory=list)
 
 
@@ -331,6 +334,7 @@ class KafkaUnit:
         if found is not None:
             part.engine.restore(found["state"])
             part.offset = int(found["offset"])
+            part.sources = {int(k): int(v) for k, v in (found.get("sources") or {}).items()}
             self.counts.restored += 1
             log.info("partition %d restored at offset %d (checkpointed by %s)", tp.partition,
                      part.offset, found.get("by"))  # fmt: skip
@@ -392,9 +396,10 @@ class KafkaUnit:
     async def _handle(self, tp: Any, part: Partition, records: list[Any]) -> bool:
         """A batch of one partition through its engine, its outputs (and a checkpoint when
         due) in one transaction; False when this instance no longer has the partition."""
+        part.offset = records[-1].offset + 1
+        records = self._fresh(part, records)
         messages = [m for m in map(self._message, (r.value for r in records)) if m is not None]
         self.counts.consumed += len(records)
-        part.offset = records[-1].offset + 1
         part.dirty = True
         derived: list[tuple[StreamKey, SensorUpdate]] = []
         if messages:
@@ -406,6 +411,31 @@ class KafkaUnit:
             derived = outputs.derived
         due = time.monotonic() - part.checkpointed >= self.settings.checkpoint_every / 1000
         return await self._commit(part, tp.partition, derived, checkpoint=due)
+
+    def _fresh(self, part: Partition, records: list[Any]) -> list[Any]:
+        """The records not applied before: a routed record carries its input partition and
+        offset (header `src`), and a router routes each input partition in order, so one
+        seen at or below the highest offset applied from its input partition is a copy (a
+        router that read its input again from a committed offset older than what it or
+        another had routed: Kafka gives a consumer its group's committed offset before a
+        transaction that committed more is applied to it). Checkpointed with the state, so
+        records read again after a restore are applied again, consistently."""
+        sources = part.sources
+        fresh = []
+        for r in records:
+            src = next((v for k, v in r.headers or () if k == "src"), None)
+            if src is not None:
+                try:
+                    number, offset = (int(x) for x in src.split(b":"))
+                except ValueError:
+                    fresh.append(r)
+                    continue
+                if offset <= sources.get(number, -1):
+                    self.counts.routed_again += 1
+                    continue
+                sources[number] = offset
+            fresh.append(r)
+        return fresh
 
     async def _commit(self, part: Partition, number: int,
                       derived: list[tuple[StreamKey, SensorUpdate]], *,
@@ -423,7 +453,8 @@ class KafkaUnit:
                     await self._emit(part.producer, derived)
                 if checkpoint:
                     state = msgpack.packb({"offset": part.offset, "by": self.config.name,
-                                           "state": part.engine.snapshot()},
+                                           "state": part.engine.snapshot(),
+                                           "sources": {str(k): v for k, v in part.sources.items()}},
                                           use_bin_type=True)  # fmt: skip
                     await part.producer.send(self.checkpoints, state, key=str(number).encode())
         except ProducerFenced:
@@ -571,7 +602,12 @@ async def _send_routed(unit: KafkaUnit, producer: Any, tp: Any, records: list[An
         for r in records:
             so = _object_of(r.value)
             key = unit.groups.get(so, so) if so is not None else "unreadable"
-            await producer.send(unit.by_key, r.value, key=key.encode())
+            await producer.send(
+                unit.by_key,
+                r.value,
+                key=key.encode(),
+                headers=[("src", b"%d:%d" % (tp.partition, r.offset))],
+            )
         offsets = {TopicPartition(tp.topic, tp.partition): records[-1].offset + 1}
         await producer.send_offsets_to_transaction(offsets, f"{unit.group}.router")
 
@@ -602,6 +638,11 @@ class _KafkaCollector:
             ("cloudlet_kafka_rejected", c.rejected, "Updates the descriptors refuse"),
             ("cloudlet_kafka_checkpoints", c.checkpoints, "Partition checkpoints written"),
             ("cloudlet_kafka_restored", c.restored, "Partitions restored from a checkpoint"),
+            (
+                "cloudlet_kafka_routed_again",
+                c.routed_again,
+                "Routed records seen before (a router read its input again), skipped",
+            ),
         ):
             family = CounterMetricFamily(metric, doc, labels=["unit"])
             family.add_metric([name], value)

@@ -85,6 +85,34 @@ def test_what_flows_and_groups_join_stays_together() -> None:
     assert of["field-1-valve"] == "field-1-valve"
 
 
+def test_records_routed_again_are_applied_once() -> None:
+    """A router that reads its input again from an older committed offset (Kafka answers a
+    consumer with its group's committed offset before a transaction that committed more is
+    applied to it) routes copies: a partition applies each input record once, by the input
+    partition and offset the router wrote on it, and checkpoints where it stands."""
+    from types import SimpleNamespace
+
+    from processors.kafka_source import KafkaCounts, Partition
+
+    unit = SimpleNamespace(counts=KafkaCounts())
+    part = Partition(pipeline=None, engine=None, producer=None)  # type: ignore[arg-type]
+
+    def routed(src: bytes | None, offset: int) -> Any:
+        return SimpleNamespace(headers=[("src", src)] if src else [], offset=offset, value=b"")
+
+    def fresh(records: list[Any]) -> list[int]:
+        return [r.offset for r in KafkaUnit._fresh(unit, part, records)]  # type: ignore[arg-type]
+
+    assert fresh([routed(b"0:10", 0), routed(b"0:11", 1), routed(b"1:5", 2)]) == [0, 1, 2]
+    # input partition 0 routed again from 10, then on; partition 1's next record
+    again = [routed(b"0:10", 3), routed(b"0:11", 4), routed(b"0:12", 5), routed(b"1:5", 6),
+             routed(b"1:6", 7)]  # fmt: skip
+    assert fresh(again) == [5, 7]
+    assert unit.counts.routed_again == 3 and part.sources == {0: 12, 1: 6}
+    # records a router did not mark (a unit reading the forwarders' topic) all count
+    assert fresh([routed(None, 8), routed(None, 9), routed(b"x", 10)]) == [8, 9, 10]
+
+
 class Sites:
     """`count` cloudlets' outboxes and forwarders (each its own site), to one topic."""
 
