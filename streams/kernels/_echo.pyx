@@ -285,9 +285,7 @@ def echo_updates(list parts, Py_ssize_t start, Py_ssize_t stop, dict topics, obj
         if type(part) is list:
             for i in range(low, high):
                 key, v = (<list>part)[i]
-                topic = topics.get(key)
-                if topic is None:
-                    topic = topics[key] = topic_of(key)
+                topic = _topic(topics, key, topic_of)
                 if origin_list is not None:
                     origin = origin_list[at - n + i]
                 echoes.row(topic, origin)
@@ -298,10 +296,7 @@ def echo_updates(list parts, Py_ssize_t start, Py_ssize_t stop, dict topics, obj
         if message_run:
             keys = part.keys
         else:
-            key = part.key
-            topic = topics.get(key)
-            if topic is None:
-                topic = topics[key] = topic_of(key)
+            topic = _topic(topics, part.key, topic_of)
         times = part.times
         columns = part.columns
         m = len(columns)
@@ -323,10 +318,7 @@ def echo_updates(list parts, Py_ssize_t start, Py_ssize_t stop, dict topics, obj
         try:
             for i in range(low, high):
                 if message_run:
-                    key = keys[i]
-                    topic = topics.get(key)
-                    if topic is None:
-                        topic = topics[key] = topic_of(key)
+                    topic = _topic(topics, keys[i], topic_of)
                 if origin_list is not None:
                     origin = origin_list[at - n + i]
                 echoes.row(topic, origin)
@@ -368,6 +360,14 @@ def echo_updates(list parts, Py_ssize_t start, Py_ssize_t stop, dict topics, obj
             doubles = NULL
     echoes.flush()
     return echoes.out
+
+
+cdef inline object _topic(dict topics, object key, object topic_of):
+    """The echo topic of a stream key, from the caller's cache."""
+    topic = topics.get(key)
+    if topic is None:
+        topic = topics[key] = topic_of(key)
+    return topic
 
 
 cdef bytes _json_name(str name):
