@@ -306,8 +306,7 @@ def echo_updates(list parts, Py_ssize_t start, Py_ssize_t stop, dict topics, obj
         typed_times = NULL
         if type(times) is array.array and (<array.array>times).ob_descr.typecode == b"q":
             typed_times = (<array.array>times).data.as_longlongs
-        free(doubles)
-        doubles = <double**>malloc((m + 1) * sizeof(double*))
+        doubles = <double**>malloc((m + 1) * sizeof(double*))  # (+1: never malloc(0))
         if doubles == NULL:
             raise MemoryError()
         for j in range(m):
