@@ -105,13 +105,21 @@ class UnitMetrics:
             "Changes of the registry not taken (a problem in a file: the unit runs what it had)",
         )
         self.inbox = gauge("cloudlet_inbox_depth", "Messages received, not yet processed")
+        self.spilled = counter(
+            "cloudlet_inbox_spilled",
+            "Messages received beyond what the unit holds in memory (inbox_bytes), kept in a"
+            " temporary file until processed (a broker overrunning the receive maximum)",
+        )
+        self.spill_bytes = gauge(
+            "cloudlet_inbox_spill_bytes", "Bytes of received messages waiting in that file"
+        )
         self.unacknowledged = gauge(
             "cloudlet_unacknowledged", "Messages processed, waiting for a checkpoint"
         )
         self.overrun = counter(
             "cloudlet_receive_maximum_overrun",
             "Messages processed while this unit already held its receive maximum"
-            " unacknowledged: the broker broke MQTT v5 flow control, and memory grows with it",
+            " unacknowledged: the broker broke MQTT v5 flow control",
         )
         self.connected = gauge("cloudlet_mqtt_connected", "1 while connected to the broker")
         self.actuations = counter("cloudlet_actuations_sent", "Commands sent to devices")

@@ -27,6 +27,7 @@ import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from processors.actuation import ActuationLog
@@ -34,6 +35,7 @@ from processors.chain import Chain
 from processors.config import RepublishSettings
 from processors.echo import Echo
 from processors.engine.flows import FlowEngine
+from processors.inbox import Inbox
 from processors.ingest import DeadLetter, Ingest, IngestBatch, internal_error
 from processors.metrics import UnitMetrics
 from processors.pipeline import Outputs, Pipeline
@@ -105,11 +107,15 @@ class UnitRuntime:
         subscriptions: list[tuple[str, int]] | None = None,
         actuations: ActuationLog | None = None,
         still_ours: Callable[[], bool] = lambda: True,
+        inbox_bytes: int = 16 << 20,
+        spill_dir: Path | None = None,
     ) -> None:
         """`subscriptions` (a partition's objects' topics) take the place of the device and
         status-report filters; `actuations` is the log of commands and reports, when several
         runtimes share one (a replica's partitions); `still_ours`, asked before reconnecting,
-        whether the session is still this runtime's (a partition another replica took is not)."""
+        whether the session is still this runtime's (a partition another replica took is not);
+        `inbox_bytes`, what received messages may take in memory before the rest waits in a
+        temporary file in `spill_dir` (`processors.inbox`)."""
         self.ingest = ingest
         self.republish = republish or RepublishSettings()
         self.engine = engine
@@ -127,13 +133,15 @@ class UnitRuntime:
         self.clock = clock
         self.published = PublishCounts()
         self.actuations = actuations or ActuationLog()
-        self._inbox: queue.SimpleQueue[list[Message]] = queue.SimpleQueue()
+        self._inbox = Inbox(inbox_bytes, spill_dir, self.metrics.spilled.inc)
         self._carry: list[Message] = []  # the rest of a list larger than a batch
         self._stopping = threading.Event()
         # Another replica took this runtime's session (a partition moved): stop at once, commit
         # nothing; the new owner has the session and its unacknowledged messages.
         self._fenced = threading.Event()
-        self._unacked: list[Message] = []  # processed, waiting for a checkpoint
+        # processed, waiting for a checkpoint: what acknowledging them needs, not the messages
+        # (their payloads would be held for as long, megabytes while a backlog drains)
+        self._unacked: list[Held] = []
         self._overrun_said = -60.0  # when an overrun of our receive maximum was last logged
         # Without a state store, inputs are acknowledged once the broker has everything they
         # produced, while the next batches go on: (how many of `_unacked` a batch ends at, the
@@ -160,7 +168,7 @@ class UnitRuntime:
             or [(self.subscription, 1), (ingest.topics.action_status_filter, 1)],
             on_messages=self._on_messages,
             on_connection=self._on_connection,
-            on_confirmed=lambda: self._inbox.put([]),  # wake the worker: inputs to acknowledge
+            on_confirmed=self._inbox.wake,  # wake the worker: inputs to acknowledge
             clock=clock,
             max_packet=ingest.max_payload + MAX_TOPIC_OVERHEAD,
             on_taken_over=self._on_taken_over,
@@ -186,7 +194,7 @@ class UnitRuntime:
             # The messages this snapshot covers, acknowledged only after it is on disk: if
             # the unit dies in between, the broker redelivers them, and they must not count
             # twice (see _skip_redelivered).
-            "covered": [_identity(m) for m in self._unacked if m.qos > 0],
+            "covered": [h[1:] for h in self._unacked if h[0] > 0],
             # what the session is subscribed to: whoever resumes it with other objects (a
             # partition after a registry change) leaves the rest
             "subscriptions": [topic for topic, _ in self._client.subscriptions],
@@ -224,7 +232,7 @@ class UnitRuntime:
             identity = _identity(m)
             if self._acked.get(m.packet_id) == identity[1:] or identity in self._covered:
                 self._covered.discard(identity)
-                self._unacked.append(m)  # acknowledged again at the next commit
+                self._unacked.append((m.qos, *identity))  # acknowledged again at the next commit
                 self.metrics.redelivered.inc()
             else:
                 fresh.append(m)
@@ -244,7 +252,7 @@ class UnitRuntime:
 
     def _on_taken_over(self) -> None:
         self._fenced.set()
-        self._inbox.put([])  # wake the worker
+        self._inbox.wake()
 
     # lifecycle -------------------------------------------------------------------------------
 
@@ -280,6 +288,7 @@ class UnitRuntime:
             self._client.publish(farewell, 1, retain=True)
             self._client.flush(5.0)
         self._client.stop()
+        self._inbox.close()
         if self.sink is not None:
             self.sink.close()
         if self.chain is not None:
@@ -313,13 +322,14 @@ class UnitRuntime:
         if len(batch) > end:
             batch, self._carry = batch[:end], batch[end:]
         self.metrics.inbox.dec(len(batch))
+        self.metrics.spill_bytes.set(self._inbox.spill_bytes)
         return batch
 
     def replace(self, rebuilt: Rebuilt) -> None:
         """Swap in what a change of the registry gave (`processors.reload`), between two
         batches: any thread may call it; the worker does it."""
         self._rebuilt.put(rebuilt)
-        self._inbox.put([])  # wake the worker
+        self._inbox.wake()
 
     def _swap(self) -> None:
         r = self._rebuilt.get_nowait()
@@ -378,7 +388,7 @@ class UnitRuntime:
             self._publish(outputs)
             if self.sink is not None:
                 self._durably(self.sink.write, [*outputs.updates, *outputs.derived])
-            self._unacked.extend(batch)
+            self._unacked.extend(_held(batch))
             self._hold(batch)
             self._count(batch, result, outputs)
             if self.state is None:
@@ -391,7 +401,7 @@ class UnitRuntime:
     def _hold(self, batch: list[Message]) -> None:
         """Processed, held until acknowledged; and what the broker sent beyond our receive
         maximum counted (and said, once a minute): Mosquitto 2.0.11 does while it drains a
-        backlog and our acknowledgements come in bulk, and memory grows with it."""
+        backlog and our acknowledgements come in bulk (the inbox keeps memory bounded)."""
         held = self._held
         before = len(held)
         held.update(m.packet_id for m in batch if m.qos > 0)
@@ -403,8 +413,8 @@ class UnitRuntime:
             if now - self._overrun_said >= 60.0:
                 self._overrun_said = now
                 log.warning("the broker sent messages beyond this unit's receive maximum (%d):"
-                            " %d held unacknowledged; memory grows with what it sends (a"
-                            " broker bug: Mosquitto 2.0.11 does while draining a backlog)",
+                            " %d held unacknowledged (a broker bug: Mosquitto 2.0.11 does"
+                            " while draining a backlog; past inbox_bytes they wait on disk)",
                             limit, len(held))  # fmt: skip
 
     def _process(self, batch: list[Message]) -> tuple[IngestBatch, Outputs]:
@@ -455,7 +465,7 @@ class UnitRuntime:
             if about is None:
                 data.append(m)
                 continue
-            self._unacked.append(m)
+            self._unacked.extend(_held([m]))
             if m.qos > 0:
                 self._held.add(m.packet_id)
             try:
@@ -507,11 +517,11 @@ class UnitRuntime:
     def _acknowledge(self, count: int) -> None:
         """PUBACK the first `count` processed inputs."""
         done, self._unacked = self._unacked[:count], self._unacked[count:]
-        acked = [m for m in done if m.qos > 0]
-        self._client.ack([m.packet_id for m in acked])
-        for m in acked:
-            self._acked[m.packet_id] = (m.topic, zlib.crc32(m.payload))
-            self._held.discard(m.packet_id)
+        acked = [h for h in done if h[0] > 0]
+        self._client.ack([h[1] for h in acked])
+        for _, packet_id, topic, checksum in acked:
+            self._acked[packet_id] = (topic, checksum)
+            self._held.discard(packet_id)
         if not self._unacked:
             self._held.clear()
         self._marks = deque((end - count, mark) for end, mark in self._marks if end > count)
@@ -615,3 +625,12 @@ def _disk_full(exc: Exception) -> bool:
 
 def _identity(message: Message) -> tuple[int, str, int]:
     return (message.packet_id, message.topic, zlib.crc32(message.payload))
+
+
+# a processed message waiting for its acknowledgement: (qos, packet id, topic, checksum)
+Held = tuple[int, int, str, int]
+
+
+def _held(batch: list[Message]) -> list[Held]:
+    crc = zlib.crc32
+    return [(m.qos, m.packet_id, m.topic, crc(m.payload) if m.qos else 0) for m in batch]

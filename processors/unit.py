@@ -100,6 +100,8 @@ class Unit:
             metrics=self.metrics,
             clock=self.clock,
             republish=config.republish,
+            inbox_bytes=config.inbox_bytes,
+            spill_dir=config.state_dir,
         )
 
     def _partitioned(self, built: Rebuilt, sink: ResultSink | None) -> Partitions:
@@ -130,6 +132,8 @@ class Unit:
                 republish=config.republish,
                 actuations=partitioned.actuations,
                 still_ours=still_ours,
+                inbox_bytes=config.inbox_bytes,
+                spill_dir=config.state_dir,
             )
 
         partitioned = Partitions(

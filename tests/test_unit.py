@@ -918,3 +918,76 @@ def test_a_backlog_beyond_a_small_receive_maximum_is_drained_once(
     finally:
         fleet.stop()
         unit.stop()
+
+
+@pytest.mark.mqtt
+def test_what_arrives_beyond_inbox_bytes_waits_on_disk_and_is_processed_in_order(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """A unit whose worker is held up while the broker keeps sending (a receive maximum of
+    65,535, as a broker overrunning a smaller one would): past `inbox_bytes` what arrives
+    waits in an unlinked file in state_dir, memory stays within the limit and one socket
+    read, and every message is then processed once, each stream's updates in the order the
+    devices sent them (the echo shows it), none dead-lettered."""
+    state = tmp_path / "state"
+    mqtt = {"url": mosquitto.url, "receive_maximum": 65535}
+    path = _config(tmp_path, mosquitto, name="u-spill", inbox_bytes=1 << 20,
+                   state_dir=str(state), mqtt=mqtt)  # fmt: skip
+    readings = _readings(400)  # 4,000 device messages, about 1.3 MB as the inbox counts
+    collector = Collector(mosquitto, "collector-spill")
+    fleet = DeviceFleet(MqttSettings(url=mosquitto.url), client_id="fleet-spill").start()
+    unit = Unit(UnitConfig.load(path))
+    runtime = unit.runtime
+    gate = threading.Event()
+    process = runtime._process
+
+    def held_up(batch: list[Any]) -> Any:
+        gate.wait(60)
+        return process(batch)
+
+    runtime._process = held_up  # type: ignore[method-assign]
+    unit.start()
+    registry = runtime.metrics.registry
+    labels = {"unit": "u-spill"}
+    try:
+        assert runtime.connected.wait(10)
+        for key, update in readings:
+            fleet.publish(key, update)
+        assert fleet.flush(30)
+        deadline, peak, depths = time.monotonic() + 30, 0, [-1.0]
+        while time.monotonic() < deadline:  # everything received, the worker still held
+            peak = max(peak, runtime._inbox.held_bytes)
+            depths.append(registry.get_sample_value("cloudlet_inbox_depth", labels) or 0.0)
+            if len(depths) > 50 and depths[-50] == depths[-1] > 0:
+                break  # the same for half a second
+            time.sleep(0.01)
+        spilled = registry.get_sample_value("cloudlet_inbox_spilled_total", labels)
+        assert spilled and spilled > 500, (spilled, depths[-1])
+        assert registry.get_sample_value("cloudlet_inbox_spill_bytes", labels) is not None
+        assert peak <= (1 << 20) + 300_000  # the limit, and one read of the socket
+        assert [p.name for p in state.iterdir() if "inbox" in p.name] == []  # unlinked
+        gate.set()
+        raw = {"soil", "state", "rain", "weather"}  # the devices' own streams, echoed
+        echoed: set[tuple[str, int]] = set()
+        looked = [0]  # how many of what came were looked at (take asks after each one)
+
+        def all_echoed(got: list[tuple[str, dict[str, Any]]]) -> bool:
+            echoed.update(_raw_updates(got[looked[0] :], raw))
+            looked[0] = len(got)
+            return len(echoed) >= len(readings)
+
+        got = collector.take(all_echoed)
+        assert runtime.published.updates == len(readings)
+        assert not registry.get_sample_value("cloudlet_dead_letters_total", labels)
+        times: dict[str, list[int]] = defaultdict(list)
+        for topic, body in got:
+            if topic.endswith("/updates") and topic.split("/")[2] in raw:
+                times[topic].append(body["lastUpdate"])
+        assert sum(map(len, times.values())) == len(readings)
+        assert all(t == sorted(t) for t in times.values())  # each stream in order
+        assert runtime._inbox.spill_bytes == 0
+    finally:
+        gate.set()
+        fleet.stop()
+        collector.close()
+        unit.stop()
