@@ -146,8 +146,8 @@ class UnitConfig(_Strict):
     # would be 50,000 readings (and their outputs) in memory at once
     batch_bytes: int = Field(default=256 * 1024, ge=1024)
     max_payload: int = Field(default=DEFAULT_MAX_PAYLOAD, ge=64)
-    # what received messages not processed yet may take in memory (per MQTT session: each
-    # partition has its own); beyond it, which only a broker overrunning the receive maximum
+    # what received messages not processed yet may take in memory (partitions share it out);
+    # beyond it, which only a broker overrunning the receive maximum
     # (or a flood of QoS 0) causes, the rest waits in an unlinked file in state_dir (or the
     # system's temporary folder) until processed (`processors.inbox`)
     inbox_bytes: int = Field(default=8 << 20, ge=1 << 20)

@@ -108,6 +108,8 @@ class Unit:
         """This replica's share of the unit's partitions (`processors.partitions`)."""
         config = self.config
         assert config.partitions is not None
+        # the replica's bound on received messages in memory, shared: it may hold them all
+        inbox = max(config.inbox_bytes // config.partitions.count, 256 << 10)
 
         def make(
             p: int, objects: list[str], catalog: Catalog, state: BrokerState,
@@ -132,7 +134,7 @@ class Unit:
                 republish=config.republish,
                 actuations=partitioned.actuations,
                 still_ours=still_ours,
-                inbox_bytes=config.inbox_bytes,
+                inbox_bytes=inbox,
                 spill_dir=config.state_dir,
             )
 

@@ -323,6 +323,9 @@ def test_a_registry_change_reaches_every_partition_and_keeps_the_windows(
         assert heard and heard[0][1]["channels"] == {"kg": {"current-value": 41.0}}
         owner = [u for u in units if partition_of("hive-7", 8) in _owned(u)]
         assert len(owner) == 1
+        # a replica holding every partition holds the unit's inbox_bytes in all (8 MiB)
+        shares = {rt._inbox.memory for u in units for rt in u.runtime.owned.values()}
+        assert shares == {1 << 20}
         for key, update in readings[half:]:
             fleet.publish(key, update)
         got += outputs.take(_echoed(*readings[-1]))
