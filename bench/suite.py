@@ -120,10 +120,12 @@ def _queue(broker: Mosquitto, client_id: str, payloads: list[tuple[str, bytes]])
 
 
 def ingest(
-    work: Path, n: int, per_message: int, echo: bool = True, batch: bool = False
+    work: Path, n: int, per_message: int, echo: bool = True, batch: bool = False, tag: str = ""
 ) -> dict[str, Any]:
+    """`tag`: said in the scenario's name (and its folders), for a variant of the same run."""
+    run = f"{per_message}-{echo}-{batch}{tag and '-'}{tag}"
     broker = Mosquitto(
-        work / f"mosquitto-{per_message}-{echo}-{batch}", superuser=True, site=True
+        work / f"mosquitto-{run}", superuser=True, site=True
     ).start()  # configured as a site's broker is
     try:
         messages = payloads(readings(n), per_message)
@@ -163,7 +165,7 @@ def ingest(
             messages
         )
         # our unit, draining the same backlog (a process of its own, as deployed)
-        unit_dir = work / f"unit-{per_message}-{echo}-{batch}"
+        unit_dir = work / f"unit-{run}"
         unit_dir.mkdir()
         config = unit_dir / "unit.yaml"
         config.write_bytes(
@@ -232,7 +234,8 @@ def ingest(
         unit.wait(30)
         return {
             "scenario": f"ingest ({per_message} per message"
-            f"{'' if echo else ', no echo'}{', batched echo' if batch else ''})",
+            f"{'' if echo else ', no echo'}{', batched echo' if batch else ''}"
+            f"{tag and ', '}{tag})",
             "ours": ours,
             "reference": c_rate,
             "reference_is": "mosquitto_sub (C)",
@@ -353,12 +356,9 @@ def main() -> None:
             # a backlog Mosquitto 2.0.11 drains beyond the unit's receive maximum (37,000 of
             # 40,000 at once): the peak is what the inbox's inbox_bytes holds to
 
-            def backlog() -> None:
-                r = ingest(work, int(4_000_000 * scale_of), 100)
-                r["scenario"] = f"ingest (100 per message, {int(40_000 * scale_of):,} queued)"
-                results.append(r)
-
-            steps.append(("ingest 100, a large backlog", backlog))
+            n = int(40_000 * scale_of)
+            run = functools.partial(ingest, work, n * 100, 100, tag=f"{n:,} queued")
+            steps.append(("ingest 100, a large backlog", functools.partial(_keep, results, run)))
         if "scale" in only:
             steps.append(
                 (
