@@ -25,7 +25,7 @@ import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,9 @@ log = logging.getLogger(__name__)
 # What a device message adds to its body on the wire at most: topic (65,535), header, properties.
 MAX_TOPIC_OVERHEAD = 70_000
 PUBLISH_WINDOW = 2000  # unacknowledged publishes before the worker waits for the broker
+# and bytes of their payloads: batched echoes of 100-reading messages are hundreds of kB each,
+# and 75 of them (22 MB) were measured waiting for the broker at a unit's peak
+PUBLISH_WINDOW_BYTES = 8 << 20
 FLUSH_PATIENCE = 30.0  # seconds waiting for the broker's acknowledgements before saying so
 UNPUBLISHABLE_EXCERPT = 1024  # bytes of an output too large to publish kept in its dead letter
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -577,19 +580,24 @@ class UnitRuntime:
         return self.ingest.topics.dead_letter(None, None), letter
 
     def _send(self, messages: list[tuple[str, bytes]], qos: int = 1) -> None:
-        """Publish in slices of PUBLISH_WINDOW, waiting for the broker between them: a message
-        may carry thousands of readings, and what waits for the broker is held in memory."""
+        """Publish in slices of at most PUBLISH_WINDOW messages and half PUBLISH_WINDOW_BYTES
+        of payload, waiting for the broker between them while either window is full: a
+        message may carry thousands of readings, and what waits for the broker is held in
+        memory."""
         content_type = Codec.JSON.content_type
-        for i in range(0, len(messages), PUBLISH_WINDOW):
-            while self._client.outstanding >= PUBLISH_WINDOW:  # a bounded window in flight
-                if self._client.wait_below(PUBLISH_WINDOW // 2, 1.0):
+        client = self._client
+        for part in _slices(messages, PUBLISH_WINDOW, PUBLISH_WINDOW_BYTES // 2):
+            while client.outstanding >= PUBLISH_WINDOW or (
+                client.outstanding_bytes >= PUBLISH_WINDOW_BYTES
+            ):  # bounded windows in flight
+                if client.wait_below(PUBLISH_WINDOW // 2, 1.0, PUBLISH_WINDOW_BYTES // 2):
                     break
                 if self._fenced.is_set():
                     raise _Fenced
-            refused = self._client.publish(messages[i : i + PUBLISH_WINDOW], qos, content_type)
+            refused = client.publish(part, qos, content_type)
             if refused:  # over MQTT's limits: a dead letter that fits instead
                 letters = [self._unpublishable(t, b) for t, b in refused]
-                self._client.publish(letters, 1, content_type)
+                client.publish(letters, 1, content_type)
 
     def _publish(self, result: Outputs) -> None:
         topics = self.ingest.topics
@@ -625,6 +633,21 @@ def _disk_full(exc: Exception) -> bool:
 
 def _identity(message: Message) -> tuple[int, str, int]:
     return (message.packet_id, message.topic, zlib.crc32(message.payload))
+
+
+def _slices(
+    messages: list[tuple[str, bytes]], count: int, nbytes: int
+) -> Iterator[list[tuple[str, bytes]]]:
+    """`messages` in order, in lists of at most `count` messages and `nbytes` of payload (one
+    message at least)."""
+    start, size = 0, 0
+    for i, (_, payload) in enumerate(messages):
+        if i > start and (i - start >= count or size + len(payload) > nbytes):
+            yield messages[start:i]
+            start, size = i, 0
+        size += len(payload)
+    if start < len(messages):
+        yield messages[start:]
 
 
 # a processed message waiting for its acknowledgement: (qos, packet id, topic, checksum)

@@ -165,6 +165,7 @@ class WireClient:
         self._inflight: dict[int, bytes] = {}
         self._next_id = 0
         self._outstanding = 0  # QoS 1 publishes not yet acknowledged (guarded by _acked)
+        self._outstanding_bytes = 0  # and their payloads' bytes (guarded by _acked)
         self._acked = threading.Condition()
         # QoS 1 publishes are numbered in the order of `publish` calls; `confirmed` is the
         # highest number up to which the broker has acknowledged every one (guarded by _acked).
@@ -172,10 +173,13 @@ class WireClient:
         self._confirmed = 0
         self._done: set[int] = set()  # acknowledged past the first gap
         self._seq_of: dict[int, int] = {}  # packet id in flight -> its number
+        self._bytes_of: dict[int, int] = {}  # packet id in flight -> its payload's bytes
         self._wake_at: float = float("inf")  # call on_confirmed once confirmed reaches this
         self._thresholds: Counter[int] = Counter()  # of the threads in wait_below
         self._freed = False  # PUBACKs in the read being handled made room in flight
         self._notify_below = 0
+        self._bytes_thresholds: Counter[int] = Counter()  # of the threads in wait_below
+        self._notify_bytes = 0
         self._handshake: asyncio.Future[tuple[bool, dict[int, Any]]] | None = None
         self._suback: asyncio.Future[bytes] | None = None
 
@@ -211,8 +215,10 @@ class WireClient:
                 return refused
         first = 0
         if qos:
+            size = sum([len(p) for _, p in messages])
             with self._acked:
                 self._outstanding += len(messages)
+                self._outstanding_bytes += size
                 first = self._published + 1
                 self._published += len(messages)
         self._loop.call_soon_threadsafe(
@@ -241,20 +247,35 @@ class WireClient:
         if wake:
             self.on_confirmed()
 
-    def wait_below(self, count: int, timeout: float | None = None) -> bool:
-        """Wait until fewer than `count` QoS 1 publishes are unacknowledged. (Waiters are
-        woken when the count falls below the highest of their thresholds, not on every
-        acknowledgement: a thousand wake-ups per window cost more than the window.)"""
+    def wait_below(
+        self, count: int, timeout: float | None = None, nbytes: int | None = None
+    ) -> bool:
+        """Wait until fewer than `count` QoS 1 publishes are unacknowledged (and, with
+        `nbytes`, fewer than that many bytes of their payloads). (Waiters are woken when the
+        count falls below the highest of their thresholds, not on every acknowledgement: a
+        thousand wake-ups per window cost more than the window.)"""
+        limit = nbytes if nbytes is not None else 1 << 62
         with self._acked:
             self._thresholds[count] += 1
             self._notify_below = max(self._thresholds)
+            if nbytes is not None:
+                self._bytes_thresholds[nbytes] += 1
+                self._notify_bytes = max(self._bytes_thresholds)
             try:
-                return self._acked.wait_for(lambda: self._outstanding < count, timeout)
+                return self._acked.wait_for(
+                    lambda: self._outstanding < count and self._outstanding_bytes < limit,
+                    timeout,
+                )
             finally:
                 self._thresholds[count] -= 1
                 if not self._thresholds[count]:
                     del self._thresholds[count]
                 self._notify_below = max(self._thresholds, default=0)
+                if nbytes is not None:
+                    self._bytes_thresholds[nbytes] -= 1
+                    if not self._bytes_thresholds[nbytes]:
+                        del self._bytes_thresholds[nbytes]
+                    self._notify_bytes = max(self._bytes_thresholds, default=0)
 
     @property
     def max_packet(self) -> int:
@@ -276,6 +297,11 @@ class WireClient:
     @property
     def outstanding(self) -> int:
         return self._outstanding
+
+    @property
+    def outstanding_bytes(self) -> int:
+        """The payload bytes of the QoS 1 publishes not yet acknowledged."""
+        return self._outstanding_bytes
 
     def ack(self, packet_ids: list[int]) -> None:
         """PUBACK these received QoS 1 messages (the broker then forgets them)."""
@@ -450,7 +476,9 @@ class WireClient:
 
     def _pubacks(self, bodies: list[bytes]) -> None:
         """The PUBACKs of one read of the socket."""
-        inflight, seq_of, seqs = self._inflight, self._seq_of, []
+        inflight, seq_of, bytes_of, seqs, freed = (
+            self._inflight, self._seq_of, self._bytes_of, [], 0
+        )  # fmt: skip
         for body in bodies:
             if len(body) < 2:
                 log.error("PUBACK too short, reconnecting")
@@ -463,24 +491,29 @@ class WireClient:
                 self.refused_publishes += 1
                 log.error("broker refused a publish: reason 0x%02x", body[2])
             seqs.append(seq_of.pop(packet_id, 0))
+            freed += bytes_of.pop(packet_id, 0)
         if seqs:
-            self._confirm_seqs(seqs)
+            self._confirm_seqs(seqs, freed)
             self._freed = True  # drained once the whole read is handled (data_received)
 
     def _confirm(self, packet_id: int) -> None:
         """A QoS 1 publish is done with (acknowledged, or refused before sending)."""
-        self._confirm_seqs([self._seq_of.pop(packet_id, 0)])
+        self._confirm_seqs([self._seq_of.pop(packet_id, 0)], self._bytes_of.pop(packet_id, 0))
 
-    def _confirm_seqs(self, seqs: list[int]) -> None:
-        """QoS 1 publishes done with, by their sequence numbers (0: not counted in order)."""
+    def _confirm_seqs(self, seqs: list[int], nbytes: int = 0) -> None:
+        """QoS 1 publishes done with, by their sequence numbers (0: not counted in order), and
+        the bytes of their payloads."""
         with self._acked:
             self._outstanding -= len(seqs)
+            self._outstanding_bytes -= nbytes
             done = self._done
             done.update(seq for seq in seqs if seq)
             while self._confirmed + 1 in done:
                 self._confirmed += 1
                 done.discard(self._confirmed)
-            if self._outstanding < self._notify_below:
+            if self._outstanding < self._notify_below or (
+                nbytes and self._outstanding_bytes < self._notify_bytes
+            ):
                 self._acked.notify_all()
             wake = self._confirmed >= self._wake_at
             if wake:
@@ -517,6 +550,7 @@ class WireClient:
                 frames = kernels.publish_frames(take, 1, ids, props)
                 self._inflight.update(zip(ids, frames, strict=True))
                 self._seq_of.update(zip(ids, range(first, first + len(take)), strict=True))
+                self._bytes_of.update(zip(ids, [len(p) for _, p in take], strict=True))
             else:
                 take, keep = messages, []
                 frames = kernels.publish_frames(take, 0, [], props)

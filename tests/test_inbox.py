@@ -1,4 +1,5 @@
-"""The unit's inbox (`processors.inbox`): in order, bounded in memory, the rest on disk."""
+"""The unit's inbox (`processors.inbox`): in order, bounded in memory, the rest on disk; and the
+slices its outputs go out in, bounded the same way."""
 
 from __future__ import annotations
 
@@ -157,3 +158,17 @@ def test_a_wake_up_is_an_empty_list_and_get_waits_at_most_its_timeout(tmp_path: 
     assert inbox.get(1.0) == []
     with pytest.raises(queue.Empty):
         inbox.get(0.01)
+
+
+def test_outputs_go_out_in_slices_bounded_in_count_and_bytes() -> None:
+    """The unit's publish slices (`processors.runtime._slices`): in order, each within both
+    limits, one message at least however large."""
+    from processors.runtime import _slices
+
+    messages = [(f"t/{i}", b"x" * size) for i, size in enumerate([10, 20, 30, 500, 5, 5, 5, 5])]
+    parts = list(_slices(messages, 3, 50))
+    assert [[t for t, _ in p] for p in parts] == [
+        ["t/0", "t/1"], ["t/2"], ["t/3"], ["t/4", "t/5", "t/6"], ["t/7"],
+    ]  # fmt: skip
+    assert [m for p in parts for m in p] == messages
+    assert list(_slices([], 3, 50)) == []

@@ -206,7 +206,7 @@ def test_publishes_in_order_beyond_the_brokers_receive_maximum(mosquitto: Mosqui
         assert ready.wait(10) and client.connected.wait(10)
         client.publish([("wire/order", i.to_bytes(4, "big")) for i in range(5000)], 1)
         assert client.flush(30)
-        assert client.outstanding == 0
+        assert client.outstanding == 0 and client.outstanding_bytes == 0
         deadline = time.monotonic() + 20
         while len(got) < 5000 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -328,5 +328,35 @@ def test_confirmed_counts_every_publish_up_to_the_first_unacknowledged() -> None
         client.wake_when_confirmed(4)  # already there: at once
         assert woken == [4, 4]
         assert client.flush(0.1) and client.wait_below(1, 0.1)
+    finally:
+        client._loop.close()
+
+
+def test_the_bytes_in_flight_are_counted_and_waited_for() -> None:
+    """What the unit's byte window reads: the payload bytes of QoS 1 publishes not yet
+    acknowledged (QoS 0 not counted), down as PUBACKs come, in any order; a wait on bytes
+    ends when they fall below its limit, and not before."""
+    client = WireClient(MqttSettings(url="mqtt://127.0.0.1:1"), "w-bytes", subscriptions=[],
+                        on_messages=lambda _m: None)  # fmt: skip
+    try:
+        client.publish([("a/b", b"x" * 1000), ("a/b", b"y" * 3000)])
+        client.publish([("a/b", b"z" * 500)], qos=0)
+        client.publish([("a/b", b"w" * 6000)])
+        assert (client.outstanding, client.outstanding_bytes) == (3, 10_000)
+        client._seq_of = {7: 1, 8: 2, 9: 3}  # as _drain numbers them, with their sizes
+        client._bytes_of = {7: 1000, 8: 3000, 9: 6000}
+        assert not client.wait_below(100, 0.05, nbytes=5000)
+        woke: list[bool] = []
+        waiter = threading.Thread(target=lambda: woke.append(client.wait_below(100, 10, 5000)))
+        waiter.start()
+        client._confirm(8)
+        time.sleep(0.1)
+        assert client.outstanding_bytes == 7000 and woke == []  # still over: waiting
+        client._confirm(9)
+        waiter.join(5)
+        assert woke == [True] and client.outstanding_bytes == 1000
+        client._confirm(7)
+        assert (client.outstanding, client.outstanding_bytes) == (0, 0) and client.flush(0.1)
+        assert not client._bytes_thresholds and client._notify_bytes == 0
     finally:
         client._loop.close()
