@@ -147,9 +147,9 @@ class UnitConfig(_Strict):
     batch_bytes: int = Field(default=256 * 1024, ge=1024)
     max_payload: int = Field(default=DEFAULT_MAX_PAYLOAD, ge=64)
     # what received messages not processed yet may take in memory (partitions share it out);
-    # beyond it, which only a broker overrunning the receive maximum
-    # (or a flood of QoS 0) causes, the rest waits in an unlinked file in state_dir (or the
-    # system's temporary folder) until processed (`processors.inbox`)
+    # beyond it, which only a broker overrunning the receive maximum (or a flood of QoS 0)
+    # causes, the rest waits in an unlinked file in state_dir (or the system's temporary
+    # folder) until processed (`processors.inbox`)
     inbox_bytes: int = Field(default=8 << 20, ge=1 << 20)
     # updates dated further ahead of the unit's clock are dead-lettered future_timestamp;
     # null turns the check off (a site replaying a recorded future, say)

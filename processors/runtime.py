@@ -111,7 +111,7 @@ class UnitRuntime:
         subscriptions: list[tuple[str, int]] | None = None,
         actuations: ActuationLog | None = None,
         still_ours: Callable[[], bool] = lambda: True,
-        inbox_bytes: int = 16 << 20,
+        inbox_bytes: int = 8 << 20,
         spill_dir: Path | None = None,
     ) -> None:
         """`subscriptions` (a partition's objects' topics) take the place of the device and
