@@ -22,8 +22,9 @@ import orjson
 from in_process import objects, payloads, readings
 from measure import cpu_seconds
 
-from cloud_sync.forwarder import Forwarder, ForwarderSettings
+from cloud_sync.forwarder import Forwarder
 from cloud_sync.outbox import Outbox, OutboxSettings
+from cloud_sync.settings import ForwarderSettings
 from cloudlet.demo import unit_metrics
 from cloudlet.rig import Kafka, Mosquitto
 from cloudlet.rig.process import free_port

@@ -39,7 +39,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, g
 from pydantic import BaseModel, ConfigDict, Field
 
 from cloud_sync.alarms import AlarmRule, AlarmWatcher, Notifier, NotifySettings
-from cloud_sync.commands import CommandTopics, command_record
+from cloud_sync.commands import command_record
 from cloud_sync.dashboard import (
     ASSETS,
     PAGE,
@@ -52,6 +52,7 @@ from cloud_sync.dashboard import (
 from cloud_sync.registry import FleetRegistry
 from cloud_sync.registry_api import install
 from cloud_sync.registry_sync import RegistryPublisher, Worker
+from cloud_sync.settings import CommandTopics
 from cloud_sync.store import CloudMessage, CloudStore, open_store
 from streams.actuation import Actuation
 from streams.transport.web import BackgroundServer, Token, bearer, local_docs

@@ -19,10 +19,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from cloud_sync.settings import RelaySettings
 from streams.actuation import Actuation, ActuationError, ActuationStatus, StatusReport
-from streams.flows.model import duration_ms
 from streams.registry import Registry
 from streams.topics import TopicScheme
 from streams.transport.mqtt import (
@@ -38,27 +37,6 @@ if TYPE_CHECKING:  # imported where used: a unit without the relay does not load
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 log = logging.getLogger(__name__)
-
-
-class CommandTopics(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    commands: str = "cloudlet.commands"
-    status: str = "cloudlet.command-status"
-
-
-class RelaySettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    site: str
-    bootstrap_servers: str
-    topics: CommandTopics = CommandTopics()
-    max_age: int = Field(default=600_000, ge=1000)  # ms
-
-    @field_validator("max_age", mode="before")
-    @classmethod
-    def _duration(cls, value: Any) -> int:
-        return duration_ms(value)
 
 
 def command_record(command: Actuation, site: str) -> bytes:

@@ -17,17 +17,21 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from pydantic import model_validator
 
-from cloud_sync.commands import CommandRelay, RelaySettings
-from cloud_sync.forwarder import Forwarder, ForwarderSettings, ProvisionSettings
 from cloud_sync.outbox import Outbox, OutboxSettings
-from cloud_sync.registry_sync import RegistryFollower
+from cloud_sync.settings import ForwarderSettings, ProvisionSettings, RelaySettings
 from processors.config import UnitConfig
 from processors.unit import Unit
+
+if TYPE_CHECKING:  # imported when configured: they load asyncio, sqlite3 and aiokafka
+    from cloud_sync.commands import CommandRelay
+    from cloud_sync.forwarder import Forwarder
+    from cloud_sync.registry_sync import RegistryFollower
 
 log = logging.getLogger(__name__)
 
@@ -84,36 +88,38 @@ class CloudletUnit:
             if replica:  # each replica has an outbox of its own
                 settings = settings.model_copy(update={"path": settings.path / replica})
             self.outbox = Outbox(settings, clock=clock)
-        self.forwarder = (
-            Forwarder(self.outbox, config.forward)
-            if self.outbox is not None and config.forward is not None
-            else None
-        )
+        self.forwarder: Forwarder | None = None
+        if self.outbox is not None and config.forward is not None:
+            from cloud_sync.forwarder import Forwarder
+
+            self.forwarder = Forwarder(self.outbox, config.forward)
         self.unit = Unit(config, replica=replica, clock=clock, sink=self.outbox)
         forward = config.forward
         relay_mqtt = (
             forward.command_mqtt or config.mqtt if forward is not None else config.mqtt
         ).for_instance(self.unit.instance)
-        self.relay = (
-            CommandRelay(
+        self.relay: CommandRelay | None = None
+        if forward is not None and forward.kafka is not None and forward.commands:
+            from cloud_sync.commands import CommandRelay
+
+            self.relay = CommandRelay(
                 RelaySettings(site=forward.site, bootstrap_servers=forward.kafka.bootstrap_servers,
                               topics=forward.command_topics, max_age=forward.command_max_age),
                 relay_mqtt, lambda: self.unit.runtime.ingest.registry, config.topics,
                 client_id=(forward.command_mqtt and relay_mqtt.username)
                 or f"{self.unit.instance}-relay",
-            )
-            if forward is not None and forward.kafka is not None and forward.commands
-            else None
-        )  # fmt: skip
-        self.follower = (
-            RegistryFollower(forward.registry, forward.site, forward.kafka.bootstrap_servers,
-                             f"cloudlet-registry-{self.unit.instance}", forward.registry_topic,
-                             forward.registry_changes_topic,
-                             *_provisioning(forward.provision, forward.registry,
-                                            self.unit.instance), checked=config.objects)
-            if forward is not None and forward.kafka is not None and forward.registry is not None
-            else None
-        )  # fmt: skip
+            )  # fmt: skip
+        self.follower: RegistryFollower | None = None
+        if forward is not None and forward.kafka is not None and forward.registry is not None:
+            from cloud_sync.registry_sync import RegistryFollower
+
+            self.follower = RegistryFollower(
+                forward.registry, forward.site, forward.kafka.bootstrap_servers,
+                f"cloudlet-registry-{self.unit.instance}", forward.registry_topic,
+                forward.registry_changes_topic,
+                *_provisioning(forward.provision, forward.registry, self.unit.instance),
+                checked=config.objects,
+            )  # fmt: skip
         if self.follower is not None:
             follower = self.follower
             self.unit.threads["registry follower"] = lambda: follower.alive

@@ -19,8 +19,9 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from cloud_sync.cloud import CloudService, CloudSettings
-from cloud_sync.forwarder import Forwarder, ForwarderSettings
+from cloud_sync.forwarder import Forwarder
 from cloud_sync.outbox import Outbox, OutboxSettings
+from cloud_sync.settings import ForwarderSettings
 from cloud_sync.store import CloudMessage, CloudStore, SQLiteStore, distance_m, open_store
 from cloudlet.rig import Kafka
 from streams import SensorUpdate, StreamKey

@@ -19,8 +19,9 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 
 from cloud_sync.cloud import CloudService, CloudSettings
-from cloud_sync.forwarder import Forwarder, ForwarderSettings, encode_record
+from cloud_sync.forwarder import Forwarder, encode_record
 from cloud_sync.outbox import Outbox, OutboxSettings, Record
+from cloud_sync.settings import ForwarderSettings
 from cloud_sync.store import PostgresStore
 from cloudlet.rig import Kafka, Mosquitto, Postgres
 from cloudlet.units import CloudletUnit, UnitFile

@@ -19,8 +19,9 @@ import orjson
 import pytest
 
 from cloud_sync.cloud import CloudService, CloudSettings
-from cloud_sync.forwarder import Forwarder, ForwarderSettings
+from cloud_sync.forwarder import Forwarder
 from cloud_sync.outbox import Outbox, OutboxSettings
+from cloud_sync.settings import ForwarderSettings
 from cloudlet.rig import Kafka, KafkaCluster
 from processors.config import UnitConfig
 from processors.kafka_source import KafkaUnit
