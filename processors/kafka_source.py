@@ -50,6 +50,7 @@ from streams.catalog import Catalog
 from streams.colocation import colocated
 
 log = logging.getLogger(__name__)
+FENCED_RECHECK = 1.0  # s: a fenced partition still assigned here is taken again after this
 
 
 @dataclass
@@ -294,8 +295,23 @@ class KafkaUnit:
             if tp in consumer.assignment():
                 await self._own(consumer, tp)
             return
-        if not done:
-            self.parts.pop(tp.partition, None)  # fenced: another instance has it
+        if done:
+            return
+        # Fenced: another producer of the partition's transactional id started. Mostly the
+        # partition's new owner; but an instance cut off from the group for a moment (a broker
+        # killed) may take again a partition it held, fencing the owner the group gave it to:
+        # left as it is, nobody would read that partition until the next rebalance. So once
+        # a rebalance on its way had time to arrive, a partition still assigned here is taken
+        # again, as a new owner takes it, from its last checkpoint (fencing the other, whose
+        # own assignment then says it is not its own).
+        old = self.parts.pop(tp.partition, None)
+        if old is not None:
+            await self._bounded(old.producer.stop(), "closing a fenced producer")
+        await asyncio.sleep(FENCED_RECHECK)
+        if tp in consumer.assignment() and tp.partition not in self.parts:
+            log.warning("partition %d: fenced while still assigned here; taken again from its"
+                        " last checkpoint", tp.partition)  # fmt: skip
+            await self._own(consumer, tp)
 
     async def _last_checkpoints(self) -> None:
         """Stopping: every partition checkpointed, so that nothing is computed again."""

@@ -175,14 +175,14 @@ async def _committed(bootstrap: str, topic: str) -> int:
         await reader.stop()
 
 
-def _routed(bootstrap: str, total: int, timeout: float = 120) -> None:
+def _routed(bootstrap: str, total: int, timeout: float = 120, group: str = "city") -> None:
     """Wait until `total` records are in the units' by-key topic, committed (event time moves
     across sites only as fast as the slowest partition is read: the test keeps the sites'
     minutes in order, as a watermark delay would in the field)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            if asyncio.run(_committed(bootstrap, "city.by-key")) >= total:
+            if asyncio.run(_committed(bootstrap, f"{group}.by-key")) >= total:
                 return
         except (Exception, asyncio.CancelledError):  # a broker going away mid-read: again
             pass
@@ -224,12 +224,18 @@ def _cloud(work: Path, bootstrap: str, updates: str, derived: str) -> CloudServi
 
 
 def _unit_config(
-    work: Path, objects: Path, bootstrap: str, updates: str, name: str, **extra: Any
+    work: Path,
+    objects: Path,
+    bootstrap: str,
+    updates: str,
+    name: str,
+    group: str = "city",
+    **extra: Any,
 ) -> Path:
     path = work / f"{name}.yaml"
     path.write_bytes(orjson.dumps({
         "name": name, "objects": [str(objects)], **extra,
-        "input": {"kafka": {"bootstrap_servers": bootstrap, "topic": updates, "group": "city",
+        "input": {"kafka": {"bootstrap_servers": bootstrap, "topic": updates, "group": group,
                             "outputs": f"{updates}.derived", "checkpoint_every": "300ms",
                             "transaction_timeout": "8s"}},
     }))  # fmt: skip
@@ -275,6 +281,60 @@ def test_two_instances_compute_a_cross_site_flow_once(kafka: Kafka, tmp_path: Pa
         feed.stop()
         for u in units:
             u.stop()
+        cloud.stop()
+
+
+async def _fence(bootstrap: str, transactional_ids: list[str]) -> None:
+    """What an instance cut off from the group for a moment does when it takes a partition
+    again: a producer of the partition's transactional id started (fencing its owner)."""
+    from aiokafka import AIOKafkaProducer
+
+    for transactional_id in transactional_ids:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, transactional_id=transactional_id)
+        await producer.start()
+        await producer.stop()
+
+
+def test_a_partition_fenced_while_still_assigned_is_taken_again(
+    kafka: Kafka, tmp_path: Path
+) -> None:
+    """The one instance of a unit holds every partition; another producer of each partition's
+    transactional id starts mid-stream (as an instance cut off from the group for a moment
+    does, taking again what it held). The group still assigns them all here: the unit takes
+    them again from their last checkpoints, and every window is stored once, exact (before,
+    the fenced partitions were left unread until a rebalance that never came)."""
+    sites, stations, minutes = 4, 2, 4
+    updates, group = "air-fenced", "fenced"
+    asyncio.run(_create_topic(kafka.bootstrap_servers, updates, 2, 1))
+    objects = _objects(tmp_path / "objects", sites, stations)
+    cloud = _cloud(tmp_path, kafka.bootstrap_servers, updates, f"{updates}.derived")
+    config = _unit_config(tmp_path, objects, kafka.bootstrap_servers, updates, "fenced-a",
+                          group=group)  # fmt: skip
+    unit = KafkaUnit(UnitConfig.load(config)).start()
+    feed = Sites(tmp_path, kafka.bootstrap_servers, updates, sites)
+    try:
+        assert unit.repartition and unit.ready.wait(60)
+        assert unit.counts.assigned == [0, 1]
+        restored = unit.counts.restored
+        for m in range(minutes):
+            for s in range(sites):
+                feed.write(s, [_reading(s, j, m, k) for j in range(stations) for k in range(6)])
+            feed.drain()
+            _routed(kafka.bootstrap_servers, (m + 1) * sites * stations * 6, group=group)
+            if m == 1:
+                time.sleep(1.0)  # checkpoints of both partitions written
+                ids = [f"{group}.{group}.by-key.{p}" for p in (0, 1)]
+                asyncio.run(_fence(kafka.bootstrap_servers, ids))
+        feed.write(0, [_reading(0, 0, minutes + 4, 0)])
+        feed.drain()
+        _check(cloud, _expected(sites, stations, minutes), 60)
+        # taken again from its checkpoint: the partition all the records go to (key none: one
+        # group); the other, idle, has nothing to write, so it does not learn of its fence
+        assert unit.counts.restored >= restored + 1
+        assert unit.counts.assigned == [0, 1] and unit.alive
+    finally:
+        feed.stop()
+        unit.stop()
         cloud.stop()
 
 
