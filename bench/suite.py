@@ -16,7 +16,8 @@ Scenarios:
    100-reading messages, which Mosquitto 2.0.11 sends beyond the unit's receive maximum;
 3. forwarder: records/s from the outbox to Kafka, beside Kafka's ProducerPerformance;
 4. latency: device publish to a Kafka consumer on the cloud side, p50 and p99, at a fixed rate;
-5. memory: peak RSS of the unit process during the ingest scenario;
+5. memory: peak RSS of the unit process during the ingest scenario; at rest (rest), beside an
+   interpreter with only what any unit loads (asyncio, pydantic, http.server, PyYAML);
 6. scale: throughput with 1, 2, 3 replicas of a partitioned unit at a site, and with 1 and 2
    instances of a unit reading Kafka (`bench/scale.py`).
 Every run is bounded in count and time, and talks to loopback only. The workload and the
@@ -56,7 +57,7 @@ from in_process import (  # noqa: E402
     readings,
     windows,
 )
-from measure import cpu_seconds, peak_rss_kb  # noqa: E402
+from measure import cpu_seconds, peak_rss_kb, private_kb, proportional_kb, rss_kb  # noqa: E402
 
 from cloudlet.demo import unit_metrics  # noqa: E402
 from cloudlet.rig import Kafka, Mosquitto  # noqa: E402
@@ -257,6 +258,61 @@ def ingest(
 # -----------------------------------------------------------------------------------------------
 
 
+# what any unit loads whatever it does: asyncio (its MQTT client), pydantic and a model (its
+# config), http.server (its status server), PyYAML (its files)
+FLOOR = (
+    "import asyncio, http.server, sys, yaml, pydantic\n"
+    "class Config(pydantic.BaseModel):\n    name: str = ''\n"
+    "Config(name='x'); print('ready', flush=True); sys.stdin.read()"
+)
+
+
+def rest(work: Path) -> dict[str, Any]:
+    """A unit at rest (connected and subscribed, nothing received, no cloud sync) beside the
+    floor: an interpreter with only what any unit loads."""
+    broker = Mosquitto(work / "mosquitto-rest", superuser=True, site=True).start()
+    floor = subprocess.Popen([sys.executable, "-c", FLOOR], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE)  # fmt: skip
+    try:
+        assert floor.stdout is not None and floor.stdout.readline().startswith(b"ready")
+        floor_rss = rss_kb(floor.pid) / 1024
+        config = work / "rest.yaml"
+        config.write_bytes(orjson.dumps({"name": "bench-rest", "mqtt": {"url": broker.url},
+                                         "objects": [str(objects(work / "objects"))],
+                                         "http": {"port": (port := free_port())}}))  # fmt: skip
+        unit = subprocess.Popen([sys.executable, "-m", "cloudlet.entry", "unit", "run",
+                                 str(config)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 30
+            while True:  # up: it serves its metrics once connected
+                try:
+                    unit_metrics(f"http://127.0.0.1:{port}/metrics")
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, "the unit did not start"
+                    time.sleep(0.1)
+            time.sleep(2.0)
+            rss, own, share = (f(unit.pid) / 1024 for f in (rss_kb, private_kb, proportional_kb))
+        finally:
+            unit.terminate()
+            unit.wait(30)
+    finally:
+        floor.kill()
+        floor.wait()
+        broker.stop()
+    return {
+        "scenario": "unit at rest (MQTT, no cloud sync)",
+        "ours": rss,
+        "reference": floor_rss,
+        "reference_is": "an interpreter with asyncio, pydantic, http.server and PyYAML only",
+        "unit": "MB RSS",
+        "ratio": rss / floor_rss,
+        "note": f"its own pages (USS) {own:.0f} MB, its share of shared pages counted (PSS)"
+        f" {share:.0f} MB",
+    }
+
+
 def table(results: list[dict[str, Any]], about: dict[str, Any]) -> str:
     lines = [
         f"Machine: {about['cpu']}, {about['cores']} cores, Python {about['python']}, {about['at']}",
@@ -300,7 +356,7 @@ def _keep(results: list[dict[str, Any]], run: Callable[[], dict[str, Any]]) -> N
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--only", default="kernel,columnar,windows,ingest,backlog,forwarder,latency,scale"
+        "--only", default="kernel,columnar,windows,rest,ingest,backlog,forwarder,latency,scale"
     )
     parser.add_argument("--quick", action="store_true", help="smaller counts (a smoke run)")
     args = parser.parse_args()
@@ -333,6 +389,8 @@ def main() -> None:
             steps.append(("windows", lambda: results.append(windows(int(500_000 * scale_of)))))
         if "columnar" in only:
             steps.append(("columnar", lambda: results.append(columnar(int(500_000 * scale_of)))))
+        if "rest" in only:
+            steps.append(("rest", lambda: results.append(rest(work))))
         if "ingest" in only:
             steps.append(
                 ("ingest 1", lambda: results.append(ingest(work, int(50_000 * scale_of), 1)))
