@@ -20,7 +20,6 @@ from __future__ import annotations
 import errno
 import logging
 import queue
-import sqlite3
 import threading
 import time
 import zlib
@@ -65,6 +64,7 @@ PUBLISH_WINDOW_BYTES = 16 << 20
 FLUSH_PATIENCE = 30.0  # seconds waiting for the broker's acknowledgements before saying so
 UNPUBLISHABLE_EXCERPT = 1024  # bytes of an output too large to publish kept in its dead letter
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+SQLITE_FULL = 13  # sqlite3.SQLITE_FULL, not imported: only a SQLite sink loads SQLite
 Message = Any  # a `streams.kernels.Publish`: compiled or its twin, the same attributes
 
 
@@ -443,7 +443,7 @@ class UnitRuntime:
             try:
                 write(what)
                 break
-            except (OSError, sqlite3.OperationalError) as exc:
+            except Exception as exc:  # OSError, or a SQLite sink's OperationalError
                 if not _disk_full(exc):
                     raise
                 if not self.disk_full:
@@ -629,7 +629,7 @@ class _Fenced(Exception):
 def _disk_full(exc: Exception) -> bool:
     if isinstance(exc, OSError):
         return exc.errno in DISK_FULL_ERRNOS
-    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    return getattr(exc, "sqlite_errorcode", None) == SQLITE_FULL
 
 
 def _identity(message: Message) -> tuple[int, str, int]:

@@ -991,3 +991,29 @@ def test_what_arrives_beyond_inbox_bytes_waits_on_disk_and_is_processed_in_order
         fleet.stop()
         collector.close()
         unit.stop()
+
+
+def test_a_full_sqlite_sink_is_a_full_disk_and_nothing_else_is(tmp_path: Path) -> None:
+    """The runtime waits out a full disk (not ready, acknowledging nothing) whether the
+    OS says so or SQLite does; it knows SQLite's code without importing SQLite (a unit
+    without a SQLite sink does not load it), and any other error still stops the write."""
+    import errno
+
+    from processors.runtime import _disk_full
+
+    db = sqlite3.connect(tmp_path / "small.db", isolation_level=None)
+    db.execute("CREATE TABLE t (b BLOB)")
+    db.execute("PRAGMA max_page_count = 3")  # the database's own disk: three pages
+    with pytest.raises(sqlite3.OperationalError) as full:
+        for _ in range(10):
+            db.execute("INSERT INTO t VALUES (?)", (b"x" * 4096,))
+    assert full.value.sqlite_errorcode == sqlite3.SQLITE_FULL
+    assert _disk_full(full.value)
+    assert _disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert _disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    with pytest.raises(sqlite3.OperationalError) as other:
+        db.execute("SELECT * FROM missing")
+    assert not _disk_full(other.value)
+    assert not _disk_full(OSError(errno.EACCES, "Permission denied"))
+    assert not _disk_full(ValueError("a bug"))
+    db.close()
