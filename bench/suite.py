@@ -417,6 +417,13 @@ def main() -> None:
             n = int(40_000 * scale_of)
             run = functools.partial(ingest, work, n * 100, 100, tag=f"{n:,} queued")
             steps.append(("ingest 100, a large backlog", functools.partial(_keep, results, run)))
+            run = functools.partial(ingest, work, n * 100, 100, batch=True, tag=f"{n:,} queued")
+            steps.append(
+                (
+                    "ingest 100, batched echo, a large backlog",
+                    functools.partial(_keep, results, run),
+                )
+            )
         if "scale" in only:
             steps.append(
                 (
