@@ -96,14 +96,16 @@ def _run_kafka_unit(config: Any) -> int:
     return 0
 
 
-def bound_malloc_arenas(arenas: int = 2) -> bool:
+def bound_malloc_arenas(arenas: int = 1) -> bool:
     """At most `arenas` glibc malloc arenas in this process (unless `MALLOC_ARENA_MAX` says
     otherwise). glibc gives each thread that allocates an arena of its own, up to 8 per core,
     and an arena keeps its high-water mark (the network thread allocates what the worker
     frees). Draining 100-reading messages with the batched echo (bench/suite.py's ingest), the
     peak was 109 and 124 MB in two runs with glibc's default, 66-107 MB in nine with two
-    arenas, throughput within the runs' noise. Called before any thread starts. False where
-    the C library is not glibc (nothing to do)."""
+    arenas; draining 40,000 queued ones with the batched echo, 96-112 MB in six runs with two
+    arenas and 82-89 MB in four with one, throughput within the runs' noise (the threads take
+    turns on the GIL anyway). Called before any thread starts. False where the C library is
+    not glibc (nothing to do)."""
     if os.environ.get("MALLOC_ARENA_MAX"):
         return False  # the operator's choice
     import ctypes  # 0.25 MB, only here
