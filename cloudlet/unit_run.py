@@ -103,7 +103,7 @@ def bound_malloc_arenas(arenas: int = 1) -> bool:
     frees). Draining 100-reading messages with the batched echo (bench/suite.py's ingest), the
     peak was 109 and 124 MB in two runs with glibc's default, 66-107 MB in nine with two
     arenas; draining 40,000 queued ones with the batched echo, 96-112 MB in six runs with two
-    arenas and 82-89 MB in four with one, throughput within the runs' noise (the threads take
+    arenas and 82-92 MB in six with one, throughput within the runs' noise (the threads take
     turns on the GIL anyway). Called before any thread starts. False where the C library is
     not glibc (nothing to do)."""
     if os.environ.get("MALLOC_ARENA_MAX"):
