@@ -28,7 +28,7 @@ from cloud_sync.settings import ForwarderSettings, ProvisionSettings, RelaySetti
 from processors.config import UnitConfig
 from processors.unit import Unit
 
-if TYPE_CHECKING:  # imported when configured: they load asyncio, sqlite3 and aiokafka
+if TYPE_CHECKING:  # imported when configured: they load aiokafka, the forwarder sqlite3
     from cloud_sync.commands import CommandRelay
     from cloud_sync.forwarder import Forwarder
     from cloud_sync.registry_sync import RegistryFollower
