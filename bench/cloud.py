@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 from in_process import SENSORS, objects, readings
-from measure import private_kb, rss_kb
+from measure import cpu_seconds, private_kb, rss_kb
 
 from cloud_sync.forwarder import Forwarder
 from cloud_sync.outbox import Outbox, OutboxSettings
@@ -168,6 +168,8 @@ def latency(kafka: Kafka, work: Path, rate: int, seconds: float) -> dict[str, An
                                args=(broker.url, i, rate / DEVICE_PROCESSES, seconds,
                                      counts[i]))
                    for i in range(DEVICE_PROCESSES)]  # fmt: skip
+        assert broker.process is not None
+        cpu_before = cpu_seconds(unit.pid), cpu_seconds(broker.process.pid)
         for d in devices:
             d.start()
         for d in devices:
@@ -176,6 +178,10 @@ def latency(kafka: Kafka, work: Path, rate: int, seconds: float) -> dict[str, An
         deadline = time.monotonic() + 30
         while counted.value < sent and time.monotonic() < deadline:
             time.sleep(0.1)
+        # CPU per update while the rate held (and the last ones drained): the fixed costs of a
+        # batch show at low rates, where a batch is a message or a few
+        unit_cpu = (cpu_seconds(unit.pid) - cpu_before[0]) / max(1, sent)
+        broker_cpu = (cpu_seconds(broker.process.pid) - cpu_before[1]) / max(1, sent)
     finally:
         stop.set()
         arrivals: list[tuple[float, float]] = lags_out.recv() if lags_out.poll(15) else []
@@ -196,6 +202,8 @@ def latency(kafka: Kafka, work: Path, rate: int, seconds: float) -> dict[str, An
         "sent": sent,
         "arrived": len(arrivals),
         "unit": "ms, device publish to Kafka consumer",
+        "cpu_us_per_message": unit_cpu * 1e6,
+        "broker_cpu_us_per_message": broker_cpu * 1e6,
         "note": f"ms clock resolution; no window waits (raw updates); the unit at rest"
         f" {rest:.0f} MB RSS ({rest_private:.0f} MB its own, USS); device to the forwarder's"
         f" send p50 {statistics.median(sending):.0f}"

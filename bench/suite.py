@@ -15,7 +15,8 @@ Scenarios:
    message of each client and of the broker while it serves each; and (backlog) 40,000 queued
    100-reading messages, which Mosquitto 2.0.11 sends beyond the unit's receive maximum;
 3. forwarder: records/s from the outbox to Kafka, beside Kafka's ProducerPerformance;
-4. latency: device publish to a Kafka consumer on the cloud side, p50 and p99, at a fixed rate;
+4. latency: device publish to a Kafka consumer on the cloud side, p50 and p99, at a fixed rate,
+   and the CPU per update of the unit and of the broker while it holds;
 5. memory: peak RSS of the unit process during the ingest scenario; at rest (rest), beside an
    interpreter with only what any unit loads (asyncio, pydantic, http.server, PyYAML);
 6. scale: throughput with 1, 2, 3 replicas of a partitioned unit at a site, and with 1 and 2
@@ -344,7 +345,9 @@ def table(results: list[dict[str, Any]], about: dict[str, Any]) -> str:
         else:
             lines.append(
                 f"| {r['scenario']} | p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms"
-                f" | - | - | {r['arrived']}/{r['sent']} arrived; {r['note']} |"
+                f" | - | - | {r['arrived']}/{r['sent']} arrived; unit CPU"
+                f" {r['cpu_us_per_message']:.0f} µs/update, broker"
+                f" {r['broker_cpu_us_per_message']:.0f}; {r['note']} |"
             )
     return "\n".join(lines) + "\n"
 
