@@ -310,7 +310,11 @@ class Forwarder:
         """Once every record of a read is acknowledged by all in-sync replicas: acknowledged
         in the outbox, and counted."""
         await delivered
-        await asyncio.to_thread(self.outbox.ack, records)
+        if self.outbox.acks_due():  # fsyncs to come: on a thread, the loop keeps going
+            await asyncio.to_thread(self.outbox.ack, records)
+        else:  # a position moved in memory: a hop to a thread and back cost more (at 1,000
+            # updates/s, an acknowledgement per update: 6% of the unit's CPU, five runs each)
+            self.outbox.ack(records)
         self.counts.records += len(records)
         self.counts.bytes += size
         self.counts.batches += 1
