@@ -90,11 +90,13 @@ def forwarder(kafka: Kafka, work: Path, n: int) -> dict[str, Any]:
 # 4. latency ------------------------------------------------------------------------------------
 
 
-def latency(kafka: Kafka, work: Path, rate: int, seconds: float) -> dict[str, Any]:
+def latency(kafka: Kafka, work: Path, rate: int, seconds: float, linger: int = 0) -> dict[str, Any]:
+    """`linger` (ms): the unit's, as its file would set it (0, the default: none)."""
+    run = f"{rate}-{linger}" if linger else f"{rate}"
 
-    broker = Mosquitto(work / f"mosquitto-latency-{rate}", superuser=True, site=True).start()
-    topic = f"bench.latency.{rate}"
-    config = work / f"latency-{rate}.yaml"
+    broker = Mosquitto(work / f"mosquitto-latency-{run}", superuser=True, site=True).start()
+    topic = f"bench.latency.{run}"
+    config = work / f"latency-{run}.yaml"
     config.write_bytes(
         orjson.dumps(
             {
@@ -102,7 +104,8 @@ def latency(kafka: Kafka, work: Path, rate: int, seconds: float) -> dict[str, An
                 "objects": [str(objects(work / "objects"))],
                 "mqtt": {"url": broker.url},
                 "http": {"port": (port := free_port())},
-                "outbox": {"path": str(work / f"latency-outbox-{rate}")},
+                "outbox": {"path": str(work / f"latency-outbox-{run}")},
+                "linger": linger,
                 "forward": {
                     "site": "bench",
                     "commands": False,
@@ -120,7 +123,7 @@ def latency(kafka: Kafka, work: Path, rate: int, seconds: float) -> dict[str, An
     # the publishing devices and the consumer)
     unit = subprocess.Popen(
         [sys.executable, "-m", "cloudlet.entry", "unit", "run", str(config)],
-        stdout=subprocess.DEVNULL, stderr=(work / f"latency-{rate}.log").open("wb"),
+        stdout=subprocess.DEVNULL, stderr=(work / f"latency-{run}.log").open("wb"),
     )  # fmt: skip
     # the consumer in a process of its own too: beside the devices' publisher in this one, it
     # starved paho's network thread, and the devices' own queue became what was measured
@@ -196,7 +199,7 @@ def latency(kafka: Kafka, work: Path, rate: int, seconds: float) -> dict[str, An
     sending = sorted(sent for _, sent in arrivals)
     after = sorted(total - sent for total, sent in arrivals)
     return {
-        "scenario": f"latency at {rate}/s",
+        "scenario": f"latency at {rate}/s" + (f", linger {linger} ms" if linger else ""),
         "p50_ms": statistics.median(ordered),
         "p99_ms": _p99(ordered),
         "sent": sent,

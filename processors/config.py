@@ -145,6 +145,12 @@ class UnitConfig(_Strict):
     # a batch also ends past this many bytes of payload: 500 messages of 100 readings each
     # would be 50,000 readings (and their outputs) in memory at once
     batch_bytes: int = Field(default=256 * 1024, ge=1024)
+    # how long a batch smaller than batch_size waits for more after its first message (ms or
+    # a duration, "5ms"; 0: not at all, a message is processed the moment it comes): at low
+    # rates, fewer and larger batches, so less CPU per message (a batch's fsync,
+    # acknowledgements and Kafka request shared) for at most this much more latency; for
+    # sites short of CPU, like a Raspberry Pi
+    linger: int = Field(default=0, ge=0, le=1000)
     max_payload: int = Field(default=DEFAULT_MAX_PAYLOAD, ge=64)
     # what received messages not processed yet may take in memory (partitions share it out);
     # beyond it, which only a broker overrunning the receive maximum (or a flood of QoS 0)
@@ -189,6 +195,11 @@ class UnitConfig(_Strict):
     @classmethod
     def _future(cls, value: Any) -> int | None:
         return None if value is None else duration_ms(value)
+
+    @field_validator("linger", mode="before")
+    @classmethod
+    def _linger(cls, value: Any) -> int:
+        return duration_ms(value)
 
     @field_validator("name")
     @classmethod

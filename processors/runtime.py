@@ -102,6 +102,7 @@ class UnitRuntime:
         subscription: str | None = None,
         batch_size: int = 500,
         batch_bytes: int = 256 * 1024,
+        linger: float = 0.0,
         state: StateStore | BrokerState | None = None,
         checkpoint: CheckpointPolicy = CheckpointPolicy(),
         sink: ResultSink | None = None,
@@ -119,7 +120,8 @@ class UnitRuntime:
         runtimes share one (a replica's partitions); `still_ours`, asked before reconnecting,
         whether the session is still this runtime's (a partition another replica took is not);
         `inbox_bytes`, what received messages may take in memory before the rest waits in a
-        temporary file in `spill_dir` (`processors.inbox`)."""
+        temporary file in `spill_dir` (`processors.inbox`); `linger` (seconds), how long a
+        batch smaller than `batch_size` waits for more after its first message."""
         self.ingest = ingest
         self.republish = republish or RepublishSettings()
         self.engine = engine
@@ -130,6 +132,7 @@ class UnitRuntime:
         self.subscription = subscription or ingest.topics.device_updates_filter
         self.batch_size = batch_size
         self.batch_bytes = batch_bytes
+        self.linger = linger
         self.state = state
         self.checkpoint = checkpoint
         self.sink = sink
@@ -302,10 +305,12 @@ class UnitRuntime:
 
     def _take_batch(self) -> list[Message]:
         """What has arrived, up to `batch_size` messages and `batch_bytes` of payload, without
-        waiting for more: the batching adapts to the traffic. When it is light, a batch is the
-        message that just came (no latency added to fill a batch); under load, the messages
-        that arrived while the last batch was processed, so the fixed cost of a batch is
-        shared by more of them."""
+        waiting for more (unless `linger` says to): the batching adapts to the traffic. When
+        it is light, a batch is the message that just came (no latency added to fill a
+        batch); under load, the messages that arrived while the last batch was processed, so
+        the fixed cost of a batch is shared by more of them. With a `linger`, a batch not full
+        waits that long after its first message for more (the wait is in real time, as the
+        inbox's own)."""
         batch, self._carry = self._carry, []
         if not batch:
             try:
@@ -317,6 +322,16 @@ class UnitRuntime:
                 batch = batch + self._inbox.get_nowait()
             except queue.Empty:
                 break
+        if self.linger and len(batch) < self.batch_size:
+            deadline = time.monotonic() + self.linger
+            while len(batch) < self.batch_size:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    batch = batch + self._inbox.get(timeout=left)
+                except queue.Empty:
+                    break
         size, end, limit = 0, min(len(batch), self.batch_size), self.batch_bytes
         for i in range(end):  # and at most batch_bytes of payload (one message at least)
             size += len(batch[i].payload)

@@ -546,6 +546,41 @@ def test_batches_follow_the_traffic(mosquitto: Mosquitto, tmp_path: Path) -> Non
         unit.stop()
 
 
+@pytest.mark.mqtt
+def test_a_linger_gathers_light_traffic_into_batches(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    """With `linger`, a batch not full waits that long after its first message for more:
+    messages 20 ms apart go in batches of several, not one each; a lone message is still
+    processed, once its linger is over."""
+    path = _config(tmp_path, mosquitto, name="u-linger", batch_size=100, linger=400)
+    readings = _readings(1)  # 10 device messages
+    fleet = DeviceFleet(MqttSettings(url=mosquitto.url), client_id="fleet-linger").start()
+    unit = Unit(UnitConfig.load(path)).start()
+    try:
+        assert unit.runtime.connected.wait(10)
+        started = time.monotonic()
+        key, update = readings[0]  # alone: processed after its linger, not before
+        fleet.publish(key, update)
+        deadline = time.monotonic() + 10
+        while unit.runtime.published.messages < 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert unit.runtime.published.messages == 1
+        assert time.monotonic() - started >= 0.4
+        assert _batches(unit, "u-linger", 1) == (1.0, 1.0)
+        for key, update in readings[1:]:  # nine, 20 ms apart: well within one linger
+            fleet.publish(key, update)
+            time.sleep(0.02)
+        deadline = time.monotonic() + 10
+        while unit.runtime.published.messages < 10 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert unit.runtime.published.messages == 10
+        batches, single = _batches(unit, "u-linger", 1)
+        assert single == 1.0  # only the lone message was a batch of its own
+        assert batches <= 3  # the nine in one batch, two at most if the host stalls
+    finally:
+        fleet.stop()
+        unit.stop()
+
+
 RELOAD_OBJECTS = """\
 id: s%d
 streams: {data: {channels: {t: {type: number}}}}
