@@ -324,14 +324,17 @@ class UnitRuntime:
                 break
         if self.linger and len(batch) < self.batch_size:
             deadline = time.monotonic() + self.linger
-            while len(batch) < self.batch_size:
+            size = sum(len(m.payload) for m in batch)
+            while len(batch) < self.batch_size and size < self.batch_bytes:  # not full yet
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 try:
-                    batch = batch + self._inbox.get(timeout=left)
+                    more = self._inbox.get(timeout=left)
                 except queue.Empty:
                     break
+                size += sum(len(m.payload) for m in more)
+                batch = batch + more
         size, end, limit = 0, min(len(batch), self.batch_size), self.batch_bytes
         for i in range(end):  # and at most batch_bytes of payload (one message at least)
             size += len(batch[i].payload)

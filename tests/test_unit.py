@@ -581,6 +581,40 @@ def test_a_linger_gathers_light_traffic_into_batches(mosquitto: Mosquitto, tmp_p
         unit.stop()
 
 
+@pytest.mark.mqtt
+def test_a_linger_ends_when_the_batch_is_full_by_its_bytes(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """A batch full by `batch_bytes` goes at once, however long its linger: 30 messages of
+    about 100 bytes against 1,024 bytes a batch and a linger of a second, most of them are
+    processed well within that second (the broker's confirmations of their echoes are
+    taken in the worker's next turn, so they wait for the last batch's linger)."""
+    path = _config(tmp_path, mosquitto, name="u-linger-bytes", batch_size=100,
+                   batch_bytes=1024, linger="1s")  # fmt: skip
+    readings = _readings(3)  # 30 device messages, about 3,000 bytes
+    fleet = DeviceFleet(MqttSettings(url=mosquitto.url), client_id="fleet-linger-b").start()
+    unit = Unit(UnitConfig.load(path)).start()
+    try:
+        assert unit.runtime.connected.wait(10)
+        started = time.monotonic()
+        for key, update in readings:
+            fleet.publish(key, update)
+        registry, labels = unit.runtime.metrics.registry, {"unit": "u-linger-bytes"}
+        while time.monotonic() - started < 10:  # messages taken into batches
+            taken = registry.get_sample_value("cloudlet_batch_messages_sum", labels) or 0.0
+            if taken >= 20:
+                break
+            time.sleep(0.005)
+        assert time.monotonic() - started < 0.7  # full batches did not wait their second
+        deadline = time.monotonic() + 10
+        while unit.runtime.published.messages < 30 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert unit.runtime.published.messages == 30  # the last, not full, after its linger
+    finally:
+        fleet.stop()
+        unit.stop()
+
+
 RELOAD_OBJECTS = """\
 id: s%d
 streams: {data: {channels: {t: {type: number}}}}
