@@ -108,6 +108,7 @@ class KafkaUnit:
         self.checkpoints = f"{self.group}.checkpoints"
         self.counts = KafkaCounts()
         self.parts: dict[int, Partition] = {}
+        self._taking: set[int] = set()  # partitions being taken (`_take_assigned`)
         self.ready = threading.Event()  # partitions assigned and restored
         self._stop = threading.Event()
         self._error: BaseException | None = None
@@ -241,6 +242,7 @@ class KafkaUnit:
 
         class Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
             async def on_partitions_revoked(self, revoked: Any) -> None:
+                rebalancing.set()  # the loop takes nothing until the new assignment
                 for tp in revoked:
                     part = unit.parts.pop(tp.partition, None)
                     if part is not None:
@@ -248,20 +250,29 @@ class KafkaUnit:
                 unit.counts.assigned = sorted(unit.parts)
 
             async def on_partitions_assigned(self, assigned: Any) -> None:
-                for tp in assigned:
-                    await unit._own(consumer, tp)
-                unit.counts.assigned = sorted(unit.parts)
+                try:
+                    await unit._take_assigned(consumer, assigned)
+                finally:
+                    rebalancing.clear()
                 unit.ready.set()
 
+        # Between a revocation and the next assignment, the consumer's assignment is still the
+        # old one (and `getmany` may return, empty): the loop must not take those partitions.
+        rebalancing = asyncio.Event()
         consumer.subscribe([topic], listener=Rebalance())
         await consumer.start()
         try:
             while not self._stop.is_set():
                 batches = await consumer.getmany(timeout_ms=200, max_records=2000)
+                taken: set[int] = set()
+                if not rebalancing.is_set():  # any assigned not taken (a take that failed)
+                    taken = await self._take_assigned(consumer, consumer.assignment())
                 for tp, records in batches.items():
                     part = self.parts.get(tp.partition)
-                    if part is None:
-                        continue  # taken away meanwhile: its new owner reads them again
+                    if part is None or tp.partition in taken:
+                        # taken away meanwhile: its new owner reads them again; taken just now
+                        # (after these were read): read again from its state's offset
+                        continue
                     # what the partition's state already holds (fetched before a restore)
                     records = [r for r in records if r.offset >= part.offset]
                     if records:
@@ -291,10 +302,8 @@ class KafkaUnit:
                         " away?); taken again from its last checkpoint", tp.partition,
                         budget)  # fmt: skip
             old = self.parts.pop(tp.partition, None)
-            if old is not None:
+            if old is not None:  # taken again at the loop's next turn (`_take_assigned`)
                 await self._bounded(old.producer.stop(), "closing a stuck producer")
-            if tp in consumer.assignment():
-                await self._own(consumer, tp)
             return
         if done:
             return
@@ -303,8 +312,8 @@ class KafkaUnit:
         # killed) may take again a partition it held, fencing the owner the group gave it to:
         # left as it is, nobody would read that partition until the next rebalance. So once
         # a rebalance on its way had time to arrive, a partition still assigned here is taken
-        # again, as a new owner takes it, from its last checkpoint (fencing the other, whose
-        # own assignment then says it is not its own).
+        # again (`_take_assigned`, at the loop's next turn), as a new owner takes it, from its
+        # last checkpoint (fencing the other, whose own assignment then says it is not its own).
         old = self.parts.pop(tp.partition, None)
         if old is not None:
             await self._bounded(old.producer.stop(), "closing a fenced producer")
@@ -312,7 +321,6 @@ class KafkaUnit:
         if tp in consumer.assignment() and tp.partition not in self.parts:
             log.warning("partition %d: fenced while still assigned here; taken again from its"
                         " last checkpoint", tp.partition)  # fmt: skip
-            await self._own(consumer, tp)
 
     async def _last_checkpoints(self) -> None:
         """Stopping: every partition checkpointed, so that nothing is computed again."""
@@ -330,6 +338,45 @@ class KafkaUnit:
         except Exception as exc:  # a broker away: said, and the next step runs
             log.warning("unit %s: %s failed: %s", self.config.name, what, exc)
 
+    async def _take_assigned(self, consumer: Any, assigned: Any) -> set[int]:
+        """Every partition of `assigned` still assigned and not taken yet, taken (`_own`).
+        Called by the group's callback at an assignment and by the loop at each turn (which
+        runs beside the callback: `_taking` keeps them off each other's partitions), so a
+        take that failed (a broker away, a stuck transaction or a fencing given up) is
+        tried again, not left unread until the next rebalance. Each within
+        `transaction_timeout` (aiokafka retries a coordinator it cannot reach forever).
+        Returns the partitions taken."""
+        from aiokafka.errors import KafkaError
+
+        todo = [tp for tp in assigned if tp.partition not in self.parts
+                and tp.partition not in self._taking]  # fmt: skip
+        self._taking.update(tp.partition for tp in todo)
+        try:
+            for tp in todo:
+                if tp not in consumer.assignment():
+                    continue  # given away meanwhile
+                try:
+                    async with asyncio.timeout(self.settings.transaction_timeout / 1000):
+                        await self._own(consumer, tp)
+                    if tp not in consumer.assignment():  # revoked while taken: not ours
+                        part = self.parts.pop(tp.partition)
+                        await self._bounded(part.producer.stop(), "closing a partition's producer")
+                except (TimeoutError, KafkaError) as exc:
+                    log.warning("partition %d not taken (%s); again in a moment",
+                                tp.partition, self._said(exc))  # fmt: skip
+                    await asyncio.sleep(1.0)
+        finally:
+            self._taking.difference_update(tp.partition for tp in todo)
+            self.counts.assigned = sorted(self.parts)
+        return {tp.partition for tp in todo if tp.partition in self.parts}
+
+    def _said(self, exc: BaseException) -> str:
+        """What a Kafka step that failed met, for the log."""
+        if isinstance(exc, TimeoutError):
+            return f"no answer from Kafka in {self.settings.transaction_timeout / 1000:g} s"
+        text, name = str(exc), type(exc).__name__
+        return text if text.startswith(name) else f"{name}: {text}" if text else name
+
     async def _own(self, consumer: Any, tp: Any) -> None:
         """A partition taken (`_take`) and read from the offset its state is at."""
         part = await self._take(tp)
@@ -345,9 +392,14 @@ class KafkaUnit:
         then its last committed checkpoint."""
 
         producer = self._transactional(f"{self.group}.{tp.topic}.{tp.partition}")
-        await producer.start()
+        try:
+            await producer.start()
+            found = (await self._saved()).get(tp.partition)
+        except BaseException:  # cancelled by a timeout too: closed, bounded
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(producer.stop(), self.settings.stop_timeout / 2000)
+            raise
         part = self._partition(producer)
-        found = (await self._saved()).get(tp.partition)
         if found is not None:
             part.engine.restore(found["state"])
             part.offset = int(found["offset"])
@@ -360,28 +412,38 @@ class KafkaUnit:
         part.checkpointed = time.monotonic()
         return part
 
-    async def _resync(self, consumer: Any, producers: dict[int, Any], tp: Any) -> None:
+    async def _resync(
+        self, consumer: Any, producers: dict[int, Any], tp: Any, records: list[Any]
+    ) -> None:
         """The router of `tp` made anew, then read from the offset its committed transactions
         reached. Making it fences any other producer of the partition's transactional id and
         has Kafka finish or abort that one's open transaction first, so what this instance or
         another routed meanwhile is read past, not routed twice (seeking back to the records
-        in hand would route again those another instance committed). A broker away: nothing
-        of the partition is routed until this succeeds, tried again at its next fetch."""
+        in hand would route again those another instance committed). Within
+        `transaction_timeout` (aiokafka retries a coordinator it cannot reach forever): a
+        broker away, nothing of the partition is routed until this succeeds, tried again at
+        its next fetch, which reads `records` (those in hand) again."""
         from aiokafka.errors import KafkaError
 
+        await self._bounded(_drop(producers, tp.partition), "closing a router")
         try:
-            producers[tp.partition] = await self._router_producer(tp)
-            committed = await consumer.committed(tp)
-        except KafkaError as exc:
-            await _drop(producers, tp.partition)
+            async with asyncio.timeout(self.settings.transaction_timeout / 1000):
+                producers[tp.partition] = await self._router_producer(tp)
+                committed = await consumer.committed(tp)
+                if committed is None:
+                    await consumer.seek_to_beginning(tp)
+                else:
+                    consumer.seek(tp, committed)
+        except (TimeoutError, KafkaError) as exc:
+            await self._bounded(_drop(producers, tp.partition), "closing a router not made")
+            if tp not in consumer.assignment():
+                log.info("routing of partition %d is another instance's now", tp.partition)
+                return
             log.warning("routing partition %d: %s; its router is made again at the next"
-                        " fetch", tp.partition, exc)  # fmt: skip
+                        " fetch", tp.partition, self._said(exc))  # fmt: skip
+            with contextlib.suppress(KafkaError):  # not left behind: no more may come
+                consumer.seek(tp, records[0].offset)
             await asyncio.sleep(1.0)
-            return
-        if committed is None:
-            await consumer.seek_to_beginning(tp)
-        else:
-            consumer.seek(tp, committed)
 
     async def _router_producer(self, tp: Any) -> Any:
         """The transactional producer routing one input partition (started: a router that
@@ -389,9 +451,9 @@ class KafkaUnit:
         producer = self._transactional(f"{self.group}.router.{tp.topic}.{tp.partition}")
         try:
             await producer.start()
-        except BaseException:
+        except BaseException:  # cancelled by a timeout too: closed, bounded
             with contextlib.suppress(Exception):
-                await producer.stop()
+                await asyncio.wait_for(producer.stop(), self.settings.stop_timeout / 2000)
             raise
         return producer
 
@@ -533,9 +595,15 @@ class KafkaUnit:
         the offsets they were read at: each record there exactly once. Each input partition
         has its own transactional producer (`<group>.router.<topic>.<partition>`): the
         instance given a partition fences a router that had it and still runs (cut off from
-        the group), and aborts what that one had not committed."""
+        the group), and aborts what that one had not committed.
+
+        Only this loop makes and closes the routers, at its own pace: a partition's the first
+        time its records come after it was given here (`_resync`), a partition given away's
+        when the loop next sees the assignment. The group's callbacks run beside the loop,
+        so routers made there raced the loop's own for the same partition (each fencing the
+        other, one of them dropped unclosed) and a start that hung held the group's rebalance
+        with nothing said."""
         from aiokafka import AIOKafkaConsumer
-        from aiokafka.abc import ConsumerRebalanceListener
         from aiokafka.errors import KafkaError, ProducerFenced
 
         consumer = AIOKafkaConsumer(
@@ -545,33 +613,23 @@ class KafkaUnit:
             metadata_max_age_ms=5_000,
         )  # fmt: skip
         producers: dict[int, Any] = {}
-        unit = self
-
-        class Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
-            async def on_partitions_revoked(self, revoked: Any) -> None:
-                for tp in revoked:
-                    producer = producers.pop(tp.partition, None)
-                    if producer is not None:
-                        with contextlib.suppress(Exception):
-                            await producer.stop()
-
-            async def on_partitions_assigned(self, assigned: Any) -> None:
-                for tp in assigned:
-                    if tp.partition not in producers:
-                        with contextlib.suppress(Exception):  # made when its records come
-                            producers[tp.partition] = await unit._router_producer(tp)
-
-        consumer.subscribe([self.settings.topic], listener=Rebalance())
+        consumer.subscribe([self.settings.topic])
         await consumer.start()
         try:
             while not self._stop.is_set():
                 batches = await consumer.getmany(timeout_ms=200, max_records=2000)
+                assigned = consumer.assignment()
+                mine = {tp.partition for tp in assigned}
+                for partition in [p for p in producers if p not in mine]:
+                    await self._bounded(_drop(producers, partition), "closing a router given away")
                 for tp, records in batches.items():
+                    if tp not in assigned:
+                        continue  # given away meanwhile: its new owner reads them again
                     producer = producers.get(tp.partition)
+                    if producer is None:  # given here since, or given up: made first, then
+                        await self._resync(consumer, producers, tp, records)  # what is committed
+                        continue
                     try:
-                        if producer is None:  # not made at assignment, or given up: first
-                            await self._resync(consumer, producers, tp)  # what is committed
-                            continue
                         async with asyncio.timeout(self.settings.transaction_timeout / 1000):
                             await _send_routed(self, producer, tp, records)
                     except (TimeoutError, KafkaError) as exc:
@@ -586,13 +644,13 @@ class KafkaUnit:
                         why = (
                             "fenced while still assigned here"
                             if isinstance(exc, ProducerFenced)
-                            else f"{type(exc).__name__} {exc}".strip()
+                            else self._said(exc)
                         )
                         log.warning("routing partition %d: %s; again from what is committed",
                                     tp.partition, why)  # fmt: skip
                         if not isinstance(exc, ProducerFenced):
                             await asyncio.sleep(1.0)
-                        await self._resync(consumer, producers, tp)
+                        await self._resync(consumer, producers, tp, records)
                         continue
                     self.counts.routed += len(records)
         finally:

@@ -344,6 +344,71 @@ def test_a_partition_fenced_while_still_assigned_is_taken_again(
     assert any("fenced while still assigned here" in r.getMessage() for r in caplog.records)
 
 
+def test_a_take_or_a_router_that_fails_or_hangs_is_tried_again(
+    kafka: Kafka,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Kafka answering nothing, or an error, where a unit takes a partition or makes its
+    router (faults injected around the real client: a coordinator that never answers, as a
+    broker dying under it makes aiokafka wait for ever; a checkpoints' reader that loses its
+    broker). Each step gives up within `transaction_timeout`, says so, and is tried again:
+    every window is stored once, exact. Before, the router waited for ever with nothing said,
+    and a take that failed in the group's callback left its partition unread."""
+    from aiokafka.errors import KafkaConnectionError
+
+    sites, stations, minutes = 4, 2, 3
+    updates, group = "air-faulty", "faulty"
+    asyncio.run(_create_topic(kafka.bootstrap_servers, updates, 2, 1))
+    objects = _objects(tmp_path / "objects", sites, stations)
+    cloud = _cloud(tmp_path, kafka.bootstrap_servers, updates, f"{updates}.derived")
+    config = _unit_config(tmp_path, objects, kafka.bootstrap_servers, updates, "faulty-a",
+                          group=group)  # fmt: skip
+    doc = orjson.loads(config.read_bytes())
+    doc["input"]["kafka"]["transaction_timeout"] = "2s"
+    config.write_bytes(orjson.dumps(doc))
+    router, saved = KafkaUnit._router_producer, KafkaUnit._saved
+    hung: list[int] = []
+    failed: list[int] = []
+
+    async def router_hanging(self: KafkaUnit, tp: Any) -> Any:
+        if len(hung) < 3:  # the first three starts: the coordinator never answers
+            hung.append(tp.partition)
+            await asyncio.sleep(3600)
+        return await router(self, tp)
+
+    async def saved_failing(self: KafkaUnit) -> Any:
+        if not failed:  # the first take: the checkpoints' reader loses its broker
+            failed.append(1)
+            raise KafkaConnectionError("no connection to the checkpoints' broker")
+        return await saved(self)
+
+    monkeypatch.setattr(KafkaUnit, "_router_producer", router_hanging)
+    monkeypatch.setattr(KafkaUnit, "_saved", saved_failing)
+    unit = KafkaUnit(UnitConfig.load(config)).start()
+    feed = Sites(tmp_path, kafka.bootstrap_servers, updates, sites)
+    try:
+        assert unit.repartition and unit.ready.wait(60)
+        for m in range(minutes):
+            for s in range(sites):
+                feed.write(s, [_reading(s, j, m, k) for j in range(stations) for k in range(6)])
+            feed.drain()
+            _routed(kafka.bootstrap_servers, (m + 1) * sites * stations * 6, 60, group=group)
+        feed.write(0, [_reading(0, 0, minutes + 4, 0)])
+        feed.drain()
+        _check(cloud, _expected(sites, stations, minutes), 60)
+        assert len(hung) == 3 and failed == [1]
+        assert unit.counts.assigned == [0, 1] and unit.alive
+    finally:
+        feed.stop()
+        unit.stop()
+        cloud.stop()
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert sum("its router is made again at the next fetch" in m for m in said) == 3, said
+    assert sum(" not taken (KafkaConnectionError" in m for m in said) == 1, said
+
+
 @pytest.mark.infra
 def test_a_unit_stops_within_its_budget_while_the_broker_is_frozen(
     kafka: Kafka, tmp_path: Path, caplog: pytest.LogCaptureFixture
