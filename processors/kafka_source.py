@@ -276,36 +276,44 @@ class KafkaUnit:
                     # what the partition's state already holds (fetched before a restore)
                     records = [r for r in records if r.offset >= part.offset]
                     if records:
-                        await self._guarded(consumer, tp, self._handle(tp, part, records))
+                        await self._guarded(consumer, tp, part, self._handle(tp, part, records))
                 every = self.settings.checkpoint_every / 1000
                 for tp in list(consumer.assignment()):
                     part = self.parts.get(tp.partition)
                     if part and part.dirty and time.monotonic() - part.checkpointed >= every:
                         due = self._commit(part, tp.partition, [], checkpoint=True)
-                        await self._guarded(consumer, tp, due)
+                        await self._guarded(consumer, tp, part, due)
             await self._bounded(self._last_checkpoints(), "the last checkpoints")
         finally:
             await self._bounded(consumer.stop(), "leaving the group")
 
-    async def _guarded(self, consumer: Any, tp: Any, work: Any) -> None:
+    async def _guarded(self, consumer: Any, tp: Any, part: Partition, work: Any) -> None:
         """One partition's transaction (`_handle` or `_commit`), within `transaction_timeout`.
         Fenced: the partition is another instance's now. Stuck past it (a coordinator that
         died while its successor is not known to the client, which otherwise waits for it
-        forever): the partition is taken again, as a new owner would take it, its open
-        transaction aborted by the fencing, from its last checkpoint."""
+        forever) or failed (a broker away past the client's retries; the producer closed by a
+        rebalance's release beside the loop): the partition is taken again at the loop's next
+        turn (`_take_assigned`), as a new owner would take it, its open transaction aborted by
+        the fencing, from its last checkpoint. Only `part` is undone: a rebalance meanwhile
+        may have released it and taken the partition again."""
+        from aiokafka.errors import KafkaError
+
         budget = self.settings.transaction_timeout / 1000
         try:
             async with asyncio.timeout(budget):
                 done = await work
-        except TimeoutError:
-            log.warning("partition %d: a transaction did not finish in %.0f s (a Kafka broker"
-                        " away?); taken again from its last checkpoint", tp.partition,
-                        budget)  # fmt: skip
-            old = self.parts.pop(tp.partition, None)
-            if old is not None:  # taken again at the loop's next turn (`_take_assigned`)
-                await self._bounded(old.producer.stop(), "closing a stuck producer")
+        except (TimeoutError, KafkaError) as exc:
+            if self.parts.get(tp.partition) is not part:
+                return  # released meanwhile (a rebalance): not this loop's to undo
+            why = (f"a transaction did not finish in {budget:.0f} s (a Kafka broker away?)"
+                   if isinstance(exc, TimeoutError)
+                   else f"its transaction failed ({self._said(exc)})")  # fmt: skip
+            log.warning("partition %d: %s; taken again from its last checkpoint",
+                        tp.partition, why)  # fmt: skip
+            del self.parts[tp.partition]
+            await self._bounded(part.producer.stop(), "closing a stuck producer")
             return
-        if done:
+        if done or self.parts.get(tp.partition) is not part:
             return
         # Fenced: another producer of the partition's transactional id started. Mostly the
         # partition's new owner; but an instance cut off from the group for a moment (a broker
@@ -314,9 +322,8 @@ class KafkaUnit:
         # a rebalance on its way had time to arrive, a partition still assigned here is taken
         # again (`_take_assigned`, at the loop's next turn), as a new owner takes it, from its
         # last checkpoint (fencing the other, whose own assignment then says it is not its own).
-        old = self.parts.pop(tp.partition, None)
-        if old is not None:
-            await self._bounded(old.producer.stop(), "closing a fenced producer")
+        del self.parts[tp.partition]
+        await self._bounded(part.producer.stop(), "closing a fenced producer")
         await asyncio.sleep(FENCED_RECHECK)
         if tp in consumer.assignment() and tp.partition not in self.parts:
             log.warning("partition %d: fenced while still assigned here; taken again from its"

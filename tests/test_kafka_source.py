@@ -350,12 +350,13 @@ def test_a_take_or_a_router_that_fails_or_hangs_is_tried_again(
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Kafka answering nothing, or an error, where a unit takes a partition or makes its
-    router (faults injected around the real client: a coordinator that never answers, as a
-    broker dying under it makes aiokafka wait for ever; a checkpoints' reader that loses its
-    broker). Each step gives up within `transaction_timeout`, says so, and is tried again:
-    every window is stored once, exact. Before, the router waited for ever with nothing said,
-    and a take that failed in the group's callback left its partition unread."""
+    """Kafka answering nothing, or an error, where a unit takes a partition, makes its router
+    or writes its outputs (faults injected around the real client: a coordinator that never
+    answers, as a broker dying under it makes aiokafka wait for ever; a checkpoints' reader
+    that loses its broker; a transaction that fails). Each step gives up within
+    `transaction_timeout`, says so, and is tried again: every window is stored once, exact.
+    Before, the router waited for ever with nothing said, a take that failed in the group's
+    callback left its partition unread, and a failed transaction stopped the unit."""
     from aiokafka.errors import KafkaConnectionError
 
     sites, stations, minutes = 4, 2, 3
@@ -368,9 +369,10 @@ def test_a_take_or_a_router_that_fails_or_hangs_is_tried_again(
     doc = orjson.loads(config.read_bytes())
     doc["input"]["kafka"]["transaction_timeout"] = "2s"
     config.write_bytes(orjson.dumps(doc))
-    router, saved = KafkaUnit._router_producer, KafkaUnit._saved
+    router, saved, emit = KafkaUnit._router_producer, KafkaUnit._saved, KafkaUnit._emit
     hung: list[int] = []
     failed: list[int] = []
+    lost: list[int] = []
 
     async def router_hanging(self: KafkaUnit, tp: Any) -> Any:
         if len(hung) < 3:  # the first three starts: the coordinator never answers
@@ -384,6 +386,13 @@ def test_a_take_or_a_router_that_fails_or_hangs_is_tried_again(
             raise KafkaConnectionError("no connection to the checkpoints' broker")
         return await saved(self)
 
+    async def emit_failing(self: KafkaUnit, producer: Any, derived: Any) -> None:
+        if not lost:  # the first outputs: the broker is lost past the client's retries
+            lost.append(len(derived))
+            raise KafkaConnectionError("the partition leader went away")
+        await emit(self, producer, derived)
+
+    monkeypatch.setattr(KafkaUnit, "_emit", emit_failing)
     monkeypatch.setattr(KafkaUnit, "_router_producer", router_hanging)
     monkeypatch.setattr(KafkaUnit, "_saved", saved_failing)
     unit = KafkaUnit(UnitConfig.load(config)).start()
@@ -398,7 +407,7 @@ def test_a_take_or_a_router_that_fails_or_hangs_is_tried_again(
         feed.write(0, [_reading(0, 0, minutes + 4, 0)])
         feed.drain()
         _check(cloud, _expected(sites, stations, minutes), 60)
-        assert len(hung) == 3 and failed == [1]
+        assert len(hung) == 3 and failed == [1] and len(lost) == 1
         assert unit.counts.assigned == [0, 1] and unit.alive
     finally:
         feed.stop()
@@ -407,6 +416,7 @@ def test_a_take_or_a_router_that_fails_or_hangs_is_tried_again(
     said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert sum("its router is made again at the next fetch" in m for m in said) == 3, said
     assert sum(" not taken (KafkaConnectionError" in m for m in said) == 1, said
+    assert sum("its transaction failed (KafkaConnectionError" in m for m in said) == 1, said
 
 
 @pytest.mark.infra
