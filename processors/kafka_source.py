@@ -32,9 +32,9 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 import orjson
@@ -51,6 +51,7 @@ from streams.colocation import colocated
 
 log = logging.getLogger(__name__)
 FENCED_RECHECK = 1.0  # s: a fenced partition still assigned here is taken again after this
+T = TypeVar("T")
 
 
 @dataclass
@@ -266,6 +267,7 @@ class KafkaUnit:
                 batches = await consumer.getmany(timeout_ms=200, max_records=2000)
                 taken: set[int] = set()
                 if not rebalancing.is_set():  # any assigned not taken (a take that failed)
+                    await self._drop_unassigned(consumer)
                     taken = await self._take_assigned(consumer, consumer.assignment())
                 for tp, records in batches.items():
                     part = self.parts.get(tp.partition)
@@ -300,8 +302,7 @@ class KafkaUnit:
 
         budget = self.settings.transaction_timeout / 1000
         try:
-            async with asyncio.timeout(budget):
-                done = await work
+            done = await _within(work, budget)
         except (TimeoutError, KafkaError) as exc:
             if self.parts.get(tp.partition) is not part:
                 return  # released meanwhile (a rebalance): not this loop's to undo
@@ -339,7 +340,7 @@ class KafkaUnit:
         """A step that must not hang whatever the brokers do (stopping, closing a stuck
         producer): within half of `stop_timeout`, said if it did not finish or failed."""
         try:
-            await asyncio.wait_for(step, self.settings.stop_timeout / 2000)
+            await _within(step, self.settings.stop_timeout / 2000)
         except TimeoutError:
             log.warning("unit %s: %s did not finish in time", self.config.name, what)
         except Exception as exc:  # a broker away: said, and the next step runs
@@ -363,8 +364,7 @@ class KafkaUnit:
                 if tp not in consumer.assignment():
                     continue  # given away meanwhile
                 try:
-                    async with asyncio.timeout(self.settings.transaction_timeout / 1000):
-                        await self._own(consumer, tp)
+                    await _within(self._own(consumer, tp), self.settings.transaction_timeout / 1000)
                     if tp not in consumer.assignment():  # revoked while taken: not ours
                         part = self.parts.pop(tp.partition)
                         await self._bounded(part.producer.stop(), "closing a partition's producer")
@@ -376,6 +376,16 @@ class KafkaUnit:
             self._taking.difference_update(tp.partition for tp in todo)
             self.counts.assigned = sorted(self.parts)
         return {tp.partition for tp in todo if tp.partition in self.parts}
+
+    async def _drop_unassigned(self, consumer: Any) -> None:
+        """A partition the loop finished taking while a rebalance revoked it (the consumer
+        still reported the old assignment): not this instance's, its producer closed (its
+        new owner's fences it anyway; nothing was processed, so nothing to checkpoint)."""
+        mine = {tp.partition for tp in consumer.assignment()}
+        for number in [n for n in self.parts if n not in mine and n not in self._taking]:
+            part = self.parts.pop(number)
+            await self._bounded(part.producer.stop(), "closing a partition's producer")
+            self.counts.assigned = sorted(self.parts)
 
     def _said(self, exc: BaseException) -> str:
         """What a Kafka step that failed met, for the log."""
@@ -404,7 +414,7 @@ class KafkaUnit:
             found = (await self._saved()).get(tp.partition)
         except BaseException:  # cancelled by a timeout too: closed, bounded
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(producer.stop(), self.settings.stop_timeout / 2000)
+                await _within(producer.stop(), self.settings.stop_timeout / 2000)
             raise
         part = self._partition(producer)
         if found is not None:
@@ -432,15 +442,17 @@ class KafkaUnit:
         its next fetch, which reads `records` (those in hand) again."""
         from aiokafka.errors import KafkaError
 
+        async def steps() -> None:
+            producers[tp.partition] = await self._router_producer(tp)
+            committed = await consumer.committed(tp)
+            if committed is None:
+                await consumer.seek_to_beginning(tp)
+            else:
+                consumer.seek(tp, committed)
+
         await self._bounded(_drop(producers, tp.partition), "closing a router")
         try:
-            async with asyncio.timeout(self.settings.transaction_timeout / 1000):
-                producers[tp.partition] = await self._router_producer(tp)
-                committed = await consumer.committed(tp)
-                if committed is None:
-                    await consumer.seek_to_beginning(tp)
-                else:
-                    consumer.seek(tp, committed)
+            await _within(steps(), self.settings.transaction_timeout / 1000)
         except (TimeoutError, KafkaError) as exc:
             await self._bounded(_drop(producers, tp.partition), "closing a router not made")
             if tp not in consumer.assignment():
@@ -460,7 +472,7 @@ class KafkaUnit:
             await producer.start()
         except BaseException:  # cancelled by a timeout too: closed, bounded
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(producer.stop(), self.settings.stop_timeout / 2000)
+                await _within(producer.stop(), self.settings.stop_timeout / 2000)
             raise
         return producer
 
@@ -473,11 +485,12 @@ class KafkaUnit:
         )  # fmt: skip
 
     async def _release(self, tp: Any, part: Partition) -> None:
-        """A partition taken away: its state checkpointed (if it still may), its producer
-        closed."""
+        """A partition taken away: its state checkpointed (if it still may, within
+        `transaction_timeout`: the group's rebalance waits for this), its producer closed."""
         with contextlib.suppress(Exception):
-            await self._commit(part, tp.partition, [], checkpoint=part.dirty)
-        await part.producer.stop()
+            due = self._commit(part, tp.partition, [], checkpoint=part.dirty)
+            await _within(due, self.settings.transaction_timeout / 1000)
+        await self._bounded(part.producer.stop(), "closing a released partition's producer")
 
     async def _handle(self, tp: Any, part: Partition, records: list[Any]) -> bool:
         """A batch of one partition through its engine, its outputs (and a checkpoint when
@@ -637,8 +650,8 @@ class KafkaUnit:
                         await self._resync(consumer, producers, tp, records)  # what is committed
                         continue
                     try:
-                        async with asyncio.timeout(self.settings.transaction_timeout / 1000):
-                            await _send_routed(self, producer, tp, records)
+                        routed = _send_routed(self, producer, tp, records)
+                        await _within(routed, self.settings.transaction_timeout / 1000)
                     except (TimeoutError, KafkaError) as exc:
                         # The transaction's outcome is unknown (stuck on a coordinator that
                         # died, a broker away), or another instance's producer for this
@@ -663,6 +676,47 @@ class KafkaUnit:
         finally:
             await self._bounded(consumer.stop(), "leaving the router's group")
             await self._bounded(_stop_all(producers), "closing the routers' producers")
+
+
+async def _within(
+    work: Coroutine[Any, Any, T], budget: float, *, tries: int = 10, every: float = 1.0
+) -> T:
+    """`work` within `budget` seconds, else cancelled until it ends and TimeoutError. Not
+    `asyncio.timeout` or `wait_for`: they cancel once, and aiokafka answers a cancellation
+    inside a transaction by aborting it and waiting for the abort without a bound (a
+    coordinator gone and no successor known), so the one cancellation is absorbed and the
+    step hangs for ever (the cluster test: a partition silent for minutes after a broker was
+    killed, its unit unable to stop). Each further cancellation (`tries`, `every` seconds
+    apart) ends such a wait."""
+    task = asyncio.ensure_future(work)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=budget)
+        if done:
+            return task.result()
+        for _ in range(tries):
+            task.cancel()
+            if (await asyncio.wait({task}, timeout=every))[0]:
+                break
+        else:  # refuses to end: left to end on its own, said
+            log.warning("a Kafka step given up after %.0f s does not end when cancelled", budget)
+            _abandoned.add(task)
+            task.add_done_callback(_forget)
+            raise TimeoutError
+    except BaseException:  # this one cancelled (stopping): the work too, not left behind
+        task.cancel()
+        raise
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("a step given up ended with %r", task.exception())
+    raise TimeoutError
+
+
+_abandoned: set[asyncio.Future[Any]] = set()  # referenced until they end (asyncio keeps none)
+
+
+def _forget(task: asyncio.Future[Any]) -> None:
+    _abandoned.discard(task)
+    if not task.cancelled() and task.exception() is not None:  # retrieved: not logged as lost
+        log.debug("a step left to end on its own ended with %r", task.exception())
 
 
 def _fenced_quietly(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:

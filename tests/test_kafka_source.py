@@ -5,6 +5,7 @@ cluster, with one instance and then one broker killed mid-stream."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -417,6 +418,63 @@ def test_a_take_or_a_router_that_fails_or_hangs_is_tried_again(
     assert sum("its router is made again at the next fetch" in m for m in said) == 3, said
     assert sum(" not taken (KafkaConnectionError" in m for m in said) == 1, said
     assert sum("its transaction failed (KafkaConnectionError" in m for m in said) == 1, said
+
+
+def test_a_step_given_up_ends_though_it_absorbs_the_cancellation() -> None:
+    """aiokafka answers the cancellation of a transaction by aborting it, and waits for the
+    abort (shielded) without a bound: with its coordinator gone, for ever. Such a step, as
+    aiokafka's transaction context is: `asyncio.timeout` (one cancellation) is still waiting
+    3 s past its budget (as it was against a real broker frozen mid-transaction, 6 runs of 6);
+    the unit's bound (`_within`: cancelled until it ends) gives up within its budget and a
+    second. The cluster test met this: a partition silent for minutes after a broker was
+    killed, its unit unable to stop. One that never ends is left to end on its own, said."""
+    from processors.kafka_source import _abandoned, _within
+
+    async def transaction(aborts: list[str]) -> None:
+        abort: asyncio.Future[None] = asyncio.get_running_loop().create_future()  # never ends
+        try:
+            await asyncio.sleep(3600)  # a produce request to a broker that does not answer
+        except asyncio.CancelledError:
+            aborts.append("abort")
+            await asyncio.shield(abort)  # aiokafka's abort_transaction
+            raise
+
+    async def stubborn(released: asyncio.Event) -> None:
+        while not released.is_set():  # every cancellation absorbed, until the test ends
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(3600)
+
+    async def scenario() -> tuple[bool, float, list[str], float]:
+        aborts: list[str] = []
+
+        async def one_cancellation() -> None:
+            async with asyncio.timeout(0.2):
+                await transaction(aborts)
+
+        plain = asyncio.ensure_future(one_cancellation())
+        absorbed = not (await asyncio.wait({plain}, timeout=3.2))[0]
+        plain.cancel()
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await _within(transaction(aborts), 0.2)
+        took = time.monotonic() - started
+        started, released = time.monotonic(), asyncio.Event()
+        with pytest.raises(TimeoutError):
+            await _within(stubborn(released), 0.1, every=0.1)
+        left = time.monotonic() - started
+        assert len(_abandoned) == 1  # kept until it ends
+        released.set()
+        for task in list(_abandoned):
+            task.cancel()
+            await asyncio.wait({task}, timeout=5)
+        assert not _abandoned
+        return absorbed, took, aborts, left
+
+    absorbed, took, aborts, left = asyncio.run(scenario())
+    assert absorbed  # what the unit's bound is for
+    assert aborts == ["abort", "abort"]
+    assert 0.2 <= took < 0.2 + 1.5, took
+    assert 0.1 + 0.9 <= left < 0.1 + 3, left  # ten more cancellations, 0.1 s apart
 
 
 @pytest.mark.infra
