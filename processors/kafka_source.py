@@ -397,10 +397,15 @@ class KafkaUnit:
     async def _own(self, consumer: Any, tp: Any) -> None:
         """A partition taken (`_take`) and read from the offset its state is at."""
         part = await self._take(tp)
-        if part.offset:
-            consumer.seek(tp, part.offset)
-        else:
-            await consumer.seek_to_beginning(tp)
+        try:
+            if part.offset:
+                consumer.seek(tp, part.offset)
+            else:
+                await consumer.seek_to_beginning(tp)
+        except BaseException:  # given up (a bound's cancellation too): its producer closed
+            with contextlib.suppress(Exception):
+                await _within(part.producer.stop(), self.settings.stop_timeout / 2000)
+            raise
         self.parts[tp.partition] = part
 
     async def _take(self, tp: Any) -> Partition:
