@@ -141,7 +141,7 @@ class Kafka(Service):
         super().__init__(workdir)
         self.host = "127.0.0.1"
         self.port = port or free_port()
-        self.controller_port = free_port()
+        self.controller_port = free_port(avoid={self.port})
         self.version = version
         self.heap = heap
         self.node_id = node_id
@@ -263,6 +263,14 @@ class KafkaCluster:
             raise RigError("a cluster has at least one node")
         self.nodes = [Kafka(Path(workdir) / f"node-{i + 1}", heap=heap, version=version,
                             node_id=i + 1) for i in range(nodes)]  # fmt: skip
+        taken: set[int] = set()  # every node's two ports distinct from the others' too
+        for node in self.nodes:
+            if node.port in taken:
+                node.port = free_port(avoid=taken | {node.controller_port})
+            taken.add(node.port)
+            if node.controller_port in taken:
+                node.controller_port = free_port(avoid=taken)
+            taken.add(node.controller_port)
         voters = ",".join(f"{n.node_id}@{n.host}:{n.controller_port}" for n in self.nodes)
         cluster_id = _cluster_id()
         for node in self.nodes:
