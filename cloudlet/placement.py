@@ -63,7 +63,7 @@ class PlacementError(Exception):
 def sources(spec: UnitSpec) -> list[Location]:
     """The declared locations (customFields.location, "lat,lon") of the service objects the
     unit's config reads; objects without one are not counted."""
-    from cloudlet.units import UnitFile  # the unit file and its descriptors
+    from cloudlet.unit_file import UnitFile  # the unit file and its descriptors
     from streams.registry import Registry
 
     try:

@@ -41,17 +41,85 @@ def configure_logging(log_format: str) -> None:
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
 
 
-def run_unit(config_path: Path, replica: str | None = None, log_format: str = "text") -> int:
+OPENSSL_MODULES = frozenset({"ssl", "_ssl", "_hashlib"})
+
+
+class OpenSSLWithheld:
+    """Keeps OpenSSL out of this process while installed (an import finder that refuses
+    `ssl` and `_hashlib`, the standard library's two ways to it).
+
+    A unit whose file configures no TLS, no Kafka and no plug-in has no use for OpenSSL, yet
+    the standard library loads it whenever it can: asyncio, `http.client` (under `http.server`)
+    and `hashlib` each try `import ssl` or `_hashlib` and go without when it fails. Mapped and
+    initialised, libcrypto, libssl and the `ssl` module were 4.1 MB of a unit at rest; without
+    them asyncio serves plain connections, `hashlib` its built-in SHA-2 and BLAKE2, `hmac` its
+    own constant-time comparison. `cloudlet unit run` installs it before reading the unit file
+    and removes it (`release`) as soon as the file shows a use for OpenSSL
+    (`needs_openssl`), before anything that would use it is imported."""
+
+    def __init__(self) -> None:
+        self.installed = not OPENSSL_MODULES & sys.modules.keys()  # too late otherwise
+        if self.installed:
+            sys.meta_path.insert(0, self)
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+        if name in OPENSSL_MODULES:
+            raise ModuleNotFoundError(
+                f"No module named {name!r}: this unit runs without OpenSSL, since its file"
+                " configures no TLS, no Kafka and no plug-in", name=name,
+            )  # fmt: skip
+
+    def release(self) -> None:
+        """OpenSSL allowed again; `hashlib`, if loaded meanwhile, takes OpenSSL's hashes."""
+        if self.installed:
+            sys.meta_path.remove(self)
+            self.installed = False
+            if "hashlib" in sys.modules:
+                import importlib
+
+                importlib.reload(sys.modules["hashlib"])
+
+
+def needs_openssl(config: Any) -> str | None:
+    """What in a unit file needs OpenSSL (a reason to say), or None."""
+    from processors.chain import foreign
+
+    if config.input is not None:
+        return "it reads Kafka"
+    if config.forward is not None:
+        return "it forwards to Kafka"
+    if config.mqtt.tls:
+        return "its broker connection uses TLS"
+    plugins = foreign(p.use for p in config.processors)
+    if plugins:
+        return f"its plug-ins ({', '.join(plugins)}) may"
+    return None
+
+
+def run_unit(
+    config_path: Path, replica: str | None = None, log_format: str = "text",
+    *, withhold_openssl: bool = False,
+) -> int:  # fmt: skip
     """Run a processing unit until SIGTERM or Ctrl-C, then drain, checkpoint and stop; the
-    exit status (1: a bad config, or one of its threads died)."""
-    from cloudlet.units import CloudletUnit, UnitFile
+    exit status (1: a bad config, or one of its threads died). `withhold_openssl`: a unit
+    that has no use for OpenSSL runs without it (`OpenSSLWithheld`)."""
+    withheld = OpenSSLWithheld() if withhold_openssl else None
+    from cloudlet.unit_file import UnitFile
     from processors.config import ConfigError
-    from processors.unit import tune_gc
     from streams.registry import RegistryError
 
     configure_logging(log_format)
     try:
         config = UnitFile.load(config_path)
+        if withheld is not None and needs_openssl(config) is not None:
+            withheld.release()
+        elif withheld is not None and withheld.installed:
+            logging.getLogger(__name__).info(
+                "OpenSSL not loaded: the unit file configures no TLS, no Kafka and no plug-in"
+            )
+        from cloudlet.units import CloudletUnit
+        from processors.unit import tune_gc
+
         if config.input is not None:  # the cloud tier: Kafka in, Kafka out
             return _run_kafka_unit(config)
         running = CloudletUnit(config, replica=replica)
@@ -128,4 +196,4 @@ def main(argv: list[str]) -> int:
                         " name)")  # fmt: skip
     parser.add_argument("--log-format", default="text", choices=["text", "json"])
     args = parser.parse_args(argv)
-    return run_unit(args.config, args.replica, args.log_format)
+    return run_unit(args.config, args.replica, args.log_format, withhold_openssl=True)

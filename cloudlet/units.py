@@ -19,13 +19,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
-from pydantic import model_validator
-
-from cloud_sync.outbox import Outbox, OutboxSettings
-from cloud_sync.settings import ForwarderSettings, ProvisionSettings, RelaySettings
-from processors.config import UnitConfig
+from cloud_sync.outbox import Outbox
+from cloud_sync.settings import ProvisionSettings, RelaySettings
+from cloudlet.unit_file import UnitFile
+from processors.promtext import CounterMetricFamily, GaugeMetricFamily, Metric
 from processors.unit import Unit
 
 if TYPE_CHECKING:  # imported when configured: they load aiokafka, the forwarder sqlite3
@@ -34,40 +31,6 @@ if TYPE_CHECKING:  # imported when configured: they load aiokafka, the forwarder
     from cloud_sync.registry_sync import RegistryFollower
 
 log = logging.getLogger(__name__)
-
-
-class UnitFile(UnitConfig):
-    outbox: OutboxSettings | None = None
-    forward: ForwarderSettings | None = None
-
-    @model_validator(mode="after")
-    def _forward_needs_outbox(self) -> UnitFile:
-        if self.forward is not None and self.outbox is None:
-            raise ValueError("forward needs an outbox: records go through it to Kafka")
-        return self
-
-    @classmethod
-    def load(cls, path: Path) -> UnitFile:
-        config = super().load(path)
-        assert isinstance(config, UnitFile)
-        if config.outbox is not None and not config.outbox.path.is_absolute():
-            outbox = config.outbox.model_copy(update={"path": path.parent / config.outbox.path})
-            config = config.model_copy(update={"outbox": outbox})
-        forward = config.forward
-        store = forward.store if forward is not None else None
-        if forward is not None and store is not None and store.startswith("sqlite:///"):
-            # a SQLite store's file, like every other path of the file: relative to it
-            file = Path(store.removeprefix("sqlite:///"))
-            if not file.is_absolute():
-                forward = forward.model_copy(update={"store": f"sqlite:///{path.parent / file}"})
-                config = config.model_copy(update={"forward": forward})
-        if forward is not None and forward.registry is not None:  # read among the objects
-            folder = path.parent / forward.registry
-            folder.mkdir(parents=True, exist_ok=True)
-            forward = forward.model_copy(update={"registry": folder})
-            objects = [*config.objects, folder] if folder not in config.objects else config.objects
-            config = config.model_copy(update={"forward": forward, "objects": objects})
-        return config
 
 
 class CloudletUnit:
@@ -152,7 +115,7 @@ class CloudletUnit:
             self.follower.stop()
 
 
-class _CloudSyncCollector(Collector):
+class _CloudSyncCollector:
     def __init__(self, unit: str, outbox: Outbox, forwarder: Forwarder | None) -> None:
         self.unit, self.outbox, self.forwarder = unit, outbox, forwarder
 

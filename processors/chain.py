@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 import logging
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
@@ -81,6 +81,15 @@ class ProcessorSpec(BaseModel):
 def installed() -> dict[str, str]:
     """Processor name -> where it comes from, for every installed plug-in (built-ins too)."""
     return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def foreign(uses: Iterable[str]) -> list[str]:
+    """Those of `uses` that load code other than cloudlet's own: module:Class, or a name some
+    other distribution installs."""
+    ours = {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)
+            if ep.dist is not None and ep.dist.name == "cloudlet"}  # fmt: skip
+    theirs = {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)} - ours
+    return [use for use in uses if use not in ours or use in theirs]
 
 
 def resolve(use: str) -> type[Processor[Any]]:

@@ -781,7 +781,7 @@ class _KafkaCollector:
         self.unit = unit
 
     def collect(self) -> Any:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        from processors.promtext import CounterMetricFamily, GaugeMetricFamily
 
         c, name = self.unit.counts, self.unit.config.name
         for metric, value, doc in (

@@ -13,19 +13,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import orjson
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
-from prometheus_client.core import CounterMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from processors.actuation import ActuationLog
 from processors.chain import Chain
+from processors.promtext import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    CounterMetricFamily,
+    Gauge,
+    Histogram,
+    Metric,
+)
 from streams.transport.web import bearer
 
 
@@ -33,7 +32,7 @@ class UnitMetrics:
     """One registry per unit, so that several units can live in one process (tests)."""
 
     def __init__(self, unit: str) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry = CollectorRegistry()
         r = self.registry
 
         def counter(name: str, doc: str) -> Any:
@@ -140,10 +139,10 @@ class UnitMetrics:
         self.rejected.labels(self.unit, reason).inc(count)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return self.registry.render()
 
 
-class _ProcessorCollector(Collector):
+class _ProcessorCollector:
     def __init__(self, unit: str, chain: Chain) -> None:
         self.unit = unit
         self.chain = chain

@@ -33,12 +33,10 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
-
 from processors.actuation import ActuationLog
 from processors.ingest import Ingest
 from processors.metrics import UnitMetrics
+from processors.promtext import CounterMetricFamily, GaugeMetricFamily, Metric
 from processors.reload import Rebuilt
 from processors.runtime import PublishCounts, UnitRuntime
 from processors.sink import ResultSink
@@ -418,7 +416,7 @@ def partition_subscriptions(topics: TopicScheme, objects: list[str]) -> list[tup
     return subs
 
 
-class _PartitionCollector(Collector):
+class _PartitionCollector:
     def __init__(self, partitions: Partitions) -> None:
         self.p = partitions
 

@@ -259,7 +259,8 @@ def test_cloud_serve_from_the_command_line(tmp_path: Path) -> None:
 
 @pytest.mark.mqtt
 def test_one_machine_runs_the_whole_chain_without_kafka(mosquitto: Any, tmp_path: Path) -> None:
-    from cloudlet.units import CloudletUnit, UnitFile
+    from cloudlet.unit_file import UnitFile
+    from cloudlet.units import CloudletUnit
     from edge_objects.fleet import DeviceFleet
     from streams.transport.mqtt import MqttSettings
     from tests.test_processors import OBJECTS

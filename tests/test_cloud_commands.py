@@ -17,7 +17,8 @@ from aiokafka import AIOKafkaProducer
 from cloud_sync.cloud import CloudService, CloudSettings
 from cloudlet.demo import scenario_dir
 from cloudlet.rig import Kafka, Mosquitto
-from cloudlet.units import CloudletUnit, UnitFile
+from cloudlet.unit_file import UnitFile
+from cloudlet.units import CloudletUnit
 from edge_objects.sdk import EdgeObject
 from streams.actuation import Actuation
 from streams.transport.mqtt import MqttSettings, connect, make_client

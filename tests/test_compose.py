@@ -16,7 +16,7 @@ import yaml
 from cloud_sync.cloud import CloudSettings
 from cloudlet.rig import Mosquitto
 from cloudlet.rig.apt import compose_command
-from cloudlet.units import UnitFile
+from cloudlet.unit_file import UnitFile
 from streams.catalog import Catalog
 from streams.transport.mqtt import MqttSettings, make_client
 from tests.conftest import ROOT

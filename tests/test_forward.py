@@ -24,7 +24,8 @@ from cloud_sync.outbox import Outbox, OutboxSettings, Record
 from cloud_sync.settings import ForwarderSettings
 from cloud_sync.store import PostgresStore
 from cloudlet.rig import Kafka, Mosquitto, Postgres
-from cloudlet.units import CloudletUnit, UnitFile
+from cloudlet.unit_file import UnitFile
+from cloudlet.units import CloudletUnit
 from edge_objects.fleet import DeviceFleet
 from streams import SensorUpdate, StreamKey
 from streams.transport.mqtt import MqttSettings
@@ -387,7 +388,7 @@ def test_a_record_too_large_for_kafka_is_dead_lettered_and_the_rest_go_on(
 
 def test_a_relative_sqlite_store_is_beside_the_unit_file(tmp_path: Path) -> None:
     """Like every other path of a unit file: not the directory the command ran in."""
-    from cloudlet.units import UnitFile
+    from cloudlet.unit_file import UnitFile
 
     folder = tmp_path / "site"
     folder.mkdir()

@@ -18,7 +18,8 @@ from cloud_sync.cloud import CloudService, CloudSettings
 from cloud_sync.local_registry import LocalRegistry
 from cloud_sync.registry_sync import RegistryFollower
 from cloudlet.rig import Kafka, Mosquitto
-from cloudlet.units import CloudletUnit, UnitFile
+from cloudlet.unit_file import UnitFile
+from cloudlet.units import CloudletUnit
 from streams import SensorUpdate, StreamKey
 from streams.transport.mqtt import MqttSettings
 from tests.test_registry_api import call

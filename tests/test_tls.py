@@ -5,6 +5,7 @@ wrong password or an unknown CA is refused."""
 from __future__ import annotations
 
 import queue
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,12 +16,15 @@ import pytest
 
 from cloudlet.demo import scenario_dir
 from cloudlet.rig import Mosquitto
+from cloudlet.rig.process import free_port
 from edge_objects.fleet import DeviceFleet
 from edge_objects.sdk import EdgeObject
 from processors.config import UnitConfig
 from processors.unit import Unit
 from streams import SensorUpdate, StreamKey
 from streams.transport.mqtt import MqttSettings, connect, make_client
+from tests.test_cli import CLOUDLET
+from tests.test_unit import wait_ready
 
 pytestmark = pytest.mark.infra  # not the kernels: the compiled pass only
 
@@ -90,3 +94,25 @@ def test_a_wrong_password_or_an_unknown_ca_is_refused(
         assert not fleet.connected.wait(3)
     finally:
         fleet.stop()
+
+
+@pytest.mark.mqtt
+def test_a_unit_process_over_tls_has_openssl(secure: Mosquitto, tmp_path: Path) -> None:
+    """`cloudlet unit run` keeps OpenSSL out of a unit that has no use for it; one whose broker
+    is mqtts:// has it from the start, and connects."""
+    port = free_port()
+    path = tmp_path / "unit.yaml"
+    path.write_bytes(orjson.dumps({
+        "name": "u-tls-process", "objects": [str(IRRIGATION)], "http": {"port": port},
+        "mqtt": {"url": secure.url, "username": "unit", "password": USERS["unit"],
+                 "tls_ca": str(secure.ca_file)},
+    }))  # fmt: skip
+    log = tmp_path / "unit.log"
+    unit = subprocess.Popen([CLOUDLET, "unit", "run", str(path)], stdout=subprocess.DEVNULL,
+                            stderr=log.open("ab"))  # fmt: skip
+    try:
+        wait_ready(unit, port, log)
+        assert "libssl" in Path(f"/proc/{unit.pid}/maps").read_text()
+    finally:
+        unit.terminate()
+    assert unit.wait(30) == 0, log.read_text()

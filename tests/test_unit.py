@@ -3,6 +3,7 @@ a SIGKILL mid-stream losing nothing, and replicas sharing a subscription."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import queue
 import shutil
@@ -398,7 +399,7 @@ def test_killed_between_snapshot_and_acks_nothing_counts_twice(
             fleet.publish(key, SensorUpdate({"t": i + 1}, T0 + i))
         got = collector.take(lambda g: len([t for t, _ in g if "/total/" in t]) >= 10)
         deadline = time.monotonic() + 10
-        while first.metrics.checkpoints._value.get() < 1 and time.monotonic() < deadline:
+        while first.metrics.checkpoints.value < 1 and time.monotonic() < deadline:
             time.sleep(0.05)
         first.runtime.state = None  # "die": no final checkpoint...
         first.runtime._stopping.set()  # ... and no acknowledgement ever
@@ -410,7 +411,7 @@ def test_killed_between_snapshot_and_acks_nothing_counts_twice(
             fleet.publish(key, SensorUpdate({"t": 100}, T0 + 10))
             got += collector.take(lambda g: any(b["lastUpdate"] == T0 + 10 for t, b in g
                                                 if "/total/" in t))  # fmt: skip
-            skipped = second.metrics.redelivered._value.get()
+            skipped = second.metrics.redelivered.value
         finally:
             second.stop()
     finally:
@@ -915,6 +916,116 @@ def test_a_unit_process_bounds_its_malloc_arenas(monkeypatch: pytest.MonkeyPatch
     assert bound_malloc_arenas() is (platform.libc_ver()[0] == "glibc")
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
     assert bound_malloc_arenas() is False
+
+
+def wait_ready(unit: subprocess.Popen[bytes], port: int, log: Path, timeout: float = 30) -> None:
+    """Until the unit process on `port` answers /readyz with 200; its log if it exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2).status == 200:
+                return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline and unit.poll() is None, log.read_text()
+        time.sleep(0.1)
+
+
+SSL_PLUGIN = """
+import ssl  # a plug-in that needs OpenSSL (an HTTPS lookup, say)
+
+from pydantic import BaseModel
+
+from processors.plugin import Batch, Output, Processor, Setup
+
+
+class Moist(Processor[BaseModel]):
+    def setup(self, ctx: Setup) -> None:
+        ctx.produces({"moisture": "number"})
+
+    def process(self, batch: Batch, out: Output) -> None:
+        for key, update in batch:
+            out.emit(key, {"moisture": update.channels["moisture"]}, update.last_update)
+"""
+
+
+TOO_LONG = b"x" * 70_000  # past 64 KiB: dead-lettered as an excerpt with its SHA-256
+PYTHONPATH = os.environ.get("PYTHONPATH", "")
+
+
+@pytest.mark.mqtt
+@pytest.mark.parametrize("plugin", [False, True], ids=["plain", "plugin"])
+def test_a_unit_process_loads_openssl_only_when_its_file_needs_it(
+    mosquitto: Mosquitto, tmp_path: Path, plugin: bool
+) -> None:
+    """A unit whose file configures no TLS, no Kafka and no plug-in runs without OpenSSL (4 MB
+    less at rest): it processes, echoes, dead-letters (a SHA-256 of the payload, `hashlib`'s
+    own) and serves its status as ever. One with a plug-in, whose code may need it, has it."""
+    from cloudlet.rig.process import free_port
+
+    (tmp_path / "ssl_plugin.py").write_text(SSL_PLUGIN)
+    port = free_port()
+    name = f"u-openssl-{plugin}"
+    extra: dict[str, Any] = {"processors": [{"use": "ssl_plugin:Moist", "from": "field-1-soil/soil",
+                                             "into": "moist"}]} if plugin else {}  # fmt: skip
+    path = _config(tmp_path, mosquitto, name=name, http={"port": port}, **extra)
+    log = tmp_path / "unit.log"
+    unit = subprocess.Popen(
+        [CLOUDLET, "unit", "run", str(path)], stdout=subprocess.DEVNULL, stderr=log.open("ab"),
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), PYTHONPATH])},
+    )  # fmt: skip
+    collector = Collector(mosquitto, f"collector-{name}")
+    fleet = DeviceFleet(MqttSettings(url=mosquitto.url), client_id=f"fleet-{name}").start()
+    try:
+        wait_ready(unit, port, log)
+        maps = Path(f"/proc/{unit.pid}/maps").read_text()
+        fleet.publish(StreamKey("field-1-soil", "soil"),
+                      SensorUpdate({"moisture": 30.0, "temperature": 15.0}, T0))  # fmt: skip
+        fleet.publish_raw("field-1-soil/streams/soil", TOO_LONG, "too-long")
+        want = {"field-1-soil/streams/soil/updates", "cloudlet/dead-letter/field-1-soil/soil"}
+        if plugin:
+            want.add("field-1-soil/streams/moist/updates")
+        got = collector.take(lambda g: want <= {t for t, _ in g})
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+    finally:
+        fleet.stop()
+        collector.close()
+        unit.terminate()
+    assert unit.wait(30) == 0, log.read_text()
+    assert want <= {t for t, _ in got}, (got, log.read_text())
+    dead = [b for t, b in got if t.startswith("cloudlet/dead-letter/")]
+    assert dead[0]["payloadSha256"] == hashlib.sha256(TOO_LONG).hexdigest()
+    assert f'cloudlet_messages_received_total{{unit="{name}"}} 2.0' in metrics
+    assert ("libcrypto" in maps, "libssl" in maps) == (plugin, plugin)
+
+
+def test_what_in_a_unit_file_needs_openssl(tmp_path: Path) -> None:
+    from cloudlet.unit_file import UnitFile
+    from cloudlet.unit_run import needs_openssl
+
+    def reason(**doc: Any) -> str | None:
+        path = tmp_path / "unit.yaml"
+        path.write_bytes(orjson.dumps({"name": "u", "objects": [str(OBJECTS)], **doc}))
+        return needs_openssl(UnitFile.load(path))
+
+    builtins = [{"use": "window", "from": "s1/data", "into": "w",
+                 "config": {"size": "1m", "aggregates": {"n": "count(t)"}}}]  # fmt: skip
+    assert reason() is None
+    assert (
+        reason(processors=builtins, sink={"sqlite": "r.db"}, http={"token": {"token": "x" * 32}})
+        is None
+    )
+    assert reason(mqtt={"url": "mqtts://broker:8883"}) == "its broker connection uses TLS"
+    assert reason(mqtt={"url": "mqtt://broker", "tls_ca": "ca.pem"}) == (
+        "its broker connection uses TLS"
+    )
+    assert reason(processors=[{"use": "tests.test_processors:Running", "from": "s1/data"}]) == (
+        "its plug-ins (tests.test_processors:Running) may"
+    )
+    forward = {"outbox": {"path": "outbox"}, "forward": {"site": "s", "kafka": {
+        "bootstrap_servers": "127.0.0.1:9092"}}}  # fmt: skip
+    assert reason(**forward) == "it forwards to Kafka"
+    assert reason(input={"kafka": {"bootstrap_servers": "127.0.0.1:9092"}}) == "it reads Kafka"
 
 
 def _overruns(unit: Unit, name: str) -> float:
