@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections import defaultdict
 from pathlib import Path
@@ -968,7 +969,9 @@ def test_a_unit_process_loads_openssl_only_when_its_file_needs_it(
     name = f"u-openssl-{plugin}"
     extra: dict[str, Any] = {"processors": [{"use": "ssl_plugin:Moist", "from": "field-1-soil/soil",
                                              "into": "moist"}]} if plugin else {}  # fmt: skip
-    path = _config(tmp_path, mosquitto, name=name, http={"port": port}, **extra)
+    token = "t" * 32  # its /metrics compared in constant time without OpenSSL's hmac
+    http = {"port": port, "token": {"token": token}}
+    path = _config(tmp_path, mosquitto, name=name, http=http, **extra)
     log = tmp_path / "unit.log"
     unit = subprocess.Popen(
         [CLOUDLET, "unit", "run", str(path)], stdout=subprocess.DEVNULL, stderr=log.open("ab"),
@@ -986,7 +989,11 @@ def test_a_unit_process_loads_openssl_only_when_its_file_needs_it(
         if plugin:
             want.add("field-1-soil/streams/moist/updates")
         got = collector.take(lambda g: want <= {t for t, _ in g})
-        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+        url = f"http://127.0.0.1:{port}/metrics"
+        with pytest.raises(urllib.error.HTTPError, match="401"):
+            urllib.request.urlopen(url)
+        asked = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+        metrics = urllib.request.urlopen(asked).read().decode()
     finally:
         fleet.stop()
         collector.close()
