@@ -402,9 +402,8 @@ class KafkaUnit:
                 consumer.seek(tp, part.offset)
             else:
                 await consumer.seek_to_beginning(tp)
-        except BaseException:  # given up (a bound's cancellation too): its producer closed
-            with contextlib.suppress(Exception):
-                await _within(part.producer.stop(), self.settings.stop_timeout / 2000)
+        except BaseException:  # given up (a bound's cancellation too)
+            await self._abandon(part.producer)
             raise
         self.parts[tp.partition] = part
 
@@ -417,9 +416,8 @@ class KafkaUnit:
         try:
             await producer.start()
             found = (await self._saved()).get(tp.partition)
-        except BaseException:  # cancelled by a timeout too: closed, bounded
-            with contextlib.suppress(Exception):
-                await _within(producer.stop(), self.settings.stop_timeout / 2000)
+        except BaseException:  # given up (a bound's cancellation too)
+            await self._abandon(producer)
             raise
         part = self._partition(producer)
         if found is not None:
@@ -475,11 +473,16 @@ class KafkaUnit:
         producer = self._transactional(f"{self.group}.router.{tp.topic}.{tp.partition}")
         try:
             await producer.start()
-        except BaseException:  # cancelled by a timeout too: closed, bounded
-            with contextlib.suppress(Exception):
-                await _within(producer.stop(), self.settings.stop_timeout / 2000)
+        except BaseException:  # given up (a bound's cancellation too)
+            await self._abandon(producer)
             raise
         return producer
+
+    async def _abandon(self, producer: Any) -> None:
+        """A producer whose start, or the take it was made for, was given up: closed within
+        half of `stop_timeout`, whatever closing it raises (the caller raises its own)."""
+        with contextlib.suppress(Exception):
+            await _within(producer.stop(), self.settings.stop_timeout / 2000)
 
     def _transactional(self, transactional_id: str) -> Any:
         from aiokafka import AIOKafkaProducer
