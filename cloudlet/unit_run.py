@@ -48,7 +48,7 @@ class OpenSSLWithheld:
     """Keeps OpenSSL out of this process while installed (an import finder that refuses
     `ssl` and `_hashlib`, the standard library's two ways to it).
 
-    A unit whose file configures no TLS, no Kafka and no plug-in has no use for OpenSSL, yet
+    A unit whose file configures no TLS, no SASL and no plug-in has no use for OpenSSL, yet
     the standard library loads it whenever it can: asyncio, `http.client` (under `http.server`)
     and `hashlib` each try `import ssl` or `_hashlib` and go without when it fails. Mapped and
     initialised, libcrypto, libssl and the `ssl` module were 4.1 MB of a unit at rest; without
@@ -65,8 +65,9 @@ class OpenSSLWithheld:
     def find_spec(self, name: str, path: object = None, target: object = None) -> None:
         if name in OPENSSL_MODULES:
             raise ModuleNotFoundError(
-                f"No module named {name!r}: this unit runs without OpenSSL, since its file"
-                " configures no TLS, no Kafka and no plug-in", name=name,
+                f"No module named {name!r}: this unit runs without OpenSSL, since nothing in"
+                " its file uses it (no TLS, SASL, plug-in, registry follower or Kafka input)",
+                name=name,
             )  # fmt: skip
 
     def release(self) -> None:
@@ -84,12 +85,22 @@ def needs_openssl(config: Any) -> str | None:
     """What in a unit file needs OpenSSL (a reason to say), or None."""
     from processors.chain import foreign
 
-    if config.input is not None:
+    if config.input is not None:  # the cloud tier, where a few MB do not matter
         return "it reads Kafka"
-    if config.forward is not None:
-        return "it forwards to Kafka"
     if config.mqtt.tls:
         return "its broker connection uses TLS"
+    forward = config.forward
+    if forward is not None:  # aiokafka itself imports no ssl: a plain connection goes without
+        if forward.kafka is not None and forward.kafka.security_protocol != "PLAINTEXT":
+            return f"its Kafka connection is {forward.kafka.security_protocol}"
+        if forward.registry is not None:
+            return "it follows the registry (aiokafka's admin client imports ssl)"
+        if forward.store is not None and not forward.store.startswith("sqlite:"):
+            return "its store is not SQLite"
+        if forward.provision is not None:  # identities hashed as Mosquitto does (PBKDF2)
+            return "it provisions device identities"
+        if forward.command_mqtt is not None and forward.command_mqtt.tls:
+            return "its command relay's broker connection uses TLS"
     plugins = foreign(p.use for p in config.processors)
     if plugins:
         return f"its plug-ins ({', '.join(plugins)}) may"
@@ -115,7 +126,8 @@ def run_unit(
             withheld.release()
         elif withheld is not None and withheld.installed:
             logging.getLogger(__name__).info(
-                "OpenSSL not loaded: the unit file configures no TLS, no Kafka and no plug-in"
+                "OpenSSL not loaded: nothing in the unit file uses it (no TLS, SASL, plug-in,"
+                " registry follower or Kafka input)"
             )
         from cloudlet.units import CloudletUnit
         from processors.unit import tune_gc

@@ -200,7 +200,8 @@ class GaugeChild(_Value):
     __slots__ = ()
 
     def set(self, value: float) -> None:
-        self._value = float(value)
+        with self._lock:
+            self._value = float(value)
 
     def dec(self, amount: float = 1.0) -> None:
         self.inc(-amount)

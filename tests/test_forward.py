@@ -113,6 +113,9 @@ def test_every_update_reaches_kafka_across_a_sigkill(
         for so, t in sent[:500]:
             fleet.publish(StreamKey(so, "data"), SensorUpdate({"t": 1.0}, t))
         consume(kafka.bootstrap_servers, topic, lambda g: len(g) >= 100)
+        maps = Path(f"/proc/{unit.pid}/maps").read_text()  # a plain Kafka needs no OpenSSL
+        assert "libcrypto" not in maps and "libssl" not in maps
+        assert b"OpenSSL not loaded" in log.read_bytes()
         unit.send_signal(signal.SIGKILL)  # unit and forwarder, mid-stream
         unit.wait(10)
         for so, t in sent[500:]:

@@ -1029,9 +1029,29 @@ def test_what_in_a_unit_file_needs_openssl(tmp_path: Path) -> None:
     assert reason(processors=[{"use": "tests.test_processors:Running", "from": "s1/data"}]) == (
         "its plug-ins (tests.test_processors:Running) may"
     )
-    forward = {"outbox": {"path": "outbox"}, "forward": {"site": "s", "kafka": {
-        "bootstrap_servers": "127.0.0.1:9092"}}}  # fmt: skip
-    assert reason(**forward) == "it forwards to Kafka"
+    kafka = {"bootstrap_servers": "127.0.0.1:9092"}
+
+    def forward(**more: Any) -> str | None:
+        return reason(outbox={"path": "outbox"}, forward={"site": "s", **more})
+
+    assert forward(kafka=kafka) is None  # aiokafka on a plain connection imports no ssl
+    assert forward(store="sqlite:///cloud.db") is None
+    assert forward(kafka={**kafka, "security_protocol": "SASL_SSL"}) == (
+        "its Kafka connection is SASL_SSL"
+    )
+    assert forward(kafka={**kafka, "security_protocol": "SASL_PLAINTEXT"}) == (
+        "its Kafka connection is SASL_PLAINTEXT"
+    )
+    assert forward(kafka=kafka, registry="fleet") == (
+        "it follows the registry (aiokafka's admin client imports ssl)"
+    )
+    assert forward(store="postgresql://cloud@db/cloud") == "its store is not SQLite"
+    assert forward(kafka=kafka, command_mqtt={"url": "mqtts://broker"}) == (
+        "its command relay's broker connection uses TLS"
+    )
+    admin = {"url": "mqtt://broker", "username": "admin", "password": "x"}
+    provision = {"site_key": {"token": "k" * 32}, "admin": admin}
+    assert forward(kafka=kafka, provision=provision) == "it provisions device identities"
     assert reason(input={"kafka": {"bootstrap_servers": "127.0.0.1:9092"}}) == "it reads Kafka"
 
 

@@ -164,8 +164,6 @@ def refusal(code: int, settings: MqttSettings, client_id: str) -> str:
 
 def make_client(settings: MqttSettings, client_id: str) -> mqtt.Client:
     """A paho client for the broker of `settings`, not yet connected."""
-    import ssl
-
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
@@ -174,6 +172,8 @@ def make_client(settings: MqttSettings, client_id: str) -> mqtt.Client:
         password = settings.password.get_secret_value() if settings.password else None
         client.username_pw_set(settings.username, password)
     if settings.tls:
+        import ssl  # only here: a unit without TLS may run without OpenSSL
+
         client.tls_set(
             ca_certs=str(settings.tls_ca) if settings.tls_ca else None,
             certfile=str(settings.tls_cert) if settings.tls_cert else None,
