@@ -14,6 +14,7 @@ import pytest
 
 from cloudlet.rig import Mosquitto
 from edge_objects.fleet import DeviceFleet
+from processors.chain import foreign
 from processors.config import UnitConfig
 from processors.unit import Unit
 from streams import SensorUpdate, StreamKey
@@ -91,7 +92,11 @@ def test_a_unit_runs_the_installed_plugin_by_name(
         .replace("objects/", str(package / "example" / "objects"))
         .replace("mqtt://127.0.0.1:1883", mosquitto.url)
     )  # fmt: skip
-    unit = Unit(UnitConfig.load(path)).start()
+    config = UnitConfig.load(path)
+    uses = [p.use for p in config.processors]
+    # another distribution's processor: `cloudlet unit run` lets OpenSSL in for its code
+    assert uses and foreign([*uses, "window"]) == uses
+    unit = Unit(config).start()
     collector = Collector(mosquitto, "collector-plugin-package")
     fleet = DeviceFleet(MqttSettings(url=mosquitto.url), client_id="fleet-plugin-package").start()
     try:
