@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import sqlite3
 import threading
 from collections import deque
 from collections.abc import Sequence
@@ -34,10 +33,13 @@ import orjson
 
 from cloud_sync.outbox import Outbox, Record
 from cloud_sync.settings import ForwarderSettings
-from cloud_sync.store import CloudMessage, CloudStore, open_store
 
-if TYPE_CHECKING:  # imported where used: a unit forwarding to a store does not load aiokafka
+# imported where used: a unit forwarding to a store loads no aiokafka, one forwarding to Kafka
+# no SQLite (1.5 MB at rest)
+if TYPE_CHECKING:
     from aiokafka import AIOKafkaProducer
+
+    from cloud_sync.store import CloudStore
 
 log = logging.getLogger(__name__)
 IN_FLIGHT = 3  # reads of the outbox in Kafka's hands at once
@@ -122,7 +124,11 @@ class Forwarder:
 
     def _transient(self) -> tuple[type[BaseException], ...]:
         """The errors of a destination that is away (retried quietly), for what is used."""
-        errors: list[type[BaseException]] = [TimeoutError, OSError, sqlite3.Error]
+        errors: list[type[BaseException]] = [TimeoutError, OSError]
+        if self.settings.store is not None:
+            import sqlite3
+
+            errors.append(sqlite3.Error)
         if self.settings.kafka is not None:
             from aiokafka.errors import KafkaError
 
@@ -152,6 +158,8 @@ class Forwarder:
             try:
                 if self.settings.store is not None:  # the embedded default: no Kafka
                     if store is None:
+                        from cloud_sync.store import open_store
+
                         store = await asyncio.to_thread(open_store, self.settings.store)
                         self.connected.set()
                     records = await asyncio.to_thread(self.outbox.read, self.settings.batch, 0.25)
@@ -222,6 +230,8 @@ class Forwarder:
             store.close()
 
     def _store(self, store: CloudStore, records: Sequence[Record]) -> None:
+        from cloud_sync.store import CloudMessage
+
         site = self.settings.site
         store.write([
             CloudMessage(r.message_id(site), site, r.key.so, r.key.stream, r.enqueued,
