@@ -25,7 +25,7 @@ from cloudlet.unit_file import UnitFile
 from processors.promtext import CounterMetricFamily, GaugeMetricFamily, Metric
 from processors.unit import Unit
 
-if TYPE_CHECKING:  # imported when configured: they load aiokafka, the forwarder sqlite3
+if TYPE_CHECKING:  # imported when configured: they load aiokafka (SQLite for a store)
     from cloud_sync.commands import CommandRelay
     from cloud_sync.forwarder import Forwarder
     from cloud_sync.registry_sync import RegistryFollower
