@@ -118,10 +118,6 @@ class CollectorRegistry:
         with self._lock:
             self._collectors.append(collector)
 
-    def unregister(self, collector: Collector) -> None:
-        with self._lock:
-            self._collectors.remove(collector)
-
     def claim(self, name: str) -> None:
         """A metric's name, taken once: two metrics of one name would scrape as one."""
         with self._lock:
@@ -158,10 +154,6 @@ class CollectorRegistry:
                 else:
                     out.append(f"{sample} {number(value)}\n")
         return "".join(out).encode()
-
-
-def generate_latest(registry: CollectorRegistry) -> bytes:
-    return registry.render()
 
 
 # instruments: values a unit's threads update, read when scraped ------------------------------
