@@ -261,30 +261,34 @@ class _Instrument(Generic[C]):
         return [(dict(zip(self.labelnames, key, strict=True)), child) for key, child in items]
 
 
-class Counter(_Instrument[CounterChild]):
-    kind = "counter"
+S = TypeVar("S", bound=_Value)
+
+
+class _Scalar(_Instrument[S]):
+    """A metric whose series are one number each (a counter's samples are NAME_total)."""
+
+    suffix = ""
+
+    def collect(self) -> Iterator[Metric]:
+        metric = Metric(self.name, self.documentation, self.kind)
+        sample = self.name + self.suffix
+        for labels, child in self._series():
+            metric.samples.append((sample, labels, child.value))
+        yield metric
+
+
+class Counter(_Scalar[CounterChild]):
+    kind, suffix = "counter", "_total"
 
     def _child(self) -> CounterChild:
         return CounterChild()
 
-    def collect(self) -> Iterator[Metric]:
-        metric = Metric(self.name, self.documentation, "counter")
-        for labels, child in self._series():
-            metric.samples.append((self.name + "_total", labels, child.value))
-        yield metric
 
-
-class Gauge(_Instrument[GaugeChild]):
+class Gauge(_Scalar[GaugeChild]):
     kind = "gauge"
 
     def _child(self) -> GaugeChild:
         return GaugeChild()
-
-    def collect(self) -> Iterator[Metric]:
-        metric = Metric(self.name, self.documentation, "gauge")
-        for labels, child in self._series():
-            metric.samples.append((self.name, labels, child.value))
-        yield metric
 
 
 class Histogram(_Instrument[HistogramChild]):
