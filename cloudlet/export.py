@@ -205,6 +205,7 @@ persistence true
 persistence_location /mosquitto/data/
 max_queued_messages 1000000
 max_inflight_messages 1000
+# refused at the device over 4 MiB; the units take up to this and dead-letter what is too large
 max_packet_size 4194304
 """
 

@@ -56,6 +56,13 @@ Clock = Callable[[], float]
 log = logging.getLogger(__name__)
 # What a device message adds to its body on the wire at most: topic (65,535), header, properties.
 MAX_TOPIC_OVERHEAD = 70_000
+# The site broker's max_packet_size as shipped (compose/mosquitto.conf, `cloudlet export`). A
+# unit takes packets at least this large: a message the broker acknowledged to its device but
+# which is over the Maximum Packet Size a unit announced is dropped by the broker for that unit,
+# unseen by it (1.07 MiB, with the default max_payload, was a silent loss of every message
+# between that and the broker's 4 MiB). Bodies over max_payload become dead letters with an
+# excerpt, their size and their SHA-256; the broker refuses larger packets at the device.
+SITE_MAX_PACKET = 4 * 1024 * 1024
 PUBLISH_WINDOW = 2000  # unacknowledged publishes before the worker waits for the broker
 # and bytes of their payloads: batched echoes of 100-reading messages are hundreds of kB each,
 # and 75 of them (22 MB) were measured waiting for the broker at a unit's peak. At 8 MiB the
@@ -177,7 +184,7 @@ class UnitRuntime:
             on_connection=self._on_connection,
             on_confirmed=self._inbox.wake,  # wake the worker: inputs to acknowledge
             clock=clock,
-            max_packet=ingest.max_payload + MAX_TOPIC_OVERHEAD,
+            max_packet=max(ingest.max_payload, SITE_MAX_PACKET) + MAX_TOPIC_OVERHEAD,
             on_taken_over=self._on_taken_over,
             may_reconnect=still_ours,
         )
@@ -317,14 +324,19 @@ class UnitRuntime:
                 batch = self._inbox.get(timeout=0.05)
             except queue.Empty:
                 return []
-        while len(batch) < self.batch_size:
+        # taken from the inbox up to the batch's bounds only: what is taken is in memory, and
+        # the inbox's bound on memory holds only for what it keeps (taking up to `batch_size`
+        # messages of 1 MB each pulled 100+ MB back from its spill file into the carry)
+        size = sum(len(m.payload) for m in batch)
+        while len(batch) < self.batch_size and size < self.batch_bytes:
             try:
-                batch = batch + self._inbox.get_nowait()
+                more = self._inbox.get_nowait()
             except queue.Empty:
                 break
+            size += sum(len(m.payload) for m in more)
+            batch = batch + more
         if self.linger and len(batch) < self.batch_size:
             deadline = time.monotonic() + self.linger
-            size = sum(len(m.payload) for m in batch)
             while len(batch) < self.batch_size and size < self.batch_bytes:  # not full yet
                 left = deadline - time.monotonic()
                 if left <= 0:

@@ -6,6 +6,7 @@ that message only."""
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -22,7 +23,7 @@ from processors.engine.windows import WindowOperator
 from processors.ingest import Ingest, RawMessage
 from processors.runtime import UnitRuntime
 from processors.undo import TransactionalDict
-from streams import RejectReason, SensorUpdate, StreamKey
+from streams import RejectReason, SensorUpdate, StreamKey, kernels
 from streams.catalog import Catalog
 from streams.codec import encode_update
 from streams.registry import Registry
@@ -383,6 +384,32 @@ def test_a_message_of_many_bad_or_late_readings_makes_a_bounded_number_of_letter
         f'cloudlet_dead_letters_total{{unit="u-letters"}} {2 * MAX_LETTERS_PER_MESSAGE + 2}.0',
     ):
         assert line in metrics, [x for x in metrics.splitlines() if "total{" in x]
+
+
+def test_taking_a_batch_keeps_the_inbox_bound_on_memory(tmp_path: Path) -> None:
+    """Messages of 200 KB each, 20 MB of them, queued while the worker was busy: the inbox
+    keeps 1 MiB in memory and the rest in its file, and a batch takes from it only up to its
+    bytes, so what is in memory at any time is the inbox's bound, a batch and one message (the
+    batch took up to `batch_size` messages, the file's included: 100+ MB with 1 MB ones). All
+    come out, in order."""
+    catalog = Catalog.load([IRRIGATION / "objects"])
+    runtime = UnitRuntime(Ingest(catalog.registry), MqttSettings(url="mqtt://127.0.0.1:1"),
+                          client_id="u-spill", batch_bytes=256 * 1024, inbox_bytes=1 << 20,
+                          spill_dir=tmp_path)  # fmt: skip
+    size = 200_000
+    sent = [(f"field-{i}-soil/streams/soil", bytes([i]) * size) for i in range(100)]
+    for packet_id, (topic, payload) in enumerate(sent, 1):  # one list per read, as it comes
+        runtime._inbox.put([kernels.Publish(topic, payload, 1, False, packet_id, None, 0)])
+    assert runtime._inbox.spilled > 90
+    taken = []
+    while batch := runtime._take_batch():
+        in_memory = (runtime._inbox.held_bytes + sum(len(m.payload) for m in runtime._carry)
+                     + sum(len(m.payload) for m in batch))  # fmt: skip
+        assert in_memory <= (1 << 20) + 256 * 1024 + size
+        assert len(batch) == 1 or sum(len(m.payload) for m in batch) <= 256 * 1024
+        taken += [(m.topic, m.payload) for m in batch]
+    assert taken == sent
+    runtime._inbox.close()
 
 
 def test_a_batch_ends_at_its_message_count_or_its_bytes() -> None:

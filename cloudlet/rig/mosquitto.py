@@ -81,8 +81,9 @@ class Mosquitto(Service):
         site: bool = False,
     ) -> None:
         """`site`: configured as a site's broker is (compose/mosquitto.conf: persistence saved
-        by Mosquitto's default schedule, 1,000 QoS 1 messages in flight per client), for
-        benchmarks; the tests' broker saves every second (restart tests need it)."""
+        by Mosquitto's default schedule, 1,000 QoS 1 messages in flight per client, packets up
+        to 4 MiB), for benchmarks; the tests' broker saves every second (restart tests need
+        it)."""
         super().__init__(workdir)
         self.site = site
         if client_certs and not tls:
@@ -216,6 +217,7 @@ class Mosquitto(Service):
                     # (memory_limit, set by operators, bounds the broker as a whole).
                     "max_queued_messages 1000000",
                     f"max_inflight_messages {1000 if self.site else 100}",
+                    *(["max_packet_size 4194304"] if self.site else []),
                     f"log_dest file {self.workdir / 'mosquitto.log'}",
                     "log_type error",
                     "log_type warning",
