@@ -34,6 +34,7 @@ class RejectReason(StrEnum):
     BAD_LAST_UPDATE = "bad_last_update"
     EXPRESSION_FAILED = "expression_failed"
     LATE = "late"
+    TOO_MANY_KEYS = "too_many_keys"
     PROCESSOR_FAILED = "processor_failed"
     NO_UPDATES = "no_updates"
     FUTURE_TIMESTAMP = "future_timestamp"

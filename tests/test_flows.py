@@ -245,6 +245,43 @@ def test_late_updates_come_out_of_the_flow_engine_with_a_reason(tmp_path: Path) 
     ]
 
 
+@pytest.mark.parametrize("window", ["{tumbling: 10s}", "{count: 2}"])  # folded; one by one
+def test_a_key_expression_opens_windows_for_at_most_max_keys(tmp_path: Path, window: str) -> None:
+    """Keys from a key expression are the devices' to choose: past `max_keys` with open
+    windows, an update for one more is dead-lettered `too_many_keys` (memory bounded whatever
+    they send); the keys already open go on."""
+    catalog, problems = _catalog(
+        tmp_path,
+        f"flows: {{f: {{from: 's*/data', key: zone, max_keys: 2, window: {window},"
+        " aggregates: {n: count()}, into: hub/zones}}",
+    )
+    assert problems == []
+    engine = engine_of(catalog, clock=lambda: 0.0)
+    s1, s2 = StreamKey("s1", "data"), StreamKey("s2", "data")
+    zones = ["a", "b", "c", "a", "d", "b"]
+    result = engine.process([((s1, s2)[i % 2], su(1_000 + i, t=1, zone=z))
+                             for i, z in enumerate(zones)])  # fmt: skip
+    assert [(r.reason, r.message) for r in result.rejected] == [
+        (RejectReason.TOO_MANY_KEYS, "s1/data: flow 'f': key 'c' would be one more than its"
+         " max_keys (2) with open windows"),
+        (RejectReason.TOO_MANY_KEYS, "s1/data: flow 'f': key 'd' would be one more than its"
+         " max_keys (2) with open windows"),
+    ]  # fmt: skip
+    assert result.rejected_at == [2, 4]
+    if window == "{count: 2}":  # a's and b's windows of two updates fired; they stay open
+        assert [u.channels["key"] for _, u in result.derived] == ["a", "b"]
+        again = engine.process([(s1, su(2_000, t=1, zone="e")), (s2, su(2_001, t=1, zone="a")),
+                                (s1, su(2_002, t=1, zone="a"))])  # fmt: skip
+        assert [(u.channels["key"], u.channels["n"]) for _, u in again.derived] == [("a", 2)]
+        assert [r.message.split(": ")[2] for r in again.rejected] == [
+            "key 'e' would be one more than its max_keys (2) with open windows"
+        ]
+    else:  # a and b are open until their clocks pass 10 s: c still waits, a goes on
+        again = engine.process([(s1, su(12_000, t=1, zone="a")), (s2, su(12_001, t=1, zone="c"))])
+        assert [(u.channels["key"], u.channels["n"]) for _, u in again.derived] == [("a", 2)]
+        assert [r.reason for r in again.rejected] == [RejectReason.TOO_MANY_KEYS]
+
+
 def test_flow_engine_snapshot_restore_mid_window_equals_an_uninterrupted_run() -> None:
     site = IrrigationSite.load(scenario_dir("irrigation") / "site.yaml")
     model = IrrigationModel(site, seed=5, start_ms=T0)

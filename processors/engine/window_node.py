@@ -4,6 +4,7 @@ update by update otherwise, with the same results either way."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,15 @@ from streams.windows.model import LateUpdate, WindowResult
 
 _UNKNOWN, _SLOW = object(), object()
 Taken = tuple[list[int], list[str], list[int], list[list[Any]]]
+log = logging.getLogger(__name__)
+
+
+class TooManyKeys(Exception):
+    """An update whose key expression gives a key beyond the flow's `max_keys`."""
+
+    def __init__(self, rejection: Rejection) -> None:
+        super().__init__(rejection.message)
+        self.rejection = rejection
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +59,10 @@ class WindowNode:
         # per input stream: its column plan, _SLOW (expressions), or None (not read)
         self.plans: dict[StreamKey, Any] = {}
         self._interned = interned
+        # keys a key expression gave in this batch that have no window open yet: within
+        # max_keys with the operator's open ones (they open when the batch is folded)
+        self._opening: set[str] = set()
+        self._refused = 0  # updates refused for max_keys, in all (logged at the first)
 
     def reads(self) -> Collection[StreamKey]:
         return self.flow.inputs.keys()
@@ -87,6 +101,7 @@ class WindowNode:
 
     def _take_rows(self, run: Run, rows: Sequence[Row], origins: list[int] | None) -> None:
         """`rows` (origins: where each came from; None: the batch itself) into the windows."""
+        self._opening.clear()
         if not self.fold:
             for j, (key, update) in enumerate(rows):
                 self._feed(run, key, update, j if origins is None else origins[j])
@@ -249,6 +264,9 @@ class WindowNode:
         except EvaluationError as exc:
             run.reject(i if origins is None else origins[i], self.rank, self._failed(key, exc))
             return
+        except TooManyKeys as exc:
+            run.reject(i if origins is None else origins[i], self.rank, exc.rejection)
+            return
         if prepared is not None:
             fed.append((i, prepared[0], update.last_update, prepared[1]))
 
@@ -261,11 +279,15 @@ class WindowNode:
         except EvaluationError as exc:
             run.reject(origin, self.rank, self._failed(key, exc))
             return
+        except TooManyKeys as exc:
+            run.reject(origin, self.rank, exc.rejection)
+            return
         if prepared is None:
             return
         group, args = prepared
         at = run.now if self.flow.windowing.processing_time else update.last_update
         fired, late = self.operator.process(group, at, args)
+        self._opening.clear()  # opened (or fired and closed) already: the operator's count
         for item in late:
             run.late.append((origin, self.rank, run.next(),
                              Late(key, update, self._late(key, item))))  # fmt: skip
@@ -289,6 +311,10 @@ class WindowNode:
             if value is NOT_AVAILABLE:
                 return None
             group = to_text(value)
+            if group not in self.operator.keys and group not in self._opening:
+                if len(self.operator.keys) + len(self._opening) >= flow.max_keys:
+                    raise TooManyKeys(self._too_many(key, group))
+                self._opening.add(group)
         args: list[Any] = []
         for arg in program.args:
             if arg is None:
@@ -297,6 +323,21 @@ class WindowNode:
             value = arg.evaluate(env)
             args.append(None if value is NOT_AVAILABLE else value)
         return group, args
+
+    def _too_many(self, key: StreamKey, group: str) -> Rejection:
+        flow = self.flow
+        self._refused += 1
+        if self._refused == 1:
+            log.warning("flow %r: %d keys have open windows, its max_keys: updates for other"
+                        " keys are dead-lettered too_many_keys until windows close",
+                        flow.name, flow.max_keys)  # fmt: skip
+        return Rejection(
+            RejectReason.TOO_MANY_KEYS,
+            f"{key.so}/{key.stream}: flow {flow.name!r}: key {group[:100]!r} would be one more"
+            f" than its max_keys ({flow.max_keys}) with open windows",
+            key.so,
+            key.stream,
+        )
 
     def _failed(self, key: StreamKey, exc: EvaluationError) -> Rejection:
         return Rejection(

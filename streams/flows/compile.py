@@ -56,6 +56,7 @@ class CompiledFlow:
     into_so: str | None  # None: the key's own service object
     into_stream: str
     output_channels: dict[str, ChannelType]
+    max_keys: int = 10_000  # keys with open windows at once (a key expression's)
 
     def output_key(self, key: str) -> StreamKey:
         return StreamKey(self.into_so if self.into_so is not None else key, self.into_stream)
@@ -369,5 +370,5 @@ def _compile(
     return CompiledFlow(
         name, source, programs, key_mode, windowing,
         tuple((out, agg) for out, agg, _ in aggregates),
-        into, into_stream, output_types,
+        into, into_stream, output_types, flow.max_keys,
     )  # fmt: skip

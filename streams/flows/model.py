@@ -170,6 +170,11 @@ class FlowDefinition(_Strict):
     time: Literal["event", "processing"] = "event"
     watermark: Watermark = Watermark()
     emit_empty: bool = False
+    # With a key expression (its values come from the devices): how many keys may have open
+    # windows at once. An update that would open a window for one more is dead-lettered
+    # `too_many_keys` (memory is bounded whatever devices send); with `so` or `none` the keys
+    # are the registry's objects, or one.
+    max_keys: int = Field(default=10_000, ge=1, le=10_000_000)
     aggregates: dict[str, str]
     into: str
     description: str | None = None

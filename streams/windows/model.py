@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 WindowKind = Literal["tumbling", "hopping", "sliding", "session", "count"]
-MAX_CLOCKS = 1_000_000
+MAX_CLOCKS = 100_000
 """Keys whose clock is kept after their windows are all gone; past that, the clock of the key
 that advanced least recently is forgotten (such a key starts afresh if it comes back)."""
 
