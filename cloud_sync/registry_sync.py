@@ -57,6 +57,17 @@ def record(so: str, version: int, site: str | None, descriptor: dict[str, Any] |
     return orjson.dumps(doc)
 
 
+def _retrying(what: str, exc: Exception, kafka_error: type[Exception]) -> None:
+    """Why a registry loop starts again: Kafka away (a warning), or anything else, the cloud's
+    store or the site's disk failing or a bug of ours (with its traceback): the loop is
+    retried with a back-off, never left to end its thread (a PostgreSQL restart ended the
+    cloud's publisher, and so the cloud service, before)."""
+    if isinstance(exc, kafka_error):
+        log.warning("%s for Kafka (%s)", what, exc)
+    else:
+        log.error("%s: %s: %s; retrying", what, type(exc).__name__, exc, exc_info=exc)
+
+
 class Worker:
     """A thread running one asyncio task (`_run`) until stopped; alive until it dies on its
     own (a stopped one counts as alive: it ended because it was asked to)."""
@@ -122,8 +133,8 @@ class RegistryPublisher(Worker):
                     delay = 0.5
                     await asyncio.to_thread(self.wake.wait, 0.5)
                     self.wake.clear()
-            except KafkaError as exc:  # down: what is not sent stays pending, and goes later
-                log.warning("registry changes wait for Kafka (%s)", exc)
+            except Exception as exc:  # what is not sent stays pending, and goes later
+                _retrying("registry changes wait", exc, KafkaError)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
             finally:
@@ -153,8 +164,8 @@ class RegistryPublisher(Worker):
                         await consumer.commit()
                         self.wake.set()  # what was not taken goes back to the sites now
                     delay = 0.5
-            except KafkaError as exc:
-                log.warning("changes from the sites wait for Kafka (%s)", exc)
+            except Exception as exc:  # not committed: read again from the last commit
+                _retrying("changes from the sites wait", exc, KafkaError)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
             finally:
@@ -256,8 +267,8 @@ class RegistryFollower(Worker):
                         await consumer.commit()
                     await self._provision()
                     delay = 0.5
-            except KafkaError as exc:  # the local copy stays as it is meanwhile
-                log.warning("registry updates wait for Kafka (%s)", exc)
+            except Exception as exc:  # the local copy stays as it is meanwhile
+                _retrying("registry updates wait", exc, KafkaError)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
             finally:

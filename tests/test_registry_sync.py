@@ -6,6 +6,7 @@ reach the cloud when the link returns, settled by the rule of `cloud_sync.local_
 
 from __future__ import annotations
 
+import sqlite3
 import time
 import uuid
 from pathlib import Path
@@ -67,6 +68,44 @@ def _cloud_and_site(kafka: Kafka, mosquitto: Mosquitto, tmp_path: Path, n: str,
                     "kafka": {"bootstrap_servers": kafka.bootstrap_servers, "topic": updates}},
     }))  # fmt: skip
     return cloud, CloudletUnit(UnitFile.load(path)).start()
+
+
+@pytest.mark.kafka
+def test_the_clouds_registry_publisher_outlives_its_store_failing(
+    kafka: Kafka, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store under the cloud's registry fails (a PostgreSQL restart, a disk error): the
+    publisher retries rather than ending its thread (which took the cloud service down), and
+    what was registered meanwhile goes out once the store answers."""
+    n = uuid.uuid4().hex[:8]
+    cloud = CloudService(CloudSettings.model_validate({
+        "port": 0, "store": f"sqlite:///{tmp_path / 'cloud.db'}",
+        "kafka": {"bootstrap_servers": kafka.bootstrap_servers, "topic": f"updates-{n}",
+                  "group": f"cloud-{n}", "registry_topic": f"registry-{n}",
+                  "registry_changes_topic": f"changes-{n}"},
+        "tokens": [{"token": "ops-secret", "objects": ["*"], "register": ["*"], "name": "ops"}],
+    })).start()  # fmt: skip
+    assert cloud.publisher is not None
+    registry, failures = cloud.publisher.registry, [3]
+    pending = registry.pending
+
+    def failing() -> Any:
+        if failures[0]:
+            failures[0] -= 1
+            raise sqlite3.OperationalError("disk I/O error")
+        return pending()
+
+    monkeypatch.setattr(registry, "pending", failing)
+    try:
+        assert call("POST", f"{cloud.url}/", "ops-secret", {"id": "probe", **PROBE})[0] == 201
+        deadline = time.monotonic() + 30
+        while cloud.publisher.sent < 1:
+            assert time.monotonic() < deadline, "the registration was not published"
+            assert cloud.publisher.alive and cloud.alive
+            time.sleep(0.1)
+        assert failures == [0] and cloud.publisher.alive and cloud.alive
+    finally:
+        cloud.stop()
 
 
 @pytest.mark.kafka
